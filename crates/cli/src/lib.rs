@@ -1,0 +1,53 @@
+//! hivetrain's command line: thin subcommands over the `engine` and `data` crates.
+
+mod env;
+mod export;
+mod generate;
+mod paths;
+mod tokenizer;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Train open language models on volunteered computers.
+#[derive(Debug, Parser)]
+#[command(name = "hivetrain", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a GPT on a corpus and print a sample (the default trains the `small` model
+    /// on Shakespeare for a few minutes on a laptop).
+    Train(train::TrainArgs),
+    /// Generate text from a trained model.
+    Generate(generate::GenerateArgs),
+    /// Train, inspect or use a BPE tokenizer.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
+    /// Export a trained model for HF transformers (`GPT2LMHeadModel`).
+    Export(export::ExportArgs),
+}
+
+/// Parses the command line and runs it; errors are printed with their causes.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenizer(command) => tokenizer::run(command),
+        Command::Export(args) => export::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

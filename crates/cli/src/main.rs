@@ -1,0 +1,5 @@
+//! The `hivetrain` binary.
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

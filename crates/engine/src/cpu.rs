@@ -1,0 +1,750 @@
+//! The CPU backend: forward, backward, AdamW and KV-cache decoding on a rayon pool.
+//!
+//! Activations are kept in preallocated buffers sized for the last batch shape (as in
+//! llm.c); a step allocates nothing large. Matrix products go through `gemm`, the rest
+//! through the fused kernels of `ops`.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::matmul::{Par, View, ViewMut, matmul};
+use crate::ops::{self, AttnShape};
+use crate::params::{BlockOffsets, ParamLayout};
+use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, StepStats};
+
+/// Activations of one block, kept for the backward pass.
+struct BlockActs {
+    ln1: Vec<f32>,
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    atty: Vec<f32>,
+    res2: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    fch: Vec<f32>,
+    fch_gelu: Vec<f32>,
+    res3: Vec<f32>,
+}
+
+/// All buffers of one batch shape.
+struct Acts {
+    b: usize,
+    t: usize,
+    inputs: Vec<u32>,
+    encoded: Vec<f32>,
+    blocks: Vec<BlockActs>,
+    lnf: Vec<f32>,
+    lnf_mean: Vec<f32>,
+    lnf_rstd: Vec<f32>,
+    logits: Vec<f32>,
+    losses: Vec<f32>,
+    // Gradient scratch.
+    dres: Vec<f32>,
+    dc: Vec<f32>,
+    dqkv: Vec<f32>,
+    dfch: Vec<f32>,
+    dfch_gelu: Vec<f32>,
+}
+
+impl Acts {
+    fn new(config: &GptConfig, b: usize, t: usize) -> Acts {
+        let (c, nh, v) = (config.n_embd, config.n_head, config.vocab_size);
+        let n = b * t;
+        let z = |len: usize| vec![0.0f32; len];
+        let blocks = (0..config.n_layer)
+            .map(|_| BlockActs {
+                ln1: z(n * c),
+                ln1_mean: z(n),
+                ln1_rstd: z(n),
+                qkv: z(n * 3 * c),
+                att: z(b * nh * t * t),
+                atty: z(n * c),
+                res2: z(n * c),
+                ln2: z(n * c),
+                ln2_mean: z(n),
+                ln2_rstd: z(n),
+                fch: z(n * 4 * c),
+                fch_gelu: z(n * 4 * c),
+                res3: z(n * c),
+            })
+            .collect();
+        Acts {
+            b,
+            t,
+            inputs: vec![0; n],
+            encoded: z(n * c),
+            blocks,
+            lnf: z(n * c),
+            lnf_mean: z(n),
+            lnf_rstd: z(n),
+            logits: z(n * v),
+            losses: z(n),
+            dres: z(n * c),
+            dc: z(n * c),
+            dqkv: z(n * 3 * c),
+            dfch: z(n * 4 * c),
+            dfch_gelu: z(n * 4 * c),
+        }
+    }
+}
+
+/// KV cache and scratch for one generation.
+struct DecodeState {
+    pos: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    x: Vec<f32>,
+    ln: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    h: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// A GPT on the CPU.
+pub struct CpuBackend {
+    config: GptConfig,
+    layout: ParamLayout,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    adam_step: u32,
+    acts: Option<Acts>,
+    decode: Option<DecodeState>,
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+/// Two disjoint mutable ranges of one slice (`a` before `b`).
+fn two_mut(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&mut [f32], &mut [f32]) {
+    assert!(a.end <= b.start, "ranges overlap");
+    let (lo, hi) = buf.split_at_mut(b.start);
+    (&mut lo[a], &mut hi[..b.end - b.start])
+}
+
+impl CpuBackend {
+    /// A backend holding `params` (in flat order), computing on `threads` threads.
+    pub fn new(config: GptConfig, params: Vec<f32>, threads: usize) -> Result<Self, EngineError> {
+        config.validate()?;
+        let layout = ParamLayout::new(&config);
+        if params.len() != layout.len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: layout.len(),
+            });
+        }
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("engine-{i}"))
+            .build()
+            .map(Arc::new)
+            .map_err(|_| EngineError::UnknownDevice(format!("cpu:{threads}")))?;
+        let n = layout.len();
+        Ok(CpuBackend {
+            config,
+            layout,
+            params,
+            grads: vec![0.0; n],
+            adam_m: vec![0.0; n],
+            adam_v: vec![0.0; n],
+            adam_step: 0,
+            acts: None,
+            decode: None,
+            pool,
+            threads,
+        })
+    }
+
+    fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
+        let want = batch.batch * batch.seq;
+        if batch.batch == 0 || batch.inputs.len() != want || batch.targets.len() != want {
+            return Err(EngineError::BatchShape {
+                batch: batch.batch,
+                seq: batch.seq,
+                want,
+                inputs: batch.inputs.len(),
+                targets: batch.targets.len(),
+            });
+        }
+        if batch.seq == 0 || batch.seq > self.config.n_ctx {
+            return Err(EngineError::SequenceLength {
+                seq: batch.seq,
+                n_ctx: self.config.n_ctx,
+            });
+        }
+        let vocab_size = self.config.vocab_size;
+        if let Some(&token) = batch
+            .inputs
+            .iter()
+            .chain(batch.targets)
+            .find(|&&t| t as usize >= vocab_size)
+        {
+            return Err(EngineError::TokenOutOfRange { token, vocab_size });
+        }
+        Ok(())
+    }
+
+    /// Forward pass; returns the mean loss. With `grad`, leaves d(loss)/d(logits) in the
+    /// logits buffer for `backward`.
+    fn forward(&mut self, batch: &Batch<'_>, grad: bool) -> f32 {
+        let config = self.config;
+        let (b, t) = (batch.batch, batch.seq);
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None; // free the old buffers before allocating new ones
+            self.acts = Some(Acts::new(&config, b, t));
+        }
+        let Some(acts) = self.acts.as_mut() else {
+            unreachable!("allocated above")
+        };
+        let (params, layout, threads) = (&self.params, &self.layout, self.threads);
+        let (c, v, n) = (config.n_embd, config.vocab_size, b * t);
+        let shape = AttnShape {
+            t,
+            c,
+            nh: config.n_head,
+        };
+        let par = Par::Threads(threads);
+        let w = |off: usize, len: usize| &params[off..off + len];
+        acts.inputs.copy_from_slice(batch.inputs);
+
+        // Token plus position embedding.
+        let wte = w(layout.wte, v * c);
+        let wpe = w(layout.wpe, config.n_ctx * c);
+        acts.encoded
+            .par_chunks_mut(c)
+            .zip(batch.inputs.par_iter())
+            .enumerate()
+            .for_each(|(i, (row, &tok))| {
+                let te = &wte[tok as usize * c..(tok as usize + 1) * c];
+                let pe = &wpe[(i % t) * c..(i % t + 1) * c];
+                for j in 0..c {
+                    row[j] = te[j] + pe[j];
+                }
+            });
+
+        for l in 0..config.n_layer {
+            let o: BlockOffsets = layout.blocks[l];
+            let (before, rest) = acts.blocks.split_at_mut(l);
+            let residual: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &before[l - 1].res3
+            };
+            let a = &mut rest[0];
+            ops::layernorm_forward(
+                &mut a.ln1,
+                &mut a.ln1_mean,
+                &mut a.ln1_rstd,
+                residual,
+                w(o.ln1_w, c),
+                w(o.ln1_b, c),
+            );
+            ops::fill_rows(&mut a.qkv, w(o.qkv_b, 3 * c));
+            matmul(
+                ViewMut::rows(&mut a.qkv, n, 3 * c),
+                View::rows(&a.ln1, n, c),
+                View::rows(w(o.qkv_w, 3 * c * c), c, 3 * c),
+                true,
+                par,
+            );
+            ops::attention_forward(&mut a.atty, &mut a.att, &a.qkv, shape);
+            ops::fill_rows_residual(&mut a.res2, residual, w(o.proj_b, c));
+            matmul(
+                ViewMut::rows(&mut a.res2, n, c),
+                View::rows(&a.atty, n, c),
+                View::rows(w(o.proj_w, c * c), c, c),
+                true,
+                par,
+            );
+            ops::layernorm_forward(
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+                &a.res2,
+                w(o.ln2_w, c),
+                w(o.ln2_b, c),
+            );
+            ops::fill_rows(&mut a.fch, w(o.fc_b, 4 * c));
+            matmul(
+                ViewMut::rows(&mut a.fch, n, 4 * c),
+                View::rows(&a.ln2, n, c),
+                View::rows(w(o.fc_w, 4 * c * c), c, 4 * c),
+                true,
+                par,
+            );
+            ops::gelu_forward(&mut a.fch_gelu, &a.fch);
+            ops::fill_rows_residual(&mut a.res3, &a.res2, w(o.fcproj_b, c));
+            matmul(
+                ViewMut::rows(&mut a.res3, n, c),
+                View::rows(&a.fch_gelu, n, 4 * c),
+                View::rows(w(o.fcproj_w, 4 * c * c), 4 * c, c),
+                true,
+                par,
+            );
+        }
+        let last: &[f32] = match acts.blocks.last() {
+            Some(block) => &block.res3,
+            None => &acts.encoded,
+        };
+        ops::layernorm_forward(
+            &mut acts.lnf,
+            &mut acts.lnf_mean,
+            &mut acts.lnf_rstd,
+            last,
+            w(layout.lnf_w, c),
+            w(layout.lnf_b, c),
+        );
+        // Tied output head: logits = lnf @ wte^T.
+        matmul(
+            ViewMut::rows(&mut acts.logits, n, v),
+            View::rows(&acts.lnf, n, c),
+            View::rows(wte, v, c).t(),
+            false,
+            par,
+        );
+        let grad_scale = grad.then_some(1.0 / n as f32);
+        ops::softmax_cross_entropy(
+            &mut acts.logits,
+            &mut acts.losses,
+            batch.targets,
+            v,
+            grad_scale,
+        );
+        let total: f64 = acts.losses.iter().map(|&x| x as f64).sum();
+        (total / n as f64) as f32
+    }
+
+    /// Backward pass after `forward(.., grad = true)`; overwrites `self.grads`.
+    fn backward(&mut self) {
+        let config = self.config;
+        let Some(acts) = self.acts.as_mut() else {
+            unreachable!("forward runs first")
+        };
+        let (params, layout, grads, threads) =
+            (&self.params, &self.layout, &mut self.grads, self.threads);
+        let (b, t) = (acts.b, acts.t);
+        let (c, v, n) = (config.n_embd, config.vocab_size, b * t);
+        let shape = AttnShape {
+            t,
+            c,
+            nh: config.n_head,
+        };
+        let par = Par::Threads(threads);
+        let w = |off: usize, len: usize| &params[off..off + len];
+        grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+
+        let last: &[f32] = match acts.blocks.last() {
+            Some(block) => &block.res3,
+            None => &acts.encoded,
+        };
+        let wte = w(layout.wte, v * c);
+        // Output head: d(lnf) = dlogits @ wte; d(wte) += dlogits^T @ lnf.
+        matmul(
+            ViewMut::rows(&mut acts.dc, n, c),
+            View::rows(&acts.logits, n, v),
+            View::rows(wte, v, c),
+            false,
+            par,
+        );
+        matmul(
+            ViewMut::rows(&mut grads[layout.wte..layout.wte + v * c], v, c),
+            View::rows(&acts.logits, n, v).t(),
+            View::rows(&acts.lnf, n, c),
+            true,
+            par,
+        );
+        acts.dres.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+        {
+            let (dw, db) = two_mut(
+                grads,
+                layout.lnf_w..layout.lnf_w + c,
+                layout.lnf_b..layout.lnf_b + c,
+            );
+            ops::layernorm_backward(
+                &mut acts.dres,
+                dw,
+                db,
+                &acts.dc,
+                last,
+                w(layout.lnf_w, c),
+                &acts.lnf_mean,
+                &acts.lnf_rstd,
+            );
+        }
+
+        for l in (0..config.n_layer).rev() {
+            let o = layout.blocks[l];
+            let residual: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &acts.blocks[l - 1].res3
+            };
+            let a = &acts.blocks[l];
+            // MLP.
+            matmul(
+                ViewMut::rows(&mut acts.dfch_gelu, n, 4 * c),
+                View::rows(&acts.dres, n, c),
+                View::rows(w(o.fcproj_w, 4 * c * c), 4 * c, c).t(),
+                false,
+                par,
+            );
+            matmul(
+                ViewMut::rows(&mut grads[o.fcproj_w..o.fcproj_w + 4 * c * c], 4 * c, c),
+                View::rows(&a.fch_gelu, n, 4 * c).t(),
+                View::rows(&acts.dres, n, c),
+                true,
+                par,
+            );
+            ops::bias_backward(&mut grads[o.fcproj_b..o.fcproj_b + c], &acts.dres);
+            ops::gelu_backward(&mut acts.dfch, &a.fch, &acts.dfch_gelu);
+            matmul(
+                ViewMut::rows(&mut acts.dc, n, c),
+                View::rows(&acts.dfch, n, 4 * c),
+                View::rows(w(o.fc_w, 4 * c * c), c, 4 * c).t(),
+                false,
+                par,
+            );
+            matmul(
+                ViewMut::rows(&mut grads[o.fc_w..o.fc_w + 4 * c * c], c, 4 * c),
+                View::rows(&a.ln2, n, c).t(),
+                View::rows(&acts.dfch, n, 4 * c),
+                true,
+                par,
+            );
+            ops::bias_backward(&mut grads[o.fc_b..o.fc_b + 4 * c], &acts.dfch);
+            {
+                let (dw, db) = two_mut(grads, o.ln2_w..o.ln2_w + c, o.ln2_b..o.ln2_b + c);
+                ops::layernorm_backward(
+                    &mut acts.dres,
+                    dw,
+                    db,
+                    &acts.dc,
+                    &a.res2,
+                    w(o.ln2_w, c),
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                );
+            }
+            // Attention.
+            matmul(
+                ViewMut::rows(&mut acts.dc, n, c),
+                View::rows(&acts.dres, n, c),
+                View::rows(w(o.proj_w, c * c), c, c).t(),
+                false,
+                par,
+            );
+            matmul(
+                ViewMut::rows(&mut grads[o.proj_w..o.proj_w + c * c], c, c),
+                View::rows(&a.atty, n, c).t(),
+                View::rows(&acts.dres, n, c),
+                true,
+                par,
+            );
+            ops::bias_backward(&mut grads[o.proj_b..o.proj_b + c], &acts.dres);
+            ops::attention_backward(&mut acts.dqkv, &acts.dc, &a.att, &a.qkv, shape);
+            matmul(
+                ViewMut::rows(&mut acts.dc, n, c),
+                View::rows(&acts.dqkv, n, 3 * c),
+                View::rows(w(o.qkv_w, 3 * c * c), c, 3 * c).t(),
+                false,
+                par,
+            );
+            matmul(
+                ViewMut::rows(&mut grads[o.qkv_w..o.qkv_w + 3 * c * c], c, 3 * c),
+                View::rows(&a.ln1, n, c).t(),
+                View::rows(&acts.dqkv, n, 3 * c),
+                true,
+                par,
+            );
+            ops::bias_backward(&mut grads[o.qkv_b..o.qkv_b + 3 * c], &acts.dqkv);
+            {
+                let (dw, db) = two_mut(grads, o.ln1_w..o.ln1_w + c, o.ln1_b..o.ln1_b + c);
+                ops::layernorm_backward(
+                    &mut acts.dres,
+                    dw,
+                    db,
+                    &acts.dc,
+                    residual,
+                    w(o.ln1_w, c),
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                );
+            }
+        }
+        // Embeddings: scatter-add in token order (sequential, so deterministic).
+        for (i, &tok) in acts.inputs.iter().enumerate() {
+            let g = &acts.dres[i * c..(i + 1) * c];
+            let te = layout.wte + tok as usize * c;
+            for (x, y) in grads[te..te + c].iter_mut().zip(g) {
+                *x += y;
+            }
+            let pe = layout.wpe + (i % t) * c;
+            for (x, y) in grads[pe..pe + c].iter_mut().zip(g) {
+                *x += y;
+            }
+        }
+    }
+
+    /// Clips the gradient and applies one AdamW update. Returns the pre-clip norm.
+    fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
+        let norm = ops::sum_squares(&self.grads).sqrt() as f32;
+        let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
+            opt.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.adam_step += 1;
+        let step = self.adam_step as i32;
+        let bc1 = 1.0 - opt.beta1.powi(step);
+        let bc2_sqrt = (1.0 - opt.beta2.powi(step)).sqrt();
+        let step_size = lr / bc1;
+        let (b1, b2, eps) = (opt.beta1, opt.beta2, opt.eps);
+        for spec in self.layout.tensors() {
+            let decay = if spec.kind.decays() {
+                1.0 - lr * opt.weight_decay
+            } else {
+                1.0
+            };
+            let r = spec.range();
+            self.params[r.clone()]
+                .par_chunks_mut(1 << 14)
+                .zip(self.grads[r.clone()].par_chunks(1 << 14))
+                .zip(self.adam_m[r.clone()].par_chunks_mut(1 << 14))
+                .zip(self.adam_v[r].par_chunks_mut(1 << 14))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        let g = g[i] * clip;
+                        m[i] = b1 * m[i] + (1.0 - b1) * g;
+                        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] = p[i] * decay - step_size * m[i] / denom;
+                    }
+                });
+        }
+        norm
+    }
+
+    fn decode_state(&mut self) -> &mut DecodeState {
+        let config = self.config;
+        let c = config.n_embd;
+        self.decode.get_or_insert_with(|| DecodeState {
+            pos: 0,
+            k: vec![vec![0.0; config.n_ctx * c]; config.n_layer],
+            v: vec![vec![0.0; config.n_ctx * c]; config.n_layer],
+            x: vec![0.0; c],
+            ln: vec![0.0; c],
+            qkv: vec![0.0; 3 * c],
+            y: vec![0.0; c],
+            h: vec![0.0; 4 * c],
+            scores: vec![0.0; config.n_ctx],
+            logits: vec![0.0; config.vocab_size],
+        })
+    }
+}
+
+/// LayerNorm of one row.
+fn layernorm_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
+    let (mut m, mut r) = ([0.0f32], [0.0f32]);
+    ops::layernorm_forward(out, &mut m, &mut r, x, w, b);
+}
+
+impl Backend for CpuBackend {
+    fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    fn device(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn params(&self) -> Vec<f32> {
+        self.params.clone()
+    }
+
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        if params.len() != self.params.len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: self.params.len(),
+            });
+        }
+        self.params.copy_from_slice(params);
+        self.decode = None;
+        Ok(())
+    }
+
+    fn reset_optimizer(&mut self) {
+        self.adam_m.fill(0.0);
+        self.adam_v.fill(0.0);
+        self.adam_step = 0;
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        optimizer: &OptimizerConfig,
+        lr: f32,
+    ) -> Result<StepStats, EngineError> {
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        let stats = pool.install(|| {
+            let loss = self.forward(batch, true);
+            self.backward();
+            let grad_norm = self.adamw(optimizer, lr);
+            StepStats { loss, grad_norm }
+        });
+        self.decode = None;
+        Ok(stats)
+    }
+
+    fn eval_loss(&mut self, batch: &Batch<'_>) -> Result<f32, EngineError> {
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        let loss = pool.install(|| self.forward(batch, false));
+        Ok(loss)
+    }
+
+    fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError> {
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        let loss = pool.install(|| {
+            let loss = self.forward(batch, true);
+            self.backward();
+            loss
+        });
+        Ok((loss, self.grads.clone()))
+    }
+
+    fn decode_reset(&mut self) {
+        if let Some(state) = self.decode.as_mut() {
+            state.pos = 0;
+        }
+    }
+
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
+        let config = self.config;
+        if token as usize >= config.vocab_size {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: config.vocab_size,
+            });
+        }
+        if self.decode.as_ref().is_some_and(|s| s.pos >= config.n_ctx) {
+            return Err(EngineError::ContextFull {
+                n_ctx: config.n_ctx,
+            });
+        }
+        self.decode_state();
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("created above")
+        };
+        let (params, layout) = (&self.params, &self.layout);
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let w = |off: usize, len: usize| &params[off..off + len];
+        let pos = s.pos;
+        let tok = token as usize;
+        let wte = w(layout.wte, v * c);
+        for j in 0..c {
+            s.x[j] = wte[tok * c + j] + params[layout.wpe + pos * c + j];
+        }
+        self.pool.install(|| {
+            for l in 0..config.n_layer {
+                let o = layout.blocks[l];
+                layernorm_row(&mut s.ln, &s.x, w(o.ln1_w, c), w(o.ln1_b, c));
+                s.qkv.copy_from_slice(w(o.qkv_b, 3 * c));
+                matmul(
+                    ViewMut::rows(&mut s.qkv, 1, 3 * c),
+                    View::rows(&s.ln, 1, c),
+                    View::rows(w(o.qkv_w, 3 * c * c), c, 3 * c),
+                    true,
+                    Par::Single,
+                );
+                s.k[l][pos * c..(pos + 1) * c].copy_from_slice(&s.qkv[c..2 * c]);
+                s.v[l][pos * c..(pos + 1) * c].copy_from_slice(&s.qkv[2 * c..3 * c]);
+                for h in 0..nh {
+                    let q = &s.qkv[h * hs..(h + 1) * hs];
+                    let scores = &mut s.scores[..=pos];
+                    let mut max = f32::NEG_INFINITY;
+                    for (p, sc) in scores.iter_mut().enumerate() {
+                        *sc = ops::dot(q, &s.k[l][p * c + h * hs..p * c + (h + 1) * hs]) * scale;
+                        max = max.max(*sc);
+                    }
+                    for sc in scores.iter_mut() {
+                        *sc = ops::exp_fast(*sc - max);
+                    }
+                    let inv = 1.0 / ops::sum(scores);
+                    let y = &mut s.y[h * hs..(h + 1) * hs];
+                    y.fill(0.0);
+                    for (p, sc) in scores.iter().enumerate() {
+                        let vrow = &s.v[l][p * c + h * hs..p * c + (h + 1) * hs];
+                        let weight = sc * inv;
+                        for (yy, vv) in y.iter_mut().zip(vrow) {
+                            *yy += weight * vv;
+                        }
+                    }
+                }
+                for j in 0..c {
+                    s.x[j] += params[o.proj_b + j];
+                }
+                matmul(
+                    ViewMut::rows(&mut s.x, 1, c),
+                    View::rows(&s.y, 1, c),
+                    View::rows(w(o.proj_w, c * c), c, c),
+                    true,
+                    Par::Single,
+                );
+                layernorm_row(&mut s.ln, &s.x, w(o.ln2_w, c), w(o.ln2_b, c));
+                s.h.copy_from_slice(w(o.fc_b, 4 * c));
+                matmul(
+                    ViewMut::rows(&mut s.h, 1, 4 * c),
+                    View::rows(&s.ln, 1, c),
+                    View::rows(w(o.fc_w, 4 * c * c), c, 4 * c),
+                    true,
+                    Par::Single,
+                );
+                let pre = s.h.clone();
+                ops::gelu_forward(&mut s.h, &pre);
+                for j in 0..c {
+                    s.x[j] += params[o.fcproj_b + j];
+                }
+                matmul(
+                    ViewMut::rows(&mut s.x, 1, c),
+                    View::rows(&s.h, 1, 4 * c),
+                    View::rows(w(o.fcproj_w, 4 * c * c), 4 * c, c),
+                    true,
+                    Par::Single,
+                );
+            }
+            layernorm_row(&mut s.ln, &s.x, w(layout.lnf_w, c), w(layout.lnf_b, c));
+            // The head is the largest product of a decode step; split its rows over threads.
+            s.logits
+                .par_chunks_mut(1024)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let rows = out.len();
+                    matmul(
+                        ViewMut::rows(out, rows, 1),
+                        View::rows(&wte[i * 1024 * c..], rows, c),
+                        View::rows(&s.ln, c, 1),
+                        false,
+                        Par::Single,
+                    );
+                });
+        });
+        s.pos += 1;
+        Ok(&s.logits)
+    }
+}

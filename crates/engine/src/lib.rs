@@ -1,0 +1,157 @@
+//! hivetrain's training engine: a GPT-2 decoder written for this one architecture.
+//!
+//! What goes in: a [`GptConfig`], a seed or a flat parameter vector, and batches of
+//! token ids. What comes out: losses, trained parameters (one flat `f32` vector in the
+//! order [`params`] documents), safetensors checkpoints with HF GPT-2 names, and
+//! generated tokens.
+//!
+//! Every device implements [`Backend`]; callers (the CLI, the worker, benchmarks) hold a
+//! `Box<dyn Backend>` from [`open_backend`] and never see device types. Today there is
+//! one device, [`cpu::CpuBackend`].
+
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod generate;
+mod matmul;
+mod ops;
+pub mod optim;
+pub mod params;
+pub mod train;
+
+pub use config::{ConfigError, GptConfig, Preset};
+pub use optim::{LrSchedule, OptimizerConfig};
+pub use params::{ParamLayout, TensorKind, TensorSpec};
+
+/// A batch of `batch x seq` token windows, row-major; `targets` are `inputs` shifted by one.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [u32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// What one optimizer step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean cross-entropy of the batch before the update, in nats per token.
+    pub loss: f32,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f32,
+}
+
+/// Errors of the engine: all are caller mistakes that a caller can report as such.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "batch shape {batch}x{seq} needs {want} tokens, got {inputs} inputs and {targets} targets"
+    )]
+    BatchShape {
+        batch: usize,
+        seq: usize,
+        want: usize,
+        inputs: usize,
+        targets: usize,
+    },
+    #[error("sequence length {seq} is outside 1..={n_ctx} (the model's context)")]
+    SequenceLength { seq: usize, n_ctx: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange { token: u32, vocab_size: usize },
+    #[error("parameter vector has {got} floats, the model has {want}")]
+    ParamCount { got: usize, want: usize },
+    #[error("generation reached the model's context of {n_ctx} tokens")]
+    ContextFull { n_ctx: usize },
+    #[error("unknown device {0:?}: this build supports \"cpu\" (a CUDA backend is planned)")]
+    UnknownDevice(String),
+}
+
+/// The boundary between hivetrain and a device. Everything above it is device-free.
+///
+/// A backend owns the parameters, the gradients, the optimizer state and the KV cache
+/// of one model, wherever they live.
+pub trait Backend: Send {
+    /// The model's shape.
+    fn config(&self) -> &GptConfig;
+    /// A human-readable device description (`cpu (2 threads)`).
+    fn device(&self) -> String;
+    /// All parameters, flat, in [`params`] order.
+    fn params(&self) -> Vec<f32>;
+    /// Replaces all parameters; the optimizer state is kept (call `reset_optimizer`).
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError>;
+    /// Forgets AdamW's moments and step count.
+    fn reset_optimizer(&mut self);
+    /// One forward, backward and AdamW update at learning rate `lr`.
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        optimizer: &OptimizerConfig,
+        lr: f32,
+    ) -> Result<StepStats, EngineError>;
+    /// Mean loss of a batch, parameters unchanged.
+    fn eval_loss(&mut self, batch: &Batch<'_>) -> Result<f32, EngineError>;
+    /// The loss and the flat gradient of a batch, parameters unchanged (for checks).
+    fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError>;
+    /// Clears the KV cache before a new generation.
+    fn decode_reset(&mut self);
+    /// Feeds one token at the next position; returns the logits for the position after.
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError>;
+}
+
+/// Opens a backend by device name (`cpu`, `cpu:4` for four threads).
+pub fn open_backend(
+    device: &str,
+    config: GptConfig,
+    params: Vec<f32>,
+) -> Result<Box<dyn Backend>, EngineError> {
+    let threads = match device.split_once(':') {
+        None if device == "cpu" => default_threads(),
+        Some(("cpu", n)) => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(EngineError::UnknownDevice(device.to_string())),
+        },
+        _ => return Err(EngineError::UnknownDevice(device.to_string())),
+    };
+    Ok(Box::new(cpu::CpuBackend::new(config, params, threads)?))
+}
+
+/// The number of threads a `cpu` backend uses by default: the machine's cores.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Parameters initialized as GPT-2 does, from a seed (same seed, same bits, any machine).
+pub fn init_params(config: &GptConfig, seed: u64) -> Result<Vec<f32>, EngineError> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    config.validate()?;
+    let layout = ParamLayout::new(config);
+    let mut params = vec![0.0f32; layout.len()];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let residual_std = 0.02 / ((2 * config.n_layer) as f32).sqrt();
+    for spec in layout.tensors() {
+        let slice = &mut params[spec.range()];
+        let std = match spec.kind {
+            TensorKind::Bias => {
+                slice.fill(0.0);
+                continue;
+            }
+            TensorKind::Gain => {
+                slice.fill(1.0);
+                continue;
+            }
+            TensorKind::Embedding | TensorKind::Matrix => 0.02,
+            TensorKind::ResidualMatrix => residual_std,
+        };
+        let normal =
+            rand_distr::Normal::new(0.0f32, std).map_err(|_| ConfigError::Zero(*config))?;
+        for x in slice.iter_mut() {
+            *x = normal.sample(&mut rng);
+        }
+    }
+    Ok(params)
+}

@@ -1,0 +1,466 @@
+//! Fused element-wise and row-wise kernels of the GPT forward and backward passes.
+//!
+//! Determinism: every kernel splits its work into pieces fixed by the shapes (rows,
+//! column blocks, batch items), never by the number of threads, and each output is
+//! written by exactly one piece in a fixed order. So results are bit-identical for any
+//! thread count. The loops are written to auto-vectorize (explicit 8-lane accumulators
+//! where a reduction is involved, since float addition is not reassociated for us).
+
+use rayon::prelude::*;
+
+use crate::matmul::{Par, View, ViewMut, matmul};
+
+/// LayerNorm epsilon of GPT-2.
+pub(crate) const LN_EPS: f32 = 1e-5;
+/// Rows handled by one parallel task in row-wise kernels.
+const ROWS_PER_TASK: usize = 16;
+/// Columns handled by one parallel task in column reductions (bias and gain gradients).
+const COLS_PER_TASK: usize = 64;
+/// Elements per task in flat element-wise kernels.
+const ELEMS_PER_TASK: usize = 1 << 15;
+const LANES: usize = 8;
+
+/// exp(x) for f32 with about 2 ulp of error, branch-free so loops over it vectorize.
+#[inline(always)]
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * LOG2E + 0.5).floor();
+    let r = x - k * LN2_HI - k * LN2_LO;
+    // Cephes' minimax polynomial for e^r on [-ln2/2, ln2/2].
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    e * scale
+}
+
+/// tanh(x) through `exp_fast`; saturates cleanly to +-1.
+#[inline(always)]
+pub(crate) fn tanh_fast(x: f32) -> f32 {
+    1.0 - 2.0 / (exp_fast(2.0 * x) + 1.0)
+}
+
+/// Sum with a fixed 8-lane order.
+#[inline]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    for r in rest {
+        s += r;
+    }
+    s
+}
+
+/// Dot product with a fixed 8-lane order.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Sum of squares in f64, split into fixed blocks, for gradient norms.
+pub(crate) fn sum_squares(x: &[f32]) -> f64 {
+    let partials: Vec<f64> = x
+        .par_chunks(ELEMS_PER_TASK)
+        .map(|c| {
+            let mut acc = [0.0f64; LANES];
+            let chunks = c.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            for ch in chunks {
+                for l in 0..LANES {
+                    acc[l] += (ch[l] as f64) * (ch[l] as f64);
+                }
+            }
+            acc.iter().sum::<f64>() + rest.iter().map(|&r| (r as f64) * (r as f64)).sum::<f64>()
+        })
+        .collect();
+    partials.iter().sum()
+}
+
+/// `out[n, :] = LN(inp[n, :]) * w + b`, saving each row's mean and reciprocal std.
+pub(crate) fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    b: &[f32],
+) {
+    let c = w.len();
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(mean.par_chunks_mut(ROWS_PER_TASK))
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(inp.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|(((out, mean), rstd), inp)| {
+            for (r, (o, x)) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)).enumerate() {
+                let m = sum(x) / c as f32;
+                let mut acc = [0.0f32; LANES];
+                let chunks = x.chunks_exact(LANES);
+                let rest = chunks.remainder();
+                for ch in chunks {
+                    for l in 0..LANES {
+                        let d = ch[l] - m;
+                        acc[l] += d * d;
+                    }
+                }
+                let mut var = acc.iter().sum::<f32>();
+                for &v in rest {
+                    var += (v - m) * (v - m);
+                }
+                let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
+                for j in 0..c {
+                    o[j] = (x[j] - m) * s * w[j] + b[j];
+                }
+                mean[r] = m;
+                rstd[r] = s;
+            }
+        });
+}
+
+/// LayerNorm backward: `dinp += ...`, `dw += ...`, `db += ...`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_backward(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+) {
+    let c = w.len();
+    dinp.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(dout.par_chunks(c * ROWS_PER_TASK))
+        .zip(inp.par_chunks(c * ROWS_PER_TASK))
+        .zip(
+            mean.par_chunks(ROWS_PER_TASK)
+                .zip(rstd.par_chunks(ROWS_PER_TASK)),
+        )
+        .for_each(|(((dinp, dout), inp), (mean, rstd))| {
+            let mut dnorm = vec![0.0f32; c];
+            let mut xhat = vec![0.0f32; c];
+            for r in 0..mean.len() {
+                let (m, s) = (mean[r], rstd[r]);
+                let row = r * c..(r + 1) * c;
+                let (di, go, x) = (&mut dinp[row.clone()], &dout[row.clone()], &inp[row]);
+                for j in 0..c {
+                    xhat[j] = (x[j] - m) * s;
+                    dnorm[j] = go[j] * w[j];
+                }
+                let dnorm_mean = sum(&dnorm) / c as f32;
+                let dnorm_xhat_mean = dot(&dnorm, &xhat) / c as f32;
+                for j in 0..c {
+                    di[j] += s * (dnorm[j] - dnorm_mean - xhat[j] * dnorm_xhat_mean);
+                }
+            }
+        });
+    let n = mean.len();
+    dw.par_chunks_mut(COLS_PER_TASK)
+        .zip(db.par_chunks_mut(COLS_PER_TASK))
+        .enumerate()
+        .for_each(|(block, (dw, db))| {
+            let c0 = block * COLS_PER_TASK;
+            let width = dw.len();
+            for r in 0..n {
+                let (m, s) = (mean[r], rstd[r]);
+                let go = &dout[r * c + c0..r * c + c0 + width];
+                let x = &inp[r * c + c0..r * c + c0 + width];
+                for j in 0..width {
+                    dw[j] += go[j] * ((x[j] - m) * s);
+                    db[j] += go[j];
+                }
+            }
+        });
+}
+
+/// `db[j] += sum_n dout[n, j]`.
+pub(crate) fn bias_backward(db: &mut [f32], dout: &[f32]) {
+    let c = db.len();
+    let n = dout.len() / c;
+    db.par_chunks_mut(COLS_PER_TASK)
+        .enumerate()
+        .for_each(|(block, db)| {
+            let c0 = block * COLS_PER_TASK;
+            let width = db.len();
+            for r in 0..n {
+                let go = &dout[r * c + c0..r * c + c0 + width];
+                for j in 0..width {
+                    db[j] += go[j];
+                }
+            }
+        });
+}
+
+/// `out[n, :] = bias`, the starting value of a product that then accumulates into it.
+pub(crate) fn fill_rows(out: &mut [f32], bias: &[f32]) {
+    let c = bias.len();
+    out.par_chunks_mut(c * ROWS_PER_TASK).for_each(|out| {
+        for row in out.chunks_exact_mut(c) {
+            row.copy_from_slice(bias);
+        }
+    });
+}
+
+/// `out[n, :] = residual[n, :] + bias`.
+pub(crate) fn fill_rows_residual(out: &mut [f32], residual: &[f32], bias: &[f32]) {
+    let c = bias.len();
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(residual.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|(out, res)| {
+            for (o, r) in out.chunks_exact_mut(c).zip(res.chunks_exact(c)) {
+                for j in 0..c {
+                    o[j] = r[j] + bias[j];
+                }
+            }
+        });
+}
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// tanh-approximated GELU (GPT-2's `gelu_new`).
+pub(crate) fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(inp.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+                *o = 0.5 * x * (1.0 + tanh_fast(u));
+            }
+        });
+}
+
+/// `dinp = gelu'(inp) * dout` (overwrites).
+pub(crate) fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    dinp.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(inp.par_chunks(ELEMS_PER_TASK))
+        .zip(dout.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((d, x), g)| {
+            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                let x2 = x * x;
+                let u = GELU_SCALE * (x + GELU_CUBIC * x2 * x);
+                let t = tanh_fast(u);
+                let du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x2);
+                *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+            }
+        });
+}
+
+/// Shape of an attention call: sequence, width, heads (the batch is the buffers' length).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnShape {
+    pub(crate) t: usize,
+    pub(crate) c: usize,
+    pub(crate) nh: usize,
+}
+
+/// Causal self-attention. `qkv` is `[b, t, 3c]` (q, k, v, each split into heads);
+/// writes the softmax probabilities to `att` (`[b, nh, t, t]`, zero above the diagonal)
+/// and the head outputs to `out` (`[b, t, c]`).
+pub(crate) fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnShape) {
+    let AttnShape { t, c, nh, .. } = s;
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    out.par_chunks_mut(t * c)
+        .zip(att.par_chunks_mut(nh * t * t))
+        .zip(qkv.par_chunks(t * 3 * c))
+        .for_each(|((out, att), qkv)| {
+            for h in 0..nh {
+                let q = View::strided(&qkv[h * hs..], t, hs, 3 * c, 1);
+                let k = View::strided(&qkv[c + h * hs..], t, hs, 3 * c, 1);
+                let v = View::strided(&qkv[2 * c + h * hs..], t, hs, 3 * c, 1);
+                let p = &mut att[h * t * t..(h + 1) * t * t];
+                matmul(ViewMut::rows(p, t, t), q, k.t(), false, Par::Single);
+                for i in 0..t {
+                    let row = &mut p[i * t..(i + 1) * t];
+                    let (live, masked) = row.split_at_mut(i + 1);
+                    let mut max = f32::NEG_INFINITY;
+                    for x in live.iter_mut() {
+                        *x *= scale;
+                        max = max.max(*x);
+                    }
+                    for x in live.iter_mut() {
+                        *x = exp_fast(*x - max);
+                    }
+                    let inv = 1.0 / sum(live);
+                    for x in live.iter_mut() {
+                        *x *= inv;
+                    }
+                    masked.fill(0.0);
+                }
+                let p = View::rows(p, t, t);
+                matmul(
+                    ViewMut::strided(&mut out[h * hs..], t, hs, c, 1),
+                    p,
+                    v,
+                    false,
+                    Par::Single,
+                );
+            }
+        });
+}
+
+/// Backward of [`attention_forward`]: writes (overwrites) `dqkv` from `dout`.
+pub(crate) fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    att: &[f32],
+    qkv: &[f32],
+    s: AttnShape,
+) {
+    let AttnShape { t, c, nh, .. } = s;
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    dqkv.par_chunks_mut(t * 3 * c)
+        .zip(dout.par_chunks(t * c))
+        .zip(att.par_chunks(nh * t * t))
+        .zip(qkv.par_chunks(t * 3 * c))
+        .for_each(|(((dqkv, dout), att), qkv)| {
+            let mut ds = vec![0.0f32; t * t];
+            for h in 0..nh {
+                let q = View::strided(&qkv[h * hs..], t, hs, 3 * c, 1);
+                let k = View::strided(&qkv[c + h * hs..], t, hs, 3 * c, 1);
+                let v = View::strided(&qkv[2 * c + h * hs..], t, hs, 3 * c, 1);
+                let dy = View::strided(&dout[h * hs..], t, hs, c, 1);
+                let p_data = &att[h * t * t..(h + 1) * t * t];
+                let p = View::rows(p_data, t, t);
+                // dP = dY V^T, then dS = P * (dP - rowsum(P * dP)) * scale.
+                matmul(ViewMut::rows(&mut ds, t, t), dy, v.t(), false, Par::Single);
+                for i in 0..t {
+                    let pr = &p_data[i * t..i * t + i + 1];
+                    let dr = &mut ds[i * t..(i + 1) * t];
+                    let inner = dot(pr, &dr[..i + 1]);
+                    for j in 0..=i {
+                        dr[j] = pr[j] * (dr[j] - inner) * scale;
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                let dsv = View::rows(&ds, t, t);
+                matmul(
+                    ViewMut::strided(&mut dqkv[2 * c + h * hs..], t, hs, 3 * c, 1),
+                    p.t(),
+                    dy,
+                    false,
+                    Par::Single,
+                );
+                matmul(
+                    ViewMut::strided(&mut dqkv[h * hs..], t, hs, 3 * c, 1),
+                    dsv,
+                    k,
+                    false,
+                    Par::Single,
+                );
+                matmul(
+                    ViewMut::strided(&mut dqkv[c + h * hs..], t, hs, 3 * c, 1),
+                    dsv.t(),
+                    q,
+                    false,
+                    Par::Single,
+                );
+            }
+        });
+}
+
+/// Fused softmax and cross-entropy over rows of `logits` (`[n, v]`).
+///
+/// Writes each row's loss to `losses`; when `grad_scale` is given, replaces the logits
+/// with the gradient of `grad_scale * sum(losses)`, otherwise with the probabilities.
+pub(crate) fn softmax_cross_entropy(
+    logits: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u32],
+    v: usize,
+    grad_scale: Option<f32>,
+) {
+    logits
+        .par_chunks_mut(v * ROWS_PER_TASK)
+        .zip(losses.par_chunks_mut(ROWS_PER_TASK))
+        .zip(targets.par_chunks(ROWS_PER_TASK))
+        .for_each(|((logits, losses), targets)| {
+            for ((row, loss), &target) in logits.chunks_exact_mut(v).zip(losses).zip(targets) {
+                let target = target as usize;
+                let mut max8 = [f32::NEG_INFINITY; LANES];
+                let chunks = row.chunks_exact(LANES);
+                let rest = chunks.remainder();
+                for ch in chunks {
+                    for l in 0..LANES {
+                        max8[l] = max8[l].max(ch[l]);
+                    }
+                }
+                let mut max = max8.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for &r in rest {
+                    max = max.max(r);
+                }
+                let picked = row[target];
+                for x in row.iter_mut() {
+                    *x = exp_fast(*x - max);
+                }
+                let total = sum(row);
+                *loss = total.ln() + max - picked;
+                let scale = grad_scale.unwrap_or(1.0) / total;
+                for x in row.iter_mut() {
+                    *x *= scale;
+                }
+                if let Some(g) = grad_scale {
+                    row[target] -= g;
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_tanh_are_accurate() {
+        let mut worst_exp = 0.0f64;
+        let mut worst_tanh = 0.0f64;
+        for i in -80_000..=80_000 {
+            let x = i as f32 * 1e-3;
+            let e = exp_fast(x) as f64;
+            let want = (x as f64).exp();
+            worst_exp = worst_exp.max((e - want).abs() / want);
+            let t = tanh_fast(x / 8.0) as f64;
+            worst_tanh = worst_tanh.max((t - (x as f64 / 8.0).tanh()).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
+        assert!(worst_tanh < 3e-7, "tanh absolute error {worst_tanh}");
+        assert!(exp_fast(-1000.0) < 1e-37);
+        assert!(exp_fast(1000.0).is_finite());
+    }
+}
