@@ -181,7 +181,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     let tokens_per_step = args.batch * seq;
     let mut curve = Vec::new();
     let first = engine::train::evaluate(backend.as_mut(), &holdout)?;
-    progress.println(format!("step {:>5} | holdout {first:.4}", 0));
+    say(&progress, format!("step {:>5} | holdout {first:.4}", 0));
     curve.push(CurvePoint {
         step: 0,
         tokens: 0,
@@ -211,9 +211,12 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             let holdout_loss = engine::train::evaluate(backend.as_mut(), &holdout)?;
             let train_loss = recent.iter().sum::<f32>() / recent.len() as f32;
             recent.clear();
-            progress.println(format!(
-                "step {done:>5} | train {train_loss:.4} | holdout {holdout_loss:.4} | {tps:.0} tok/s"
-            ));
+            say(
+                &progress,
+                format!(
+                    "step {done:>5} | train {train_loss:.4} | holdout {holdout_loss:.4} | {tps:.0} tok/s"
+                ),
+            );
             curve.push(CurvePoint {
                 step: done,
                 tokens: done * tokens_per_step,
@@ -272,6 +275,16 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Prints a line above the progress bar, or plainly when there is no terminal (where
+/// indicatif hides the bar and would drop the line).
+fn say(progress: &indicatif::ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
 }
 
 pub(crate) fn owned(batch: data::TokenBatch) -> OwnedBatch {

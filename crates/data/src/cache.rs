@@ -53,22 +53,22 @@ pub fn load_or_build(
         &sha256_hex(&tokenizer_hash)[..12]
     );
     let cache_path = cache_dir.join(format!("{stem}-{key}.tokens"));
-    if let Ok(cached) = std::fs::read(&cache_path) {
-        if let Some(tokens) = parse(&cached, &corpus_hash, &tokenizer_hash) {
-            return Ok(CorpusTokens {
-                tokens,
-                cache_path,
-                from_cache: true,
-            });
-        }
+    if let Ok(cached) = std::fs::read(&cache_path)
+        && let Some(tokens) = parse(&cached, &corpus_hash, &tokenizer_hash)
+    {
+        return Ok(CorpusTokens {
+            tokens,
+            cache_path,
+            from_cache: true,
+        });
     }
     let docs = corpus::parse_documents(corpus_path, &bytes)?;
     let mut tokens = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
-        if i > 0 {
-            if let Some(eot) = tokenizer.end_of_text() {
-                tokens.push(eot);
-            }
+        if i > 0
+            && let Some(eot) = tokenizer.end_of_text()
+        {
+            tokens.push(eot);
         }
         tokens.extend(tokenizer.encode(doc)?);
     }

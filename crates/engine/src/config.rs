@@ -83,7 +83,7 @@ impl GptConfig {
         if c.n_layer == 0 || c.n_head == 0 || c.n_embd == 0 || c.n_ctx == 0 || c.vocab_size == 0 {
             return Err(ConfigError::Zero(c));
         }
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err(ConfigError::HeadsDoNotDivide {
                 n_head: c.n_head,
                 n_embd: c.n_embd,

@@ -9,7 +9,7 @@ use crate::{backend, batch, micro_config};
 fn rough_params(config: &engine::GptConfig) -> Vec<f32> {
     let mut params = engine::init_params(config, 7).expect("init");
     for (i, p) in params.iter_mut().enumerate() {
-        let noise = ((i * 2_654_435_761usize >> 9) % 1000) as f32 / 1000.0 - 0.5;
+        let noise = (((i * 2_654_435_761usize) >> 9) % 1000) as f32 / 1000.0 - 0.5;
         *p = *p * 3.0 + 0.1 * noise;
     }
     params

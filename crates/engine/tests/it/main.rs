@@ -23,7 +23,7 @@ pub(crate) fn micro_config() -> GptConfig {
 /// Deterministic pseudo-random tokens.
 pub(crate) fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n)
-        .map(|i| (((i + salt) * 2_654_435_761usize >> 7) % vocab) as u32)
+        .map(|i| ((((i + salt) * 2_654_435_761usize) >> 7) % vocab) as u32)
         .collect()
 }
 

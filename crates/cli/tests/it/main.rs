@@ -1,0 +1,310 @@
+//! The `hivetrain` binary end to end: a short real run, and every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    /// Runs hivetrain with a private cache; returns (success, stdout, stderr) with the
+    /// sandbox path replaced by `$TMP`.
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_hivetrain"))
+            .args(args)
+            .env("HIVETRAIN_CACHE_DIR", self.path("cache"))
+            .env("HIVETRAIN_DEVICE", "cpu:2")
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run hivetrain");
+        let tmp = self.dir.path().to_string_lossy().into_owned();
+        let clean = |b: &[u8]| String::from_utf8_lossy(b).replace(&tmp, "$TMP");
+        (out.status.success(), clean(&out.stdout), clean(&out.stderr))
+    }
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The first 300 KB of the corpus, cut at a line.
+fn small_corpus(sandbox: &Sandbox) -> PathBuf {
+    let text = std::fs::read_to_string(repo("data/shakespeare.txt")).expect("corpus");
+    let cut = text[..300_000].rfind('\n').expect("a line");
+    sandbox.write("small.txt", text[..cut + 1].as_bytes())
+}
+
+/// Copies the committed tokenizer into the sandbox; returns its relative path.
+fn copy_tokenizer(sandbox: &Sandbox) -> &'static str {
+    std::fs::copy(repo("data/tokenizer.json"), sandbox.path("tokenizer.json"))
+        .expect("copy tokenizer");
+    "tokenizer.json"
+}
+
+#[track_caller]
+fn check_error(sandbox: &Sandbox, args: &[&str], expect: expect_test::Expect) {
+    let (ok, _, stderr) = sandbox.run(args);
+    assert!(!ok, "expected failure, got success: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error") || l.starts_with("  caused by"))
+        .collect();
+    expect.assert_eq(&errors.join("\n"));
+}
+
+#[test]
+fn train_generate_export_round_trip() {
+    let sandbox = Sandbox::new();
+    let corpus = small_corpus(&sandbox);
+    let corpus = corpus.to_str().expect("utf-8 path");
+    let tokenizer = repo("data/tokenizer.json");
+    let (ok, stdout, stderr) = sandbox.run(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "40",
+        "--batch",
+        "8",
+        "--eval-every",
+        "20",
+        "--corpus",
+        corpus,
+        "--tokenizer",
+        &tokenizer,
+        "--out",
+        "model",
+        "--sample-tokens",
+        "20",
+        "--lr",
+        "1e-2",
+    ]);
+    assert!(ok, "train failed: {stderr}");
+    assert!(stdout.contains("--- sample ---"), "{stdout}");
+    let log: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sandbox.path("model/train-log.json")).expect("log"))
+            .expect("json");
+    let curve = log["curve"].as_array().expect("curve");
+    let first = curve[0]["holdout_loss"].as_f64().expect("loss");
+    let last = curve[curve.len() - 1]["holdout_loss"]
+        .as_f64()
+        .expect("loss");
+    assert!(last < first - 1.0, "holdout loss {first} -> {last}");
+
+    let (ok, stdout, stderr) = sandbox.run(&[
+        "generate",
+        "--model",
+        "model",
+        "--max-tokens",
+        "10",
+        "--seed",
+        "4",
+        "KING.",
+    ]);
+    assert!(ok, "generate failed: {stderr}");
+    assert!(stdout.starts_with("KING.") && stdout.len() > 6, "{stdout}");
+    let (_, again, _) = sandbox.run(&[
+        "generate",
+        "--model",
+        "model",
+        "--max-tokens",
+        "10",
+        "--seed",
+        "4",
+        "KING.",
+    ]);
+    assert_eq!(stdout, again, "same seed, same text");
+
+    let (ok, _, stderr) = sandbox.run(&["export", "--model", "model", "--hf", "hf"]);
+    assert!(ok, "export failed: {stderr}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sandbox.path("hf/config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["n_embd"], 32);
+    let exported =
+        engine::checkpoint::load(&sandbox.path("hf/model.safetensors")).expect("exported");
+    let trained =
+        engine::checkpoint::load(&sandbox.path("model/model.safetensors")).expect("trained");
+    assert_eq!(exported.params, trained.params);
+}
+
+#[test]
+fn bad_corpus_files() {
+    let sandbox = Sandbox::new();
+    let t = copy_tokenizer(&sandbox);
+    check_error(
+        &sandbox,
+        &["train", "--corpus", "missing.txt", "--tokenizer", t],
+        expect_test::expect![[r#"
+        error: reading the corpus missing.txt
+          caused by: cannot read missing.txt
+          caused by: No such file or directory (os error 2)"#]],
+    );
+    sandbox.write("binary.txt", b"\x00\xff\xfe\x80 not text");
+    check_error(
+        &sandbox,
+        &["train", "--corpus", "binary.txt", "--tokenizer", t],
+        expect_test::expect![[r#"
+        error: reading the corpus binary.txt
+          caused by: binary.txt is not UTF-8 text (first bad byte at offset 1); give a UTF-8 text file or JSON lines with a "text" field"#]],
+    );
+    sandbox.write("short.txt", b"To be, or not to be, that is the question.");
+    check_error(
+        &sandbox,
+        &["train", "--corpus", "short.txt", "--tokenizer", t],
+        expect_test::expect![
+            "error: short.txt gives 13 tokens; 2580 are needed (one context of 128 plus one for the target, in both the train and the holdout split)"
+        ],
+    );
+    sandbox.write(
+        "bad.jsonl",
+        b"{\"text\": \"fine\"}\n{\"body\": \"no text field\"}\n",
+    );
+    check_error(
+        &sandbox,
+        &["train", "--corpus", "bad.jsonl", "--tokenizer", t],
+        expect_test::expect![[r#"
+        error: reading the corpus bad.jsonl
+          caused by: bad.jsonl line 2: the object has no "text" field"#]],
+    );
+}
+
+#[test]
+fn bad_tokenizer_checkpoint_device_and_preset() {
+    let sandbox = Sandbox::new();
+    let corpus = small_corpus(&sandbox);
+    let c = corpus.to_str().expect("utf-8 path");
+    check_error(
+        &sandbox,
+        &["train", "--corpus", c, "--tokenizer", "nope.json"],
+        expect_test::expect![[r#"
+        error: loading the tokenizer nope.json
+          caused by: cannot read nope.json
+          caused by: No such file or directory (os error 2)"#]],
+    );
+    sandbox.write("broken.json", b"{\"model\": 3}");
+    check_error(
+        &sandbox,
+        &["train", "--corpus", c, "--tokenizer", "broken.json"],
+        expect_test::expect![[r#"
+        error: loading the tokenizer broken.json
+          caused by: broken.json is not a usable tokenizer.json: data did not match any variant of untagged enum ModelUntagged at line 1 column 12"#]],
+    );
+    let t = copy_tokenizer(&sandbox);
+    check_error(
+        &sandbox,
+        &["train", "--corpus", c, "--tokenizer", t, "--device", "cuda"],
+        expect_test::expect![[
+            r#"error: unknown device "cuda": this build supports "cpu" (a CUDA backend is planned)"#
+        ]],
+    );
+    check_error(
+        &sandbox,
+        &["train", "--corpus", c, "--tokenizer", t, "--preset", "huge"],
+        expect_test::expect![[r#"error: unknown preset "huge": choose one of tiny, small, base"#]],
+    );
+
+    sandbox.write("garbage.safetensors", b"this is not a checkpoint at all");
+    check_error(
+        &sandbox,
+        &[
+            "generate",
+            "--model",
+            "garbage.safetensors",
+            "--tokenizer",
+            t,
+        ],
+        expect_test::expect![[
+            r#"error: garbage.safetensors is not a valid safetensors file: header too large"#
+        ]],
+    );
+    check_error(
+        &sandbox,
+        &["generate", "--model", "nothing-here"],
+        expect_test::expect![[
+            r#"error: no checkpoint at nothing-here: give --model a directory written by `hivetrain train` or a .safetensors file"#
+        ]],
+    );
+    // A checkpoint whose shapes do not match its config, and one whose vocabulary does
+    // not match the tokenizer.
+    let config = engine::Preset::Tiny.config(8192);
+    let params = engine::init_params(&config, 1).expect("init");
+    let mut bytes =
+        engine::checkpoint::to_bytes(&config, &params, &Default::default()).expect("bytes");
+    // The config sits in the header as an escaped JSON string.
+    let escaped = |c: &engine::GptConfig| {
+        let json = serde_json::to_string(&serde_json::to_string(c).expect("json")).expect("json");
+        json[1..json.len() - 1].to_string()
+    };
+    let wrong = escaped(&engine::GptConfig {
+        n_embd: 64,
+        n_head: 2,
+        ..config
+    });
+    let right = escaped(&config);
+    let at = bytes
+        .windows(right.len())
+        .position(|w| w == right.as_bytes())
+        .expect("config in header");
+    assert_eq!(wrong.len(), right.len());
+    bytes[at..at + right.len()].copy_from_slice(wrong.as_bytes());
+    sandbox.write("mismatch.safetensors", &bytes);
+    check_error(
+        &sandbox,
+        &[
+            "generate",
+            "--model",
+            "mismatch.safetensors",
+            "--tokenizer",
+            t,
+        ],
+        expect_test::expect![[
+            r#"error: mismatch.safetensors: tensor transformer.wte.weight has shape [8192, 32], the config needs [8192, 64]"#
+        ]],
+    );
+    let small = engine::Preset::Tiny.config(300);
+    let path = sandbox.path("small-vocab.safetensors");
+    engine::checkpoint::save(
+        &path,
+        &small,
+        &engine::init_params(&small, 1).expect("init"),
+        &Default::default(),
+    )
+    .expect("save");
+    check_error(
+        &sandbox,
+        &[
+            "generate",
+            "--model",
+            "small-vocab.safetensors",
+            "--tokenizer",
+            t,
+        ],
+        expect_test::expect![[
+            r#"error: the tokenizer tokenizer.json has 8192 tokens but the model small-vocab.safetensors expects 300"#
+        ]],
+    );
+}

