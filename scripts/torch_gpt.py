@@ -2,7 +2,7 @@
 
 The model is written the way a PyTorch user would write it for speed on CPU: nn.Linear
 layers, F.scaled_dot_product_attention (fused attention), tanh GELU, torch.optim.AdamW
-with its default (foreach) implementation, clip_grad_norm_. Weights are read from a
+with its fused implementation (its fastest on CPU), clip_grad_norm_. Weights are read from a
 safetensors file with HF GPT-2 names (Conv1D layout [in, out]), so it starts from the
 exact weights hivetrain starts from.
 
@@ -98,7 +98,7 @@ def optimizer(model, opt):
     no_decay = [p for n, (p, _) in model.hf_params().items() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1.0, betas=(opt["beta1"], opt["beta2"]), eps=opt["eps"],
+        lr=1.0, betas=(opt["beta1"], opt["beta2"]), eps=opt["eps"], fused=True,
     )
 
 

@@ -121,6 +121,20 @@ pub struct CpuBackend {
     threads: usize,
 }
 
+/// `dw += x^T @ dy` for a weight `dw` of shape `[i, o]`, inputs `x` `[n, i]` and output
+/// gradients `dy` `[n, o]`. Computed as `dw^T += dy^T @ x`: in isolation `gemm` ran these long-K
+/// (K = tokens) shapes 5-15% faster in that form than in the direct one.
+fn weight_grad(dw: &mut [f32], x: &[f32], dy: &[f32], (i, o): (usize, usize), par: Par) {
+    let n = x.len() / i;
+    matmul(
+        ViewMut::transposed(dw, i, o),
+        View::rows(dy, n, o).t(),
+        View::rows(x, n, i),
+        true,
+        par,
+    );
+}
+
 /// Two disjoint mutable ranges of one slice (`a` before `b`).
 fn two_mut(
     buf: &mut [f32],
@@ -357,11 +371,11 @@ impl CpuBackend {
             false,
             par,
         );
-        matmul(
-            ViewMut::rows(&mut grads[layout.wte..layout.wte + v * c], v, c),
-            View::rows(&acts.logits, n, v).t(),
-            View::rows(&acts.lnf, n, c),
-            true,
+        weight_grad(
+            &mut grads[layout.wte..layout.wte + v * c],
+            &acts.logits,
+            &acts.lnf,
+            (v, c),
             par,
         );
         acts.dres.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
@@ -399,11 +413,11 @@ impl CpuBackend {
                 false,
                 par,
             );
-            matmul(
-                ViewMut::rows(&mut grads[o.fcproj_w..o.fcproj_w + 4 * c * c], 4 * c, c),
-                View::rows(&a.fch_gelu, n, 4 * c).t(),
-                View::rows(&acts.dres, n, c),
-                true,
+            weight_grad(
+                &mut grads[o.fcproj_w..o.fcproj_w + 4 * c * c],
+                &a.fch_gelu,
+                &acts.dres,
+                (4 * c, c),
                 par,
             );
             ops::bias_backward(&mut grads[o.fcproj_b..o.fcproj_b + c], &acts.dres);
@@ -415,11 +429,11 @@ impl CpuBackend {
                 false,
                 par,
             );
-            matmul(
-                ViewMut::rows(&mut grads[o.fc_w..o.fc_w + 4 * c * c], c, 4 * c),
-                View::rows(&a.ln2, n, c).t(),
-                View::rows(&acts.dfch, n, 4 * c),
-                true,
+            weight_grad(
+                &mut grads[o.fc_w..o.fc_w + 4 * c * c],
+                &a.ln2,
+                &acts.dfch,
+                (c, 4 * c),
                 par,
             );
             ops::bias_backward(&mut grads[o.fc_b..o.fc_b + 4 * c], &acts.dfch);
@@ -444,11 +458,11 @@ impl CpuBackend {
                 false,
                 par,
             );
-            matmul(
-                ViewMut::rows(&mut grads[o.proj_w..o.proj_w + c * c], c, c),
-                View::rows(&a.atty, n, c).t(),
-                View::rows(&acts.dres, n, c),
-                true,
+            weight_grad(
+                &mut grads[o.proj_w..o.proj_w + c * c],
+                &a.atty,
+                &acts.dres,
+                (c, c),
                 par,
             );
             ops::bias_backward(&mut grads[o.proj_b..o.proj_b + c], &acts.dres);
@@ -460,11 +474,11 @@ impl CpuBackend {
                 false,
                 par,
             );
-            matmul(
-                ViewMut::rows(&mut grads[o.qkv_w..o.qkv_w + 3 * c * c], c, 3 * c),
-                View::rows(&a.ln1, n, c).t(),
-                View::rows(&acts.dqkv, n, 3 * c),
-                true,
+            weight_grad(
+                &mut grads[o.qkv_w..o.qkv_w + 3 * c * c],
+                &a.ln1,
+                &acts.dqkv,
+                (c, 3 * c),
                 par,
             );
             ops::bias_backward(&mut grads[o.qkv_b..o.qkv_b + 3 * c], &acts.dqkv);

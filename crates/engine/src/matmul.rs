@@ -81,6 +81,11 @@ impl<'a> ViewMut<'a> {
         ViewMut::strided(data, rows, cols, cols, 1)
     }
 
+    /// The transpose of a dense row-major `rows x cols` matrix: a `cols x rows` view.
+    pub(crate) fn transposed(data: &'a mut [f32], rows: usize, cols: usize) -> ViewMut<'a> {
+        ViewMut::strided(data, cols, rows, 1, cols)
+    }
+
     pub(crate) fn strided(
         data: &'a mut [f32],
         rows: usize,

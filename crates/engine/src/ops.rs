@@ -21,13 +21,19 @@ const ELEMS_PER_TASK: usize = 1 << 15;
 const LANES: usize = 8;
 
 /// exp(x) for f32 with about 2 ulp of error, branch-free so loops over it vectorize.
+///
+/// Rounding x / ln2 to an integer k uses the 1.5 * 2^23 trick: after adding it, the float's
+/// low mantissa bits hold k, so 2^k is built with integer operations only (no float to
+/// int conversion, which Rust's saturating `as` makes costly inside vector loops).
 #[inline(always)]
 pub(crate) fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E + 0.5).floor();
+    let t = x * LOG2E + ROUND;
+    let k = t - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     // Cephes' minimax polynomial for e^r on [-ln2/2, ln2/2].
     let mut p = 1.987_569_1e-4f32;
@@ -37,7 +43,8 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     e * scale
 }
 

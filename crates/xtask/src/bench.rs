@@ -44,6 +44,10 @@ pub(crate) struct TrainBench {
     /// Skip PyTorch (hivetrain's figures only).
     #[arg(long)]
     no_torch: bool,
+    /// Rounds of (hivetrain, PyTorch), interleaved so both see the same machine load;
+    /// the reported ratio is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 /// Everything a replay needs besides the binary files (read by scripts/torch_gpt.py).
@@ -98,6 +102,66 @@ pub(crate) fn dump(
     Ok(())
 }
 
+/// One hivetrain run over the dumped batches: (losses, timed tokens per second).
+fn train_ours(
+    args: &TrainBench,
+    spec: &RunSpec,
+    params: &[f32],
+    train: &[u32],
+    offsets: &[u32],
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let seq = spec.seq;
+    let mut backend = engine::open_backend(
+        &format!("cpu:{}", args.threads),
+        spec.config,
+        params.to_vec(),
+    )?;
+    let mut losses = Vec::with_capacity(args.steps);
+    let mut started = Instant::now();
+    for step in 0..args.steps {
+        if step == args.untimed {
+            started = Instant::now();
+        }
+        let starts: Vec<usize> = offsets[step * args.batch..(step + 1) * args.batch]
+            .iter()
+            .map(|&o| o as usize)
+            .collect();
+        let b = data::address::batch_at(train, &starts, seq);
+        let batch = OwnedBatch {
+            inputs: b.inputs,
+            targets: b.targets,
+            batch: b.batch,
+            seq,
+        };
+        let stats =
+            backend.train_step(&batch.as_batch(), &spec.optimizer, spec.schedule.lr(step))?;
+        losses.push(stats.loss as f64);
+    }
+    let timed_tokens = ((args.steps - args.untimed) * args.batch * seq) as f64;
+    Ok((losses, timed_tokens / started.elapsed().as_secs_f64()))
+}
+
+/// One PyTorch run of scripts/torch_gpt.py over the files in `dir`.
+fn train_torch(args: &TrainBench, root: &Path, dir: &Path) -> anyhow::Result<TorchResult> {
+    let script = root.join("scripts/torch_gpt.py");
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .arg("bench")
+        .arg(dir)
+        .env("BENCH_THREADS", args.threads.to_string())
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the PyTorch run failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("parsing PyTorch's output: {last}"))
+}
+
 fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     let Some(preset) = Preset::from_name(&args.preset) else {
         bail!("unknown preset {}", args.preset)
@@ -137,71 +201,42 @@ fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     let dir = args.dump.clone().unwrap_or_else(|| tmp.path().to_owned());
     dump(&dir, &spec, &params, &dataset.train, &offsets)?;
 
-    // hivetrain.
-    let mut backend = engine::open_backend(&format!("cpu:{}", args.threads), config, params)?;
-    let mut ours = Vec::with_capacity(args.steps);
-    let mut started = Instant::now();
-    for step in 0..args.steps {
-        if step == args.untimed {
-            started = Instant::now();
-        }
-        let starts: Vec<usize> = offsets[step * args.batch..(step + 1) * args.batch]
-            .iter()
-            .map(|&o| o as usize)
-            .collect();
-        let b = data::address::batch_at(&dataset.train, &starts, seq);
-        let batch = OwnedBatch {
-            inputs: b.inputs,
-            targets: b.targets,
-            batch: b.batch,
-            seq,
-        };
-        let stats =
-            backend.train_step(&batch.as_batch(), &spec.optimizer, spec.schedule.lr(step))?;
-        ours.push(stats.loss as f64);
-    }
-    let timed_tokens = ((args.steps - args.untimed) * args.batch * seq) as f64;
-    let our_tps = timed_tokens / started.elapsed().as_secs_f64();
-    println!(
-        "hivetrain: {our_tps:.0} tokens/s ({} threads, {} preset, batch {}x{seq})",
-        args.threads,
-        preset.name(),
-        args.batch
-    );
-    if args.no_torch {
-        return Ok(());
-    }
-
-    // PyTorch, same files.
-    let script = root.join("scripts/torch_gpt.py");
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .arg("bench")
-        .arg(&dir)
-        .env("BENCH_THREADS", args.threads.to_string())
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "the PyTorch run failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
+    let mut rounds = Vec::new();
+    let mut curves = None;
+    for round in 0..args.repeat.max(1) {
+        let (ours, our_tps) = train_ours(&args, &spec, &params, &dataset.train, &offsets)?;
+        println!(
+            "round {round}: hivetrain {our_tps:>6.0} tokens/s ({} threads, {} preset, batch {}x{seq})",
+            args.threads,
+            preset.name(),
+            args.batch
         );
+        if args.no_torch {
+            continue;
+        }
+        let torch = train_torch(&args, root, &dir)?;
+        let ratio = our_tps / torch.tokens_per_s;
+        println!(
+            "round {round}: pytorch   {:>6.0} tokens/s ({} eager, sdpa, fused AdamW); ratio {ratio:.2}x",
+            torch.tokens_per_s, torch.torch
+        );
+        rounds.push(ratio);
+        curves.get_or_insert((ours, torch.losses));
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let torch: TorchResult =
-        serde_json::from_str(last).with_context(|| format!("parsing PyTorch's output: {last}"))?;
+    let Some((ours, theirs)) = curves else {
+        return Ok(());
+    };
+    rounds.sort_by(f64::total_cmp);
     println!(
-        "pytorch {}: {:.0} tokens/s (eager, scaled_dot_product_attention)",
-        torch.torch, torch.tokens_per_s
-    );
-    println!(
-        "ratio hivetrain / pytorch: {:.2}x",
-        our_tps / torch.tokens_per_s
+        "ratio hivetrain / pytorch: median {:.2}x over {} rounds (min {:.2}x, max {:.2}x)",
+        rounds[rounds.len() / 2],
+        rounds.len(),
+        rounds[0],
+        rounds[rounds.len() - 1]
     );
     println!("\nstep  hivetrain  pytorch   diff");
     let mut worst = 0.0f64;
-    for (i, (a, b)) in ours.iter().zip(&torch.losses).enumerate() {
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         worst = worst.max((a - b).abs());
         if i % 5 == 0 || i + 1 == ours.len() {
             println!("{i:>4}  {a:>9.4}  {b:>7.4}  {:+.4}", a - b);
