@@ -52,7 +52,7 @@ fn repo(path: &str) -> String {
 fn small_corpus(sandbox: &Sandbox) -> PathBuf {
     let text = std::fs::read_to_string(repo("data/shakespeare.txt")).expect("corpus");
     let cut = text[..300_000].rfind('\n').expect("a line");
-    sandbox.write("small.txt", text[..cut + 1].as_bytes())
+    sandbox.write("small.txt", &text.as_bytes()[..cut + 1])
 }
 
 /// Copies the committed tokenizer into the sandbox; returns its relative path.
