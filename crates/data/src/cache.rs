@@ -1,7 +1,7 @@
 //! Tokenize once: a binary cache of a corpus's token ids, keyed by the SHA-256 of the
 //! corpus bytes and of the tokenizer.
 //!
-//! File layout (little-endian): magic `HVTOKEN1` (8 bytes), width in bytes per token
+//! File layout (little-endian): magic `HVTOKEN2` (8 bytes), width in bytes per token
 //! (u32: 2 or 4), token count (u64), corpus SHA-256 (32 bytes), tokenizer SHA-256 (32
 //! bytes), then the ids. A cache whose key or length does not match is rebuilt.
 
@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use crate::{DataError, TextTokenizer, corpus, sha256_hex};
 
-const MAGIC: &[u8; 8] = b"HVTOKEN1";
+const MAGIC: &[u8; 8] = b"HVTOKEN2";
+/// Bumped (with the magic) whenever the ids a corpus gives may change for the same corpus
+/// and tokenizer; it is part of the file name, so an old cache is never read.
+const CACHE_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8 + 32 + 32;
 
 /// Token ids of a corpus, and where they came from.
@@ -52,7 +55,7 @@ pub fn load_or_build(
         &sha256_hex(&corpus_hash)[..12],
         &sha256_hex(&tokenizer_hash)[..12]
     );
-    let cache_path = cache_dir.join(format!("{stem}-{key}.tokens"));
+    let cache_path = cache_dir.join(format!("{stem}-{key}.v{CACHE_VERSION}.tokens"));
     if let Ok(cached) = std::fs::read(&cache_path)
         && let Some(tokens) = parse(&cached, &corpus_hash, &tokenizer_hash)
     {

@@ -470,4 +470,138 @@ mod tests {
         assert!(exp_fast(-1000.0) < 1e-37);
         assert!(exp_fast(1000.0).is_finite());
     }
+
+    /// Pseudo-random values in [-scale, scale), fixed by `salt`.
+    fn values(n: usize, salt: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = ((i + 1) * 2_654_435_761 + salt * 40_503) % 1_000_003;
+                (h as f32 / 1_000_003.0 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// Checks `grad` (the analytic gradient of `loss` at `x`) against central finite
+    /// differences on a spread of coordinates.
+    #[track_caller]
+    fn check_grad(name: &str, x: &[f32], grad: &[f32], loss: &mut dyn FnMut(&[f32]) -> f64) {
+        assert_eq!(x.len(), grad.len());
+        let h = 1e-2f32;
+        let mut failures = Vec::new();
+        for k in 0..x.len().min(40) {
+            let i = (k * 7919 + 3) % x.len();
+            let mut shifted = x.to_vec();
+            shifted[i] = x[i] + h;
+            let up = loss(&shifted);
+            shifted[i] = x[i] - h;
+            let down = loss(&shifted);
+            let numeric = (up - down) / (2.0 * h as f64);
+            let analytic = grad[i] as f64;
+            if (numeric - analytic).abs() > 2e-3 + 1e-2 * numeric.abs() {
+                failures.push(format!(
+                    "{name}[{i}]: analytic {analytic:.6} numeric {numeric:.6}"
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// sum(out * weights) in f64: a scalar whose gradient with respect to `out` is `weights`.
+    fn weighted(out: &[f32], weights: &[f32]) -> f64 {
+        out.iter()
+            .zip(weights)
+            .map(|(&o, &w)| o as f64 * w as f64)
+            .sum()
+    }
+
+    #[test]
+    fn layernorm_backward_matches_finite_differences() {
+        let (n, c) = (5, 24);
+        let inp = values(n * c, 1, 2.0);
+        let w: Vec<f32> = values(c, 2, 0.5).iter().map(|x| 1.0 + x).collect();
+        let b = values(c, 3, 0.5);
+        let weights = values(n * c, 4, 1.0);
+        let forward = |inp: &[f32], w: &[f32], b: &[f32]| {
+            let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            layernorm_forward(&mut out, &mut mean, &mut rstd, inp, w, b);
+            (weighted(&out, &weights), mean, rstd)
+        };
+        let (_, mean, rstd) = forward(&inp, &w, &b);
+        let (mut dinp, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        layernorm_backward(
+            &mut dinp, &mut dw, &mut db, &weights, &inp, &w, &mean, &rstd,
+        );
+        check_grad("inp", &inp, &dinp, &mut |x| forward(x, &w, &b).0);
+        check_grad("w", &w, &dw, &mut |x| forward(&inp, x, &b).0);
+        check_grad("b", &b, &db, &mut |x| forward(&inp, &w, x).0);
+    }
+
+    #[test]
+    fn gelu_backward_matches_finite_differences() {
+        let inp = values(200, 5, 5.0);
+        let weights = values(200, 6, 1.0);
+        let loss = |x: &[f32]| {
+            let mut out = vec![0.0; x.len()];
+            gelu_forward(&mut out, x);
+            weighted(&out, &weights)
+        };
+        let mut dinp = vec![0.0; 200];
+        gelu_backward(&mut dinp, &inp, &weights);
+        check_grad("gelu", &inp, &dinp, &mut |x| loss(x));
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        let shape = AttnShape { t: 6, c: 8, nh: 2 };
+        let b = 2;
+        let qkv = values(b * 6 * 24, 7, 1.5);
+        let weights = values(b * 6 * 8, 8, 1.0);
+        let forward = |qkv: &[f32]| {
+            let (mut out, mut att) = (vec![0.0; b * 6 * 8], vec![0.0; b * 2 * 6 * 6]);
+            attention_forward(&mut out, &mut att, qkv, shape);
+            (weighted(&out, &weights), att)
+        };
+        let (_, att) = forward(&qkv);
+        // Causal: nothing above the diagonal, rows sum to one.
+        for row in att.chunks(6).enumerate() {
+            let i = row.0 % 6;
+            assert!(row.1[i + 1..].iter().all(|&p| p == 0.0));
+            assert!((sum(row.1) - 1.0).abs() < 1e-6);
+        }
+        let mut dqkv = vec![0.0; qkv.len()];
+        attention_backward(&mut dqkv, &weights, &att, &qkv, shape);
+        check_grad("qkv", &qkv, &dqkv, &mut |x| forward(x).0);
+    }
+
+    #[test]
+    fn softmax_cross_entropy_backward_matches_finite_differences() {
+        let (n, v) = (4, 13);
+        let logits = values(n * v, 9, 3.0);
+        let targets = [0u32, 12, 5, 5];
+        let loss = |x: &[f32]| {
+            let (mut work, mut losses) = (x.to_vec(), vec![0.0; n]);
+            softmax_cross_entropy(&mut work, &mut losses, &targets, v, None);
+            losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64
+        };
+        let (mut grad, mut losses) = (logits.clone(), vec![0.0; n]);
+        softmax_cross_entropy(&mut grad, &mut losses, &targets, v, Some(1.0 / n as f32));
+        check_grad("logits", &logits, &grad, &mut |x| loss(x));
+        // The loss itself against a direct log-sum-exp in f64.
+        for (r, &t) in targets.iter().enumerate() {
+            let row = &logits[r * v..(r + 1) * v];
+            let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+            assert!((losses[r] as f64 - (lse - row[t as usize] as f64)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn bias_backward_sums_rows() {
+        let dout = values(7 * 70, 10, 1.0);
+        let mut db = vec![1.0; 70];
+        bias_backward(&mut db, &dout);
+        for j in 0..70 {
+            let want: f32 = 1.0 + (0..7).map(|r| dout[r * 70 + j]).sum::<f32>();
+            assert!((db[j] - want).abs() < 1e-5);
+        }
+    }
 }
