@@ -1,7 +1,14 @@
 //! Quick throughput probe of the CPU backend (the real benchmark is `cargo xtask bench train`).
 fn main() {
     let config = engine::Preset::Small.config(8192);
-    let params = engine::init_params(&config, 1).expect("init");
+    let params = match std::env::var("INIT") {
+        Ok(path) => {
+            engine::checkpoint::load(std::path::Path::new(&path))
+                .expect("checkpoint")
+                .params
+        }
+        Err(_) => engine::init_params(&config, 1).expect("init"),
+    };
     let threads = std::env::var("THREADS")
         .ok()
         .and_then(|s| s.parse().ok())

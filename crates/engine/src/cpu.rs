@@ -161,6 +161,7 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("engine-{i}"))
+            .start_handler(|_| crate::ftz::enable_on_this_thread())
             .build()
             .map(Arc::new)
             .map_err(|_| EngineError::UnknownDevice(format!("cpu:{threads}")))?;

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+mod ftz;
 pub mod generate;
 mod matmul;
 mod ops;

@@ -31,6 +31,7 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let tiny = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let t = x * LOG2E + ROUND;
     let k = t - ROUND;
@@ -45,7 +46,8 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     let e = p * r * r + r + 1.0;
     let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
-    e * scale
+    // Below e^-87 the result would be subnormal: flush it to zero (see `crate::ftz`).
+    if tiny { 0.0 } else { e * scale }
 }
 
 /// tanh(x) through `exp_fast`; saturates cleanly to +-1.
