@@ -144,16 +144,18 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             config.n_ctx
         );
     }
+    check_memory(&config, args.batch, seq)?;
     let dataset = data::Dataset::split(&corpus_path, &loaded.tokens, seq)?;
     let mut backend = engine::open_backend(&args.device, config, params)?;
     eprintln!(
-        "model {} ({:.2}M parameters) on {}; {} steps of {}x{} tokens",
+        "model {} ({:.2}M parameters) on {}; {} steps of {}x{} tokens; {:.2} GiB of buffers",
         preset.name(),
         config.n_params() as f64 / 1e6,
         backend.device(),
         args.steps,
         args.batch,
-        seq
+        seq,
+        config.training_bytes(args.batch, seq) as f64 / (1u64 << 30) as f64
     );
 
     let holdout: Vec<OwnedBatch> = dataset
@@ -273,6 +275,30 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             args.sample_tokens,
             args.seed,
         )?;
+    }
+    Ok(())
+}
+
+/// Refuses a run whose buffers would not fit in the memory available now (Linux), with
+/// the sizes and what to change, rather than letting the OS kill it mid-run.
+fn check_memory(config: &engine::GptConfig, batch: usize, seq: usize) -> anyhow::Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let need = config.training_bytes(batch, seq);
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    if let Some(available) = available
+        && need as f64 > 0.9 * available as f64
+    {
+        bail!(
+            "training with batch {batch} x {seq} tokens needs about {:.1} GiB (weights, gradients, AdamW state and activations), but only {:.1} GiB are available: lower --batch or --seq",
+            need as f64 / GIB,
+            available as f64 / GIB
+        );
     }
     Ok(())
 }

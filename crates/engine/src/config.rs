@@ -116,6 +116,25 @@ impl GptConfig {
         self.n_params_u128() as usize
     }
 
+    /// Bytes the CPU backend allocates to train on `batch x seq` windows: parameters,
+    /// gradients and two AdamW moments, plus the activations it keeps for the backward
+    /// pass (the same sizes as `cpu::Acts`).
+    pub fn training_bytes(&self, batch: usize, seq: usize) -> u64 {
+        let (b, t, c, nh, v) = (
+            batch as u64,
+            seq as u64,
+            self.n_embd as u64,
+            self.n_head as u64,
+            self.vocab_size as u64,
+        );
+        let n = b * t;
+        let per_block = 16 * n * c + 4 * n + b * nh * t * t;
+        let outside_blocks = n * (2 * c + v + 4);
+        let gradient_scratch = 13 * n * c;
+        let activations = self.n_layer as u64 * per_block + outside_blocks + gradient_scratch;
+        4 * (4 * self.n_params() as u64 + activations)
+    }
+
     /// Training FLOPs per token, the usual 6 x parameters plus attention (Kaplan et al. 2020).
     pub fn train_flops_per_token(&self) -> u64 {
         let attention = 6 * self.n_layer * self.n_ctx * self.n_embd;

@@ -763,3 +763,59 @@ impl Backend for CpuBackend {
         Ok(&s.logits)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Acts {
+        /// Floats (and u32 token ids) held, counted field by field.
+        fn len(&self) -> usize {
+            let blocks: usize = self
+                .blocks
+                .iter()
+                .map(|a| {
+                    a.ln1.len()
+                        + a.ln1_mean.len()
+                        + a.ln1_rstd.len()
+                        + a.qkv.len()
+                        + a.att.len()
+                        + a.atty.len()
+                        + a.res2.len()
+                        + a.ln2.len()
+                        + a.ln2_mean.len()
+                        + a.ln2_rstd.len()
+                        + a.fch.len()
+                        + a.fch_gelu.len()
+                        + a.res3.len()
+                })
+                .sum();
+            blocks
+                + self.inputs.len()
+                + self.encoded.len()
+                + self.lnf.len()
+                + self.lnf_mean.len()
+                + self.lnf_rstd.len()
+                + self.logits.len()
+                + self.losses.len()
+                + self.dres.len()
+                + self.dc.len()
+                + self.dqkv.len()
+                + self.dfch.len()
+                + self.dfch_gelu.len()
+        }
+    }
+
+    #[test]
+    fn memory_estimate_counts_every_buffer() {
+        for (preset, b, t) in [
+            (crate::Preset::Tiny, 3, 17),
+            (crate::Preset::Small, 16, 128),
+        ] {
+            let config = preset.config(8192);
+            let acts = Acts::new(&config, b, t);
+            let want = 4 * (4 * config.n_params() + acts.len()) as u64;
+            assert_eq!(config.training_bytes(b, t), want, "{preset:?}");
+        }
+    }
+}

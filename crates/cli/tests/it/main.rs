@@ -190,6 +190,29 @@ fn bad_corpus_files() {
         error: reading the corpus bad.jsonl
           caused by: bad.jsonl line 2: the object has no "text" field"#]],
     );
+    // JSON lines that are fine train (documents joined by the end-of-text token).
+    let text = std::fs::read_to_string(repo("data/shakespeare.txt")).expect("corpus");
+    let lines: String = text[..120_000]
+        .split("\n\n")
+        .map(|doc| serde_json::json!({ "text": doc }).to_string() + "\n")
+        .collect();
+    sandbox.write("plays.jsonl", lines.as_bytes());
+    let (ok, _, stderr) = sandbox.run(&[
+        "train",
+        "--corpus",
+        "plays.jsonl",
+        "--tokenizer",
+        t,
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--sample-tokens",
+        "0",
+        "--out",
+        "jsonl-model",
+    ]);
+    assert!(ok, "training on JSON lines failed: {stderr}");
 }
 
 #[test]
@@ -221,6 +244,24 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
             r#"error: unknown device "cuda": this build supports "cpu" (a CUDA backend is planned)"#
         ]],
     );
+    // A run that cannot fit in memory is refused up front (the available figure varies).
+    let (ok, _, stderr) = sandbox.run(&[
+        "train",
+        "--corpus",
+        c,
+        "--tokenizer",
+        t,
+        "--preset",
+        "base",
+        "--batch",
+        "4000",
+    ]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("error: training with batch 4000 x 1024 tokens needs about"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("lower --batch or --seq"), "{stderr}");
     check_error(
         &sandbox,
         &["train", "--corpus", c, "--tokenizer", t, "--preset", "huge"],
