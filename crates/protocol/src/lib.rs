@@ -1,0 +1,20 @@
+//! hivetrain's wire format: the signed update a worker sends after a unit of work.
+//!
+//! An update carries the pseudo-gradient of a work unit (the base model's flat parameters
+//! minus the worker's after H local steps, in `engine::params` order), compressed by a
+//! [`Codec`], hashed with blake3 and signed with the worker's ed25519 key. Parsing checks
+//! every size against [`Limits`] before it allocates; nothing in a received update is
+//! trusted until [`SignedUpdate::verify`] has passed.
+//!
+//! This crate does no IO, has no async and reads no clock.
+
+pub mod codec;
+pub mod limits;
+pub mod update;
+
+pub use codec::Codec;
+pub use limits::Limits;
+pub use update::{DecodeError, SignedUpdate, UpdateHeader, WorkerId, encode_update};
+
+/// Version of the update format; bumped with any change to its bytes.
+pub const UPDATE_FORMAT_VERSION: u16 = 1;
