@@ -1,0 +1,390 @@
+//! Validation of one received update against the state of its round.
+//!
+//! Every update gets a [`Verdict`]: accepted (with its decoded delta and norm), or
+//! rejected with a stable machine code and a sentence the worker can act on. A rejection
+//! is an expected outcome, not an error. The checks run cheapest first: structure and
+//! limits, payload hash, signature, lease (exists, is the signer's, not already
+//! submitted), base version and staleness, shape, finiteness, the absolute norm bound, and
+//! the bound relative to the round's median norm.
+//!
+//! No IO, no clock: the caller passes what it knows of the round and the lease.
+
+use protocol::{Limits, SignedUpdate, WorkerId};
+use serde::{Deserialize, Serialize};
+
+/// What the coordinator knows of the round the update is for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundState {
+    /// The newest model version.
+    pub current_version: u64,
+    /// Largest accepted `current_version - base_version`.
+    pub max_staleness: u64,
+    /// Parameter count of the model.
+    pub n_params: u32,
+    /// Largest accepted L2 norm of a delta.
+    pub delta_norm_max: f32,
+    /// Median norm of the updates accepted so far this round, if any.
+    pub median_norm: Option<f32>,
+    /// Largest accepted multiple of the median norm.
+    pub median_multiple_max: f32,
+}
+
+/// What the coordinator knows of the work unit the update names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    pub work_unit: u64,
+    pub worker: WorkerId,
+    pub base_version: u64,
+    /// An update for this unit was already accepted.
+    pub submitted: bool,
+}
+
+/// Stable reasons for a rejection (serialized as snake_case codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reject {
+    /// Truncated, oversized, unknown codec, wrong payload length...: see the sentence.
+    Malformed,
+    HashMismatch,
+    BadSignature,
+    NotLeased,
+    NotYourLease,
+    Duplicate,
+    WrongBase,
+    Stale,
+    WrongShape,
+    NonFinite,
+    NormTooLarge,
+    NormOutlier,
+}
+
+impl Reject {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::HashMismatch => "hash_mismatch",
+            Reject::BadSignature => "bad_signature",
+            Reject::NotLeased => "not_leased",
+            Reject::NotYourLease => "not_your_lease",
+            Reject::Duplicate => "duplicate",
+            Reject::WrongBase => "wrong_base",
+            Reject::Stale => "stale",
+            Reject::WrongShape => "wrong_shape",
+            Reject::NonFinite => "non_finite",
+            Reject::NormTooLarge => "norm_too_large",
+            Reject::NormOutlier => "norm_outlier",
+        }
+    }
+}
+
+/// The outcome of validating one update.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Accepted {
+        work_unit: u64,
+        worker: WorkerId,
+        delta: Vec<f32>,
+        norm: f32,
+    },
+    Rejected {
+        reason: Reject,
+        sentence: String,
+    },
+}
+
+impl Verdict {
+    fn reject(reason: Reject, sentence: impl Into<String>) -> Verdict {
+        Verdict::Rejected {
+            reason,
+            sentence: sentence.into(),
+        }
+    }
+}
+
+/// Validates `bytes` as the update for the unit `lease` describes (`None`: the unit is
+/// unknown or not leased), within `round`.
+pub fn validate(
+    bytes: &[u8],
+    limits: &Limits,
+    round: &RoundState,
+    lease: Option<&LeaseState>,
+) -> Verdict {
+    let update = match SignedUpdate::parse(bytes, limits) {
+        Ok(u) => u,
+        Err(e) => return Verdict::reject(Reject::Malformed, format!("{e} ({})", e.code())),
+    };
+    if let Err(e) = update.verify() {
+        let reason = match e {
+            protocol::DecodeError::HashMismatch => Reject::HashMismatch,
+            _ => Reject::BadSignature,
+        };
+        return Verdict::reject(reason, e.to_string());
+    }
+    let h = update.header;
+    let Some(lease) = lease.filter(|l| l.work_unit == h.work_unit) else {
+        return Verdict::reject(
+            Reject::NotLeased,
+            format!(
+                "work unit {} is not leased; ask for a new lease",
+                h.work_unit
+            ),
+        );
+    };
+    if lease.worker != h.worker {
+        return Verdict::reject(
+            Reject::NotYourLease,
+            format!("work unit {} is leased to another worker", h.work_unit),
+        );
+    }
+    if lease.submitted {
+        return Verdict::reject(
+            Reject::Duplicate,
+            format!(
+                "an update for work unit {} was already accepted",
+                h.work_unit
+            ),
+        );
+    }
+    if h.base_version != lease.base_version {
+        return Verdict::reject(
+            Reject::WrongBase,
+            format!(
+                "the update is based on version {} but the unit was leased on version {}",
+                h.base_version, lease.base_version
+            ),
+        );
+    }
+    let staleness = round.current_version.saturating_sub(h.base_version);
+    if staleness > round.max_staleness {
+        return Verdict::reject(
+            Reject::Stale,
+            format!(
+                "the update is based on version {}, {staleness} versions behind the current {} (at most {} allowed)",
+                h.base_version, round.current_version, round.max_staleness
+            ),
+        );
+    }
+    if h.n_params != round.n_params {
+        return Verdict::reject(
+            Reject::WrongShape,
+            format!(
+                "the update has {} values, the model has {}",
+                h.n_params, round.n_params
+            ),
+        );
+    }
+    let delta = match update.decode() {
+        Ok(d) => d,
+        Err(e) => return Verdict::reject(Reject::Malformed, format!("{e} ({})", e.code())),
+    };
+    if let Some(i) = delta.iter().position(|x| !x.is_finite()) {
+        return Verdict::reject(
+            Reject::NonFinite,
+            format!("value {i} of the update is {}", delta[i]),
+        );
+    }
+    let norm = delta
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
+    if norm > round.delta_norm_max {
+        return Verdict::reject(
+            Reject::NormTooLarge,
+            format!(
+                "the update's L2 norm {norm:.4} exceeds the bound {}",
+                round.delta_norm_max
+            ),
+        );
+    }
+    if let Some(median) = round.median_norm
+        && median > 0.0
+        && norm > round.median_multiple_max * median
+    {
+        return Verdict::reject(
+            Reject::NormOutlier,
+            format!(
+                "the update's L2 norm {norm:.4} is over {} times the round's median {median:.4}",
+                round.median_multiple_max
+            ),
+        );
+    }
+    Verdict::Accepted {
+        work_unit: h.work_unit,
+        worker: h.worker,
+        delta,
+        norm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use protocol::{Codec, UpdateHeader, encode_update};
+
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    const ROUND: RoundState = RoundState {
+        current_version: 5,
+        max_staleness: 1,
+        n_params: 4,
+        delta_norm_max: 10.0,
+        median_norm: Some(1.0),
+        median_multiple_max: 5.0,
+    };
+
+    fn lease() -> LeaseState {
+        LeaseState {
+            work_unit: 11,
+            worker: protocol::WorkerId::of(&key(1)),
+            base_version: 5,
+            submitted: false,
+        }
+    }
+
+    fn update(signer: u8, work_unit: u64, base_version: u64, delta: &[f32]) -> Vec<u8> {
+        let header = UpdateHeader {
+            work_unit,
+            base_version,
+            worker: protocol::WorkerId::of(&key(signer)),
+            nonce: 1,
+            codec: Codec::Fp32,
+            n_params: delta.len() as u32,
+        };
+        encode_update(&header, delta, &key(signer))
+    }
+
+    #[track_caller]
+    fn check(
+        bytes: &[u8],
+        round: RoundState,
+        lease: Option<LeaseState>,
+        expect: expect_test::Expect,
+    ) {
+        let got = match validate(bytes, &protocol::Limits::default(), &round, lease.as_ref()) {
+            Verdict::Accepted {
+                work_unit,
+                delta,
+                norm,
+                ..
+            } => format!("accepted unit {work_unit} norm {norm:.3} {delta:?}"),
+            Verdict::Rejected { reason, sentence } => format!("{}: {sentence}", reason.code()),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn verdicts() {
+        let good = update(1, 11, 5, &[0.5, -0.5, 0.5, -0.5]);
+        check(
+            &good,
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["accepted unit 11 norm 1.000 [0.5, -0.5, 0.5, -0.5]"],
+        );
+        check(
+            &good[..50],
+            ROUND,
+            Some(lease()),
+            expect_test::expect![
+                "malformed: the update is 50 bytes, shorter than its 176-byte header and payload (truncated)"
+            ],
+        );
+        let mut tampered = good.clone();
+        tampered[180] ^= 4;
+        check(
+            &tampered,
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["hash_mismatch: the payload does not match its blake3 hash"],
+        );
+        check(
+            &good,
+            ROUND,
+            None,
+            expect_test::expect!["not_leased: work unit 11 is not leased; ask for a new lease"],
+        );
+        check(
+            &update(2, 11, 5, &[0.5; 4]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["not_your_lease: work unit 11 is leased to another worker"],
+        );
+        check(
+            &good,
+            ROUND,
+            Some(LeaseState {
+                submitted: true,
+                ..lease()
+            }),
+            expect_test::expect!["duplicate: an update for work unit 11 was already accepted"],
+        );
+        check(
+            &update(1, 11, 4, &[0.5; 4]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect![
+                "wrong_base: the update is based on version 4 but the unit was leased on version 5"
+            ],
+        );
+        let later = RoundState {
+            current_version: 8,
+            ..ROUND
+        };
+        check(
+            &good,
+            later,
+            Some(lease()),
+            expect_test::expect![
+                "stale: the update is based on version 5, 3 versions behind the current 8 (at most 1 allowed)"
+            ],
+        );
+        check(
+            &update(1, 11, 5, &[0.5; 3]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["wrong_shape: the update has 3 values, the model has 4"],
+        );
+        check(
+            &update(1, 11, 5, &[0.5, f32::NAN, 0.0, 0.0]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["non_finite: value 1 of the update is NaN"],
+        );
+        check(
+            &update(1, 11, 5, &[0.5, f32::INFINITY, 0.0, 0.0]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect!["non_finite: value 1 of the update is inf"],
+        );
+        check(
+            &update(1, 11, 5, &[20.0, 0.0, 0.0, 0.0]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect![
+                "norm_too_large: the update's L2 norm 20.0000 exceeds the bound 10"
+            ],
+        );
+        check(
+            &update(1, 11, 5, &[6.0, 0.0, 0.0, 0.0]),
+            ROUND,
+            Some(lease()),
+            expect_test::expect![
+                "norm_outlier: the update's L2 norm 6.0000 is over 5 times the round's median 1.0000"
+            ],
+        );
+        check(
+            &update(1, 11, 5, &[6.0, 0.0, 0.0, 0.0]),
+            RoundState {
+                median_norm: None,
+                ..ROUND
+            },
+            Some(lease()),
+            expect_test::expect!["accepted unit 11 norm 6.000 [6.0, 0.0, 0.0, 0.0]"],
+        );
+    }
+}
