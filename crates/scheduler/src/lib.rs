@@ -1,0 +1,611 @@
+//! The coordinator's scheduling core: rounds, work units and leases, as a pure state
+//! machine. `Scheduler::tick(now_ms, seed, events) -> effects` has no IO and no clock;
+//! the HTTP coordinator, the simulator and (later) the peer-to-peer node drive it.
+//!
+//! Round r starts from model version v and issues K work units, each naming its data
+//! exactly (a `WorkAddress`: shard, offset, H steps, seed) and its learning rate. A unit is
+//! leased to one worker at a time until a deadline; an expired lease returns the unit to
+//! the queue with the same data. The round asks for aggregation when K updates are
+//! accepted, or at the round timeout with at least MIN; the driver aggregates and reports
+//! the new version, which starts the next round. Updates based on a version more than
+//! MAX_STALENESS behind are rejected by validation; this crate tells validation what the
+//! round and the lease are (`round_state`, `lease_state`).
+//!
+//! The whole state is serde-serializable, so a coordinator persists it and resumes the
+//! round it was in after a restart.
+
+use std::collections::BTreeMap;
+
+use data::WorkAddress;
+use protocol::WorkerId;
+use serde::{Deserialize, Serialize};
+
+/// The knobs of scheduling (part of the coordinator's config).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Work units per round (K).
+    pub units_per_round: u32,
+    /// Fewest accepted updates that let a timed-out round aggregate (MIN).
+    pub min_updates: u32,
+    /// How long a round may wait for its K updates, in ms.
+    pub round_timeout_ms: u64,
+    /// How long a lease lasts without a heartbeat, in ms.
+    pub lease_ms: u64,
+    /// Local steps per unit (H).
+    pub steps_per_unit: u32,
+    /// Inner learning rate given to workers.
+    pub inner_lr: f32,
+    /// Shards of the train stream (units of one round read different shards).
+    pub n_shards: u32,
+    /// Largest accepted `current version - base version` of an update.
+    pub max_staleness: u64,
+}
+
+impl Default for ScheduleConfig {
+    /// Sized for a 2-core laptop running a few tiny or small workers.
+    fn default() -> Self {
+        ScheduleConfig {
+            units_per_round: 3,
+            min_updates: 2,
+            round_timeout_ms: 600_000,
+            lease_ms: 300_000,
+            steps_per_unit: 50,
+            inner_lr: 2e-3,
+            n_shards: 16,
+            max_staleness: 1,
+        }
+    }
+}
+
+/// One unit of work: train version `base_version` for `address.steps` steps on the data
+/// `address` names, at learning rate `lr`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkUnit {
+    pub id: u64,
+    pub round: u64,
+    pub base_version: u64,
+    pub address: WorkAddress,
+    pub lr: f32,
+}
+
+/// Where a unit stands.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum UnitStatus {
+    Queued,
+    Leased { worker: WorkerId, deadline_ms: u64 },
+    Accepted { worker: WorkerId },
+}
+
+/// What happened, as the driver tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A worker asks for work.
+    LeaseRequest { worker: WorkerId },
+    /// A worker says it is still on a unit (extends the lease).
+    Heartbeat { worker: WorkerId, unit: u64 },
+    /// Validation accepted the worker's update for the unit.
+    UpdateAccepted { worker: WorkerId, unit: u64 },
+    /// The driver aggregated `round` into model version `version`.
+    Aggregated { round: u64, version: u64 },
+}
+
+/// What the driver must do.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Effect {
+    /// Give this unit to the worker, until the deadline.
+    Lease {
+        worker: WorkerId,
+        unit: WorkUnit,
+        deadline_ms: u64,
+    },
+    /// Nothing to give now; ask again later.
+    NoWork {
+        worker: WorkerId,
+        retry_after_ms: u64,
+    },
+    /// The worker's lease on the unit expired; the unit is queued again.
+    LeaseExpired { worker: WorkerId, unit: u64 },
+    /// Aggregate these accepted units of `round` (on `base_version`) into the next version.
+    Aggregate {
+        round: u64,
+        base_version: u64,
+        accepted: u32,
+    },
+    /// A new round started on `version`.
+    RoundStarted { round: u64, version: u64 },
+}
+
+/// What validation needs to know of the round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundView {
+    pub round: u64,
+    pub current_version: u64,
+    pub max_staleness: u64,
+}
+
+/// What validation needs to know of a unit's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    pub unit: u64,
+    pub worker: WorkerId,
+    pub base_version: u64,
+    pub submitted: bool,
+}
+
+/// The scheduler's whole state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scheduler {
+    config: ScheduleConfig,
+    round: u64,
+    version: u64,
+    round_started_ms: Option<u64>,
+    /// Waiting for the driver to aggregate this round.
+    aggregating: bool,
+    next_unit_id: u64,
+    /// Next step offset of each shard's stream.
+    shard_offsets: Vec<u64>,
+    units: BTreeMap<u64, (WorkUnit, UnitStatus)>,
+}
+
+/// SplitMix64, for per-unit seeds derived from the tick's seed.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Scheduler {
+    /// A scheduler at round 0 on model `version`, no units issued yet.
+    pub fn new(config: ScheduleConfig, version: u64) -> Scheduler {
+        Scheduler {
+            config,
+            round: 0,
+            version,
+            round_started_ms: None,
+            aggregating: false,
+            next_unit_id: 1,
+            shard_offsets: vec![0; config.n_shards.max(1) as usize],
+            units: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ScheduleConfig {
+        &self.config
+    }
+
+    /// The round and version now, for validation.
+    pub fn round_view(&self) -> RoundView {
+        RoundView {
+            round: self.round,
+            current_version: self.version,
+            max_staleness: self.config.max_staleness,
+        }
+    }
+
+    /// The lease of `unit` if it is leased or accepted in the current round.
+    pub fn lease_view(&self, unit: u64) -> Option<LeaseView> {
+        let (u, status) = self.units.get(&unit)?;
+        match *status {
+            UnitStatus::Queued => None,
+            UnitStatus::Leased { worker, .. } => Some(LeaseView {
+                unit,
+                worker,
+                base_version: u.base_version,
+                submitted: false,
+            }),
+            UnitStatus::Accepted { worker } => Some(LeaseView {
+                unit,
+                worker,
+                base_version: u.base_version,
+                submitted: true,
+            }),
+        }
+    }
+
+    /// Units of the current round and their status, in id order.
+    pub fn units(&self) -> impl Iterator<Item = &(WorkUnit, UnitStatus)> {
+        self.units.values()
+    }
+
+    /// Advances the state by `events` at time `now_ms`; `seed` feeds the data seeds of
+    /// the units a new round issues.
+    pub fn tick(&mut self, now_ms: u64, seed: u64, events: &[Event]) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.round_started_ms.is_none() {
+            self.start_round(now_ms, seed, &mut effects);
+        }
+        self.expire_leases(now_ms, &mut effects);
+        for event in events {
+            match *event {
+                Event::LeaseRequest { worker } => self.lease(now_ms, worker, &mut effects),
+                Event::Heartbeat { worker, unit } => {
+                    if let Some((
+                        _,
+                        UnitStatus::Leased {
+                            worker: holder,
+                            deadline_ms,
+                        },
+                    )) = self.units.get_mut(&unit)
+                        && *holder == worker
+                    {
+                        *deadline_ms = now_ms + self.config.lease_ms;
+                    }
+                }
+                Event::UpdateAccepted { worker, unit } => {
+                    if let Some((_, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
+                        && matches!(status, UnitStatus::Leased { worker: w, .. } if *w == worker)
+                    {
+                        *status = UnitStatus::Accepted { worker };
+                    }
+                }
+                Event::Aggregated { round, version } => {
+                    if round == self.round && self.aggregating {
+                        self.version = version;
+                        self.round += 1;
+                        self.aggregating = false;
+                        self.units.clear();
+                        self.start_round(now_ms, seed, &mut effects);
+                    }
+                }
+            }
+        }
+        self.maybe_aggregate(now_ms, &mut effects);
+        effects
+    }
+
+    fn accepted(&self) -> u32 {
+        self.units
+            .values()
+            .filter(|(_, s)| matches!(s, UnitStatus::Accepted { .. }))
+            .count() as u32
+    }
+
+    fn start_round(&mut self, now_ms: u64, seed: u64, effects: &mut Vec<Effect>) {
+        self.round_started_ms = Some(now_ms);
+        let n_shards = self.config.n_shards.max(1);
+        for k in 0..self.config.units_per_round {
+            let id = self.next_unit_id;
+            self.next_unit_id += 1;
+            let shard = ((self.round * self.config.units_per_round as u64 + k as u64)
+                % n_shards as u64) as u32;
+            let offset = self.shard_offsets[shard as usize];
+            self.shard_offsets[shard as usize] += self.config.steps_per_unit as u64;
+            let unit = WorkUnit {
+                id,
+                round: self.round,
+                base_version: self.version,
+                address: WorkAddress {
+                    shard,
+                    offset,
+                    steps: self.config.steps_per_unit,
+                    seed: mix(seed ^ mix(id)),
+                },
+                lr: self.config.inner_lr,
+            };
+            self.units.insert(id, (unit, UnitStatus::Queued));
+        }
+        effects.push(Effect::RoundStarted {
+            round: self.round,
+            version: self.version,
+        });
+    }
+
+    fn expire_leases(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        for (id, (_, status)) in self.units.iter_mut() {
+            if let UnitStatus::Leased {
+                worker,
+                deadline_ms,
+            } = *status
+                && deadline_ms <= now_ms
+            {
+                *status = UnitStatus::Queued;
+                effects.push(Effect::LeaseExpired { worker, unit: *id });
+            }
+        }
+    }
+
+    fn lease(&mut self, now_ms: u64, worker: WorkerId, effects: &mut Vec<Effect>) {
+        // One unit per worker at a time: a worker that asks again gets its own unit back.
+        let held = self
+            .units
+            .values()
+            .find(|(_, s)| matches!(s, UnitStatus::Leased { worker: w, .. } if *w == worker));
+        if let Some((unit, UnitStatus::Leased { deadline_ms, .. })) = held {
+            effects.push(Effect::Lease {
+                worker,
+                unit: *unit,
+                deadline_ms: *deadline_ms,
+            });
+            return;
+        }
+        let queued = if self.aggregating {
+            None
+        } else {
+            self.units
+                .values_mut()
+                .find(|(_, s)| matches!(s, UnitStatus::Queued))
+        };
+        match queued {
+            Some((unit, status)) => {
+                let deadline_ms = now_ms + self.config.lease_ms;
+                *status = UnitStatus::Leased {
+                    worker,
+                    deadline_ms,
+                };
+                effects.push(Effect::Lease {
+                    worker,
+                    unit: *unit,
+                    deadline_ms,
+                });
+            }
+            None => effects.push(Effect::NoWork {
+                worker,
+                retry_after_ms: 1_000,
+            }),
+        }
+    }
+
+    fn maybe_aggregate(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        if self.aggregating {
+            return;
+        }
+        let accepted = self.accepted();
+        let started = self.round_started_ms.unwrap_or(now_ms);
+        let timed_out = now_ms >= started + self.config.round_timeout_ms;
+        if accepted >= self.config.units_per_round
+            || (timed_out && accepted >= self.config.min_updates.max(1))
+        {
+            self.aggregating = true;
+            // Units not accepted by now are withdrawn: their updates would be stale.
+            self.units
+                .retain(|_, (_, s)| matches!(s, UnitStatus::Accepted { .. }));
+            effects.push(Effect::Aggregate {
+                round: self.round,
+                base_version: self.version,
+                accepted,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(n: u8) -> WorkerId {
+        WorkerId([n; 32])
+    }
+
+    fn config() -> ScheduleConfig {
+        ScheduleConfig {
+            units_per_round: 2,
+            min_updates: 1,
+            round_timeout_ms: 1000,
+            lease_ms: 100,
+            steps_per_unit: 10,
+            n_shards: 4,
+            ..ScheduleConfig::default()
+        }
+    }
+
+    /// Runs (time, events) steps and prints every effect, one per line.
+    #[track_caller]
+    fn check(steps: &[(u64, Vec<Event>)], expect: expect_test::Expect) {
+        let mut s = Scheduler::new(config(), 0);
+        let mut out = String::new();
+        for (now, events) in steps {
+            for e in s.tick(*now, 7, events) {
+                let line = match e {
+                    Effect::Lease {
+                        worker,
+                        unit,
+                        deadline_ms,
+                    } => format!(
+                        "lease unit {} (round {}, base v{}, shard {}, offset {}) to w{} until {deadline_ms}",
+                        unit.id,
+                        unit.round,
+                        unit.base_version,
+                        unit.address.shard,
+                        unit.address.offset,
+                        worker.0[0]
+                    ),
+                    Effect::NoWork { worker, .. } => format!("no work for w{}", worker.0[0]),
+                    Effect::LeaseExpired { worker, unit } => {
+                        format!("lease of unit {unit} by w{} expired", worker.0[0])
+                    }
+                    Effect::Aggregate {
+                        round,
+                        base_version,
+                        accepted,
+                    } => format!("aggregate round {round} on v{base_version} ({accepted} updates)"),
+                    Effect::RoundStarted { round, version } => {
+                        format!("round {round} starts on v{version}")
+                    }
+                };
+                out.push_str(&format!("t={now}: {line}\n"));
+            }
+        }
+        expect.assert_eq(&out);
+    }
+
+    #[test]
+    fn a_round_leases_aggregates_and_starts_the_next() {
+        use Event::*;
+        check(
+            &[
+                (
+                    0,
+                    vec![
+                        LeaseRequest { worker: w(1) },
+                        LeaseRequest { worker: w(2) },
+                        LeaseRequest { worker: w(3) },
+                    ],
+                ),
+                (10, vec![LeaseRequest { worker: w(1) }]),
+                (
+                    50,
+                    vec![
+                        UpdateAccepted {
+                            worker: w(1),
+                            unit: 1,
+                        },
+                        UpdateAccepted {
+                            worker: w(2),
+                            unit: 2,
+                        },
+                    ],
+                ),
+                (60, vec![LeaseRequest { worker: w(3) }]),
+                (
+                    70,
+                    vec![
+                        Aggregated {
+                            round: 0,
+                            version: 1,
+                        },
+                        LeaseRequest { worker: w(3) },
+                    ],
+                ),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
+                t=0: no work for w3
+                t=10: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=50: aggregate round 0 on v0 (2 updates)
+                t=60: no work for w3
+                t=70: round 1 starts on v1
+                t=70: lease unit 3 (round 1, base v1, shard 2, offset 0) to w3 until 170
+            "#]],
+        );
+    }
+
+    #[test]
+    fn expired_leases_are_reissued_with_the_same_data_and_late_updates_ignored() {
+        use Event::*;
+        check(
+            &[
+                (
+                    0,
+                    vec![LeaseRequest { worker: w(1) }, LeaseRequest { worker: w(2) }],
+                ),
+                (
+                    60,
+                    vec![Heartbeat {
+                        worker: w(2),
+                        unit: 2,
+                    }],
+                ),
+                (120, vec![LeaseRequest { worker: w(3) }]),
+                (
+                    130,
+                    vec![UpdateAccepted {
+                        worker: w(1),
+                        unit: 1,
+                    }],
+                ),
+                (
+                    140,
+                    vec![
+                        UpdateAccepted {
+                            worker: w(3),
+                            unit: 1,
+                        },
+                        UpdateAccepted {
+                            worker: w(2),
+                            unit: 2,
+                        },
+                    ],
+                ),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
+                t=120: lease of unit 1 by w1 expired
+                t=120: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 220
+                t=140: aggregate round 0 on v0 (2 updates)
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_timed_out_round_aggregates_with_min_updates() {
+        use Event::*;
+        check(
+            &[
+                (0, vec![LeaseRequest { worker: w(1) }]),
+                (
+                    90,
+                    vec![UpdateAccepted {
+                        worker: w(1),
+                        unit: 1,
+                    }],
+                ),
+                (999, vec![]),
+                (1000, vec![]),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=1000: aggregate round 0 on v0 (1 updates)
+            "#]],
+        );
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let mut s = Scheduler::new(config(), 0);
+        s.tick(
+            0,
+            7,
+            &[
+                Event::LeaseRequest { worker: w(1) },
+                Event::LeaseRequest { worker: w(2) },
+            ],
+        );
+        s.tick(
+            5,
+            7,
+            &[Event::UpdateAccepted {
+                worker: w(1),
+                unit: 1,
+            }],
+        );
+        let saved = serde_json::to_string(&s).expect("serialize");
+        let mut restored: Scheduler = serde_json::from_str(&saved).expect("deserialize");
+        assert_eq!(restored, s);
+        assert_eq!(restored.lease_view(1).map(|l| l.submitted), Some(true));
+        let a = s.tick(
+            6,
+            7,
+            &[Event::UpdateAccepted {
+                worker: w(2),
+                unit: 2,
+            }],
+        );
+        let b = restored.tick(
+            6,
+            7,
+            &[Event::UpdateAccepted {
+                worker: w(2),
+                unit: 2,
+            }],
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn same_seed_same_units() {
+        let units = |seed| {
+            let mut s = Scheduler::new(config(), 0);
+            s.tick(0, seed, &[]);
+            s.units().map(|(u, _)| u.address).collect::<Vec<_>>()
+        };
+        assert_eq!(units(1), units(1));
+        assert_ne!(units(1), units(2));
+    }
+}
