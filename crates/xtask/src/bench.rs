@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) enum BenchCommand {
     /// Training throughput and loss curve against PyTorch eager (scaled_dot_product_attention).
     Train(TrainBench),
+    /// DiLoCo with M simulated workers against synchronous data-parallel training.
+    Diloco(crate::diloco::DilocoBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +78,7 @@ struct TorchResult {
 pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Train(args) => train(root, args),
+        BenchCommand::Diloco(args) => crate::diloco::run(root, args),
     }
 }
 

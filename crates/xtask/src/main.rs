@@ -3,6 +3,7 @@
 
 mod bench;
 mod corpus;
+mod diloco;
 mod golden;
 
 use std::path::PathBuf;

@@ -1,0 +1,216 @@
+//! `cargo xtask bench diloco`: loss parity of DiLoCo with M simulated workers against
+//! synchronous data-parallel training on the same data, from the same start, in one run.
+//!
+//! Both sides read the same tokens: worker m of M reads shard m of the train stream
+//! (M shards), H steps per round, continuing where its last round stopped. Data-parallel
+//! training averages, at every step, the gradients of the M workers' batches of that
+//! step, which is one step on their concatenation (every shard batch has the same size).
+//! So both see M x H x rounds x batch x seq tokens. Each worker keeps its own AdamW state
+//! across rounds (DiLoCo's inner optimizer); the outer step is `aggregation`'s rule.
+
+use std::time::Instant;
+
+use aggregation::{OuterConfig, WeightedDelta};
+use anyhow::{Context, bail};
+use engine::train::OwnedBatch;
+use engine::{LrSchedule, OptimizerConfig, Preset};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DilocoBench {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Worker counts to try.
+    #[arg(long, value_delimiter = ',', default_value = "4,8")]
+    workers: Vec<usize>,
+    /// Local steps per round to try.
+    #[arg(long, value_delimiter = ',', default_value = "50,100")]
+    local_steps: Vec<usize>,
+    /// Sequential inner steps of every run (rounds = this / H); the same for all runs.
+    #[arg(long, default_value_t = 1000)]
+    inner_steps: usize,
+    /// Sequences per worker per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    inner_lr: f32,
+    #[arg(long, default_value_t = 0.7)]
+    outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    outer_momentum: f32,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Holdout batches per evaluation.
+    #[arg(long, default_value_t = 16)]
+    eval_batches: usize,
+}
+
+struct Setup {
+    config: engine::GptConfig,
+    train: Vec<u32>,
+    holdout: Vec<OwnedBatch>,
+    seq: usize,
+    init: Vec<f32>,
+}
+
+fn owned(b: data::TokenBatch) -> OwnedBatch {
+    OwnedBatch {
+        inputs: b.inputs,
+        targets: b.targets,
+        batch: b.batch,
+        seq: b.seq,
+    }
+}
+
+pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<()> {
+    let Some(preset) = Preset::from_name(&args.preset) else {
+        bail!("unknown preset {}", args.preset)
+    };
+    let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
+    let corpus = root.join("data/shakespeare.txt");
+    let cache = std::env::temp_dir().join("hivetrain-bench-cache");
+    let tokens = data::cache::load_or_build(&corpus, &tokenizer, &cache)?.tokens;
+    let config = preset.config(tokenizer.vocab_size());
+    let seq = config.n_ctx;
+    let dataset = data::Dataset::split(&corpus, &tokens, seq)?;
+    let holdout = dataset
+        .holdout_starts(seq, args.eval_batches * args.batch)
+        .chunks(args.batch)
+        .map(|s| owned(data::address::batch_at(&dataset.holdout, s, seq)))
+        .collect();
+    let setup = Setup {
+        config,
+        train: dataset.train,
+        holdout,
+        seq,
+        init: engine::init_params(&config, args.seed)?,
+    };
+    println!(
+        "{} preset, {} inner steps per run, {} x {seq} tokens per worker-step, inner AdamW peak lr {}, outer Nesterov lr {} momentum {}",
+        preset.name(),
+        args.inner_steps,
+        args.batch,
+        args.inner_lr,
+        args.outer_lr,
+        args.outer_momentum
+    );
+    println!("\n   M     H  rounds      tokens   DiLoCo  data-par.   ratio   time");
+    for &m in &args.workers {
+        let started = Instant::now();
+        let baseline = data_parallel(&setup, &args, m)?;
+        let dp_secs = started.elapsed().as_secs_f64();
+        for &h in &args.local_steps {
+            if args.inner_steps % h != 0 {
+                bail!(
+                    "--inner-steps {} is not a multiple of H = {h}",
+                    args.inner_steps
+                );
+            }
+            let started = Instant::now();
+            let loss = diloco(&setup, &args, m, h)?;
+            let tokens = m * args.inner_steps * args.batch * setup.seq;
+            println!(
+                "{m:>4} {h:>5} {:>7} {tokens:>11} {loss:>8.4} {baseline:>10.4} {:>7.4} {:>5.0}s (+{dp_secs:.0}s data-parallel)",
+                args.inner_steps / h,
+                loss / baseline,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn batch_of(
+    setup: &Setup,
+    args: &DilocoBench,
+    m: usize,
+    workers: usize,
+    step: usize,
+) -> anyhow::Result<data::TokenBatch> {
+    let address = data::WorkAddress {
+        shard: m as u32,
+        offset: step as u64,
+        steps: 1,
+        seed: args.seed,
+    };
+    address
+        .batch(&setup.train, workers as u32, 0, args.batch, setup.seq)
+        .with_context(|| format!("batch of worker {m} at step {step}"))
+}
+
+/// Synchronous data-parallel: every step, one AdamW step on the M workers' batches together.
+fn data_parallel(setup: &Setup, args: &DilocoBench, workers: usize) -> anyhow::Result<f32> {
+    let mut backend = engine::open_backend(
+        &format!("cpu:{}", args.threads),
+        setup.config,
+        setup.init.clone(),
+    )?;
+    let schedule = LrSchedule::cosine(args.inner_lr, args.inner_steps);
+    let optimizer = OptimizerConfig::default();
+    for step in 0..args.inner_steps {
+        let mut inputs = Vec::new();
+        let mut targets = Vec::new();
+        for m in 0..workers {
+            let b = batch_of(setup, args, m, workers, step)?;
+            inputs.extend(b.inputs);
+            targets.extend(b.targets);
+        }
+        let batch = OwnedBatch {
+            inputs,
+            targets,
+            batch: workers * args.batch,
+            seq: setup.seq,
+        };
+        backend.train_step(&batch.as_batch(), &optimizer, schedule.lr(step))?;
+    }
+    Ok(engine::train::evaluate(backend.as_mut(), &setup.holdout)?)
+}
+
+/// DiLoCo: M workers, H local AdamW steps each per round, then one outer step.
+fn diloco(setup: &Setup, args: &DilocoBench, workers: usize, h: usize) -> anyhow::Result<f32> {
+    let n = setup.init.len();
+    let mut base = setup.init.clone();
+    let mut outer = OuterConfig::Diloco {
+        lr: args.outer_lr,
+        momentum: args.outer_momentum,
+    }
+    .build(n);
+    let mut backends = (0..workers)
+        .map(|_| {
+            engine::open_backend(
+                &format!("cpu:{}", args.threads),
+                setup.config,
+                setup.init.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let schedule = LrSchedule::cosine(args.inner_lr, args.inner_steps);
+    let optimizer = OptimizerConfig::default();
+    let weight = (h * args.batch * setup.seq) as u64;
+    for round in 0..args.inner_steps / h {
+        let mut deltas = Vec::with_capacity(workers);
+        for (m, backend) in backends.iter_mut().enumerate() {
+            backend.set_params(&base)?;
+            for i in 0..h {
+                let step = round * h + i;
+                let batch = owned(batch_of(setup, args, m, workers, step)?);
+                backend.train_step(&batch.as_batch(), &optimizer, schedule.lr(step))?;
+            }
+            let local = backend.params();
+            deltas.push(
+                base.iter()
+                    .zip(&local)
+                    .map(|(b, l)| b - l)
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        let weighted: Vec<WeightedDelta<'_>> = deltas
+            .iter()
+            .map(|d| WeightedDelta { delta: d, weight })
+            .collect();
+        outer.step(&mut base, &weighted)?;
+    }
+    let mut eval = engine::open_backend(&format!("cpu:{}", args.threads), setup.config, base)?;
+    Ok(engine::train::evaluate(eval.as_mut(), &setup.holdout)?)
+}
