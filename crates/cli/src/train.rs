@@ -97,8 +97,11 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             names.join(", ")
         );
     };
-    if args.steps == 0 || args.batch == 0 {
-        bail!("--steps and --batch must be at least 1");
+    if args.steps == 0 || args.batch == 0 || args.eval_every == 0 || args.eval_batches == 0 {
+        bail!("--steps, --batch, --eval-every and --eval-batches must be at least 1");
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", args.lr);
     }
     let tokenizer_path = paths::bundled(&args.tokenizer);
     let corpus_path = paths::bundled(&args.corpus);

@@ -244,6 +244,26 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
             r#"error: unknown device "cuda": this build supports "cpu" (a CUDA backend is planned)"#
         ]],
     );
+    check_error(
+        &sandbox,
+        &[
+            "train",
+            "--corpus",
+            c,
+            "--tokenizer",
+            t,
+            "--eval-every",
+            "0",
+        ],
+        expect_test::expect![
+            "error: --steps, --batch, --eval-every and --eval-batches must be at least 1"
+        ],
+    );
+    check_error(
+        &sandbox,
+        &["train", "--corpus", c, "--tokenizer", t, "--lr=-1"],
+        expect_test::expect!["error: --lr must be a positive number, got -1"],
+    );
     // A run that cannot fit in memory is refused up front (the available figure varies).
     let (ok, _, stderr) = sandbox.run(&[
         "train",
