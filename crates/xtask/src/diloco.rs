@@ -101,7 +101,7 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         let baseline = data_parallel(&setup, &args, m)?;
         let dp_secs = started.elapsed().as_secs_f64();
         for &h in &args.local_steps {
-            if args.inner_steps % h != 0 {
+            if h == 0 || !args.inner_steps.is_multiple_of(h) {
                 bail!(
                     "--inner-steps {} is not a multiple of H = {h}",
                     args.inner_steps
