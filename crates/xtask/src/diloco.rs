@@ -67,6 +67,9 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
     let Some(preset) = Preset::from_name(&args.preset) else {
         bail!("unknown preset {}", args.preset)
     };
+    if args.workers.contains(&0) || args.batch == 0 || args.inner_steps == 0 {
+        bail!("--workers, --batch and --inner-steps must be at least 1");
+    }
     let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
     let corpus = root.join("data/shakespeare.txt");
     let cache = std::env::temp_dir().join("hivetrain-bench-cache");
@@ -103,7 +106,7 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         for &h in &args.local_steps {
             if h == 0 || !args.inner_steps.is_multiple_of(h) {
                 bail!(
-                    "--inner-steps {} is not a multiple of H = {h}",
+                    "--inner-steps {} is not a positive multiple of H = {h}",
                     args.inner_steps
                 );
             }
