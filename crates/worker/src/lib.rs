@@ -1,0 +1,3 @@
+//! The volunteer worker. So far: its identity.
+
+pub mod identity;
