@@ -82,6 +82,34 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The committed corpus, tokenized (cached in the temp dir) and split for `preset`'s
+/// context: what every benchmark trains on.
+pub(crate) fn corpus_for(
+    root: &Path,
+    preset: &str,
+) -> anyhow::Result<(Preset, engine::GptConfig, data::Dataset)> {
+    let Some(preset) = Preset::from_name(preset) else {
+        bail!("unknown preset {preset}")
+    };
+    let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
+    let corpus = root.join("data/shakespeare.txt");
+    let cache = std::env::temp_dir().join("hivetrain-bench-cache");
+    let tokens = data::cache::load_or_build(&corpus, &tokenizer, &cache)?.tokens;
+    let config = preset.config(tokenizer.vocab_size());
+    let dataset = data::Dataset::split(&corpus, &tokens, config.n_ctx)?;
+    Ok((preset, config, dataset))
+}
+
+/// A data batch as the engine takes it.
+pub(crate) fn owned(b: data::TokenBatch) -> OwnedBatch {
+    OwnedBatch {
+        inputs: b.inputs,
+        targets: b.targets,
+        batch: b.batch,
+        seq: b.seq,
+    }
+}
+
 /// Writes the replay files of a run to `dir`.
 pub(crate) fn dump(
     dir: &Path,
@@ -133,13 +161,7 @@ fn train_ours(
             .iter()
             .map(|&o| o as usize)
             .collect();
-        let b = data::address::batch_at(train, &starts, seq);
-        let batch = OwnedBatch {
-            inputs: b.inputs,
-            targets: b.targets,
-            batch: b.batch,
-            seq,
-        };
+        let batch = owned(data::address::batch_at(train, &starts, seq));
         let stats =
             backend.train_step(&batch.as_batch(), &spec.optimizer, spec.schedule.lr(step))?;
         losses.push(stats.loss as f64);
@@ -174,19 +196,11 @@ fn train_torch(args: &TrainBench, root: &Path, dir: &Path) -> anyhow::Result<Tor
 }
 
 fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
-    let Some(preset) = Preset::from_name(&args.preset) else {
-        bail!("unknown preset {}", args.preset)
-    };
     if args.untimed >= args.steps {
         bail!("--steps must exceed --untimed");
     }
-    let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
-    let corpus = root.join("data/shakespeare.txt");
-    let cache = std::env::temp_dir().join("hivetrain-bench-cache");
-    let tokens = data::cache::load_or_build(&corpus, &tokenizer, &cache)?.tokens;
-    let config = preset.config(tokenizer.vocab_size());
+    let (preset, config, dataset) = corpus_for(root, &args.preset)?;
     let seq = config.n_ctx;
-    let dataset = data::Dataset::split(&corpus, &tokens, seq)?;
     let address = data::WorkAddress {
         shard: 0,
         offset: 0,

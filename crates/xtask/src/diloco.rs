@@ -13,7 +13,9 @@ use std::time::Instant;
 use aggregation::{OuterConfig, WeightedDelta};
 use anyhow::{Context, bail};
 use engine::train::OwnedBatch;
-use engine::{LrSchedule, OptimizerConfig, Preset};
+use engine::{LrSchedule, OptimizerConfig};
+
+use crate::bench::owned;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DilocoBench {
@@ -54,29 +56,12 @@ struct Setup {
     init: Vec<f32>,
 }
 
-fn owned(b: data::TokenBatch) -> OwnedBatch {
-    OwnedBatch {
-        inputs: b.inputs,
-        targets: b.targets,
-        batch: b.batch,
-        seq: b.seq,
-    }
-}
-
 pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<()> {
-    let Some(preset) = Preset::from_name(&args.preset) else {
-        bail!("unknown preset {}", args.preset)
-    };
     if args.workers.contains(&0) || args.batch == 0 || args.inner_steps == 0 {
         bail!("--workers, --batch and --inner-steps must be at least 1");
     }
-    let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
-    let corpus = root.join("data/shakespeare.txt");
-    let cache = std::env::temp_dir().join("hivetrain-bench-cache");
-    let tokens = data::cache::load_or_build(&corpus, &tokenizer, &cache)?.tokens;
-    let config = preset.config(tokenizer.vocab_size());
+    let (preset, config, dataset) = crate::bench::corpus_for(root, &args.preset)?;
     let seq = config.n_ctx;
-    let dataset = data::Dataset::split(&corpus, &tokens, seq)?;
     let holdout = dataset
         .holdout_starts(seq, args.eval_batches * args.batch)
         .chunks(args.batch)
