@@ -32,6 +32,8 @@ pub enum AggregationError {
     NoUpdates,
     #[error("the updates' weights sum to zero")]
     ZeroWeight,
+    #[error("the saved optimizer state has {got} values, this rule needs {want}")]
+    State { got: usize, want: usize },
     #[error("update {index} has {got} values, the model has {want}")]
     Length {
         index: usize,
@@ -51,6 +53,28 @@ pub trait OuterOptimizer: Send {
         params: &mut [f32],
         updates: &[WeightedDelta<'_>],
     ) -> Result<(), AggregationError>;
+    /// The state to persist with a model version, flat.
+    fn state(&self) -> Vec<f32>;
+    /// Restores a state that `state` returned.
+    fn load_state(&mut self, state: &[f32]) -> Result<(), AggregationError>;
+}
+
+/// Copies `state` into the buffers `into`, which it must fill exactly.
+fn load_into(state: &[f32], into: &mut [&mut Vec<f32>]) -> Result<(), AggregationError> {
+    let want: usize = into.iter().map(|b| b.len()).sum();
+    if state.len() != want {
+        return Err(AggregationError::State {
+            got: state.len(),
+            want,
+        });
+    }
+    let mut rest = state;
+    for buffer in into {
+        let (head, tail) = rest.split_at(buffer.len());
+        buffer.copy_from_slice(head);
+        rest = tail;
+    }
+    Ok(())
 }
 
 /// The weighted mean of the deltas, summed in f64 in the given order.
@@ -162,6 +186,14 @@ impl OuterOptimizer for DiLoCo {
         }
         Ok(())
     }
+
+    fn state(&self) -> Vec<f32> {
+        self.buffer.clone()
+    }
+
+    fn load_state(&mut self, state: &[f32]) -> Result<(), AggregationError> {
+        load_into(state, &mut [&mut self.buffer])
+    }
 }
 
 /// The weighted mean of the workers' models.
@@ -181,6 +213,14 @@ impl OuterOptimizer for FedAvg {
         let g = weighted_mean(params.len(), updates)?;
         params.iter_mut().zip(&g).for_each(|(p, g)| *p -= g);
         Ok(())
+    }
+
+    fn state(&self) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn load_state(&mut self, state: &[f32]) -> Result<(), AggregationError> {
+        load_into(state, &mut [])
     }
 }
 
@@ -212,6 +252,14 @@ impl OuterOptimizer for FedAdam {
             *p -= self.lr * *m / (v.sqrt() + self.tau);
         }
         Ok(())
+    }
+
+    fn state(&self) -> Vec<f32> {
+        [self.m.as_slice(), &self.v].concat()
+    }
+
+    fn load_state(&mut self, state: &[f32]) -> Result<(), AggregationError> {
+        load_into(state, &mut [&mut self.m, &mut self.v])
     }
 }
 
@@ -247,6 +295,61 @@ mod tests {
         let mut p = params.to_vec();
         rule.build(p.len()).step(&mut p, updates)?;
         Ok(p)
+    }
+
+    #[test]
+    fn conformance_saved_state_resumes_bit_identically() {
+        let d1 = vector(16, 1);
+        let d2 = vector(16, 2);
+        for rule in rules() {
+            let mut straight = vector(16, 0);
+            let mut opt = rule.build(16);
+            opt.step(
+                &mut straight,
+                &[WeightedDelta {
+                    delta: &d1,
+                    weight: 1,
+                }],
+            )
+            .expect("step");
+            let saved = opt.state();
+            opt.step(
+                &mut straight,
+                &[WeightedDelta {
+                    delta: &d2,
+                    weight: 1,
+                }],
+            )
+            .expect("step");
+
+            let mut resumed = vector(16, 0);
+            rule.build(16)
+                .step(
+                    &mut resumed,
+                    &[WeightedDelta {
+                        delta: &d1,
+                        weight: 1,
+                    }],
+                )
+                .expect("step");
+            let mut fresh = rule.build(16);
+            fresh.load_state(&saved).expect("load");
+            fresh
+                .step(
+                    &mut resumed,
+                    &[WeightedDelta {
+                        delta: &d2,
+                        weight: 1,
+                    }],
+                )
+                .expect("step");
+            assert_eq!(straight, resumed, "{rule:?}");
+            let err = fresh.load_state(&[0.0; 3]).expect_err("wrong length");
+            assert!(
+                matches!(err, AggregationError::State { got: 3, .. }),
+                "{rule:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `hivetrain export --hf DIR`: a directory HF transformers loads as `GPT2LMHeadModel`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -23,7 +23,21 @@ pub(crate) fn run(args: ExportArgs) -> anyhow::Result<()> {
     let (checkpoint, tokenizer_path) = paths::model_files(&args.model, args.tokenizer.as_deref())?;
     let ckpt = engine::checkpoint::load(&checkpoint)?;
     let tokenizer = paths::load_tokenizer(&tokenizer_path)?;
-    let dir = &args.hf;
+    write_hf(&args.hf, &ckpt, &tokenizer)?;
+    println!(
+        "exported {} to {} (load with GPT2LMHeadModel.from_pretrained)",
+        checkpoint.display(),
+        args.hf.display()
+    );
+    Ok(())
+}
+
+/// Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json.
+pub(crate) fn write_hf(
+    dir: &Path,
+    ckpt: &engine::checkpoint::Checkpoint,
+    tokenizer: &data::TextTokenizer,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = engine::checkpoint::hf_config_json(&ckpt.config, tokenizer.end_of_text());
     let write = |name: &str, text: String| {
@@ -49,11 +63,5 @@ pub(crate) fn run(args: ExportArgs) -> anyhow::Result<()> {
     write(
         "tokenizer_config.json",
         serde_json::to_string_pretty(&tokenizer_config)?,
-    )?;
-    println!(
-        "exported {} to {} (load with GPT2LMHeadModel.from_pretrained)",
-        checkpoint.display(),
-        dir.display()
-    );
-    Ok(())
+    )
 }

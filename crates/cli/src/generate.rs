@@ -19,6 +19,13 @@ pub(crate) struct GenerateArgs {
     /// Tokenizer (default: the one saved beside the model).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Use this version of a coordinator's run (see `hivetrain model list`) instead of
+    /// --model.
+    #[arg(long)]
+    version: Option<u64>,
+    /// The run directory `--version` refers to.
+    #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+    run: PathBuf,
     /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
@@ -46,18 +53,28 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let (checkpoint, tokenizer_path) = paths::model_files(&args.model, args.tokenizer.as_deref())?;
-    let ckpt = engine::checkpoint::load(&checkpoint)?;
-    let tokenizer = paths::load_tokenizer(&tokenizer_path)?;
-    if tokenizer.vocab_size() != ckpt.config.vocab_size {
-        bail!(
-            "the tokenizer {} has {} tokens but the model {} expects {}",
-            tokenizer_path.display(),
-            tokenizer.vocab_size(),
-            checkpoint.display(),
-            ckpt.config.vocab_size
-        );
-    }
+    let (ckpt, tokenizer) = match args.version {
+        Some(version) => {
+            let model = crate::model::load_version(&args.run, Some(version))?;
+            (model.checkpoint, model.tokenizer)
+        }
+        None => {
+            let (checkpoint, tokenizer_path) =
+                paths::model_files(&args.model, args.tokenizer.as_deref())?;
+            let ckpt = engine::checkpoint::load(&checkpoint)?;
+            let tokenizer = paths::load_tokenizer(&tokenizer_path)?;
+            if tokenizer.vocab_size() != ckpt.config.vocab_size {
+                bail!(
+                    "the tokenizer {} has {} tokens but the model {} expects {}",
+                    tokenizer_path.display(),
+                    tokenizer.vocab_size(),
+                    checkpoint.display(),
+                    ckpt.config.vocab_size
+                );
+            }
+            (ckpt, tokenizer)
+        }
+    };
     let mut backend = engine::open_backend(&args.device, ckpt.config, ckpt.params)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let sampling = SamplingParams {

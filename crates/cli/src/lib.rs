@@ -1,11 +1,15 @@
 //! hivetrain's command line: thin subcommands over the `engine` and `data` crates.
 
+mod coordinator;
+mod demo;
 mod env;
 mod export;
 mod generate;
+mod model;
 mod paths;
 mod tokenizer;
 mod train;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +23,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole network on this machine: a coordinator and volunteer workers over
+    /// HTTP on loopback train one GPT on Shakespeare, then print a sample.
+    Demo(demo::DemoArgs),
+    /// Serve a training run: lease work units, validate and aggregate updates.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Lend this machine to a coordinator: train work units, send signed updates.
+    Worker(worker::WorkerArgs),
+    /// The model versions of a coordinator's run: list, export.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Train a GPT on a corpus and print a sample (the default trains the `small` model
     /// on Shakespeare for a few minutes on a laptop).
     Train(train::TrainArgs),
@@ -35,6 +49,10 @@ enum Command {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Model(command) => model::run(command),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),

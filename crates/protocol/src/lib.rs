@@ -8,6 +8,8 @@
 //!
 //! This crate does no IO, has no async and reads no clock.
 
+pub mod api;
+pub mod auth;
 pub mod codec;
 pub mod limits;
 pub mod update;

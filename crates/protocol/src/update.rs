@@ -55,6 +55,13 @@ impl WorkerId {
     pub fn of(key: &SigningKey) -> WorkerId {
         WorkerId(key.verifying_key().to_bytes())
     }
+
+    /// Parses 64 hex digits (as `Display` writes them).
+    pub fn parse(hex: &str) -> Option<WorkerId> {
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(hex, &mut id).ok()?;
+        Some(WorkerId(id))
+    }
 }
 
 /// What a worker states about its update; all of it is signed.

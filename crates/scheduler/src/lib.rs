@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 /// The knobs of scheduling (part of the coordinator's config).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScheduleConfig {
     /// Work units per round (K).
     pub units_per_round: u32,
@@ -202,6 +202,22 @@ impl Scheduler {
                 submitted: true,
             }),
         }
+    }
+
+    /// The current round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The newest model version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The round waiting for the driver to aggregate it, with its base version: after a
+    /// restart, the driver aggregates it again (aggregation is deterministic).
+    pub fn pending_aggregate(&self) -> Option<(u64, u64)> {
+        self.aggregating.then_some((self.round, self.version))
     }
 
     /// Units of the current round and their status, in id order.

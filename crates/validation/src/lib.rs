@@ -3,8 +3,8 @@
 //! Every update gets a [`Verdict`]: accepted (with its decoded delta and norm), or
 //! rejected with a stable machine code and a sentence the worker can act on. A rejection
 //! is an expected outcome, not an error. The checks run cheapest first: structure and
-//! limits, payload hash, signature, lease (exists, is the signer's, not already
-//! submitted), base version and staleness, shape, finiteness, the absolute norm bound, and
+//! limits, payload hash, signature, staleness, lease (exists, is the signer's, not
+//! already submitted), base version, shape, finiteness, the absolute norm bound, and
 //! the bound relative to the round's median norm.
 //!
 //! No IO, no clock: the caller passes what it knows of the round and the lease.
@@ -121,6 +121,17 @@ pub fn validate(
         return Verdict::reject(reason, e.to_string());
     }
     let h = update.header;
+    // Staleness first: an update that old is refused whatever became of its lease.
+    let staleness = round.current_version.saturating_sub(h.base_version);
+    if staleness > round.max_staleness {
+        return Verdict::reject(
+            Reject::Stale,
+            format!(
+                "the update is based on version {}, {staleness} versions behind the current {} (at most {} allowed)",
+                h.base_version, round.current_version, round.max_staleness
+            ),
+        );
+    }
     let Some(lease) = lease.filter(|l| l.work_unit == h.work_unit) else {
         return Verdict::reject(
             Reject::NotLeased,
@@ -151,16 +162,6 @@ pub fn validate(
             format!(
                 "the update is based on version {} but the unit was leased on version {}",
                 h.base_version, lease.base_version
-            ),
-        );
-    }
-    let staleness = round.current_version.saturating_sub(h.base_version);
-    if staleness > round.max_staleness {
-        return Verdict::reject(
-            Reject::Stale,
-            format!(
-                "the update is based on version {}, {staleness} versions behind the current {} (at most {} allowed)",
-                h.base_version, round.current_version, round.max_staleness
             ),
         );
     }
@@ -339,6 +340,14 @@ mod tests {
             &good,
             later,
             Some(lease()),
+            expect_test::expect![
+                "stale: the update is based on version 5, 3 versions behind the current 8 (at most 1 allowed)"
+            ],
+        );
+        check(
+            &good,
+            later,
+            None,
             expect_test::expect![
                 "stale: the update is based on version 5, 3 versions behind the current 8 (at most 1 allowed)"
             ],

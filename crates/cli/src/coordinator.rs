@@ -1,0 +1,226 @@
+//! `hivetrain coordinator`: serve a training run over HTTP.
+//!
+//! Settings come from the defaults, then `--config FILE` (TOML, see `--print-config`),
+//! then environment variables, then flags.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aggregation::OuterConfig;
+use anyhow::{Context, bail};
+use coordinator::{Coordinator, CoordinatorConfig};
+use protocol::Codec;
+
+use crate::paths;
+
+/// The run's knobs as flags (each also read from an environment variable).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct RunFlags {
+    /// TOML file with any CoordinatorConfig keys (print them with --print-config).
+    #[arg(long, env = "HIVETRAIN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model preset: tiny, small or base.
+    #[arg(long, env = "HIVETRAIN_PRESET")]
+    preset: Option<String>,
+    /// Work units per round (K).
+    #[arg(long, env = "HIVETRAIN_UNITS_PER_ROUND")]
+    units_per_round: Option<u32>,
+    /// Fewest updates that let a timed-out round aggregate (MIN).
+    #[arg(long, env = "HIVETRAIN_MIN_UPDATES")]
+    min_updates: Option<u32>,
+    /// Seconds a round waits for its K updates.
+    #[arg(long, env = "HIVETRAIN_ROUND_TIMEOUT")]
+    round_timeout: Option<u64>,
+    /// Seconds a lease lasts without a heartbeat.
+    #[arg(long, env = "HIVETRAIN_LEASE")]
+    lease: Option<u64>,
+    /// Local steps per unit (H).
+    #[arg(long, env = "HIVETRAIN_LOCAL_STEPS")]
+    local_steps: Option<u32>,
+    /// Inner (worker) AdamW learning rate.
+    #[arg(long, env = "HIVETRAIN_INNER_LR")]
+    inner_lr: Option<f32>,
+    /// Largest accepted staleness, in versions (MAX_STALENESS).
+    #[arg(long, env = "HIVETRAIN_MAX_STALENESS")]
+    max_staleness: Option<u64>,
+    /// Largest accepted L2 norm of an update (DELTA_NORM_MAX).
+    #[arg(long, env = "HIVETRAIN_DELTA_NORM_MAX")]
+    delta_norm_max: Option<f32>,
+    /// Update codec: fp32, fp16, int8 (per-chunk scale) or int8-codebook.
+    #[arg(long, env = "HIVETRAIN_CODEC")]
+    codec: Option<String>,
+    /// Outer optimizer: diloco, fedavg or fedadam.
+    #[arg(long, env = "HIVETRAIN_OUTER")]
+    outer: Option<String>,
+    /// Outer learning rate (diloco, fedadam).
+    #[arg(long, env = "HIVETRAIN_OUTER_LR")]
+    outer_lr: Option<f32>,
+    /// Sequences per local step.
+    #[arg(long, env = "HIVETRAIN_BATCH")]
+    batch: Option<u32>,
+    /// Seed of the initial weights and the units' data.
+    #[arg(long, env = "HIVETRAIN_SEED")]
+    seed: Option<u64>,
+    /// Corpus served to workers (text, or .jsonl with a "text" field).
+    #[arg(long, env = "HIVETRAIN_CORPUS")]
+    corpus: Option<PathBuf>,
+    /// tokenizer.json served to workers.
+    #[arg(long, env = "HIVETRAIN_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
+}
+
+impl RunFlags {
+    /// The config: defaults, the file, then env and flags.
+    pub(crate) fn config(&self, base: CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
+        let mut c = match &self.config {
+            Some(path) => CoordinatorConfig::from_file(path)?,
+            None => base,
+        };
+        let s = &mut c.schedule;
+        if let Some(v) = &self.preset {
+            c.preset = v.clone();
+        }
+        if let Some(v) = self.units_per_round {
+            s.units_per_round = v;
+            s.min_updates = s.min_updates.min(v);
+        }
+        if let Some(v) = self.min_updates {
+            s.min_updates = v;
+        }
+        if let Some(v) = self.round_timeout {
+            s.round_timeout_ms = v.saturating_mul(1000);
+        }
+        if let Some(v) = self.lease {
+            s.lease_ms = v.saturating_mul(1000);
+        }
+        if let Some(v) = self.local_steps {
+            s.steps_per_unit = v;
+        }
+        if let Some(v) = self.inner_lr {
+            s.inner_lr = v;
+        }
+        if let Some(v) = self.max_staleness {
+            s.max_staleness = v;
+        }
+        if let Some(v) = self.delta_norm_max {
+            c.delta_norm_max = v;
+        }
+        if let Some(v) = &self.codec {
+            c.codec = parse_codec(v)?;
+        }
+        if let Some(v) = &self.outer {
+            c.outer = match v.as_str() {
+                "diloco" => OuterConfig::default(),
+                "fedavg" => OuterConfig::FedAvg,
+                "fedadam" => OuterConfig::FedAdam {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    tau: 1e-3,
+                },
+                other => bail!("unknown --outer {other:?}: choose diloco, fedavg or fedadam"),
+            };
+        }
+        if let Some(lr) = self.outer_lr {
+            match &mut c.outer {
+                OuterConfig::Diloco { lr: l, .. } | OuterConfig::FedAdam { lr: l, .. } => *l = lr,
+                OuterConfig::FedAvg => bail!("--outer-lr does not apply to fedavg"),
+            }
+        }
+        if let Some(v) = self.batch {
+            c.batch = v;
+        }
+        if let Some(v) = self.seed {
+            c.seed = v;
+        }
+        if let Some(v) = &self.corpus {
+            c.corpus = v.clone();
+        }
+        if let Some(v) = &self.tokenizer {
+            c.tokenizer = v.clone();
+        }
+        c.corpus = paths::bundled(&c.corpus);
+        c.tokenizer = paths::bundled(&c.tokenizer);
+        c.check()?;
+        Ok(c)
+    }
+}
+
+pub(crate) fn parse_codec(name: &str) -> anyhow::Result<Codec> {
+    Ok(match name {
+        "fp32" => Codec::Fp32,
+        "fp16" => Codec::Fp16,
+        "int8" => Codec::Int8Chunk { chunk: 4096 },
+        "int8-codebook" => Codec::Int8Codebook,
+        other => bail!("unknown codec {other:?}: choose fp32, fp16, int8 or int8-codebook"),
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CoordinatorArgs {
+    /// Directory of the run's store (SQLite and blobs); an existing run resumes.
+    #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+    dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "HIVETRAIN_BIND", default_value = "127.0.0.1:8480")]
+    bind: String,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+pub(crate) fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let config = args.run.config(CoordinatorConfig::default())?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    eprintln!(
+        "opening the run in {} ({} preset; the first start scores version 0)",
+        args.dir.display(),
+        config.preset
+    );
+    let server = Coordinator::start(&args.dir, config, &args.bind)
+        .with_context(|| format!("starting the coordinator in {}", args.dir.display()))?;
+    let (round, version) = server.with_core(|c| (c.round(), c.version()));
+    eprintln!(
+        "coordinator listening on {} (round {round}, version {version}); workers join with\n  hivetrain worker --coordinator {}\nCtrl-C stops it; started again, it resumes.",
+        server.url(),
+        server.url()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let mut last_version = version;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        let status = server.with_core(|c| c.status(coordinator::system_ms()));
+        if let Ok(status) = status
+            && status.version != last_version
+        {
+            last_version = status.version;
+            if let Some(r) = status
+                .rounds
+                .iter()
+                .rev()
+                .find(|r| r.version == Some(last_version))
+            {
+                eprintln!(
+                    "version {last_version}: holdout loss {:.4}, {} accepted, {} rejected, {:.1} s",
+                    r.holdout_loss.unwrap_or(f32::NAN),
+                    r.accepted,
+                    r.rejected,
+                    r.seconds
+                );
+            }
+        }
+    }
+    eprintln!("stopping");
+    server.stop();
+    Ok(())
+}

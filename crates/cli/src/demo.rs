@@ -1,0 +1,230 @@
+//! `hivetrain demo`: a coordinator and N volunteer workers on this machine, talking real
+//! HTTP over loopback, train one GPT on Shakespeare; a round table as versions appear,
+//! then a sample from the last version.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use coordinator::{Coordinator, CoordinatorConfig};
+use engine::generate::SamplingParams;
+use protocol::api::Status;
+use worker::{HttpTransport, WorkerOptions};
+
+use crate::coordinator::RunFlags;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Volunteer workers to start (each trains on `--threads-per-worker` threads).
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Engine threads of each worker.
+    #[arg(long, default_value_t = 1)]
+    threads_per_worker: u32,
+    /// Stop after this many rounds (model versions).
+    #[arg(long, default_value_t = 12)]
+    rounds: u64,
+    /// Stop after this many minutes even if rounds remain.
+    #[arg(long, default_value_t = 15.0)]
+    minutes: f64,
+    /// Directory of the run's store (default: a fresh temporary directory, removed at
+    /// the end). A given directory is kept, and an existing run in it resumes.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Tokens of the sample printed at the end.
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// Prompt of the sample.
+    #[arg(long, default_value = "KING HENRY:\n")]
+    prompt: String,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.workers == 0 || args.threads_per_worker == 0 || args.rounds == 0 {
+        bail!("--workers, --threads-per-worker and --rounds must be at least 1");
+    }
+    if !(args.minutes.is_finite() && args.minutes > 0.0) {
+        bail!("--minutes must be a positive number");
+    }
+    let mut base = CoordinatorConfig::default();
+    base.schedule.units_per_round = args.workers;
+    base.schedule.min_updates = args.workers;
+    // Every worker of this machine reports back well within a minute or two.
+    base.schedule.round_timeout_ms = 300_000;
+    base.schedule.lease_ms = 120_000;
+    base.threads = engine::default_threads() as u32;
+    let config = args.run.config(base)?;
+    let temp;
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir().context("making a temporary directory")?;
+            temp.path().to_owned()
+        }
+    };
+    println!(
+        "hivetrain demo: a coordinator and {} workers on this machine, over HTTP on loopback",
+        args.workers
+    );
+    println!(
+        "model {} | {} units per round, H = {} local steps of {} sequences | codec {:?} | outer {:?}",
+        config.preset,
+        config.schedule.units_per_round,
+        config.schedule.steps_per_unit,
+        config.batch,
+        config.codec,
+        config.outer
+    );
+    println!("store: {}", dir.display());
+    let server =
+        Coordinator::start(&dir, config, "127.0.0.1:0").context("starting the coordinator")?;
+    let url = server.url();
+    println!("coordinator: {url}\n");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping the demo (Ctrl-C again quits now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    let mut handles = Vec::new();
+    for i in 0..args.workers {
+        let key_path = dir.join("keys").join(format!("worker-{i}.key"));
+        let (key, _) = worker::identity::load_or_create(&key_path)?;
+        let options = WorkerOptions {
+            name: format!("volunteer-{i}"),
+            device: format!("cpu:{}", args.threads_per_worker),
+            max_units: None,
+            data_dir: dir.join(format!("worker-{i}")),
+            unreachable_timeout: Duration::from_secs(30),
+        };
+        let transport = HttpTransport::new(&url)?;
+        let stop = stop.clone();
+        handles.push(std::thread::spawn(move || {
+            worker::run(&transport, &key, &options, &stop, &mut ())
+        }));
+    }
+
+    // The table is read the way any client would: GET /v1/status.
+    let client = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    let deadline = Duration::from_secs_f64(args.minutes * 60.0);
+    let mut printed = 0u64;
+    let mut first = None;
+    let mut total_bytes = 0u64;
+    let mut total_tokens = 0u64;
+    while !stop.load(Ordering::SeqCst) && started.elapsed() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let status: Status = match client
+            .get(format!("{url}/v1/status"))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("status: {e}");
+                continue;
+            }
+        };
+        if first.is_none() {
+            first = Some(status.initial_holdout_loss);
+            println!("version  holdout loss  accepted  rejected     tokens  bytes sent  seconds");
+            println!(
+                "{:>7}  {:>12.4}  {:>8}  {:>8}  {:>9}  {:>10}  {:>7}",
+                0, status.initial_holdout_loss, "-", "-", "-", "-", "-"
+            );
+        }
+        let seen = printed;
+        for r in status
+            .rounds
+            .iter()
+            .filter(|r| r.version.is_some_and(|v| v > seen))
+        {
+            printed = r.version.unwrap_or(printed);
+            total_bytes += r.bytes;
+            total_tokens += r.tokens;
+            println!(
+                "{:>7}  {:>12.4}  {:>8}  {:>8}  {:>9}  {:>10}  {:>7.1}",
+                printed,
+                r.holdout_loss.unwrap_or(f32::NAN),
+                r.accepted,
+                r.rejected,
+                r.tokens,
+                r.bytes,
+                r.seconds
+            );
+        }
+        for h in &handles {
+            if h.is_finished() {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+        if printed >= args.rounds {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        match h.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("a worker failed: {e}"),
+            Err(_) => eprintln!("a worker panicked"),
+        }
+    }
+    server.stop();
+
+    let model = crate::model::load_version(&dir, None)?;
+    println!(
+        "\n{} versions in {:.0} s: holdout loss {:.4} -> {:.4}; {} tokens trained, {:.2} MB of updates sent",
+        model.row.version,
+        started.elapsed().as_secs_f64(),
+        first.unwrap_or(f32::NAN),
+        model.row.holdout_loss,
+        total_tokens,
+        total_bytes as f64 / 1e6
+    );
+    if args.sample_tokens > 0 {
+        let mut backend =
+            engine::open_backend("cpu", model.checkpoint.config, model.checkpoint.params)?;
+        let prompt = model.tokenizer.encode(&args.prompt)?;
+        let mut ids = Vec::new();
+        engine::generate::generate(
+            backend.as_mut(),
+            &prompt,
+            args.sample_tokens,
+            &SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.95,
+                seed: 0,
+            },
+            &mut |id| {
+                ids.push(id);
+                true
+            },
+        )?;
+        println!(
+            "\nsample of version {}:\n{}{}",
+            model.row.version,
+            args.prompt,
+            model.tokenizer.decode(&ids)
+        );
+    }
+    if args.dir.is_some() {
+        println!(
+            "\nthe run is kept in {}: `hivetrain model list --run {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}

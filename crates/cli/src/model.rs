@@ -1,0 +1,119 @@
+//! `hivetrain model list|export`: the model registry of a coordinator's run, and loading
+//! one of its versions (for `generate --version` and the demo).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use engine::checkpoint::Checkpoint;
+use store::{Store, VersionRow};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ModelCommand {
+    /// List the versions of a run: parent, round, updates, holdout loss.
+    List {
+        /// The coordinator's run directory.
+        #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+        run: PathBuf,
+    },
+    /// Export a version for HF transformers (GPT2LMHeadModel).
+    Export {
+        #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+        run: PathBuf,
+        /// The version (default: the newest).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Output directory.
+        #[arg(long)]
+        hf: PathBuf,
+    },
+}
+
+/// One version of a run, loaded.
+pub(crate) struct RunModel {
+    pub(crate) row: VersionRow,
+    pub(crate) checkpoint: Checkpoint,
+    pub(crate) tokenizer: data::TextTokenizer,
+}
+
+fn open_run(run: &Path) -> anyhow::Result<Store> {
+    if !run.join("hivetrain.sqlite3").exists() {
+        bail!(
+            "{} holds no run: give --run the directory a coordinator (or the demo) used",
+            run.display()
+        );
+    }
+    Store::open(run).with_context(|| format!("opening the run in {}", run.display()))
+}
+
+/// Loads `version` (the newest if none) of the run in `run`.
+pub(crate) fn load_version(run: &Path, version: Option<u64>) -> anyhow::Result<RunModel> {
+    let store = open_run(run)?;
+    let versions = store.versions()?;
+    let row = match version {
+        Some(v) => versions
+            .iter()
+            .find(|r| r.version == v)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "the run in {} has no version {v}; it has 0 to {}",
+                    run.display(),
+                    versions.last().map(|r| r.version).unwrap_or(0)
+                )
+            })?,
+        None => versions
+            .last()
+            .cloned()
+            .context("the run has no versions")?,
+    };
+    let bytes = store.blobs().get(&row.checkpoint)?;
+    let checkpoint = engine::checkpoint::from_bytes(
+        Path::new(&format!("{} version {}", run.display(), row.version)),
+        &bytes,
+        None,
+    )?;
+    let hash = store
+        .meta(coordinator::core::META_TOKENIZER)?
+        .and_then(|h| store::BlobHash::parse(&h))
+        .context("the run records no tokenizer")?;
+    let json = String::from_utf8(store.blobs().get(&hash)?).context("the run's tokenizer")?;
+    let tokenizer = data::TextTokenizer::from_json(&run.join("tokenizer.json"), json)?;
+    Ok(RunModel {
+        row,
+        checkpoint,
+        tokenizer,
+    })
+}
+
+pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::List { run } => {
+            let store = open_run(&run)?;
+            println!("version  parent  round  updates  holdout loss  checkpoint");
+            for v in store.versions()? {
+                let opt = |x: Option<u64>| x.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:>7}  {:>6}  {:>5}  {:>7}  {:>12.4}  {}",
+                    v.version,
+                    opt(v.parent),
+                    opt(v.round),
+                    v.updates.len(),
+                    v.holdout_loss,
+                    &v.checkpoint.as_str()[..16]
+                );
+            }
+            Ok(())
+        }
+        ModelCommand::Export { run, version, hf } => {
+            let model = load_version(&run, version)?;
+            crate::export::write_hf(&hf, &model.checkpoint, &model.tokenizer)?;
+            println!(
+                "exported version {} of {} to {} (load with GPT2LMHeadModel.from_pretrained)",
+                model.row.version,
+                run.display(),
+                hf.display()
+            );
+            Ok(())
+        }
+    }
+}

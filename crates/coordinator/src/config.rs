@@ -1,0 +1,172 @@
+//! The coordinator's knobs, in one struct: defaults that work on a laptop, overridable by
+//! a TOML file, then by environment variables and flags (the CLI applies those).
+
+use std::path::{Path, PathBuf};
+
+use aggregation::OuterConfig;
+use protocol::{Codec, Limits};
+use scheduler::ScheduleConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything that defines a training run and how the coordinator runs it.
+///
+/// The run-defining part (model, data, schedule, codec, outer optimizer) is stored with
+/// the run when it is created; a restarted coordinator must be given the same values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Model preset: `tiny`, `small` or `base`.
+    pub preset: String,
+    /// Seed of the initial weights and of the units' data seeds.
+    pub seed: u64,
+    /// Corpus file (text or JSON lines) served to workers.
+    pub corpus: PathBuf,
+    /// tokenizer.json served to workers.
+    pub tokenizer: PathBuf,
+    /// Sequences per local step.
+    pub batch: u32,
+    /// Tokens per sequence (0: the model's context).
+    pub seq: u32,
+    /// Rounds, units, leases, H, inner learning rate, shards, MAX_STALENESS.
+    pub schedule: ScheduleConfig,
+    /// The outer optimizer (DiLoCo by default).
+    pub outer: OuterConfig,
+    /// The codec workers encode updates with.
+    pub codec: Codec,
+    /// DELTA_NORM_MAX: largest accepted L2 norm of an update.
+    pub delta_norm_max: f32,
+    /// Largest accepted multiple of the round's median update norm.
+    pub median_norm_multiple: f32,
+    /// Holdout batches scored for every version.
+    pub holdout_batches: u32,
+    /// Threads of the coordinator's own evaluation (0: all cores).
+    pub threads: u32,
+    /// Largest clock difference accepted in a signed request, in ms.
+    pub max_clock_skew_ms: u64,
+    /// Sizes checked before anything is allocated.
+    pub limits: Limits,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            preset: "small".into(),
+            seed: 1,
+            corpus: PathBuf::from("data/shakespeare.txt"),
+            tokenizer: PathBuf::from("data/tokenizer.json"),
+            batch: 8,
+            seq: 0,
+            schedule: ScheduleConfig::default(),
+            outer: OuterConfig::default(),
+            codec: Codec::Int8Chunk { chunk: 4096 },
+            delta_norm_max: 1_000.0,
+            median_norm_multiple: 5.0,
+            holdout_batches: 8,
+            threads: 0,
+            max_clock_skew_ms: 300_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a config file or value is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The config as TOML (for `hivetrain coordinator --print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+
+    /// Checks values that no run can use.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let s = &self.schedule;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if engine::Preset::from_name(&self.preset).is_none() {
+            return bad(&format!(
+                "unknown preset {:?}: choose tiny, small or base",
+                self.preset
+            ));
+        }
+        if self.batch == 0 || self.holdout_batches == 0 {
+            return bad("batch and holdout_batches must be at least 1");
+        }
+        if s.units_per_round == 0 || s.steps_per_unit == 0 || s.n_shards == 0 {
+            return bad("schedule.units_per_round, steps_per_unit and n_shards must be at least 1");
+        }
+        if s.min_updates > s.units_per_round {
+            return bad("schedule.min_updates must not exceed units_per_round");
+        }
+        if s.lease_ms == 0 || s.round_timeout_ms == 0 {
+            return bad("schedule.lease_ms and round_timeout_ms must be positive");
+        }
+        if !(s.inner_lr.is_finite() && s.inner_lr > 0.0) {
+            return bad("schedule.inner_lr must be a positive number");
+        }
+        if !(self.delta_norm_max.is_finite() && self.delta_norm_max > 0.0) {
+            return bad("delta_norm_max must be a positive number");
+        }
+        if !(self.median_norm_multiple.is_finite() && self.median_norm_multiple >= 1.0) {
+            return bad("median_norm_multiple must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_overrides_only_what_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "preset = \"tiny\"\n[schedule]\nunits_per_round = 5\nmin_updates = 2\nround_timeout_ms = 1000\nlease_ms = 500\nsteps_per_unit = 10\ninner_lr = 0.001\nn_shards = 4\nmax_staleness = 1\n[outer]\nrule = \"fed_avg\"\n",
+        )
+        .expect("write");
+        let c = CoordinatorConfig::from_file(&path).expect("parse");
+        assert_eq!(c.preset, "tiny");
+        assert_eq!(c.schedule.units_per_round, 5);
+        assert_eq!(c.outer, OuterConfig::FedAvg);
+        assert_eq!(c.batch, CoordinatorConfig::default().batch);
+        c.check().expect("valid");
+        let round_trip: CoordinatorConfig = toml::from_str(&c.to_toml()).expect("toml");
+        assert_eq!(round_trip, c);
+
+        std::fs::write(&path, "presett = \"tiny\"\n").expect("write");
+        let err = CoordinatorConfig::from_file(&path).expect_err("typo");
+        assert!(err.to_string().contains("unknown field `presett`"), "{err}");
+        let err = CoordinatorConfig {
+            batch: 0,
+            ..CoordinatorConfig::default()
+        }
+        .check()
+        .expect_err("zero");
+        assert!(err.to_string().contains("batch"), "{err}");
+    }
+}

@@ -1,0 +1,789 @@
+//! The coordinator's state and the one place that changes it: the scheduler, the current
+//! model version, the round's accepted deltas, the outer optimizer, and the store they
+//! are persisted in.
+//!
+//! Every change follows the same order: compute the next scheduler state on a copy,
+//! write blobs (fsynced), commit one transaction holding the rows and the scheduler's
+//! serialized state, then swap the copy in. A crash at any point leaves the store at the
+//! last committed transaction, which [`Core::open`] resumes from.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use aggregation::{OuterOptimizer, WeightedDelta};
+use axum::http::StatusCode;
+use engine::train::OwnedBatch;
+use engine::{Backend, GptConfig, Preset};
+use protocol::api::{LeaseReply, RoundStatus, RunInfo, Status, SubmitReply, UnitSpec};
+use protocol::{SignedUpdate, WorkerId};
+use scheduler::{Effect, Event, Scheduler, UnitStatus};
+use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, WorkerRow};
+use validation::{LeaseState, Reject, RoundState, Verdict};
+
+use crate::config::CoordinatorConfig;
+use crate::error::ApiError;
+
+/// Why the coordinator cannot start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Checkpoint(#[from] engine::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Aggregation(#[from] aggregation::AggregationError),
+    #[error(
+        "the store in {dir} holds a run with a different config; give the same settings, or a new --dir for a new run (stored: {stored})"
+    )]
+    ConfigMismatch { dir: String, stored: String },
+    #[error("the store is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// The current version, ready to serve.
+struct Current {
+    version: u64,
+    params: Vec<f32>,
+    checkpoint: Arc<Vec<u8>>,
+    checkpoint_hash: BlobHash,
+}
+
+/// One accepted update of the current round.
+struct Accepted {
+    delta: Vec<f32>,
+    weight: u64,
+    norm: f32,
+}
+
+/// The coordinator's state. Not `Sync`: the HTTP layer holds it behind one mutex.
+pub struct Core {
+    config: CoordinatorConfig,
+    store: Store,
+    scheduler: Scheduler,
+    model: GptConfig,
+    seq: usize,
+    current: Current,
+    outer: Box<dyn OuterOptimizer>,
+    accepted: BTreeMap<u64, Accepted>,
+    evaluator: Box<dyn Backend>,
+    holdout: Vec<OwnedBatch>,
+    corpus: Arc<Vec<u8>>,
+    tokenizer: Arc<Vec<u8>>,
+    run_info: RunInfo,
+    workers: HashSet<WorkerId>,
+    initial_loss: f32,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("round", &self.scheduler.round())
+            .field("version", &self.current.version)
+            .finish()
+    }
+}
+
+const META_CONFIG: &str = "config";
+const META_SCHEDULER: &str = "scheduler";
+/// The blob hash of the run's tokenizer.json (the registry reads it).
+pub const META_TOKENIZER: &str = "tokenizer";
+
+fn conflict(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, message)
+}
+
+impl Core {
+    /// Opens the run stored in `dir`, or creates it from `config` (version 0 from the
+    /// seed). A run that was mid-round resumes that round; one that was aggregating
+    /// aggregates again.
+    pub fn open(dir: &Path, config: CoordinatorConfig, now_ms: u64) -> Result<Core, CoreError> {
+        config.check()?;
+        let tokenizer_bytes =
+            std::fs::read(&config.tokenizer).map_err(|source| data::DataError::Read {
+                path: config.tokenizer.clone(),
+                source,
+            })?;
+        let tokenizer = data::TextTokenizer::load(&config.tokenizer)?;
+        let corpus = std::fs::read(&config.corpus).map_err(|source| data::DataError::Read {
+            path: config.corpus.clone(),
+            source,
+        })?;
+        let tokens = data::cache::load_or_build(&config.corpus, &tokenizer, &dir.join("cache"))?;
+        let preset = Preset::from_name(&config.preset)
+            .ok_or_else(|| crate::config::ConfigError::Invalid("unknown preset".into()))?;
+        let model = preset.config(tokenizer.vocab_size());
+        let seq = if config.seq == 0 {
+            model.n_ctx
+        } else {
+            config.seq as usize
+        };
+        if seq > model.n_ctx {
+            return Err(crate::config::ConfigError::Invalid(format!(
+                "seq {seq} exceeds the {} preset's context of {}",
+                config.preset, model.n_ctx
+            ))
+            .into());
+        }
+        let dataset = data::Dataset::split(&config.corpus, &tokens.tokens, seq)?;
+        let batch = config.batch as usize;
+        let holdout: Vec<OwnedBatch> = dataset
+            .holdout_starts(seq, config.holdout_batches as usize * batch)
+            .chunks(batch)
+            .map(|starts| {
+                let b = data::address::batch_at(&dataset.holdout, starts, seq);
+                OwnedBatch {
+                    inputs: b.inputs,
+                    targets: b.targets,
+                    batch: b.batch,
+                    seq: b.seq,
+                }
+            })
+            .collect();
+        let threads = match config.threads {
+            0 => engine::default_threads(),
+            n => n as usize,
+        };
+        let n_params = engine::ParamLayout::new(&model).len();
+        let mut evaluator =
+            engine::open_backend(&format!("cpu:{threads}"), model, vec![0.0; n_params])?;
+        let mut store = Store::open(dir)?;
+        let mut outer = config.outer.build(n_params);
+        let config_json = serde_json::to_string(&config).unwrap_or_default();
+
+        let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
+            Some(stored) => {
+                if stored != config_json {
+                    return Err(CoreError::ConfigMismatch {
+                        dir: dir.display().to_string(),
+                        stored,
+                    });
+                }
+                let json = store
+                    .meta(META_SCHEDULER)?
+                    .ok_or_else(|| CoreError::Inconsistent("no scheduler state".into()))?;
+                let scheduler: Scheduler = serde_json::from_str(&json)
+                    .map_err(|e| CoreError::Inconsistent(format!("scheduler state: {e}")))?;
+                let row = store.version(scheduler.version())?.ok_or_else(|| {
+                    CoreError::Inconsistent(format!("no version {}", scheduler.version()))
+                })?;
+                let bytes = store.blobs().get(&row.checkpoint)?;
+                let ckpt = engine::checkpoint::from_bytes(dir, &bytes, None)?;
+                if let Some(state) = &row.optimizer {
+                    let state = store.blobs().get(state)?;
+                    let floats: Vec<f32> = state
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    outer.load_state(&floats)?;
+                }
+                let initial = store
+                    .version(0)?
+                    .map(|v| v.holdout_loss)
+                    .unwrap_or(f32::NAN);
+                let current = Current {
+                    version: row.version,
+                    params: ckpt.params,
+                    checkpoint: Arc::new(bytes),
+                    checkpoint_hash: row.checkpoint,
+                };
+                (scheduler, current, initial)
+            }
+            None => {
+                let params = engine::init_params(&model, config.seed)?;
+                evaluator.set_params(&params)?;
+                let loss = engine::train::evaluate(evaluator.as_mut(), &holdout)?;
+                let bytes = checkpoint_bytes(&model, &params, 0, None)?;
+                let hash = store.blobs().put(&bytes)?;
+                let mut scheduler = Scheduler::new(config.schedule, 0);
+                let effects = scheduler.tick(now_ms, config.seed, &[]);
+                let row = VersionRow {
+                    version: 0,
+                    parent: None,
+                    round: None,
+                    checkpoint: hash.clone(),
+                    optimizer: None,
+                    holdout_loss: loss,
+                    created_ms: now_ms,
+                    updates: Vec::new(),
+                };
+                let tokenizer_hash = store.blobs().put(&tokenizer_bytes)?;
+                store.write(|tx| {
+                    tx.set_meta(META_CONFIG, &config_json)?;
+                    tx.set_meta(META_TOKENIZER, tokenizer_hash.as_str())?;
+                    tx.insert_version(&row)?;
+                    persist_effects(tx, &scheduler, &effects, now_ms)
+                })?;
+                let current = Current {
+                    version: 0,
+                    params,
+                    checkpoint: Arc::new(bytes),
+                    checkpoint_hash: hash,
+                };
+                (scheduler, current, loss)
+            }
+        };
+
+        let mut accepted = BTreeMap::new();
+        for row in store.updates_of_round(scheduler.round())? {
+            let bytes = store.blobs().get(&row.blob)?;
+            let delta = SignedUpdate::parse(&bytes, &config.limits)
+                .and_then(|u| u.decode())
+                .map_err(|e| CoreError::Inconsistent(format!("stored update {}: {e}", row.unit)))?;
+            accepted.insert(
+                row.unit,
+                Accepted {
+                    delta,
+                    weight: row.weight,
+                    norm: row.norm,
+                },
+            );
+        }
+        let workers = store
+            .workers()?
+            .iter()
+            .filter_map(|w| WorkerId::parse(&w.id))
+            .collect();
+        let run_info = RunInfo {
+            preset: config.preset.clone(),
+            n_params: n_params as u32,
+            batch: config.batch,
+            seq: seq as u32,
+            n_shards: config.schedule.n_shards,
+            codec: config.codec,
+            corpus_name: config
+                .corpus
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "corpus.txt".into()),
+            corpus_sha256: data::sha256_hex(&corpus),
+            corpus_bytes: corpus.len() as u64,
+            tokenizer_sha256: data::sha256_hex(&tokenizer_bytes),
+            version: current.version,
+        };
+        let mut core = Core {
+            config,
+            store,
+            scheduler,
+            model,
+            seq,
+            current,
+            outer,
+            accepted,
+            evaluator,
+            holdout,
+            corpus: Arc::new(corpus),
+            tokenizer: Arc::new(tokenizer_bytes),
+            run_info,
+            workers,
+            initial_loss,
+        };
+        core.aggregate_if_pending(now_ms)?;
+        Ok(core)
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn version(&self) -> u64 {
+        self.current.version
+    }
+
+    pub fn round(&self) -> u64 {
+        self.scheduler.round()
+    }
+
+    /// The current parameters (for tests that compare models bit for bit).
+    pub fn params(&self) -> &[f32] {
+        &self.current.params
+    }
+
+    pub fn run_info(&self) -> RunInfo {
+        RunInfo {
+            version: self.current.version,
+            ..self.run_info.clone()
+        }
+    }
+
+    pub fn corpus(&self) -> Arc<Vec<u8>> {
+        self.corpus.clone()
+    }
+
+    pub fn tokenizer(&self) -> Arc<Vec<u8>> {
+        self.tokenizer.clone()
+    }
+
+    /// Registers (or renames) a worker.
+    pub fn register(&mut self, worker: WorkerId, name: &str, now_ms: u64) -> Result<(), ApiError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_name",
+                "a worker name must be 1 to 64 printable characters",
+            ));
+        }
+        let row = WorkerRow {
+            id: worker.to_string(),
+            name: name.to_owned(),
+            registered_ms: now_ms,
+        };
+        self.store
+            .write(|tx| tx.upsert_worker(&row))
+            .map_err(|e| ApiError::internal(&e))?;
+        self.workers.insert(worker);
+        Ok(())
+    }
+
+    fn known(&self, worker: WorkerId) -> Result<(), ApiError> {
+        if self.workers.contains(&worker) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "unknown_worker",
+                format!("worker {worker} is not registered: POST /v1/workers first"),
+            ))
+        }
+    }
+
+    /// Gives the worker a unit, or tells it when to come back.
+    pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, ApiError> {
+        self.known(worker)?;
+        let effects = self.advance(now_ms, &[Event::LeaseRequest { worker }], |_| Ok(()))?;
+        let reply = effects.iter().find_map(|e| match *e {
+            Effect::Lease {
+                worker: w,
+                unit,
+                deadline_ms,
+            } if w == worker => Some(LeaseReply::Lease {
+                unit: UnitSpec {
+                    id: unit.id,
+                    round: unit.round,
+                    base_version: unit.base_version,
+                    shard: unit.address.shard,
+                    offset: unit.address.offset,
+                    steps: unit.address.steps,
+                    seed: unit.address.seed,
+                    lr: unit.lr,
+                },
+                model_blake3: self.current.checkpoint_hash.to_string(),
+                lease_ms: deadline_ms.saturating_sub(now_ms),
+                heartbeat_ms: (self.config.schedule.lease_ms / 3).max(1),
+            }),
+            Effect::NoWork {
+                worker: w,
+                retry_after_ms,
+            } if w == worker => Some(LeaseReply::NoWork { retry_after_ms }),
+            _ => None,
+        });
+        self.after(&effects, now_ms)?;
+        Ok(reply.unwrap_or(LeaseReply::NoWork {
+            retry_after_ms: 1_000,
+        }))
+    }
+
+    /// Extends the worker's lease on `unit`.
+    pub fn heartbeat(&mut self, worker: WorkerId, unit: u64, now_ms: u64) -> Result<(), ApiError> {
+        self.known(worker)?;
+        self.tick(now_ms)?;
+        match self.scheduler.lease_view(unit) {
+            Some(l) if l.worker == worker && !l.submitted => {}
+            _ => {
+                return Err(conflict(
+                    "not_leased",
+                    format!(
+                        "work unit {unit} is not leased to you (it expired or the round ended); ask for a new lease"
+                    ),
+                ));
+            }
+        }
+        let effects = self.advance(now_ms, &[Event::Heartbeat { worker, unit }], |_| Ok(()))?;
+        self.after(&effects, now_ms)
+    }
+
+    /// Advances time: expires leases, times rounds out, aggregates when due.
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), ApiError> {
+        let effects = self.advance(now_ms, &[], |_| Ok(()))?;
+        self.after(&effects, now_ms)
+    }
+
+    /// Validates an update and, if it is accepted, stores it and counts it.
+    pub fn submit(&mut self, bytes: &[u8], now_ms: u64) -> Result<SubmitReply, ApiError> {
+        // Expire what is due first, so the lease checked below is the one that counts.
+        self.tick(now_ms)?;
+        let header = SignedUpdate::parse(bytes, &self.config.limits)
+            .ok()
+            .map(|u| u.header);
+        let lease = header
+            .and_then(|h| self.scheduler.lease_view(h.work_unit))
+            .map(|l| LeaseState {
+                work_unit: l.unit,
+                worker: l.worker,
+                base_version: l.base_version,
+                submitted: l.submitted,
+            });
+        let round = RoundState {
+            current_version: self.current.version,
+            max_staleness: self.config.schedule.max_staleness,
+            n_params: self.run_info.n_params,
+            delta_norm_max: self.config.delta_norm_max,
+            median_norm: self.median_norm(),
+            median_multiple_max: self.config.median_norm_multiple,
+        };
+        match validation::validate(bytes, &self.config.limits, &round, lease.as_ref()) {
+            Verdict::Accepted {
+                work_unit,
+                worker,
+                delta,
+                norm,
+            } => {
+                let blob = self
+                    .store
+                    .blobs()
+                    .put(bytes)
+                    .map_err(|e| ApiError::internal(&e))?;
+                let weight = self.config.schedule.steps_per_unit as u64
+                    * self.config.batch as u64
+                    * self.seq as u64;
+                let row = UpdateRow {
+                    unit: work_unit,
+                    round: self.scheduler.round(),
+                    worker: worker.to_string(),
+                    base_version: lease.map(|l| l.base_version).unwrap_or_default(),
+                    blob,
+                    bytes: bytes.len() as u64,
+                    norm,
+                    weight,
+                    received_ms: now_ms,
+                };
+                let effects = self.advance(
+                    now_ms,
+                    &[Event::UpdateAccepted {
+                        worker,
+                        unit: work_unit,
+                    }],
+                    |tx| tx.insert_update(&row),
+                )?;
+                self.accepted.insert(
+                    work_unit,
+                    Accepted {
+                        delta,
+                        weight,
+                        norm,
+                    },
+                );
+                let reply = SubmitReply {
+                    unit: work_unit,
+                    norm,
+                    round_accepted: self.accepted.len() as u32,
+                };
+                self.after(&effects, now_ms)?;
+                Ok(reply)
+            }
+            Verdict::Rejected { reason, sentence } => {
+                // Rejections of signed updates are kept (attributable to a key); unsigned
+                // garbage is answered and forgotten, so it cannot fill the disk.
+                let signed = !matches!(
+                    reason,
+                    Reject::Malformed | Reject::HashMismatch | Reject::BadSignature
+                );
+                if let (true, Some(h)) = (signed, header) {
+                    let row = RejectionRow {
+                        received_ms: now_ms,
+                        round: self.scheduler.round(),
+                        worker: h.worker.to_string(),
+                        unit: h.work_unit,
+                        code: reason.code().to_owned(),
+                        sentence: sentence.clone(),
+                    };
+                    self.store
+                        .write(|tx| tx.insert_rejection(&row))
+                        .map_err(|e| ApiError::internal(&e))?;
+                }
+                Err(ApiError::rejected(reason, sentence))
+            }
+        }
+    }
+
+    fn median_norm(&self) -> Option<f32> {
+        let mut norms: Vec<f32> = self.accepted.values().map(|a| a.norm).collect();
+        if norms.is_empty() {
+            return None;
+        }
+        norms.sort_by(f32::total_cmp);
+        Some(norms[norms.len() / 2])
+    }
+
+    /// Ticks a copy of the scheduler, commits its effects, `extra` and its state in one
+    /// transaction, then keeps the copy.
+    fn advance(
+        &mut self,
+        now_ms: u64,
+        events: &[Event],
+        extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
+    ) -> Result<Vec<Effect>, ApiError> {
+        let mut next = self.scheduler.clone();
+        let effects = next.tick(now_ms, self.config.seed, events);
+        if next != self.scheduler {
+            self.store
+                .write(|tx| {
+                    extra(tx)?;
+                    persist_effects(tx, &next, &effects, now_ms)
+                })
+                .map_err(|e| ApiError::internal(&e))?;
+            self.scheduler = next;
+        }
+        Ok(effects)
+    }
+
+    /// Acts on effects that need more than a reply.
+    fn after(&mut self, effects: &[Effect], now_ms: u64) -> Result<(), ApiError> {
+        if effects
+            .iter()
+            .any(|e| matches!(e, Effect::Aggregate { .. }))
+        {
+            self.aggregate_if_pending(now_ms)
+                .map_err(|e| ApiError::internal(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Aggregates the round the scheduler waits on, if any, into the next version.
+    fn aggregate_if_pending(&mut self, now_ms: u64) -> Result<(), CoreError> {
+        let Some((round, base_version)) = self.scheduler.pending_aggregate() else {
+            return Ok(());
+        };
+        if base_version != self.current.version {
+            return Err(CoreError::Inconsistent(format!(
+                "round {round} is based on version {base_version}, the model is at {}",
+                self.current.version
+            )));
+        }
+        // Only units the scheduler still counts as accepted enter the mean.
+        let units: Vec<u64> = self
+            .scheduler
+            .units()
+            .filter(|(_, s)| matches!(s, UnitStatus::Accepted { .. }))
+            .map(|(u, _)| u.id)
+            .collect();
+        let updates: Vec<WeightedDelta<'_>> = units
+            .iter()
+            .filter_map(|u| self.accepted.get(u))
+            .map(|a| WeightedDelta {
+                delta: &a.delta,
+                weight: a.weight,
+            })
+            .collect();
+        if updates.len() != units.len() {
+            return Err(CoreError::Inconsistent(format!(
+                "round {round} counts {} accepted units but {} deltas are held",
+                units.len(),
+                updates.len()
+            )));
+        }
+        let saved = self.outer.state();
+        let mut params = self.current.params.clone();
+        self.outer.step(&mut params, &updates)?;
+        let result = self.commit_version(round, units, params, now_ms);
+        if result.is_err() {
+            self.outer.load_state(&saved)?;
+        }
+        result
+    }
+
+    fn commit_version(
+        &mut self,
+        round: u64,
+        units: Vec<u64>,
+        params: Vec<f32>,
+        now_ms: u64,
+    ) -> Result<(), CoreError> {
+        let version = self.current.version + 1;
+        self.evaluator.set_params(&params)?;
+        let loss = engine::train::evaluate(self.evaluator.as_mut(), &self.holdout)?;
+        let bytes = checkpoint_bytes(&self.model, &params, version, Some(round))?;
+        let checkpoint = self.store.blobs().put(&bytes)?;
+        let state: Vec<u8> = self
+            .outer
+            .state()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let optimizer = self.store.blobs().put(&state)?;
+        let row = VersionRow {
+            version,
+            parent: Some(self.current.version),
+            round: Some(round),
+            checkpoint: checkpoint.clone(),
+            optimizer: Some(optimizer),
+            holdout_loss: loss,
+            created_ms: now_ms,
+            updates: units,
+        };
+        let mut next = self.scheduler.clone();
+        let effects = next.tick(
+            now_ms,
+            self.config.seed,
+            &[Event::Aggregated { round, version }],
+        );
+        self.store.write(|tx| {
+            tx.insert_version(&row)?;
+            persist_effects(tx, &next, &effects, now_ms)
+        })?;
+        self.scheduler = next;
+        self.current = Current {
+            version,
+            params,
+            checkpoint: Arc::new(bytes),
+            checkpoint_hash: checkpoint,
+        };
+        self.accepted.clear();
+        Ok(())
+    }
+
+    /// The checkpoint of `version` and its blake3.
+    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
+        if version == self.current.version {
+            return Ok((
+                self.current.checkpoint.clone(),
+                self.current.checkpoint_hash.to_string(),
+            ));
+        }
+        let row = self
+            .store
+            .version(version)
+            .map_err(|e| ApiError::internal(&e))?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_version",
+                    format!(
+                        "there is no model version {version}; the newest is {}",
+                        self.current.version
+                    ),
+                )
+            })?;
+        let bytes = self
+            .store
+            .blobs()
+            .get(&row.checkpoint)
+            .map_err(|e| ApiError::internal(&e))?;
+        Ok((Arc::new(bytes), row.checkpoint.to_string()))
+    }
+
+    /// The run's progress, round by round.
+    pub fn status(&self, now_ms: u64) -> Result<Status, ApiError> {
+        let internal = |e: store::StoreError| ApiError::internal(&e);
+        let losses: HashMap<u64, f32> = self
+            .store
+            .versions()
+            .map_err(internal)?
+            .into_iter()
+            .map(|v| (v.version, v.holdout_loss))
+            .collect();
+        let rounds = self
+            .store
+            .rounds()
+            .map_err(internal)?
+            .into_iter()
+            .map(|r| RoundStatus {
+                round: r.round,
+                base_version: r.base_version,
+                version: r.version,
+                holdout_loss: r.version.and_then(|v| losses.get(&v).copied()),
+                accepted: r.accepted,
+                rejected: r.rejected,
+                tokens: r.tokens,
+                bytes: r.bytes,
+                seconds: r
+                    .aggregated_ms
+                    .unwrap_or(now_ms)
+                    .saturating_sub(r.started_ms) as f64
+                    / 1000.0,
+            })
+            .collect();
+        let count = |f: fn(&UnitStatus) -> bool| {
+            self.scheduler.units().filter(|(_, s)| f(s)).count() as u32
+        };
+        Ok(Status {
+            round: self.scheduler.round(),
+            version: self.current.version,
+            initial_holdout_loss: self.initial_loss,
+            workers: self.workers.len() as u64,
+            units_queued: count(|s| matches!(s, UnitStatus::Queued)),
+            units_leased: count(|s| matches!(s, UnitStatus::Leased { .. })),
+            units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
+            rounds,
+        })
+    }
+}
+
+/// Rows for a round that started, a unit that was leased, and the scheduler's state.
+fn persist_effects(
+    tx: &Tx<'_>,
+    scheduler: &Scheduler,
+    effects: &[Effect],
+    now_ms: u64,
+) -> Result<(), store::StoreError> {
+    for effect in effects {
+        match *effect {
+            Effect::RoundStarted { round, version } => {
+                let units: Vec<UnitRow> = scheduler
+                    .units()
+                    .map(|(u, _)| UnitRow {
+                        id: u.id,
+                        round: u.round,
+                        base_version: u.base_version,
+                        shard: u.address.shard,
+                        offset: u.address.offset,
+                        steps: u.address.steps,
+                        seed: u.address.seed,
+                        lr: u.lr,
+                    })
+                    .collect();
+                tx.start_round(round, version, now_ms, &units)?;
+            }
+            Effect::Lease {
+                worker,
+                unit,
+                deadline_ms,
+            } => tx.insert_lease(unit.id, &worker.to_string(), now_ms, deadline_ms)?,
+            _ => {}
+        }
+    }
+    let json = serde_json::to_string(scheduler).map_err(|e| store::StoreError::BadRow {
+        path: "scheduler".into(),
+        what: "scheduler state",
+        message: e.to_string(),
+    })?;
+    tx.set_meta(META_SCHEDULER, &json)
+}
+
+/// A version's safetensors bytes, with its version and round in the metadata.
+fn checkpoint_bytes(
+    model: &GptConfig,
+    params: &[f32],
+    version: u64,
+    round: Option<u64>,
+) -> Result<Vec<u8>, CoreError> {
+    let mut meta = HashMap::new();
+    meta.insert("hivetrain.version".to_owned(), version.to_string());
+    if let Some(round) = round {
+        meta.insert("hivetrain.round".to_owned(), round.to_string());
+    }
+    engine::checkpoint::to_bytes(model, params, &meta).map_err(|message| {
+        CoreError::Inconsistent(format!("serializing version {version}: {message}"))
+    })
+}

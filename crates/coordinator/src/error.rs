@@ -1,0 +1,80 @@
+//! The one error type of the HTTP edge: a status, a stable code and a sentence.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use protocol::api::{ErrorBody, ErrorDetail};
+use validation::Reject;
+
+/// A refusal or failure as the client sees it (`{"error": {"code", "message"}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A failure of the coordinator itself (store, engine): logged, and a 500.
+    pub fn internal(error: &dyn std::error::Error) -> ApiError {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        eprintln!("coordinator error: {message}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the coordinator failed: {message}"),
+        )
+    }
+
+    /// The reply to a rejected update.
+    pub fn rejected(reason: Reject, sentence: String) -> ApiError {
+        let status = match reason {
+            Reject::Malformed | Reject::HashMismatch => StatusCode::BAD_REQUEST,
+            Reject::BadSignature => StatusCode::UNAUTHORIZED,
+            Reject::NotYourLease => StatusCode::FORBIDDEN,
+            Reject::NotLeased | Reject::Duplicate | Reject::WrongBase | Reject::Stale => {
+                StatusCode::CONFLICT
+            }
+            Reject::WrongShape | Reject::NonFinite | Reject::NormTooLarge | Reject::NormOutlier => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+        };
+        ApiError::new(status, reason.code(), sentence)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,249 @@
+//! The HTTP API (`/v1/...`) over [`Core`]. A driver: it authenticates, bounds bodies,
+//! reads the clock, and hands everything else to the core under one mutex, on a
+//! blocking thread (validation and aggregation are CPU work).
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /health` | liveness |
+//! | `GET /v1/run` | [`protocol::api::RunInfo`] |
+//! | `GET /v1/run/corpus`, `GET /v1/run/tokenizer` | the run's data, by hash in `RunInfo` |
+//! | `POST /v1/workers` (signed) | register a worker name |
+//! | `POST /v1/lease` (signed) | a unit of work, or when to come back |
+//! | `POST /v1/heartbeat` (signed) | extend a lease |
+//! | `GET /v1/models/{version}` | the version's safetensors (immutable, `ETag` = blake3) |
+//! | `POST /v1/updates` | a signed binary update; the reply is its verdict |
+//! | `GET /v1/status` | rounds, losses, units |
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use protocol::WorkerId;
+use protocol::api::{HeartbeatRequest, RegisterRequest};
+use serde::de::DeserializeOwned;
+
+use crate::core::Core;
+use crate::error::ApiError;
+
+/// Largest JSON request body.
+const JSON_BODY_MAX: usize = 64 * 1024;
+
+/// The state every handler shares.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) core: Arc<Mutex<Core>>,
+    pub(crate) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+pub(crate) fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/run", get(run_info))
+        .route("/v1/run/corpus", get(corpus))
+        .route("/v1/run/tokenizer", get(tokenizer))
+        .route("/v1/workers", post(register))
+        .route("/v1/lease", post(lease))
+        .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/models/{version}", get(model))
+        .route("/v1/updates", post(submit))
+        .route("/v1/status", get(status))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see GET /v1/status and the coordinator's API table",
+            )
+        })
+        .with_state(shared)
+}
+
+/// Runs `f` on the core, on a blocking thread.
+async fn with_core<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&mut Core, u64) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let core = shared.core.clone();
+    let clock = shared.clock.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut core = core.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut core, clock())
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+}
+
+/// Reads a body of at most `max` bytes.
+async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is over the limit of {max} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "truncated_body",
+                format!("the request body could not be read in full: {e}"),
+            )
+        }
+    })
+}
+
+/// Checks a signed JSON request; returns the signer and the parsed body.
+async fn signed<T: DeserializeOwned>(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(WorkerId, T), ApiError> {
+    let bytes = read_body(body, JSON_BODY_MAX).await?;
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let max_skew = shared
+        .core
+        .lock()
+        .map(|c| c.config().max_clock_skew_ms)
+        .unwrap_or(0);
+    let worker = protocol::auth::verify_request(
+        h(protocol::auth::HEADER_WORKER),
+        h(protocol::auth::HEADER_TIME),
+        h(protocol::auth::HEADER_SIGNATURE),
+        method.as_str(),
+        path,
+        &bytes,
+        (shared.clock)(),
+        max_skew,
+    )
+    .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+    let body = if bytes.is_empty() {
+        &b"null"[..]
+    } else {
+        &bytes[..]
+    };
+    let value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the request body is not the expected JSON: {e}"),
+        )
+    })?;
+    Ok((worker, value))
+}
+
+async fn run_info(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let info = with_core(&shared, |core, _| Ok(core.run_info())).await?;
+    Ok(axum::Json(info))
+}
+
+fn bytes_reply(bytes: Arc<Vec<u8>>, etag: &str, content_type: &'static str) -> Response {
+    let mut response = Body::from(bytes.as_ref().clone()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+        headers.insert(header::ETAG, v);
+    }
+    response
+}
+
+async fn corpus(State(shared): State<Shared>) -> Result<Response, ApiError> {
+    let (bytes, hash) = with_core(&shared, |core, _| {
+        Ok((core.corpus(), core.run_info().corpus_sha256))
+    })
+    .await?;
+    Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
+}
+
+async fn tokenizer(State(shared): State<Shared>) -> Result<Response, ApiError> {
+    let (bytes, hash) = with_core(&shared, |core, _| {
+        Ok((core.tokenizer(), core.run_info().tokenizer_sha256))
+    })
+    .await?;
+    Ok(bytes_reply(bytes, &hash, "application/json"))
+}
+
+async fn register(
+    State(shared): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let (worker, request): (WorkerId, RegisterRequest) =
+        signed(&shared, &method, "/v1/workers", &headers, body).await?;
+    with_core(&shared, move |core, now| {
+        core.register(worker, &request.name, now)
+    })
+    .await?;
+    Ok(axum::Json(
+        serde_json::json!({ "worker": worker.to_string() }),
+    ))
+}
+
+async fn lease(
+    State(shared): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let (worker, ()): (WorkerId, ()) =
+        signed(&shared, &method, "/v1/lease", &headers, body).await?;
+    let reply = with_core(&shared, move |core, now| core.lease(worker, now)).await?;
+    Ok(axum::Json(reply))
+}
+
+async fn heartbeat(
+    State(shared): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let (worker, request): (WorkerId, HeartbeatRequest) =
+        signed(&shared, &method, "/v1/heartbeat", &headers, body).await?;
+    with_core(&shared, move |core, now| {
+        core.heartbeat(worker, request.unit, now)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn model(
+    State(shared): State<Shared>,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    let version: u64 = version.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_version",
+            format!("{version:?} is not a version number"),
+        )
+    })?;
+    let (bytes, hash) = with_core(&shared, move |core, _| core.model(version)).await?;
+    Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
+}
+
+async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoResponse, ApiError> {
+    let max = shared
+        .core
+        .lock()
+        .map(|c| c.config().limits.update_bytes_max)
+        .unwrap_or(0);
+    let bytes = read_body(body, usize::try_from(max).unwrap_or(usize::MAX)).await?;
+    let reply = with_core(&shared, move |core, now| core.submit(&bytes, now)).await?;
+    Ok(axum::Json(reply))
+}
+
+async fn status(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let status = with_core(&shared, |core, now| core.status(now)).await?;
+    Ok(axum::Json(status))
+}

@@ -1,0 +1,176 @@
+//! hivetrain's coordinator: an axum server around the pure scheduling core.
+//!
+//! [`Core`] holds the run (scheduler, current model, accepted deltas, outer optimizer,
+//! store) and is the only thing that changes it; [`http`] is a driver that
+//! authenticates, bounds bodies and reads the clock. [`Coordinator::start`] runs both on
+//! a runtime of its own, so the CLI, the demo and the tests start one the same way.
+
+pub mod config;
+pub mod core;
+pub mod error;
+mod http;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use crate::config::CoordinatorConfig;
+pub use crate::core::{Core, CoreError};
+pub use crate::error::ApiError;
+
+/// Milliseconds since the Unix epoch: the coordinator's clock.
+pub fn system_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running coordinator: its address, its core, and a way to stop it.
+pub struct Coordinator {
+    addr: SocketAddr,
+    core: Arc<Mutex<Core>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Why the coordinator did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl Coordinator {
+    /// Opens (or resumes) the run in `dir` and serves it on `bind` (`127.0.0.1:0` picks a
+    /// free port).
+    pub fn start(
+        dir: &Path,
+        config: CoordinatorConfig,
+        bind: &str,
+    ) -> Result<Coordinator, StartError> {
+        Coordinator::start_with_clock(dir, config, bind, Arc::new(system_ms))
+    }
+
+    /// As [`Coordinator::start`], with the clock given (tests move time by hand).
+    pub fn start_with_clock(
+        dir: &Path,
+        config: CoordinatorConfig,
+        bind: &str,
+        clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Result<Coordinator, StartError> {
+        let core = Core::open(dir, config, clock())?;
+        let core = Arc::new(Mutex::new(core));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coordinator")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(bind))
+            .map_err(|source| StartError::Bind {
+                addr: bind.to_owned(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: bind.to_owned(),
+            source,
+        })?;
+        let shared = http::Shared {
+            core: core.clone(),
+            clock: clock.clone(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = http::router(shared);
+        runtime.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                eprintln!("coordinator: the server stopped: {e}");
+            }
+        });
+        // Time passes without requests too: leases expire, rounds time out.
+        let ticking = core.clone();
+        runtime.spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                interval.tick().await;
+                let core = ticking.clone();
+                let clock = clock.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
+                    core.tick(clock())
+                })
+                .await;
+            }
+        });
+        Ok(Coordinator {
+            addr,
+            core,
+            runtime: Some(runtime),
+            shutdown: Some(tx),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Runs `f` on the core (tests read the model and the store this way).
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
+        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut core)
+    }
+
+    /// Stops serving, lets requests in flight finish, and closes the store.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Stops at once, as a crash would: in-flight requests are dropped mid-way. (Every
+    /// committed change is already durable; nothing else is flushed.)
+    pub fn kill(mut self) {
+        self.shutdown.take();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

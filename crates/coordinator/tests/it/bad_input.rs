@@ -1,0 +1,244 @@
+//! Every bad input of the issue, through the real API: a typed 4xx with a stable code,
+//! nothing written but the rejection's own record, and the next version bit-identical to
+//! a run that never saw it.
+
+use coordinator::Coordinator;
+use protocol::api::UnitSpec;
+use test_support as ts;
+
+/// What a request may not change: rows of every table but `rejections`, blobs, the model.
+fn footprint(server: &Coordinator) -> (Vec<(&'static str, u64)>, usize, Vec<f32>) {
+    server.with_core(|core| {
+        let rows = core
+            .store()
+            .row_counts()
+            .expect("counts")
+            .into_iter()
+            .filter(|(t, _)| *t != "rejections")
+            .collect();
+        let blobs = core.store().blobs().count().expect("blobs");
+        (rows, blobs, core.params().to_vec())
+    })
+}
+
+fn config(dir: &std::path::Path) -> coordinator::CoordinatorConfig {
+    let mut c = ts::tiny_config(dir, 2);
+    c.delta_norm_max = 5.0;
+    c.limits.update_bytes_max = 2 << 20;
+    c.schedule.max_staleness = 0;
+    c
+}
+
+/// Two workers lease the round's two units; returns (server, keys, units, n_params).
+fn setup(
+    dir: &std::path::Path,
+) -> (
+    Coordinator,
+    [ed25519_dalek::SigningKey; 2],
+    [UnitSpec; 2],
+    usize,
+) {
+    let server = ts::start(dir, config(dir));
+    let url = server.url();
+    let keys = [ts::key(1), ts::key(2)];
+    ts::register(&url, &keys[0], "alice");
+    ts::register(&url, &keys[1], "bob");
+    let units = [ts::lease(&url, &keys[0]), ts::lease(&url, &keys[1])];
+    let n = server.with_core(|c| c.params().len());
+    (server, keys, units, n)
+}
+
+fn good(
+    keys: &[ed25519_dalek::SigningKey; 2],
+    units: &[UnitSpec; 2],
+    n: usize,
+    i: usize,
+) -> Vec<u8> {
+    ts::update_bytes(
+        &keys[i],
+        units[i].id,
+        units[i].base_version,
+        &ts::crafted_delta(units[i].id, n),
+    )
+}
+
+#[test]
+fn every_bad_update_is_refused_with_its_code_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, keys, units, n) = setup(dir.path());
+    let url = server.url();
+    let valid = good(&keys, &units, n, 0);
+    let u = units[0];
+
+    let mut bad_signature = valid.clone();
+    bad_signature[150] ^= 1;
+    let mut bad_hash = valid.clone();
+    let last = bad_hash.len() - 1;
+    bad_hash[last] ^= 1;
+    let truncated = valid[..valid.len() - 10].to_vec();
+    let oversized = vec![0u8; 3 << 20];
+    let short = ts::update_bytes(
+        &keys[0],
+        u.id,
+        u.base_version,
+        &ts::crafted_delta(u.id, n - 1),
+    );
+    let mut nan = ts::crafted_delta(u.id, n);
+    nan[17] = f32::NAN;
+    let mut inf = ts::crafted_delta(u.id, n);
+    inf[3] = f32::NEG_INFINITY;
+    let huge: Vec<f32> = ts::crafted_delta(u.id, n).iter().map(|x| x * 1e4).collect();
+    let not_yours = ts::update_bytes(&keys[1], u.id, u.base_version, &ts::crafted_delta(u.id, n));
+    let never_leased = ts::update_bytes(&keys[0], 999, u.base_version, &ts::crafted_delta(999, n));
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("bad signature", bad_signature, 401, "bad_signature"),
+        (
+            "payload not matching its hash",
+            bad_hash,
+            400,
+            "hash_mismatch",
+        ),
+        ("truncated body", truncated, 400, "malformed"),
+        ("body over the size limit", oversized, 413, "body_too_large"),
+        ("wrong length", short, 422, "wrong_shape"),
+        (
+            "NaN",
+            ts::update_bytes(&keys[0], u.id, u.base_version, &nan),
+            422,
+            "non_finite",
+        ),
+        (
+            "infinity",
+            ts::update_bytes(&keys[0], u.id, u.base_version, &inf),
+            422,
+            "non_finite",
+        ),
+        (
+            "norm over the bound",
+            ts::update_bytes(&keys[0], u.id, u.base_version, &huge),
+            422,
+            "norm_too_large",
+        ),
+        (
+            "a unit leased to another worker",
+            not_yours,
+            403,
+            "not_your_lease",
+        ),
+        ("a unit never leased", never_leased, 409, "not_leased"),
+        ("garbage", b"not an update".to_vec(), 400, "malformed"),
+    ];
+    let before = footprint(&server);
+    for (what, bytes, status, code) in cases {
+        let r = ts::submit(&url, bytes);
+        assert_eq!((r.status, r.code()), (status, code), "{what}: {r:?}");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.len() > 10),
+            "{what}: no sentence: {r:?}"
+        );
+        assert_eq!(footprint(&server), before, "{what} wrote something");
+    }
+    // Signed rejections are recorded (attributable); unsigned ones are not.
+    let codes: Vec<String> = server.with_core(|c| {
+        c.store()
+            .rejections()
+            .expect("rejections")
+            .into_iter()
+            .map(|r| r.code)
+            .collect()
+    });
+    assert_eq!(
+        codes,
+        [
+            "wrong_shape",
+            "non_finite",
+            "non_finite",
+            "norm_too_large",
+            "not_your_lease",
+            "not_leased"
+        ]
+    );
+
+    // The valid update is accepted once; a second submission is a duplicate.
+    let r = ts::submit(&url, valid.clone());
+    assert_eq!(r.status, 200, "{r:?}");
+    let after_accept = footprint(&server);
+    let r = ts::submit(&url, valid);
+    assert_eq!((r.status, r.code()), (409, "duplicate"), "{r:?}");
+    assert_eq!(footprint(&server), after_accept);
+
+    // Finish the round; the version equals that of a run that saw only the valid updates.
+    let r = ts::submit(&url, good(&keys, &units, n, 1));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(ts::status(&url).version, 1);
+    let noisy = server.with_core(|c| c.params().to_vec());
+    server.stop();
+
+    let clean_dir = tempfile::tempdir().expect("tempdir");
+    let (clean, keys, units2, n) = setup(clean_dir.path());
+    assert_eq!(units2, units, "the same config issues the same units");
+    for i in 0..2 {
+        let r = ts::submit(&clean.url(), good(&keys, &units, n, i));
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let quiet = clean.with_core(|c| c.params().to_vec());
+    assert!(noisy == quiet, "bad inputs changed the model");
+
+    // Once a newer version exists, an update on the old one is stale (MAX_STALENESS 0).
+    let r = ts::submit(&clean.url(), good(&keys, &units, n, 0));
+    assert_eq!((r.status, r.code()), (409, "stale"), "{r:?}");
+    clean.stop();
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, keys, _, _) = setup(dir.path());
+    let url = server.url();
+    let stranger = ts::key(9);
+    let check = |r: ts::Reply, status: u16, code: &str| {
+        assert_eq!((r.status, r.code()), (status, code), "{r:?}");
+    };
+    check(
+        ts::post_signed(&url, &stranger, "/v1/lease", ""),
+        403,
+        "unknown_worker",
+    );
+    check(
+        ts::post_signed_at(&url, &keys[0], "/v1/lease", "", 1),
+        401,
+        "clock_skew",
+    );
+    let unsigned = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/lease"))
+        .send()
+        .expect("post");
+    assert_eq!(unsigned.status().as_u16(), 401);
+    check(
+        ts::post_signed(&url, &keys[0], "/v1/workers", "{\"name\":\"\"}"),
+        400,
+        "bad_name",
+    );
+    check(
+        ts::post_signed(&url, &keys[0], "/v1/workers", "{nope"),
+        400,
+        "bad_json",
+    );
+    check(
+        ts::post_signed(&url, &keys[0], "/v1/heartbeat", "{\"unit\":424242}"),
+        409,
+        "not_leased",
+    );
+    let get = |path: &str| {
+        let r = reqwest::blocking::get(format!("{url}{path}")).expect("get");
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().unwrap_or_default();
+        ts::Reply { status, body }
+    };
+    check(get("/v1/models/7"), 404, "unknown_version");
+    check(get("/v1/models/x"), 400, "bad_version");
+    check(get("/v1/nothing"), 404, "not_found");
+    server.stop();
+}

@@ -1,0 +1,6 @@
+//! The coordinator over real HTTP: training rounds with real workers, every bad input
+//! refused with its code and without effect, and restarts that lose nothing.
+
+mod bad_input;
+mod restart;
+mod rounds;

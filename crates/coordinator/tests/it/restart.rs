@@ -1,0 +1,89 @@
+//! A coordinator killed between or during rounds restarts with nothing accepted lost.
+
+use test_support as ts;
+
+#[test]
+fn killed_between_rounds_it_resumes_the_next_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ts::tiny_config(dir.path(), 2);
+    let server = ts::start(dir.path(), config.clone());
+    crate::rounds::train_until(dir.path(), &server.url(), 2, 1);
+    let (version, params) = server.with_core(|c| (c.version(), c.params().to_vec()));
+    server.kill();
+
+    let server = ts::start(dir.path(), config);
+    server.with_core(|c| {
+        assert_eq!(c.version(), version);
+        assert!(
+            c.params() == params.as_slice(),
+            "the model changed across the restart"
+        );
+    });
+    crate::rounds::train_until(dir.path(), &server.url(), 2, version + 1);
+    server.stop();
+}
+
+#[test]
+fn killed_mid_round_it_keeps_the_accepted_update_and_ends_as_if_never_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ts::tiny_config(dir.path(), 2);
+    let server = ts::start(dir.path(), config.clone());
+    let url = server.url();
+    let keys = [ts::key(1), ts::key(2)];
+    ts::register(&url, &keys[0], "alice");
+    ts::register(&url, &keys[1], "bob");
+    let units = [ts::lease(&url, &keys[0]), ts::lease(&url, &keys[1])];
+    let n = server.with_core(|c| c.params().len());
+    let update = |i: usize| {
+        ts::update_bytes(
+            &keys[i],
+            units[i].id,
+            units[i].base_version,
+            &ts::crafted_delta(units[i].id, n),
+        )
+    };
+    assert_eq!(ts::submit(&url, update(0)).status, 200);
+    server.kill();
+
+    let server = ts::start(dir.path(), config.clone());
+    let url = server.url();
+    let status = ts::status(&url);
+    assert_eq!(
+        (status.version, status.units_accepted, status.units_leased),
+        (0, 1, 1),
+        "{status:?}"
+    );
+    // The accepted update is not taken twice, and bob's lease survived the restart.
+    assert_eq!(ts::submit(&url, update(0)).code(), "duplicate");
+    assert_eq!(ts::submit(&url, update(1)).status, 200);
+    assert_eq!(ts::status(&url).version, 1);
+    let resumed = server.with_core(|c| c.params().to_vec());
+    server.stop();
+
+    let clean_dir = tempfile::tempdir().expect("tempdir");
+    let clean = ts::start(clean_dir.path(), ts::tiny_config(clean_dir.path(), 2));
+    let url = clean.url();
+    ts::register(&url, &keys[0], "alice");
+    ts::register(&url, &keys[1], "bob");
+    assert_eq!(
+        [ts::lease(&url, &keys[0]), ts::lease(&url, &keys[1])],
+        units
+    );
+    assert_eq!(ts::submit(&url, update(0)).status, 200);
+    assert_eq!(ts::submit(&url, update(1)).status, 200);
+    let straight = clean.with_core(|c| c.params().to_vec());
+    assert!(resumed == straight, "the restart changed the result");
+    clean.stop();
+}
+
+#[test]
+fn a_different_config_on_restart_is_refused_with_a_sentence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ts::tiny_config(dir.path(), 2);
+    ts::start(dir.path(), config.clone()).stop();
+    let mut other = config;
+    other.schedule.steps_per_unit += 1;
+    let err = coordinator::Coordinator::start(&dir.path().join("store"), other, "127.0.0.1:0")
+        .expect_err("mismatch");
+    assert!(err.to_string().contains("different config"), "{err}");
+}

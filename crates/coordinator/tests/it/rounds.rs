@@ -1,0 +1,111 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use test_support as ts;
+
+/// Runs `n` worker threads against `url` until the coordinator reaches `version`.
+pub(crate) fn train_until(dir: &std::path::Path, url: &str, n: u8, version: u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let transport = worker::HttpTransport::new(url).expect("transport");
+            let options = ts::worker_options(dir, &format!("w{i}"));
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                worker::run(&transport, &ts::key(10 + i), &options, &stop, &mut ())
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while ts::status(url).version < version {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no version {version} after 240 s: {:?}",
+            ts::status(url)
+        );
+        assert!(
+            !handles.iter().any(|h| h.is_finished()),
+            "a worker stopped early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        let summary = h.join().expect("worker thread").expect("worker run");
+        assert_eq!(summary.rejected, 0, "{summary:?}");
+    }
+}
+
+#[test]
+fn three_workers_complete_three_rounds_and_the_holdout_loss_falls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ts::start(dir.path(), ts::tiny_config(dir.path(), 3));
+    let url = server.url();
+    train_until(dir.path(), &url, 3, 3);
+    let status = ts::status(&url);
+    let done: Vec<_> = status
+        .rounds
+        .iter()
+        .filter(|r| r.version.is_some())
+        .collect();
+    assert!(done.len() >= 3, "{status:?}");
+    for r in &done {
+        assert_eq!((r.accepted, r.rejected), (3, 0), "{r:?}");
+    }
+    let losses: Vec<f32> = std::iter::once(status.initial_holdout_loss)
+        .chain(done.iter().map(|r| r.holdout_loss.expect("loss")))
+        .collect();
+    assert!(
+        losses[3] < losses[0] - 0.5,
+        "the holdout loss did not fall: {losses:?}"
+    );
+    // The registry holds every version with its parent and the updates it was built from.
+    server.with_core(|core| {
+        let versions = core.store().versions().expect("versions");
+        assert!(versions.len() >= 4);
+        for v in &versions[1..] {
+            assert_eq!(v.parent, Some(v.version - 1));
+            assert_eq!(v.updates.len(), 3);
+        }
+    });
+    server.stop();
+}
+
+#[test]
+fn an_expired_lease_is_reissued_and_the_first_holder_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ts::ManualClock::new(coordinator::system_ms());
+    let config = ts::tiny_config(dir.path(), 1);
+    let lease_ms = config.schedule.lease_ms;
+    let server = ts::start_with_clock(dir.path(), config, &clock);
+    let url = server.url();
+    let (a, b) = (ts::key(1), ts::key(2));
+    ts::register(&url, &a, "a");
+    ts::register(&url, &b, "b");
+    let unit = ts::lease_at(&url, &a, clock.now());
+    // b finds nothing while a holds the only unit.
+    let r = ts::post_signed_at(&url, &b, "/v1/lease", "", clock.now());
+    assert_eq!(r.body["kind"], "no_work", "{r:?}");
+    clock.advance(lease_ms + 1);
+    let again = ts::lease_at(&url, &b, clock.now());
+    assert_eq!(again, unit, "the same unit, the same data");
+    let n = server.with_core(|c| c.params().len());
+    let late = ts::update_bytes(
+        &a,
+        unit.id,
+        unit.base_version,
+        &ts::crafted_delta(unit.id, n),
+    );
+    let r = ts::submit(&url, late);
+    assert_eq!((r.status, r.code()), (403, "not_your_lease"), "{r:?}");
+    let r = ts::post_signed_at(
+        &url,
+        &a,
+        "/v1/heartbeat",
+        &format!("{{\"unit\":{}}}", unit.id),
+        clock.now(),
+    );
+    assert_eq!((r.status, r.code()), (409, "not_leased"), "{r:?}");
+    server.stop();
+}

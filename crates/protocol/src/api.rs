@@ -1,0 +1,137 @@
+//! The JSON side of the HTTP API (`/v1/...`): request and reply types shared by the
+//! coordinator and the worker. The update itself travels as the binary format of
+//! [`crate::update`]; everything else is JSON.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Codec;
+
+/// What a worker needs to know to take part in a run (`GET /v1/run`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The model preset's name (`tiny`, `small`, ...). The exact shape travels in the
+    /// checkpoint's metadata.
+    pub preset: String,
+    pub n_params: u32,
+    /// Sequences per local step.
+    pub batch: u32,
+    /// Tokens per sequence.
+    pub seq: u32,
+    /// Shards of the train stream that unit addresses refer to.
+    pub n_shards: u32,
+    /// The codec workers encode their updates with.
+    pub codec: Codec,
+    /// The corpus's file name (its extension says text or JSON lines).
+    pub corpus_name: String,
+    /// SHA-256 and length of the corpus (`GET /v1/run/corpus`).
+    pub corpus_sha256: String,
+    pub corpus_bytes: u64,
+    /// SHA-256 of the tokenizer.json (`GET /v1/run/tokenizer`).
+    pub tokenizer_sha256: String,
+    /// The newest model version.
+    pub version: u64,
+}
+
+/// `POST /v1/workers`: a worker introduces itself (the request is signed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub name: String,
+}
+
+/// One unit of work as the worker receives it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnitSpec {
+    pub id: u64,
+    pub round: u64,
+    /// Train from this model version (`GET /v1/models/{base_version}`).
+    pub base_version: u64,
+    pub shard: u32,
+    /// First step of the unit within its shard's stream.
+    pub offset: u64,
+    /// Local steps (H).
+    pub steps: u32,
+    pub seed: u64,
+    /// Inner learning rate.
+    pub lr: f32,
+}
+
+/// `POST /v1/lease`: a unit, or come back later.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LeaseReply {
+    Lease {
+        unit: UnitSpec,
+        /// blake3 of the base checkpoint's bytes.
+        model_blake3: String,
+        /// The lease ends this many ms from now unless a heartbeat extends it.
+        lease_ms: u64,
+        /// Send a heartbeat at least this often.
+        heartbeat_ms: u64,
+    },
+    NoWork {
+        retry_after_ms: u64,
+    },
+}
+
+/// `POST /v1/heartbeat`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub unit: u64,
+}
+
+/// `POST /v1/updates` accepted the update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubmitReply {
+    pub unit: u64,
+    pub norm: f32,
+    /// Updates accepted in the unit's round so far, this one included.
+    pub round_accepted: u32,
+}
+
+/// The body of every 4xx and 5xx reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable machine code (`bad_signature`, `stale`, `body_too_large`, ...).
+    pub code: String,
+    /// A sentence that says what happened and what to do.
+    pub message: String,
+}
+
+/// One round in `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundStatus {
+    pub round: u64,
+    pub base_version: u64,
+    /// The version the round was aggregated into, once it was.
+    pub version: Option<u64>,
+    /// Holdout loss of `version`.
+    pub holdout_loss: Option<f32>,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub tokens: u64,
+    /// Bytes of the accepted updates.
+    pub bytes: u64,
+    /// From the round's start to its aggregation (or to now).
+    pub seconds: f64,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub round: u64,
+    pub version: u64,
+    /// Holdout loss of the initial version.
+    pub initial_holdout_loss: f32,
+    pub workers: u64,
+    pub units_queued: u32,
+    pub units_leased: u32,
+    pub units_accepted: u32,
+    pub rounds: Vec<RoundStatus>,
+}

@@ -1,0 +1,758 @@
+//! The coordinator's persistence: one SQLite database (WAL, migrations by
+//! `PRAGMA user_version`) for workers, work units, leases, rounds, updates, verdicts and
+//! model versions, and a content-addressed blob directory for checkpoints and updates.
+//!
+//! The one rule that makes restarts safe: a blob is written and fsynced before the row
+//! that names it is committed ([`Blobs::put`] returns only when the blob is durable), and
+//! every state change the coordinator makes is one transaction ([`Store::write`]) that
+//! also holds the scheduler's serialized state. A coordinator killed at any point
+//! restarts from the last committed transaction with nothing accepted lost.
+//!
+//! This is the only crate that knows SQL.
+
+mod blobs;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+pub use blobs::{BlobHash, Blobs};
+
+/// What can go wrong with the store. Each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read or write {path}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the database {path} failed")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("blob {path} does not match its hash: the store is corrupt")]
+    CorruptBlob { path: PathBuf },
+    #[error(
+        "the database {path} was written by a newer hivetrain (schema {found}, this build knows {known})"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("the database {path} holds a bad {what}: {message}")]
+    BadRow {
+        path: PathBuf,
+        what: &'static str,
+        message: String,
+    },
+}
+
+/// Schema migrations, applied in order; `user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY,
+    base_version INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    aggregated_ms INTEGER,
+    version INTEGER
+);
+CREATE TABLE units (
+    id INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    step_offset INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    lr REAL NOT NULL
+);
+CREATE TABLE leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    leased_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL
+);
+CREATE TABLE updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit INTEGER NOT NULL UNIQUE,
+    round INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    blob TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    norm REAL NOT NULL,
+    weight INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX updates_round ON updates (round);
+CREATE TABLE rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    unit INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    sentence TEXT NOT NULL
+);
+CREATE TABLE versions (
+    version INTEGER PRIMARY KEY,
+    parent INTEGER,
+    round INTEGER,
+    checkpoint TEXT NOT NULL,
+    optimizer TEXT,
+    holdout_loss REAL NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updates TEXT NOT NULL
+);
+"#];
+
+/// A registered worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRow {
+    /// Hex ed25519 public key.
+    pub id: String,
+    pub name: String,
+    pub registered_ms: u64,
+}
+
+/// A work unit as issued.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnitRow {
+    pub id: u64,
+    pub round: u64,
+    pub base_version: u64,
+    pub shard: u32,
+    pub offset: u64,
+    pub steps: u32,
+    pub seed: u64,
+    pub lr: f32,
+}
+
+/// An accepted update; its bytes are the blob `blob`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRow {
+    pub unit: u64,
+    pub round: u64,
+    pub worker: String,
+    pub base_version: u64,
+    pub blob: BlobHash,
+    pub bytes: u64,
+    pub norm: f32,
+    /// Tokens the coordinator assigned to the unit.
+    pub weight: u64,
+    pub received_ms: u64,
+}
+
+/// A rejected update from an identified worker (its signature verified).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectionRow {
+    pub received_ms: u64,
+    pub round: u64,
+    pub worker: String,
+    pub unit: u64,
+    pub code: String,
+    pub sentence: String,
+}
+
+/// A model version in the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionRow {
+    pub version: u64,
+    pub parent: Option<u64>,
+    /// The round aggregated into this version (none for the initial version).
+    pub round: Option<u64>,
+    /// The safetensors checkpoint.
+    pub checkpoint: BlobHash,
+    /// The outer optimizer's state after this version (raw little-endian f32).
+    pub optimizer: Option<BlobHash>,
+    pub holdout_loss: f32,
+    pub created_ms: u64,
+    /// Ids (units) of the updates it was built from.
+    pub updates: Vec<u64>,
+}
+
+/// Per-round figures for status tables.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub base_version: u64,
+    pub started_ms: u64,
+    pub aggregated_ms: Option<u64>,
+    pub version: Option<u64>,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Tokens of the accepted units.
+    pub tokens: u64,
+    /// Bytes of the accepted updates.
+    pub bytes: u64,
+}
+
+/// The database and the blobs of one coordinator directory.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    blobs: Blobs,
+}
+
+/// One transaction's writes; committed together by [`Store::write`].
+pub struct Tx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx").field("path", &self.path).finish()
+    }
+}
+
+fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn bad_row(path: &Path, what: &'static str, message: impl ToString) -> StoreError {
+    StoreError::BadRow {
+        path: path.to_owned(),
+        what,
+        message: message.to_string(),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: `dir/hivetrain.sqlite3` and
+    /// `dir/blobs/`. Applies pending migrations.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join("hivetrain.sqlite3");
+        let mut conn = Connection::open(&path).map_err(sql(&path))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql(&path))?;
+        // FULL: a committed transaction survives a power cut, not only a process kill.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql(&path))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql(&path))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql(&path))?;
+        migrate(&mut conn, &path)?;
+        let blobs = Blobs::open(dir.join("blobs"))?;
+        Ok(Store { conn, path, blobs })
+    }
+
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// Runs `f` in one transaction: all of its writes are committed, or none.
+    pub fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self.conn.transaction().map_err(sql(&self.path))?;
+        let wrapped = Tx {
+            tx,
+            path: &self.path,
+        };
+        let out = f(&wrapped)?;
+        wrapped.tx.commit().map_err(sql(&self.path))?;
+        Ok(out)
+    }
+
+    /// A value of the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
+    pub fn worker(&self, id: &str) -> Result<Option<WorkerRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT id, name, registered_ms FROM workers WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(WorkerRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        registered_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
+    pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, name, registered_ms FROM workers ORDER BY registered_ms, id")
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(WorkerRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    registered_ms: r.get(2)?,
+                })
+            })
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
+    /// The accepted updates of `round`, in unit order.
+    pub fn updates_of_round(&self, round: u64) -> Result<Vec<UpdateRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms
+                 FROM updates WHERE round = ?1 ORDER BY unit",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([round], |r| {
+                Ok((
+                    UpdateRow {
+                        unit: r.get(0)?,
+                        round: r.get(1)?,
+                        worker: r.get(2)?,
+                        base_version: r.get(3)?,
+                        blob: BlobHash::of(b""),
+                        bytes: r.get(5)?,
+                        norm: r.get::<_, f64>(6)? as f32,
+                        weight: r.get(7)?,
+                        received_ms: r.get(8)?,
+                    },
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(sql(&self.path))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut row, blob) = row.map_err(sql(&self.path))?;
+            row.blob = BlobHash::parse(&blob).ok_or_else(|| bad_row(&self.path, "blob", blob))?;
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// Every model version, oldest first.
+    pub fn versions(&self) -> Result<Vec<VersionRow>, StoreError> {
+        self.query_versions("ORDER BY version", [])
+    }
+
+    /// One model version.
+    pub fn version(&self, version: u64) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self
+            .query_versions("WHERE version = ?1", [version])?
+            .into_iter()
+            .next())
+    }
+
+    fn query_versions<P: rusqlite::Params>(
+        &self,
+        tail: &str,
+        params: P,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT version, parent, round, checkpoint, optimizer, holdout_loss, created_ms, updates
+                 FROM versions {tail}"
+            ))
+            .map_err(sql(&self.path))?;
+        type Raw = (
+            u64,
+            Option<u64>,
+            Option<u64>,
+            String,
+            Option<String>,
+            f64,
+            u64,
+            String,
+        );
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(sql(&self.path))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, parent, round, checkpoint, optimizer, loss, created_ms, updates): Raw =
+                row.map_err(sql(&self.path))?;
+            let hash =
+                |s: &str| BlobHash::parse(s).ok_or_else(|| bad_row(&self.path, "blob hash", s));
+            out.push(VersionRow {
+                version,
+                parent,
+                round,
+                checkpoint: hash(&checkpoint)?,
+                optimizer: optimizer.as_deref().map(hash).transpose()?,
+                holdout_loss: loss as f32,
+                created_ms,
+                updates: serde_json::from_str(&updates)
+                    .map_err(|e| bad_row(&self.path, "update list", e))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per-round figures, oldest first.
+    pub fn rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT r.round, r.base_version, r.started_ms, r.aggregated_ms, r.version,
+                    (SELECT COUNT(*) FROM updates u WHERE u.round = r.round),
+                    (SELECT COUNT(*) FROM rejections j WHERE j.round = r.round),
+                    (SELECT COALESCE(SUM(weight), 0) FROM updates u WHERE u.round = r.round),
+                    (SELECT COALESCE(SUM(bytes), 0) FROM updates u WHERE u.round = r.round)
+                 FROM rounds r ORDER BY r.round",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RoundRow {
+                    round: r.get(0)?,
+                    base_version: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    aggregated_ms: r.get(3)?,
+                    version: r.get(4)?,
+                    accepted: r.get(5)?,
+                    rejected: r.get(6)?,
+                    tokens: r.get(7)?,
+                    bytes: r.get(8)?,
+                })
+            })
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
+    /// The rejections recorded, oldest first.
+    pub fn rejections(&self) -> Result<Vec<RejectionRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT received_ms, round, worker, unit, code, sentence FROM rejections ORDER BY id",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RejectionRow {
+                    received_ms: r.get(0)?,
+                    round: r.get(1)?,
+                    worker: r.get(2)?,
+                    unit: r.get(3)?,
+                    code: r.get(4)?,
+                    sentence: r.get(5)?,
+                })
+            })
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
+    /// Row counts of every table, for tests that check a request wrote nothing.
+    pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        const TABLES: [&str; 8] = [
+            "meta",
+            "workers",
+            "rounds",
+            "units",
+            "leases",
+            "updates",
+            "rejections",
+            "versions",
+        ];
+        TABLES
+            .iter()
+            .map(|t| {
+                self.conn
+                    .query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))
+                    .map(|n| (*t, n))
+                    .map_err(sql(&self.path))
+            })
+            .collect()
+    }
+}
+
+impl Tx<'_> {
+    fn run<P: rusqlite::Params>(&self, statement: &str, params: P) -> Result<(), StoreError> {
+        self.tx
+            .execute(statement, params)
+            .map(|_| ())
+            .map_err(sql(self.path))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )
+    }
+
+    /// Registers a worker, or renames it.
+    pub fn upsert_worker(&self, w: &WorkerRow) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO workers (id, name, registered_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            params![w.id, w.name, w.registered_ms],
+        )
+    }
+
+    pub fn start_round(
+        &self,
+        round: u64,
+        base_version: u64,
+        started_ms: u64,
+        units: &[UnitRow],
+    ) -> Result<(), StoreError> {
+        self.run(
+            "INSERT OR IGNORE INTO rounds (round, base_version, started_ms) VALUES (?1, ?2, ?3)",
+            params![round, base_version, started_ms],
+        )?;
+        for u in units {
+            self.run(
+                "INSERT OR IGNORE INTO units (id, round, base_version, shard, step_offset, steps, seed, lr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    u.id,
+                    u.round,
+                    u.base_version,
+                    u.shard,
+                    u.offset,
+                    u.steps,
+                    u.seed as i64,
+                    u.lr as f64
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn insert_lease(
+        &self,
+        unit: u64,
+        worker: &str,
+        leased_ms: u64,
+        deadline_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO leases (unit, worker, leased_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![unit, worker, leased_ms, deadline_ms],
+        )
+    }
+
+    /// Records an accepted update; its blob must already be in the blob store.
+    pub fn insert_update(&self, u: &UpdateRow) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO updates (unit, round, worker, base_version, blob, bytes, norm, weight, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                u.unit,
+                u.round,
+                u.worker,
+                u.base_version,
+                u.blob.as_str(),
+                u.bytes,
+                u.norm as f64,
+                u.weight,
+                u.received_ms
+            ],
+        )
+    }
+
+    pub fn insert_rejection(&self, r: &RejectionRow) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO rejections (received_ms, round, worker, unit, code, sentence)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![r.received_ms, r.round, r.worker, r.unit, r.code, r.sentence],
+        )
+    }
+
+    /// Records a model version (its blobs must already be in the blob store) and closes
+    /// the round it came from.
+    pub fn insert_version(&self, v: &VersionRow) -> Result<(), StoreError> {
+        let updates =
+            serde_json::to_string(&v.updates).map_err(|e| bad_row(self.path, "update list", e))?;
+        self.run(
+            "INSERT INTO versions (version, parent, round, checkpoint, optimizer, holdout_loss, created_ms, updates)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                v.version,
+                v.parent,
+                v.round,
+                v.checkpoint.as_str(),
+                v.optimizer.as_ref().map(|h| h.as_str()),
+                v.holdout_loss as f64,
+                v.created_ms,
+                updates
+            ],
+        )?;
+        if let Some(round) = v.round {
+            self.run(
+                "UPDATE rounds SET aggregated_ms = ?2, version = ?3 WHERE round = ?1",
+                params![round, v.created_ms, v.version],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql(path))?;
+    if found > known {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            known,
+        });
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction().map_err(sql(path))?;
+        tx.execute_batch(migration).map_err(sql(path))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(sql(path))?;
+        tx.commit().map_err(sql(path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(v: u64, checkpoint: BlobHash) -> VersionRow {
+        VersionRow {
+            version: v,
+            parent: v.checked_sub(1),
+            round: v.checked_sub(1),
+            checkpoint,
+            optimizer: None,
+            holdout_loss: 5.0,
+            created_ms: 10 + v,
+            updates: vec![1, 2],
+        }
+    }
+
+    fn update(unit: u64, blob: BlobHash) -> UpdateRow {
+        UpdateRow {
+            unit,
+            round: 0,
+            worker: "ab".repeat(32),
+            base_version: 0,
+            blob,
+            bytes: 3,
+            norm: 0.5,
+            weight: 100,
+            received_ms: 5,
+        }
+    }
+
+    #[test]
+    fn rows_survive_reopening_and_a_failed_transaction_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            let ckpt = store.blobs().put(b"checkpoint").expect("blob");
+            let upd = store.blobs().put(b"update").expect("blob");
+            store
+                .write(|tx| {
+                    tx.set_meta("scheduler", "{}")?;
+                    tx.start_round(0, 0, 1, &[])?;
+                    tx.insert_version(&version(1, ckpt.clone()))?;
+                    tx.insert_update(&update(7, upd.clone()))
+                })
+                .expect("write");
+            // A second update for the same unit fails: the whole transaction is undone.
+            let err = store.write(|tx| {
+                tx.set_meta("scheduler", "changed")?;
+                tx.insert_update(&update(7, upd.clone()))
+            });
+            assert!(err.is_err());
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.meta("scheduler").expect("meta").as_deref(),
+            Some("{}")
+        );
+        let updates = store.updates_of_round(0).expect("updates");
+        assert_eq!(updates.len(), 1);
+        assert_eq!(
+            store.blobs().get(&updates[0].blob).expect("blob"),
+            b"update"
+        );
+        let versions = store.versions().expect("versions");
+        assert_eq!(versions.len(), 1);
+        assert_eq!(versions[0].updates, vec![1, 2]);
+        let rounds = store.rounds().expect("rounds");
+        assert_eq!(
+            (rounds[0].accepted, rounds[0].tokens, rounds[0].version),
+            (1, 100, Some(1))
+        );
+    }
+
+    #[test]
+    fn blobs_are_content_addressed_and_checked_on_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let a = store.blobs().put(b"same").expect("put");
+        let b = store.blobs().put(b"same").expect("put");
+        assert_eq!(a, b);
+        assert_eq!(store.blobs().count().expect("count"), 1);
+        let path = dir
+            .path()
+            .join("blobs")
+            .join(&a.as_str()[..2])
+            .join(a.as_str());
+        std::fs::write(&path, b"tampered").expect("write");
+        let err = store.blobs().get(&a).expect_err("corrupt");
+        assert!(err.to_string().contains("does not match its hash"), "{err}");
+        assert!(BlobHash::parse("xyz").is_none());
+        assert!(BlobHash::parse(&"A".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_sentence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        let conn = Connection::open(dir.path().join("hivetrain.sqlite3")).expect("conn");
+        conn.pragma_update(None, "user_version", 99)
+            .expect("pragma");
+        drop(conn);
+        let err = Store::open(dir.path()).expect_err("newer");
+        assert!(
+            err.to_string().contains("newer hivetrain (schema 99"),
+            "{err}"
+        );
+    }
+}

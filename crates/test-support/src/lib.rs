@@ -1,0 +1,204 @@
+//! Helpers for hivetrain's tests: a coordinator on port 0 with a temporary store and the
+//! tiny model, deterministic keys, hand-made updates, and raw HTTP calls that show the
+//! status and error code of every reply.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use coordinator::{Coordinator, CoordinatorConfig};
+use ed25519_dalek::SigningKey;
+use protocol::api::{LeaseReply, UnitSpec};
+use protocol::{Codec, UpdateHeader, WorkerId};
+
+/// The repository's root (for the committed corpus and tokenizer).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A short corpus (the first ~300 KB of the committed Shakespeare, cut at a line) written
+/// into `dir`, so every test tokenizes in well under a second.
+pub fn small_corpus(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("data/shakespeare.txt"))
+        .expect("the committed corpus data/shakespeare.txt");
+    let cut = text[..300_000].rfind('\n').unwrap_or(300_000);
+    let path = dir.join("shakespeare-300k.txt");
+    std::fs::write(&path, &text[..cut]).expect("write corpus");
+    path
+}
+
+/// The tiny model on the short corpus; `units` per round, all needed to aggregate, H = 10.
+pub fn tiny_config(dir: &Path, units: u32) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        preset: "tiny".into(),
+        corpus: small_corpus(dir),
+        tokenizer: repo_root().join("data/tokenizer.json"),
+        batch: 4,
+        holdout_batches: 4,
+        threads: 1,
+        ..CoordinatorConfig::default()
+    };
+    c.schedule.units_per_round = units;
+    c.schedule.min_updates = units;
+    c.schedule.steps_per_unit = 10;
+    c.schedule.inner_lr = 3e-3;
+    c.schedule.n_shards = 4;
+    c.schedule.lease_ms = 60_000;
+    c.schedule.round_timeout_ms = 600_000;
+    c
+}
+
+/// A clock the test moves by hand.
+#[derive(Clone, Debug)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> ManualClock {
+        ManualClock(Arc::new(AtomicU64::new(start_ms)))
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn as_fn(&self) -> Arc<dyn Fn() -> u64 + Send + Sync> {
+        let inner = self.0.clone();
+        Arc::new(move || inner.load(Ordering::SeqCst))
+    }
+}
+
+/// A coordinator on `127.0.0.1:0` over the store in `dir`.
+pub fn start(dir: &Path, config: CoordinatorConfig) -> Coordinator {
+    Coordinator::start(&dir.join("store"), config, "127.0.0.1:0").expect("start coordinator")
+}
+
+/// As [`start`], on a hand-moved clock.
+pub fn start_with_clock(dir: &Path, config: CoordinatorConfig, clock: &ManualClock) -> Coordinator {
+    Coordinator::start_with_clock(&dir.join("store"), config, "127.0.0.1:0", clock.as_fn())
+        .expect("start coordinator")
+}
+
+/// A deterministic key (`n` names it).
+pub fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+/// Options for a worker thread that keeps its data in `dir`.
+pub fn worker_options(dir: &Path, name: &str) -> worker::WorkerOptions {
+    worker::WorkerOptions {
+        name: name.to_owned(),
+        device: "cpu:1".into(),
+        max_units: None,
+        data_dir: dir.join(format!("data-{name}")),
+        unreachable_timeout: Duration::from_secs(30),
+    }
+}
+
+/// A raw reply: status and body (JSON when it parses).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    /// The error code of a refusal (`""` for a success).
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+fn now_ms() -> u64 {
+    coordinator::system_ms()
+}
+
+fn reply(response: reqwest::blocking::Response) -> Reply {
+    let status = response.status().as_u16();
+    let text = response.text().unwrap_or_default();
+    Reply {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    }
+}
+
+/// A signed JSON POST at `time_ms`.
+pub fn post_signed_at(url: &str, key: &SigningKey, path: &str, body: &str, time_ms: u64) -> Reply {
+    let mut request = reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json");
+    for (name, value) in protocol::auth::sign_request(key, "POST", path, time_ms, body.as_bytes()) {
+        request = request.header(name, value);
+    }
+    reply(request.body(body.to_owned()).send().expect("POST"))
+}
+
+/// A signed JSON POST now.
+pub fn post_signed(url: &str, key: &SigningKey, path: &str, body: &str) -> Reply {
+    post_signed_at(url, key, path, body, now_ms())
+}
+
+/// Registers `key` as `name`.
+pub fn register(url: &str, key: &SigningKey, name: &str) {
+    let r = post_signed(url, key, "/v1/workers", &format!("{{\"name\":\"{name}\"}}"));
+    assert_eq!(r.status, 200, "register: {r:?}");
+}
+
+/// Leases a unit for `key` (which must get one), at `time_ms`.
+pub fn lease_at(url: &str, key: &SigningKey, time_ms: u64) -> UnitSpec {
+    let r = post_signed_at(url, key, "/v1/lease", "", time_ms);
+    assert_eq!(r.status, 200, "lease: {r:?}");
+    match serde_json::from_value(r.body.clone()).expect("lease reply") {
+        LeaseReply::Lease { unit, .. } => unit,
+        LeaseReply::NoWork { .. } => panic!("no work: {r:?}"),
+    }
+}
+
+/// Leases a unit for `key` now.
+pub fn lease(url: &str, key: &SigningKey) -> UnitSpec {
+    lease_at(url, key, now_ms())
+}
+
+/// A deterministic small delta for a unit (norm about 0.5 for the tiny model).
+pub fn crafted_delta(unit: u64, n_params: usize) -> Vec<f32> {
+    (0..n_params)
+        .map(|i| (((i as u64 * 7919 + unit * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 3e-3)
+        .collect()
+}
+
+/// A signed fp32 update of `delta` for `unit` based on `base_version`.
+pub fn update_bytes(key: &SigningKey, unit: u64, base_version: u64, delta: &[f32]) -> Vec<u8> {
+    let header = UpdateHeader {
+        work_unit: unit,
+        base_version,
+        worker: WorkerId::of(key),
+        nonce: unit,
+        codec: Codec::Fp32,
+        n_params: delta.len() as u32,
+    };
+    protocol::encode_update(&header, delta, key)
+}
+
+/// POSTs raw bytes to `/v1/updates`.
+pub fn submit(url: &str, bytes: Vec<u8>) -> Reply {
+    reply(
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/updates"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .expect("POST /v1/updates"),
+    )
+}
+
+/// `GET /v1/status`.
+pub fn status(url: &str) -> protocol::api::Status {
+    reqwest::blocking::get(format!("{url}/v1/status"))
+        .expect("GET /v1/status")
+        .json()
+        .expect("status JSON")
+}

@@ -1,0 +1,415 @@
+//! The lease loop: lease, fetch the base model, train H steps, send the delta, repeat.
+//!
+//! Stopping (the `stop` flag, set by Ctrl-C) is checked between training steps: a unit
+//! in training is abandoned (its lease expires and the coordinator reissues it); an
+//! upload in flight is finished first. A crashed worker needs nothing: started again,
+//! it asks for a new lease.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use engine::{Backend, OptimizerConfig};
+use protocol::api::{LeaseReply, RunInfo, SubmitReply, UnitSpec};
+use protocol::{UpdateHeader, WorkerId};
+
+use crate::transport::{Refusal, Transport, TransportError};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// A name shown on the coordinator's tables.
+    pub name: String,
+    /// Compute device (`cpu`, `cpu:N`).
+    pub device: String,
+    /// Stop after this many units (accepted or not); none: run until stopped.
+    pub max_units: Option<u64>,
+    /// Where the corpus, tokenizer and token cache are kept.
+    pub data_dir: PathBuf,
+    /// Give up when the coordinator cannot be reached for this long.
+    pub unreachable_timeout: Duration,
+}
+
+/// What a run of the loop did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub units: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub abandoned: u64,
+    /// Bytes of the updates sent.
+    pub bytes_sent: u64,
+}
+
+/// Why the loop ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Checkpoint(#[from] engine::checkpoint::CheckpointError),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the coordinator sent {what} whose hash does not match what it announced")]
+    HashMismatch { what: String },
+    #[error(
+        "the coordinator's model has {got} parameters but the run announces {want}; is the coordinator consistent?"
+    )]
+    ModelShape { got: usize, want: u32 },
+}
+
+/// Where the loop tells what it does (the CLI draws progress bars; tests stay quiet).
+pub trait Reporter {
+    fn message(&mut self, _text: &str) {}
+    fn unit_started(&mut self, _unit: &UnitSpec) {}
+    fn step(&mut self, _step: u32, _loss: f32, _tokens_per_second: f64) {}
+    fn uploading(&mut self, _bytes: u64) {}
+    fn verdict(&mut self, _unit: &UnitSpec, _verdict: &Result<SubmitReply, Refusal>) {}
+}
+
+/// A reporter that says nothing.
+impl Reporter for () {}
+
+/// The run's data, fetched and tokenized once.
+struct RunData {
+    info: RunInfo,
+    train: Vec<u32>,
+}
+
+/// Runs the lease loop until `stop`, `max_units`, or an error that retrying cannot fix.
+pub fn run(
+    transport: &dyn Transport,
+    key: &SigningKey,
+    options: &WorkerOptions,
+    stop: &AtomicBool,
+    reporter: &mut dyn Reporter,
+) -> Result<Summary, WorkerError> {
+    let data = retrying(options, stop, || prepare(transport, options, reporter))?;
+    let Some(data) = data else {
+        return Ok(Summary::default());
+    };
+    if retrying(options, stop, || {
+        transport
+            .register(key, &options.name)
+            .map_err(WorkerError::from)
+    })?
+    .is_none()
+    {
+        return Ok(Summary::default());
+    }
+    reporter.message(&format!(
+        "worker {} ({}) joined: {} model, {} params, {} codec",
+        options.name,
+        WorkerId::of(key),
+        data.info.preset,
+        data.info.n_params,
+        codec_name(data.info.codec)
+    ));
+    let mut summary = Summary::default();
+    let mut model: Option<(u64, Box<dyn Backend>, Vec<f32>)> = None;
+    while !stop.load(Ordering::SeqCst) && options.max_units.is_none_or(|m| summary.units < m) {
+        let Some(reply) = retrying(options, stop, || {
+            transport.lease(key).map_err(WorkerError::from)
+        })?
+        else {
+            break;
+        };
+        let (unit, model_blake3, heartbeat_ms) = match reply {
+            LeaseReply::NoWork { retry_after_ms } => {
+                sleep_unless_stopped(stop, Duration::from_millis(retry_after_ms.min(10_000)));
+                continue;
+            }
+            LeaseReply::Lease {
+                unit,
+                model_blake3,
+                heartbeat_ms,
+                ..
+            } => (unit, model_blake3, heartbeat_ms),
+        };
+        reporter.unit_started(&unit);
+        if model
+            .as_ref()
+            .is_none_or(|(v, _, _)| *v != unit.base_version)
+        {
+            let Some(bytes) = retrying(options, stop, || {
+                transport
+                    .model(unit.base_version)
+                    .map_err(WorkerError::from)
+            })?
+            else {
+                break;
+            };
+            if blake3::hash(&bytes).to_hex().as_str() != model_blake3 {
+                return Err(WorkerError::HashMismatch {
+                    what: format!("model version {}", unit.base_version),
+                });
+            }
+            let ckpt = engine::checkpoint::from_bytes(
+                Path::new(&format!("model version {}", unit.base_version)),
+                &bytes,
+                None,
+            )?;
+            if ckpt.params.len() != data.info.n_params as usize {
+                return Err(WorkerError::ModelShape {
+                    got: ckpt.params.len(),
+                    want: data.info.n_params,
+                });
+            }
+            let backend = match model.take() {
+                Some((_, mut backend, _)) if *backend.config() == ckpt.config => {
+                    backend.set_params(&ckpt.params)?;
+                    backend
+                }
+                _ => engine::open_backend(&options.device, ckpt.config, ckpt.params.clone())?,
+            };
+            model = Some((unit.base_version, backend, ckpt.params));
+        }
+        let Some((_, backend, base)) = model.as_mut() else {
+            continue;
+        };
+        backend.set_params(base)?;
+        backend.reset_optimizer();
+        summary.units += 1;
+        let trained = train_unit(
+            transport,
+            key,
+            backend.as_mut(),
+            &data,
+            &unit,
+            Duration::from_millis(heartbeat_ms),
+            stop,
+            reporter,
+        )?;
+        if !trained {
+            summary.abandoned += 1;
+            reporter.message(&format!(
+                "stopping: unit {} abandoned (its lease will expire and it will be reissued)",
+                unit.id
+            ));
+            break;
+        }
+        let local = backend.params();
+        let delta: Vec<f32> = base.iter().zip(&local).map(|(b, l)| b - l).collect();
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).unwrap_or_default();
+        let header = UpdateHeader {
+            work_unit: unit.id,
+            base_version: unit.base_version,
+            worker: WorkerId::of(key),
+            nonce: u64::from_le_bytes(nonce),
+            codec: data.info.codec,
+            n_params: delta.len() as u32,
+        };
+        let update = protocol::encode_update(&header, &delta, key);
+        reporter.uploading(update.len() as u64);
+        summary.bytes_sent += update.len() as u64;
+        // The upload in flight is finished even when stopping.
+        let never = AtomicBool::new(false);
+        let verdict = match retrying(options, &never, || match transport.submit(update.clone()) {
+            Ok(reply) => Ok(Ok(reply)),
+            Err(TransportError::Refused(refusal)) => Ok(Err(refusal)),
+            Err(e) => Err(WorkerError::from(e)),
+        })? {
+            Some(v) => v,
+            None => break,
+        };
+        match &verdict {
+            Ok(_) => summary.accepted += 1,
+            Err(_) => summary.rejected += 1,
+        }
+        reporter.verdict(&unit, &verdict);
+    }
+    Ok(summary)
+}
+
+/// Trains the unit's H steps; false if stopped (or the lease was lost) before the end.
+#[allow(clippy::too_many_arguments)]
+fn train_unit(
+    transport: &dyn Transport,
+    key: &SigningKey,
+    backend: &mut dyn Backend,
+    data: &RunData,
+    unit: &UnitSpec,
+    heartbeat_every: Duration,
+    stop: &AtomicBool,
+    reporter: &mut dyn Reporter,
+) -> Result<bool, WorkerError> {
+    let address = data::WorkAddress {
+        shard: unit.shard,
+        offset: unit.offset,
+        steps: unit.steps,
+        seed: unit.seed,
+    };
+    let optimizer = OptimizerConfig::default();
+    let (batch, seq) = (data.info.batch as usize, data.info.seq as usize);
+    let started = Instant::now();
+    let mut last_heartbeat = Instant::now();
+    for step in 0..unit.steps {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let b = address.batch(&data.train, data.info.n_shards, step, batch, seq)?;
+        let stats = backend.train_step(
+            &engine::Batch {
+                inputs: &b.inputs,
+                targets: &b.targets,
+                batch,
+                seq,
+            },
+            &optimizer,
+            unit.lr,
+        )?;
+        let tokens = (step as usize + 1) * batch * seq;
+        reporter.step(
+            step + 1,
+            stats.loss,
+            tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        );
+        if last_heartbeat.elapsed() >= heartbeat_every {
+            last_heartbeat = Instant::now();
+            match transport.heartbeat(key, unit.id) {
+                Ok(()) => {}
+                Err(TransportError::Refused(r)) if r.code == "not_leased" => {
+                    reporter.message(&format!("unit {} was withdrawn: {}", unit.id, r.message));
+                    return Ok(false);
+                }
+                // A missed heartbeat is not fatal: the lease has slack, the next may pass.
+                Err(e) => reporter.message(&format!("heartbeat failed: {e}")),
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Fetches (or finds in the data dir) the corpus and tokenizer, checks their hashes, and
+/// tokenizes the corpus.
+fn prepare(
+    transport: &dyn Transport,
+    options: &WorkerOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<RunData, WorkerError> {
+    let info = transport.run_info()?;
+    let dir = &options.data_dir;
+    let short = |sha: &str| sha.chars().take(16).collect::<String>();
+    let corpus_path = dir.join(format!(
+        "{}-{}",
+        short(&info.corpus_sha256),
+        sanitize(&info.corpus_name)
+    ));
+    let tokenizer_path = dir.join(format!("{}-tokenizer.json", short(&info.tokenizer_sha256)));
+    fetch_once(
+        &corpus_path,
+        &info.corpus_sha256,
+        "the corpus",
+        reporter,
+        || transport.corpus(),
+    )?;
+    fetch_once(
+        &tokenizer_path,
+        &info.tokenizer_sha256,
+        "the tokenizer",
+        reporter,
+        || transport.tokenizer(),
+    )?;
+    let tokenizer = data::TextTokenizer::load(&tokenizer_path)?;
+    let tokens = data::cache::load_or_build(&corpus_path, &tokenizer, &dir.join("cache"))?;
+    let dataset = data::Dataset::split(&corpus_path, &tokens.tokens, info.seq as usize)?;
+    Ok(RunData {
+        info,
+        train: dataset.train,
+    })
+}
+
+fn sanitize(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() || clean.starts_with('.') {
+        format!("corpus{clean}")
+    } else {
+        clean
+    }
+}
+
+fn fetch_once(
+    path: &Path,
+    sha256: &str,
+    what: &str,
+    reporter: &mut dyn Reporter,
+    fetch: impl Fn() -> Result<Vec<u8>, TransportError>,
+) -> Result<(), WorkerError> {
+    if let Ok(bytes) = std::fs::read(path)
+        && data::sha256_hex(&bytes) == sha256
+    {
+        return Ok(());
+    }
+    reporter.message(&format!("downloading {what}"));
+    let bytes = fetch()?;
+    if data::sha256_hex(&bytes) != sha256 {
+        return Err(WorkerError::HashMismatch {
+            what: what.to_owned(),
+        });
+    }
+    engine::checkpoint::write_atomic(path, &bytes).map_err(|e| WorkerError::Write {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Runs `f`, retrying while the coordinator is unreachable (backing off up to 10 s) for
+/// at most `options.unreachable_timeout`. `None`: stopped while waiting.
+fn retrying<T>(
+    options: &WorkerOptions,
+    stop: &AtomicBool,
+    mut f: impl FnMut() -> Result<T, WorkerError>,
+) -> Result<Option<T>, WorkerError> {
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match f() {
+            Ok(v) => return Ok(Some(v)),
+            Err(WorkerError::Transport(TransportError::Unreachable { .. }))
+                if started.elapsed() < options.unreachable_timeout =>
+            {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                sleep_unless_stopped(stop, wait);
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn sleep_unless_stopped(stop: &AtomicBool, total: Duration) {
+    let until = Instant::now() + total;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+    }
+}
+
+/// The codec as the config spells it.
+pub(crate) fn codec_name(codec: protocol::Codec) -> String {
+    match codec {
+        protocol::Codec::Fp32 => "fp32".into(),
+        protocol::Codec::Fp16 => "fp16".into(),
+        protocol::Codec::Int8Chunk { chunk } => format!("int8 (chunks of {chunk})"),
+        protocol::Codec::Int8Codebook => "int8 codebook".into(),
+    }
+}
