@@ -21,7 +21,7 @@ pub(crate) struct RunFlags {
     /// TOML file with any CoordinatorConfig keys (print them with --print-config).
     #[arg(long, env = "HIVETRAIN_CONFIG")]
     config: Option<PathBuf>,
-    /// Model preset: tiny, small or base.
+    /// Model preset: tiny, small, medium or base.
     #[arg(long, env = "HIVETRAIN_PRESET")]
     preset: Option<String>,
     /// Work units per round (K).
@@ -57,6 +57,9 @@ pub(crate) struct RunFlags {
     /// Outer learning rate (diloco, fedadam).
     #[arg(long, env = "HIVETRAIN_OUTER_LR")]
     outer_lr: Option<f32>,
+    /// Outer momentum (diloco).
+    #[arg(long, env = "HIVETRAIN_OUTER_MOMENTUM")]
+    outer_momentum: Option<f32>,
     /// Sequences per local step.
     #[arg(long, env = "HIVETRAIN_BATCH")]
     batch: Option<u32>,
@@ -127,6 +130,12 @@ impl RunFlags {
             match &mut c.outer {
                 OuterConfig::Diloco { lr: l, .. } | OuterConfig::FedAdam { lr: l, .. } => *l = lr,
                 OuterConfig::FedAvg => bail!("--outer-lr does not apply to fedavg"),
+            }
+        }
+        if let Some(m) = self.outer_momentum {
+            match &mut c.outer {
+                OuterConfig::Diloco { momentum, .. } => *momentum = m,
+                _ => bail!("--outer-momentum applies to diloco only"),
             }
         }
         if let Some(v) = self.batch {

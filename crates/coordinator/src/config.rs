@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
-    /// Model preset: `tiny`, `small` or `base`.
+    /// Model preset: `tiny`, `small`, `medium` or `base`.
     pub preset: String,
     /// Seed of the initial weights and of the units' data seeds.
     pub seed: u64,
@@ -107,7 +107,7 @@ impl CoordinatorConfig {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if engine::Preset::from_name(&self.preset).is_none() {
             return bad(&format!(
-                "unknown preset {:?}: choose tiny, small or base",
+                "unknown preset {:?}: choose tiny, small, medium or base",
                 self.preset
             ));
         }

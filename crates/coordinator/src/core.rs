@@ -55,9 +55,10 @@ struct Current {
     checkpoint_hash: BlobHash,
 }
 
-/// One accepted update of the current round.
+/// One accepted update of the current round. Its values stay in its blob until the round
+/// aggregates, so memory does not grow with the updates of a round.
 struct Accepted {
-    delta: Vec<f32>,
+    blob: BlobHash,
     weight: u64,
     norm: f32,
 }
@@ -230,21 +231,20 @@ impl Core {
             }
         };
 
-        let mut accepted = BTreeMap::new();
-        for row in store.updates_of_round(scheduler.round())? {
-            let bytes = store.blobs().get(&row.blob)?;
-            let delta = SignedUpdate::parse(&bytes, &config.limits)
-                .and_then(|u| u.decode())
-                .map_err(|e| CoreError::Inconsistent(format!("stored update {}: {e}", row.unit)))?;
-            accepted.insert(
-                row.unit,
-                Accepted {
-                    delta,
-                    weight: row.weight,
-                    norm: row.norm,
-                },
-            );
-        }
+        let accepted = store
+            .updates_of_round(scheduler.round())?
+            .into_iter()
+            .map(|row| {
+                (
+                    row.unit,
+                    Accepted {
+                        blob: row.blob,
+                        weight: row.weight,
+                        norm: row.norm,
+                    },
+                )
+            })
+            .collect();
         let workers = store
             .workers()?
             .iter()
@@ -446,8 +446,8 @@ impl Core {
             Verdict::Accepted {
                 work_unit,
                 worker,
-                delta,
                 norm,
+                ..
             } => {
                 let blob = self
                     .store
@@ -462,7 +462,7 @@ impl Core {
                     round: self.scheduler.round(),
                     worker: worker.to_string(),
                     base_version: lease.map(|l| l.base_version).unwrap_or_default(),
-                    blob,
+                    blob: blob.clone(),
                     bytes: bytes.len() as u64,
                     norm,
                     weight,
@@ -476,14 +476,8 @@ impl Core {
                     }],
                     |tx| tx.insert_update(&row),
                 )?;
-                self.accepted.insert(
-                    work_unit,
-                    Accepted {
-                        delta,
-                        weight,
-                        norm,
-                    },
-                );
+                self.accepted
+                    .insert(work_unit, Accepted { blob, weight, norm });
                 let reply = SubmitReply {
                     unit: work_unit,
                     norm,
@@ -578,21 +572,26 @@ impl Core {
             .filter(|(_, s)| matches!(s, UnitStatus::Accepted { .. }))
             .map(|(u, _)| u.id)
             .collect();
-        let updates: Vec<WeightedDelta<'_>> = units
+        let mut deltas = Vec::with_capacity(units.len());
+        for unit in &units {
+            let a = self.accepted.get(unit).ok_or_else(|| {
+                CoreError::Inconsistent(format!(
+                    "round {round} counts unit {unit} as accepted but holds no update for it"
+                ))
+            })?;
+            let bytes = self.store.blobs().get(&a.blob)?;
+            let delta = SignedUpdate::parse(&bytes, &self.config.limits)
+                .and_then(|u| u.decode())
+                .map_err(|e| CoreError::Inconsistent(format!("stored update {unit}: {e}")))?;
+            deltas.push((delta, a.weight));
+        }
+        let updates: Vec<WeightedDelta<'_>> = deltas
             .iter()
-            .filter_map(|u| self.accepted.get(u))
-            .map(|a| WeightedDelta {
-                delta: &a.delta,
-                weight: a.weight,
+            .map(|(delta, weight)| WeightedDelta {
+                delta,
+                weight: *weight,
             })
             .collect();
-        if updates.len() != units.len() {
-            return Err(CoreError::Inconsistent(format!(
-                "round {round} counts {} accepted units but {} deltas are held",
-                units.len(),
-                updates.len()
-            )));
-        }
         let saved = self.outer.state();
         let mut params = self.current.params.clone();
         self.outer.step(&mut params, &updates)?;

@@ -26,19 +26,22 @@ pub enum Preset {
     Tiny,
     /// The benchmark model: 4 layers, d 256, 4 heads, context 128 (about 5.3M parameters).
     Small,
+    /// 6 layers, d 320, 5 heads, context 128 (about 10M parameters): the ingest benchmark's model.
+    Medium,
     /// GPT-2 base shape: 12 layers, d 768, 12 heads, context 1024.
     Base,
 }
 
 impl Preset {
     /// All presets, in order of size.
-    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Small, Preset::Base];
+    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::Small, Preset::Medium, Preset::Base];
 
     /// The preset's name as the CLI spells it.
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
+            Preset::Medium => "medium",
             Preset::Base => "base",
         }
     }
@@ -53,6 +56,7 @@ impl Preset {
         let (n_layer, n_head, n_embd, n_ctx) = match self {
             Preset::Tiny => (2, 2, 32, 64),
             Preset::Small => (4, 4, 256, 128),
+            Preset::Medium => (6, 5, 320, 128),
             Preset::Base => (12, 12, 768, 1024),
         };
         GptConfig {
@@ -170,6 +174,12 @@ mod tests {
             Preset::Small,
             expect_test::expect![
                 "small GptConfig { n_layer: 4, n_head: 4, n_embd: 256, n_ctx: 128, vocab_size: 8192 } params=5289472"
+            ],
+        );
+        check(
+            Preset::Medium,
+            expect_test::expect![
+                "medium GptConfig { n_layer: 6, n_head: 5, n_embd: 320, n_ctx: 128, vocab_size: 8192 } params=10060800"
             ],
         );
         check(

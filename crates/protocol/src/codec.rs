@@ -168,11 +168,12 @@ impl Codec {
             Codec::Int8Chunk { chunk } => {
                 let n_chunks = n.div_ceil(chunk as usize);
                 let (scales, qs) = payload.split_at(4 * n_chunks);
-                let scales: Vec<f32> = scales.chunks_exact(4).map(f32_at).collect();
-                qs.iter()
-                    .enumerate()
-                    .map(|(i, &q)| scales[i / chunk as usize] * (q as i8) as f32)
-                    .collect()
+                let mut out = Vec::with_capacity(n);
+                for (q, scale) in qs.chunks(chunk as usize).zip(scales.chunks_exact(4)) {
+                    let scale = f32_at(scale);
+                    out.extend(q.iter().map(|&q| scale * (q as i8) as f32));
+                }
+                out
             }
             Codec::Int8Codebook => {
                 let (book, idx) = payload.split_at(4 * CODEBOOK_LEN);

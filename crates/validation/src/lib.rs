@@ -178,17 +178,13 @@ pub fn validate(
         Ok(d) => d,
         Err(e) => return Verdict::reject(Reject::Malformed, format!("{e} ({})", e.code())),
     };
-    if let Some(i) = delta.iter().position(|x| !x.is_finite()) {
+    let Some(norm) = l2_norm_if_finite(&delta) else {
+        let i = delta.iter().position(|x| !x.is_finite()).unwrap_or(0);
         return Verdict::reject(
             Reject::NonFinite,
             format!("value {i} of the update is {}", delta[i]),
         );
-    }
-    let norm = delta
-        .iter()
-        .map(|&x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt() as f32;
+    };
     if norm > round.delta_norm_max {
         return Verdict::reject(
             Reject::NormTooLarge,
@@ -216,6 +212,26 @@ pub fn validate(
         delta,
         norm,
     }
+}
+
+/// The L2 norm (summed in f64 over 8 fixed lanes, so the result does not depend on
+/// anything but the values), or `None` if a value is NaN or infinite.
+fn l2_norm_if_finite(values: &[f32]) -> Option<f32> {
+    let mut lanes = [0.0f64; 8];
+    let mut finite = true;
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(c) {
+            finite &= x.is_finite();
+            *lane += (x as f64) * (x as f64);
+        }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(tail) {
+        finite &= x.is_finite();
+        *lane += (x as f64) * (x as f64);
+    }
+    finite.then(|| lanes.iter().sum::<f64>().sqrt() as f32)
 }
 
 #[cfg(test)]

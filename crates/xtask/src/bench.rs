@@ -17,6 +17,9 @@ pub(crate) enum BenchCommand {
     Train(TrainBench),
     /// DiLoCo with M simulated workers against synchronous data-parallel training.
     Diloco(crate::diloco::DilocoBench),
+    /// Accepted int8 updates per second through the real coordinator over loopback HTTP,
+    /// against raw loopback TCP goodput measured in the same run.
+    Ingest(crate::ingest::IngestBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +82,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Train(args) => train(root, args),
         BenchCommand::Diloco(args) => crate::diloco::run(root, args),
+        BenchCommand::Ingest(args) => crate::ingest::run(root, args),
     }
 }
 

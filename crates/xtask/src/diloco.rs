@@ -46,6 +46,28 @@ pub(crate) struct DilocoBench {
     /// Holdout batches per evaluation.
     #[arg(long, default_value_t = 16)]
     eval_batches: usize,
+    /// Train DiLoCo as the network does: every unit starts a fresh AdamW at a constant
+    /// learning rate (with `--unit-warmup` steps of linear warmup), instead of each worker
+    /// keeping its AdamW state and following one cosine schedule.
+    #[arg(long)]
+    network: bool,
+    /// Linear warmup steps at the start of each unit (with --network).
+    #[arg(long, default_value_t = 0)]
+    unit_warmup: usize,
+    /// Codecs the deltas go through (encode, then decode) before the outer step: fp32,
+    /// fp16, int8, int8-codebook. Each gets its own DiLoCo run, bytes and loss.
+    #[arg(long, value_delimiter = ',', default_value = "fp32")]
+    codecs: Vec<String>,
+}
+
+fn codec(name: &str) -> anyhow::Result<protocol::Codec> {
+    Ok(match name {
+        "fp32" => protocol::Codec::Fp32,
+        "fp16" => protocol::Codec::Fp16,
+        "int8" => protocol::Codec::Int8Chunk { chunk: 4096 },
+        "int8-codebook" => protocol::Codec::Int8Codebook,
+        other => bail!("unknown codec {other:?}: fp32, fp16, int8 or int8-codebook"),
+    })
 }
 
 struct Setup {
@@ -83,7 +105,15 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         args.outer_lr,
         args.outer_momentum
     );
-    println!("\n   M     H  rounds      tokens   DiLoCo  data-par.   ratio   time");
+    let codecs = args
+        .codecs
+        .iter()
+        .map(|c| Ok((c.as_str(), codec(c)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let n = setup.init.len();
+    println!(
+        "\n   M     H  rounds      tokens  codec          DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
+    );
     for &m in &args.workers {
         let started = Instant::now();
         let baseline = data_parallel(&setup, &args, m)?;
@@ -95,15 +125,22 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
                     args.inner_steps
                 );
             }
-            let started = Instant::now();
-            let loss = diloco(&setup, &args, m, h)?;
-            let tokens = m * args.inner_steps * args.batch * setup.seq;
-            println!(
-                "{m:>4} {h:>5} {:>7} {tokens:>11} {loss:>8.4} {baseline:>10.4} {:>7.4} {:>5.0}s (+{dp_secs:.0}s data-parallel)",
-                args.inner_steps / h,
-                loss / baseline,
-                started.elapsed().as_secs_f64()
-            );
+            for &(name, codec) in &codecs {
+                let started = Instant::now();
+                let loss = diloco(&setup, &args, m, h, codec)?;
+                let tokens = m * args.inner_steps * args.batch * setup.seq;
+                // What one worker sends per outer step, against what it sends in
+                // data-parallel training for the same tokens: an fp32 gradient a step.
+                let update = protocol::update::HEADER_BYTES as u64 + codec.payload_bytes(n as u32);
+                let dp = (h * 4 * n) as u64;
+                println!(
+                    "{m:>4} {h:>5} {:>7} {tokens:>11}  {name:<13} {loss:>7.4} {baseline:>10.4} {:>7.4}  {update:>12}  {dp:>15}  {:>4.0}x {:>5.0}s (+{dp_secs:.0}s data-parallel)",
+                    args.inner_steps / h,
+                    loss / baseline,
+                    dp as f64 / update as f64,
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     Ok(())
@@ -156,7 +193,13 @@ fn data_parallel(setup: &Setup, args: &DilocoBench, workers: usize) -> anyhow::R
 }
 
 /// DiLoCo: M workers, H local AdamW steps each per round, then one outer step.
-fn diloco(setup: &Setup, args: &DilocoBench, workers: usize, h: usize) -> anyhow::Result<f32> {
+fn diloco(
+    setup: &Setup,
+    args: &DilocoBench,
+    workers: usize,
+    h: usize,
+    codec: protocol::Codec,
+) -> anyhow::Result<f32> {
     let n = setup.init.len();
     let mut base = setup.init.clone();
     let mut outer = OuterConfig::Diloco {
@@ -180,18 +223,24 @@ fn diloco(setup: &Setup, args: &DilocoBench, workers: usize, h: usize) -> anyhow
         let mut deltas = Vec::with_capacity(workers);
         for (m, backend) in backends.iter_mut().enumerate() {
             backend.set_params(&base)?;
+            if args.network {
+                backend.reset_optimizer();
+            }
             for i in 0..h {
                 let step = round * h + i;
                 let batch = owned(batch_of(setup, args, m, workers, step)?);
-                backend.train_step(&batch.as_batch(), &optimizer, schedule.lr(step))?;
+                let lr = if args.network {
+                    args.inner_lr * ((i + 1) as f32 / args.unit_warmup.max(1) as f32).min(1.0)
+                } else {
+                    schedule.lr(step)
+                };
+                backend.train_step(&batch.as_batch(), &optimizer, lr)?;
             }
             let local = backend.params();
-            deltas.push(
-                base.iter()
-                    .zip(&local)
-                    .map(|(b, l)| b - l)
-                    .collect::<Vec<f32>>(),
-            );
+            let delta: Vec<f32> = base.iter().zip(&local).map(|(b, l)| b - l).collect();
+            // What the coordinator receives: the delta after the codec's round trip.
+            let payload = codec.encode(&delta);
+            deltas.push(codec.decode(&payload, delta.len() as u32)?);
         }
         let weighted: Vec<WeightedDelta<'_>> = deltas
             .iter()

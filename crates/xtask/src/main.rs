@@ -5,6 +5,7 @@ mod bench;
 mod corpus;
 mod diloco;
 mod golden;
+mod ingest;
 
 use std::path::PathBuf;
 

@@ -285,7 +285,9 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
     check_error(
         &sandbox,
         &["train", "--corpus", c, "--tokenizer", t, "--preset", "huge"],
-        expect_test::expect![[r#"error: unknown preset "huge": choose one of tiny, small, base"#]],
+        expect_test::expect![[
+            r#"error: unknown preset "huge": choose one of tiny, small, medium, base"#
+        ]],
     );
 
     sandbox.write("garbage.safetensors", b"this is not a checkpoint at all");
@@ -368,4 +370,125 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
             r#"error: the tokenizer tokenizer.json has 8192 tokens but the model small-vocab.safetensors expects 300"#
         ]],
     );
+}
+
+#[test]
+fn demo_then_the_registry_lists_exports_and_generates_its_versions() {
+    let sandbox = Sandbox::new();
+    let corpus = small_corpus(&sandbox);
+    let corpus = corpus.to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = sandbox.run(&[
+        "demo",
+        "--preset",
+        "tiny",
+        "--workers",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "5",
+        "--corpus",
+        &corpus,
+        "--dir",
+        "run",
+        "--sample-tokens",
+        "10",
+    ]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("over HTTP on loopback"), "{stdout}");
+    assert!(
+        stdout.contains("version  holdout loss  accepted"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sample of version"), "{stdout}");
+
+    let (ok, list, stderr) = sandbox.run(&["model", "list", "--run", "run"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert!(rows.len() >= 3, "{list}");
+    assert!(
+        rows[0]
+            .trim_start()
+            .starts_with("0       -      -        0"),
+        "{list}"
+    );
+    assert!(
+        rows[1]
+            .trim_start()
+            .starts_with("1       0      0        2"),
+        "{list}"
+    );
+
+    let (ok, text, stderr) = sandbox.run(&[
+        "generate",
+        "--run",
+        "run",
+        "--version",
+        "1",
+        "--max-tokens",
+        "5",
+        "To be",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(text.starts_with("To be"), "{text}");
+    let (ok, out, stderr) = sandbox.run(&[
+        "model",
+        "export",
+        "--run",
+        "run",
+        "--version",
+        "2",
+        "--hf",
+        "hf",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("exported version 2"), "{out}");
+    assert!(sandbox.path("hf/config.json").exists());
+
+    // How many versions the demo made depends on when its last round ended.
+    let (ok, _, stderr) = sandbox.run(&["generate", "--run", "run", "--version", "99"]);
+    assert!(
+        !ok && stderr.contains("error: the run in run has no version 99; it has 0 to "),
+        "{stderr}"
+    );
+    check_error(
+        &sandbox,
+        &["model", "list", "--run", "nowhere"],
+        expect_test::expect![
+            "error: nowhere holds no run: give --run the directory a coordinator (or the demo) used"
+        ],
+    );
+    check_error(
+        &sandbox,
+        &["demo", "--workers", "0"],
+        expect_test::expect![
+            "error: --workers, --threads-per-worker and --rounds must be at least 1"
+        ],
+    );
+    check_error(
+        &sandbox,
+        &["coordinator", "--codec", "int4", "--print-config"],
+        expect_test::expect![[
+            r#"error: unknown codec "int4": choose fp32, fp16, int8 or int8-codebook"#
+        ]],
+    );
+}
+
+#[test]
+fn coordinator_prints_its_effective_config() {
+    let sandbox = Sandbox::new();
+    let (ok, out, stderr) = sandbox.run(&[
+        "coordinator",
+        "--print-config",
+        "--preset",
+        "tiny",
+        "--local-steps",
+        "7",
+        "--codec",
+        "fp16",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("preset = \"tiny\""), "{out}");
+    assert!(out.contains("steps_per_unit = 7"), "{out}");
+    assert!(out.contains("kind = \"fp16\""), "{out}");
 }
