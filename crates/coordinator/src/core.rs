@@ -1,5 +1,5 @@
 //! The coordinator's state and the one place that changes it: the scheduler, the current
-//! model version, the round's accepted deltas, the outer optimizer, and the store they
+//! model version, the round's accepted updates, the outer optimizer, and the store they
 //! are persisted in.
 //!
 //! Every change follows the same order: compute the next scheduler state on a copy,

@@ -37,6 +37,10 @@ const JSON_BODY_MAX: usize = 64 * 1024;
 pub(crate) struct Shared {
     pub(crate) core: Arc<Mutex<Core>>,
     pub(crate) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// From the config, which does not change while serving (read here so that no
+    /// async task waits on the core's mutex).
+    pub(crate) max_clock_skew_ms: u64,
+    pub(crate) update_bytes_max: u64,
 }
 
 pub(crate) fn router(shared: Shared) -> Router {
@@ -107,11 +111,7 @@ async fn signed<T: DeserializeOwned>(
 ) -> Result<(WorkerId, T), ApiError> {
     let bytes = read_body(body, JSON_BODY_MAX).await?;
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let max_skew = shared
-        .core
-        .lock()
-        .map(|c| c.config().max_clock_skew_ms)
-        .unwrap_or(0);
+    let max_skew = shared.max_clock_skew_ms;
     let worker = protocol::auth::verify_request(
         h(protocol::auth::HEADER_WORKER),
         h(protocol::auth::HEADER_TIME),
@@ -233,11 +233,7 @@ async fn model(
 }
 
 async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoResponse, ApiError> {
-    let max = shared
-        .core
-        .lock()
-        .map(|c| c.config().limits.update_bytes_max)
-        .unwrap_or(0);
+    let max = shared.update_bytes_max;
     let bytes = read_body(body, usize::try_from(max).unwrap_or(usize::MAX)).await?;
     let reply = with_core(&shared, move |core, now| core.submit(&bytes, now)).await?;
     Ok(axum::Json(reply))

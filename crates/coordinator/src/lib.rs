@@ -75,6 +75,8 @@ impl Coordinator {
         bind: &str,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Result<Coordinator, StartError> {
+        let max_clock_skew_ms = config.max_clock_skew_ms;
+        let update_bytes_max = config.limits.update_bytes_max;
         let core = Core::open(dir, config, clock())?;
         let core = Arc::new(Mutex::new(core));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -96,6 +98,8 @@ impl Coordinator {
         let shared = http::Shared {
             core: core.clone(),
             clock: clock.clone(),
+            max_clock_skew_ms,
+            update_bytes_max,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(shared);
