@@ -158,13 +158,8 @@ impl RunFlags {
 }
 
 pub(crate) fn parse_codec(name: &str) -> anyhow::Result<Codec> {
-    Ok(match name {
-        "fp32" => Codec::Fp32,
-        "fp16" => Codec::Fp16,
-        "int8" => Codec::Int8Chunk { chunk: 4096 },
-        "int8-codebook" => Codec::Int8Codebook,
-        other => bail!("unknown codec {other:?}: choose fp32, fp16, int8 or int8-codebook"),
-    })
+    Codec::from_name(name)
+        .with_context(|| format!("unknown codec {name:?}: choose {}", Codec::NAMES))
 }
 
 #[derive(Debug, clap::Args)]

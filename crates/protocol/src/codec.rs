@@ -43,6 +43,21 @@ pub enum CodecError {
 }
 
 impl Codec {
+    /// The names configs and flags use: fp32, fp16, int8 (a scale per 4,096 values),
+    /// int8-codebook.
+    pub const NAMES: &'static str = "fp32, fp16, int8 or int8-codebook";
+
+    /// Parses one of [`Codec::NAMES`].
+    pub fn from_name(name: &str) -> Option<Codec> {
+        Some(match name {
+            "fp32" => Codec::Fp32,
+            "fp16" => Codec::Fp16,
+            "int8" => Codec::Int8Chunk { chunk: 4096 },
+            "int8-codebook" => Codec::Int8Codebook,
+            _ => return None,
+        })
+    }
+
     /// The tag byte and the 32-bit parameter of the wire header.
     pub fn to_wire(self) -> (u8, u32) {
         match self {

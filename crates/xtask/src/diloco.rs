@@ -61,13 +61,8 @@ pub(crate) struct DilocoBench {
 }
 
 fn codec(name: &str) -> anyhow::Result<protocol::Codec> {
-    Ok(match name {
-        "fp32" => protocol::Codec::Fp32,
-        "fp16" => protocol::Codec::Fp16,
-        "int8" => protocol::Codec::Int8Chunk { chunk: 4096 },
-        "int8-codebook" => protocol::Codec::Int8Codebook,
-        other => bail!("unknown codec {other:?}: fp32, fp16, int8 or int8-codebook"),
-    })
+    protocol::Codec::from_name(name)
+        .with_context(|| format!("unknown codec {name:?}: {}", protocol::Codec::NAMES))
 }
 
 struct Setup {
