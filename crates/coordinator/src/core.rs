@@ -16,10 +16,10 @@ use axum::http::StatusCode;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig, Preset};
 use protocol::api::{LeaseReply, RoundStatus, RunInfo, Status, SubmitReply, UnitSpec};
-use protocol::{SignedUpdate, WorkerId};
+use protocol::{SignedUpdate, UpdateHeader, WorkerId};
 use scheduler::{Effect, Event, Scheduler, UnitStatus};
 use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, WorkerRow};
-use validation::{LeaseState, Reject, RoundState, Verdict};
+use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
@@ -419,15 +419,128 @@ impl Core {
         self.after(&effects, now_ms)
     }
 
-    /// Validates an update and, if it is accepted, stores it and counts it.
+    /// Validates and, if accepted, stores one update: [`validation::inspect`], then
+    /// [`Core::precheck`], the blob, and [`Core::accept`]. The HTTP server runs the same
+    /// stages but holds the core's lock only for the two cheap ones.
     pub fn submit(&mut self, bytes: &[u8], now_ms: u64) -> Result<SubmitReply, ApiError> {
-        // Expire what is due first, so the lease checked below is the one that counts.
+        let update = self.inspect(bytes, now_ms)?;
+        self.precheck(&update, now_ms)?;
+        let blob = self
+            .store
+            .blobs()
+            .put(bytes)
+            .map_err(|e| ApiError::internal(&e))?;
+        self.accept(&update, &blob, bytes.len() as u64, now_ms)
+    }
+
+    /// The stage of validation that needs no round state, with its rejection recorded.
+    /// (The HTTP server calls [`validation::inspect`] itself, outside the lock.)
+    fn inspect(&mut self, bytes: &[u8], now_ms: u64) -> Result<Inspected, ApiError> {
+        validation::inspect(bytes, &self.config.limits).or_else(|verdict| {
+            self.reject(verdict, None, now_ms)
+                .map(|never| match never {})
+        })
+    }
+
+    /// Judges an inspected update against the round as it stands, before its blob is
+    /// written; records and returns a rejection.
+    pub fn precheck(&mut self, update: &Inspected, now_ms: u64) -> Result<(), ApiError> {
+        // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
-        let header = SignedUpdate::parse(bytes, &self.config.limits)
-            .ok()
-            .map(|u| u.header);
-        let lease = header
-            .and_then(|h| self.scheduler.lease_view(h.work_unit))
+        match self.judge(update) {
+            Verdict::Accepted { .. } => Ok(()),
+            verdict => self
+                .reject(verdict, Some(&update.header), now_ms)
+                .map(|never| match never {}),
+        }
+    }
+
+    /// Judges the update again (the round may have moved since the precheck) and, if it
+    /// is accepted, commits its row (naming `blob`, already durable) with the scheduler's
+    /// next state. A rejection here leaves no blob behind unless a row names it.
+    pub fn accept(
+        &mut self,
+        update: &Inspected,
+        blob: &BlobHash,
+        n_bytes: u64,
+        now_ms: u64,
+    ) -> Result<SubmitReply, ApiError> {
+        self.tick(now_ms)?;
+        let (work_unit, worker, norm) = match self.judge(update) {
+            Verdict::Accepted {
+                work_unit,
+                worker,
+                norm,
+            } => (work_unit, worker, norm),
+            verdict => {
+                let referenced = self
+                    .store
+                    .blob_referenced(blob)
+                    .map_err(|e| ApiError::internal(&e))?;
+                if !referenced {
+                    self.store
+                        .blobs()
+                        .remove(blob)
+                        .map_err(|e| ApiError::internal(&e))?;
+                }
+                return self
+                    .reject(verdict, Some(&update.header), now_ms)
+                    .map(|never| match never {});
+            }
+        };
+        let base_version = update.header.base_version;
+        let weight =
+            self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
+        let row = UpdateRow {
+            unit: work_unit,
+            round: self.scheduler.round(),
+            worker: worker.to_string(),
+            base_version,
+            blob: blob.clone(),
+            bytes: n_bytes,
+            norm,
+            weight,
+            received_ms: now_ms,
+        };
+        let effects = self.advance(
+            now_ms,
+            &[Event::UpdateAccepted {
+                worker,
+                unit: work_unit,
+            }],
+            |tx| tx.insert_update(&row),
+        )?;
+        self.accepted.insert(
+            work_unit,
+            Accepted {
+                blob: blob.clone(),
+                weight,
+                norm,
+            },
+        );
+        let reply = SubmitReply {
+            unit: work_unit,
+            norm,
+            round_accepted: self.accepted.len() as u32,
+        };
+        self.after(&effects, now_ms)?;
+        Ok(reply)
+    }
+
+    /// The blob directory, for writing an update's blob outside the core's lock.
+    pub fn blobs(&self) -> store::Blobs {
+        self.store.blobs().clone()
+    }
+
+    /// The limits updates are parsed under.
+    pub fn limits(&self) -> protocol::Limits {
+        self.config.limits
+    }
+
+    fn judge(&self, update: &Inspected) -> Verdict {
+        let lease = self
+            .scheduler
+            .lease_view(update.header.work_unit)
             .map(|l| LeaseState {
                 work_unit: l.unit,
                 worker: l.worker,
@@ -442,73 +555,39 @@ impl Core {
             median_norm: self.median_norm(),
             median_multiple_max: self.config.median_norm_multiple,
         };
-        match validation::validate(bytes, &self.config.limits, &round, lease.as_ref()) {
-            Verdict::Accepted {
-                work_unit,
-                worker,
-                norm,
-                ..
-            } => {
-                let blob = self
-                    .store
-                    .blobs()
-                    .put(bytes)
-                    .map_err(|e| ApiError::internal(&e))?;
-                let weight = self.config.schedule.steps_per_unit as u64
-                    * self.config.batch as u64
-                    * self.seq as u64;
-                let row = UpdateRow {
-                    unit: work_unit,
-                    round: self.scheduler.round(),
-                    worker: worker.to_string(),
-                    base_version: lease.map(|l| l.base_version).unwrap_or_default(),
-                    blob: blob.clone(),
-                    bytes: bytes.len() as u64,
-                    norm,
-                    weight,
-                    received_ms: now_ms,
-                };
-                let effects = self.advance(
-                    now_ms,
-                    &[Event::UpdateAccepted {
-                        worker,
-                        unit: work_unit,
-                    }],
-                    |tx| tx.insert_update(&row),
-                )?;
-                self.accepted
-                    .insert(work_unit, Accepted { blob, weight, norm });
-                let reply = SubmitReply {
-                    unit: work_unit,
-                    norm,
-                    round_accepted: self.accepted.len() as u32,
-                };
-                self.after(&effects, now_ms)?;
-                Ok(reply)
-            }
-            Verdict::Rejected { reason, sentence } => {
-                // Rejections of signed updates are kept (attributable to a key); unsigned
-                // garbage is answered and forgotten, so it cannot fill the disk.
-                let signed = !matches!(
-                    reason,
-                    Reject::Malformed | Reject::HashMismatch | Reject::BadSignature
-                );
-                if let (true, Some(h)) = (signed, header) {
-                    let row = RejectionRow {
-                        received_ms: now_ms,
-                        round: self.scheduler.round(),
-                        worker: h.worker.to_string(),
-                        unit: h.work_unit,
-                        code: reason.code().to_owned(),
-                        sentence: sentence.clone(),
-                    };
-                    self.store
-                        .write(|tx| tx.insert_rejection(&row))
-                        .map_err(|e| ApiError::internal(&e))?;
-                }
-                Err(ApiError::rejected(reason, sentence))
-            }
+        validation::judge(update, &round, lease.as_ref())
+    }
+
+    /// Records a rejection and returns it as the reply. Rejections of signed updates are
+    /// kept (attributable to a key); unsigned garbage is answered and forgotten, so it
+    /// cannot fill the disk.
+    fn reject(
+        &mut self,
+        verdict: Verdict,
+        header: Option<&UpdateHeader>,
+        now_ms: u64,
+    ) -> Result<std::convert::Infallible, ApiError> {
+        let Verdict::Rejected { reason, sentence } = verdict else {
+            return Err(ApiError::from_verdict(verdict));
+        };
+        let signed = !matches!(
+            reason,
+            Reject::Malformed | Reject::HashMismatch | Reject::BadSignature
+        );
+        if let (true, Some(h)) = (signed, header) {
+            let row = RejectionRow {
+                received_ms: now_ms,
+                round: self.scheduler.round(),
+                worker: h.worker.to_string(),
+                unit: h.work_unit,
+                code: reason.code().to_owned(),
+                sentence: sentence.clone(),
+            };
+            self.store
+                .write(|tx| tx.insert_rejection(&row))
+                .map_err(|e| ApiError::internal(&e))?;
         }
+        Err(ApiError::rejected(reason, sentence))
     }
 
     fn median_norm(&self) -> Option<f32> {

@@ -53,6 +53,19 @@ impl ApiError {
         };
         ApiError::new(status, reason.code(), sentence)
     }
+
+    /// The reply to a verdict that is a rejection (an acceptance here is a bug, reported
+    /// as one).
+    pub fn from_verdict(verdict: validation::Verdict) -> ApiError {
+        match verdict {
+            validation::Verdict::Rejected { reason, sentence } => {
+                ApiError::rejected(reason, sentence)
+            }
+            validation::Verdict::Accepted { .. } => ApiError::internal(&std::io::Error::other(
+                "an accepted verdict taken for a rejection",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Display for ApiError {

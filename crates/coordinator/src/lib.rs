@@ -77,7 +77,9 @@ impl Coordinator {
     ) -> Result<Coordinator, StartError> {
         let max_clock_skew_ms = config.max_clock_skew_ms;
         let update_bytes_max = config.limits.update_bytes_max;
+        let limits = config.limits;
         let core = Core::open(dir, config, clock())?;
+        let core_blobs = core.blobs();
         let core = Arc::new(Mutex::new(core));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -100,6 +102,9 @@ impl Coordinator {
             clock: clock.clone(),
             max_clock_skew_ms,
             update_bytes_max,
+            limits,
+            blobs: core_blobs,
+            buffers: Arc::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(shared);

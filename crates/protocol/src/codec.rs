@@ -199,6 +199,139 @@ impl Codec {
     }
 }
 
+/// What validation needs of a decoded delta, computed from the payload without
+/// materializing the delta: the L2 norm, or the first value that is not finite.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Summary {
+    Finite { norm: f32 },
+    NonFinite { index: usize, value: f32 },
+}
+
+impl Codec {
+    /// Summarizes the values `decode` would return (the same non-finite value at the same
+    /// index; the norm to within float rounding), without allocating them: int8 chunks
+    /// sum their integer codes' squares once and scale the sum, the codebook counts its
+    /// indices. Norms are summed in f64.
+    pub fn summarize(self, payload: &[u8], n_params: u32) -> Result<Summary, CodecError> {
+        let want = self.payload_bytes(n_params);
+        if payload.len() as u64 != want {
+            return Err(CodecError::Length {
+                codec: self,
+                n_params,
+                want,
+                got: payload.len() as u64,
+            });
+        }
+        let f32_at = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        Ok(match self {
+            Codec::Fp32 => summarize_values(payload.chunks_exact(4).map(f32_at)),
+            Codec::Fp16 => summarize_values(
+                payload
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            Codec::Int8Chunk { chunk } => {
+                let chunk = chunk as usize;
+                let n_chunks = (n_params as usize).div_ceil(chunk);
+                let (scales, qs) = payload.split_at(4 * n_chunks);
+                let mut sum = 0.0f64;
+                for (c, (q, scale)) in qs.chunks(chunk).zip(scales.chunks_exact(4)).enumerate() {
+                    let scale = f32_at(scale);
+                    let (squares, max_abs) = int8_squares(q);
+                    if !(scale * max_abs as f32).is_finite() || !scale.is_finite() {
+                        // Rare: find the first bad value exactly as `decode` makes it.
+                        for (i, &q) in q.iter().enumerate() {
+                            let value = scale * (q as i8) as f32;
+                            if !value.is_finite() {
+                                return Ok(Summary::NonFinite {
+                                    index: c * chunk + i,
+                                    value,
+                                });
+                            }
+                        }
+                    }
+                    sum += (scale as f64) * (scale as f64) * squares as f64;
+                }
+                Summary::Finite {
+                    norm: sum.sqrt() as f32,
+                }
+            }
+            Codec::Int8Codebook => {
+                let (book, idx) = payload.split_at(4 * CODEBOOK_LEN);
+                let book: Vec<f32> = book.chunks_exact(4).map(f32_at).collect();
+                if let Some(index) = idx.iter().position(|&i| !book[i as usize].is_finite()) {
+                    return Ok(Summary::NonFinite {
+                        index,
+                        value: book[idx[index] as usize],
+                    });
+                }
+                // Four interleaved histograms, so consecutive equal indices do not wait
+                // on one counter.
+                let mut counts = [[0u64; CODEBOOK_LEN]; 4];
+                let quads = idx.chunks_exact(4);
+                for &i in quads.remainder() {
+                    counts[0][i as usize] += 1;
+                }
+                for q in quads {
+                    for (h, &i) in counts.iter_mut().zip(q) {
+                        h[i as usize] += 1;
+                    }
+                }
+                let sum: f64 = (0..CODEBOOK_LEN)
+                    .map(|b| {
+                        let n: u64 = counts.iter().map(|h| h[b]).sum();
+                        n as f64 * (book[b] as f64) * (book[b] as f64)
+                    })
+                    .sum();
+                Summary::Finite {
+                    norm: sum.sqrt() as f32,
+                }
+            }
+        })
+    }
+}
+
+/// The sum of squares of int8 codes and their largest magnitude.
+fn int8_squares(q: &[u8]) -> (u64, u8) {
+    let mut total = 0u64;
+    let mut max_abs = 0u8;
+    // 4,096 squares of at most 127^2 fit a u32; the inner loop vectorizes.
+    for block in q.chunks(4096) {
+        let mut s = 0u32;
+        let mut m = 0u8;
+        for &b in block {
+            let v = b as i8;
+            s += (v as i32 * v as i32) as u32;
+            m = m.max(v.unsigned_abs());
+        }
+        total += s as u64;
+        max_abs = max_abs.max(m);
+    }
+    (total, max_abs)
+}
+
+/// The norm of `values` summed in f64 over 8 fixed lanes (so it depends on nothing but
+/// the values), or the first value that is not finite.
+pub fn summarize_values(values: impl Iterator<Item = f32>) -> Summary {
+    let mut lanes = [0.0f64; 8];
+    let mut finite = true;
+    let mut first_bad = None;
+    for (i, x) in values.enumerate() {
+        let ok = x.is_finite();
+        if !ok && first_bad.is_none() {
+            first_bad = Some((i, x));
+        }
+        finite &= ok;
+        lanes[i % 8] += (x as f64) * (x as f64);
+    }
+    match first_bad {
+        Some((index, value)) if !finite => Summary::NonFinite { index, value },
+        _ => Summary::Finite {
+            norm: lanes.iter().sum::<f64>().sqrt() as f32,
+        },
+    }
+}
+
 /// Lower edge and bin width of the codebook: mean +- 6 sigma over 256 bins.
 fn codebook_range(values: &[f32]) -> (f64, f64) {
     let finite = values.iter().filter(|v| v.is_finite());
@@ -313,5 +446,66 @@ mod tests {
                 same
             );
         }
+    }
+
+    /// `summarize` agrees with the values `decode` returns, finite or not.
+    #[test]
+    fn summary_matches_decode() {
+        let values = delta(10_000);
+        let poke = |bytes: &mut Vec<u8>, at: usize, value: f32| {
+            bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        };
+        let mut cases: Vec<(Codec, Vec<u8>)> = Vec::new();
+        for codec in [
+            Codec::Fp32,
+            Codec::Fp16,
+            Codec::Int8Chunk { chunk: 256 },
+            Codec::Int8Codebook,
+        ] {
+            cases.push((codec, codec.encode(&values)));
+        }
+        let mut bad = values.clone();
+        bad[777] = f32::NAN;
+        bad[900] = f32::INFINITY;
+        cases.push((Codec::Fp32, Codec::Fp32.encode(&bad)));
+        bad[777] = 0.0;
+        cases.push((Codec::Fp16, Codec::Fp16.encode(&bad)));
+        let int8 = Codec::Int8Chunk { chunk: 256 };
+        let mut nan_scale = int8.encode(&values);
+        poke(&mut nan_scale, 4 * 3, f32::NAN);
+        cases.push((int8, nan_scale));
+        let mut huge_scale = int8.encode(&values);
+        poke(&mut huge_scale, 4 * 5, f32::MAX);
+        cases.push((int8, huge_scale));
+        let mut inf_entry = Codec::Int8Codebook.encode(&values);
+        let used = inf_entry[4 * CODEBOOK_LEN + 123] as usize;
+        poke(&mut inf_entry, 4 * used, f32::NEG_INFINITY);
+        cases.push((Codec::Int8Codebook, inf_entry));
+
+        let mut got = Vec::new();
+        for (codec, bytes) in &cases {
+            let decoded = codec.decode(bytes, 10_000).expect("decode");
+            let want = summarize_values(decoded.iter().copied());
+            let summary = codec.summarize(bytes, 10_000).expect("summarize");
+            match (summary, want) {
+                (Summary::Finite { norm: a }, Summary::Finite { norm: b }) => {
+                    assert!((a - b).abs() <= 1e-6 * b, "{codec:?}: {a} against {b}");
+                }
+                (
+                    Summary::NonFinite { index: i, value: a },
+                    Summary::NonFinite { index: j, value: b },
+                ) => {
+                    assert_eq!(i, j, "{codec:?}");
+                    assert_eq!(a.to_bits(), b.to_bits(), "{codec:?}");
+                }
+                (a, b) => panic!("{codec:?}: {a:?} against {b:?}"),
+            }
+            got.push(match summary {
+                Summary::Finite { .. } => "finite".to_owned(),
+                Summary::NonFinite { index, value } => format!("{index}={value}"),
+            });
+        }
+        expect_test::expect!["finite finite finite finite 777=NaN 900=inf 768=NaN 1358=inf 6=-inf"]
+            .assert_eq(&got.join(" "));
     }
 }

@@ -14,9 +14,11 @@ pub mod codec;
 pub mod limits;
 pub mod update;
 
-pub use codec::Codec;
+pub use codec::{Codec, Summary, summarize_values};
 pub use limits::Limits;
-pub use update::{DecodeError, SignedUpdate, UpdateHeader, WorkerId, encode_update};
+pub use update::{
+    DecodeError, SignedUpdate, UpdateHeader, WorkerId, encode_update, encode_update_payload,
+};
 
 /// Version of the update format; bumped with any change to its bytes.
 pub const UPDATE_FORMAT_VERSION: u16 = 1;

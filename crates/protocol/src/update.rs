@@ -126,6 +126,16 @@ impl DecodeError {
 /// `worker` and `n_params` are taken from `key` and `delta`.
 pub fn encode_update(header: &UpdateHeader, delta: &[f32], key: &SigningKey) -> Vec<u8> {
     let payload = header.codec.encode(delta);
+    let header = UpdateHeader {
+        n_params: delta.len() as u32,
+        ..*header
+    };
+    encode_update_payload(&header, &payload, key)
+}
+
+/// As [`encode_update`], for a payload already encoded with `header.codec` for
+/// `header.n_params` values (`worker` is still taken from `key`).
+pub fn encode_update_payload(header: &UpdateHeader, payload: &[u8], key: &SigningKey) -> Vec<u8> {
     let (tag, param) = header.codec.to_wire();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(MAGIC);
@@ -136,14 +146,14 @@ pub fn encode_update(header: &UpdateHeader, delta: &[f32], key: &SigningKey) -> 
     out.extend_from_slice(&header.base_version.to_le_bytes());
     out.extend_from_slice(&WorkerId::of(key).0);
     out.extend_from_slice(&header.nonce.to_le_bytes());
-    out.extend_from_slice(&(delta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header.n_params.to_le_bytes());
     out.extend_from_slice(&param.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(blake3::hash(&payload).as_bytes());
+    out.extend_from_slice(blake3::hash(payload).as_bytes());
     debug_assert_eq!(out.len(), SIGNED_BYTES);
     let signature = key.sign(&out);
     out.extend_from_slice(&signature.to_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(payload);
     out
 }
 
@@ -257,6 +267,15 @@ impl<'a> SignedUpdate<'a> {
             .header
             .codec
             .decode(self.payload, self.header.n_params)?)
+    }
+
+    /// The delta's norm or first non-finite value, without decoding it (call after
+    /// `verify`).
+    pub fn summarize(&self) -> Result<crate::Summary, DecodeError> {
+        Ok(self
+            .header
+            .codec
+            .summarize(self.payload, self.header.n_params)?)
     }
 
     /// The blake3 hash of the payload, as claimed (verified by `verify`).

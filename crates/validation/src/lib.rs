@@ -1,15 +1,19 @@
 //! Validation of one received update against the state of its round.
 //!
-//! Every update gets a [`Verdict`]: accepted (with its decoded delta and norm), or
+//! Every update gets a [`Verdict`]: accepted (with its norm), or
 //! rejected with a stable machine code and a sentence the worker can act on. A rejection
-//! is an expected outcome, not an error. The checks run cheapest first: structure and
-//! limits, payload hash, signature, staleness, lease (exists, is the signer's, not
+//! is an expected outcome, not an error. The checks that need only the bytes
+//! ([`inspect`]: structure and limits, payload hash, signature, and one pass over the
+//! payload for the delta's norm and finiteness) run before, and apart from, those that
+//! need the round ([`judge`]), so a server can run the first without holding its state.
+//! The reasons are reported in this order: structure and limits, payload hash,
+//! signature, staleness, lease (exists, is the signer's, not
 //! already submitted), base version, shape, finiteness, the absolute norm bound, and
 //! the bound relative to the round's median norm.
 //!
 //! No IO, no clock: the caller passes what it knows of the round and the lease.
 
-use protocol::{Limits, SignedUpdate, WorkerId};
+use protocol::{Limits, SignedUpdate, Summary, UpdateHeader, WorkerId};
 use serde::{Deserialize, Serialize};
 
 /// What the coordinator knows of the round the update is for.
@@ -83,7 +87,6 @@ pub enum Verdict {
     Accepted {
         work_unit: u64,
         worker: WorkerId,
-        delta: Vec<f32>,
         norm: f32,
     },
     Rejected {
@@ -101,25 +104,46 @@ impl Verdict {
     }
 }
 
-/// Validates `bytes` as the update for the unit `lease` describes (`None`: the unit is
-/// unknown or not leased), within `round`.
-pub fn validate(
-    bytes: &[u8],
-    limits: &Limits,
-    round: &RoundState,
-    lease: Option<&LeaseState>,
-) -> Verdict {
+/// What the bytes of a well-formed, correctly signed update say, found without any round
+/// state: its header, and its delta's norm or first non-finite value (or why the payload
+/// does not decode). Computing it is most of validation's cost, so a server runs it
+/// before it takes the lock on its round state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inspected {
+    pub header: UpdateHeader,
+    content: Result<Summary, String>,
+}
+
+/// Checks structure, limits, payload hash and signature, and summarizes the delta.
+/// `Err` is the verdict for bytes that are malformed or not signed by the key they name.
+pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<Inspected, Verdict> {
     let update = match SignedUpdate::parse(bytes, limits) {
         Ok(u) => u,
-        Err(e) => return Verdict::reject(Reject::Malformed, format!("{e} ({})", e.code())),
+        Err(e) => {
+            return Err(Verdict::reject(
+                Reject::Malformed,
+                format!("{e} ({})", e.code()),
+            ));
+        }
     };
     if let Err(e) = update.verify() {
         let reason = match e {
             protocol::DecodeError::HashMismatch => Reject::HashMismatch,
             _ => Reject::BadSignature,
         };
-        return Verdict::reject(reason, e.to_string());
+        return Err(Verdict::reject(reason, e.to_string()));
     }
+    Ok(Inspected {
+        header: update.header,
+        content: update
+            .summarize()
+            .map_err(|e| format!("{e} ({})", e.code())),
+    })
+}
+
+/// Judges an inspected update against its round and lease (`None`: the unit is unknown
+/// or not leased). Cheap: no pass over the delta.
+pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>) -> Verdict {
     let h = update.header;
     // Staleness first: an update that old is refused whatever became of its lease.
     let staleness = round.current_version.saturating_sub(h.base_version);
@@ -174,16 +198,15 @@ pub fn validate(
             ),
         );
     }
-    let delta = match update.decode() {
-        Ok(d) => d,
-        Err(e) => return Verdict::reject(Reject::Malformed, format!("{e} ({})", e.code())),
-    };
-    let Some(norm) = l2_norm_if_finite(&delta) else {
-        let i = delta.iter().position(|x| !x.is_finite()).unwrap_or(0);
-        return Verdict::reject(
-            Reject::NonFinite,
-            format!("value {i} of the update is {}", delta[i]),
-        );
+    let norm = match &update.content {
+        Err(sentence) => return Verdict::reject(Reject::Malformed, sentence.clone()),
+        Ok(Summary::NonFinite { index, value }) => {
+            return Verdict::reject(
+                Reject::NonFinite,
+                format!("value {index} of the update is {value}"),
+            );
+        }
+        Ok(Summary::Finite { norm }) => *norm,
     };
     if norm > round.delta_norm_max {
         return Verdict::reject(
@@ -209,29 +232,22 @@ pub fn validate(
     Verdict::Accepted {
         work_unit: h.work_unit,
         worker: h.worker,
-        delta,
         norm,
     }
 }
 
-/// The L2 norm (summed in f64 over 8 fixed lanes, so the result does not depend on
-/// anything but the values), or `None` if a value is NaN or infinite.
-fn l2_norm_if_finite(values: &[f32]) -> Option<f32> {
-    let mut lanes = [0.0f64; 8];
-    let mut finite = true;
-    let chunks = values.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(c) {
-            finite &= x.is_finite();
-            *lane += (x as f64) * (x as f64);
-        }
+/// Validates `bytes` as the update for the unit `lease` describes (`None`: the unit is
+/// unknown or not leased), within `round`: [`inspect`], then [`judge`].
+pub fn validate(
+    bytes: &[u8],
+    limits: &Limits,
+    round: &RoundState,
+    lease: Option<&LeaseState>,
+) -> Verdict {
+    match inspect(bytes, limits) {
+        Ok(update) => judge(&update, round, lease),
+        Err(verdict) => verdict,
     }
-    for (lane, &x) in lanes.iter_mut().zip(tail) {
-        finite &= x.is_finite();
-        *lane += (x as f64) * (x as f64);
-    }
-    finite.then(|| lanes.iter().sum::<f64>().sqrt() as f32)
 }
 
 #[cfg(test)]
@@ -284,11 +300,8 @@ mod tests {
     ) {
         let got = match validate(bytes, &protocol::Limits::default(), &round, lease.as_ref()) {
             Verdict::Accepted {
-                work_unit,
-                delta,
-                norm,
-                ..
-            } => format!("accepted unit {work_unit} norm {norm:.3} {delta:?}"),
+                work_unit, norm, ..
+            } => format!("accepted unit {work_unit} norm {norm:.3}"),
             Verdict::Rejected { reason, sentence } => format!("{}: {sentence}", reason.code()),
         };
         expect.assert_eq(&got);
@@ -301,7 +314,7 @@ mod tests {
             &good,
             ROUND,
             Some(lease()),
-            expect_test::expect!["accepted unit 11 norm 1.000 [0.5, -0.5, 0.5, -0.5]"],
+            expect_test::expect!["accepted unit 11 norm 1.000"],
         );
         check(
             &good[..50],
@@ -409,7 +422,7 @@ mod tests {
                 ..ROUND
             },
             Some(lease()),
-            expect_test::expect!["accepted unit 11 norm 6.000 [6.0, 0.0, 0.0, 0.0]"],
+            expect_test::expect!["accepted unit 11 norm 6.000"],
         );
     }
 }
