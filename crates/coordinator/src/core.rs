@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use aggregation::{OuterOptimizer, WeightedDelta};
 use axum::http::StatusCode;
+use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig, Preset};
+use ledger::{Draft, Ledger, Prepared};
 use protocol::api::{LeaseReply, RoundStatus, RunInfo, Status, SubmitReply, UnitSpec};
 use protocol::{SignedUpdate, UpdateHeader, WorkerId};
 use scheduler::{Effect, Event, Scheduler, UnitStatus};
@@ -45,6 +47,15 @@ pub enum CoreError {
     ConfigMismatch { dir: String, stored: String },
     #[error("the store is inconsistent: {0}")]
     Inconsistent(String),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(
+        "the ledger in {dir} does not verify ({error}); it was changed outside hivetrain, or {dir}/ledger.key is not the key that signed it"
+    )]
+    Ledger {
+        dir: String,
+        error: ledger::VerifyError,
+    },
 }
 
 /// The current version, ready to serve.
@@ -80,6 +91,11 @@ pub struct Core {
     run_info: RunInfo,
     workers: HashSet<WorkerId>,
     initial_loss: f32,
+    /// Credit for accepted work, spends and payouts; every entry is committed in the
+    /// same transaction as what it is for.
+    ledger: Ledger,
+    /// Signs the ledger's entries and tree heads (`<dir>/ledger.key`).
+    authority: SigningKey,
 }
 
 impl std::fmt::Debug for Core {
@@ -92,9 +108,58 @@ impl std::fmt::Debug for Core {
 }
 
 const META_CONFIG: &str = "config";
+/// The ledger authority's key file, in the store's directory.
+const LEDGER_KEY: &str = "ledger.key";
+
+/// The ledger reference of the mint for an accepted update.
+pub fn mint_reference(unit: u64) -> String {
+    format!("update:{unit}")
+}
+
+/// Every accepted update has exactly one mint, and every mint is for an accepted update.
+fn check_mints(ledger: &Ledger, units: &[u64]) -> Result<(), CoreError> {
+    for &unit in units {
+        if ledger
+            .find(ledger::Kind::Mint, &mint_reference(unit))
+            .is_none()
+        {
+            return Err(CoreError::Inconsistent(format!(
+                "the accepted update of unit {unit} has no mint in the ledger"
+            )));
+        }
+    }
+    let mints = ledger
+        .entries()
+        .iter()
+        .filter(|e| e.kind == ledger::Kind::Mint)
+        .count();
+    if mints != units.len() {
+        return Err(CoreError::Inconsistent(format!(
+            "the ledger holds {mints} mints for {} accepted updates",
+            units.len()
+        )));
+    }
+    Ok(())
+}
 const META_SCHEDULER: &str = "scheduler";
 /// The blob hash of the run's tokenizer.json (the registry reads it).
 pub const META_TOKENIZER: &str = "tokenizer";
+
+/// The reply to an entry the ledger refuses.
+fn ledger_refusal(e: ledger::LedgerError) -> ApiError {
+    match e {
+        ledger::LedgerError::Insufficient { .. } => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_credit",
+            e.to_string(),
+        ),
+        ledger::LedgerError::Conflict { .. } => conflict("reference_reused", e.to_string()),
+        ledger::LedgerError::Shape { .. } | ledger::LedgerError::NoSuchMint(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_entry", e.to_string())
+        }
+        ledger::LedgerError::Overflow | ledger::LedgerError::Stale { .. } => ApiError::internal(&e),
+    }
+}
 
 fn conflict(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, code, message)
@@ -250,6 +315,15 @@ impl Core {
             .iter()
             .filter_map(|w| WorkerId::parse(&w.id))
             .collect();
+        let (authority, _) = keys::load_or_create(&dir.join(LEDGER_KEY))?;
+        let ledger =
+            Ledger::replay(authority.verifying_key(), store.ledger_entries()?).map_err(|e| {
+                CoreError::Ledger {
+                    dir: dir.display().to_string(),
+                    error: e,
+                }
+            })?;
+        check_mints(&ledger, &store.accepted_units()?)?;
         let run_info = RunInfo {
             preset: config.preset.clone(),
             n_params: n_params as u32,
@@ -283,6 +357,8 @@ impl Core {
             run_info,
             workers,
             initial_loss,
+            ledger,
+            authority,
         };
         core.aggregate_if_pending(now_ms)?;
         Ok(core)
@@ -491,6 +567,22 @@ impl Core {
         let base_version = update.header.base_version;
         let weight =
             self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
+        // Credit for the work the coordinator assigned (at least one micro-credit, so
+        // every accepted update has its mint), committed with the update's row.
+        let credit = ledger::credit_for_work(self.run_info.n_params as u64, weight).max(1);
+        let mint = match self.ledger.prepare(
+            Draft::mint(worker, credit, mint_reference(work_unit)),
+            now_ms,
+            &self.authority,
+        ) {
+            Ok(Prepared::New(entry)) => *entry,
+            Ok(Prepared::Existing(seq)) => {
+                return Err(ApiError::internal(&CoreError::Inconsistent(format!(
+                    "unit {work_unit} already has its mint, entry {seq}"
+                ))));
+            }
+            Err(e) => return Err(ApiError::internal(&e)),
+        };
         let row = UpdateRow {
             unit: work_unit,
             round: self.scheduler.round(),
@@ -508,8 +600,14 @@ impl Core {
                 worker,
                 unit: work_unit,
             }],
-            |tx| tx.insert_update(&row),
+            |tx| {
+                tx.insert_update(&row)?;
+                tx.insert_entry(&mint)
+            },
         )?;
+        self.ledger
+            .commit(mint)
+            .map_err(|e| ApiError::internal(&e))?;
         self.accepted.insert(
             work_unit,
             Accepted {
@@ -522,9 +620,174 @@ impl Core {
             unit: work_unit,
             norm,
             round_accepted: self.accepted.len() as u32,
+            credit,
         };
         self.after(&effects, now_ms)?;
         Ok(reply)
+    }
+
+    /// A page of ledger entries from `from`, at most `limit` of them.
+    pub fn ledger_page(&self, from: u64, limit: u64) -> ledger::wire::EntriesPage {
+        let entries = self.ledger.entries();
+        let size = entries.len() as u64;
+        let start = from.min(size) as usize;
+        let end = start + (limit.min(size - start as u64)) as usize;
+        ledger::wire::EntriesPage {
+            entries: entries[start..end].to_vec(),
+            size,
+            next: (end < entries.len()).then_some(end as u64),
+        }
+    }
+
+    /// A signed head of the ledger's Merkle tree as it stands.
+    pub fn tree_head(&self, now_ms: u64) -> ledger::TreeHead {
+        self.ledger.tree_head(now_ms, &self.authority)
+    }
+
+    /// The inclusion proof of entry `seq` in the tree of the first `size` entries.
+    pub fn inclusion_proof(
+        &self,
+        seq: u64,
+        size: u64,
+    ) -> Result<ledger::merkle::InclusionProof, ApiError> {
+        let len = self.ledger.len() as u64;
+        if size == 0 || size > len || seq >= size {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_entry",
+                format!(
+                    "no entry {seq} in a tree of {size} entries (the ledger holds {len}); take size from a tree head"
+                ),
+            ));
+        }
+        self.ledger
+            .inclusion_proof(seq, size)
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("proof out of range")))
+    }
+
+    /// A wallet's totals and entries.
+    pub fn wallet(&self, wallet: WorkerId) -> ledger::wire::WalletView {
+        self.ledger.wallet_view(&ledger::Account::Wallet(wallet))
+    }
+
+    /// Wallets by credit earned, most first.
+    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, ApiError> {
+        let names: HashMap<String, String> = self
+            .store
+            .workers()
+            .map_err(|e| ApiError::internal(&e))?
+            .into_iter()
+            .map(|w| (w.id, w.name))
+            .collect();
+        let mut earned: BTreeMap<WorkerId, (u64, u64)> = BTreeMap::new();
+        for e in self.ledger.entries() {
+            if let (ledger::Kind::Mint, Some(ledger::Account::Wallet(w))) = (e.kind, e.to) {
+                let row = earned.entry(w).or_default();
+                row.0 += e.amount;
+                row.1 += 1;
+            }
+        }
+        let mut rows: Vec<ledger::wire::LeaderRow> = earned
+            .into_iter()
+            .map(|(w, (earned, units))| ledger::wire::LeaderRow {
+                wallet: w.to_string(),
+                name: names.get(&w.to_string()).cloned().unwrap_or_default(),
+                earned,
+                units,
+                balance: self.ledger.balance(&ledger::Account::Wallet(w)),
+            })
+            .collect();
+        rows.sort_by(|a, b| b.earned.cmp(&a.earned).then(a.wallet.cmp(&b.wallet)));
+        Ok(rows)
+    }
+
+    /// Network totals.
+    pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
+        let accepted = self
+            .store
+            .accepted_units()
+            .map_err(|e| ApiError::internal(&e))?
+            .len() as u64;
+        let tokens_per_unit =
+            self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
+        let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+        Ok(ledger::wire::Stats {
+            entries: self.ledger.len() as u64,
+            minted: saturate(self.ledger.minted()),
+            burned: saturate(self.ledger.burned()),
+            pool: self.ledger.balance(&ledger::Account::Pool),
+            wallets: self
+                .ledger
+                .balances()
+                .keys()
+                .filter(|a| matches!(a, ledger::Account::Wallet(_)))
+                .count() as u64,
+            workers: self.workers.len() as u64,
+            accepted_updates: accepted,
+            tokens_trained: accepted * tokens_per_unit,
+            current_version: self.current.version,
+            head: self.ledger.head_hash(),
+        })
+    }
+
+    /// Moves credit from the signer's wallet to another; repeating a transfer (same
+    /// reference, recipient and amount) is a no-op that returns the first entry.
+    pub fn transfer(
+        &mut self,
+        from: WorkerId,
+        request: &ledger::wire::TransferRequest,
+        now_ms: u64,
+    ) -> Result<ledger::Entry, ApiError> {
+        let bad =
+            |code: &str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+        let to = WorkerId::parse(&request.to).ok_or_else(|| {
+            bad(
+                "bad_wallet",
+                format!(
+                    "{:?} is not a wallet: a wallet is a worker's 64-hex-digit public key",
+                    request.to
+                ),
+            )
+        })?;
+        if to == from {
+            return Err(bad(
+                "bad_transfer",
+                "a wallet cannot transfer to itself".into(),
+            ));
+        }
+        if request.amount == 0 {
+            return Err(bad(
+                "bad_amount",
+                "the amount must be at least 1 micro-credit".into(),
+            ));
+        }
+        let reference = request.reference.trim();
+        if reference.is_empty() || reference.len() > 128 || reference.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "bad_reference",
+                "the reference must be 1 to 128 printable characters".into(),
+            ));
+        }
+        // References are the sender's own: two senders may use the same one.
+        let draft = Draft::transfer(from, to, request.amount, format!("{from}:{reference}"));
+        self.append(draft, now_ms)
+    }
+
+    /// Appends one entry, persisted before it counts; ledger refusals become replies.
+    fn append(&mut self, draft: Draft, now_ms: u64) -> Result<ledger::Entry, ApiError> {
+        let entry = match self.ledger.prepare(draft, now_ms, &self.authority) {
+            Ok(Prepared::New(entry)) => *entry,
+            Ok(Prepared::Existing(seq)) => return Ok(self.ledger.entries()[seq as usize].clone()),
+            Err(e) => return Err(ledger_refusal(e)),
+        };
+        self.store
+            .write(|tx| tx.insert_entry(&entry))
+            .map_err(|e| ApiError::internal(&e))?;
+        self.ledger
+            .commit(entry.clone())
+            .map_err(|e| ApiError::internal(&e))?;
+        Ok(entry)
     }
 
     /// The blob directory, for writing an update's blob outside the core's lock.

@@ -13,6 +13,13 @@
 //! | `GET /v1/models/{version}` | the version's safetensors (immutable, `ETag` = blake3) |
 //! | `POST /v1/updates` | a signed binary update; the reply is its verdict |
 //! | `GET /v1/status` | rounds, losses, units |
+//! | `GET /v1/ledger?from=N&limit=M` | ledger entries ([`ledger::wire::EntriesPage`]) |
+//! | `GET /v1/ledger/head` | a signed tree head ([`ledger::TreeHead`]) |
+//! | `GET /v1/ledger/proof/{seq}?size=N` | an inclusion proof against a head of size N |
+//! | `GET /v1/wallets/{key}` | a wallet's balance, totals and entries |
+//! | `POST /v1/transfers` (signed) | move credit to another wallet |
+//! | `GET /v1/leaderboard` | wallets by credit earned |
+//! | `GET /v1/stats` | network totals |
 
 use std::sync::{Arc, Mutex};
 
@@ -63,6 +70,13 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/models/{version}", get(model))
         .route("/v1/updates", post(submit))
         .route("/v1/status", get(status))
+        .route("/v1/ledger", get(ledger_page))
+        .route("/v1/ledger/head", get(tree_head))
+        .route("/v1/ledger/proof/{seq}", get(inclusion_proof))
+        .route("/v1/wallets/{wallet}", get(wallet))
+        .route("/v1/transfers", post(transfer))
+        .route("/v1/leaderboard", get(leaderboard))
+        .route("/v1/stats", get(stats))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -310,4 +324,104 @@ async fn read_body_into(mut body: Body, max: usize, out: &mut Vec<u8>) -> Result
 async fn status(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     let status = with_core(&shared, |core, now| core.status(now)).await?;
     Ok(axum::Json(status))
+}
+
+/// Largest page of `GET /v1/ledger`.
+const LEDGER_PAGE_MAX: u64 = 10_000;
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    #[serde(default)]
+    from: u64,
+    limit: Option<u64>,
+}
+
+async fn ledger_page(
+    State(shared): State<Shared>,
+    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{e}: use ?from=N&limit=M"),
+        )
+    })?;
+    let limit = q.limit.unwrap_or(LEDGER_PAGE_MAX).min(LEDGER_PAGE_MAX);
+    let page = with_core(&shared, move |core, _| Ok(core.ledger_page(q.from, limit))).await?;
+    Ok(axum::Json(page))
+}
+
+async fn tree_head(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let head = with_core(&shared, |core, now| Ok(core.tree_head(now))).await?;
+    Ok(axum::Json(head))
+}
+
+#[derive(serde::Deserialize)]
+struct ProofQuery {
+    size: u64,
+}
+
+async fn inclusion_proof(
+    State(shared): State<Shared>,
+    Path(seq): Path<String>,
+    query: Result<axum::extract::Query<ProofQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let seq: u64 = seq.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_seq",
+            format!("{seq:?} is not an entry number"),
+        )
+    })?;
+    let axum::extract::Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{e}: give the tree size of a head, ?size=N"),
+        )
+    })?;
+    let proof = with_core(&shared, move |core, _| core.inclusion_proof(seq, q.size)).await?;
+    Ok(axum::Json(proof))
+}
+
+fn parse_wallet(text: &str) -> Result<WorkerId, ApiError> {
+    WorkerId::parse(text).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_wallet",
+            format!("{text:?} is not a wallet: a wallet is a worker's 64-hex-digit public key"),
+        )
+    })
+}
+
+async fn wallet(
+    State(shared): State<Shared>,
+    Path(wallet): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let wallet = parse_wallet(&wallet)?;
+    let view = with_core(&shared, move |core, _| Ok(core.wallet(wallet))).await?;
+    Ok(axum::Json(view))
+}
+
+async fn transfer(
+    State(shared): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let (from, request): (WorkerId, ledger::wire::TransferRequest) =
+        signed(&shared, &method, "/v1/transfers", &headers, body).await?;
+    let entry = with_core(&shared, move |core, now| core.transfer(from, &request, now)).await?;
+    Ok(axum::Json(entry))
+}
+
+async fn leaderboard(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let rows = with_core(&shared, |core, _| core.leaderboard()).await?;
+    Ok(axum::Json(rows))
+}
+
+async fn stats(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let stats = with_core(&shared, |core, _| core.stats()).await?;
+    Ok(axum::Json(stats))
 }

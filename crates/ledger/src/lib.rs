@@ -19,6 +19,7 @@
 //! persists the entries.
 
 pub mod merkle;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -375,6 +376,8 @@ pub enum LedgerError {
     NoSuchMint(String),
     #[error("the amount would overflow the ledger's totals")]
     Overflow,
+    #[error("entry {seq} was prepared for an earlier state of the ledger")]
+    Stale { seq: u64 },
 }
 
 /// Why a list of entries is not a valid ledger: the first broken entry and what is wrong
@@ -401,6 +404,15 @@ impl Appended {
             Appended::New(s) | Appended::Existing(s) => s,
         }
     }
+}
+
+/// The result of [`Ledger::prepare`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// A new entry, signed, not yet added.
+    New(Box<Entry>),
+    /// The same entry exists already.
+    Existing(u64),
 }
 
 /// The entries and what follows from them.
@@ -539,9 +551,27 @@ impl Ledger {
         time_ms: u64,
         key: &SigningKey,
     ) -> Result<Appended, LedgerError> {
+        match self.prepare(draft, time_ms, key)? {
+            Prepared::Existing(seq) => Ok(Appended::Existing(seq)),
+            Prepared::New(entry) => {
+                let seq = entry.seq;
+                self.commit(*entry)?;
+                Ok(Appended::New(seq))
+            }
+        }
+    }
+
+    /// The entry `append` would add, built and signed but not added, so a caller can
+    /// persist it first and [`Ledger::commit`] it after.
+    pub fn prepare(
+        &self,
+        draft: Draft,
+        time_ms: u64,
+        key: &SigningKey,
+    ) -> Result<Prepared, LedgerError> {
         debug_assert_eq!(key.verifying_key(), self.authority);
-        if let Some(seq) = self.apply(&draft)? {
-            return Ok(Appended::Existing(seq));
+        if let Some(seq) = self.plan(&draft)? {
+            return Ok(Prepared::Existing(seq));
         }
         let mut entry = Entry {
             seq: self.entries.len() as u64,
@@ -557,13 +587,24 @@ impl Ledger {
         };
         entry.hash = entry.compute_hash();
         entry.signature = Sig(key.sign(&entry.hash.0).to_bytes());
+        Ok(Prepared::New(Box::new(entry)))
+    }
+
+    /// Adds an entry from [`Ledger::prepare`] (and nothing appended since).
+    pub fn commit(&mut self, entry: Entry) -> Result<(), LedgerError> {
+        if entry.seq != self.entries.len() as u64 || entry.prev != self.head_hash() {
+            return Err(LedgerError::Stale { seq: entry.seq });
+        }
+        if self.apply(&entry.draft())?.is_some() {
+            return Err(LedgerError::Stale { seq: entry.seq });
+        }
         let seq = entry.seq;
         self.entries.push(entry);
         if let Err(reason) = self.check_invariants() {
             // Unreachable by construction; a broken invariant must never be kept.
             panic!("ledger invariant broken by entry {seq}: {reason}");
         }
-        Ok(Appended::New(seq))
+        Ok(())
     }
 
     /// The draft that claws back the mint `mint_reference`: its amount, or what is left

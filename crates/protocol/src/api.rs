@@ -88,6 +88,9 @@ pub struct SubmitReply {
     pub norm: f32,
     /// Updates accepted in the unit's round so far, this one included.
     pub round_accepted: u32,
+    /// Micro-credits minted to the sender's wallet for the unit.
+    #[serde(default)]
+    pub credit: u64,
 }
 
 /// The body of every 4xx and 5xx reply.

@@ -51,7 +51,8 @@ pub enum StoreError {
 }
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE workers (
     id TEXT PRIMARY KEY,
@@ -114,7 +115,21 @@ CREATE TABLE versions (
     created_ms INTEGER NOT NULL,
     updates TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE ledger (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    from_account TEXT,
+    to_account TEXT,
+    entry TEXT NOT NULL,
+    UNIQUE (kind, reference)
+);
+CREATE INDEX ledger_from ON ledger (from_account);
+CREATE INDEX ledger_to ON ledger (to_account);
+"#,
+];
 
 /// A registered worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -488,9 +503,35 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
+    /// Every ledger entry, in order (the ledger replays and checks them on load).
+    pub fn ledger_entries(&self) -> Result<Vec<ledger::Entry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT entry FROM ledger ORDER BY seq")
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql(&self.path))?;
+        rows.map(|row| {
+            let text = row.map_err(sql(&self.path))?;
+            serde_json::from_str(&text).map_err(|e| bad_row(&self.path, "ledger entry", e))
+        })
+        .collect()
+    }
+
+    /// The work units of every accepted update (each has exactly one mint).
+    pub fn accepted_units(&self) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT unit FROM updates ORDER BY unit")
+            .map_err(sql(&self.path))?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
     /// Row counts of every table, for tests that check a request wrote nothing.
     pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
-        const TABLES: [&str; 8] = [
+        const TABLES: [&str; 9] = [
             "meta",
             "workers",
             "rounds",
@@ -499,6 +540,7 @@ impl Store {
             "updates",
             "rejections",
             "versions",
+            "ledger",
         ];
         TABLES
             .iter()
@@ -595,6 +637,24 @@ impl Tx<'_> {
                 u.norm as f64,
                 u.weight,
                 u.received_ms
+            ],
+        )
+    }
+
+    /// Appends a ledger entry (prepared and signed by the ledger).
+    pub fn insert_entry(&self, e: &ledger::Entry) -> Result<(), StoreError> {
+        let json =
+            serde_json::to_string(e).map_err(|err| bad_row(self.path, "ledger entry", err))?;
+        self.run(
+            "INSERT INTO ledger (seq, kind, reference, from_account, to_account, entry)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                e.seq,
+                e.kind.code(),
+                e.reference,
+                e.from.map(|a| a.to_string()),
+                e.to.map(|a| a.to_string()),
+                json
             ],
         )
     }

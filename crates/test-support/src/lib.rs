@@ -202,3 +202,8 @@ pub fn status(url: &str) -> protocol::api::Status {
         .json()
         .expect("status JSON")
 }
+
+/// A GET of `path`.
+pub fn get(url: &str, path: &str) -> Reply {
+    reply(reqwest::blocking::get(format!("{url}{path}")).expect("GET"))
+}

@@ -2,5 +2,6 @@
 //! refused with its code and without effect, and restarts that lose nothing.
 
 mod bad_input;
+mod ledger;
 mod restart;
 mod rounds;

@@ -1,0 +1,194 @@
+//! Credit through the real API: a mint per accepted update, wallets, transfers, and a
+//! ledger a client can check without trusting the server.
+
+use ledger::merkle::{InclusionProof, verify_inclusion};
+use ledger::wire::{EntriesPage, LeaderRow, Stats, WalletView};
+use ledger::{Entry, Ledger, TreeHead};
+use protocol::WorkerId;
+use test_support as ts;
+
+fn json<T: serde::de::DeserializeOwned>(reply: ts::Reply) -> T {
+    assert_eq!(reply.status, 200, "{reply:?}");
+    serde_json::from_value(reply.body).expect("reply shape")
+}
+
+/// Everything a client needs to check the ledger on its own: every entry replays under
+/// the head's key and every entry's proof checks against the head.
+fn verify_from_outside(url: &str) -> Ledger {
+    let head: TreeHead = json(ts::get(url, "/v1/ledger/head"));
+    let authority =
+        ed25519_dalek::VerifyingKey::from_bytes(&head.authority.0).expect("authority key");
+    assert!(head.verify(&authority));
+    let page: EntriesPage = json(ts::get(url, "/v1/ledger?from=0&limit=3"));
+    let mut entries: Vec<Entry> = page.entries;
+    let mut next = page.next;
+    while let Some(from) = next {
+        let page: EntriesPage = json(ts::get(url, &format!("/v1/ledger?from={from}&limit=3")));
+        entries.extend(page.entries);
+        next = page.next;
+    }
+    let ledger = Ledger::replay(authority, entries).expect("the ledger verifies");
+    assert_eq!(ledger.len() as u64, head.size);
+    for e in ledger.entries() {
+        let proof: InclusionProof = json(ts::get(
+            url,
+            &format!("/v1/ledger/proof/{}?size={}", e.seq, head.size),
+        ));
+        assert!(verify_inclusion(&e.hash, &proof, head.size, &head.root));
+    }
+    ledger
+}
+
+#[test]
+fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ts::tiny_config(dir.path(), 3);
+    let server = ts::start(dir.path(), config.clone());
+    let url = server.url();
+    let (alice, bob) = (ts::key(1), ts::key(2));
+    ts::register(&url, &alice, "alice");
+    ts::register(&url, &bob, "bob");
+    let n = server.with_core(|c| c.params().len());
+    // Alice does two units, bob one: one round of three.
+    let mut credited = [0u64; 2];
+    for (who, key) in [(0, &alice), (0, &alice), (1, &bob)] {
+        let unit = ts::lease(&url, key);
+        let delta = ts::crafted_delta(unit.id, n);
+        let r = ts::submit(
+            &url,
+            ts::update_bytes(key, unit.id, unit.base_version, &delta),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        credited[who] += r.body["credit"].as_u64().expect("credit");
+    }
+    assert!(
+        credited[1] > 0 && credited[0] == 2 * credited[1],
+        "{credited:?}"
+    );
+    let wallet = |key: &ed25519_dalek::SigningKey| -> WalletView {
+        json(ts::get(&url, &format!("/v1/wallets/{}", WorkerId::of(key))))
+    };
+    let (a, b) = (wallet(&alice), wallet(&bob));
+    assert_eq!(
+        (a.balance, a.earned, a.units),
+        (credited[0], credited[0], 2)
+    );
+    assert_eq!(
+        (b.balance, b.earned, b.units),
+        (credited[1], credited[1], 1)
+    );
+
+    let board: Vec<LeaderRow> = json(ts::get(&url, "/v1/leaderboard"));
+    let names: Vec<(&str, u64)> = board.iter().map(|r| (r.name.as_str(), r.units)).collect();
+    assert_eq!(names, [("alice", 2), ("bob", 1)]);
+
+    // A transfer moves exactly what it says, once, however often it is sent.
+    let body = format!(
+        r#"{{"to":"{}","amount":{},"reference":"thanks"}}"#,
+        WorkerId::of(&bob),
+        credited[1]
+    );
+    let first = ts::post_signed(&url, &alice, "/v1/transfers", &body);
+    let again = ts::post_signed(&url, &alice, "/v1/transfers", &body);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.body["seq"], again.body["seq"]);
+    assert_eq!(wallet(&alice).balance, credited[0] - credited[1]);
+    assert_eq!(wallet(&bob).balance, 2 * credited[1]);
+
+    // Refusals: each a code, none an entry.
+    let entries_before = server.with_core(|c| c.stats().expect("stats").entries);
+    let refused = [
+        (
+            format!(
+                r#"{{"to":"{}","amount":{},"reference":"too-much"}}"#,
+                WorkerId::of(&bob),
+                10 * credited[0]
+            ),
+            "insufficient_credit",
+        ),
+        (
+            r#"{"to":"nobody","amount":1,"reference":"x"}"#.to_owned(),
+            "bad_wallet",
+        ),
+        (
+            format!(
+                r#"{{"to":"{}","amount":1,"reference":"self"}}"#,
+                WorkerId::of(&alice)
+            ),
+            "bad_transfer",
+        ),
+        (
+            format!(
+                r#"{{"to":"{}","amount":0,"reference":"zero"}}"#,
+                WorkerId::of(&bob)
+            ),
+            "bad_amount",
+        ),
+        (
+            format!(
+                r#"{{"to":"{}","amount":2,"reference":"thanks"}}"#,
+                WorkerId::of(&bob)
+            ),
+            "reference_reused",
+        ),
+        (r#"{"to": 5}"#.to_owned(), "bad_json"),
+    ];
+    for (body, code) in &refused {
+        let r = ts::post_signed(&url, &alice, "/v1/transfers", body);
+        assert_eq!(r.code(), *code, "{body}: {r:?}");
+        assert!((400..500).contains(&r.status), "{r:?}");
+    }
+    let r = ts::post_signed(&url, &alice, "/v1/transfers", &refused[0].0);
+    assert_eq!(r.status, 402);
+    assert_eq!(ts::get(&url, "/v1/wallets/xyz").code(), "bad_wallet");
+    assert_eq!(
+        ts::get(&url, "/v1/ledger/proof/99?size=4").code(),
+        "no_such_entry"
+    );
+    assert_eq!(ts::get(&url, "/v1/ledger/proof/0").code(), "bad_query");
+    assert_eq!(
+        server.with_core(|c| c.stats().expect("stats").entries),
+        entries_before
+    );
+
+    let stats: Stats = json(ts::get(&url, "/v1/stats"));
+    assert_eq!(
+        (
+            stats.entries,
+            stats.minted,
+            stats.accepted_updates,
+            stats.current_version
+        ),
+        (4, credited[0] + credited[1], 3, 1)
+    );
+    let ledger = verify_from_outside(&url);
+
+    // A restart replays the same ledger.
+    server.kill();
+    let server = ts::start(dir.path(), config.clone());
+    let again = verify_from_outside(&server.url());
+    assert_eq!(again.balances(), ledger.balances());
+    server.stop();
+
+    // A ledger row changed behind the coordinator's back stops it from starting, naming
+    // the entry.
+    let conn = rusqlite::Connection::open(dir.path().join("store/hivetrain.sqlite3")).expect("db");
+    let text: String = conn
+        .query_row("SELECT entry FROM ledger WHERE seq = 1", [], |r| r.get(0))
+        .expect("entry");
+    let forged = text.replacen(
+        &format!("\"amount\":{}", credited[0] / 2),
+        "\"amount\":999999999",
+        1,
+    );
+    assert_ne!(forged, text);
+    conn.execute("UPDATE ledger SET entry = ?1 WHERE seq = 1", [forged])
+        .expect("update");
+    drop(conn);
+    let err = coordinator::Coordinator::start(&dir.path().join("store"), config, "127.0.0.1:0")
+        .expect_err("a tampered ledger is refused");
+    assert!(
+        err.to_string().contains("entry 1: its hash does not match"),
+        "{err}"
+    );
+}

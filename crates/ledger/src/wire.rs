@@ -1,0 +1,103 @@
+//! What the coordinator's ledger endpoints send, and what the CLI reads.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Account, Digest, Entry, Kind, Ledger};
+
+/// `GET /v1/wallets/{key}`: one wallet's totals and its entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletView {
+    pub wallet: String,
+    /// All amounts in micro-credits.
+    pub balance: u64,
+    /// Minted for accepted work.
+    pub earned: u64,
+    /// Accepted updates (mints).
+    pub units: u64,
+    /// Spent on queries.
+    pub spent: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub dividends: u64,
+    pub clawed_back: u64,
+    /// Every entry that names the wallet, oldest first.
+    pub entries: Vec<Entry>,
+}
+
+/// One row of `GET /v1/leaderboard`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRow {
+    pub wallet: String,
+    pub name: String,
+    pub earned: u64,
+    pub units: u64,
+    pub balance: u64,
+}
+
+/// `GET /v1/stats`: network totals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub entries: u64,
+    pub minted: u64,
+    pub burned: u64,
+    pub pool: u64,
+    pub wallets: u64,
+    pub workers: u64,
+    pub accepted_updates: u64,
+    pub tokens_trained: u64,
+    pub current_version: u64,
+    /// The hash of the newest entry.
+    pub head: Digest,
+}
+
+/// `GET /v1/ledger?from=N&limit=M`: a page of entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntriesPage {
+    pub entries: Vec<Entry>,
+    /// The ledger's size when the page was read.
+    pub size: u64,
+    /// Where the next page starts, if there is one.
+    pub next: Option<u64>,
+}
+
+/// `POST /v1/transfers` (signed by the sending wallet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequest {
+    /// The receiving wallet, 64 hex digits.
+    pub to: String,
+    /// Micro-credits.
+    pub amount: u64,
+    /// A name of the sender's choosing for this transfer; sending it again is a no-op.
+    pub reference: String,
+}
+
+impl Ledger {
+    /// A wallet's totals and entries.
+    pub fn wallet_view(&self, wallet: &Account) -> WalletView {
+        let mut v = WalletView {
+            wallet: wallet.to_string(),
+            balance: self.balance(wallet),
+            ..WalletView::default()
+        };
+        for e in self.entries() {
+            let from = e.from.as_ref() == Some(wallet);
+            let to = e.to.as_ref() == Some(wallet);
+            if !from && !to {
+                continue;
+            }
+            match (e.kind, from) {
+                (Kind::Mint, _) => {
+                    v.earned += e.amount;
+                    v.units += 1;
+                }
+                (Kind::Spend, _) => v.spent += e.amount,
+                (Kind::Transfer, true) => v.sent += e.amount,
+                (Kind::Transfer, false) => v.received += e.amount,
+                (Kind::Dividend, _) => v.dividends += e.amount,
+                (Kind::Clawback, _) => v.clawed_back += e.amount,
+            }
+            v.entries.push(e.clone());
+        }
+        v
+    }
+}
