@@ -9,6 +9,7 @@ mod model;
 mod paths;
 mod tokenizer;
 mod train;
+mod wallet;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,16 @@ enum Command {
     Tokenizer(tokenizer::TokenizerCommand),
     /// Export a trained model for HF transformers (`GPT2LMHeadModel`).
     Export(export::ExportArgs),
+    /// Your credit: balance, history, transfers, dividends.
+    #[command(subcommand)]
+    Wallet(wallet::WalletCommand),
+    /// Contributors by credit earned.
+    Leaderboard(wallet::Remote),
+    /// Network totals: workers, updates, tokens, credit.
+    Stats(wallet::Remote),
+    /// Check or export the credit ledger.
+    #[command(subcommand)]
+    Ledger(wallet::LedgerCommand),
 }
 
 /// Parses the command line and runs it; errors are printed with their causes.
@@ -57,6 +68,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),
         Command::Export(args) => export::run(args),
+        Command::Wallet(command) => wallet::run_wallet(command),
+        Command::Leaderboard(remote) => wallet::leaderboard(remote),
+        Command::Stats(remote) => wallet::stats(remote),
+        Command::Ledger(command) => wallet::run_ledger(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -94,8 +94,11 @@ impl Reporter for Bars {
     fn verdict(&mut self, unit: &UnitSpec, verdict: &Result<SubmitReply, Refusal>) {
         let text = match verdict {
             Ok(r) => format!(
-                "unit {}: accepted (norm {:.3}; {} accepted this round)",
-                unit.id, r.norm, r.round_accepted
+                "unit {}: accepted (norm {:.3}; {} accepted this round; +{} credits)",
+                unit.id,
+                r.norm,
+                r.round_accepted,
+                ledger::format_credits(r.credit)
             ),
             Err(r) => format!("unit {}: rejected, {} ({})", unit.id, r.message, r.code),
         };

@@ -492,3 +492,144 @@ fn coordinator_prints_its_effective_config() {
     assert!(out.contains("steps_per_unit = 7"), "{out}");
     assert!(out.contains("kind = \"fp16\""), "{out}");
 }
+
+/// Writes `key` as a key file the CLI accepts (hex seed, mode 0600).
+fn key_file(sandbox: &Sandbox, name: &str, key: &ed25519_dalek::SigningKey) -> String {
+    let path = sandbox.write(
+        name,
+        format!("{}\n", hex::encode(key.to_bytes())).as_bytes(),
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn wallets_leaderboard_and_a_ledger_checked_offline() {
+    let sandbox = Sandbox::new();
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let config = test_support::tiny_config(server_dir.path(), 3);
+    let server = test_support::start(server_dir.path(), config);
+    let url = server.url();
+    let (alice, bob) = (test_support::key(1), test_support::key(2));
+    test_support::register(&url, &alice, "alice");
+    test_support::register(&url, &bob, "bob");
+    let n = server.with_core(|c| c.params().len());
+    for key in [&alice, &alice, &bob] {
+        let unit = test_support::lease(&url, key);
+        let delta = test_support::crafted_delta(unit.id, n);
+        let bytes = test_support::update_bytes(key, unit.id, unit.base_version, &delta);
+        assert_eq!(test_support::submit(&url, bytes).status, 200);
+    }
+    let alice_key = key_file(&sandbox, "alice.key", &alice);
+    let bob_wallet = protocol::WorkerId::of(&bob).to_string();
+    let remote = ["--coordinator", url.as_str(), "--key", alice_key.as_str()];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&remote);
+        let (ok, out, err) = sandbox.run(&all);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+
+    let balance = run(&["wallet", "balance"]);
+    assert!(balance.contains("for 2 accepted units"), "{balance}");
+    let sent = run(&[
+        "wallet",
+        "transfer",
+        &bob_wallet,
+        "0.000002",
+        "--reference",
+        "gift",
+    ]);
+    assert!(sent.contains("sent 0.000002 credits"), "{sent}");
+    let board = run(&["leaderboard"]);
+    let names: Vec<&str> = board
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(names, ["alice", "bob"], "{board}");
+    assert!(run(&["stats"]).contains("accepted updates  3"));
+    let history = run(&["wallet", "history"]);
+    assert!(
+        history.contains("transfer") && history.contains("update:"),
+        "{history}"
+    );
+
+    let online = run(&["ledger", "verify"]);
+    assert!(online.contains("ledger ok: 4 entries"), "{online}");
+    assert!(online.contains("3 entries of wallet"), "{online}");
+    let export = sandbox.path("ledger.jsonl");
+    run(&["ledger", "export", "--out", export.to_str().expect("path")]);
+    let offline = run(&["ledger", "verify", "--file", export.to_str().expect("path")]);
+    assert!(offline.contains("ledger ok: 4 entries"), "{offline}");
+
+    // One byte flipped in entry 2 (the third entry line): verification fails there.
+    let text = std::fs::read_to_string(&export).expect("export");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let at = lines[3].find("\"time_ms\":").expect("time field") + 11;
+    let mut bytes = lines[3].clone().into_bytes();
+    bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+    lines[3] = String::from_utf8(bytes).expect("utf8");
+    let tampered = sandbox.write("tampered.jsonl", (lines.join("\n") + "\n").as_bytes());
+    let (ok, _, err) = sandbox.run(&[
+        "ledger",
+        "verify",
+        "--file",
+        tampered.to_str().expect("path"),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("ledger broken at entry 2: its hash does not match"),
+        "{err}"
+    );
+
+    // Bad input: a clear sentence, non-zero exit.
+    let (ok, _, err) = sandbox.run(&[
+        "wallet",
+        "transfer",
+        "nobody",
+        "1",
+        "--coordinator",
+        &url,
+        "--key",
+        &alice_key,
+    ]);
+    assert!(!ok && err.contains("is not a wallet"), "{err}");
+    let (ok, _, err) = sandbox.run(&[
+        "wallet",
+        "transfer",
+        &bob_wallet,
+        "1e3",
+        "--coordinator",
+        &url,
+        "--key",
+        &alice_key,
+    ]);
+    assert!(!ok && err.contains("is not an amount of credits"), "{err}");
+    let (ok, _, err) = sandbox.run(&[
+        "wallet",
+        "transfer",
+        &bob_wallet,
+        "1000",
+        "--coordinator",
+        &url,
+        "--key",
+        &alice_key,
+    ]);
+    assert!(!ok && err.contains("insufficient_credit"), "{err}");
+    let (ok, _, err) = sandbox.run(&[
+        "wallet",
+        "balance",
+        "--coordinator",
+        &url,
+        "--key",
+        "missing.key",
+    ]);
+    assert!(!ok && err.contains("run `hivetrain worker` once"), "{err}");
+    server.stop();
+}
