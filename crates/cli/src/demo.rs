@@ -187,7 +187,21 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             Err(_) => eprintln!("a worker panicked"),
         }
     }
+    // Credit: one mint per accepted update, in the coordinator's signed ledger.
+    let (board, entries) = server.with_core(|c| (c.leaderboard(), c.stats().map(|s| s.entries)));
     server.stop();
+    if let (Ok(board), Ok(entries)) = (board, entries) {
+        println!("
+credit earned ({entries} ledger entries; `hivetrain ledger verify` checks them):");
+        for row in board {
+            println!(
+                "  {:<10} {:>4} units  {:>12} credits",
+                row.name,
+                row.units,
+                ledger::format_credits(row.earned)
+            );
+        }
+    }
 
     let model = crate::model::load_version(&dir, None)?;
     println!(
