@@ -191,8 +191,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (board, entries) = server.with_core(|c| (c.leaderboard(), c.stats().map(|s| s.entries)));
     server.stop();
     if let (Ok(board), Ok(entries)) = (board, entries) {
-        println!("
-credit earned ({entries} ledger entries; `hivetrain ledger verify` checks them):");
+        println!(
+            "\ncredit earned ({entries} ledger entries; `hivetrain ledger verify` checks them):"
+        );
         for row in board {
             println!(
                 "  {:<10} {:>4} units  {:>12} credits",
