@@ -45,6 +45,52 @@ pub struct CoordinatorConfig {
     pub max_clock_skew_ms: u64,
     /// Sizes checked before anything is allocated.
     pub limits: Limits,
+    /// The inference API: prices, rate limit, dividends. Not part of the run's identity:
+    /// a restarted coordinator may change it.
+    pub serving: ServingConfig,
+}
+
+/// How the coordinator serves the model and charges for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServingConfig {
+    /// Micro-credits per prompt token.
+    pub price_prompt_token: u64,
+    /// Micro-credits per generated token.
+    pub price_output_token: u64,
+    /// Requests a minute one API key may make (a burst of this many, refilled evenly).
+    pub requests_per_minute: u32,
+    /// Largest `max_tokens` of a request.
+    pub max_tokens: u64,
+    /// Longest prompt, in tokens.
+    pub max_prompt_tokens: u64,
+    /// Engine threads of one generation.
+    pub threads: u32,
+    /// Seconds between payouts of the query-revenue pool as dividends (0: never).
+    pub dividend_interval_s: u64,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            price_prompt_token: 1,
+            price_output_token: 2,
+            requests_per_minute: 60,
+            max_tokens: 1024,
+            max_prompt_tokens: 4096,
+            threads: 1,
+            dividend_interval_s: 3600,
+        }
+    }
+}
+
+impl ServingConfig {
+    /// The price of a request, in micro-credits.
+    pub fn price(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        prompt_tokens
+            .saturating_mul(self.price_prompt_token)
+            .saturating_add(completion_tokens.saturating_mul(self.price_output_token))
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -65,6 +111,7 @@ impl Default for CoordinatorConfig {
             threads: 0,
             max_clock_skew_ms: 300_000,
             limits: Limits::default(),
+            serving: ServingConfig::default(),
         }
     }
 }
@@ -94,6 +141,16 @@ impl CoordinatorConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })
+    }
+
+    /// The JSON that identifies the run (everything but `serving`), stored with it and
+    /// compared on restart.
+    pub fn identity_json(&self) -> String {
+        let identity = CoordinatorConfig {
+            serving: ServingConfig::default(),
+            ..self.clone()
+        };
+        serde_json::to_string(&identity).unwrap_or_default()
     }
 
     /// The config as TOML (for `hivetrain coordinator --print-config`).
@@ -131,6 +188,12 @@ impl CoordinatorConfig {
         }
         if !(self.median_norm_multiple.is_finite() && self.median_norm_multiple >= 1.0) {
             return bad("median_norm_multiple must be at least 1");
+        }
+        let v = &self.serving;
+        if v.requests_per_minute == 0 || v.max_tokens == 0 || v.max_prompt_tokens == 0 {
+            return bad(
+                "serving.requests_per_minute, max_tokens and max_prompt_tokens must be at least 1",
+            );
         }
         Ok(())
     }

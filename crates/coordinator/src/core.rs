@@ -24,6 +24,8 @@ use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, W
 use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
 
 use crate::config::CoordinatorConfig;
+
+pub mod serving;
 use crate::error::ApiError;
 
 /// Why the coordinator cannot start or go on.
@@ -61,7 +63,7 @@ pub enum CoreError {
 /// The current version, ready to serve.
 struct Current {
     version: u64,
-    params: Vec<f32>,
+    params: Arc<Vec<f32>>,
     checkpoint: Arc<Vec<u8>>,
     checkpoint_hash: BlobHash,
 }
@@ -96,6 +98,8 @@ pub struct Core {
     ledger: Ledger,
     /// Signs the ledger's entries and tree heads (`<dir>/ledger.key`).
     authority: SigningKey,
+    text_tokenizer: Arc<data::TextTokenizer>,
+    serving: serving::Serving,
 }
 
 impl std::fmt::Debug for Core {
@@ -221,7 +225,7 @@ impl Core {
             engine::open_backend(&format!("cpu:{threads}"), model, vec![0.0; n_params])?;
         let mut store = Store::open(dir)?;
         let mut outer = config.outer.build(n_params);
-        let config_json = serde_json::to_string(&config).unwrap_or_default();
+        let config_json = config.identity_json();
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
             Some(stored) => {
@@ -255,7 +259,7 @@ impl Core {
                     .unwrap_or(f32::NAN);
                 let current = Current {
                     version: row.version,
-                    params: ckpt.params,
+                    params: Arc::new(ckpt.params),
                     checkpoint: Arc::new(bytes),
                     checkpoint_hash: row.checkpoint,
                 };
@@ -288,7 +292,7 @@ impl Core {
                 })?;
                 let current = Current {
                     version: 0,
-                    params,
+                    params: Arc::new(params),
                     checkpoint: Arc::new(bytes),
                     checkpoint_hash: hash,
                 };
@@ -324,6 +328,19 @@ impl Core {
                 }
             })?;
         check_mints(&ledger, &store.accepted_units()?)?;
+        let serving = serving::Serving {
+            api_keys: store
+                .api_keys()?
+                .into_iter()
+                .filter_map(|(hash, wallet)| WorkerId::parse(&wallet).map(|w| (hash, w)))
+                .collect(),
+            challenges: BTreeMap::new(),
+            dividend_from: store
+                .meta(serving::META_DIVIDEND_FROM)?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            last_dividend_ms: now_ms,
+        };
         let run_info = RunInfo {
             preset: config.preset.clone(),
             n_params: n_params as u32,
@@ -359,6 +376,8 @@ impl Core {
             initial_loss,
             ledger,
             authority,
+            text_tokenizer: Arc::new(tokenizer),
+            serving,
         };
         core.aggregate_if_pending(now_ms)?;
         Ok(core)
@@ -382,7 +401,7 @@ impl Core {
 
     /// The current parameters (for tests that compare models bit for bit).
     pub fn params(&self) -> &[f32] {
-        &self.current.params
+        &self.current.params[..]
     }
 
     pub fn run_info(&self) -> RunInfo {
@@ -935,7 +954,7 @@ impl Core {
             })
             .collect();
         let saved = self.outer.state();
-        let mut params = self.current.params.clone();
+        let mut params = (*self.current.params).clone();
         self.outer.step(&mut params, &updates)?;
         let result = self.commit_version(round, units, params, now_ms);
         if result.is_err() {
@@ -986,7 +1005,7 @@ impl Core {
         self.scheduler = next;
         self.current = Current {
             version,
-            params,
+            params: Arc::new(params),
             checkpoint: Arc::new(bytes),
             checkpoint_hash: checkpoint,
         };

@@ -11,6 +11,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: String,
     pub message: String,
+    /// A header the reply carries (`Retry-After` of a 429).
+    pub header: Option<(axum::http::HeaderName, String)>,
 }
 
 impl ApiError {
@@ -19,7 +21,14 @@ impl ApiError {
             status,
             code: code.to_owned(),
             message: message.into(),
+            header: None,
         }
+    }
+
+    /// The same error, with a header on its reply.
+    pub fn with_header(mut self, name: axum::http::HeaderName, value: &str) -> ApiError {
+        self.header = Some((name, value.to_owned()));
+        self
     }
 
     /// A failure of the coordinator itself (store, engine): logged, and a 500.
@@ -88,6 +97,12 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some((name, value)) = self.header
+            && let Ok(value) = axum::http::HeaderValue::from_str(&value)
+        {
+            response.headers_mut().insert(name, value);
+        }
+        response
     }
 }

@@ -53,6 +53,7 @@ pub(crate) struct Shared {
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
     /// more in page faults than reading into it.
     pub(crate) buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub(crate) serving: crate::openai::Serving,
 }
 
 /// Most idle body buffers kept.
@@ -77,6 +78,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/transfers", post(transfer))
         .route("/v1/leaderboard", get(leaderboard))
         .route("/v1/stats", get(stats))
+        .merge(crate::openai::router())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -88,7 +90,7 @@ pub(crate) fn router(shared: Shared) -> Router {
 }
 
 /// Runs `f` on the core, on a blocking thread.
-async fn with_core<T: Send + 'static>(
+pub(crate) async fn with_core<T: Send + 'static>(
     shared: &Shared,
     f: impl FnOnce(&mut Core, u64) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -103,7 +105,7 @@ async fn with_core<T: Send + 'static>(
 }
 
 /// Reads a body of at most `max` bytes.
-async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, max).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());

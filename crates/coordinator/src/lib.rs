@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 mod http;
+pub mod openai;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -78,6 +79,16 @@ impl Coordinator {
         let max_clock_skew_ms = config.max_clock_skew_ms;
         let update_bytes_max = config.limits.update_bytes_max;
         let limits = config.limits;
+        let serving = openai::Serving {
+            requests_per_minute: config.serving.requests_per_minute,
+            threads: config.serving.threads,
+            limits: inference::Limits {
+                max_tokens: config.serving.max_tokens,
+                default_max_tokens: 64.min(config.serving.max_tokens),
+                prompt_tokens: config.serving.max_prompt_tokens,
+            },
+            buckets: Arc::default(),
+        };
         let core = Core::open(dir, config, clock())?;
         let core_blobs = core.blobs();
         let core = Arc::new(Mutex::new(core));
@@ -105,6 +116,7 @@ impl Coordinator {
             limits,
             blobs: core_blobs,
             buffers: Arc::default(),
+            serving,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(shared);
@@ -128,7 +140,9 @@ impl Coordinator {
                 let clock = clock.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
-                    core.tick(clock())
+                    let now = clock();
+                    core.tick(now)?;
+                    core.dividends_if_due(now)
                 })
                 .await;
             }

@@ -129,6 +129,14 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_from ON ledger (from_account);
 CREATE INDEX ledger_to ON ledger (to_account);
 "#,
+    r#"
+CREATE TABLE api_keys (
+    hash TEXT PRIMARY KEY,
+    wallet TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+"#,
 ];
 
 /// A registered worker.
@@ -519,6 +527,18 @@ impl Store {
         .collect()
     }
 
+    /// Every API key that is not revoked: (blake3 of the key, wallet).
+    pub fn api_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT hash, wallet FROM api_keys WHERE revoked_ms IS NULL")
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
     /// The work units of every accepted update (each has exactly one mint).
     pub fn accepted_units(&self) -> Result<Vec<u64>, StoreError> {
         let mut stmt = self
@@ -531,7 +551,7 @@ impl Store {
 
     /// Row counts of every table, for tests that check a request wrote nothing.
     pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
-        const TABLES: [&str; 9] = [
+        const TABLES: [&str; 10] = [
             "meta",
             "workers",
             "rounds",
@@ -541,6 +561,7 @@ impl Store {
             "rejections",
             "versions",
             "ledger",
+            "api_keys",
         ];
         TABLES
             .iter()
@@ -656,6 +677,22 @@ impl Tx<'_> {
                 e.to.map(|a| a.to_string()),
                 json
             ],
+        )
+    }
+
+    /// Records an API key (its blake3 hash: the key itself is never stored).
+    pub fn insert_api_key(&self, hash: &str, wallet: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO api_keys (hash, wallet, created_ms) VALUES (?1, ?2, ?3)",
+            params![hash, wallet, now_ms],
+        )
+    }
+
+    /// Revokes an API key.
+    pub fn revoke_api_key(&self, hash: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.run(
+            "UPDATE api_keys SET revoked_ms = ?2 WHERE hash = ?1 AND revoked_ms IS NULL",
+            params![hash, now_ms],
         )
     }
 

@@ -1,0 +1,331 @@
+//! The OpenAI-compatible API through real HTTP: API keys from signed challenges, credit
+//! spent once per request, streaming, dividends, and every refusal writing nothing.
+
+use ed25519_dalek::{Signer, SigningKey};
+use ledger::wire::WalletView;
+use protocol::WorkerId;
+use test_support as ts;
+
+fn api_key(url: &str, key: &SigningKey) -> String {
+    let challenge = ts::get(url, "/v1/keys/challenge");
+    assert_eq!(challenge.status, 200, "{challenge:?}");
+    let message = challenge.body["message"].as_str().expect("message");
+    let body = serde_json::json!({
+        "wallet": WorkerId::of(key).to_string(),
+        "challenge": challenge.body["challenge"],
+        "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
+    });
+    let r = post(url, "/v1/keys", None, &body.to_string(), &[]);
+    assert_eq!(r.0, 200, "{r:?}");
+    let reply: serde_json::Value = serde_json::from_str(&r.1).expect("json");
+    reply["api_key"].as_str().expect("key").to_owned()
+}
+
+/// A POST with an optional bearer key and extra headers: (status, body, headers).
+fn post(
+    url: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, reqwest::header::HeaderMap) {
+    let mut request = reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().expect("POST");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, response.text().expect("body"), headers)
+}
+
+fn code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["error"]["code"].as_str().unwrap_or_default().to_owned()
+}
+
+fn balance(url: &str, key: &SigningKey) -> u64 {
+    let r = ts::get(url, &format!("/v1/wallets/{}", WorkerId::of(key)));
+    let view: WalletView = serde_json::from_value(r.body).expect("wallet");
+    view.balance
+}
+
+/// Alice (two units) and bob (one) earn credit; returns the server and its url.
+fn network(dir: &std::path::Path, requests_per_minute: u32) -> (coordinator::Coordinator, String) {
+    let mut config = ts::tiny_config(dir, 3);
+    // Long units, so a unit's credit pays for a few requests (no unit is trained here).
+    config.schedule.steps_per_unit = 1000;
+    config.serving.requests_per_minute = requests_per_minute;
+    let server = ts::start(dir, config);
+    let url = server.url();
+    let (alice, bob) = (ts::key(1), ts::key(2));
+    ts::register(&url, &alice, "alice");
+    ts::register(&url, &bob, "bob");
+    let n = server.with_core(|c| c.params().len());
+    for key in [&alice, &alice, &bob] {
+        let unit = ts::lease(&url, key);
+        let delta = ts::crafted_delta(unit.id, n);
+        let r = ts::submit(
+            &url,
+            ts::update_bytes(key, unit.id, unit.base_version, &delta),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    (server, url)
+}
+
+/// The text of a stream of server-sent events, and whether it ended with `[DONE]`.
+fn read_stream(body: &str, chat: bool) -> (String, bool, Option<serde_json::Value>) {
+    let mut text = String::new();
+    let mut done = false;
+    let mut usage = None;
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(line).expect("chunk json");
+        if !chunk["usage"].is_null() {
+            usage = Some(chunk["usage"].clone());
+        }
+        let piece = if chat {
+            &chunk["choices"][0]["delta"]["content"]
+        } else {
+            &chunk["choices"][0]["text"]
+        };
+        text.push_str(piece.as_str().unwrap_or_default());
+    }
+    (text, done, usage)
+}
+
+#[test]
+fn queries_spend_the_callers_credit_once_and_pay_dividends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, url) = network(dir.path(), 1000);
+    let (alice, bob) = (ts::key(1), ts::key(2));
+    let (alice_start, bob_start) = (balance(&url, &alice), balance(&url, &bob));
+    assert_eq!(alice_start, 2 * bob_start);
+    let key = api_key(&url, &alice);
+
+    let models = ts::get(&url, "/v1/models");
+    assert_eq!(models.body["data"][0]["id"], "hivetrain");
+
+    let request =
+        r#"{"model":"hivetrain","prompt":"KING HENRY:\n","max_tokens":6,"temperature":0}"#;
+    let (status, body, headers) = post(&url, "/v1/completions", Some(&key), request, &[]);
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let usage = &reply["usage"];
+    let (prompt, completion) = (
+        usage["prompt_tokens"].as_u64().expect("prompt"),
+        usage["completion_tokens"].as_u64().expect("completion"),
+    );
+    assert_eq!(completion, 6);
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    let charged: u64 = headers["x-hivetrain-charged"]
+        .to_str()
+        .expect("header")
+        .parse()
+        .expect("number");
+    assert_eq!(
+        charged,
+        prompt + 2 * completion,
+        "price: 1 a prompt token, 2 a generated one"
+    );
+    assert_eq!(balance(&url, &alice), alice_start - charged);
+    assert_eq!(balance(&url, &bob), bob_start, "bob's credit does not move");
+
+    // The same request id twice: one charge, the same text.
+    let once = [("idempotency-key", "retry-me")];
+    let a = post(
+        &url,
+        "/v1/completions",
+        Some(&key),
+        request
+            .replace("\"temperature\":0", "\"temperature\":1")
+            .as_str(),
+        &once,
+    );
+    let b = post(
+        &url,
+        "/v1/completions",
+        Some(&key),
+        request
+            .replace("\"temperature\":0", "\"temperature\":1")
+            .as_str(),
+        &once,
+    );
+    assert_eq!((a.0, b.0), (200, 200));
+    let text = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        v["choices"][0]["text"].as_str().expect("text").to_owned()
+    };
+    assert_eq!(text(&a.1), text(&b.1));
+    assert_eq!(balance(&url, &alice), alice_start - 2 * charged);
+
+    // Streaming: the same greedy text in pieces, then [DONE], and the usage when asked.
+    let streamed = request.replace(
+        "}",
+        r#","stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    let (status, body, headers) = post(&url, "/v1/completions", Some(&key), &streamed, &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .expect("type")
+            .starts_with("text/event-stream")
+    );
+    let (stream_text, done, usage) = read_stream(&body, false);
+    assert!(done, "{body}");
+    assert_eq!(stream_text, text(&reply.to_string()));
+    assert_eq!(usage.expect("usage")["completion_tokens"], 6);
+
+    // Chat, plain and streamed.
+    let chat = r#"{"model":"hivetrain","messages":[{"role":"user","content":"Who goes there?"}],"max_tokens":5,"temperature":0}"#;
+    let (status, body, _) = post(&url, "/v1/chat/completions", Some(&key), chat, &[]);
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["choices"][0]["message"]["role"], "assistant");
+    let chat_text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    let (status, body, _) = post(
+        &url,
+        "/v1/chat/completions",
+        Some(&key),
+        &chat.replace("}]", r#"}],"stream":true"#),
+        &[],
+    );
+    assert_eq!(status, 200);
+    let (stream_text, done, _) = read_stream(&body, true);
+    assert!(done);
+    assert_eq!(stream_text, chat_text);
+
+    // Refusals: a code each, no ledger entry.
+    let entries = server.with_core(|c| c.stats().expect("stats").entries);
+    let big = "x".repeat(300 * 1024);
+    let oversized = format!(r#"{{"model":"hivetrain","prompt":"{big}"}}"#);
+    let cases: Vec<(Option<&str>, String, u16, &str)> = vec![
+        (None, request.to_owned(), 401, "missing_api_key"),
+        (Some("hk-nope"), request.to_owned(), 401, "invalid_api_key"),
+        (
+            Some(&key),
+            request.replace("\"hivetrain\"", "\"gpt-4\""),
+            404,
+            "model_not_found",
+        ),
+        (
+            Some(&key),
+            request.replace("6", "-3"),
+            400,
+            "bad_max_tokens",
+        ),
+        (
+            Some(&key),
+            request.replace("6", "100000"),
+            400,
+            "bad_max_tokens",
+        ),
+        (
+            Some(&key),
+            request.replace("KING HENRY:\\n", ""),
+            400,
+            "empty_prompt",
+        ),
+        (Some(&key), "{\"model\":".to_owned(), 400, "bad_json"),
+        (Some(&key), oversized, 413, "body_too_large"),
+        (
+            Some(&key),
+            request.replace("6", "1000"),
+            402,
+            "insufficient_credit",
+        ),
+    ];
+    for (k, body, status, want) in &cases {
+        let (got, text, _) = post(&url, "/v1/completions", *k, body, &[]);
+        assert_eq!((got, code(&text).as_str()), (*status, *want), "{text}");
+    }
+    assert_eq!(
+        server.with_core(|c| c.stats().expect("stats").entries),
+        entries
+    );
+
+    // Revoked, the key is refused.
+    assert_eq!(post(&url, "/v1/keys/revoke", Some(&key), "", &[]).0, 200);
+    let (status, body, _) = post(&url, "/v1/completions", Some(&key), request, &[]);
+    assert_eq!((status, code(&body).as_str()), (401, "invalid_api_key"));
+
+    // Dividends pay the pool out 2:1, as alice and bob earned.
+    let pool = server.with_core(|c| c.stats().expect("stats").pool);
+    assert!(pool > 0);
+    let (alice_before, bob_before) = (balance(&url, &alice), balance(&url, &bob));
+    let paid = server.with_core(|c| {
+        c.pay_dividends(coordinator::system_ms())
+            .expect("dividends")
+    });
+    assert_eq!(paid, 2);
+    let (alice_div, bob_div) = (
+        balance(&url, &alice) - alice_before,
+        balance(&url, &bob) - bob_before,
+    );
+    assert_eq!(alice_div, pool * 2 / 3);
+    assert_eq!(bob_div, pool / 3);
+    // Nothing earned since: the next payout pays nothing.
+    assert_eq!(
+        server.with_core(|c| c
+            .pay_dividends(coordinator::system_ms())
+            .expect("dividends")),
+        0
+    );
+    server.stop();
+}
+
+#[test]
+fn keys_are_rate_limited_and_challenges_serve_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, url) = network(dir.path(), 2);
+    let alice = ts::key(1);
+    let key = api_key(&url, &alice);
+    let request = r#"{"model":"hivetrain","prompt":"To be","max_tokens":1}"#;
+    for _ in 0..2 {
+        assert_eq!(
+            post(&url, "/v1/completions", Some(&key), request, &[]).0,
+            200
+        );
+    }
+    let (status, body, headers) = post(&url, "/v1/completions", Some(&key), request, &[]);
+    assert_eq!((status, code(&body).as_str()), (429, "rate_limited"));
+    assert!(headers.contains_key("retry-after"));
+
+    // A challenge signed by another key, or used twice, gives no key.
+    let challenge = ts::get(&url, "/v1/keys/challenge");
+    let message = challenge.body["message"].as_str().expect("message");
+    let forged = serde_json::json!({
+        "wallet": WorkerId::of(&alice).to_string(),
+        "challenge": challenge.body["challenge"],
+        "signature": hex::encode(ts::key(9).sign(message.as_bytes()).to_bytes()),
+    });
+    let r = post(&url, "/v1/keys", None, &forged.to_string(), &[]);
+    assert_eq!((r.0, code(&r.1).as_str()), (401, "bad_signature"));
+    let signed = serde_json::json!({
+        "wallet": WorkerId::of(&alice).to_string(),
+        "challenge": challenge.body["challenge"],
+        "signature": hex::encode(alice.sign(message.as_bytes()).to_bytes()),
+    });
+    assert_eq!(
+        post(&url, "/v1/keys", None, &signed.to_string(), &[]).0,
+        200
+    );
+    let r = post(&url, "/v1/keys", None, &signed.to_string(), &[]);
+    assert_eq!((r.0, code(&r.1).as_str()), (401, "bad_challenge"));
+    server.stop();
+}
