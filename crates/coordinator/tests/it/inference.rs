@@ -329,3 +329,59 @@ fn keys_are_rate_limited_and_challenges_serve_once() {
     assert_eq!((r.0, code(&r.1).as_str()), (401, "bad_challenge"));
     server.stop();
 }
+
+/// A Python with the pinned `openai` client: `$HIVETRAIN_PYTHON`, or a virtual
+/// environment made in the target directory on first use (from PyPI).
+fn openai_python() -> std::path::PathBuf {
+    if let Some(python) = std::env::var_os("HIVETRAIN_PYTHON") {
+        return python.into();
+    }
+    let root = ts::repo_root();
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |python: &std::path::Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import openai"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_openai(&python) {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv (install Python 3)");
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "-r"])
+            .arg(root.join("scripts/requirements-openai.txt"))
+            .status()
+            .expect("pip");
+        assert!(
+            installed.success(),
+            "pip install -r scripts/requirements-openai.txt failed"
+        );
+    }
+    python
+}
+
+#[test]
+fn the_official_openai_client_works_streaming_included() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, url) = network(dir.path(), 1000);
+    let key = api_key(&url, &ts::key(1));
+    let poor = api_key(&url, &ts::key(3));
+    let output = std::process::Command::new(openai_python())
+        .arg(ts::repo_root().join("scripts/openai_client_check.py"))
+        .arg(format!("{url}/v1"))
+        .args([&key, &poor])
+        .output()
+        .expect("run the openai client check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(seen["bad_key"], 401);
+    assert_eq!(seen["poor"], 402);
+    server.stop();
+}
