@@ -7,6 +7,7 @@ mod export;
 mod generate;
 mod model;
 mod paths;
+mod query;
 mod tokenizer;
 mod train;
 mod wallet;
@@ -51,6 +52,10 @@ enum Command {
     Leaderboard(wallet::Remote),
     /// Network totals: workers, updates, tokens, credit.
     Stats(wallet::Remote),
+    /// Ask the model, paying with your credit: one prompt, or an interactive chat.
+    Query(query::QueryArgs),
+    /// Serve a stopped run's model and ledger (OpenAI-compatible API), without training.
+    Serve(query::ServeArgs),
     /// Check or export the credit ledger.
     #[command(subcommand)]
     Ledger(wallet::LedgerCommand),
@@ -72,6 +77,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Leaderboard(remote) => wallet::leaderboard(remote),
         Command::Stats(remote) => wallet::stats(remote),
         Command::Ledger(command) => wallet::run_ledger(command),
+        Command::Query(args) => query::query(args),
+        Command::Serve(args) => query::serve(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

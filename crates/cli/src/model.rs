@@ -35,7 +35,7 @@ pub(crate) struct RunModel {
     pub(crate) tokenizer: data::TextTokenizer,
 }
 
-fn open_run(run: &Path) -> anyhow::Result<Store> {
+pub(crate) fn open_run(run: &Path) -> anyhow::Result<Store> {
     if !run.join("hivetrain.sqlite3").exists() {
         bail!(
             "{} holds no run: give --run the directory a coordinator (or the demo) used",

@@ -22,25 +22,25 @@ pub(crate) struct Remote {
         env = "HIVETRAIN_COORDINATOR",
         default_value = "http://127.0.0.1:8480"
     )]
-    coordinator: String,
+    pub(crate) coordinator: String,
     /// Your key file (your wallet; default: the config dir's hivetrain/worker.key).
     #[arg(long, env = "HIVETRAIN_KEY")]
     key: Option<PathBuf>,
 }
 
 impl Remote {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.coordinator.trim_end_matches('/'))
     }
 
-    fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = reqwest::blocking::get(self.url(path))
             .with_context(|| format!("cannot reach the coordinator at {}", self.coordinator))?;
         read(response, path)
     }
 
     /// The key file's key; it must exist (it is made by `hivetrain worker`).
-    fn key(&self) -> anyhow::Result<SigningKey> {
+    pub(crate) fn key(&self) -> anyhow::Result<SigningKey> {
         let path = match &self.key {
             Some(p) => p.clone(),
             None => worker::identity::default_path()?,
@@ -55,7 +55,7 @@ impl Remote {
     }
 
     /// The wallet named, or the key file's.
-    fn wallet(&self, named: Option<&str>) -> anyhow::Result<WorkerId> {
+    pub(crate) fn wallet(&self, named: Option<&str>) -> anyhow::Result<WorkerId> {
         match named {
             Some(text) => WorkerId::parse(text).with_context(|| {
                 format!("{text:?} is not a wallet: a wallet is a worker's 64-hex-digit public key")
@@ -66,7 +66,7 @@ impl Remote {
 }
 
 /// A reply's body, or the coordinator's refusal as an error with its code.
-fn read<T: DeserializeOwned>(
+pub(crate) fn read<T: DeserializeOwned>(
     response: reqwest::blocking::Response,
     what: &str,
 ) -> anyhow::Result<T> {
@@ -113,6 +113,11 @@ pub(crate) enum WalletCommand {
         /// made from the time).
         #[arg(long)]
         reference: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Make an API key for your wallet (for `hivetrain query` or any OpenAI client).
+    ApiKey {
         #[command(flatten)]
         remote: Remote,
     },
@@ -231,6 +236,14 @@ pub(crate) fn run_wallet(command: WalletCommand) -> anyhow::Result<()> {
             let view: WalletView = remote.get(&format!("/v1/wallets/{id}"))?;
             print_entries(view.entries.iter());
             println!("balance {} credits", format_credits(view.balance));
+        }
+        WalletCommand::ApiKey { remote } => {
+            let key = crate::query::make_api_key(&remote)?;
+            println!("{key}");
+            eprintln!(
+                "an OpenAI client takes it as api_key, with base_url {}; it spends your wallet's credit",
+                remote.url("/v1")
+            );
         }
         WalletCommand::Dividends { wallet, remote } => {
             let id = remote.wallet(wallet.as_deref())?;

@@ -59,17 +59,19 @@ pub(crate) struct Shared {
 /// Most idle body buffers kept.
 const BUFFERS_KEPT: usize = 8;
 
-pub(crate) fn router(shared: Shared) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/v1/run", get(run_info))
-        .route("/v1/run/corpus", get(corpus))
-        .route("/v1/run/tokenizer", get(tokenizer))
+/// The API; `training: false` leaves out the routes workers use (`hivetrain serve`).
+pub(crate) fn router(shared: Shared, training: bool) -> Router {
+    let workers = Router::new()
         .route("/v1/workers", post(register))
         .route("/v1/lease", post(lease))
         .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/updates", post(submit));
+    let base = if training { workers } else { Router::new() };
+    base.route("/health", get(|| async { "ok" }))
+        .route("/v1/run", get(run_info))
+        .route("/v1/run/corpus", get(corpus))
+        .route("/v1/run/tokenizer", get(tokenizer))
         .route("/v1/models/{version}", get(model))
-        .route("/v1/updates", post(submit))
         .route("/v1/status", get(status))
         .route("/v1/ledger", get(ledger_page))
         .route("/v1/ledger/head", get(tree_head))

@@ -76,6 +76,27 @@ impl Coordinator {
         bind: &str,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Result<Coordinator, StartError> {
+        Coordinator::start_mode(dir, config, bind, clock, true)
+    }
+
+    /// Serves the run in `dir` without training it: the ledger, wallets and the
+    /// inference API, no work for workers (`hivetrain serve`). Use it on a run whose
+    /// coordinator is stopped: one process at a time owns a store.
+    pub fn serve(
+        dir: &Path,
+        config: CoordinatorConfig,
+        bind: &str,
+    ) -> Result<Coordinator, StartError> {
+        Coordinator::start_mode(dir, config, bind, Arc::new(system_ms), false)
+    }
+
+    fn start_mode(
+        dir: &Path,
+        config: CoordinatorConfig,
+        bind: &str,
+        clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+        training: bool,
+    ) -> Result<Coordinator, StartError> {
         let max_clock_skew_ms = config.max_clock_skew_ms;
         let update_bytes_max = config.limits.update_bytes_max;
         let limits = config.limits;
@@ -119,7 +140,7 @@ impl Coordinator {
             serving,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = http::router(shared);
+        let app = http::router(shared, training);
         runtime.spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
@@ -141,7 +162,9 @@ impl Coordinator {
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
                     let now = clock();
-                    core.tick(now)?;
+                    if training {
+                        core.tick(now)?;
+                    }
                     core.dividends_if_due(now)
                 })
                 .await;

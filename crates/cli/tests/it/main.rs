@@ -24,6 +24,29 @@ impl Sandbox {
         path
     }
 
+    /// As `run`, with `input` on standard input.
+    fn run_with_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hivetrain"))
+            .args(args)
+            .env("HIVETRAIN_CACHE_DIR", self.path("cache"))
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hivetrain");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("wait");
+        let clean = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), clean(&out.stdout), clean(&out.stderr))
+    }
+
     /// Runs hivetrain with a private cache; returns (success, stdout, stderr) with the
     /// sandbox path replaced by `$TMP`.
     fn run(&self, args: &[&str]) -> (bool, String, String) {
@@ -511,7 +534,9 @@ fn key_file(sandbox: &Sandbox, name: &str, key: &ed25519_dalek::SigningKey) -> S
 fn wallets_leaderboard_and_a_ledger_checked_offline() {
     let sandbox = Sandbox::new();
     let server_dir = tempfile::tempdir().expect("tempdir");
-    let config = test_support::tiny_config(server_dir.path(), 3);
+    let mut config = test_support::tiny_config(server_dir.path(), 3);
+    // Long units (crafted here, not trained), so that a unit's credit pays for queries.
+    config.schedule.steps_per_unit = 1000;
     let server = test_support::start(server_dir.path(), config);
     let url = server.url();
     let (alice, bob) = (test_support::key(1), test_support::key(2));
