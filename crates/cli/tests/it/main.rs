@@ -656,5 +656,85 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
         "missing.key",
     ]);
     assert!(!ok && err.contains("run `hivetrain worker` once"), "{err}");
+
+    // Queries: one prompt, then a chat; each spends alice's credit.
+    let before = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice)).balance);
+    let (ok, out, err) = sandbox.run(&[
+        "query",
+        "KING HENRY:",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--coordinator",
+        &url,
+        "--key",
+        &alice_key,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("KING HENRY:"), "{out}");
+    assert!(err.contains("generated tokens; balance"), "{err}");
+    let (ok, out, err) = sandbox.run_with_stdin(
+        &[
+            "query",
+            "--max-tokens",
+            "4",
+            "--coordinator",
+            &url,
+            "--key",
+            &alice_key,
+        ],
+        "balance\nWho goes there?\nquit\n",
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().next().is_some_and(|l| l.ends_with(" credits")),
+        "{out}"
+    );
+    assert!(err.contains("`quit` leaves"), "{err}");
+    let after = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice)).balance);
+    assert!(after < before, "queries spend credit: {before} -> {after}");
+    let key = run(&["wallet", "api-key"]);
+    assert!(key.trim().starts_with("hk-"), "{key}");
     server.stop();
+
+    // The stopped run served alone: the model and the ledger, no work for workers.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hivetrain"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--run"])
+        .arg(server_dir.path().join("store"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hivetrain serve");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().expect("stderr")),
+        &mut first,
+    )
+    .expect("serve's first line");
+    let served = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let models = reqwest::blocking::get(format!("{served}/v1/models")).expect("models");
+    assert_eq!(models.status(), 200);
+    let lease = reqwest::blocking::Client::new()
+        .post(format!("{served}/v1/lease"))
+        .send()
+        .expect("lease");
+    assert_eq!(lease.status(), 404);
+    let (ok, out, err) = sandbox.run(&[
+        "query",
+        "To be",
+        "--max-tokens",
+        "3",
+        "--coordinator",
+        &served,
+        "--key",
+        &alice_key,
+    ]);
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(ok && out.starts_with("To be"), "{out}{err}");
 }
