@@ -14,7 +14,7 @@ fn json<T: serde::de::DeserializeOwned>(reply: ts::Reply) -> T {
 
 /// Everything a client needs to check the ledger on its own: every entry replays under
 /// the head's key and every entry's proof checks against the head.
-fn verify_from_outside(url: &str) -> Ledger {
+pub(crate) fn verify_from_outside(url: &str) -> Ledger {
     let head: TreeHead = json(ts::get(url, "/v1/ledger/head"));
     let authority =
         ed25519_dalek::VerifyingKey::from_bytes(&head.authority.0).expect("authority key");
