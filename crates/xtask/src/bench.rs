@@ -20,6 +20,9 @@ pub(crate) enum BenchCommand {
     /// Accepted int8 updates per second through the real coordinator over loopback HTTP,
     /// against raw loopback TCP goodput measured in the same run.
     Ingest(crate::ingest::IngestBench),
+    /// Greedy decoding tokens/s of the inference endpoint and in-process, against
+    /// PyTorch from the same weights (the tokens must match).
+    Decode(crate::decode::DecodeBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +86,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(args) => train(root, args),
         BenchCommand::Diloco(args) => crate::diloco::run(root, args),
         BenchCommand::Ingest(args) => crate::ingest::run(root, args),
+        BenchCommand::Decode(args) => crate::decode::run(root, args),
     }
 }
 

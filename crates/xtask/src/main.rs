@@ -3,6 +3,7 @@
 
 mod bench;
 mod corpus;
+mod decode;
 mod diloco;
 mod golden;
 mod ingest;

@@ -256,6 +256,21 @@ impl Core {
         Ok(amount)
     }
 
+    /// Claws back the credit of unit `unit`'s accepted update, found false by a later
+    /// check: an entry of its own (the mint stays in history), at most what the wallet
+    /// still holds. A second clawback of the same unit is a no-op.
+    pub fn claw_back(&mut self, unit: u64, now_ms: u64) -> Result<ledger::Entry, ApiError> {
+        let reference = super::mint_reference(unit);
+        if let Some(e) = self.ledger.find(ledger::Kind::Clawback, &reference) {
+            return Ok(e.clone());
+        }
+        let draft = self
+            .ledger
+            .clawback_draft(&reference)
+            .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no_such_mint", e.to_string()))?;
+        self.append(draft, now_ms)
+    }
+
     /// Pays the pool out to the wallets that earned credit since the last payout, in
     /// proportion (one dividend entry each, all in one transaction). Returns how many.
     pub fn pay_dividends(&mut self, now_ms: u64) -> Result<usize, ApiError> {

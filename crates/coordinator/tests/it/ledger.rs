@@ -161,6 +161,27 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
         ),
         (4, credited[0] + credited[1], 3, 1)
     );
+    // A unit found false later is clawed back by an entry of its own, once.
+    let bob_before = wallet(&bob).balance;
+    let (first, again, missing) = server.with_core(|c| {
+        let unit = c
+            .wallet(WorkerId::of(&bob))
+            .entries
+            .iter()
+            .find(|e| e.kind == ledger::Kind::Mint)
+            .and_then(|e| e.reference.strip_prefix("update:").map(str::to_owned))
+            .and_then(|u| u.parse::<u64>().ok())
+            .expect("bob's unit");
+        (
+            c.claw_back(unit, 1).expect("clawback"),
+            c.claw_back(unit, 2).expect("repeat"),
+            c.claw_back(9_999, 3).map_err(|e| e.code),
+        )
+    });
+    assert_eq!(first.seq, again.seq);
+    assert_eq!(first.amount, credited[1]);
+    assert_eq!(missing, Err("no_such_mint".to_owned()));
+    assert_eq!(wallet(&bob).balance, bob_before - credited[1]);
     let ledger = verify_from_outside(&url);
 
     // A restart replays the same ledger.
