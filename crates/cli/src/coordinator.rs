@@ -42,6 +42,9 @@ pub(crate) struct RunFlags {
     /// Inner (worker) AdamW learning rate.
     #[arg(long, env = "HIVETRAIN_INNER_LR")]
     inner_lr: Option<f32>,
+    /// Rounds over which the units' learning rate anneals (cosine) to a tenth (0: constant).
+    #[arg(long, env = "HIVETRAIN_LR_DECAY_ROUNDS")]
+    lr_decay_rounds: Option<u64>,
     /// Largest accepted staleness, in versions (MAX_STALENESS).
     #[arg(long, env = "HIVETRAIN_MAX_STALENESS")]
     max_staleness: Option<u64>,
@@ -100,6 +103,9 @@ impl RunFlags {
         }
         if let Some(v) = self.local_steps {
             s.steps_per_unit = v;
+        }
+        if let Some(v) = self.lr_decay_rounds {
+            s.lr_decay_rounds = v;
         }
         if let Some(v) = self.inner_lr {
             s.inner_lr = v;

@@ -51,6 +51,11 @@ pub(crate) struct DilocoBench {
     /// keeping its AdamW state and following one cosine schedule.
     #[arg(long)]
     network: bool,
+    /// With --network: each round's units run at a learning rate falling along a cosine over the rounds
+    /// from the peak to a tenth of it (what `schedule.lr_decay_rounds` makes the
+    /// coordinator assign), instead of the peak rate throughout.
+    #[arg(long)]
+    round_lr_decay: bool,
     /// Linear warmup steps at the start of each unit (with --network).
     #[arg(long, default_value_t = 0)]
     unit_warmup: usize,
@@ -225,7 +230,17 @@ fn diloco(
                 let step = round * h + i;
                 let batch = owned(batch_of(setup, args, m, workers, step)?);
                 let lr = if args.network {
-                    args.inner_lr * ((i + 1) as f32 / args.unit_warmup.max(1) as f32).min(1.0)
+                    let unit_lr = scheduler::ScheduleConfig {
+                        inner_lr: args.inner_lr,
+                        lr_decay_rounds: if args.round_lr_decay {
+                            (args.inner_steps / h) as u64
+                        } else {
+                            0
+                        },
+                        ..Default::default()
+                    }
+                    .round_lr(round as u64);
+                    unit_lr * ((i + 1) as f32 / args.unit_warmup.max(1) as f32).min(1.0)
                 } else {
                     schedule.lr(step)
                 };

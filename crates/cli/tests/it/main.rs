@@ -705,12 +705,11 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("hivetrain serve");
+    // The reader lives until the child is killed: a closed pipe would end the server
+    // at its next line of output.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stderr.take().expect("stderr")),
-        &mut first,
-    )
-    .expect("serve's first line");
+    std::io::BufRead::read_line(&mut stderr, &mut first).expect("serve's first line");
     let served = first
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
@@ -736,5 +735,6 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     ]);
     child.kill().expect("kill");
     let _ = child.wait();
+    drop(stderr);
     assert!(ok && out.starts_with("To be"), "{out}{err}");
 }
