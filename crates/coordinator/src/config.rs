@@ -66,6 +66,8 @@ pub struct ServingConfig {
     pub max_prompt_tokens: u64,
     /// Engine threads of one generation.
     pub threads: u32,
+    /// Generations that run at once (more wait, then get 503 `busy`).
+    pub concurrency: u32,
     /// Seconds between payouts of the query-revenue pool as dividends (0: never).
     pub dividend_interval_s: u64,
 }
@@ -79,6 +81,7 @@ impl Default for ServingConfig {
             max_tokens: 1024,
             max_prompt_tokens: 4096,
             threads: 1,
+            concurrency: 2,
             dividend_interval_s: 3600,
         }
     }

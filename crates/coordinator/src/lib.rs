@@ -109,6 +109,9 @@ impl Coordinator {
                 prompt_tokens: config.serving.max_prompt_tokens,
             },
             buckets: Arc::default(),
+            generations: Arc::new(tokio::sync::Semaphore::new(
+                config.serving.concurrency as usize,
+            )),
         };
         let core = Core::open(dir, config, clock())?;
         let core_blobs = core.blobs();

@@ -53,7 +53,12 @@ pub(crate) struct Serving {
     pub(crate) threads: u32,
     pub(crate) limits: inference::Limits,
     pub(crate) buckets: Arc<Mutex<HashMap<String, Bucket>>>,
+    /// Generations that may run at once; the others wait up to [`BUSY_WAIT`].
+    pub(crate) generations: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long a request waits for a free generation slot before a 503.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A token bucket: `requests_per_minute` requests of burst, refilled evenly.
 #[derive(Clone, Copy, Debug)]
@@ -323,17 +328,35 @@ async fn serve(
         core.check_funds(wallet, prompt_tokens, max_tokens)
     })
     .await?;
+    let permit = tokio::time::timeout(
+        BUSY_WAIT,
+        shared.serving.generations.clone().acquire_owned(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "every generation slot has been taken for 30 s; retry shortly",
+        )
+        .with_header(header::RETRY_AFTER, "5")
+    })?;
     let created = seconds((shared.clock)());
     let object_id = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
     let model_id = model.id.clone();
     if plan.stream {
         return Ok(stream(
-            shared, wallet, id, model, plan, chat, object_id, created,
+            shared, wallet, id, model, plan, chat, object_id, created, permit,
         ));
     }
     let done = tokio::task::spawn_blocking({
         let shared = shared.clone();
-        move || generate(&shared, wallet, &id, &model, &plan, &mut |_| true)
+        move || {
+            let _permit = permit;
+            generate(&shared, wallet, &id, &model, &plan, &mut |_| true)
+        }
     })
     .await
     .map_err(|e| ApiError::internal(&e))??;
@@ -426,6 +449,7 @@ fn stream(
     chat: bool,
     object_id: String,
     created: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(STREAM_QUEUE);
     let model_name = model.id.clone();
@@ -480,6 +504,7 @@ fn stream(
         }
     };
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut first = true;
         if chat {
             // The role comes first, as OpenAI sends it.
