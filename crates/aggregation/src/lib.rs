@@ -12,9 +12,15 @@
 //!   2017), i.e. a step of 1 with no state.
 //! - [`FedAdam`]: Adam on the mean (Reddi et al. 2021, "Adaptive Federated Optimization").
 //!
-//! All rules pass one conformance suite (`tests` below). No IO, no clock, no randomness;
+//! Any of them can step on a Byzantine-robust combination of the deltas instead of their
+//! weighted mean ([`robust`]: median, trimmed mean, Multi-Krum, centered clipping, norm
+//! clipping; [`OuterConfig::build_with`]). All rules and combinations pass one
+//! conformance suite (`tests` below). No IO, no clock, no randomness;
 //! the same inputs in the same order give the same bits.
 
+pub mod robust;
+
+pub use robust::{Combine, Robust};
 use serde::{Deserialize, Serialize};
 
 /// One accepted update and the weight the coordinator gives it.
@@ -161,6 +167,16 @@ impl OuterConfig {
     }
 }
 
+impl OuterConfig {
+    /// As [`OuterConfig::build`], stepping on `combine`'s combination of the deltas.
+    pub fn build_with(self, combine: Combine, n: usize) -> Box<dyn OuterOptimizer> {
+        match combine {
+            Combine::Mean => self.build(n),
+            _ => Box::new(Robust::new(combine, self.build(n), n)),
+        }
+    }
+}
+
 /// SGD with Nesterov momentum on the mean pseudo-gradient (PyTorch's formulation).
 #[derive(Debug, Clone)]
 pub struct DiLoCo {
@@ -267,9 +283,23 @@ impl OuterOptimizer for FedAdam {
 mod tests {
     use super::*;
 
-    /// Every rule, as the conformance suite runs them.
-    fn rules() -> Vec<OuterConfig> {
-        vec![
+    /// An outer rule and the combination it steps on.
+    #[derive(Clone, Copy, Debug)]
+    struct Rule(OuterConfig, Combine);
+
+    impl Rule {
+        fn build(self, n: usize) -> Box<dyn OuterOptimizer> {
+            self.0.build_with(self.1, n)
+        }
+
+        fn is_mean(self) -> bool {
+            self.1 == Combine::Mean
+        }
+    }
+
+    /// Every rule and combination, as the conformance suite runs them.
+    fn rules() -> Vec<Rule> {
+        let outers = [
             OuterConfig::default(),
             OuterConfig::FedAvg,
             OuterConfig::FedAdam {
@@ -278,7 +308,26 @@ mod tests {
                 beta2: 0.99,
                 tau: 1e-3,
             },
-        ]
+        ];
+        let combines = [
+            Combine::Mean,
+            Combine::Median,
+            Combine::TrimmedMean { trim: 0.2 },
+            Combine::MultiKrum { f: 1, m: 0 },
+            Combine::CenteredClip {
+                radius: 1.0,
+                iters: 3,
+            },
+            Combine::NormClip { multiple: 2.0 },
+        ];
+        let mut all: Vec<Rule> = outers.iter().map(|&o| Rule(o, Combine::Mean)).collect();
+        all.extend(
+            combines[1..]
+                .iter()
+                .map(|&c| Rule(OuterConfig::default(), c)),
+        );
+        all.push(Rule(OuterConfig::FedAvg, Combine::Median));
+        all
     }
 
     fn vector(n: usize, salt: usize) -> Vec<f32> {
@@ -288,7 +337,7 @@ mod tests {
     }
 
     fn step(
-        rule: OuterConfig,
+        rule: Rule,
         params: &[f32],
         updates: &[WeightedDelta<'_>],
     ) -> Result<Vec<f32>, AggregationError> {
@@ -429,7 +478,7 @@ mod tests {
         let params = vector(32, 0);
         let (a, b) = (vector(32, 1), vector(32, 2));
         let mean: Vec<f32> = a.iter().zip(&b).map(|(a, b)| (3.0 * a + b) / 4.0).collect();
-        for rule in rules() {
+        for rule in rules().into_iter().filter(|r| r.is_mean()) {
             let two = step(
                 rule,
                 &params,
@@ -506,7 +555,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            step(OuterConfig::FedAvg, &base, &ups).expect("step"),
+            step(Rule(OuterConfig::FedAvg, Combine::Mean), &base, &ups).expect("step"),
             vec![0.5, 3.0]
         );
         // torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True), grad (0.5, -1.0), two steps:

@@ -57,6 +57,10 @@ pub(crate) struct RunFlags {
     /// Outer optimizer: diloco, fedavg or fedadam.
     #[arg(long, env = "HIVETRAIN_OUTER")]
     outer: Option<String>,
+    /// How updates are combined before the outer step: mean, median, trimmed-mean:TRIM,
+    /// multi-krum:F[:M], centered-clip:RADIUS[:ITERS] or norm-clip:MULTIPLE.
+    #[arg(long, env = "HIVETRAIN_COMBINE")]
+    combine: Option<String>,
     /// Outer learning rate (diloco, fedadam).
     #[arg(long, env = "HIVETRAIN_OUTER_LR")]
     outer_lr: Option<f32>,
@@ -118,6 +122,14 @@ impl RunFlags {
         }
         if let Some(v) = &self.codec {
             c.codec = parse_codec(v)?;
+        }
+        if let Some(v) = &self.combine {
+            c.combine = aggregation::Combine::from_spec(v).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown --combine {v:?}: use {}",
+                    aggregation::Combine::SPECS
+                )
+            })?;
         }
         if let Some(v) = &self.outer {
             c.outer = match v.as_str() {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aggregation::OuterConfig;
+use aggregation::{Combine, OuterConfig};
 use protocol::{Codec, Limits};
 use scheduler::ScheduleConfig;
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,9 @@ pub struct CoordinatorConfig {
     pub schedule: ScheduleConfig,
     /// The outer optimizer (DiLoCo by default).
     pub outer: OuterConfig,
+    /// How the round's deltas are combined before the outer step: the weighted mean, or a
+    /// Byzantine-robust rule (`aggregation::robust`).
+    pub combine: Combine,
     /// The codec workers encode updates with.
     pub codec: Codec,
     /// DELTA_NORM_MAX: largest accepted L2 norm of an update.
@@ -107,6 +110,7 @@ impl Default for CoordinatorConfig {
             seq: 0,
             schedule: ScheduleConfig::default(),
             outer: OuterConfig::default(),
+            combine: Combine::default(),
             codec: Codec::Int8Chunk { chunk: 4096 },
             delta_norm_max: 1_000.0,
             median_norm_multiple: 5.0,

@@ -224,7 +224,7 @@ impl Core {
         let mut evaluator =
             engine::open_backend(&format!("cpu:{threads}"), model, vec![0.0; n_params])?;
         let mut store = Store::open(dir)?;
-        let mut outer = config.outer.build(n_params);
+        let mut outer = config.outer.build_with(config.combine, n_params);
         let config_json = config.identity_json();
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
