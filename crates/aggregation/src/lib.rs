@@ -104,14 +104,27 @@ pub fn weighted_mean(
     if total == 0 {
         return Err(AggregationError::ZeroWeight);
     }
-    let mut sum = vec![0.0f64; n];
-    for u in updates {
-        let w = u.weight as f64 / total as f64;
-        for (s, &d) in sum.iter_mut().zip(u.delta) {
-            *s += w * d as f64;
+    // Per coordinate, the updates are summed in their order, whatever the threads.
+    use rayon::prelude::*;
+    let weights: Vec<f64> = updates
+        .iter()
+        .map(|u| u.weight as f64 / total as f64)
+        .collect();
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+        let start = c * 4096;
+        let mut sum = [0.0f64; 4096];
+        let sum = &mut sum[..chunk.len()];
+        for (u, &w) in updates.iter().zip(&weights) {
+            for (s, &d) in sum.iter_mut().zip(&u.delta[start..start + chunk.len()]) {
+                *s += w * d as f64;
+            }
         }
-    }
-    Ok(sum.into_iter().map(|x| x as f32).collect())
+        for (o, s) in chunk.iter_mut().zip(sum.iter()) {
+            *o = *s as f32;
+        }
+    });
+    Ok(out)
 }
 
 /// Which rule, with its hyperparameters: the serializable form that configs hold.

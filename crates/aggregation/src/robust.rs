@@ -223,47 +223,32 @@ fn chunked_sum<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> T + Sync
         .collect()
 }
 
-/// Pairwise squared distances of the deltas, through their Gram matrix.
+/// Pairwise squared distances of the deltas, through their Gram matrix: per chunk of
+/// coordinates, the rows are gathered into one block and multiplied by its transpose
+/// (`engine::gram`, gemm), and the chunks' products are summed in f64 in chunk order.
 fn squared_distances(updates: &[WeightedDelta<'_>]) -> Vec<Vec<f64>> {
     let k = updates.len();
     let n = updates[0].delta.len();
     let partials = chunked_sum(n, |range| {
-        let mut g = vec![0.0f64; k * k];
-        for i in 0..k {
-            let a = &updates[i].delta[range.clone()];
-            for j in i..k {
-                let b = &updates[j].delta[range.clone()];
-                let mut lanes = [0.0f32; 8];
-                let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-                let tail: f32 = ca
-                    .remainder()
-                    .iter()
-                    .zip(cb.remainder())
-                    .map(|(x, y)| x * y)
-                    .sum();
-                for (x, y) in ca.zip(cb) {
-                    for l in 0..8 {
-                        lanes[l] += x[l] * y[l];
-                    }
-                }
-                g[i * k + j] = lanes.iter().map(|&x| x as f64).sum::<f64>() + tail as f64;
-            }
+        let width = range.len();
+        let mut block = Vec::with_capacity(k * width);
+        for u in updates {
+            block.extend_from_slice(&u.delta[range.clone()]);
         }
+        let mut g = vec![0.0f32; k * k];
+        engine::gram(&block, k, width, &mut g);
         g
     });
     let mut gram = vec![0.0f64; k * k];
     for p in partials {
         for (g, x) in gram.iter_mut().zip(p) {
-            *g += x;
+            *g += x as f64;
         }
     }
     (0..k)
         .map(|i| {
             (0..k)
-                .map(|j| {
-                    let (a, b) = (i.min(j), i.max(j));
-                    (gram[i * k + i] + gram[j * k + j] - 2.0 * gram[a * k + b]).max(0.0)
-                })
+                .map(|j| (gram[i * k + i] + gram[j * k + j] - 2.0 * gram[i * k + j]).max(0.0))
                 .collect()
         })
         .collect()

@@ -21,6 +21,7 @@ pub mod params;
 pub mod train;
 
 pub use config::{ConfigError, GptConfig, Preset};
+pub use matmul::gram;
 pub use optim::{LrSchedule, OptimizerConfig};
 pub use params::{ParamLayout, TensorKind, TensorSpec};
 

@@ -23,6 +23,9 @@ pub(crate) enum BenchCommand {
     /// Greedy decoding tokens/s of the inference endpoint and in-process, against
     /// PyTorch from the same weights (the tokens must match).
     Decode(crate::decode::DecodeBench),
+    /// Robust aggregation rules (median, trimmed mean, Multi-Krum, centered and norm
+    /// clipping) against PyTorch on the same tensors.
+    Robust(crate::robust::RobustBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +90,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Diloco(args) => crate::diloco::run(root, args),
         BenchCommand::Ingest(args) => crate::ingest::run(root, args),
         BenchCommand::Decode(args) => crate::decode::run(root, args),
+        BenchCommand::Robust(args) => crate::robust::run(root, args),
     }
 }
 

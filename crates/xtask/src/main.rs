@@ -7,6 +7,7 @@ mod decode;
 mod diloco;
 mod golden;
 mod ingest;
+mod robust;
 
 use std::path::PathBuf;
 
