@@ -166,6 +166,16 @@ pub(crate) fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, accumulate: boo
     }
 }
 
+/// `out = x @ x^T` for a dense row-major `rows x cols` matrix `x` (`out` is `rows x rows`,
+/// row-major), on the calling thread: the Gram matrix of the rows, as robust aggregation
+/// needs for pairwise distances.
+pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), rows * cols, "gram: x is not rows x cols");
+    assert_eq!(out.len(), rows * rows, "gram: out is not rows x rows");
+    let a = View::rows(x, rows, cols);
+    matmul(ViewMut::rows(out, rows, rows), a, a.t(), false, Par::Single);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,14 +300,4 @@ mod tests {
         let data = vec![0.0f32; 10];
         let _ = View::rows(&data, 3, 4);
     }
-}
-
-/// `out = x @ x^T` for a dense row-major `rows x cols` matrix `x` (`out` is `rows x rows`,
-/// row-major), on the calling thread: the Gram matrix of the rows, as robust aggregation
-/// needs for pairwise distances.
-pub fn gram(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), rows * cols, "gram: x is not rows x cols");
-    assert_eq!(out.len(), rows * rows, "gram: out is not rows x rows");
-    let a = View::rows(x, rows, cols);
-    matmul(ViewMut::rows(out, rows, rows), a, a.t(), false, Par::Single);
 }
