@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
     /// more in page faults than reading into it.
     pub(crate) buffers: Arc<Mutex<Vec<Vec<u8>>>>,
-    pub(crate) serving: crate::openai::Serving,
+    pub(crate) serving: crate::openai::Inference,
 }
 
 /// Most idle body buffers kept.

@@ -100,7 +100,7 @@ impl Coordinator {
         let max_clock_skew_ms = config.max_clock_skew_ms;
         let update_bytes_max = config.limits.update_bytes_max;
         let limits = config.limits;
-        let serving = openai::Serving {
+        let serving = openai::Inference {
             requests_per_minute: config.serving.requests_per_minute,
             threads: config.serving.threads,
             limits: inference::Limits {

@@ -48,7 +48,7 @@ const BUCKETS_MAX: usize = 100_000;
 
 /// What the inference routes need beyond the core, fixed at start.
 #[derive(Clone)]
-pub(crate) struct Serving {
+pub(crate) struct Inference {
     pub(crate) requests_per_minute: u32,
     pub(crate) threads: u32,
     pub(crate) limits: inference::Limits,
@@ -187,7 +187,7 @@ fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// Takes one request from the key's bucket, or says when to come back.
-fn rate_limit(serving: &Serving, key: &str, now_ms: u64) -> Result<(), ApiError> {
+fn rate_limit(serving: &Inference, key: &str, now_ms: u64) -> Result<(), ApiError> {
     let per_minute = serving.requests_per_minute.max(1) as f64;
     let mut buckets = serving
         .buckets
