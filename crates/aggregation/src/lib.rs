@@ -88,22 +88,7 @@ pub fn weighted_mean(
     n: usize,
     updates: &[WeightedDelta<'_>],
 ) -> Result<Vec<f32>, AggregationError> {
-    if updates.is_empty() {
-        return Err(AggregationError::NoUpdates);
-    }
-    for (index, u) in updates.iter().enumerate() {
-        if u.delta.len() != n {
-            return Err(AggregationError::Length {
-                index,
-                got: u.delta.len(),
-                want: n,
-            });
-        }
-    }
-    let total: u128 = updates.iter().map(|u| u.weight as u128).sum();
-    if total == 0 {
-        return Err(AggregationError::ZeroWeight);
-    }
+    let total = robust::check(n, updates)?;
     // Per coordinate, the updates are summed in their order, whatever the threads.
     use rayon::prelude::*;
     let weights: Vec<f64> = updates

@@ -159,10 +159,8 @@ impl Codec {
         out
     }
 
-    /// Unpacks `n_params` values. `payload` must have exactly `payload_bytes(n_params)`
-    /// bytes; callers check `n_params` against their limits first, so the allocation is
-    /// bounded.
-    pub fn decode(self, payload: &[u8], n_params: u32) -> Result<Vec<f32>, CodecError> {
+    /// `payload` must have exactly `payload_bytes(n_params)` bytes.
+    fn check_length(self, payload: &[u8], n_params: u32) -> Result<(), CodecError> {
         let want = self.payload_bytes(n_params);
         if payload.len() as u64 != want {
             return Err(CodecError::Length {
@@ -172,6 +170,13 @@ impl Codec {
                 got: payload.len() as u64,
             });
         }
+        Ok(())
+    }
+
+    /// Unpacks `n_params` values. Callers check `n_params` against their limits first, so
+    /// the allocation is bounded.
+    pub fn decode(self, payload: &[u8], n_params: u32) -> Result<Vec<f32>, CodecError> {
+        self.check_length(payload, n_params)?;
         let n = n_params as usize;
         let f32_at = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         Ok(match self {
@@ -213,15 +218,7 @@ impl Codec {
     /// sum their integer codes' squares once and scale the sum, the codebook counts its
     /// indices. Norms are summed in f64.
     pub fn summarize(self, payload: &[u8], n_params: u32) -> Result<Summary, CodecError> {
-        let want = self.payload_bytes(n_params);
-        if payload.len() as u64 != want {
-            return Err(CodecError::Length {
-                codec: self,
-                n_params,
-                want,
-                got: payload.len() as u64,
-            });
-        }
+        self.check_length(payload, n_params)?;
         let f32_at = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         Ok(match self {
             Codec::Fp32 => summarize_values(payload.chunks_exact(4).map(f32_at)),

@@ -285,3 +285,27 @@ fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Runs `python scripts/SCRIPT ARG` and returns its standard output; a failure carries the
+/// script's standard error.
+pub(crate) fn run_python(
+    python: &str,
+    root: &Path,
+    script: &str,
+    arg: &Path,
+) -> anyhow::Result<Vec<u8>> {
+    let script = root.join("scripts").join(script);
+    let output = std::process::Command::new(python)
+        .arg(&script)
+        .arg(arg)
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.stdout)
+}

@@ -3,10 +3,9 @@
 //! the same weights and prompt in the same run. The tokens must match.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use coordinator::{Coordinator, CoordinatorConfig};
 use ed25519_dalek::{Signer, SigningKey};
 use engine::generate::SamplingParams;
@@ -185,21 +184,9 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
             "repeat": args.repeat,
         }))?,
     )?;
-    let script = root.join("scripts/torch_decode.py");
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .arg(&dir)
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let torch: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .context("the PyTorch script printed no JSON line")?;
+    let stdout = crate::bench::run_python(&args.python, root, "torch_decode.py", &dir)?;
+    let torch: serde_json::Value =
+        serde_json::from_slice(&stdout).context("the PyTorch script printed no JSON line")?;
     let tokens = |name: &str| -> Vec<u32> {
         torch[name]
             .as_array()

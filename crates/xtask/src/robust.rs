@@ -3,7 +3,6 @@
 //! run (`scripts/torch_robust.py`), with the results compared.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use aggregation::{Combine, WeightedDelta};
@@ -131,22 +130,10 @@ pub(crate) fn run(root: &Path, args: RobustBench) -> anyhow::Result<()> {
             "repeat": args.repeat,
         }))?,
     )?;
-    let script = root.join("scripts/torch_robust.py");
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .arg(&spec)
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let stdout = crate::bench::run_python(&args.python, root, "torch_robust.py", &spec)?;
     println!("| rule | n | d | hivetrain s | PyTorch s | speed-up | results agree (L2) |");
     println!("|---|---|---|---|---|---|---|");
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    for line in String::from_utf8_lossy(&stdout).lines() {
         let t: serde_json::Value = serde_json::from_str(line).context("a line of the script")?;
         let key = (
             t["n"].as_u64().unwrap_or(0) as usize,
