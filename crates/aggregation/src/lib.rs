@@ -89,27 +89,11 @@ pub fn weighted_mean(
     updates: &[WeightedDelta<'_>],
 ) -> Result<Vec<f32>, AggregationError> {
     let total = robust::check(n, updates)?;
-    // Per coordinate, the updates are summed in their order, whatever the threads.
-    use rayon::prelude::*;
     let weights: Vec<f64> = updates
         .iter()
         .map(|u| u.weight as f64 / total as f64)
         .collect();
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
-        let start = c * 4096;
-        let mut sum = [0.0f64; 4096];
-        let sum = &mut sum[..chunk.len()];
-        for (u, &w) in updates.iter().zip(&weights) {
-            for (s, &d) in sum.iter_mut().zip(&u.delta[start..start + chunk.len()]) {
-                *s += w * d as f64;
-            }
-        }
-        for (o, s) in chunk.iter_mut().zip(sum.iter()) {
-            *o = *s as f32;
-        }
-    });
-    Ok(out)
+    Ok(robust::combination(n, updates, &weights, None))
 }
 
 /// Which rule, with its hyperparameters: the serializable form that configs hold.

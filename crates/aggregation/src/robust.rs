@@ -75,6 +75,68 @@ pub(crate) fn check(n: usize, updates: &[WeightedDelta<'_>]) -> Result<u128, Agg
     Ok(total)
 }
 
+/// `base + sum_i coef_i * (update_i - base)` per coordinate (`base` zero when `None`),
+/// summed in f64 in update order whatever the threads.
+pub(crate) fn combination(
+    n: usize,
+    updates: &[WeightedDelta<'_>],
+    coefs: &[f64],
+    base: Option<&[f32]>,
+) -> Vec<f32> {
+    let pull: f64 = coefs.iter().sum();
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let start = c * CHUNK;
+            let mut sum = [0.0f64; CHUNK];
+            let sum = &mut sum[..chunk.len()];
+            for (u, &w) in updates.iter().zip(coefs) {
+                for (s, &d) in sum.iter_mut().zip(&u.delta[start..start + chunk.len()]) {
+                    *s += w * d as f64;
+                }
+            }
+            match base {
+                None => chunk
+                    .iter_mut()
+                    .zip(sum.iter())
+                    .for_each(|(o, s)| *o = *s as f32),
+                Some(base) => {
+                    let base = &base[start..start + chunk.len()];
+                    for ((o, s), &b) in chunk.iter_mut().zip(sum.iter()).zip(base) {
+                        *o = (b as f64 * (1.0 - pull) + s) as f32;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// The squared L2 distance of `a` and `b` (`b` zero when `None`), summed in 8 f64 lanes
+/// per chunk and the chunks in order.
+fn squared_distance(a: &[f32], b: Option<&[f32]>) -> f64 {
+    chunked_sum(a.len(), |r| {
+        let mut lanes = [0.0f64; 8];
+        let x = &a[r.clone()];
+        match b {
+            None => {
+                for (i, &v) in x.iter().enumerate() {
+                    lanes[i % 8] += (v as f64) * (v as f64);
+                }
+            }
+            Some(b) => {
+                for (i, (&v, &w)) in x.iter().zip(&b[r]).enumerate() {
+                    let d = (v - w) as f64;
+                    lanes[i % 8] += d * d;
+                }
+            }
+        }
+        lanes.iter().sum::<f64>()
+    })
+    .into_iter()
+    .sum()
+}
+
 impl Combine {
     /// Combines `updates` (each of `n` values). `center` is the state of centered
     /// clipping (the last aggregate; zeros at first) and is updated; the other rules
@@ -294,16 +356,6 @@ fn multi_krum(n: usize, updates: &[WeightedDelta<'_>], f: usize, m: usize) -> Ve
     mean_of(n, updates, &chosen)
 }
 
-/// The L2 norm of `x`, summed in f64 in fixed chunks.
-fn norm(x: &[f32]) -> f64 {
-    chunked_sum(x.len(), |r| {
-        x[r].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
-    })
-    .into_iter()
-    .sum::<f64>()
-    .sqrt()
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_unstable_by(f64::total_cmp);
     let k = xs.len();
@@ -328,21 +380,10 @@ fn centered_clip(
     for _ in 0..iters {
         let distances: Vec<f64> = updates
             .iter()
-            .map(|u| {
-                chunked_sum(n, |r| {
-                    u.delta[r.clone()]
-                        .iter()
-                        .zip(&v[r])
-                        .map(|(&x, &c)| ((x - c) as f64).powi(2))
-                        .sum::<f64>()
-                })
-                .into_iter()
-                .sum::<f64>()
-                .sqrt()
-            })
+            .map(|u| squared_distance(u.delta, Some(&v)).sqrt())
             .collect();
         let tau = radius as f64 * median(distances.clone());
-        let scales: Vec<f64> = updates
+        let coefs: Vec<f64> = updates
             .iter()
             .zip(&distances)
             .map(|(u, &dist)| {
@@ -354,27 +395,19 @@ fn centered_clip(
                 clip * u.weight as f64 / total as f64
             })
             .collect();
-        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let start = c * CHUNK;
-            for (j, slot) in chunk.iter_mut().enumerate() {
-                let here = *slot as f64;
-                let step: f64 = updates
-                    .iter()
-                    .zip(&scales)
-                    .map(|(u, s)| s * (u.delta[start + j] as f64 - here))
-                    .sum();
-                *slot = (here + step) as f32;
-            }
-        });
+        v = combination(n, updates, &coefs, Some(&v));
     }
     v
 }
 
 fn norm_clip(n: usize, updates: &[WeightedDelta<'_>], multiple: f32) -> Vec<f32> {
-    let norms: Vec<f64> = updates.iter().map(|u| norm(u.delta)).collect();
+    let norms: Vec<f64> = updates
+        .iter()
+        .map(|u| squared_distance(u.delta, None).sqrt())
+        .collect();
     let bound = multiple as f64 * median(norms.clone());
     let total: u128 = updates.iter().map(|u| u.weight as u128).sum();
-    let scales: Vec<f64> = updates
+    let coefs: Vec<f64> = updates
         .iter()
         .zip(&norms)
         .map(|(u, &nm)| {
@@ -386,20 +419,7 @@ fn norm_clip(n: usize, updates: &[WeightedDelta<'_>], multiple: f32) -> Vec<f32>
             clip * u.weight as f64 / total as f64
         })
         .collect();
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let start = c * CHUNK;
-            for (j, slot) in chunk.iter_mut().enumerate() {
-                *slot = updates
-                    .iter()
-                    .zip(&scales)
-                    .map(|(u, s)| s * u.delta[start + j] as f64)
-                    .sum::<f64>() as f32;
-            }
-        });
-    out
+    combination(n, updates, &coefs, None)
 }
 
 /// An outer optimizer that steps on a robust combination of the deltas instead of their
