@@ -320,15 +320,20 @@ pub(crate) fn leaderboard(remote: Remote) -> anyhow::Result<()> {
 
 pub(crate) fn stats(remote: Remote) -> anyhow::Result<()> {
     let s: Stats = remote.get("/v1/stats")?;
-    println!("model version     {}", s.current_version);
-    println!("workers           {}", s.workers);
-    println!("accepted updates  {}", s.accepted_updates);
-    println!("tokens trained    {}", s.tokens_trained);
-    println!("credit minted     {}", format_credits(s.minted));
-    println!("credit clawed back {}", format_credits(s.burned));
-    println!("revenue pool      {}", format_credits(s.pool));
-    println!("wallets           {}", s.wallets);
-    println!("ledger entries    {} (head {})", s.entries, s.head);
+    let rows = [
+        ("model version", s.current_version.to_string()),
+        ("workers", s.workers.to_string()),
+        ("accepted updates", s.accepted_updates.to_string()),
+        ("tokens trained", s.tokens_trained.to_string()),
+        ("credit minted", format_credits(s.minted)),
+        ("credit clawed back", format_credits(s.burned)),
+        ("revenue pool", format_credits(s.pool)),
+        ("wallets", s.wallets.to_string()),
+    ];
+    for (label, value) in rows {
+        println!("{label:<19}{value}");
+    }
+    println!("{:<19}{} (head {})", "ledger entries", s.entries, s.head);
     Ok(())
 }
 

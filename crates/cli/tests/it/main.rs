@@ -578,7 +578,7 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(names, ["alice", "bob"], "{board}");
-    assert!(run(&["stats"]).contains("accepted updates  3"));
+    assert!(run(&["stats"]).contains("accepted updates   3"));
     let history = run(&["wallet", "history"]);
     assert!(
         history.contains("transfer") && history.contains("update:"),
