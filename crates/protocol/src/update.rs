@@ -278,6 +278,11 @@ impl<'a> SignedUpdate<'a> {
             .summarize(self.payload, self.header.n_params)?)
     }
 
+    /// The encoded delta.
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
     /// The blake3 hash of the payload, as claimed (verified by `verify`).
     pub fn payload_hash(&self) -> [u8; 32] {
         self.hash

@@ -6,6 +6,7 @@
 pub mod identity;
 mod run;
 mod transport;
+pub mod unit;
 
 pub use run::{Reporter, Summary, WorkerError, WorkerOptions, run};
 pub use transport::{HttpTransport, Refusal, Transport, TransportError};

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use engine::{Backend, OptimizerConfig};
+use engine::Backend;
 use protocol::api::{LeaseReply, RunInfo, SubmitReply, UnitSpec};
 use protocol::{UpdateHeader, WorkerId};
 
@@ -175,29 +175,26 @@ pub fn run(
         let Some((_, backend, base)) = model.as_mut() else {
             continue;
         };
-        backend.set_params(base)?;
-        backend.reset_optimizer();
         summary.units += 1;
         let trained = train_unit(
             transport,
             key,
             backend.as_mut(),
+            base,
             &data,
             &unit,
             Duration::from_millis(heartbeat_ms),
             stop,
             reporter,
         )?;
-        if !trained {
+        let Some(delta) = trained else {
             summary.abandoned += 1;
             reporter.message(&format!(
                 "stopping: unit {} abandoned (its lease will expire and it will be reissued)",
                 unit.id
             ));
             break;
-        }
-        let local = backend.params();
-        let delta: Vec<f32> = base.iter().zip(&local).map(|(b, l)| b - l).collect();
+        };
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).unwrap_or_default();
         let header = UpdateHeader {
@@ -229,48 +226,34 @@ pub fn run(
     }
     Ok(summary)
 }
-
-/// Trains the unit's H steps; false if stopped (or the lease was lost) before the end.
+/// Trains the unit through [`crate::unit::train`], reporting each step, heart-beating the
+/// lease, and stopping when asked or when the unit is withdrawn. `None`: abandoned.
 #[allow(clippy::too_many_arguments)]
 fn train_unit(
     transport: &dyn Transport,
     key: &SigningKey,
     backend: &mut dyn Backend,
+    base: &[f32],
     data: &RunData,
     unit: &UnitSpec,
     heartbeat_every: Duration,
     stop: &AtomicBool,
     reporter: &mut dyn Reporter,
-) -> Result<bool, WorkerError> {
-    let address = data::WorkAddress {
-        shard: unit.shard,
-        offset: unit.offset,
-        steps: unit.steps,
-        seed: unit.seed,
-    };
-    let optimizer = OptimizerConfig::default();
+) -> Result<Option<Vec<f32>>, WorkerError> {
     let (batch, seq) = (data.info.batch as usize, data.info.seq as usize);
     let started = Instant::now();
     let mut last_heartbeat = Instant::now();
-    for step in 0..unit.steps {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        let b = address.batch(&data.train, data.info.n_shards, step, batch, seq)?;
-        let stats = backend.train_step(
-            &engine::Batch {
-                inputs: &b.inputs,
-                targets: &b.targets,
-                batch,
-                seq,
-            },
-            &optimizer,
-            unit.lr,
-        )?;
-        let tokens = (step as usize + 1) * batch * seq;
+    let unit_data = crate::unit::UnitData {
+        train: &data.train,
+        n_shards: data.info.n_shards,
+        batch,
+        seq,
+    };
+    crate::unit::train(backend, base, unit_data, unit, &mut |step, loss| {
+        let tokens = step as usize * batch * seq;
         reporter.step(
-            step + 1,
-            stats.loss,
+            step,
+            loss,
             tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
         );
         if last_heartbeat.elapsed() >= heartbeat_every {
@@ -279,14 +262,14 @@ fn train_unit(
                 Ok(()) => {}
                 Err(TransportError::Refused(r)) if r.code == "not_leased" => {
                     reporter.message(&format!("unit {} was withdrawn: {}", unit.id, r.message));
-                    return Ok(false);
+                    return false;
                 }
                 // A missed heartbeat is not fatal: the lease has slack, the next may pass.
                 Err(e) => reporter.message(&format!("heartbeat failed: {e}")),
             }
         }
-    }
-    Ok(true)
+        !stop.load(Ordering::SeqCst)
+    })
 }
 
 /// Fetches (or finds in the data dir) the corpus and tokenizer, checks their hashes, and

@@ -5,5 +5,6 @@ mod bad_input;
 mod flow;
 mod inference;
 mod ledger;
+mod replay;
 mod restart;
 mod rounds;

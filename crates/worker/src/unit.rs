@@ -1,0 +1,60 @@
+//! One work unit's training, as a function of nothing but its inputs: the base weights,
+//! the run's train tokens and shape, and the unit (data address, steps, learning rate).
+//! The worker runs it; a validator re-runs it to check a worker's update, which CPU
+//! training's determinism makes a bit-for-bit comparison.
+
+use engine::{Backend, OptimizerConfig};
+use protocol::api::UnitSpec;
+
+use crate::WorkerError;
+
+/// The run's data and shape, as a unit needs them.
+#[derive(Clone, Copy, Debug)]
+pub struct UnitData<'a> {
+    /// The train split's tokens.
+    pub train: &'a [u32],
+    pub n_shards: u32,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Trains `unit` from `base` on `backend` (a fresh AdamW; the backend's weights are set
+/// to `base`), calling `on_step(step, loss)` after each step; `on_step` returning false
+/// stops early. Returns the delta `base - trained`, or `None` when stopped.
+pub fn train(
+    backend: &mut dyn Backend,
+    base: &[f32],
+    data: UnitData<'_>,
+    unit: &UnitSpec,
+    on_step: &mut dyn FnMut(u32, f32) -> bool,
+) -> Result<Option<Vec<f32>>, WorkerError> {
+    backend.set_params(base)?;
+    backend.reset_optimizer();
+    let address = data::WorkAddress {
+        shard: unit.shard,
+        offset: unit.offset,
+        steps: unit.steps,
+        seed: unit.seed,
+    };
+    let optimizer = OptimizerConfig::default();
+    for step in 0..unit.steps {
+        let b = address.batch(data.train, data.n_shards, step, data.batch, data.seq)?;
+        let stats = backend.train_step(
+            &engine::Batch {
+                inputs: &b.inputs,
+                targets: &b.targets,
+                batch: data.batch,
+                seq: data.seq,
+            },
+            &optimizer,
+            unit.lr,
+        )?;
+        if !on_step(step + 1, stats.loss) {
+            return Ok(None);
+        }
+    }
+    let trained = backend.params();
+    Ok(Some(
+        base.iter().zip(&trained).map(|(b, t)| b - t).collect(),
+    ))
+}
