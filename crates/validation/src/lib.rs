@@ -13,6 +13,8 @@
 //!
 //! No IO, no clock: the caller passes what it knows of the round and the lease.
 
+pub mod spot_check;
+
 use protocol::{Limits, SignedUpdate, Summary, UpdateHeader, WorkerId};
 use serde::{Deserialize, Serialize};
 
