@@ -324,8 +324,9 @@ async fn serve(
         (plan, planned.1)
     };
     let (prompt_tokens, max_tokens) = (plan.prompt.len() as u64, plan.max_tokens as u64);
+    let paid_id = id.clone();
     with_core(&shared, move |core, _| {
-        core.check_funds(wallet, prompt_tokens, max_tokens)
+        core.check_funds(wallet, &paid_id, prompt_tokens, max_tokens)
     })
     .await?;
     let permit = tokio::time::timeout(

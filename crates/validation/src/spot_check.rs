@@ -92,7 +92,10 @@ mod tests {
             .collect();
         expect_test::expect!["1.000 1.000 0.100 0.050 0.010"].assert_eq(&got.join(" "));
         assert_eq!(p.after(Trust { verified: 40 }, false), Trust::default());
-        assert_eq!(p.after(Trust { verified: 40 }, true), Trust { verified: 41 });
+        assert_eq!(
+            p.after(Trust { verified: 40 }, true),
+            Trust { verified: 41 }
+        );
     }
 
     /// The share of an honest, trusted worker's units that get re-run (the budget

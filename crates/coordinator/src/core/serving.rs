@@ -206,13 +206,22 @@ impl Core {
         Ok(())
     }
 
-    /// Refuses, with 402, a request the wallet could not pay for at its longest.
+    /// Refuses, with 402, a request the wallet could not pay for at its longest (a retry
+    /// of a request already paid for, by its id, passes: it is not charged again).
     pub fn check_funds(
         &self,
         wallet: WorkerId,
+        request_id: &str,
         prompt_tokens: u64,
         max_tokens: u64,
     ) -> Result<(), ApiError> {
+        if self
+            .ledger
+            .find(ledger::Kind::Spend, &format!("{wallet}:{request_id}"))
+            .is_some()
+        {
+            return Ok(());
+        }
         let serving = &self.config.serving;
         let price = serving.price(prompt_tokens, max_tokens);
         let balance = self.ledger.balance(&Account::Wallet(wallet));
