@@ -189,20 +189,32 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     // Credit: one mint per accepted update, in the coordinator's signed ledger.
     let (board, entries) = server.with_core(|c| (c.leaderboard(), c.stats().map(|s| s.entries)));
-    server.stop();
     if let (Ok(board), Ok(entries)) = (board, entries) {
         println!(
             "\ncredit earned ({entries} ledger entries; `hivetrain ledger verify` checks them):"
         );
-        for row in board {
+        for row in &board {
             println!(
-                "  {:<10} {:>4} units  {:>12} credits",
+                "  {:<12} {:>4} units  {:>12} credits",
                 row.name,
                 row.units,
                 ledger::format_credits(row.earned)
             );
         }
     }
+    // The volunteer who earned most spends some of it.
+    let richest = server
+        .with_core(|c| c.leaderboard())
+        .ok()
+        .and_then(|rows| rows.into_iter().next())
+        .and_then(|row| row.name.strip_prefix("volunteer-").map(str::to_owned));
+    if let Some(i) = richest {
+        let key = dir.join("keys").join(format!("worker-{i}.key"));
+        if let Err(e) = spend_and_share(&server, &url, &format!("volunteer-{i}"), &key, &args) {
+            println!("\n(no query: {e:#})");
+        }
+    }
+    server.stop();
 
     let model = crate::model::load_version(&dir, None)?;
     println!(
@@ -246,6 +258,65 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             "\nthe run is kept in {}: `hivetrain model list --run {}`",
             dir.display(),
             dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The loop closes: a volunteer spends some of its credit on the model through the
+/// OpenAI-compatible API (real HTTP, its own API key), and the revenue is paid out to the
+/// volunteers as dividends, in proportion to what each earned.
+fn spend_and_share(
+    server: &Coordinator,
+    url: &str,
+    name: &str,
+    key_path: &std::path::Path,
+    args: &DemoArgs,
+) -> anyhow::Result<()> {
+    let remote = crate::wallet::Remote {
+        coordinator: url.to_owned(),
+        key: Some(key_path.to_owned()),
+    };
+    let api_key = crate::query::make_api_key(&remote)?;
+    let reply = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({
+            "model": "hivetrain",
+            "prompt": args.prompt,
+            "max_tokens": 24,
+            "temperature": 0.8,
+            "seed": 1,
+        }))
+        .send()?;
+    let charged = reply
+        .headers()
+        .get("x-hivetrain-charged")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body: serde_json::Value = crate::wallet::read(reply, "query")?;
+    println!(
+        "\n{name} asks the model through POST /v1/completions and pays {} credits ({} tokens):\n{}{}",
+        ledger::format_credits(charged.unwrap_or(0)),
+        body["usage"]["total_tokens"],
+        args.prompt,
+        body["choices"][0]["text"].as_str().unwrap_or_default()
+    );
+    let paid = server.with_core(|c| c.pay_dividends(coordinator::system_ms()));
+    let paid = paid.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let board = server
+        .with_core(|c| c.leaderboard())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("dividends: the revenue paid back to {paid} volunteers; balances now:");
+    for row in board {
+        let dividends = server.with_core(|c| {
+            protocol::WorkerId::parse(&row.wallet).map_or(0, |w| c.wallet(w).dividends)
+        });
+        println!(
+            "  {:<12} {:>12} credits (dividends {})",
+            row.name,
+            ledger::format_credits(row.balance),
+            ledger::format_credits(dividends)
         );
     }
     Ok(())

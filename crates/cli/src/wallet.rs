@@ -25,7 +25,7 @@ pub(crate) struct Remote {
     pub(crate) coordinator: String,
     /// Your key file (your wallet; default: the config dir's hivetrain/worker.key).
     #[arg(long, env = "HIVETRAIN_KEY")]
-    key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
 }
 
 impl Remote {

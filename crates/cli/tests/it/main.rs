@@ -409,7 +409,7 @@ fn demo_then_the_registry_lists_exports_and_generates_its_versions() {
         "--rounds",
         "2",
         "--local-steps",
-        "5",
+        "60",
         "--corpus",
         &corpus,
         "--dir",
@@ -424,6 +424,15 @@ fn demo_then_the_registry_lists_exports_and_generates_its_versions() {
         "{stdout}"
     );
     assert!(stdout.contains("sample of version"), "{stdout}");
+    // 60 steps of the tiny model earn each volunteer enough for the demo's paid query.
+    assert!(
+        stdout.contains("asks the model through POST /v1/completions and pays"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("dividends: the revenue paid back to"),
+        "{stdout}"
+    );
 
     let (ok, list, stderr) = sandbox.run(&["model", "list", "--run", "run"]);
     assert!(ok, "{stderr}");
