@@ -307,7 +307,7 @@ fn spend_and_share(
     let board = server
         .with_core(|c| c.leaderboard())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("dividends: the revenue paid back to {paid} volunteers; balances now:");
+    println!("\ndividends: the revenue paid back to {paid} volunteers; balances now:");
     for row in board {
         let dividends = server.with_core(|c| {
             protocol::WorkerId::parse(&row.wallet).map_or(0, |w| c.wallet(w).dividends)
