@@ -139,8 +139,8 @@ fn squared_distance(a: &[f32], b: Option<&[f32]>) -> f64 {
 
 impl Combine {
     /// Combines `updates` (each of `n` values). `center` is the state of centered
-    /// clipping (the last aggregate; zeros at first) and is updated; the other rules
-    /// leave it alone.
+    /// clipping (the last aggregate, `n` values; zeros at first) and is updated; the
+    /// other rules leave it alone (it may be empty for them).
     pub fn apply(
         self,
         n: usize,
@@ -454,16 +454,10 @@ impl OuterOptimizer for Robust {
         params: &mut [f32],
         updates: &[WeightedDelta<'_>],
     ) -> Result<(), AggregationError> {
-        let mut center = std::mem::take(&mut self.center);
-        let mut scratch = vec![0.0; params.len()];
-        let target = if center.is_empty() {
-            &mut scratch
-        } else {
-            &mut center
-        };
-        let combined = self.combine.apply(params.len(), updates, target);
-        self.center = center;
-        let g = combined?;
+        // Only centered clipping has (and uses) a center; the others get an empty one.
+        let g = self
+            .combine
+            .apply(params.len(), updates, &mut self.center)?;
         self.inner.step(
             params,
             &[WeightedDelta {

@@ -145,13 +145,8 @@ async fn issue_key(
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let request: KeyRequest = parse_json(&read_body(body, 4096).await?)?;
-    let key = with_core(&shared, move |core, now| {
+    let (key, wallet) = with_core(&shared, move |core, now| {
         core.issue_api_key(&request.wallet, &request.challenge, &request.signature, now)
-    })
-    .await?;
-    let wallet = with_core(&shared, {
-        let key = key.clone();
-        move |core, _| core.api_key_wallet(&key)
     })
     .await?;
     Ok(axum::Json(KeyReply {
@@ -453,9 +448,8 @@ fn stream(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(STREAM_QUEUE);
-    let model_name = model.id.clone();
     let chunk = {
-        let (object_id, model_name) = (object_id.clone(), model_name.clone());
+        let model_name = model.id.clone();
         move |text: Option<&str>,
               finish: Option<&str>,
               usage: Option<Usage>,

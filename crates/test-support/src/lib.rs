@@ -207,3 +207,25 @@ pub fn status(url: &str) -> protocol::api::Status {
 pub fn get(url: &str, path: &str) -> Reply {
     reply(reqwest::blocking::get(format!("{url}{path}")).expect("GET"))
 }
+
+/// An API key for `key`'s wallet: a challenge from the coordinator, signed, exchanged.
+pub fn api_key(url: &str, key: &SigningKey) -> String {
+    use ed25519_dalek::Signer;
+    let challenge = get(url, "/v1/keys/challenge");
+    assert_eq!(challenge.status, 200, "{challenge:?}");
+    let message = challenge.body["message"].as_str().expect("message");
+    let body = serde_json::json!({
+        "wallet": WorkerId::of(key).to_string(),
+        "challenge": challenge.body["challenge"],
+        "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
+    });
+    let r = reply(
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/keys"))
+            .body(body.to_string())
+            .send()
+            .expect("POST /v1/keys"),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body["api_key"].as_str().expect("api_key").to_owned()
+}

@@ -132,14 +132,14 @@ impl Core {
     }
 
     /// Issues an API key bound to `wallet`, which signed `challenge` (each challenge
-    /// serves once).
+    /// serves once); returns the key and the wallet.
     pub fn issue_api_key(
         &mut self,
         wallet: &str,
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<String, ApiError> {
+    ) -> Result<(String, WorkerId), ApiError> {
         let id = WorkerId::parse(wallet).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -178,7 +178,7 @@ impl Core {
             .map_err(|e| ApiError::internal(&e))?;
         self.serving.challenges.remove(challenge);
         self.serving.api_keys.insert(hash, id);
-        Ok(key)
+        Ok((key, id))
     }
 
     /// The wallet an API key spends from.

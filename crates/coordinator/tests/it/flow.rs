@@ -2,7 +2,6 @@
 //! earn credit for their accepted work, alice spends hers on the model, the revenue comes
 //! back to both as dividends, and anyone can check the ledger.
 
-use ed25519_dalek::Signer;
 use ledger::{Entry, Ledger};
 use protocol::WorkerId;
 use test_support as ts;
@@ -45,23 +44,10 @@ fn train_earn_query_dividends_verify() {
     assert!(a.earned > 0);
 
     // Alice asks the model; her credit pays, bob's does not move.
-    let challenge = ts::get(&url, "/v1/keys/challenge");
-    let message = challenge.body["message"].as_str().expect("message");
-    let body = serde_json::json!({
-        "wallet": WorkerId::of(&alice).to_string(),
-        "challenge": challenge.body["challenge"],
-        "signature": hex::encode(alice.sign(message.as_bytes()).to_bytes()),
-    });
-    let key: serde_json::Value = reqwest::blocking::Client::new()
-        .post(format!("{url}/v1/keys"))
-        .body(body.to_string())
-        .send()
-        .expect("key")
-        .json()
-        .expect("json");
+    let key = ts::api_key(&url, &alice);
     let reply: serde_json::Value = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/completions"))
-        .bearer_auth(key["api_key"].as_str().expect("api_key"))
+        .bearer_auth(&key)
         .body(r#"{"model":"hivetrain","prompt":"KING HENRY:\n","max_tokens":2,"temperature":0}"#)
         .send()
         .expect("query")

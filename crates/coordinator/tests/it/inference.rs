@@ -6,21 +6,6 @@ use ledger::wire::WalletView;
 use protocol::WorkerId;
 use test_support as ts;
 
-fn api_key(url: &str, key: &SigningKey) -> String {
-    let challenge = ts::get(url, "/v1/keys/challenge");
-    assert_eq!(challenge.status, 200, "{challenge:?}");
-    let message = challenge.body["message"].as_str().expect("message");
-    let body = serde_json::json!({
-        "wallet": WorkerId::of(key).to_string(),
-        "challenge": challenge.body["challenge"],
-        "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
-    });
-    let r = post(url, "/v1/keys", None, &body.to_string(), &[]);
-    assert_eq!(r.0, 200, "{r:?}");
-    let reply: serde_json::Value = serde_json::from_str(&r.1).expect("json");
-    reply["api_key"].as_str().expect("key").to_owned()
-}
-
 /// A POST with an optional bearer key and extra headers: (status, body, headers).
 fn post(
     url: &str,
@@ -111,7 +96,7 @@ fn queries_spend_the_callers_credit_once_and_pay_dividends() {
     let (alice, bob) = (ts::key(1), ts::key(2));
     let (alice_start, bob_start) = (balance(&url, &alice), balance(&url, &bob));
     assert_eq!(alice_start, 2 * bob_start);
-    let key = api_key(&url, &alice);
+    let key = ts::api_key(&url, &alice);
 
     let models = ts::get(&url, "/v1/models");
     assert_eq!(models.body["data"][0]["id"], "hivetrain");
@@ -294,7 +279,7 @@ fn keys_are_rate_limited_and_challenges_serve_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, url) = network(dir.path(), 2);
     let alice = ts::key(1);
-    let key = api_key(&url, &alice);
+    let key = ts::api_key(&url, &alice);
     let request = r#"{"model":"hivetrain","prompt":"To be","max_tokens":1}"#;
     for _ in 0..2 {
         assert_eq!(
@@ -369,8 +354,8 @@ fn openai_python() -> std::path::PathBuf {
 fn the_official_openai_client_works_streaming_included() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, url) = network(dir.path(), 1000);
-    let key = api_key(&url, &ts::key(1));
-    let poor = api_key(&url, &ts::key(3));
+    let key = ts::api_key(&url, &ts::key(1));
+    let poor = ts::api_key(&url, &ts::key(3));
     let output = std::process::Command::new(openai_python())
         .arg(ts::repo_root().join("scripts/openai_client_check.py"))
         .arg(format!("{url}/v1"))

@@ -45,6 +45,12 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
     // Another thread count than the worker's one: CPU training does not depend on it.
     let mut backend =
         engine::open_backend("cpu:2", base.config, base.params.clone()).expect("backend");
+    let unit_data = worker::unit::UnitData {
+        train: &dataset.train,
+        n_shards,
+        batch: info.batch as usize,
+        seq: info.seq as usize,
+    };
     for unit in &units.0 {
         let row = rows
             .iter()
@@ -55,12 +61,7 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
         let delta = worker::unit::train(
             backend.as_mut(),
             &base.params,
-            worker::unit::UnitData {
-                train: &dataset.train,
-                n_shards,
-                batch: info.batch as usize,
-                seq: info.seq as usize,
-            },
+            unit_data,
             unit,
             &mut |_, _| true,
         )
@@ -80,12 +81,7 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
         let changed = worker::unit::train(
             backend.as_mut(),
             &base.params,
-            worker::unit::UnitData {
-                train: &dataset.train,
-                n_shards,
-                batch: info.batch as usize,
-                seq: info.seq as usize,
-            },
+            unit_data,
             &other,
             &mut |_, _| true,
         )
