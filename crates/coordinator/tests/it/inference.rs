@@ -370,3 +370,56 @@ fn the_official_openai_client_works_streaming_included() {
     assert_eq!(seen["poor"], 402);
     server.stop();
 }
+
+/// A pinned version is served by name, an unknown one is refused; dividends are paid by
+/// the coordinator's own ticker once the configured interval has passed.
+#[test]
+fn pinned_versions_and_dividends_on_their_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ts::ManualClock::new(coordinator::system_ms());
+    let mut config = ts::tiny_config(dir.path(), 3);
+    config.schedule.steps_per_unit = 1000;
+    config.serving.dividend_interval_s = 60;
+    let server = ts::start_with_clock(dir.path(), config, &clock);
+    let url = server.url();
+    let (alice, bob) = (ts::key(1), ts::key(2));
+    ts::register(&url, &alice, "alice");
+    ts::register(&url, &bob, "bob");
+    let n = server.with_core(|c| c.params().len());
+    for key in [&alice, &alice, &bob] {
+        let unit = ts::lease_at(&url, key, clock.now());
+        let delta = ts::crafted_delta(unit.id, n);
+        let r = ts::submit(
+            &url,
+            ts::update_bytes(key, unit.id, unit.base_version, &delta),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(server.with_core(|c| c.version()), 1);
+    let api = ts::api_key(&url, &alice);
+    let ask = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"To be","max_tokens":2}}"#);
+        post(&url, "/v1/completions", Some(&api), &body, &[])
+    };
+    let (status, body, _) = ask("hivetrain-v0");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"model\":\"hivetrain-v0\""), "{body}");
+    let (status, body, _) = ask("hivetrain-v9");
+    assert_eq!((status, code(&body).as_str()), (404, "model_not_found"));
+
+    // The query's revenue waits in the pool until the interval has passed.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(server.with_core(|c| c.stats().expect("stats").pool) > 0);
+    clock.advance(61_000);
+    let started = std::time::Instant::now();
+    while server.with_core(|c| c.stats().expect("stats").pool) > 1 {
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "no dividends after the interval"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let dividends = server.with_core(|c| c.wallet(WorkerId::of(&bob)).dividends);
+    assert!(dividends > 0);
+    server.stop();
+}
