@@ -202,6 +202,19 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // Replay spot-checks: units the coordinator trained again and compared.
+    if let Ok(checks) = server.with_core(|c| c.store().checks(None)) {
+        let count = |state: store::CheckState| checks.iter().filter(|c| c.state == state).count();
+        println!(
+            "
+spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} found false (credit clawed back); {} waiting, {} not sampled",
+            count(store::CheckState::Verified) + count(store::CheckState::Failed),
+            count(store::CheckState::Verified),
+            count(store::CheckState::Failed),
+            count(store::CheckState::Queued),
+            count(store::CheckState::Unchecked),
+        );
+    }
     // The volunteer who earned most spends some of it.
     let richest = server
         .with_core(|c| c.leaderboard())

@@ -51,6 +51,43 @@ pub struct CoordinatorConfig {
     /// The inference API: prices, rate limit, dividends. Not part of the run's identity:
     /// a restarted coordinator may change it.
     pub serving: ServingConfig,
+    /// Scored updates: the loss before and after applying each update alone. Not part of
+    /// the run's identity.
+    pub scoring: validation::score::ScorePolicy,
+    /// Replay spot-checks of accepted units. Not part of the run's identity.
+    pub spot_check: SpotCheckConfig,
+}
+
+/// Which accepted units are re-run and compared, and by how many threads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpotCheckConfig {
+    /// Re-run sampled units (off: accepted units are never checked).
+    pub enabled: bool,
+    /// Consecutive verified units after which a worker's units are checked with
+    /// probability 1 / that count (BOINC's adaptive replication).
+    pub trusted_after: u64,
+    /// Largest relative L2 distance between an update and its re-run that still counts
+    /// as a match. 0: bit-exact, which CPU training on the same CPU model guarantees;
+    /// workers on other CPUs (other `gemm` kernels) or GPUs need a tolerance.
+    pub tolerance: f32,
+    /// Most units waiting to be re-run; units sampled beyond it stay unchecked (and are
+    /// re-checked if their worker is later caught).
+    pub max_backlog: u32,
+    /// Engine threads of the coordinator's re-runs (0: one).
+    pub threads: u32,
+}
+
+impl Default for SpotCheckConfig {
+    fn default() -> Self {
+        SpotCheckConfig {
+            enabled: true,
+            trusted_after: 10,
+            tolerance: 0.0,
+            max_backlog: 10_000,
+            threads: 1,
+        }
+    }
 }
 
 /// How the coordinator serves the model and charges for it.
@@ -119,6 +156,8 @@ impl Default for CoordinatorConfig {
             max_clock_skew_ms: 300_000,
             limits: Limits::default(),
             serving: ServingConfig::default(),
+            scoring: validation::score::ScorePolicy::default(),
+            spot_check: SpotCheckConfig::default(),
         }
     }
 }
@@ -150,11 +189,13 @@ impl CoordinatorConfig {
         })
     }
 
-    /// The JSON that identifies the run (everything but `serving`), stored with it and
-    /// compared on restart.
+    /// The JSON that identifies the run (everything but `serving`, `scoring` and
+    /// `spot_check`), stored with it and compared on restart.
     pub fn identity_json(&self) -> String {
         let identity = CoordinatorConfig {
             serving: ServingConfig::default(),
+            scoring: validation::score::ScorePolicy::default(),
+            spot_check: SpotCheckConfig::default(),
             ..self.clone()
         };
         serde_json::to_string(&identity).unwrap_or_default()
@@ -195,6 +236,13 @@ impl CoordinatorConfig {
         }
         if !(self.median_norm_multiple.is_finite() && self.median_norm_multiple >= 1.0) {
             return bad("median_norm_multiple must be at least 1");
+        }
+        let p = &self.scoring;
+        if !(p.min_gain.is_finite() && p.max_rise.is_finite() && p.own_margin.is_finite()) {
+            return bad("scoring.min_gain, max_rise and own_margin must be numbers");
+        }
+        if !(self.spot_check.tolerance.is_finite() && self.spot_check.tolerance >= 0.0) {
+            return bad("spot_check.tolerance must be a number of at least 0");
         }
         let v = &self.serving;
         if v.requests_per_minute == 0 || v.max_tokens == 0 || v.max_prompt_tokens == 0 {

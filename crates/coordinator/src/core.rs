@@ -7,7 +7,7 @@
 //! serialized state, then swap the copy in. A crash at any point leaves the store at the
 //! last committed transaction, which [`Core::open`] resumes from.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,8 +25,10 @@ use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
 
 use crate::config::CoordinatorConfig;
 
+pub mod checks;
 pub mod serving;
 use crate::error::ApiError;
+pub use checks::{CheckJob, CheckOutcome, ScoreTask};
 
 /// Why the coordinator cannot start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,16 @@ pub struct Core {
     authority: SigningKey,
     text_tokenizer: Arc<data::TextTokenizer>,
     serving: serving::Serving,
+    /// The train split (scoring batches and spot-check re-runs read it).
+    train: Arc<Vec<u32>>,
+    /// Consecutive verified units per worker.
+    trust: HashMap<WorkerId, validation::spot_check::Trust>,
+    /// Units waiting to be re-run (their rows say `queued`).
+    check_queue: VecDeque<u64>,
+    /// Units whose re-run did not match: kept out of any aggregate not yet formed.
+    failed: HashSet<u64>,
+    /// A version's random scoring batches and its loss on them, made once per version.
+    random_loss: Option<(u64, Arc<Vec<OwnedBatch>>, f32)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -328,6 +340,23 @@ impl Core {
                 }
             })?;
         check_mints(&ledger, &store.accepted_units()?)?;
+        let trust = store
+            .trust()?
+            .into_iter()
+            .filter_map(|(w, verified)| {
+                WorkerId::parse(&w).map(|w| (w, validation::spot_check::Trust { verified }))
+            })
+            .collect();
+        let check_queue = store
+            .checks(Some(store::CheckState::Queued))?
+            .into_iter()
+            .map(|c| c.unit)
+            .collect();
+        let failed = store
+            .checks(Some(store::CheckState::Failed))?
+            .into_iter()
+            .map(|c| c.unit)
+            .collect();
         let serving = serving::Serving {
             api_keys: store
                 .api_keys()?
@@ -378,6 +407,11 @@ impl Core {
             authority,
             text_tokenizer: Arc::new(tokenizer),
             serving,
+            train: Arc::new(dataset.train),
+            trust,
+            check_queue,
+            failed,
+            random_loss: None,
         };
         core.aggregate_if_pending(now_ms)?;
         Ok(core)
@@ -463,16 +497,7 @@ impl Core {
                 unit,
                 deadline_ms,
             } if w == worker => Some(LeaseReply::Lease {
-                unit: UnitSpec {
-                    id: unit.id,
-                    round: unit.round,
-                    base_version: unit.base_version,
-                    shard: unit.address.shard,
-                    offset: unit.address.offset,
-                    steps: unit.address.steps,
-                    seed: unit.address.seed,
-                    lr: unit.lr,
-                },
+                unit: unit_spec(&unit),
                 model_blake3: self.current.checkpoint_hash.to_string(),
                 lease_ms: deadline_ms.saturating_sub(now_ms),
                 heartbeat_ms: (self.config.schedule.lease_ms / 3).max(1),
@@ -519,13 +544,21 @@ impl Core {
     /// stages but holds the core's lock only for the two cheap ones.
     pub fn submit(&mut self, bytes: &[u8], now_ms: u64) -> Result<SubmitReply, ApiError> {
         let update = self.inspect(bytes, now_ms)?;
-        self.precheck(&update, now_ms)?;
+        let score = match self.precheck(&update, now_ms)? {
+            Some(task) => {
+                let delta = SignedUpdate::parse(bytes, &self.config.limits)
+                    .and_then(|u| u.decode())
+                    .map_err(|e| ApiError::internal(&e))?;
+                Some(task.run(self.evaluator.as_mut(), &delta)?)
+            }
+            None => None,
+        };
         let blob = self
             .store
             .blobs()
             .put(bytes)
             .map_err(|e| ApiError::internal(&e))?;
-        self.accept(&update, &blob, bytes.len() as u64, now_ms)
+        self.accept(&update, &blob, bytes.len() as u64, score, now_ms)
     }
 
     /// The stage of validation that needs no round state, with its rejection recorded.
@@ -538,30 +571,74 @@ impl Core {
     }
 
     /// Judges an inspected update against the round as it stands, before its blob is
-    /// written; records and returns a rejection.
-    pub fn precheck(&mut self, update: &Inspected, now_ms: u64) -> Result<(), ApiError> {
+    /// written; records and returns a rejection. What it returns, when scoring is on, is
+    /// the scoring to run (outside the lock) and hand to [`Core::accept`].
+    pub fn precheck(
+        &mut self,
+        update: &Inspected,
+        now_ms: u64,
+    ) -> Result<Option<ScoreTask>, ApiError> {
         // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
         match self.judge(update) {
-            Verdict::Accepted { .. } => Ok(()),
+            Verdict::Accepted { work_unit, .. } => {
+                let unit = self
+                    .scheduler
+                    .units()
+                    .find(|(u, _)| u.id == work_unit)
+                    .map(|(u, _)| unit_spec(u));
+                match unit {
+                    Some(unit) => self.score_task(&unit, update.header.base_version),
+                    None => Ok(None),
+                }
+            }
             verdict => self
                 .reject(verdict, Some(&update.header), now_ms)
                 .map(|never| match never {}),
         }
     }
 
-    /// Judges the update again (the round may have moved since the precheck) and, if it
-    /// is accepted, commits its row (naming `blob`, already durable) with the scheduler's
-    /// next state. A rejection here leaves no blob behind unless a row names it.
+    /// Judges the update again (the round may have moved since the precheck), then its
+    /// `score` (from the precheck's [`ScoreTask`]; required when scoring is on) and, if
+    /// it is accepted, commits its row (naming `blob`, already durable), its mint, its
+    /// spot-check record and the scheduler's next state in one transaction. A rejection
+    /// here leaves no blob behind unless a row names it.
     pub fn accept(
         &mut self,
         update: &Inspected,
         blob: &BlobHash,
         n_bytes: u64,
+        score: Option<validation::score::Score>,
         now_ms: u64,
     ) -> Result<SubmitReply, ApiError> {
         self.tick(now_ms)?;
-        let (work_unit, worker, norm) = match self.judge(update) {
+        let mut verdict = self.judge(update);
+        if let Verdict::Accepted { .. } = verdict
+            && self.config.scoring.enabled
+        {
+            match score {
+                Some(score) => {
+                    if std::env::var_os("HIVETRAIN_SCORE_LOG").is_some() {
+                        eprintln!(
+                            "SCORE {} {} {} {}",
+                            update.header.worker,
+                            score.own_gain(),
+                            score.random_gain(),
+                            self.current.version
+                        );
+                    }
+                    if let Some(rejected) = self.config.scoring.judge(&score) {
+                        verdict = rejected;
+                    }
+                }
+                None => {
+                    return Err(ApiError::internal(&std::io::Error::other(
+                        "scoring is on, but the update was not scored",
+                    )));
+                }
+            }
+        }
+        let (work_unit, worker, norm) = match verdict {
             Verdict::Accepted {
                 work_unit,
                 worker,
@@ -613,6 +690,8 @@ impl Core {
             weight,
             received_ms: now_ms,
         };
+        let check = self.sample_check(work_unit, worker);
+        let payload = hex::encode(update.payload_hash);
         let effects = self.advance(
             now_ms,
             &[Event::UpdateAccepted {
@@ -621,9 +700,20 @@ impl Core {
             }],
             |tx| {
                 tx.insert_update(&row)?;
+                tx.insert_payload(&payload, work_unit)?;
+                if let Some(check) = &check {
+                    tx.set_check(check)?;
+                }
                 tx.insert_entry(&mint)
             },
         )?;
+        if let Some(store::CheckRow {
+            state: store::CheckState::Queued,
+            ..
+        }) = check
+        {
+            self.check_queue.push_back(work_unit);
+        }
         self.ledger
             .commit(mint)
             .map_err(|e| ApiError::internal(&e))?;
@@ -837,7 +927,29 @@ impl Core {
             median_norm: self.median_norm(),
             median_multiple_max: self.config.median_norm_multiple,
         };
-        validation::judge(update, &round, lease.as_ref())
+        let verdict = validation::judge(update, &round, lease.as_ref());
+        if let Verdict::Accepted { .. } = verdict {
+            match self.store.payload_unit(&hex::encode(update.payload_hash)) {
+                Ok(Some(unit)) => {
+                    return Verdict::reject(
+                        Reject::Copied,
+                        format!(
+                            "the update's values are those of the update already accepted for unit {unit}: send the delta of your own unit's training"
+                        ),
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // The judgement is repeated under the lock before anything is written;
+                    // a store that cannot be read refuses the update rather than guess.
+                    return Verdict::reject(
+                        Reject::Copied,
+                        format!("cannot check the update against earlier ones: {e}"),
+                    );
+                }
+            }
+        }
+        verdict
     }
 
     /// Records a rejection and returns it as the reply. Rejections of signed updates are
@@ -865,9 +977,24 @@ impl Core {
                 code: reason.code().to_owned(),
                 sentence: sentence.clone(),
             };
-            self.store
-                .write(|tx| tx.insert_rejection(&row))
-                .map_err(|e| ApiError::internal(&e))?;
+            // A refused unit goes to another worker (the refusal row commits with it).
+            let refused = reason.releases_unit()
+                && self
+                    .scheduler
+                    .lease_view(h.work_unit)
+                    .is_some_and(|l| l.worker == h.worker && !l.submitted);
+            if refused {
+                let event = Event::UpdateRefused {
+                    worker: h.worker,
+                    unit: h.work_unit,
+                };
+                let effects = self.advance(now_ms, &[event], |tx| tx.insert_rejection(&row))?;
+                self.after(&effects, now_ms)?;
+            } else {
+                self.store
+                    .write(|tx| tx.insert_rejection(&row))
+                    .map_err(|e| ApiError::internal(&e))?;
+            }
         }
         Err(ApiError::rejected(reason, sentence))
     }
@@ -926,11 +1053,14 @@ impl Core {
                 self.current.version
             )));
         }
-        // Only units the scheduler still counts as accepted enter the mean.
+        // Only units the scheduler still counts as accepted enter the mean, less those
+        // whose spot-check already failed.
         let units: Vec<u64> = self
             .scheduler
             .units()
-            .filter(|(_, s)| matches!(s, UnitStatus::Accepted { .. }))
+            .filter(|(u, s)| {
+                matches!(s, UnitStatus::Accepted { .. }) && !self.failed.contains(&u.id)
+            })
             .map(|(u, _)| u.id)
             .collect();
         let mut deltas = Vec::with_capacity(units.len());
@@ -1087,6 +1217,20 @@ impl Core {
             units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
             rounds,
         })
+    }
+}
+
+/// A scheduler's unit as the wire names it.
+fn unit_spec(unit: &scheduler::WorkUnit) -> UnitSpec {
+    UnitSpec {
+        id: unit.id,
+        round: unit.round,
+        base_version: unit.base_version,
+        shard: unit.address.shard,
+        offset: unit.address.offset,
+        steps: unit.address.steps,
+        seed: unit.address.seed,
+        lr: unit.lr,
     }
 }
 

@@ -56,9 +56,14 @@ impl ApiError {
             Reject::NotLeased | Reject::Duplicate | Reject::WrongBase | Reject::Stale => {
                 StatusCode::CONFLICT
             }
-            Reject::WrongShape | Reject::NonFinite | Reject::NormTooLarge | Reject::NormOutlier => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Reject::Copied => StatusCode::CONFLICT,
+            Reject::WrongShape
+            | Reject::NonFinite
+            | Reject::NormTooLarge
+            | Reject::NormOutlier
+            | Reject::NoProgress
+            | Reject::Harmful
+            | Reject::NotOwnData => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, reason.code(), sentence)
     }

@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
     /// more in page faults than reading into it.
     pub(crate) buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Backends of the run's model that score updates, reused (at most `BUFFERS_KEPT`).
+    pub(crate) scorers: Arc<Mutex<Vec<Box<dyn engine::Backend>>>>,
     pub(crate) serving: crate::openai::Inference,
 }
 
@@ -275,13 +277,38 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
     let core = shared.core.clone();
     let clock = shared.clock.clone();
     let (limits, blobs) = (shared.limits, shared.blobs.clone());
+    let scorers = shared.scorers.clone();
     let (bytes, reply) = tokio::task::spawn_blocking(move || {
         let lock = || core.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let reply = (|| {
             let update = validation::inspect(&bytes, &limits).map_err(ApiError::from_verdict)?;
-            lock().precheck(&update, clock())?;
+            let task = lock().precheck(&update, clock())?;
+            let score = match task {
+                Some(task) => {
+                    let delta = protocol::SignedUpdate::parse(&bytes, &limits)
+                        .and_then(|u| u.decode())
+                        .map_err(|e| ApiError::internal(&e))?;
+                    let pooled = scorers
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .pop();
+                    let mut backend = match pooled {
+                        Some(b) => b,
+                        None => lock().scoring_backend()?,
+                    };
+                    let score = task.run(backend.as_mut(), &delta);
+                    let mut pool = scorers
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if pool.len() < BUFFERS_KEPT {
+                        pool.push(backend);
+                    }
+                    Some(score?)
+                }
+                None => None,
+            };
             let blob = blobs.put(&bytes).map_err(|e| ApiError::internal(&e))?;
-            lock().accept(&update, &blob, bytes.len() as u64, clock())
+            lock().accept(&update, &blob, bytes.len() as u64, score, clock())
         })();
         (bytes, reply)
     })

@@ -34,6 +34,67 @@ pub struct Coordinator {
     core: Arc<Mutex<Core>>,
     runtime: Option<tokio::runtime::Runtime>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    checker: Option<Checker>,
+}
+
+/// The thread that re-runs sampled units (replay spot-checks) one at a time, holding the
+/// core's lock only to take a job and to commit its outcome.
+struct Checker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checker {
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+fn spawn_checker(
+    core: Arc<Mutex<Core>>,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    threads: u32,
+) -> Checker {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let lock = || core.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backend: Option<Box<dyn engine::Backend>> = None;
+        while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            let job = lock().next_check();
+            let job = match job {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("coordinator: spot-check: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let replayed = match &mut backend {
+                Some(b) => job.run(b.as_mut()),
+                None => job.backend(threads).and_then(|mut b| {
+                    let out = job.run(b.as_mut());
+                    backend = Some(b);
+                    out
+                }),
+            };
+            let outcome = replayed.and_then(|r| lock().finish_check(job.unit.id, &r, clock()));
+            match outcome {
+                Ok(o) if !o.matched => eprintln!(
+                    "coordinator: spot-check: unit {} of worker {} does not match its re-run (distance {:.3e}); {} micro-credits clawed back, {} units queued again",
+                    o.unit, o.worker, o.distance, o.clawed_back, o.requeued
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("coordinator: spot-check of unit {}: {e}", job.unit.id),
+            }
+        }
+    });
+    Checker { stop, thread }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -113,6 +174,7 @@ impl Coordinator {
                 config.serving.concurrency as usize,
             )),
         };
+        let spot_check = config.spot_check.clone();
         let core = Core::open(dir, config, clock())?;
         let core_blobs = core.blobs();
         let core = Arc::new(Mutex::new(core));
@@ -140,6 +202,7 @@ impl Coordinator {
             limits,
             blobs: core_blobs,
             buffers: Arc::default(),
+            scorers: Arc::default(),
             serving,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -156,6 +219,7 @@ impl Coordinator {
         });
         // Time passes without requests too: leases expire, rounds time out.
         let ticking = core.clone();
+        let checking_clock = clock.clone();
         runtime.spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(500));
             loop {
@@ -173,11 +237,21 @@ impl Coordinator {
                 .await;
             }
         });
+        let checker = if training && spot_check.enabled {
+            Some(spawn_checker(
+                core.clone(),
+                checking_clock,
+                spot_check.threads,
+            ))
+        } else {
+            None
+        };
         Ok(Coordinator {
             addr,
             core,
             runtime: Some(runtime),
             shutdown: Some(tx),
+            checker,
         })
     }
 
@@ -201,6 +275,9 @@ impl Coordinator {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if let Some(checker) = self.checker.take() {
+            checker.stop();
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(10));
         }
@@ -210,6 +287,12 @@ impl Coordinator {
     /// committed change is already durable; nothing else is flushed.)
     pub fn kill(mut self) {
         self.shutdown.take();
+        if let Some(checker) = self.checker.take() {
+            // A kill drops the job in flight: it stays queued in the store.
+            checker
+                .stop
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -218,6 +301,11 @@ impl Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
+        if let Some(checker) = self.checker.take() {
+            checker
+                .stop
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }

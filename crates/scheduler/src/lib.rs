@@ -104,6 +104,9 @@ pub enum Event {
     Heartbeat { worker: WorkerId, unit: u64 },
     /// Validation accepted the worker's update for the unit.
     UpdateAccepted { worker: WorkerId, unit: u64 },
+    /// Validation refused the worker's update for the unit on its content (not its
+    /// timing): the lease ends and the unit is queued for another worker.
+    UpdateRefused { worker: WorkerId, unit: u64 },
     /// The driver aggregated `round` into model version `version`.
     Aggregated { round: u64, version: u64 },
 }
@@ -164,6 +167,10 @@ pub struct Scheduler {
     /// Next step offset of each shard's stream.
     shard_offsets: Vec<u64>,
     units: BTreeMap<u64, (WorkUnit, UnitStatus)>,
+    /// Workers whose update for a unit of this round was refused on its content: the unit
+    /// goes to someone else.
+    #[serde(default)]
+    refused: BTreeMap<u64, Vec<WorkerId>>,
 }
 
 /// SplitMix64, for per-unit seeds derived from the tick's seed.
@@ -186,6 +193,7 @@ impl Scheduler {
             next_unit_id: 1,
             shard_offsets: vec![0; config.n_shards.max(1) as usize],
             units: BTreeMap::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -274,12 +282,24 @@ impl Scheduler {
                         *status = UnitStatus::Accepted { worker };
                     }
                 }
+                Event::UpdateRefused { worker, unit } => {
+                    if let Some((_, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
+                        && matches!(status, UnitStatus::Leased { worker: w, .. } if *w == worker)
+                    {
+                        *status = UnitStatus::Queued;
+                        let refused = self.refused.entry(unit).or_default();
+                        if !refused.contains(&worker) {
+                            refused.push(worker);
+                        }
+                    }
+                }
                 Event::Aggregated { round, version } => {
                     if round == self.round && self.aggregating {
                         self.version = version;
                         self.round += 1;
                         self.aggregating = false;
                         self.units.clear();
+                        self.refused.clear();
                         self.start_round(now_ms, seed, &mut effects);
                     }
                 }
@@ -357,9 +377,11 @@ impl Scheduler {
         let queued = if self.aggregating {
             None
         } else {
-            self.units
-                .values_mut()
-                .find(|(_, s)| matches!(s, UnitStatus::Queued))
+            let refused = &self.refused;
+            self.units.values_mut().find(|(u, s)| {
+                matches!(s, UnitStatus::Queued)
+                    && !refused.get(&u.id).is_some_and(|r| r.contains(&worker))
+            })
         };
         match queued {
             Some((unit, status)) => {
@@ -533,6 +555,31 @@ mod tests {
                 t=70: lease unit 3 (round 1, base v1, shard 2, offset 0) to w3 until 170
             "#]],
         );
+    }
+
+    #[test]
+    fn a_refused_unit_goes_to_another_worker() {
+        let mut s = Scheduler::new(config(), 0);
+        let lease = |e: &[Effect]| {
+            e.iter().find_map(|e| match e {
+                Effect::Lease { unit, .. } => Some(unit.id),
+                _ => None,
+            })
+        };
+        let first = s.tick(0, 7, &[Event::LeaseRequest { worker: w(1) }]);
+        let unit = lease(&first).expect("a lease");
+        s.tick(1, 7, &[Event::UpdateRefused { worker: w(1), unit }]);
+        // Its refused worker gets the round's other unit; the next worker gets this one.
+        let other = lease(&s.tick(2, 7, &[Event::LeaseRequest { worker: w(1) }]));
+        assert!(other.is_some_and(|u| u != unit), "{other:?}");
+        assert_eq!(
+            lease(&s.tick(3, 7, &[Event::LeaseRequest { worker: w(2) }])),
+            Some(unit)
+        );
+        // A refusal for a unit not leased to the sender changes nothing.
+        let before = s.clone();
+        s.tick(3, 7, &[Event::UpdateRefused { worker: w(1), unit }]);
+        assert_eq!(s, before);
     }
 
     #[test]

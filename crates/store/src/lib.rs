@@ -137,7 +137,73 @@ CREATE TABLE api_keys (
     revoked_ms INTEGER
 );
 "#,
+    r#"
+CREATE TABLE payloads (
+    hash TEXT PRIMARY KEY,
+    unit INTEGER NOT NULL
+);
+CREATE TABLE checks (
+    unit INTEGER PRIMARY KEY,
+    worker TEXT NOT NULL,
+    state TEXT NOT NULL,
+    distance REAL,
+    decided_ms INTEGER
+);
+CREATE INDEX checks_worker ON checks (worker, state);
+CREATE INDEX checks_state ON checks (state);
+CREATE TABLE trust (
+    worker TEXT PRIMARY KEY,
+    verified INTEGER NOT NULL
+);
+"#,
 ];
+
+/// Where an accepted update stands with the replay spot-checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckState {
+    /// Waiting for a validator to re-run it.
+    Queued,
+    /// Not sampled (it is re-checked if its worker is later caught).
+    Unchecked,
+    /// Re-run and matched.
+    Verified,
+    /// Re-run and did not match: its credit was clawed back.
+    Failed,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Queued => "queued",
+            CheckState::Unchecked => "unchecked",
+            CheckState::Verified => "verified",
+            CheckState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CheckState> {
+        [
+            CheckState::Queued,
+            CheckState::Unchecked,
+            CheckState::Verified,
+            CheckState::Failed,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// An accepted update's spot-check record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckRow {
+    pub unit: u64,
+    pub worker: String,
+    pub state: CheckState,
+    /// Relative L2 distance between the update and its re-run (0 when bit-exact).
+    pub distance: Option<f32>,
+    pub decided_ms: Option<u64>,
+}
 
 /// A registered worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -539,6 +605,121 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
+    /// The unit whose accepted update has the payload `hash`, if any.
+    pub fn payload_unit(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row("SELECT unit FROM payloads WHERE hash = ?1", [hash], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
+    /// The spot-check records, in unit order; only those in `state` if given.
+    pub fn checks(&self, state: Option<CheckState>) -> Result<Vec<CheckRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT unit, worker, state, distance, decided_ms FROM checks
+                 WHERE ?1 IS NULL OR state = ?1 ORDER BY unit",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([state.map(CheckState::as_str)], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<f64>>(3)?,
+                    r.get::<_, Option<u64>>(4)?,
+                ))
+            })
+            .map_err(sql(&self.path))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (unit, worker, state, distance, decided_ms) = row.map_err(sql(&self.path))?;
+            out.push(CheckRow {
+                unit,
+                worker,
+                state: CheckState::parse(&state)
+                    .ok_or_else(|| bad_row(&self.path, "check state", &state))?,
+                distance: distance.map(|d| d as f32),
+                decided_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Each worker's count of consecutive verified units.
+    pub fn trust(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT worker, verified FROM trust ORDER BY worker")
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
+    /// One accepted update.
+    pub fn update(&self, unit: u64) -> Result<Option<UpdateRow>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms
+                 FROM updates WHERE unit = ?1",
+                [unit],
+                |r| {
+                    Ok((
+                        UpdateRow {
+                            unit: r.get(0)?,
+                            round: r.get(1)?,
+                            worker: r.get(2)?,
+                            base_version: r.get(3)?,
+                            blob: BlobHash::of(b""),
+                            bytes: r.get(5)?,
+                            norm: r.get::<_, f64>(6)? as f32,
+                            weight: r.get(7)?,
+                            received_ms: r.get(8)?,
+                        },
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql(&self.path))?;
+        row.map(|(mut row, blob)| {
+            row.blob = BlobHash::parse(&blob).ok_or_else(|| bad_row(&self.path, "blob", blob))?;
+            Ok(row)
+        })
+        .transpose()
+    }
+
+    /// One work unit as issued.
+    pub fn unit(&self, id: u64) -> Result<Option<UnitRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT id, round, base_version, shard, step_offset, steps, seed, lr
+                 FROM units WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(UnitRow {
+                        id: r.get(0)?,
+                        round: r.get(1)?,
+                        base_version: r.get(2)?,
+                        shard: r.get(3)?,
+                        offset: r.get(4)?,
+                        steps: r.get(5)?,
+                        seed: r.get::<_, i64>(6)? as u64,
+                        lr: r.get::<_, f64>(7)? as f32,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
     /// The work units of every accepted update (each has exactly one mint).
     pub fn accepted_units(&self) -> Result<Vec<u64>, StoreError> {
         let mut stmt = self
@@ -551,7 +732,7 @@ impl Store {
 
     /// Row counts of every table, for tests that check a request wrote nothing.
     pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
-        const TABLES: [&str; 10] = [
+        const TABLES: [&str; 13] = [
             "meta",
             "workers",
             "rounds",
@@ -562,6 +743,9 @@ impl Store {
             "versions",
             "ledger",
             "api_keys",
+            "payloads",
+            "checks",
+            "trust",
         ];
         TABLES
             .iter()
@@ -659,6 +843,39 @@ impl Tx<'_> {
                 u.weight,
                 u.received_ms
             ],
+        )
+    }
+
+    /// Records the payload hash of an accepted update.
+    pub fn insert_payload(&self, hash: &str, unit: u64) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO payloads (hash, unit) VALUES (?1, ?2)",
+            params![hash, unit],
+        )
+    }
+
+    /// Sets an accepted update's spot-check record.
+    pub fn set_check(&self, c: &CheckRow) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO checks (unit, worker, state, distance, decided_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (unit) DO UPDATE SET state = excluded.state,
+                 distance = excluded.distance, decided_ms = excluded.decided_ms",
+            params![
+                c.unit,
+                c.worker,
+                c.state.as_str(),
+                c.distance.map(f64::from),
+                c.decided_ms
+            ],
+        )
+    }
+
+    /// Sets a worker's count of consecutive verified units.
+    pub fn set_trust(&self, worker: &str, verified: u64) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO trust (worker, verified) VALUES (?1, ?2)
+             ON CONFLICT (worker) DO UPDATE SET verified = excluded.verified",
+            params![worker, verified],
         )
     }
 

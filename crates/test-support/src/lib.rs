@@ -49,6 +49,14 @@ pub fn tiny_config(dir: &Path, units: u32) -> CoordinatorConfig {
     c
 }
 
+/// `config` for tests that send hand-made deltas (not trained): no scoring and no
+/// re-runs, which would refuse them or claw their credit back.
+pub fn hand_made(mut config: CoordinatorConfig) -> CoordinatorConfig {
+    config.scoring.enabled = false;
+    config.spot_check.enabled = false;
+    config
+}
+
 /// A clock the test moves by hand.
 #[derive(Clone, Debug)]
 pub struct ManualClock(Arc<AtomicU64>);

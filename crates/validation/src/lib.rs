@@ -13,6 +13,7 @@
 //!
 //! No IO, no clock: the caller passes what it knows of the round and the lease.
 
+pub mod score;
 pub mod spot_check;
 
 use protocol::{Limits, SignedUpdate, Summary, UpdateHeader, WorkerId};
@@ -62,9 +63,27 @@ pub enum Reject {
     NonFinite,
     NormTooLarge,
     NormOutlier,
+    /// Scored: the update does not lower the loss on its own unit's data.
+    NoProgress,
+    /// Scored: the update raises the loss on random data.
+    Harmful,
+    /// Scored: the update lowers the loss on random data as much as on its own unit's.
+    NotOwnData,
+    /// Its payload is one already accepted (another unit's, or an old one).
+    Copied,
 }
 
 impl Reject {
+    /// The update is refused as not being the unit's work (scored, or a copy): the unit
+    /// goes to another worker. Refusals of form, size or timing keep the lease, so that
+    /// the worker may send a corrected update for it.
+    pub fn releases_unit(self) -> bool {
+        matches!(
+            self,
+            Reject::NoProgress | Reject::Harmful | Reject::NotOwnData | Reject::Copied
+        )
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             Reject::Malformed => "malformed",
@@ -79,6 +98,10 @@ impl Reject {
             Reject::NonFinite => "non_finite",
             Reject::NormTooLarge => "norm_too_large",
             Reject::NormOutlier => "norm_outlier",
+            Reject::NoProgress => "no_progress",
+            Reject::Harmful => "harmful",
+            Reject::NotOwnData => "not_own_data",
+            Reject::Copied => "copied",
         }
     }
 }
@@ -98,7 +121,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn reject(reason: Reject, sentence: impl Into<String>) -> Verdict {
+    pub fn reject(reason: Reject, sentence: impl Into<String>) -> Verdict {
         Verdict::Rejected {
             reason,
             sentence: sentence.into(),
@@ -113,6 +136,8 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Inspected {
     pub header: UpdateHeader,
+    /// The blake3 hash of the payload (verified).
+    pub payload_hash: [u8; 32],
     content: Result<Summary, String>,
 }
 
@@ -137,6 +162,7 @@ pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<Inspected, Verdict> {
     }
     Ok(Inspected {
         header: update.header,
+        payload_hash: update.payload_hash(),
         content: update
             .summarize()
             .map_err(|e| format!("{e} ({})", e.code())),

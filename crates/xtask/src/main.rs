@@ -8,6 +8,7 @@ mod diloco;
 mod golden;
 mod ingest;
 mod robust;
+mod sim;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ enum Command {
     /// Benchmarks that run PyTorch on the same model and data in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The attack sweep of the whole-network simulator: every attack defended and with the
+    /// plain mean, against clean runs, over seeds; prints the table and the claims.
+    Sim(sim::SimArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -45,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::CheckCorpus => corpus::check(&root),
         Command::Bench(command) => bench::run(&root, command),
         Command::Golden { python } => golden::run(&root, &python),
+        Command::Sim(args) => sim::run(&root, args),
     }
 }
 

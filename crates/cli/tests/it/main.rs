@@ -543,7 +543,7 @@ fn key_file(sandbox: &Sandbox, name: &str, key: &ed25519_dalek::SigningKey) -> S
 fn wallets_leaderboard_and_a_ledger_checked_offline() {
     let sandbox = Sandbox::new();
     let server_dir = tempfile::tempdir().expect("tempdir");
-    let mut config = test_support::tiny_config(server_dir.path(), 3);
+    let mut config = test_support::hand_made(test_support::tiny_config(server_dir.path(), 3));
     // Long units (crafted here, not trained), so that a unit's credit pays for queries.
     config.schedule.steps_per_unit = 1000;
     let server = test_support::start(server_dir.path(), config);

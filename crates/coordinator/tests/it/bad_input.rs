@@ -22,7 +22,7 @@ fn footprint(server: &Coordinator) -> (Vec<(&'static str, u64)>, usize, Vec<f32>
 }
 
 fn config(dir: &std::path::Path) -> coordinator::CoordinatorConfig {
-    let mut c = ts::tiny_config(dir, 2);
+    let mut c = ts::hand_made(ts::tiny_config(dir, 2));
     c.delta_norm_max = 5.0;
     c.limits.update_bytes_max = 2 << 20;
     c.schedule.max_staleness = 0;

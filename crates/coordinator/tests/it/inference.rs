@@ -43,7 +43,7 @@ fn balance(url: &str, key: &SigningKey) -> u64 {
 
 /// Alice (two units) and bob (one) earn credit; returns the server and its url.
 fn network(dir: &std::path::Path, requests_per_minute: u32) -> (coordinator::Coordinator, String) {
-    let mut config = ts::tiny_config(dir, 3);
+    let mut config = ts::hand_made(ts::tiny_config(dir, 3));
     // Long units, so a unit's credit pays for a few requests (no unit is trained here).
     config.schedule.steps_per_unit = 1000;
     config.serving.requests_per_minute = requests_per_minute;
@@ -377,7 +377,7 @@ fn the_official_openai_client_works_streaming_included() {
 fn pinned_versions_and_dividends_on_their_interval() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ts::ManualClock::new(coordinator::system_ms());
-    let mut config = ts::tiny_config(dir.path(), 3);
+    let mut config = ts::hand_made(ts::tiny_config(dir.path(), 3));
     config.schedule.steps_per_unit = 1000;
     config.serving.dividend_interval_s = 60;
     let server = ts::start_with_clock(dir.path(), config, &clock);

@@ -42,7 +42,7 @@ pub(crate) fn verify_from_outside(url: &str) -> Ledger {
 #[test]
 fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::tiny_config(dir.path(), 3);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 3));
     let server = ts::start(dir.path(), config.clone());
     let url = server.url();
     let (alice, bob) = (ts::key(1), ts::key(2));

@@ -2,6 +2,7 @@
 //! refused with its code and without effect, and restarts that lose nothing.
 
 mod bad_input;
+mod checks;
 mod flow;
 mod inference;
 mod ledger;

@@ -1,5 +1,6 @@
 //! The ground replay spot-checks stand on: a worker's accepted update, re-run from the
-//! same weights, data, seed and learning rate on another thread count, is the same bytes.
+//! same weights, data, seed and learning rate on another thread count, is the same bytes;
+//! and the coordinator's checker thread finds it so.
 
 use protocol::SignedUpdate;
 use protocol::api::UnitSpec;
@@ -89,5 +90,28 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
         .expect("not stopped");
         assert!(stored.header.codec.encode(&changed) != stored.payload());
     }
+    // The coordinator's own checker thread re-runs the new worker's units and finds them
+    // true.
+    let started = std::time::Instant::now();
+    loop {
+        let checks = server.with_core(|c| c.store().checks(None).expect("checks"));
+        let verified = checks
+            .iter()
+            .filter(|c| c.state == store::CheckState::Verified)
+            .count();
+        if verified == 2 {
+            assert!(checks.iter().all(|c| c.distance == Some(0.0)), "{checks:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{checks:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        server.with_core(|c| c.trust(protocol::WorkerId::of(&ts::key(1))).verified),
+        2
+    );
     server.stop();
 }

@@ -5,7 +5,7 @@ use test_support as ts;
 #[test]
 fn killed_between_rounds_it_resumes_the_next_round() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::tiny_config(dir.path(), 2);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 2));
     let server = ts::start(dir.path(), config.clone());
     crate::rounds::train_until(dir.path(), &server.url(), 2, 1);
     let (version, params) = server.with_core(|c| (c.version(), c.params().to_vec()));
@@ -26,7 +26,7 @@ fn killed_between_rounds_it_resumes_the_next_round() {
 #[test]
 fn killed_mid_round_it_keeps_the_accepted_update_and_ends_as_if_never_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::tiny_config(dir.path(), 2);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 2));
     let server = ts::start(dir.path(), config.clone());
     let url = server.url();
     let keys = [ts::key(1), ts::key(2)];
@@ -61,7 +61,10 @@ fn killed_mid_round_it_keeps_the_accepted_update_and_ends_as_if_never_killed() {
     server.stop();
 
     let clean_dir = tempfile::tempdir().expect("tempdir");
-    let clean = ts::start(clean_dir.path(), ts::tiny_config(clean_dir.path(), 2));
+    let clean = ts::start(
+        clean_dir.path(),
+        ts::hand_made(ts::tiny_config(clean_dir.path(), 2)),
+    );
     let url = clean.url();
     ts::register(&url, &keys[0], "alice");
     ts::register(&url, &keys[1], "bob");
@@ -79,7 +82,7 @@ fn killed_mid_round_it_keeps_the_accepted_update_and_ends_as_if_never_killed() {
 #[test]
 fn a_different_config_on_restart_is_refused_with_a_sentence() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::tiny_config(dir.path(), 2);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 2));
     ts::start(dir.path(), config.clone()).stop();
     let mut other = config;
     other.schedule.steps_per_unit += 1;

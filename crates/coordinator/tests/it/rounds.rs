@@ -76,7 +76,7 @@ fn three_workers_complete_three_rounds_and_the_holdout_loss_falls() {
 fn an_expired_lease_is_reissued_and_the_first_holder_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ts::ManualClock::new(coordinator::system_ms());
-    let config = ts::tiny_config(dir.path(), 1);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 1));
     let lease_ms = config.schedule.lease_ms;
     let server = ts::start_with_clock(dir.path(), config, &clock);
     let url = server.url();

@@ -1,0 +1,470 @@
+//! The core's side of catching dishonest workers: scored updates (the loss before and
+//! after applying one update alone, judged by `validation::score`) and replay
+//! spot-checks (a sampled share of accepted units re-run with `worker::unit::train`,
+//! the very function workers train with, and compared with what the worker sent).
+//!
+//! A spot-check is three steps so that the re-run holds no lock: [`Core::next_check`]
+//! hands out a [`CheckJob`], the caller runs it on a backend of its own, and
+//! [`Core::finish_check`] compares and commits the outcome: the check's state, the
+//! worker's trust and, for a mismatch, the clawback of the unit's credit and the
+//! re-queueing of the worker's unchecked units, in one transaction.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use engine::train::OwnedBatch;
+use engine::{Backend, GptConfig};
+use ledger::Prepared;
+use protocol::api::UnitSpec;
+use protocol::{SignedUpdate, WorkerId};
+use store::{CheckRow, CheckState};
+use validation::score::Score;
+use validation::spot_check::{SpotCheckPolicy, Trust};
+
+use super::{Core, CoreError, mint_reference};
+use crate::error::ApiError;
+
+/// What scoring one update needs, taken under the core's lock and run outside it.
+pub struct ScoreTask {
+    base: Arc<Vec<f32>>,
+    own: Vec<OwnedBatch>,
+    random: Arc<Vec<OwnedBatch>>,
+    random_before: f32,
+}
+
+impl ScoreTask {
+    /// The four losses of `delta` (decoded from the update) on `backend`, a backend of
+    /// the run's model.
+    pub fn run(&self, backend: &mut dyn Backend, delta: &[f32]) -> Result<Score, ApiError> {
+        let internal = |e: engine::EngineError| ApiError::internal(&e);
+        let loss = |backend: &mut dyn Backend, batches: &[OwnedBatch]| {
+            engine::train::evaluate(backend, batches).map_err(internal)
+        };
+        backend.set_params(&self.base).map_err(internal)?;
+        let own_before = loss(backend, &self.own)?;
+        let trained: Vec<f32> = self.base.iter().zip(delta).map(|(b, d)| b - d).collect();
+        backend.set_params(&trained).map_err(internal)?;
+        Ok(Score {
+            own_before,
+            own_after: loss(backend, &self.own)?,
+            random_before: self.random_before,
+            random_after: loss(backend, &self.random)?,
+        })
+    }
+}
+
+/// One accepted unit to re-run: its spec, its base weights and the run's data.
+pub struct CheckJob {
+    pub unit: UnitSpec,
+    pub worker: WorkerId,
+    base: Arc<Vec<f32>>,
+    train: Arc<Vec<u32>>,
+    n_shards: u32,
+    batch: usize,
+    seq: usize,
+    model: GptConfig,
+}
+
+impl CheckJob {
+    /// A backend for re-runs of this run's model.
+    pub fn backend(&self, threads: u32) -> Result<Box<dyn Backend>, ApiError> {
+        engine::open_backend(
+            &format!("cpu:{}", threads.max(1)),
+            self.model,
+            vec![0.0; self.base.len()],
+        )
+        .map_err(|e| ApiError::internal(&e))
+    }
+
+    /// Trains the unit again; the delta it gives.
+    pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, ApiError> {
+        let data = worker::unit::UnitData {
+            train: &self.train,
+            n_shards: self.n_shards,
+            batch: self.batch,
+            seq: self.seq,
+        };
+        worker::unit::train(backend, &self.base, data, &self.unit, &mut |_, _| true)
+            .map_err(|e| ApiError::internal(&e))?
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("re-run stopped")))
+    }
+}
+
+/// What a spot-check found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckOutcome {
+    pub unit: u64,
+    pub worker: WorkerId,
+    pub matched: bool,
+    /// Relative L2 distance between the update and its re-run (0: the same payload).
+    pub distance: f32,
+    /// Micro-credits clawed back.
+    pub clawed_back: u64,
+    /// The worker's unchecked units queued again because this one failed.
+    pub requeued: usize,
+}
+
+/// A uniform draw for unit `unit` of the run seeded `seed` (splitmix64).
+fn draw(seed: u64, unit: u64) -> u64 {
+    let mut z =
+        (seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Core {
+    pub(super) fn spot_policy(&self) -> SpotCheckPolicy {
+        SpotCheckPolicy {
+            trusted_after: self.config.spot_check.trusted_after,
+        }
+    }
+
+    /// The check record of a unit just accepted: queued if sampled (and the backlog has
+    /// room), unchecked otherwise.
+    pub(super) fn sample_check(&self, unit: u64, worker: WorkerId) -> Option<CheckRow> {
+        let spot = &self.config.spot_check;
+        if !spot.enabled {
+            return None;
+        }
+        let trust = self.trust.get(&worker).copied().unwrap_or_default();
+        let sampled = self
+            .spot_policy()
+            .should_check(trust, draw(self.config.seed, unit));
+        let room = self.check_queue.len() < spot.max_backlog as usize;
+        Some(CheckRow {
+            unit,
+            worker: worker.to_string(),
+            state: if sampled && room {
+                CheckState::Queued
+            } else {
+                CheckState::Unchecked
+            },
+            distance: None,
+            decided_ms: None,
+        })
+    }
+
+    /// What scoring an update for `unit` based on `version` needs (`None` when scoring
+    /// is off).
+    pub(super) fn score_task(
+        &mut self,
+        unit: &UnitSpec,
+        version: u64,
+    ) -> Result<Option<ScoreTask>, ApiError> {
+        if !self.config.scoring.enabled {
+            return Ok(None);
+        }
+        let internal =
+            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+        let base = self.params_of(version).map_err(|e| internal(&e))?;
+        let batch = self.config.batch as usize;
+        let address = data::WorkAddress {
+            shard: unit.shard,
+            offset: unit.offset,
+            steps: unit.steps,
+            seed: unit.seed,
+        };
+        let owned = |b: data::TokenBatch| OwnedBatch {
+            inputs: b.inputs,
+            targets: b.targets,
+            batch: b.batch,
+            seq: b.seq,
+        };
+        // Batches spread evenly over the unit's steps, its last one included.
+        let n = self.config.scoring.batches.clamp(1, unit.steps.max(1));
+        let mut own = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let step = unit.steps - 1 - i * unit.steps / n;
+            let b = address
+                .batch(
+                    &self.train,
+                    self.config.schedule.n_shards,
+                    step,
+                    batch,
+                    self.seq,
+                )
+                .map_err(|e| internal(&e))?;
+            own.push(owned(b));
+        }
+        let (random, random_before) = match &self.random_loss {
+            Some((v, batches, loss)) if *v == version => (batches.clone(), *loss),
+            _ => {
+                // Random train windows, the same for every update of a version.
+                let span = self.train.len().saturating_sub(self.seq + 1).max(1) as u64;
+                let key = self.config.seed ^ version.rotate_left(17);
+                let random: Vec<OwnedBatch> = (0..n as u64)
+                    .map(|b| {
+                        let starts: Vec<usize> = (0..batch as u64)
+                            .map(|i| (draw(key, b * batch as u64 + i) % span) as usize)
+                            .collect();
+                        owned(data::address::batch_at(&self.train, &starts, self.seq))
+                    })
+                    .collect();
+                self.evaluator.set_params(&base).map_err(|e| internal(&e))?;
+                let loss = engine::train::evaluate(self.evaluator.as_mut(), &random)
+                    .map_err(|e| internal(&e))?;
+                let random = Arc::new(random);
+                self.random_loss = Some((version, random.clone(), loss));
+                (random, loss)
+            }
+        };
+        Ok(Some(ScoreTask {
+            base,
+            own,
+            random,
+            random_before,
+        }))
+    }
+
+    /// The weights of `version` (the current ones, or read from its checkpoint).
+    fn params_of(&self, version: u64) -> Result<Arc<Vec<f32>>, CoreError> {
+        if version == self.current.version {
+            return Ok(self.current.params.clone());
+        }
+        let row = self
+            .store
+            .version(version)?
+            .ok_or_else(|| CoreError::Inconsistent(format!("no version {version}")))?;
+        let bytes = self.store.blobs().get(&row.checkpoint)?;
+        let dir = std::path::Path::new(".");
+        Ok(Arc::new(
+            engine::checkpoint::from_bytes(dir, &bytes, None)?.params,
+        ))
+    }
+
+    /// A backend of the run's model, for scoring outside the lock.
+    pub fn scoring_backend(&self) -> Result<Box<dyn Backend>, ApiError> {
+        engine::open_backend("cpu:1", self.model, vec![0.0; self.current.params.len()])
+            .map_err(|e| ApiError::internal(&e))
+    }
+
+    /// Units waiting to be re-run.
+    pub fn checks_queued(&self) -> usize {
+        self.check_queue.len()
+    }
+
+    /// The next unit to re-run, if any. Taking it does not change the store: a job that
+    /// is never finished stays queued there and is handed out again after a restart.
+    pub fn next_check(&mut self) -> Result<Option<CheckJob>, ApiError> {
+        let internal =
+            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+        while let Some(unit) = self.check_queue.pop_front() {
+            let (Some(u), Some(update)) = (
+                self.store.unit(unit).map_err(|e| internal(&e))?,
+                self.store.update(unit).map_err(|e| internal(&e))?,
+            ) else {
+                continue;
+            };
+            let Some(worker) = WorkerId::parse(&update.worker) else {
+                continue;
+            };
+            return Ok(Some(CheckJob {
+                unit: UnitSpec {
+                    id: u.id,
+                    round: u.round,
+                    base_version: u.base_version,
+                    shard: u.shard,
+                    offset: u.offset,
+                    steps: u.steps,
+                    seed: u.seed,
+                    lr: u.lr,
+                },
+                worker,
+                base: self.params_of(u.base_version).map_err(|e| internal(&e))?,
+                train: self.train.clone(),
+                n_shards: self.config.schedule.n_shards,
+                batch: self.config.batch as usize,
+                seq: self.seq,
+                model: self.model,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Compares unit `unit`'s accepted update with its re-run `replayed` and commits the
+    /// outcome. A mismatch claws the unit's credit back, resets its worker's trust,
+    /// keeps the update out of its round if that round has not aggregated, and queues
+    /// the worker's unchecked units again.
+    pub fn finish_check(
+        &mut self,
+        unit: u64,
+        replayed: &[f32],
+        now_ms: u64,
+    ) -> Result<CheckOutcome, ApiError> {
+        let internal =
+            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+        let update = self
+            .store
+            .update(unit)
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no accepted update for unit {unit}"),
+                )
+            })?;
+        let worker = WorkerId::parse(&update.worker)
+            .ok_or_else(|| internal(&format!("bad worker id {}", update.worker)))?;
+        let bytes = self
+            .store
+            .blobs()
+            .get(&update.blob)
+            .map_err(|e| internal(&e))?;
+        let signed = SignedUpdate::parse(&bytes, &self.config.limits).map_err(|e| internal(&e))?;
+        let ours = signed.header.codec.encode(replayed);
+        // Compared as sent: both through the codec (a re-run on another CPU may differ in
+        // the last bits, which the tolerance is for).
+        let distance = if ours == signed.payload() {
+            0.0
+        } else {
+            let sent = signed.decode().map_err(|e| internal(&e))?;
+            let ours = signed
+                .header
+                .codec
+                .decode(&ours, signed.header.n_params)
+                .map_err(|e| internal(&e))?;
+            relative_distance(&sent, &ours)
+        };
+        let matched = distance <= self.config.spot_check.tolerance;
+        let policy = self.spot_policy();
+        let trust = policy.after(
+            self.trust.get(&worker).copied().unwrap_or_default(),
+            matched,
+        );
+        let mut requeue = Vec::new();
+        let mut clawback = None;
+        if !matched {
+            requeue = self
+                .store
+                .checks(Some(CheckState::Unchecked))
+                .map_err(|e| internal(&e))?
+                .into_iter()
+                .filter(|c| c.worker == update.worker)
+                .collect();
+            let reference = mint_reference(unit);
+            if self
+                .ledger
+                .find(ledger::Kind::Clawback, &reference)
+                .is_none()
+            {
+                let draft = self
+                    .ledger
+                    .clawback_draft(&reference)
+                    .map_err(|e| internal(&e))?;
+                match self.ledger.prepare(draft, now_ms, &self.authority) {
+                    Ok(Prepared::New(entry)) => clawback = Some(*entry),
+                    Ok(Prepared::Existing(_)) => {}
+                    Err(e) => return Err(internal(&e)),
+                }
+            }
+        }
+        let row = CheckRow {
+            unit,
+            worker: update.worker.clone(),
+            state: if matched {
+                CheckState::Verified
+            } else {
+                CheckState::Failed
+            },
+            distance: Some(distance),
+            decided_ms: Some(now_ms),
+        };
+        self.store
+            .write(|tx| {
+                tx.set_check(&row)?;
+                tx.set_trust(&update.worker, trust.verified)?;
+                for c in &requeue {
+                    tx.set_check(&CheckRow {
+                        state: CheckState::Queued,
+                        ..c.clone()
+                    })?;
+                }
+                if let Some(entry) = &clawback {
+                    tx.insert_entry(entry)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| internal(&e))?;
+        let clawed_back = clawback.as_ref().map_or(0, |e| e.amount);
+        if let Some(entry) = clawback {
+            self.ledger.commit(entry).map_err(|e| internal(&e))?;
+        }
+        self.trust.insert(worker, trust);
+        if !matched {
+            self.failed.insert(unit);
+            // The worker's other units go first: they may be lies too.
+            for c in requeue.iter().rev() {
+                self.check_queue.push_front(c.unit);
+            }
+        }
+        Ok(CheckOutcome {
+            unit,
+            worker,
+            matched,
+            distance,
+            clawed_back,
+            requeued: requeue.len(),
+        })
+    }
+
+    /// Runs every queued check here and now on `backend` (the simulator and tests; the
+    /// server runs them on a thread of their own).
+    pub fn run_checks(
+        &mut self,
+        backend: &mut dyn Backend,
+        now_ms: u64,
+    ) -> Result<Vec<CheckOutcome>, ApiError> {
+        let mut out = Vec::new();
+        while let Some(job) = self.next_check()? {
+            let replayed = job.run(backend)?;
+            out.push(self.finish_check(job.unit.id, &replayed, now_ms)?);
+        }
+        Ok(out)
+    }
+
+    /// The run's model shape.
+    pub fn model_config(&self) -> GptConfig {
+        self.model
+    }
+
+    /// The train split's tokens (what units are trained on).
+    pub fn train_tokens(&self) -> Arc<Vec<u32>> {
+        self.train.clone()
+    }
+
+    /// The holdout loss of the current version.
+    pub fn holdout_loss(&self) -> Result<f32, ApiError> {
+        self.store
+            .version(self.current.version)
+            .map_err(|e| ApiError::internal(&e))?
+            .map(|v| v.holdout_loss)
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("no current version row")))
+    }
+
+    /// A worker's count of consecutive verified units.
+    pub fn trust(&self, worker: WorkerId) -> Trust {
+        self.trust.get(&worker).copied().unwrap_or_default()
+    }
+}
+
+/// `|a - b| / |b|` in f64 (1 when `b` is zero and `a` is not).
+fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = f64::from(x) - f64::from(y);
+        diff += d * d;
+        norm += f64::from(y) * f64::from(y);
+    }
+    if !diff.is_finite() {
+        return f32::INFINITY;
+    }
+    if norm == 0.0 {
+        return if diff == 0.0 { 0.0 } else { 1.0 };
+    }
+    (diff / norm).sqrt() as f32
+}

@@ -1,0 +1,136 @@
+//! Replay spot-checks in the core: an honest unit re-runs to the same bytes and earns
+//! trust; a subtle lie (the honest delta, 5% larger: it passes scoring) is caught, its
+//! credit clawed back, its worker's unchecked units checked again, and none of its units
+//! enters the next version.
+
+use coordinator::{CoordinatorConfig, Core};
+use protocol::api::{LeaseReply, UnitSpec};
+use protocol::{UpdateHeader, WorkerId};
+use test_support as ts;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn lease(core: &mut Core, worker: WorkerId) -> UnitSpec {
+    match core.lease(worker, T0).expect("lease") {
+        LeaseReply::Lease { unit, .. } => unit,
+        other => panic!("no lease: {other:?}"),
+    }
+}
+
+/// The unit's honest delta, trained as a worker would.
+fn train(core: &Core, unit: &UnitSpec) -> Vec<f32> {
+    let info = core.run_info();
+    let train = core.train_tokens();
+    let mut backend = engine::open_backend("cpu:1", core.model_config(), core.params().to_vec())
+        .expect("backend");
+    let data = worker::unit::UnitData {
+        train: &train,
+        n_shards: info.n_shards,
+        batch: info.batch as usize,
+        seq: info.seq as usize,
+    };
+    worker::unit::train(backend.as_mut(), core.params(), data, unit, &mut |_, _| {
+        true
+    })
+    .expect("train")
+    .expect("not stopped")
+}
+
+fn submit(core: &mut Core, key: &ed25519_dalek::SigningKey, unit: &UnitSpec, delta: &[f32]) {
+    let header = UpdateHeader {
+        work_unit: unit.id,
+        base_version: unit.base_version,
+        worker: WorkerId::of(key),
+        nonce: unit.id,
+        codec: core.config().codec,
+        n_params: delta.len() as u32,
+    };
+    let bytes = protocol::encode_update(&header, delta, key);
+    core.submit(&bytes, T0).expect("accepted");
+}
+
+fn states(core: &Core) -> Vec<(u64, String)> {
+    core.store()
+        .checks(None)
+        .expect("checks")
+        .into_iter()
+        .map(|c| (c.unit, c.state.as_str().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config: CoordinatorConfig = ts::tiny_config(dir.path(), 4);
+    // One unit waits at a time: the liar's second unit goes unchecked at first.
+    config.spot_check.max_backlog = 1;
+    let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
+    let (liar, honest) = (ts::key(1), ts::key(2));
+    let (l, h) = (WorkerId::of(&liar), WorkerId::of(&honest));
+    core.register(l, "liar", T0).expect("register");
+    core.register(h, "honest", T0).expect("register");
+
+    let lies: Vec<UnitSpec> = (0..2)
+        .map(|_| {
+            let unit = lease(&mut core, l);
+            let lie: Vec<f32> = train(&core, &unit).iter().map(|x| 1.05 * x).collect();
+            submit(&mut core, &liar, &unit, &lie);
+            unit
+        })
+        .collect();
+    let first = lease(&mut core, h);
+    let delta = train(&core, &first);
+    submit(&mut core, &honest, &first, &delta);
+    assert_eq!(
+        states(&core),
+        vec![
+            (lies[0].id, "queued".into()),
+            (lies[1].id, "unchecked".into()),
+            (first.id, "unchecked".into()),
+        ]
+    );
+    let earned = core.wallet(l).balance;
+    assert!(earned > 0);
+
+    let mut backend = engine::open_backend("cpu:2", core.model_config(), core.params().to_vec())
+        .expect("backend");
+    let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
+    let seen: Vec<(u64, bool, u64, usize)> = outcomes
+        .iter()
+        .map(|o| (o.unit, o.matched, o.clawed_back, o.requeued))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (lies[0].id, false, earned / 2, 1),
+            (lies[1].id, false, earned / 2, 0),
+        ]
+    );
+    assert!(outcomes.iter().all(|o| o.distance > 0.01), "{outcomes:?}");
+    assert_eq!(core.wallet(l).balance, 0);
+    assert_eq!(core.trust(l).verified, 0);
+
+    // The honest worker's next unit is checked and matches bit for bit.
+    let second = lease(&mut core, h);
+    let delta = train(&core, &second);
+    submit(&mut core, &honest, &second, &delta);
+    let outcomes = core.run_checks(backend.as_mut(), T0 + 2).expect("checks");
+    assert_eq!(outcomes.len(), 1);
+    assert!(
+        outcomes[0].matched && outcomes[0].distance == 0.0,
+        "{outcomes:?}"
+    );
+    assert_eq!(core.trust(h).verified, 1);
+
+    // Four accepted: the round aggregates, from the honest units alone.
+    assert_eq!(core.version(), 1);
+    let v1 = core.store().version(1).expect("read").expect("version 1");
+    assert_eq!(v1.updates, vec![first.id, second.id]);
+    // The ledger still verifies, and the clawbacks survive a restart.
+    let config = core.config().clone();
+    drop(core);
+    let core = Core::open(&dir.path().join("store"), config, T0 + 3).expect("reopen");
+    assert_eq!(core.wallet(l).balance, 0);
+    assert_eq!(core.trust(h).verified, 1);
+    assert_eq!(core.checks_queued(), 0);
+}

@@ -1,0 +1,120 @@
+//! The simulator in CI: the same seed gives the same run, and over several seeds, each
+//! with an attack of its own, the defended network ends within 5% of the same network
+//! with every worker honest, pays its attackers nothing and refuses no honest unit. The
+//! sweep over every attack and the claims on long runs are `cargo xtask sim` (README,
+//! BENCHMARKS.md).
+
+use std::path::PathBuf;
+
+use sim::{Attack, Defense, Report, Scenario};
+
+struct Inputs {
+    dir: tempfile::TempDir,
+    corpus: PathBuf,
+    tokenizer: PathBuf,
+}
+
+fn inputs() -> Inputs {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(root.join("data/shakespeare.txt")).expect("corpus");
+    let cut = text[..300_000].rfind('\n').unwrap_or(300_000);
+    let corpus = dir.path().join("shakespeare-300k.txt");
+    std::fs::write(&corpus, &text[..cut]).expect("write corpus");
+    Inputs {
+        dir,
+        corpus,
+        tokenizer: root.join("data/tokenizer.json"),
+    }
+}
+
+fn run(inputs: &Inputs, scenario: &Scenario) -> Report {
+    let dir = tempfile::tempdir_in(inputs.dir.path()).expect("run dir");
+    match sim::run(scenario, dir.path(), &inputs.corpus, &inputs.tokenizer) {
+        Ok(r) => r,
+        Err(e) => panic!("seed {}: {e}", scenario.seed),
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let inputs = inputs();
+    let scenario = Scenario {
+        rounds: 3,
+        ..Scenario::new(7, 4, Some((Attack::Copy, 1)))
+    };
+    let a = run(&inputs, &scenario);
+    let b = run(&inputs, &scenario);
+    assert_eq!(a, b, "seed {}", scenario.seed);
+    let other = run(
+        &inputs,
+        &Scenario {
+            seed: 8,
+            ..scenario.clone()
+        },
+    );
+    assert_ne!(a.final_loss, other.final_loss);
+}
+
+#[test]
+fn seeds_each_with_an_attack_train_as_if_clean_and_pay_attackers_nothing() {
+    let inputs = inputs();
+    let cases = [
+        (1, Attack::Scale100),
+        (2, Attack::Alie),
+        (3, Attack::Copy),
+        (4, Attack::Sybil),
+        (5, Attack::Ipm),
+    ];
+    for (seed, attack) in cases {
+        let (honest, attackers) = sim::matrix::workers(attack);
+        let attacked = Scenario {
+            rounds: 8,
+            ..Scenario::new(seed, honest, Some((attack, attackers)))
+        };
+        let clean = run(
+            &inputs,
+            &Scenario {
+                honest: honest + attackers,
+                attack: None,
+                ..attacked.clone()
+            },
+        );
+        let defended = run(&inputs, &attacked);
+        let ratio = defended.final_loss / clean.final_loss;
+        let what = format!("seed {seed}, {}: {defended:?}", attack.name());
+        assert!(
+            defended.final_loss < clean.initial_loss - 2.0,
+            "it learns: {what}"
+        );
+        assert!(ratio <= 1.05, "within 5% of clean ({ratio}): {what}");
+        assert_eq!(
+            defended.attackers.balance, 0,
+            "attackers earn nothing: {what}"
+        );
+        assert_eq!(
+            defended.honest.judged_false(),
+            0,
+            "no honest unit refused: {what}"
+        );
+        assert!(
+            defended.honest.accepted > 0 && defended.attackers.submitted > 0,
+            "{what}"
+        );
+        if attack == Attack::Scale100 {
+            // The attack bites the plain mean.
+            let plain = run(
+                &inputs,
+                &Scenario {
+                    defense: Defense::Plain,
+                    ..attacked.clone()
+                },
+            );
+            let bitten = plain.final_loss / clean.final_loss;
+            assert!(
+                bitten.is_nan() || bitten >= 1.2,
+                "the plain mean ends {bitten} of clean: seed {seed}"
+            );
+        }
+    }
+}
