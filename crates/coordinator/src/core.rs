@@ -618,15 +618,6 @@ impl Core {
         {
             match score {
                 Some(score) => {
-                    if std::env::var_os("HIVETRAIN_SCORE_LOG").is_some() {
-                        eprintln!(
-                            "SCORE {} {} {} {}",
-                            update.header.worker,
-                            score.own_gain(),
-                            score.random_gain(),
-                            self.current.version
-                        );
-                    }
                     if let Some(rejected) = self.config.scoring.judge(&score) {
                         verdict = rejected;
                     }
