@@ -79,6 +79,16 @@ pub(crate) struct RunFlags {
     /// tokenizer.json served to workers.
     #[arg(long, env = "HIVETRAIN_TOKENIZER")]
     tokenizer: Option<PathBuf>,
+    /// Accept updates without scoring them (the loss before and after applying each).
+    #[arg(long, env = "HIVETRAIN_NO_SCORING")]
+    no_scoring: bool,
+    /// Never re-run accepted units to check them.
+    #[arg(long, env = "HIVETRAIN_NO_SPOT_CHECKS")]
+    no_spot_checks: bool,
+    /// Largest relative distance between an update and its re-run that counts as a match
+    /// (0: bit-exact; raise it when workers run other CPU models or GPUs).
+    #[arg(long, env = "HIVETRAIN_SPOT_CHECK_TOLERANCE")]
+    spot_check_tolerance: Option<f32>,
 }
 
 impl RunFlags {
@@ -88,6 +98,15 @@ impl RunFlags {
             Some(path) => CoordinatorConfig::from_file(path)?,
             None => base,
         };
+        if self.no_scoring {
+            c.scoring.enabled = false;
+        }
+        if self.no_spot_checks {
+            c.spot_check.enabled = false;
+        }
+        if let Some(v) = self.spot_check_tolerance {
+            c.spot_check.tolerance = v;
+        }
         let s = &mut c.schedule;
         if let Some(v) = &self.preset {
             c.preset = v.clone();

@@ -110,6 +110,9 @@ pub struct Core {
     check_queue: VecDeque<u64>,
     /// Units whose re-run did not match: kept out of any aggregate not yet formed.
     failed: HashSet<u64>,
+    /// Own-data gains of the updates accepted on a base version (in memory: after a
+    /// restart the median starts again from the next accepted update).
+    gains: (u64, Vec<f32>),
     /// A version's random scoring batches and its loss on them, made once per version.
     random_loss: Option<(u64, Arc<Vec<OwnedBatch>>, f32)>,
 }
@@ -412,6 +415,7 @@ impl Core {
             check_queue,
             failed,
             random_loss: None,
+            gains: (u64::MAX, Vec::new()),
         };
         core.aggregate_if_pending(now_ms)?;
         Ok(core)
@@ -618,8 +622,23 @@ impl Core {
         {
             match score {
                 Some(score) => {
-                    if let Some(rejected) = self.config.scoring.judge(&score) {
-                        verdict = rejected;
+                    let version = update.header.base_version;
+                    let median = match &self.gains {
+                        (v, gains) if *v == version && !gains.is_empty() => {
+                            let mut sorted = gains.clone();
+                            sorted.sort_by(f32::total_cmp);
+                            Some(sorted[sorted.len() / 2])
+                        }
+                        _ => None,
+                    };
+                    match self.config.scoring.judge(&score, median) {
+                        Some(rejected) => verdict = rejected,
+                        None => {
+                            if self.gains.0 != version {
+                                self.gains = (version, Vec::new());
+                            }
+                            self.gains.1.push(score.own_gain());
+                        }
                     }
                 }
                 None => {

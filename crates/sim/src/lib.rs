@@ -145,6 +145,8 @@ pub struct Scenario {
     /// Local steps per unit (H).
     pub steps: u32,
     pub defense: Defense,
+    /// Score updates (off: a defended run relies on the checks, re-runs and `combine`).
+    pub scoring: bool,
     pub faults: Faults,
 }
 
@@ -157,13 +159,16 @@ impl Scenario {
             attack,
             rounds: 12,
             steps: 10,
-            defense: Defense::Full(aggregation::Combine::default()),
+            defense: Defense::Full(CoordinatorConfig::default().combine),
+            scoring: true,
             faults: Faults::default(),
         }
     }
 }
 
-/// Counts over one class of workers.
+/// Counts over one class of workers' updates: the honest workers' all, the attackers'
+/// lies (an attacker's honest work, such as the first unit whose update a replayer sends
+/// again, is counted apart in `honest_work`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Tally {
     pub workers: usize,
@@ -176,8 +181,10 @@ pub struct Tally {
     pub failed_checks: u64,
     /// Accepted and never clawed back.
     pub credited: u64,
-    /// Micro-credits held at the end.
+    /// Micro-credits held at the end (honest work's credit included).
     pub balance: u64,
+    /// Units of honest work done by attackers, and how many were credited.
+    pub honest_work: (u64, u64),
 }
 
 impl Tally {
@@ -215,8 +222,9 @@ pub struct Report {
     pub versions: u64,
     pub honest: Tally,
     pub attackers: Tally,
-    /// Units an honest-then-lying worker lied on, and how many of those were caught
-    /// (rejected, or clawed back after a re-run) by the end.
+    /// Lies of honest-then-lying workers that reached the coordinator, and how many of
+    /// those were caught (refused on their content, or clawed back after a re-run) by
+    /// the end.
     pub lies: u64,
     pub lies_caught: u64,
     /// Honest units accepted while their worker was trusted, and how many were re-run.
@@ -262,8 +270,14 @@ impl From<ApiError> for SimError {
     }
 }
 
-/// A submission's outcome: accepted, or refused with this code.
-type Outcome = Result<(), String>;
+/// A submission that reached the coordinator.
+struct Submission {
+    unit: u64,
+    /// The update is the unit's honest training.
+    honest_work: bool,
+    /// Accepted, or refused with this code.
+    outcome: Result<(), String>,
+}
 
 /// Simulated milliseconds a nominal worker takes for one unit.
 const UNIT_MS: u64 = 10_000;
@@ -276,9 +290,18 @@ enum Role {
 }
 
 enum State {
-    Idle { at: u64 },
-    Busy { at: u64, unit: u64, update: Vec<u8> },
-    Away { until: u64 },
+    Idle {
+        at: u64,
+    },
+    Busy {
+        at: u64,
+        unit: u64,
+        update: Vec<u8>,
+        honest_work: bool,
+    },
+    Away {
+        until: u64,
+    },
 }
 
 impl State {
@@ -324,7 +347,10 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
     s.lease_ms = 3 * UNIT_MS;
     s.round_timeout_ms = 4 * UNIT_MS;
     match scenario.defense {
-        Defense::Full(combine) => c.combine = combine,
+        Defense::Full(combine) => {
+            c.combine = combine;
+            c.scoring.enabled = scenario.scoring;
+        }
         Defense::Plain => {
             c.combine = aggregation::Combine::Mean;
             c.scoring.enabled = false;
@@ -393,9 +419,8 @@ pub fn run(
     let mut sybil_vector: Option<(u64, Vec<f32>)> = None;
     let mut last_honest: Option<Vec<f32>> = None;
     let mut validator: Option<(u64, u64, Vec<f32>)> = None;
-    let mut lie_units: Vec<u64> = Vec::new();
     let mut trusted_units: Vec<u64> = Vec::new();
-    let mut submitted: BTreeMap<WorkerId, Vec<(u64, Outcome)>> = BTreeMap::new();
+    let mut submitted: BTreeMap<WorkerId, Vec<Submission>> = BTreeMap::new();
     let mut checks = 0u64;
     let limit = now + scenario.rounds * 40 * UNIT_MS;
 
@@ -453,6 +478,7 @@ pub fn run(
                     if honest_pool.0 != version {
                         honest_pool = (version, Vec::new());
                     }
+                    let mut honest_work = false;
                     let delta = match w.role {
                         Role::Honest => {
                             let d = train_unit(backend.as_mut(), &base, data, &unit)?;
@@ -461,6 +487,7 @@ pub fn run(
                             if core.trust(w.id).verified >= 10 {
                                 trusted_units.push(unit.id);
                             }
+                            honest_work = true;
                             d
                         }
                         Role::Attacker(attack) => {
@@ -484,15 +511,20 @@ pub fn run(
                                 },
                                 Attack::HonestThenLying => {
                                     if w.units >= 10 && ctx.rng.random_bool(0.3) {
-                                        lie_units.push(unit.id);
                                         let lazy = UnitSpec {
                                             steps: (unit.steps / 4).max(1),
                                             ..unit
                                         };
                                         train_unit(ctx.backend, &base, data, &lazy)?
                                     } else {
+                                        honest_work = true;
                                         train_unit(ctx.backend, &base, data, &unit)?
                                     }
+                                }
+                                Attack::ReplayOld if w.first_delta.is_none() => {
+                                    // Its first unit is honest work, kept to be sent again.
+                                    honest_work = true;
+                                    ctx.craft(attack, w)?
                                 }
                                 _ => ctx.craft(attack, w)?,
                             }
@@ -516,10 +548,16 @@ pub fn run(
                         at: now + took,
                         unit: unit.id,
                         update,
+                        honest_work,
                     };
                 }
             },
-            State::Busy { unit, update, .. } => {
+            State::Busy {
+                unit,
+                update,
+                honest_work,
+                ..
+            } => {
                 w.state = State::Idle { at: now + 100 };
                 if rng.random_bool(faults.drop) {
                     continue;
@@ -530,13 +568,17 @@ pub fn run(
                     1
                 };
                 for copy in 0..copies {
-                    let result = match core.submit(&update, now) {
+                    let outcome = match core.submit(&update, now) {
                         Ok(_) => Ok(()),
                         Err(e) if e.status.is_server_error() => return Err(e.into()),
                         Err(e) => Err(e.code),
                     };
                     if copy == 0 {
-                        submitted.entry(w.id).or_default().push((unit, result));
+                        submitted.entry(w.id).or_default().push(Submission {
+                            unit,
+                            honest_work,
+                            outcome,
+                        });
                     }
                 }
             }
@@ -549,17 +591,25 @@ pub fn run(
     checks += core.run_checks(checker.as_mut(), now)?.len() as u64;
 
     let checks_of: BTreeMap<u64, CheckState> = check_states(&core)?;
+    let failed = |unit: &u64| checks_of.get(unit) == Some(&CheckState::Failed);
     let tally = |role: fn(&Role) -> bool| -> Tally {
         let mut t = Tally::default();
         for w in workers.iter().filter(|w| role(&w.role)) {
             t.workers += 1;
             t.balance += core.wallet(w.id).balance;
-            for (unit, result) in submitted.get(&w.id).into_iter().flatten() {
+            for s in submitted.get(&w.id).into_iter().flatten() {
+                if s.honest_work && w.role != Role::Honest {
+                    t.honest_work.0 += 1;
+                    if s.outcome.is_ok() && !failed(&s.unit) {
+                        t.honest_work.1 += 1;
+                    }
+                    continue;
+                }
                 t.submitted += 1;
-                match result {
+                match &s.outcome {
                     Ok(()) => {
                         t.accepted += 1;
-                        if checks_of.get(unit) == Some(&CheckState::Failed) {
+                        if failed(&s.unit) {
                             t.failed_checks += 1;
                         } else {
                             t.credited += 1;
@@ -573,34 +623,37 @@ pub fn run(
     };
     let honest = tally(|r| *r == Role::Honest);
     let attackers = tally(|r| *r != Role::Honest);
-    let outcome_of = |unit: u64| {
-        submitted
-            .values()
-            .flatten()
-            .find(|(u, _)| *u == unit)
-            .map(|(_, r)| r.clone())
-    };
-    let lies_caught = lie_units
+    // The lies of honest-then-lying workers: caught when refused on their content or
+    // clawed back. (Lies lost on the way or refused for their timing do not count.)
+    let (mut lies, mut lies_caught) = (0, 0);
+    for w in workers
         .iter()
-        .filter(|&&u| match outcome_of(u) {
-            Some(Ok(())) => checks_of.get(&u) == Some(&CheckState::Failed),
-            Some(Err(code)) => JUDGED.contains(&code.as_str()),
-            None => false,
-        })
-        .count() as u64;
-    // Lies that never reached the coordinator (dropped, churned) are not counted.
-    let lies = lie_units
-        .iter()
-        .filter(|&&u| match outcome_of(u) {
-            Some(Ok(())) => true,
-            Some(Err(code)) => JUDGED.contains(&code.as_str()),
-            None => false,
-        })
-        .count() as u64;
+        .filter(|w| w.role == Role::Attacker(Attack::HonestThenLying))
+    {
+        for s in submitted.get(&w.id).into_iter().flatten() {
+            if s.honest_work {
+                continue;
+            }
+            let (counts, caught) = match &s.outcome {
+                Ok(()) => (true, failed(&s.unit)),
+                Err(code) => (JUDGED.contains(&code.as_str()), true),
+            };
+            if counts {
+                lies += 1;
+                lies_caught += u64::from(caught);
+            }
+        }
+    }
+    let accepted: std::collections::BTreeSet<u64> = submitted
+        .values()
+        .flatten()
+        .filter(|s| s.outcome.is_ok())
+        .map(|s| s.unit)
+        .collect();
     let trusted_accepted: Vec<u64> = trusted_units
         .iter()
         .copied()
-        .filter(|&u| matches!(outcome_of(u), Some(Ok(()))))
+        .filter(|u| accepted.contains(u))
         .collect();
     let trusted_checks = trusted_accepted
         .iter()

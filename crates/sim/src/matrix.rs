@@ -26,7 +26,8 @@ pub struct Row {
     /// Final holdout loss of the same network with every worker honest.
     pub clean: f32,
     pub defended: Report,
-    pub plain: Report,
+    /// The same attack on the plain mean (when the sweep runs it).
+    pub plain: Option<Report>,
 }
 
 impl Row {
@@ -36,8 +37,10 @@ impl Row {
     }
 
     /// Plain-mean final loss over the clean one (non-finite when the model diverged).
-    pub fn plain_ratio(&self) -> f64 {
-        f64::from(self.plain.final_loss) / f64::from(self.clean)
+    pub fn plain_ratio(&self) -> Option<f64> {
+        self.plain
+            .as_ref()
+            .map(|p| f64::from(p.final_loss) / f64::from(self.clean))
     }
 }
 
@@ -50,6 +53,10 @@ pub struct Sweep {
     pub lying_rounds: u64,
     pub combine: aggregation::Combine,
     pub attacks: Vec<Attack>,
+    /// Also run each attack on the plain mean.
+    pub plain: bool,
+    /// Score updates in the defended runs.
+    pub scoring: bool,
 }
 
 /// Runs every attack of `sweep` (defended and plain) and the clean runs they compare
@@ -84,6 +91,7 @@ pub fn run_sweep(
         let base = Scenario {
             rounds,
             defense: Defense::Full(sweep.combine),
+            scoring: sweep.scoring,
             ..Scenario::new(sweep.seed, honest, Some((attack, attackers)))
         };
         let key = (honest + attackers, rounds);
@@ -101,13 +109,17 @@ pub fn run_sweep(
             }
         };
         let defended = one(&base, &format!("{} defended", attack.name()))?;
-        let plain = one(
-            &Scenario {
-                defense: Defense::Plain,
-                ..base.clone()
-            },
-            &format!("{} plain mean", attack.name()),
-        )?;
+        let plain = if sweep.plain {
+            Some(one(
+                &Scenario {
+                    defense: Defense::Plain,
+                    ..base.clone()
+                },
+                &format!("{} plain mean", attack.name()),
+            )?)
+        } else {
+            None
+        };
         rows.push(Row {
             attack,
             share: attackers as f64 / (honest + attackers) as f64,
@@ -126,8 +138,9 @@ pub struct Claims {
     pub worst_defended_ratio: f64,
     /// Attacks whose plain-mean run ended less than 20% worse than clean.
     pub attacks_that_do_not_bite: Vec<Attack>,
-    /// Micro-credits the attackers hold at the end, over all runs (goal 0).
-    pub attacker_credit: u64,
+    /// Attackers' lies credited (accepted and never clawed back), of their lies that
+    /// reached the coordinator, over all runs (goal 0).
+    pub lies_credited: (u64, u64),
     /// Free riders' units credited, of their units submitted (goal <= 1%).
     pub free_rider_credited: (u64, u64),
     /// Honest units refused or clawed back on their content, of those submitted in the
@@ -143,7 +156,7 @@ pub fn claims(rows: &[Row]) -> Claims {
     let mut c = Claims {
         worst_defended_ratio: 0.0,
         attacks_that_do_not_bite: Vec::new(),
-        attacker_credit: 0,
+        lies_credited: (0, 0),
         free_rider_credited: (0, 0),
         honest_refused: (0, 0),
         lies_caught: (0, 0),
@@ -151,12 +164,16 @@ pub fn claims(rows: &[Row]) -> Claims {
     };
     for r in rows {
         c.worst_defended_ratio = c.worst_defended_ratio.max(r.defended_ratio());
-        let bites = r.plain_ratio();
-        if bites.is_finite() && bites < 1.2 {
+        if let Some(bites) = r.plain_ratio()
+            && bites.is_finite()
+            && bites < 1.2
+            && !c.attacks_that_do_not_bite.contains(&r.attack)
+        {
             c.attacks_that_do_not_bite.push(r.attack);
         }
         let d = &r.defended;
-        c.attacker_credit += d.attackers.balance;
+        c.lies_credited.0 += d.attackers.credited;
+        c.lies_credited.1 += d.attackers.submitted;
         if r.attack.free_rider() {
             c.free_rider_credited.0 += d.attackers.credited;
             c.free_rider_credited.1 += d.attackers.submitted;

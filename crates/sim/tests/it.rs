@@ -88,10 +88,7 @@ fn seeds_each_with_an_attack_train_as_if_clean_and_pay_attackers_nothing() {
             "it learns: {what}"
         );
         assert!(ratio <= 1.05, "within 5% of clean ({ratio}): {what}");
-        assert_eq!(
-            defended.attackers.balance, 0,
-            "attackers earn nothing: {what}"
-        );
+        assert_eq!(defended.attackers.credited, 0, "no lie is credited: {what}");
         assert_eq!(
             defended.honest.judged_false(),
             0,

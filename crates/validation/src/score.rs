@@ -8,7 +8,9 @@
 //! its own batch clearly, and more than on random data it never saw. So:
 //!
 //! - `no_progress`: the own-data loss fell by less than `min_gain` (relative): a zero
-//!   update, noise, a sign flip, a unit that was not trained;
+//!   update, noise, a sign flip, a unit that was not trained; or by less than
+//!   `min_share_of_median` of the median gain of the updates accepted on the same version:
+//!   a unit trained on fewer steps than it claims;
 //! - `harmful`: the random-data loss rose by more than `max_rise` (relative): a scaled,
 //!   flipped or crafted update that hurts the model;
 //! - `not_own_data`: the own-data gain is not at least `own_margin` above the random-data
@@ -53,6 +55,9 @@ pub struct ScorePolicy {
     /// Least margin of the own-data gain over the random-data gain (relative); -1 turns
     /// the rule off.
     pub own_margin: f32,
+    /// Least own-data gain as a share of the median gain of the updates already accepted
+    /// on the same base version (0 turns the rule off).
+    pub min_share_of_median: f32,
     /// Batches of the unit's own data scored (spread over its steps), and as many of
     /// random data.
     pub batches: u32,
@@ -65,6 +70,7 @@ impl Default for ScorePolicy {
             min_gain: 0.001,
             max_rise: 0.05,
             own_margin: 0.005,
+            min_share_of_median: 0.5,
             batches: 4,
         }
     }
@@ -72,7 +78,9 @@ impl Default for ScorePolicy {
 
 impl ScorePolicy {
     /// Accepted (`None`) or the rejection, with the figures in its sentence.
-    pub fn judge(&self, score: &Score) -> Option<Verdict> {
+    /// `median_gain` is the median own-data gain of the updates accepted on the same base
+    /// version, if any.
+    pub fn judge(&self, score: &Score, median_gain: Option<f32>) -> Option<Verdict> {
         let (own, random) = (score.own_gain(), score.random_gain());
         let finite = [
             score.own_before,
@@ -112,6 +120,19 @@ impl ScorePolicy {
                 ),
             ));
         }
+        if let Some(median) = median_gain
+            && own < self.min_share_of_median * median
+        {
+            return Some(Verdict::reject(
+                Reject::NoProgress,
+                format!(
+                    "the update lowers the loss on its unit's own data by {:.3}%, less than {:.0}% of the {:.3}% median of the updates accepted on this version: it did less training than the unit asks",
+                    own * 100.0,
+                    self.min_share_of_median * 100.0,
+                    median * 100.0
+                ),
+            ));
+        }
         if own - random < self.own_margin {
             return Some(Verdict::reject(
                 Reject::NotOwnData,
@@ -131,13 +152,17 @@ mod tests {
     use super::*;
 
     fn check(score: [f32; 4], expected: Option<&str>) {
+        check_with(score, None, expected);
+    }
+
+    fn check_with(score: [f32; 4], median: Option<f32>, expected: Option<&str>) {
         let s = Score {
             own_before: score[0],
             own_after: score[1],
             random_before: score[2],
             random_after: score[3],
         };
-        let got = ScorePolicy::default().judge(&s).map(|v| match v {
+        let got = ScorePolicy::default().judge(&s, median).map(|v| match v {
             Verdict::Rejected { reason, .. } => reason.code(),
             Verdict::Accepted { .. } => "accepted?",
         });
@@ -158,5 +183,8 @@ mod tests {
         // Trained on other data: the random batch gains as much as its own.
         check([5.0, 4.8, 5.0, 4.79], Some("not_own_data"));
         check([5.0, f32::NAN, 5.0, 4.7], Some("harmful"));
+        // Half the median gain of the version's accepted updates: lazy training.
+        check_with([5.0, 4.8, 5.0, 4.95], Some(0.1), Some("no_progress"));
+        check_with([5.0, 4.8, 5.0, 4.95], Some(0.06), None);
     }
 }

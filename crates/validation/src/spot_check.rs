@@ -98,6 +98,45 @@ mod tests {
         );
     }
 
+    /// The share of an honest-then-lying worker's lies caught by re-runs alone (lies that
+    /// pass scoring), over `units` units: honest for 10, then lying with probability 0.3.
+    /// A caught lie queues the worker's unchecked units again (so every earlier lie is
+    /// caught with it) and resets its trust.
+    fn subtle_liar_caught(policy: SpotCheckPolicy, units: usize, seeds: u64) -> f64 {
+        let (mut lies, mut caught) = (0u64, 0u64);
+        for seed in 0..seeds {
+            let mut trust = Trust::default();
+            let mut pending = 0u64;
+            let mut draw = draws(seed);
+            for i in 0..units {
+                let lie = i >= 10 && draw.next().unwrap_or(0) % 10 < 3;
+                lies += u64::from(lie);
+                if policy.should_check(trust, draw.next().unwrap_or(0)) {
+                    trust = policy.after(trust, !lie);
+                    if lie {
+                        caught += 1 + pending;
+                        pending = 0;
+                    }
+                } else if lie {
+                    pending += 1;
+                }
+            }
+        }
+        caught as f64 / lies as f64
+    }
+
+    /// How long a subtle liar lasts: re-runs alone catch most of its lies within a few
+    /// hundred units, all of them eventually (BENCHMARKS.md).
+    #[test]
+    fn a_subtle_liar_is_caught_in_the_long_run() {
+        let p = SpotCheckPolicy::default();
+        let got: Vec<String> = [50, 100, 200, 400]
+            .iter()
+            .map(|&n| format!("{n}: {:.2}", subtle_liar_caught(p, n, 2_000)))
+            .collect();
+        expect_test::expect!["50: 0.68 100: 0.86 200: 0.94 400: 0.97"].assert_eq(&got.join(" "));
+    }
+
     /// The share of an honest, trusted worker's units that get re-run (the budget
     /// is 15%): over 1,000 units, averaged over seeds.
     #[test]

@@ -20,8 +20,9 @@ pub(crate) struct SimArgs {
     /// Model versions of the honest-then-lying runs.
     #[arg(long, default_value_t = 40)]
     lying_rounds: u64,
-    /// The robust rule of the defended runs (mean, median, trimmed_mean:T,
-    /// multi_krum:F:M, centered_clip:R:I, norm_clip:M); default: the coordinator's.
+    /// The robust rule of the defended runs (mean, median, trimmed-mean:TRIM,
+    /// multi-krum:F[:M], centered-clip:RADIUS[:ITERS], norm-clip:MULTIPLE); default: the
+    /// coordinator's.
     #[arg(long)]
     combine: Option<String>,
     /// Attacks to run, comma-separated (default: all).
@@ -30,6 +31,12 @@ pub(crate) struct SimArgs {
     /// Seeds run at once (each run uses one core).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Skip the plain-mean runs (when comparing robust rules).
+    #[arg(long)]
+    no_plain: bool,
+    /// Defended runs without scoring (to see what the rest of the defenses do alone).
+    #[arg(long)]
+    no_scoring: bool,
     /// Also write every report as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -57,7 +64,10 @@ pub(crate) fn run(root: &Path, args: SimArgs) -> anyhow::Result<()> {
         None => coordinator::CoordinatorConfig::default().combine,
         Some(spec) => match aggregation::Combine::from_spec(spec) {
             Some(c) => c,
-            None => bail!("bad --combine {spec:?}"),
+            None => bail!(
+                "bad --combine {spec:?}: write {}",
+                aggregation::Combine::SPECS
+            ),
         },
     };
     let work = tempfile::tempdir()?;
@@ -87,6 +97,8 @@ pub(crate) fn run(root: &Path, args: SimArgs) -> anyhow::Result<()> {
                         lying_rounds: args.lying_rounds,
                         combine,
                         attacks: attacks.clone(),
+                        plain: !args.no_plain,
+                        scoring: !args.no_scoring,
                     };
                     let dir = work.path().join(format!("seed-{seed}"));
                     let rows = sim::matrix::run_sweep(
@@ -132,24 +144,27 @@ pub(crate) fn run(root: &Path, args: SimArgs) -> anyhow::Result<()> {
 fn print_table(seed: u64, rows: &[Row]) {
     println!("\nseed {seed}");
     println!(
-        "| attack | share | clean | defended | ratio | plain mean | ratio | attacker units (accepted / clawed back) | attacker credit | honest refused |"
+        "| attack | share | clean | defended | ratio | plain mean | ratio | lies accepted / clawed back / sent | lies credited | honest refused |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let show = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
     for r in rows {
         let d = &r.defended;
         println!(
-            "| {} | {:.0}% | {:.4} | {:.4} | {:.3} | {:.4} | {:.3} | {} / {} of {} | {} | {} of {} |",
+            "| {} | {:.0}% | {:.4} | {:.4} | {:.3} | {} | {} | {} / {} of {} | {} | {} of {} |",
             r.attack.name(),
             100.0 * r.share,
             r.clean,
             d.final_loss,
             r.defended_ratio(),
-            r.plain.final_loss,
-            r.plain_ratio(),
+            r.plain
+                .as_ref()
+                .map_or("-".to_string(), |p| format!("{:.4}", p.final_loss)),
+            show(r.plain_ratio()),
             d.attackers.accepted,
             d.attackers.failed_checks,
             d.attackers.submitted,
-            d.attackers.balance,
+            d.attackers.credited,
             d.honest.judged_false(),
             d.honest.submitted,
         );
@@ -176,8 +191,8 @@ fn print_claims(c: &Claims) {
         }
     );
     println!(
-        "  credit attackers hold: {} micro-credits (goal 0)",
-        c.attacker_credit
+        "  attackers' lies credited: {} of {} (goal 0)",
+        c.lies_credited.0, c.lies_credited.1
     );
     println!(
         "  free riders' units credited: {} of {} ({:.2}%, goal <= 1%)",
