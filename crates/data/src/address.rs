@@ -32,8 +32,9 @@ pub struct TokenBatch {
     pub seq: usize,
 }
 
-/// SplitMix64's output function.
-fn splitmix64(mut z: u64) -> u64 {
+/// SplitMix64's output function: the one seeded mixing hivetrain's pure cores use, so
+/// that their choices do not depend on an RNG crate's version.
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

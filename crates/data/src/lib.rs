@@ -13,7 +13,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use address::{TokenBatch, WorkAddress};
+pub use address::{TokenBatch, WorkAddress, splitmix64};
 pub use split::Dataset;
 pub use tokenizer::TextTokenizer;
 

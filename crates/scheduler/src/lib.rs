@@ -173,13 +173,8 @@ pub struct Scheduler {
     refused: BTreeMap<u64, Vec<WorkerId>>,
 }
 
-/// SplitMix64, for per-unit seeds derived from the tick's seed.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+// SplitMix64, for per-unit seeds derived from the tick's seed.
+use data::splitmix64 as mix;
 
 impl Scheduler {
     /// A scheduler at round 0 on model `version`, no units issued yet.

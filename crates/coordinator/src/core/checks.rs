@@ -104,13 +104,9 @@ pub struct CheckOutcome {
     pub requeued: usize,
 }
 
-/// A uniform draw for unit `unit` of the run seeded `seed` (splitmix64).
+/// A uniform draw for unit `unit` of the run seeded `seed`.
 fn draw(seed: u64, unit: u64) -> u64 {
-    let mut z =
-        (seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03)).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    data::splitmix64(seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 impl Core {
