@@ -584,7 +584,7 @@ impl Core {
     ) -> Result<Option<ScoreTask>, ApiError> {
         // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
-        match self.judge(update) {
+        match self.judge(update)? {
             Verdict::Accepted { work_unit, .. } => {
                 let unit = self
                     .scheduler
@@ -616,7 +616,8 @@ impl Core {
         now_ms: u64,
     ) -> Result<SubmitReply, ApiError> {
         self.tick(now_ms)?;
-        let mut verdict = self.judge(update);
+        let mut verdict = self.judge(update)?;
+        let mut gain = None;
         if let Verdict::Accepted { .. } = verdict
             && self.config.scoring.enabled
         {
@@ -633,12 +634,7 @@ impl Core {
                     };
                     match self.config.scoring.judge(&score, median) {
                         Some(rejected) => verdict = rejected,
-                        None => {
-                            if self.gains.0 != version {
-                                self.gains = (version, Vec::new());
-                            }
-                            self.gains.1.push(score.own_gain());
-                        }
+                        None => gain = Some((version, score.own_gain())),
                     }
                 }
                 None => {
@@ -723,6 +719,12 @@ impl Core {
         }) = check
         {
             self.check_queue.push_back(work_unit);
+        }
+        if let Some((version, gain)) = gain {
+            if self.gains.0 != version {
+                self.gains = (version, Vec::new());
+            }
+            self.gains.1.push(gain);
         }
         self.ledger
             .commit(mint)
@@ -919,7 +921,9 @@ impl Core {
         self.config.limits
     }
 
-    fn judge(&self, update: &Inspected) -> Verdict {
+    /// The verdict on an update as the round stands (an `Err` only when the store cannot
+    /// be read).
+    fn judge(&self, update: &Inspected) -> Result<Verdict, ApiError> {
         let lease = self
             .scheduler
             .lease_view(update.header.work_unit)
@@ -939,27 +943,20 @@ impl Core {
         };
         let verdict = validation::judge(update, &round, lease.as_ref());
         if let Verdict::Accepted { .. } = verdict {
-            match self.store.payload_unit(&hex::encode(update.payload_hash)) {
-                Ok(Some(unit)) => {
-                    return Verdict::reject(
-                        Reject::Copied,
-                        format!(
-                            "the update's values are those of the update already accepted for unit {unit}: send the delta of your own unit's training"
-                        ),
-                    );
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // The judgement is repeated under the lock before anything is written;
-                    // a store that cannot be read refuses the update rather than guess.
-                    return Verdict::reject(
-                        Reject::Copied,
-                        format!("cannot check the update against earlier ones: {e}"),
-                    );
-                }
+            let seen = self
+                .store
+                .payload_unit(&hex::encode(update.payload_hash))
+                .map_err(|e| ApiError::internal(&e))?;
+            if let Some(unit) = seen {
+                return Ok(Verdict::reject(
+                    Reject::Copied,
+                    format!(
+                        "the update's values are those of the update already accepted for unit {unit}: send the delta of your own unit's training"
+                    ),
+                ));
             }
         }
-        verdict
+        Ok(verdict)
     }
 
     /// Records a rejection and returns it as the reply. Rejections of signed updates are
