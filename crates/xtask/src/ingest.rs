@@ -86,8 +86,9 @@ pub(crate) fn run(root: &std::path::Path, args: IngestBench) -> anyhow::Result<(
     let client = reqwest::blocking::Client::new();
 
     // Register, lease and encode outside the timed part. One delta, encoded once: the
-    // coordinator's work does not depend on the values, and each update still has its
-    // own header, signature and blob.
+    // coordinator's work does not depend on the values. Each update has its own header,
+    // signature and blob, and its own last two values (a byte-equal payload would be
+    // refused as a copy).
     let delta: Vec<f32> = (0..n)
         .map(|j| ((((j * 7919) % 2001) as f32) / 1000.0 - 1.0) * 1e-3)
         .collect();
@@ -117,8 +118,12 @@ pub(crate) fn run(root: &std::path::Path, args: IngestBench) -> anyhow::Result<(
             codec,
             n_params: n as u32,
         };
+        let mut own = payload.clone();
+        let last = own.len() - 1;
+        own[last] = (i % 127) as u8;
+        own[last - 1] = (i / 127 % 127) as u8;
         bodies.push(bytes::Bytes::from(protocol::encode_update_payload(
-            &header, &payload, &key,
+            &header, &own, &key,
         )));
     }
     let bytes_per_update = bodies[0].len();
