@@ -9,6 +9,7 @@ mod golden;
 mod ingest;
 mod robust;
 mod sim;
+mod unit_delta;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,9 @@ enum Command {
     /// The attack sweep of the whole-network simulator: every attack defended and with the
     /// plain mean, against clean runs, over seeds; prints the table and the claims.
     Sim(sim::SimArgs),
+    /// Train one fixed work unit and write its delta, or compare it with a delta another
+    /// machine wrote (what a spot-check's tolerance must allow across CPUs).
+    UnitDelta(unit_delta::UnitDeltaArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -50,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(&root, command),
         Command::Golden { python } => golden::run(&root, &python),
         Command::Sim(args) => sim::run(&root, args),
+        Command::UnitDelta(args) => unit_delta::run(&root, args),
     }
 }
 
