@@ -1,7 +1,7 @@
-//! Replay spot-checks in the core: an honest unit re-runs to the same bytes and earns
-//! trust; a subtle lie (the honest delta, 5% larger: it passes scoring) is caught, its
-//! credit clawed back, its worker's unchecked units checked again, and none of its units
-//! enters the next version.
+//! Catching liars. Replay spot-checks in the core: an honest unit re-runs to the same
+//! bytes and earns trust; a subtle lie (the honest delta, 5% larger: it passes scoring) is
+//! caught, its credit clawed back, its worker's unchecked units checked again, and none of
+//! its units enters the next version. Scoring and the copy check through the real API.
 
 use coordinator::{CoordinatorConfig, Core};
 use protocol::api::{LeaseReply, UnitSpec};
@@ -133,4 +133,55 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     assert_eq!(core.wallet(l).balance, 0);
     assert_eq!(core.trust(h).verified, 1);
     assert_eq!(core.checks_queued(), 0);
+}
+
+/// Issue 5's refusals through the real API: a zero update is `no_progress` (422) and its
+/// unit goes to another worker; a byte-equal copy of an accepted update is `copied`
+/// (409).
+#[test]
+fn scored_refusals_through_the_api_and_the_unit_goes_to_another_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ts::start(dir.path(), ts::tiny_config(dir.path(), 2));
+    let url = server.url();
+    let (a, b) = (ts::key(1), ts::key(2));
+    ts::register(&url, &a, "a");
+    ts::register(&url, &b, "b");
+    let first = ts::lease(&url, &a);
+    let (n, codec) = server.with_core(|c| (c.params().len(), c.config().codec));
+    let encode = |key: &ed25519_dalek::SigningKey, unit: &UnitSpec, delta: &[f32]| {
+        let header = UpdateHeader {
+            work_unit: unit.id,
+            base_version: unit.base_version,
+            worker: WorkerId::of(key),
+            nonce: unit.id,
+            codec,
+            n_params: n as u32,
+        };
+        protocol::encode_update(&header, delta, key)
+    };
+
+    let r = ts::submit(&url, encode(&a, &first, &vec![0.0; n]));
+    assert_eq!((r.status, r.code()), (422, "no_progress"), "{r:?}");
+    // The refused unit is b's now; a gets the round's other unit.
+    let taken = ts::lease(&url, &b);
+    assert_eq!(taken.id, first.id);
+    let other = ts::lease(&url, &a);
+    assert_ne!(other.id, first.id);
+
+    // b trains its unit honestly: accepted. a sends b's values as its own: a copy.
+    let delta = server.with_core(|c| train(c, &taken));
+    let r = ts::submit(&url, encode(&b, &taken, &delta));
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = ts::submit(&url, encode(&a, &other, &delta));
+    assert_eq!((r.status, r.code()), (409, "copied"), "{r:?}");
+    let codes: Vec<String> = server.with_core(|c| {
+        c.store()
+            .rejections()
+            .expect("rejections")
+            .into_iter()
+            .map(|r| r.code)
+            .collect()
+    });
+    assert_eq!(codes, vec!["no_progress", "copied"]);
+    server.stop();
 }
