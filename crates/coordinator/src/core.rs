@@ -221,15 +221,7 @@ impl Core {
         let holdout: Vec<OwnedBatch> = dataset
             .holdout_starts(seq, config.holdout_batches as usize * batch)
             .chunks(batch)
-            .map(|starts| {
-                let b = data::address::batch_at(&dataset.holdout, starts, seq);
-                OwnedBatch {
-                    inputs: b.inputs,
-                    targets: b.targets,
-                    batch: b.batch,
-                    seq: b.seq,
-                }
-            })
+            .map(|starts| owned(data::address::batch_at(&dataset.holdout, starts, seq)))
             .collect();
         let threads = match config.threads {
             0 => engine::default_threads(),
@@ -1224,6 +1216,16 @@ impl Core {
             units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
             rounds,
         })
+    }
+}
+
+/// A batch of token ids as the engine takes it.
+fn owned(b: data::TokenBatch) -> OwnedBatch {
+    OwnedBatch {
+        inputs: b.inputs,
+        targets: b.targets,
+        batch: b.batch,
+        seq: b.seq,
     }
 }
 

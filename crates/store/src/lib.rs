@@ -419,15 +419,23 @@ impl Store {
 
     /// The accepted updates of `round`, in unit order.
     pub fn updates_of_round(&self, round: u64) -> Result<Vec<UpdateRow>, StoreError> {
+        self.query_updates("WHERE round = ?1 ORDER BY unit", [round])
+    }
+
+    fn query_updates<P: rusqlite::Params>(
+        &self,
+        tail: &str,
+        params: P,
+    ) -> Result<Vec<UpdateRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms
-                 FROM updates WHERE round = ?1 ORDER BY unit",
-            )
+                 FROM updates {tail}"
+            ))
             .map_err(sql(&self.path))?;
         let rows = stmt
-            .query_map([round], |r| {
+            .query_map(params, |r| {
                 Ok((
                     UpdateRow {
                         unit: r.get(0)?,
@@ -664,36 +672,10 @@ impl Store {
 
     /// One accepted update.
     pub fn update(&self, unit: u64) -> Result<Option<UpdateRow>, StoreError> {
-        let row = self
-            .conn
-            .query_row(
-                "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms
-                 FROM updates WHERE unit = ?1",
-                [unit],
-                |r| {
-                    Ok((
-                        UpdateRow {
-                            unit: r.get(0)?,
-                            round: r.get(1)?,
-                            worker: r.get(2)?,
-                            base_version: r.get(3)?,
-                            blob: BlobHash::of(b""),
-                            bytes: r.get(5)?,
-                            norm: r.get::<_, f64>(6)? as f32,
-                            weight: r.get(7)?,
-                            received_ms: r.get(8)?,
-                        },
-                        r.get::<_, String>(4)?,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(sql(&self.path))?;
-        row.map(|(mut row, blob)| {
-            row.blob = BlobHash::parse(&blob).ok_or_else(|| bad_row(&self.path, "blob", blob))?;
-            Ok(row)
-        })
-        .transpose()
+        Ok(self
+            .query_updates("WHERE unit = ?1", [unit])?
+            .into_iter()
+            .next())
     }
 
     /// One work unit as issued.

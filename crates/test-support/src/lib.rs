@@ -191,6 +191,24 @@ pub fn update_bytes(key: &SigningKey, unit: u64, base_version: u64, delta: &[f32
     protocol::encode_update(&header, delta, key)
 }
 
+/// Sends `key`'s update of [`crafted_delta`] for `unit` (leased to it).
+pub fn submit_crafted(url: &str, key: &SigningKey, unit: &UnitSpec, n_params: usize) -> Reply {
+    let delta = crafted_delta(unit.id, n_params);
+    submit(url, update_bytes(key, unit.id, unit.base_version, &delta))
+}
+
+/// The codes of the rejections the coordinator recorded, oldest first.
+pub fn rejection_codes(server: &Coordinator) -> Vec<String> {
+    server.with_core(|c| {
+        c.store()
+            .rejections()
+            .expect("rejections")
+            .into_iter()
+            .map(|r| r.code)
+            .collect()
+    })
+}
+
 /// POSTs raw bytes to `/v1/updates`.
 pub fn submit(url: &str, bytes: Vec<u8>) -> Reply {
     reply(

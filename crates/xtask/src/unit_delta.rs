@@ -92,17 +92,16 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        let (mut diff, mut norm, mut equal) = (0.0f64, 0.0f64, 0usize);
-        for (a, b) in delta.iter().zip(&other) {
-            diff += (f64::from(*a) - f64::from(*b)).powi(2);
-            norm += f64::from(*b).powi(2);
-            equal += usize::from(a.to_bits() == b.to_bits());
-        }
+        let equal = delta
+            .iter()
+            .zip(&other)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
         let int8_same = codec.encode(&delta) == codec.encode(&other);
         println!(
             "against {}: relative L2 distance {:.3e}, {equal} of {} values bit-equal, int8 payloads {}",
             path.display(),
-            (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+            coordinator::core::checks::relative_distance(&delta, &other),
             delta.len(),
             if int8_same { "equal" } else { "different" }
         );

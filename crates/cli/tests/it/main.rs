@@ -554,9 +554,10 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     let n = server.with_core(|c| c.params().len());
     for key in [&alice, &alice, &bob] {
         let unit = test_support::lease(&url, key);
-        let delta = test_support::crafted_delta(unit.id, n);
-        let bytes = test_support::update_bytes(key, unit.id, unit.base_version, &delta);
-        assert_eq!(test_support::submit(&url, bytes).status, 200);
+        assert_eq!(
+            test_support::submit_crafted(&url, key, &unit, n).status,
+            200
+        );
     }
     let alice_key = key_file(&sandbox, "alice.key", &alice);
     let bob_wallet = protocol::WorkerId::of(&bob).to_string();

@@ -21,7 +21,7 @@ use store::{CheckRow, CheckState};
 use validation::score::Score;
 use validation::spot_check::{SpotCheckPolicy, Trust};
 
-use super::{Core, CoreError, mint_reference};
+use super::{Core, CoreError, mint_reference, owned};
 use crate::error::ApiError;
 
 /// What scoring one update needs, taken under the core's lock and run outside it.
@@ -160,12 +160,6 @@ impl Core {
             offset: unit.offset,
             steps: unit.steps,
             seed: unit.seed,
-        };
-        let owned = |b: data::TokenBatch| OwnedBatch {
-            inputs: b.inputs,
-            targets: b.targets,
-            batch: b.batch,
-            seq: b.seq,
         };
         // Batches spread evenly over the unit's steps, its last one included.
         let n = self.config.scoring.batches.clamp(1, unit.steps.max(1));
@@ -445,8 +439,9 @@ impl Core {
     }
 }
 
-/// `|a - b| / |b|` in f64 (1 when `b` is zero and `a` is not).
-fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
+/// `|a - b| / |b|` in f64 (1 when `b` is zero and `a` is not): how far a re-run is from
+/// what was sent.
+pub fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
         return f32::INFINITY;
     }

@@ -141,14 +141,7 @@ fn every_bad_update_is_refused_with_its_code_and_changes_nothing() {
         assert_eq!(footprint(&server), before, "{what} wrote something");
     }
     // Signed rejections are recorded (attributable); unsigned ones are not.
-    let codes: Vec<String> = server.with_core(|c| {
-        c.store()
-            .rejections()
-            .expect("rejections")
-            .into_iter()
-            .map(|r| r.code)
-            .collect()
-    });
+    let codes = ts::rejection_codes(&server);
     assert_eq!(
         codes,
         [

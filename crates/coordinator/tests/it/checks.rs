@@ -174,14 +174,7 @@ fn scored_refusals_through_the_api_and_the_unit_goes_to_another_worker() {
     assert_eq!(r.status, 200, "{r:?}");
     let r = ts::submit(&url, encode(&a, &other, &delta));
     assert_eq!((r.status, r.code()), (409, "copied"), "{r:?}");
-    let codes: Vec<String> = server.with_core(|c| {
-        c.store()
-            .rejections()
-            .expect("rejections")
-            .into_iter()
-            .map(|r| r.code)
-            .collect()
-    });
+    let codes = ts::rejection_codes(&server);
     assert_eq!(codes, vec!["no_progress", "copied"]);
     server.stop();
 }

@@ -55,11 +55,7 @@ fn network(dir: &std::path::Path, requests_per_minute: u32) -> (coordinator::Coo
     let n = server.with_core(|c| c.params().len());
     for key in [&alice, &alice, &bob] {
         let unit = ts::lease(&url, key);
-        let delta = ts::crafted_delta(unit.id, n);
-        let r = ts::submit(
-            &url,
-            ts::update_bytes(key, unit.id, unit.base_version, &delta),
-        );
+        let r = ts::submit_crafted(&url, key, &unit, n);
         assert_eq!(r.status, 200, "{r:?}");
     }
     (server, url)
@@ -388,11 +384,7 @@ fn pinned_versions_and_dividends_on_their_interval() {
     let n = server.with_core(|c| c.params().len());
     for key in [&alice, &alice, &bob] {
         let unit = ts::lease_at(&url, key, clock.now());
-        let delta = ts::crafted_delta(unit.id, n);
-        let r = ts::submit(
-            &url,
-            ts::update_bytes(key, unit.id, unit.base_version, &delta),
-        );
+        let r = ts::submit_crafted(&url, key, &unit, n);
         assert_eq!(r.status, 200, "{r:?}");
     }
     assert_eq!(server.with_core(|c| c.version()), 1);

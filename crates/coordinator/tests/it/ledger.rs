@@ -53,11 +53,7 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
     let mut credited = [0u64; 2];
     for (who, key) in [(0, &alice), (0, &alice), (1, &bob)] {
         let unit = ts::lease(&url, key);
-        let delta = ts::crafted_delta(unit.id, n);
-        let r = ts::submit(
-            &url,
-            ts::update_bytes(key, unit.id, unit.base_version, &delta),
-        );
+        let r = ts::submit_crafted(&url, key, &unit, n);
         assert_eq!(r.status, 200, "{r:?}");
         credited[who] += r.body["credit"].as_u64().expect("credit");
     }
