@@ -39,6 +39,12 @@ pub(crate) struct DilocoBench {
     outer_lr: f32,
     #[arg(long, default_value_t = 0.9)]
     outer_momentum: f32,
+    /// Outer settings to try, each its own DiLoCo run against the one baseline, as
+    /// `lr:momentum` pairs (e.g. `0.7:0.5,1.0:0.5`); overrides --outer-lr and --outer-momentum.
+    #[arg(long, value_delimiter = ',', value_parser = parse_outer)]
+    outer: Vec<(f32, f32)>,
+    /// Cores to use. Data-parallel training gets them all; DiLoCo's M workers split
+    /// them (threads / M each, at least one) and as many as fit train at the same time.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     #[arg(long, default_value_t = 1)]
@@ -63,6 +69,14 @@ pub(crate) struct DilocoBench {
     /// fp16, int8, int8-codebook. Each gets its own DiLoCo run, bytes and loss.
     #[arg(long, value_delimiter = ',', default_value = "fp32")]
     codecs: Vec<String>,
+}
+
+fn parse_outer(s: &str) -> Result<(f32, f32), String> {
+    let (lr, momentum) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not lr:momentum, e.g. 0.7:0.5"))?;
+    let number = |v: &str| v.parse::<f32>().map_err(|e| format!("{v:?} in {s:?}: {e}"));
+    Ok((number(lr)?, number(momentum)?))
 }
 
 fn codec(name: &str) -> anyhow::Result<protocol::Codec> {
@@ -96,14 +110,17 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         seq,
         init: engine::init_params(&config, args.seed)?,
     };
+    let outers = if args.outer.is_empty() {
+        vec![(args.outer_lr, args.outer_momentum)]
+    } else {
+        args.outer.clone()
+    };
     println!(
-        "{} preset, {} inner steps per run, {} x {seq} tokens per worker-step, inner AdamW peak lr {}, outer Nesterov lr {} momentum {}",
+        "{} preset, {} inner steps per run, {} x {seq} tokens per worker-step, inner AdamW peak lr {}",
         preset.name(),
         args.inner_steps,
         args.batch,
         args.inner_lr,
-        args.outer_lr,
-        args.outer_momentum
     );
     let codecs = args
         .codecs
@@ -112,7 +129,7 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let n = setup.init.len();
     println!(
-        "\n   M     H  rounds      tokens  codec          DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
+        "\n   M     H  rounds      tokens  codec         outer lr:mom  DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
     );
     for &m in &args.workers {
         let started = Instant::now();
@@ -125,17 +142,22 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
                     args.inner_steps
                 );
             }
-            for &(name, codec) in &codecs {
+            for (&(name, codec), &outer) in codecs
+                .iter()
+                .flat_map(|c| outers.iter().map(move |o| (c, o)))
+            {
                 let started = Instant::now();
-                let loss = diloco(&setup, &args, m, h, codec)?;
+                let loss = diloco(&setup, &args, m, h, codec, outer)?;
                 let tokens = m * args.inner_steps * args.batch * setup.seq;
                 // What one worker sends per outer step, against what it sends in
                 // data-parallel training for the same tokens: an fp32 gradient a step.
                 let update = protocol::update::HEADER_BYTES as u64 + codec.payload_bytes(n as u32);
                 let dp = (h * 4 * n) as u64;
                 println!(
-                    "{m:>4} {h:>5} {:>7} {tokens:>11}  {name:<13} {loss:>7.4} {baseline:>10.4} {:>7.4}  {update:>12}  {dp:>15}  {:>4.0}x {:>5.0}s (+{dp_secs:.0}s data-parallel)",
+                    "{m:>4} {h:>5} {:>7} {tokens:>11}  {name:<13} {:>5}:{:<6} {loss:>7.4} {baseline:>10.4} {:>7.4}  {update:>12}  {dp:>15}  {:>4.0}x {:>5.0}s (+{dp_secs:.0}s data-parallel)",
                     args.inner_steps / h,
+                    outer.0,
+                    outer.1,
                     loss / baseline,
                     dp as f64 / update as f64,
                     started.elapsed().as_secs_f64()
@@ -192,65 +214,69 @@ fn data_parallel(setup: &Setup, args: &DilocoBench, workers: usize) -> anyhow::R
     Ok(engine::train::evaluate(backend.as_mut(), &setup.holdout)?)
 }
 
-/// DiLoCo: M workers, H local AdamW steps each per round, then one outer step.
+/// DiLoCo: M workers, H local AdamW steps each per round (the M at the same time), then
+/// one outer step with `outer` = (lr, momentum).
 fn diloco(
     setup: &Setup,
     args: &DilocoBench,
     workers: usize,
     h: usize,
     codec: protocol::Codec,
+    outer: (f32, f32),
 ) -> anyhow::Result<f32> {
     let n = setup.init.len();
     let mut base = setup.init.clone();
     let mut outer = OuterConfig::Diloco {
-        lr: args.outer_lr,
-        momentum: args.outer_momentum,
+        lr: outer.0,
+        momentum: outer.1,
     }
     .build(n);
+    let per_worker = (args.threads / workers).max(1);
+    let at_once = (args.threads / per_worker).max(1);
     let mut backends = (0..workers)
         .map(|_| {
             engine::open_backend(
-                &format!("cpu:{}", args.threads),
+                &format!("cpu:{per_worker}"),
                 setup.config,
                 setup.init.clone(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let schedule = LrSchedule::cosine(args.inner_lr, args.inner_steps);
-    let optimizer = OptimizerConfig::default();
     let weight = (h * args.batch * setup.seq) as u64;
     for round in 0..args.inner_steps / h {
+        let base_ref = &base;
         let mut deltas = Vec::with_capacity(workers);
-        for (m, backend) in backends.iter_mut().enumerate() {
-            backend.set_params(&base)?;
-            if args.network {
-                backend.reset_optimizer();
-            }
-            for i in 0..h {
-                let step = round * h + i;
-                let batch = owned(batch_of(setup, args, m, workers, step)?);
-                let lr = if args.network {
-                    let unit_lr = scheduler::ScheduleConfig {
-                        inner_lr: args.inner_lr,
-                        lr_decay_rounds: if args.round_lr_decay {
-                            (args.inner_steps / h) as u64
-                        } else {
-                            0
-                        },
-                        ..Default::default()
-                    }
-                    .round_lr(round as u64);
-                    unit_lr * ((i + 1) as f32 / args.unit_warmup.max(1) as f32).min(1.0)
-                } else {
-                    schedule.lr(step)
-                };
-                backend.train_step(&batch.as_batch(), &optimizer, lr)?;
-            }
-            let local = backend.params();
-            let delta: Vec<f32> = base.iter().zip(&local).map(|(b, l)| b - l).collect();
-            // What the coordinator receives: the delta after the codec's round trip.
-            let payload = codec.encode(&delta);
-            deltas.push(codec.decode(&payload, delta.len() as u32)?);
+        for (wave, group) in backends.chunks_mut(at_once).enumerate() {
+            let trained = std::thread::scope(|scope| {
+                let running: Vec<_> = group
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, backend)| {
+                        let m = wave * at_once + i;
+                        scope.spawn(move || {
+                            local_round(
+                                setup,
+                                args,
+                                backend.as_mut(),
+                                base_ref,
+                                m,
+                                workers,
+                                h,
+                                round,
+                                codec,
+                            )
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| {
+                        t.join()
+                            .map_err(|_| anyhow::anyhow!("a DiLoCo worker thread panicked"))?
+                    })
+                    .collect::<anyhow::Result<Vec<Vec<f32>>>>()
+            })?;
+            deltas.extend(trained);
         }
         let weighted: Vec<WeightedDelta<'_>> = deltas
             .iter()
@@ -260,4 +286,50 @@ fn diloco(
     }
     let mut eval = engine::open_backend(&format!("cpu:{}", args.threads), setup.config, base)?;
     Ok(engine::train::evaluate(eval.as_mut(), &setup.holdout)?)
+}
+
+/// Worker `m`'s round `round`: H local steps from `base`, then the delta as the
+/// coordinator receives it (after the codec's round trip).
+#[allow(clippy::too_many_arguments)]
+fn local_round(
+    setup: &Setup,
+    args: &DilocoBench,
+    backend: &mut dyn engine::Backend,
+    base: &[f32],
+    m: usize,
+    workers: usize,
+    h: usize,
+    round: usize,
+    codec: protocol::Codec,
+) -> anyhow::Result<Vec<f32>> {
+    let schedule = LrSchedule::cosine(args.inner_lr, args.inner_steps);
+    let optimizer = OptimizerConfig::default();
+    backend.set_params(base)?;
+    if args.network {
+        backend.reset_optimizer();
+    }
+    for i in 0..h {
+        let step = round * h + i;
+        let batch = owned(batch_of(setup, args, m, workers, step)?);
+        let lr = if args.network {
+            let unit_lr = scheduler::ScheduleConfig {
+                inner_lr: args.inner_lr,
+                lr_decay_rounds: if args.round_lr_decay {
+                    (args.inner_steps / h) as u64
+                } else {
+                    0
+                },
+                ..Default::default()
+            }
+            .round_lr(round as u64);
+            unit_lr * ((i + 1) as f32 / args.unit_warmup.max(1) as f32).min(1.0)
+        } else {
+            schedule.lr(step)
+        };
+        backend.train_step(&batch.as_batch(), &optimizer, lr)?;
+    }
+    let local = backend.params();
+    let delta: Vec<f32> = base.iter().zip(&local).map(|(b, l)| b - l).collect();
+    let payload = codec.encode(&delta);
+    Ok(codec.decode(&payload, delta.len() as u32)?)
 }
