@@ -65,6 +65,11 @@ pub(crate) struct DilocoBench {
     /// Linear warmup steps at the start of each unit (with --network).
     #[arg(long, default_value_t = 0)]
     unit_warmup: usize,
+    /// Data-parallel holdout loss to compare against instead of training the baseline
+    /// (it is deterministic: take it from an earlier run of the same settings, which
+    /// prints it before its DiLoCo runs). Only with a single --workers count.
+    #[arg(long)]
+    baseline_loss: Option<f32>,
     /// Codecs the deltas go through (encode, then decode) before the outer step: fp32,
     /// fp16, int8, int8-codebook. Each gets its own DiLoCo run, bytes and loss.
     #[arg(long, value_delimiter = ',', default_value = "fp32")]
@@ -131,9 +136,22 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
     println!(
         "\n   M     H  rounds      tokens  codec         outer lr:mom  DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
     );
+    if args.baseline_loss.is_some() && args.workers.len() != 1 {
+        bail!("--baseline-loss is the loss of one worker count: give a single --workers");
+    }
     for &m in &args.workers {
         let started = Instant::now();
-        let baseline = data_parallel(&setup, &args, m)?;
+        let baseline = match args.baseline_loss {
+            Some(loss) => loss,
+            None => {
+                let loss = data_parallel(&setup, &args, m)?;
+                println!(
+                    "data-parallel, M = {m}: holdout loss {loss:.4} ({:.0} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                loss
+            }
+        };
         let dp_secs = started.elapsed().as_secs_f64();
         for &h in &args.local_steps {
             if h == 0 || !args.inner_steps.is_multiple_of(h) {
