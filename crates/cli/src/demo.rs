@@ -39,6 +39,10 @@ pub(crate) struct DemoArgs {
     /// Prompt of the sample.
     #[arg(long, default_value = "KING HENRY:\n")]
     prompt: String,
+    /// Print the demo's effective coordinator config as TOML and exit (a file of such
+    /// keys is what --config takes).
+    #[arg(long)]
+    print_config: bool,
     #[command(flatten)]
     run: RunFlags,
 }
@@ -65,6 +69,10 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         momentum: 0.5,
     };
     let config = args.run.config(base)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
     let temp;
     let dir = match &args.dir {
         Some(dir) => dir.clone(),

@@ -507,22 +507,39 @@ fn demo_then_the_registry_lists_exports_and_generates_its_versions() {
 }
 
 #[test]
-fn coordinator_prints_its_effective_config() {
+fn coordinator_and_demo_print_their_effective_config() {
     let sandbox = Sandbox::new();
-    let (ok, out, stderr) = sandbox.run(&[
-        "coordinator",
-        "--print-config",
-        "--preset",
-        "tiny",
-        "--local-steps",
-        "7",
-        "--codec",
-        "fp16",
-    ]);
-    assert!(ok, "{stderr}");
-    assert!(out.contains("preset = \"tiny\""), "{out}");
-    assert!(out.contains("steps_per_unit = 7"), "{out}");
-    assert!(out.contains("kind = \"fp16\""), "{out}");
+    // (arguments, lines the TOML must hold): flags override the defaults, and the demo
+    // shows its own defaults (two workers' units, outer momentum 0.5).
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &[
+                "coordinator",
+                "--print-config",
+                "--preset",
+                "tiny",
+                "--local-steps",
+                "7",
+                "--codec",
+                "fp16",
+            ],
+            &["preset = \"tiny\"", "steps_per_unit = 7", "kind = \"fp16\""],
+        ),
+        (
+            &["demo", "--print-config", "--workers", "3"],
+            &["units_per_round = 3", "momentum = 0.5"],
+        ),
+    ];
+    for (args, lines) in cases {
+        let (ok, out, stderr) = sandbox.run(args);
+        assert!(ok, "{args:?}: {stderr}");
+        for line in *lines {
+            assert!(
+                out.lines().any(|l| l == *line),
+                "{args:?}: no {line:?} in\n{out}"
+            );
+        }
+    }
 }
 
 /// Writes `key` as a key file the CLI accepts (hex seed, mode 0600).
