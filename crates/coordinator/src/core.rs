@@ -479,6 +479,14 @@ impl Core {
         &self.config
     }
 
+    /// The bytes of a stored update, checked against its blob name.
+    pub fn update_bytes(&self, blob: &BlobHash) -> Result<Vec<u8>, CoreError> {
+        Ok(self
+            .store
+            .blobs()
+            .get_checked(blob, |b| update_intact(b, blob))?)
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -611,10 +619,10 @@ impl Core {
             }
             None => None,
         };
-        let blob = self
-            .store
+        let blob = BlobHash::from_digest(&update.address);
+        self.store
             .blobs()
-            .put(bytes)
+            .put_as(bytes, &blob)
             .map_err(|e| ApiError::internal(&e))?;
         self.accept(&update, &blob, bytes.len() as u64, score, now_ms)
     }
@@ -1172,7 +1180,7 @@ impl Core {
                     "round {round} counts unit {unit} as accepted but holds no update for it"
                 ))
             })?;
-            let bytes = self.store.blobs().get(&a.blob)?;
+            let bytes = self.update_bytes(&a.blob)?;
             let delta = SignedUpdate::parse(&bytes, &self.config.limits)
                 .and_then(|u| u.decode())
                 .map_err(|e| CoreError::Inconsistent(format!("stored update {unit}: {e}")))?;
@@ -1324,6 +1332,15 @@ impl Core {
 }
 
 /// A batch of token ids as the engine takes it.
+/// Whether a stored update's bytes are what its blob name says: the name is the
+/// update's `protocol::update::stored_address` (one pass over the payload when it is
+/// received, not two), or, for runs stored before that rule, the hash of all its bytes.
+fn update_intact(bytes: &[u8], name: &BlobHash) -> bool {
+    name.digest()
+        .is_some_and(|d| protocol::update::stored_intact(bytes, &d))
+        || BlobHash::of(bytes) == *name
+}
+
 fn owned(b: data::TokenBatch) -> OwnedBatch {
     OwnedBatch {
         inputs: b.inputs,

@@ -307,7 +307,10 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                 }
                 None => None,
             };
-            let blob = blobs.put(&bytes).map_err(|e| ApiError::internal(&e))?;
+            let blob = store::BlobHash::from_digest(&update.address);
+            blobs
+                .put_as(&bytes, &blob)
+                .map_err(|e| ApiError::internal(&e))?;
             lock().accept(&update, &blob, bytes.len() as u64, score, clock())
         })();
         (bytes, reply)

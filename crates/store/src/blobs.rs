@@ -20,6 +20,17 @@ impl BlobHash {
         BlobHash(blake3::hash(bytes).to_hex().to_string())
     }
 
+    /// The name of a 32-byte digest (a content address made by another rule, such as
+    /// an update's `protocol::update::stored_address`).
+    pub fn from_digest(digest: &[u8; 32]) -> BlobHash {
+        BlobHash(blake3::Hash::from_bytes(*digest).to_hex().to_string())
+    }
+
+    /// The digest this name spells (`None` only for a name not made by this type).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        blake3::Hash::from_hex(&self.0).ok().map(|h| *h.as_bytes())
+    }
+
     /// Parses 64 lowercase hex digits (what the HTTP edge receives).
     pub fn parse(hex: &str) -> Option<BlobHash> {
         (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
@@ -59,9 +70,17 @@ impl Blobs {
     /// Writes `bytes` durably (a no-op when the blob exists) and returns its hash.
     pub fn put(&self, bytes: &[u8]) -> Result<BlobHash, StoreError> {
         let hash = BlobHash::of(bytes);
-        let path = self.path(&hash);
+        self.put_as(bytes, &hash)?;
+        Ok(hash)
+    }
+
+    /// Writes `bytes` durably under `hash`, a content address the caller computed by a
+    /// rule of its own that commits to every byte (a no-op when the blob exists). Read
+    /// such a blob back with [`Blobs::get_checked`] and the same rule.
+    pub fn put_as(&self, bytes: &[u8], hash: &BlobHash) -> Result<(), StoreError> {
+        let path = self.path(hash);
         if path.exists() {
-            return Ok(hash);
+            return Ok(());
         }
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -75,18 +94,27 @@ impl Blobs {
         let tmp = dir.join(format!("{}.{}.{n}.tmp", hash.0, std::process::id()));
         write_durably(&tmp, bytes).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&dir)?;
-        Ok(hash)
+        sync_dir(&dir)
     }
 
     /// Reads a blob and checks its bytes against its name.
     pub fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, StoreError> {
+        self.get_checked(hash, |bytes| BlobHash::of(bytes) == *hash)
+    }
+
+    /// Reads a blob and checks its bytes with `intact` (the rule its name was made by;
+    /// see [`Blobs::put_as`]).
+    pub fn get_checked(
+        &self,
+        hash: &BlobHash,
+        intact: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, StoreError> {
         let path = self.path(hash);
         let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
             path: path.clone(),
             source,
         })?;
-        if BlobHash::of(&bytes) != *hash {
+        if !intact(&bytes) {
             return Err(StoreError::CorruptBlob { path });
         }
         Ok(bytes)

@@ -1069,6 +1069,20 @@ mod tests {
         assert!(err.to_string().contains("does not match its hash"), "{err}");
         assert!(BlobHash::parse("xyz").is_none());
         assert!(BlobHash::parse(&"A".repeat(64)).is_none());
+
+        // A name made by another rule: stored under it, read back only with that rule.
+        let name = BlobHash::from_digest(&[7; 32]);
+        assert_eq!(name.digest(), Some([7; 32]));
+        store.blobs().put_as(b"by rule", &name).expect("put_as");
+        let by_rule = |bytes: &[u8]| bytes.starts_with(b"by");
+        assert_eq!(
+            store.blobs().get_checked(&name, by_rule).expect("get"),
+            b"by rule"
+        );
+        assert!(
+            store.blobs().get(&name).is_err(),
+            "not the hash of its bytes"
+        );
     }
 
     /// Blobs of every size round-trip, the large ones through the direct-IO path (sizes

@@ -138,6 +138,8 @@ pub struct Inspected {
     pub header: UpdateHeader,
     /// The blake3 hash of the payload (verified).
     pub payload_hash: [u8; 32],
+    /// The name the update is stored under (`protocol::update::stored_address`).
+    pub address: [u8; 32],
     content: Result<Summary, String>,
 }
 
@@ -163,6 +165,7 @@ pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<Inspected, Verdict> {
     Ok(Inspected {
         header: update.header,
         payload_hash: update.payload_hash(),
+        address: update.address(),
         content: update
             .summarize()
             .map_err(|e| format!("{e} ({})", e.code())),

@@ -302,11 +302,7 @@ impl Core {
             })?;
         let worker = WorkerId::parse(&update.worker)
             .ok_or_else(|| internal(&format!("bad worker id {}", update.worker)))?;
-        let bytes = self
-            .store
-            .blobs()
-            .get(&update.blob)
-            .map_err(|e| internal(&e))?;
+        let bytes = self.update_bytes(&update.blob).map_err(|e| internal(&e))?;
         let signed = SignedUpdate::parse(&bytes, &self.config.limits).map_err(|e| internal(&e))?;
         let ours = signed.header.codec.encode(replayed);
         // Compared as sent: both through the codec (a re-run on another CPU may differ in

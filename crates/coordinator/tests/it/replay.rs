@@ -57,7 +57,7 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
             .iter()
             .find(|r| r.unit == unit.id)
             .expect("the unit's update");
-        let stored = server.with_core(|c| c.store().blobs().get(&row.blob).expect("blob"));
+        let stored = server.with_core(|c| c.update_bytes(&row.blob).expect("blob"));
         let stored = SignedUpdate::parse(&stored, &config.limits).expect("parse");
         let delta = worker::unit::train(
             backend.as_mut(),
