@@ -38,7 +38,8 @@ pub struct CoordinatorConfig {
     pub codec: Codec,
     /// DELTA_NORM_MAX: largest accepted L2 norm of an update.
     pub delta_norm_max: f32,
-    /// Largest accepted multiple of the round's median update norm.
+    /// Largest accepted multiple of the median update norm (the lower middle of the
+    /// norms accepted in this round and the last aggregated one).
     pub median_norm_multiple: f32,
     /// Holdout batches scored for every version.
     pub holdout_batches: u32,

@@ -140,6 +140,9 @@ pub struct Core {
     current: Current,
     outer: Box<dyn OuterOptimizer>,
     accepted: BTreeMap<u64, Accepted>,
+    /// The norms of the updates the last aggregated round accepted: with this round's,
+    /// the pool whose median bounds an update's norm (`median_norm`).
+    previous_norms: Vec<f32>,
     evaluator: Box<dyn Backend>,
     holdout: Vec<OwnedBatch>,
     corpus: Arc<Vec<u8>>,
@@ -363,6 +366,14 @@ impl Core {
             }
         };
 
+        let previous_norms = match scheduler.round().checked_sub(1) {
+            Some(previous) => store
+                .updates_of_round(previous)?
+                .iter()
+                .map(|row| row.norm)
+                .collect(),
+            None => Vec::new(),
+        };
         let accepted = store
             .updates_of_round(scheduler.round())?
             .into_iter()
@@ -451,6 +462,7 @@ impl Core {
             current,
             outer,
             accepted,
+            previous_norms,
             evaluator,
             holdout,
             corpus: Arc::new(corpus),
@@ -1110,13 +1122,22 @@ impl Core {
         false
     }
 
+    /// The lower middle of the norms this round and the last aggregated one accepted
+    /// (`None` before any). The last round's norms make the first updates of a round
+    /// meet a bar that honest work set, so an outlier that arrives first cannot set the
+    /// bar itself; the lower middle keeps one outlier of two from setting it either.
     fn median_norm(&self) -> Option<f32> {
-        let mut norms: Vec<f32> = self.accepted.values().map(|a| a.norm).collect();
+        let mut norms: Vec<f32> = self
+            .previous_norms
+            .iter()
+            .copied()
+            .chain(self.accepted.values().map(|a| a.norm))
+            .collect();
         if norms.is_empty() {
             return None;
         }
         norms.sort_by(f32::total_cmp);
-        Some(norms[norms.len() / 2])
+        Some(norms[(norms.len() - 1) / 2])
     }
 
     /// Ticks a copy of the scheduler, commits its effects, `extra` and its state in one
@@ -1249,6 +1270,7 @@ impl Core {
             checkpoint: Arc::new(bytes),
             checkpoint_hash: checkpoint,
         };
+        self.previous_norms = self.accepted.values().map(|a| a.norm).collect();
         self.accepted.clear();
         self.refused_payloads.clear();
         Ok(())

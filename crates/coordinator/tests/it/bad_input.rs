@@ -255,3 +255,48 @@ fn a_keys_rejections_are_recorded_up_to_a_bound_a_round() {
     assert_eq!(recorded, coordinator::MAX_REJECTIONS_RECORDED);
     server.stop();
 }
+
+/// An update far longer than the others is refused as `norm_outlier` even when it is the
+/// first of its round: the last round's norms (reloaded from the store on restart) set
+/// the bar until this round has its own.
+#[test]
+fn an_outlier_first_in_its_round_meets_the_last_rounds_median_norm() {
+    const T0: u64 = 1_700_000_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 2));
+    let keys = [ts::key(1), ts::key(2)];
+    let ids = [&keys[0], &keys[1]].map(protocol::WorkerId::of);
+    let mut core = coordinator::Core::open(&store_dir, config.clone(), T0).expect("open");
+    let n = core.params().len();
+    for (id, name) in ids.iter().zip(["alice", "bob"]) {
+        core.register(*id, name, T0).expect("register");
+    }
+    // Round 0: two ordinary updates make version 1.
+    for (id, key) in ids.iter().zip(&keys) {
+        let unit = ts::core_lease(&mut core, *id, T0);
+        ts::core_submit(
+            &mut core,
+            key,
+            &unit,
+            &ts::crafted_delta(unit.id, n),
+            T0 + 10,
+        )
+        .expect("accepted");
+    }
+    assert_eq!(core.version(), 1);
+    drop(core);
+
+    let mut core = coordinator::Core::open(&store_dir, config, T0 + 20).expect("reopen");
+    let unit = ts::core_lease(&mut core, ids[0], T0 + 20);
+    let ordinary = ts::crafted_delta(unit.id, n);
+    let long: Vec<f32> = ordinary.iter().map(|x| 100.0 * x).collect();
+    // (delta, what the core answers): the long one first, then the ordinary one.
+    let cases = [(long, Err("norm_outlier".to_owned())), (ordinary, Ok(()))];
+    for (delta, expect) in cases {
+        assert_eq!(
+            ts::core_submit(&mut core, &keys[0], &unit, &delta, T0 + 30),
+            expect
+        );
+    }
+}
