@@ -33,6 +33,7 @@ pub enum Attack {
     /// "RSA", 2019).
     SignFlip,
     /// Trains, then sends the delta times 100.
+    #[serde(rename = "scale_100")]
     Scale100,
     /// Sends Gaussian noise of an honest update's norm, without training.
     Noise,

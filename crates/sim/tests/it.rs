@@ -36,6 +36,15 @@ fn run(inputs: &Inputs, scenario: &Scenario) -> Report {
     }
 }
 
+/// A sweep's JSON names each attack as `--attacks` and the table do.
+#[test]
+fn reports_name_attacks_as_the_command_line_does() {
+    for attack in Attack::ALL {
+        let json = serde_json::to_value(attack).expect("serialize");
+        assert_eq!(json, attack.name(), "{attack:?}");
+    }
+}
+
 #[test]
 fn the_same_seed_gives_the_same_run() {
     let inputs = inputs();
