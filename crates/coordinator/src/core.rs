@@ -1353,7 +1353,6 @@ impl Core {
     }
 }
 
-/// A batch of token ids as the engine takes it.
 /// Whether a stored update's bytes are what its blob name says: the name is the
 /// update's `protocol::update::stored_address` (one pass over the payload when it is
 /// received, not two), or, for runs stored before that rule, the hash of all its bytes.
@@ -1363,6 +1362,7 @@ fn update_intact(bytes: &[u8], name: &BlobHash) -> bool {
         || BlobHash::of(bytes) == *name
 }
 
+/// A batch of token ids as the engine takes it.
 fn owned(b: data::TokenBatch) -> OwnedBatch {
     OwnedBatch {
         inputs: b.inputs,
