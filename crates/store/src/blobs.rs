@@ -87,7 +87,11 @@ impl Blobs {
             move |source| StoreError::Io { path, source }
         };
         let dir = path.parent().unwrap_or(&self.dir).to_owned();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            // The new prefix directory's own entry must be as durable as the blob in it.
+            sync_dir(&self.dir)?;
+        }
         // A name of its own per writer: two requests may write the same blob at once.
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -211,7 +215,7 @@ fn write_direct(_path: &Path, _bytes: &[u8]) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
-/// Makes a rename inside `dir` durable.
+/// Makes a rename or a new entry inside `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
