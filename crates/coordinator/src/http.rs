@@ -52,7 +52,7 @@ pub(crate) struct Shared {
     pub(crate) blobs: store::Blobs,
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
     /// more in page faults than reading into it.
-    pub(crate) buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub(crate) buffers: Arc<Mutex<Vec<store::AlignedBuf>>>,
     /// Backends of the run's model that score updates, reused (at most `BUFFERS_KEPT`).
     pub(crate) scorers: Arc<Mutex<Vec<Box<dyn engine::Backend>>>>,
     pub(crate) serving: crate::openai::Inference,
@@ -309,7 +309,7 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
             };
             let blob = store::BlobHash::from_digest(&update.address);
             blobs
-                .put_as(&bytes, &blob)
+                .put_aligned(&mut bytes, &blob)
                 .map_err(|e| ApiError::internal(&e))?;
             lock().accept(&update, &blob, bytes.len() as u64, score, clock())
         })();
@@ -329,7 +329,11 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
 
 /// Reads a body of at most `max` bytes into `out` (cleared first), growing it only as
 /// the body arrives, so a client cannot make the server allocate what it did not send.
-async fn read_body_into(mut body: Body, max: usize, out: &mut Vec<u8>) -> Result<(), ApiError> {
+async fn read_body_into(
+    mut body: Body,
+    max: usize,
+    out: &mut store::AlignedBuf,
+) -> Result<(), ApiError> {
     use http_body_util::BodyExt;
     out.clear();
     while let Some(frame) = body.frame().await {

@@ -48,6 +48,59 @@ impl std::fmt::Display for BlobHash {
     }
 }
 
+/// A growable byte buffer whose bytes start on a 4 KiB boundary, so that
+/// [`Blobs::put_aligned`] can hand it to an `O_DIRECT` write without first copying it
+/// into an aligned staging buffer (10 MB: 3 ms). Reused across requests, it also spares
+/// the page faults of a fresh allocation. It grows only as bytes are added.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    /// Where the bytes start in `raw` (aligned).
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `data`, growing (at least doubling) when it does not fit.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        let len = self.len + data.len();
+        // Room for the bytes and the zero padding an aligned write adds after them.
+        if self.start + len.next_multiple_of(DIRECT_ALIGN) > self.raw.len() {
+            let size = (len.next_multiple_of(DIRECT_ALIGN) + DIRECT_ALIGN).max(2 * self.raw.len());
+            let mut raw = vec![0u8; size];
+            let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+            raw[start..start + self.len]
+                .copy_from_slice(&self.raw[self.start..self.start + self.len]);
+            self.raw = raw;
+            self.start = start;
+        }
+        self.raw[self.start + self.len..self.start + len].copy_from_slice(data);
+        self.len = len;
+    }
+
+    /// The bytes followed by zeros up to a multiple of the alignment, if they start on
+    /// the boundary (`None` where the allocator could not align them).
+    fn padded(&mut self) -> Option<&[u8]> {
+        let end = self.start + self.len.next_multiple_of(DIRECT_ALIGN);
+        self.raw[self.start + self.len..end].fill(0);
+        let padded = &self.raw[self.start..end];
+        (padded.as_ptr().align_offset(DIRECT_ALIGN) == 0).then_some(padded)
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
 /// The blob directory.
 #[derive(Debug, Clone)]
 pub struct Blobs {
@@ -78,6 +131,31 @@ impl Blobs {
     /// rule of its own that commits to every byte (a no-op when the blob exists). Read
     /// such a blob back with [`Blobs::get_checked`] and the same rule.
     pub fn put_as(&self, bytes: &[u8], hash: &BlobHash) -> Result<(), StoreError> {
+        self.put_with(hash, |tmp| write_durably(tmp, bytes))
+    }
+
+    /// As [`Blobs::put_as`], for bytes received into an [`AlignedBuf`]: a large blob goes
+    /// to the disk straight from the buffer.
+    pub fn put_aligned(&self, buf: &mut AlignedBuf, hash: &BlobHash) -> Result<(), StoreError> {
+        self.put_with(hash, |tmp| {
+            let len = buf.len();
+            if len >= DIRECT_MIN
+                && let Some(padded) = buf.padded()
+                && write_direct_padded(tmp, padded, len).is_ok()
+            {
+                return Ok(());
+            }
+            write_durably(tmp, buf)
+        })
+    }
+
+    /// Writes a blob under `hash` with `write` (which must leave the temporary file it
+    /// is given complete and fsynced), renames it into place and fsyncs the directory.
+    fn put_with(
+        &self,
+        hash: &BlobHash,
+        write: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
         let path = self.path(hash);
         if path.exists() {
             return Ok(());
@@ -96,7 +174,7 @@ impl Blobs {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!("{}.{}.{n}.tmp", hash.0, std::process::id()));
-        write_durably(&tmp, bytes).map_err(io(&tmp))?;
+        write(&tmp).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(&dir)
     }
@@ -182,7 +260,6 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(target_os = "linux")]
 fn write_direct(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     thread_local! {
         /// One staging buffer per thread, reused: a fresh 10 MB buffer costs more in page
         /// faults than the copy into it.
@@ -197,21 +274,34 @@ fn write_direct(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let aligned = &mut staging[start..start + padded];
         aligned[..bytes.len()].copy_from_slice(bytes);
         aligned[bytes.len()..].fill(0);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)?;
-        file.write_all(aligned)?;
-        // Cut the padding the aligned write needed.
-        file.set_len(bytes.len() as u64)?;
-        file.sync_all()
+        write_direct_padded(path, aligned, bytes.len())
     })
+}
+
+/// Writes `padded` (aligned in memory, a multiple of the alignment long) with
+/// `O_DIRECT`, cuts the file to `len` and fsyncs it.
+#[cfg(target_os = "linux")]
+fn write_direct_padded(path: &Path, padded: &[u8], len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    file.write_all(padded)?;
+    // Cut the padding the aligned write needed.
+    file.set_len(len as u64)?;
+    file.sync_all()
 }
 
 #[cfg(not(target_os = "linux"))]
 fn write_direct(_path: &Path, _bytes: &[u8]) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_direct_padded(_path: &Path, _padded: &[u8], _len: usize) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 

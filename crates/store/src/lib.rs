@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-pub use blobs::{BlobHash, Blobs};
+pub use blobs::{AlignedBuf, BlobHash, Blobs};
 
 /// What can go wrong with the store. Each names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -1104,6 +1104,24 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let hash = store.blobs().put(&bytes).expect("put");
             assert_eq!(store.blobs().get(&hash).expect("get"), bytes, "{len} bytes");
+
+            // The same bytes received in uneven pieces into a reused aligned buffer (it
+            // held other bytes before) and written from it, under a name of their own.
+            let mut buf = AlignedBuf::default();
+            buf.extend_from_slice(&[9; 5000]);
+            buf.clear();
+            for piece in bytes.chunks(65_521) {
+                buf.extend_from_slice(piece);
+            }
+            assert_eq!(&buf[..], &bytes[..], "{len} bytes buffered");
+            let name = BlobHash::from_digest(&[len as u8; 32]);
+            store
+                .blobs()
+                .put_aligned(&mut buf, &name)
+                .expect("put_aligned");
+            let read = store.blobs().get_checked(&name, |_| true).expect("get");
+            assert_eq!(read, bytes, "{len} bytes from the aligned buffer");
+            store.blobs().remove(&name).expect("remove");
         }
         assert_eq!(store.blobs().count().expect("count"), 8);
         let hash = store.blobs().put(b"short-lived").expect("put");
