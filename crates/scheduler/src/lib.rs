@@ -757,6 +757,7 @@ mod tests {
             unit,
         };
         let lease = |worker| LeaseRequest { worker: w(worker) };
+        let aggregated = |round, version| Aggregated { round, version };
         let late = |s: &Scheduler| -> Vec<(u64, Option<u64>)> {
             s.late().map(|l| (l.unit.id, l.accepted_in)).collect()
         };
@@ -774,14 +775,7 @@ mod tests {
             base_version: 0,
             accepted: 1,
         }));
-        s.tick(
-            60,
-            7,
-            &[Aggregated {
-                round: 0,
-                version: 1,
-            }],
-        );
+        s.tick(60, 7, &[aggregated(0, 1)]);
         assert_eq!(late(&s), vec![(2, None)]);
         let view = s.lease_view(2).expect("late lease");
         assert_eq!(
@@ -799,27 +793,13 @@ mod tests {
             accepted: 3,
         }));
         assert_eq!(s.round_updates(), vec![2, 3, 4]);
-        s.tick(
-            80,
-            7,
-            &[Aggregated {
-                round: 1,
-                version: 2,
-            }],
-        );
+        s.tick(80, 7, &[aggregated(1, 2)]);
         assert_eq!(late(&s), vec![]);
 
         // Round 2: unit 6 is still leased when the round closes, and never sent.
         s.tick(90, 7, &[lease(1), lease(2)]);
         s.tick(150, 7, &[accepted(1, 5)]);
-        s.tick(
-            150,
-            7,
-            &[Aggregated {
-                round: 2,
-                version: 3,
-            }],
-        );
+        s.tick(150, 7, &[aggregated(2, 3)]);
         assert_eq!(late(&s), vec![(6, None)]);
         let effects = s.tick(190, 7, &[]);
         assert!(effects.contains(&Effect::LeaseExpired {
@@ -838,14 +818,7 @@ mod tests {
         );
         s.tick(0, 7, &[lease(1), lease(2)]);
         s.tick(60, 7, &[accepted(1, 1)]);
-        s.tick(
-            60,
-            7,
-            &[Aggregated {
-                round: 0,
-                version: 1,
-            }],
-        );
+        s.tick(60, 7, &[aggregated(0, 1)]);
         assert_eq!(late(&s), vec![]);
         assert_eq!(s.lease_view(2), None);
     }
