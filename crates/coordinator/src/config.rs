@@ -57,6 +57,11 @@ pub struct CoordinatorConfig {
     pub scoring: validation::score::ScorePolicy,
     /// Replay spot-checks of accepted units. Not part of the run's identity.
     pub spot_check: SpotCheckConfig,
+    /// Take every well-formed update's values unchecked: no finiteness check, no norm
+    /// bounds. Only the simulator's plain-mean baseline sets it, to show what an attack
+    /// does to a mean that takes whatever it is sent; no file, variable or flag can.
+    #[serde(skip)]
+    pub unchecked_values: bool,
 }
 
 /// Which accepted units are re-run and compared, and by how many threads.
@@ -164,6 +169,7 @@ impl Default for CoordinatorConfig {
             serving: ServingConfig::default(),
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
+            unchecked_values: false,
         }
     }
 }

@@ -1010,6 +1010,7 @@ impl Core {
             delta_norm_max: self.config.delta_norm_max,
             median_norm: self.median_norm(),
             median_multiple_max: self.config.median_norm_multiple,
+            check_values: !self.config.unchecked_values,
         };
         let verdict = validation::judge(update, &round, lease.as_ref());
         // A byte-equal copy is the cheapest copy to catch; like the score's own-data
@@ -1234,6 +1235,9 @@ impl Core {
         let version = self.current.version + 1;
         self.evaluator.set_params(&params)?;
         let loss = engine::train::evaluate(self.evaluator.as_mut(), &self.holdout)?;
+        // A diverged model (only a run with unchecked values can make one) scores as
+        // infinitely bad: SQLite keeps no NaN.
+        let loss = if loss.is_nan() { f32::INFINITY } else { loss };
         let bytes = checkpoint_bytes(&self.model, &params, version, Some(round))?;
         let checkpoint = self.store.blobs().put(&bytes)?;
         let state: Vec<u8> = self

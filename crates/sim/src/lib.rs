@@ -29,8 +29,9 @@ use store::CheckState;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attack {
-    /// Trains, then sends its delta times -4 (the sign-flipping attack of Li et al.,
-    /// "RSA", 2019).
+    /// Trains, then sends its delta times -5: the sign-flipping attack of Li et al.
+    /// ("RSA", 2019, which used -4), at the smallest whole factor with which a fifth of
+    /// the workers turns the mean around (at -4 it only stands still: 0.8 - 0.2 x 4 = 0).
     SignFlip,
     /// Trains, then sends the delta times 100.
     #[serde(rename = "scale_100")]
@@ -366,8 +367,7 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
             c.combine = aggregation::Combine::Mean;
             c.scoring.enabled = false;
             c.spot_check.enabled = false;
-            c.delta_norm_max = f32::MAX;
-            c.median_norm_multiple = f32::MAX;
+            c.unchecked_values = true;
         }
     }
     c
@@ -789,7 +789,7 @@ impl Craft<'_> {
     fn craft(&mut self, attack: Attack, w: &mut SimWorker) -> Result<Vec<f32>, SimError> {
         let d = self.base.len();
         Ok(match attack {
-            Attack::SignFlip => self.honest()?.iter().map(|x| -4.0 * x).collect(),
+            Attack::SignFlip => self.honest()?.iter().map(|x| -5.0 * x).collect(),
             Attack::Scale100 => self.honest()?.iter().map(|x| 100.0 * x).collect(),
             Attack::Noise => {
                 let norm = self

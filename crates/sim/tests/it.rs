@@ -133,3 +133,39 @@ fn seeds_each_with_an_attack_train_as_if_clean_and_pay_attackers_nothing() {
         refused.1
     );
 }
+
+/// The plain mean takes a NaN as it comes and loses the model (its loss is infinite from
+/// then on); the defended network refuses it and learns.
+#[test]
+fn a_nan_ruins_the_plain_mean_and_not_the_defended_network() {
+    let inputs = inputs();
+    let attacked = Scenario {
+        rounds: 3,
+        ..Scenario::new(9, 8, Some((Attack::NaN, 2)))
+    };
+    let plain = run(
+        &inputs,
+        &Scenario {
+            defense: Defense::Plain,
+            ..attacked.clone()
+        },
+    );
+    assert!(plain.final_loss.is_infinite(), "{plain:?}");
+    assert!(plain.attackers.credited > 0, "{plain:?}");
+    let defended = run(&inputs, &attacked);
+    assert!(
+        defended.final_loss < defended.initial_loss - 1.0,
+        "{defended:?}"
+    );
+    assert_eq!(defended.attackers.credited, 0, "{defended:?}");
+    assert!(
+        defended
+            .attackers
+            .rejected
+            .get("non_finite")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{defended:?}"
+    );
+}

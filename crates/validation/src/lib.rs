@@ -34,6 +34,10 @@ pub struct RoundState {
     pub median_norm: Option<f32>,
     /// Largest accepted multiple of the median norm.
     pub median_multiple_max: f32,
+    /// Check the update's values: finite, within `delta_norm_max` and the median bar.
+    /// Off only in the simulator's plain-mean baseline, which shows what an attack does
+    /// to a mean that takes every well-formed update.
+    pub check_values: bool,
 }
 
 /// What the coordinator knows of the work unit the update names.
@@ -231,6 +235,8 @@ pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>)
     }
     let norm = match &update.content {
         Err(sentence) => return Verdict::reject(Reject::Malformed, sentence.clone()),
+        // Unchecked, a NaN or an infinity makes the norm infinite.
+        Ok(Summary::NonFinite { .. }) if !round.check_values => f32::INFINITY,
         Ok(Summary::NonFinite { index, value }) => {
             return Verdict::reject(
                 Reject::NonFinite,
@@ -239,7 +245,7 @@ pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>)
         }
         Ok(Summary::Finite { norm }) => *norm,
     };
-    if norm > round.delta_norm_max {
+    if round.check_values && norm > round.delta_norm_max {
         return Verdict::reject(
             Reject::NormTooLarge,
             format!(
@@ -249,6 +255,7 @@ pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>)
         );
     }
     if let Some(median) = round.median_norm
+        && round.check_values
         && median > 0.0
         && norm > round.median_multiple_max * median
     {
@@ -299,6 +306,7 @@ mod tests {
         delta_norm_max: 10.0,
         median_norm: Some(1.0),
         median_multiple_max: 5.0,
+        check_values: true,
     };
 
     fn lease() -> LeaseState {
@@ -454,6 +462,29 @@ mod tests {
             },
             Some(lease()),
             expect_test::expect!["accepted unit 11 norm 6.000"],
+        );
+        // Unchecked (the simulator's plain baseline), values pass as they are.
+        let unchecked = RoundState {
+            check_values: false,
+            ..ROUND
+        };
+        check(
+            &update(1, 11, 5, &[0.5, f32::NAN, 0.0, 0.0]),
+            unchecked,
+            Some(lease()),
+            expect_test::expect!["accepted unit 11 norm inf"],
+        );
+        check(
+            &update(1, 11, 5, &[20.0, 0.0, 0.0, 0.0]),
+            unchecked,
+            Some(lease()),
+            expect_test::expect!["accepted unit 11 norm 20.000"],
+        );
+        check(
+            &update(1, 11, 5, &[0.5; 3]),
+            unchecked,
+            Some(lease()),
+            expect_test::expect!["wrong_shape: the update has 3 values, the model has 4"],
         );
     }
 }
