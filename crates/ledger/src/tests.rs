@@ -190,6 +190,50 @@ fn replay_names_the_first_broken_entry() {
     assert_eq!(err.seq, 0);
 }
 
+/// Signatures are checked in batches spread over the cores: the first bad entry is
+/// named wherever it falls (in any batch, before or after other damage).
+#[test]
+fn a_long_replay_names_the_first_bad_signature() {
+    let key = authority();
+    let mut ledger = Ledger::new(key.verifying_key());
+    for i in 0..1_500u64 {
+        let draft = Draft::mint(wallet((i % 5) as u8 + 1), 10, format!("update:{i}"));
+        ledger.append(draft, i, &key).expect("append");
+    }
+    let good = ledger.entries().to_vec();
+    let replay = |damage: &[(usize, bool)]| {
+        let mut entries = good.clone();
+        for &(seq, signature) in damage {
+            if signature {
+                entries[seq].signature.0[5] ^= 1;
+            } else {
+                entries[seq].amount += 1;
+            }
+        }
+        match Ledger::replay(key.verifying_key(), entries) {
+            Ok(l) => format!("ok, {} entries", l.len()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let got = [
+        replay(&[]),
+        replay(&[(1_499, true)]),
+        replay(&[(1_200, true), (300, true)]),
+        replay(&[(700, true), (256, false)]),
+        replay(&[(255, true), (256, false)]),
+    ];
+    expect_test::expect![[r#"
+        ok, 1500 entries
+        entry 1499: its signature is not the ledger authority's
+        entry 300: its signature is not the ledger authority's
+        entry 256: its hash does not match its contents
+        entry 255: its signature is not the ledger authority's"#]]
+    .assert_eq(&got.join("\n"));
+    let head = ledger.tree_head(9, &key);
+    let replayed = Ledger::replay(key.verifying_key(), good).expect("replay");
+    assert_eq!(replayed.tree_head(9, &key), head);
+}
+
 /// A signed head and an inclusion proof for every entry; JSON round trip of both.
 #[test]
 fn tree_heads_and_proofs_check_out() {

@@ -26,6 +26,9 @@ pub(crate) enum BenchCommand {
     /// Robust aggregation rules (median, trimmed mean, Multi-Krum, centered and norm
     /// clipping) against PyTorch on the same tensors.
     Robust(crate::robust::RobustBench),
+    /// Ledger replay, signed tree heads and inclusion proofs on a long ledger, against
+    /// one-by-one signatures and Merkle hashes recomputed from every entry.
+    Ledger(crate::ledger_bench::LedgerBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +94,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => crate::ingest::run(root, args),
         BenchCommand::Decode(args) => crate::decode::run(root, args),
         BenchCommand::Robust(args) => crate::robust::run(root, args),
+        BenchCommand::Ledger(args) => crate::ledger_bench::run(args),
     }
 }
 

@@ -7,6 +7,7 @@ mod decode;
 mod diloco;
 mod golden;
 mod ingest;
+mod ledger_bench;
 mod robust;
 mod sim;
 mod unit_delta;
