@@ -15,9 +15,22 @@ mod worker;
 
 use clap::{Parser, Subcommand};
 
-/// Train open language models on volunteered computers.
+/// Train open language models on volunteered computers: a coordinator leases work, the
+/// workers train and send signed updates, every update is checked before it counts, and
+/// the credit it earns buys use of the model.
 #[derive(Debug, Parser)]
-#[command(name = "hivetrain", version, about, long_about = None)]
+#[command(
+    name = "hivetrain",
+    version,
+    after_help = "Start here:
+  hivetrain demo                        the whole network on this machine, about 5 minutes
+  hivetrain coordinator --print-config  the settings a run would use (then drop the flag to serve it)
+  hivetrain worker --coordinator URL    lend this machine to someone's run
+  hivetrain wallet balance              the credit your work has earned
+  hivetrain query \"PROMPT\"              ask the model, paying with that credit
+
+Each command's --help says more."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,5 +102,23 @@ pub fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own checks of every command, argument and default (conflicting names,
+    /// defaults that do not parse, ...), and a first screen that says where to start.
+    #[test]
+    fn the_command_line_is_well_formed_and_says_where_to_start() {
+        let mut command = Cli::command();
+        command.clone().debug_assert();
+        let help = command.render_help().to_string();
+        assert!(help.contains("hivetrain demo"), "{help}");
+        assert!(help.contains("volunteered computers"), "{help}");
     }
 }
