@@ -870,17 +870,11 @@ impl Core {
             .into_iter()
             .map(|w| (w.id, w.name))
             .collect();
-        let mut earned: BTreeMap<WorkerId, (u64, u64)> = BTreeMap::new();
-        for e in self.ledger.entries() {
-            if let (ledger::Kind::Mint, Some(ledger::Account::Wallet(w))) = (e.kind, e.to) {
-                let row = earned.entry(w).or_default();
-                row.0 += e.amount;
-                row.1 += 1;
-            }
-        }
-        let mut rows: Vec<ledger::wire::LeaderRow> = earned
-            .into_iter()
-            .map(|(w, (earned, units))| ledger::wire::LeaderRow {
+        let mut rows: Vec<ledger::wire::LeaderRow> = self
+            .ledger
+            .earned()
+            .iter()
+            .map(|(&w, &(earned, units))| ledger::wire::LeaderRow {
                 wallet: w.to_string(),
                 name: names.get(&w.to_string()).cloned().unwrap_or_default(),
                 earned,

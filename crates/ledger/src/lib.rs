@@ -422,6 +422,11 @@ pub struct Ledger {
     entries: Vec<Entry>,
     /// The Merkle tree over the entries' hashes, grown with them.
     tree: merkle::Tree,
+    /// Each account's entries (sequence numbers, in order), so one wallet's view reads
+    /// its own entries only.
+    by_account: HashMap<Account, Vec<u64>>,
+    /// Each wallet's mints: total amount and count (what the leaderboard ranks by).
+    earned: BTreeMap<WorkerId, (u64, u64)>,
     balances: BTreeMap<Account, u64>,
     minted: u128,
     burned: u128,
@@ -435,6 +440,8 @@ impl Ledger {
             authority,
             entries: Vec::new(),
             tree: merkle::Tree::default(),
+            by_account: HashMap::new(),
+            earned: BTreeMap::new(),
             balances: BTreeMap::new(),
             minted: 0,
             burned: 0,
@@ -491,8 +498,7 @@ impl Ledger {
             }
             Err(e) => return Err(fail(e.to_string())),
         }
-        self.tree.push(&entry.hash);
-        self.entries.push(entry);
+        self.push(entry);
         self.check_invariants().map_err(|reason| VerifyError {
             seq: want_seq,
             reason,
@@ -610,8 +616,7 @@ impl Ledger {
             return Err(LedgerError::Stale { seq: entry.seq });
         }
         let seq = entry.seq;
-        self.tree.push(&entry.hash);
-        self.entries.push(entry);
+        self.push(entry);
         if let Err(reason) = self.check_invariants() {
             // Unreachable by construction; a broken invariant must never be kept.
             panic!("ledger invariant broken by entry {seq}: {reason}");
@@ -682,6 +687,34 @@ impl Ledger {
     pub fn inclusion_proof(&self, seq: u64, size: u64) -> Option<merkle::InclusionProof> {
         let size = usize::try_from(size).ok()?.min(self.tree.len());
         self.tree.inclusion_proof(usize::try_from(seq).ok()?, size)
+    }
+
+    /// Adds an applied entry to the list, the tree and the indexes.
+    fn push(&mut self, entry: Entry) {
+        self.tree.push(&entry.hash);
+        for account in [entry.from, entry.to].into_iter().flatten() {
+            self.by_account.entry(account).or_default().push(entry.seq);
+        }
+        if let (Kind::Mint, Some(Account::Wallet(w))) = (entry.kind, entry.to) {
+            let row = self.earned.entry(w).or_default();
+            row.0 += entry.amount;
+            row.1 += 1;
+        }
+        self.entries.push(entry);
+    }
+
+    /// The entries that name `account` (as sender or receiver), in order.
+    pub fn entries_of(&self, account: &Account) -> impl Iterator<Item = &Entry> {
+        self.by_account
+            .get(account)
+            .into_iter()
+            .flatten()
+            .map(|&seq| &self.entries[seq as usize])
+    }
+
+    /// Each wallet's mints: the credit its accepted work earned and how many units.
+    pub fn earned(&self) -> &BTreeMap<WorkerId, (u64, u64)> {
+        &self.earned
     }
 
     /// Applies a draft's effect on balances and keys, all or nothing. `Ok(Some(seq))`:

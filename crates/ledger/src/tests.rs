@@ -391,5 +391,28 @@ proptest! {
         let replayed = Ledger::replay(key.verifying_key(), ledger.entries().to_vec());
         let replayed = replayed.expect("replayed");
         prop_assert_eq!(replayed.balances(), ledger.balances());
+        // The indexes agree with a scan of every entry, replayed or appended.
+        for n in 1..=4u8 {
+            let account = Account::Wallet(wallet(n));
+            let scanned: Vec<u64> = ledger
+                .entries()
+                .iter()
+                .filter(|e| e.from == Some(account) || e.to == Some(account))
+                .map(|e| e.seq)
+                .collect();
+            for l in [&ledger, &replayed] {
+                let indexed: Vec<u64> = l.entries_of(&account).map(|e| e.seq).collect();
+                prop_assert_eq!(&indexed, &scanned);
+            }
+            let mints: Vec<u64> = ledger
+                .entries()
+                .iter()
+                .filter(|e| e.kind == Kind::Mint && e.to == Some(account))
+                .map(|e| e.amount)
+                .collect();
+            let want = (!mints.is_empty()).then(|| (mints.iter().sum::<u64>(), mints.len() as u64));
+            prop_assert_eq!(ledger.earned().get(&wallet(n)).copied(), want);
+            prop_assert_eq!(replayed.earned().get(&wallet(n)).copied(), want);
+        }
     }
 }

@@ -79,12 +79,8 @@ impl Ledger {
             balance: self.balance(wallet),
             ..WalletView::default()
         };
-        for e in self.entries() {
+        for e in self.entries_of(wallet) {
             let from = e.from.as_ref() == Some(wallet);
-            let to = e.to.as_ref() == Some(wallet);
-            if !from && !to {
-                continue;
-            }
             match (e.kind, from) {
                 (Kind::Mint, _) => {
                     v.earned += e.amount;

@@ -1,7 +1,8 @@
 //! `cargo xtask bench ledger`: what a long ledger costs the coordinator. Replay (every
-//! restart and `hivetrain ledger verify` does one), a signed tree head and an inclusion
-//! proof, each against the straightforward way in the same run: signatures verified one
-//! by one on one core, the Merkle root and path hashed again from every entry.
+//! restart and `hivetrain ledger verify` does one), a signed tree head, an inclusion
+//! proof and one wallet's view, each against the straightforward way in the same run:
+//! signatures verified one by one on one core, the Merkle root and path hashed again
+//! from every entry, every entry scanned for the wallet's.
 
 use std::time::Instant;
 
@@ -88,6 +89,21 @@ pub(crate) fn run(args: LedgerBench) -> anyhow::Result<()> {
         "the grown tree's proof differs from the recursion's"
     );
 
+    let wallet = ledger::Account::Wallet(wallets[0]);
+    let started = Instant::now();
+    let view = replayed.wallet_view(&wallet);
+    let view_time = seconds(started);
+    let started = Instant::now();
+    let scanned = entries
+        .iter()
+        .filter(|e| e.from == Some(wallet) || e.to == Some(wallet))
+        .count();
+    let scan_time = seconds(started);
+    ensure!(
+        view.entries.len() == scanned,
+        "the wallet's index misses entries"
+    );
+
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     println!(
         "{} entries over {} wallets, {cores} cores; appending them took {:.2} s ({:.1} us an entry, signing included)",
@@ -113,6 +129,12 @@ pub(crate) fn run(args: LedgerBench) -> anyhow::Result<()> {
         proof_time * 1e6,
         proof_again * 1e6,
         proof_again / proof_time
+    );
+    println!(
+        "| one wallet's view ({scanned} entries) vs a scan of every entry | {:.1} us | {:.1} us | {:.0}x |",
+        view_time * 1e6,
+        scan_time * 1e6,
+        scan_time / view_time
     );
     Ok(())
 }
