@@ -331,7 +331,7 @@ fn spend_and_share(
     println!("\ndividends: the revenue paid back to {paid} volunteers; balances now:");
     for row in board {
         let dividends = server.with_core(|c| {
-            protocol::WorkerId::parse(&row.wallet).map_or(0, |w| c.wallet(w).dividends)
+            protocol::WorkerId::parse(&row.wallet).map_or(0, |w| c.wallet(w, Some(0)).dividends)
         });
         println!(
             "  {:<12} {:>12} credits (dividends {})",

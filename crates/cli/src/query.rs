@@ -121,7 +121,7 @@ fn stream(
 
 fn balance(remote: &Remote) -> anyhow::Result<u64> {
     let wallet = remote.wallet(None)?;
-    let view: WalletView = remote.get(&format!("/v1/wallets/{wallet}"))?;
+    let view: WalletView = remote.get(&format!("/v1/wallets/{wallet}?entries=0"))?;
     Ok(view.balance)
 }
 

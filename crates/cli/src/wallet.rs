@@ -97,9 +97,12 @@ pub(crate) enum WalletCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Every ledger entry of a wallet.
+    /// The ledger entries of a wallet, oldest first.
     History {
         wallet: Option<String>,
+        /// Only the newest N entries (default: every one).
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -229,11 +232,16 @@ pub(crate) fn run_wallet(command: WalletCommand) -> anyhow::Result<()> {
     match command {
         WalletCommand::Balance { wallet, remote } => {
             let id = remote.wallet(wallet.as_deref())?;
-            print_wallet(&remote.get(&format!("/v1/wallets/{id}"))?);
+            print_wallet(&remote.get(&format!("/v1/wallets/{id}?entries=0"))?);
         }
-        WalletCommand::History { wallet, remote } => {
+        WalletCommand::History {
+            wallet,
+            last,
+            remote,
+        } => {
             let id = remote.wallet(wallet.as_deref())?;
-            let view: WalletView = remote.get(&format!("/v1/wallets/{id}"))?;
+            let newest = last.map(|n| format!("?entries={n}")).unwrap_or_default();
+            let view: WalletView = remote.get(&format!("/v1/wallets/{id}{newest}"))?;
             print_entries(view.entries.iter());
             println!("balance {} credits", format_credits(view.balance));
         }

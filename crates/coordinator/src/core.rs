@@ -856,9 +856,10 @@ impl Core {
             .ok_or_else(|| ApiError::internal(&std::io::Error::other("proof out of range")))
     }
 
-    /// A wallet's totals and entries.
-    pub fn wallet(&self, wallet: WorkerId) -> ledger::wire::WalletView {
-        self.ledger.wallet_view(&ledger::Account::Wallet(wallet))
+    /// A wallet's totals and its entries (the newest `newest` of them, or all).
+    pub fn wallet(&self, wallet: WorkerId, newest: Option<usize>) -> ledger::wire::WalletView {
+        self.ledger
+            .wallet_view(&ledger::Account::Wallet(wallet), newest)
     }
 
     /// Wallets by credit earned, most first.

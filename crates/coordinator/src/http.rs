@@ -433,12 +433,26 @@ fn parse_wallet(text: &str) -> Result<WorkerId, ApiError> {
     })
 }
 
+#[derive(serde::Deserialize)]
+struct WalletQuery {
+    /// The newest this many entries (default: all).
+    entries: Option<usize>,
+}
+
 async fn wallet(
     State(shared): State<Shared>,
     Path(wallet): Path<String>,
+    query: Result<axum::extract::Query<WalletQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let wallet = parse_wallet(&wallet)?;
-    let view = with_core(&shared, move |core, _| Ok(core.wallet(wallet))).await?;
+    let axum::extract::Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{e}: use ?entries=N for the newest N entries"),
+        )
+    })?;
+    let view = with_core(&shared, move |core, _| Ok(core.wallet(wallet, q.entries))).await?;
     Ok(axum::Json(view))
 }
 

@@ -20,7 +20,8 @@ pub struct WalletView {
     pub received: u64,
     pub dividends: u64,
     pub clawed_back: u64,
-    /// Every entry that names the wallet, oldest first.
+    /// The entries that name the wallet, oldest first: all of them, or the newest N
+    /// with `?entries=N` (the totals always count every entry).
     pub entries: Vec<Entry>,
 }
 
@@ -73,7 +74,7 @@ pub struct TransferRequest {
 
 impl Ledger {
     /// A wallet's totals and entries.
-    pub fn wallet_view(&self, wallet: &Account) -> WalletView {
+    pub fn wallet_view(&self, wallet: &Account, newest: Option<usize>) -> WalletView {
         let mut v = WalletView {
             wallet: wallet.to_string(),
             balance: self.balance(wallet),
@@ -92,8 +93,10 @@ impl Ledger {
                 (Kind::Dividend, _) => v.dividends += e.amount,
                 (Kind::Clawback, _) => v.clawed_back += e.amount,
             }
-            v.entries.push(e.clone());
         }
+        let mine: Vec<&Entry> = self.entries_of(wallet).collect();
+        let skip = newest.map_or(0, |n| mine.len().saturating_sub(n));
+        v.entries = mine[skip..].iter().map(|&e| e.clone()).collect();
         v
     }
 }

@@ -613,7 +613,7 @@ pub fn run(
         let mut t = Tally::default();
         for w in workers.iter().filter(|w| role(&w.role)) {
             t.workers += 1;
-            t.balance += core.wallet(w.id).balance;
+            t.balance += core.wallet(w.id, Some(0)).balance;
             for s in submitted.get(&w.id).into_iter().flatten() {
                 if s.honest_work && w.role != Role::Honest {
                     t.honest_work.0 += 1;

@@ -91,7 +91,7 @@ pub(crate) fn run(args: LedgerBench) -> anyhow::Result<()> {
 
     let wallet = ledger::Account::Wallet(wallets[0]);
     let started = Instant::now();
-    let view = replayed.wallet_view(&wallet);
+    let view = replayed.wallet_view(&wallet, None);
     let view_time = seconds(started);
     let started = Instant::now();
     let scanned = entries

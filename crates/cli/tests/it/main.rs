@@ -685,7 +685,7 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     assert!(!ok && err.contains("run `hivetrain worker` once"), "{err}");
 
     // Queries: one prompt, then a chat; each spends alice's credit.
-    let before = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice)).balance);
+    let before = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice), Some(0)).balance);
     let (ok, out, err) = sandbox.run(&[
         "query",
         "KING HENRY:",
@@ -719,7 +719,7 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
         "{out}"
     );
     assert!(err.contains("`quit` leaves"), "{err}");
-    let after = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice)).balance);
+    let after = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice), Some(0)).balance);
     assert!(after < before, "queries spend credit: {before} -> {after}");
     let key = run(&["wallet", "api-key"]);
     assert!(key.trim().starts_with("hk-"), "{key}");

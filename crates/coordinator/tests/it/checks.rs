@@ -77,7 +77,7 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
             (first.id, "unchecked".into()),
         ]
     );
-    let earned = core.wallet(l).balance;
+    let earned = core.wallet(l, None).balance;
     assert!(earned > 0);
 
     let mut backend = engine::open_backend("cpu:2", core.model_config(), core.params().to_vec())
@@ -95,7 +95,7 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
         ]
     );
     assert!(outcomes.iter().all(|o| o.distance > 0.01), "{outcomes:?}");
-    assert_eq!(core.wallet(l).balance, 0);
+    assert_eq!(core.wallet(l, None).balance, 0);
     assert_eq!(core.trust(l).verified, 0);
 
     // The honest worker's next unit is checked and matches bit for bit.
@@ -118,7 +118,7 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     let config = core.config().clone();
     drop(core);
     let core = Core::open(&dir.path().join("store"), config, T0 + 3).expect("reopen");
-    assert_eq!(core.wallet(l).balance, 0);
+    assert_eq!(core.wallet(l, None).balance, 0);
     assert_eq!(core.trust(h).verified, 1);
     // The liar's record keeps its latest failed unit: re-checks of older units cannot
     // raise its trust again.
@@ -213,6 +213,6 @@ fn a_second_worker_agreeing_bit_for_bit_on_a_refused_unit_is_accepted_and_rechec
         .expect("backend");
     let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
     assert!(outcomes.len() == 1 && outcomes[0].matched, "{outcomes:?}");
-    assert!(core.wallet(ids[2]).balance > 0);
-    assert_eq!(core.wallet(ids[0]).balance, 0);
+    assert!(core.wallet(ids[2], None).balance > 0);
+    assert_eq!(core.wallet(ids[0], None).balance, 0);
 }

@@ -33,7 +33,8 @@ fn train_earn_query_dividends_verify() {
         assert_eq!((summary.accepted, summary.rejected), (2, 0), "{summary:?}");
     }
     assert_eq!(ts::status(&url).version, 2);
-    let view = |key: &ed25519_dalek::SigningKey| server.with_core(|c| c.wallet(WorkerId::of(key)));
+    let view =
+        |key: &ed25519_dalek::SigningKey| server.with_core(|c| c.wallet(WorkerId::of(key), None));
     let (a, b) = (view(&alice), view(&bob));
     assert!(
         a.units >= 1 && b.units >= 1 && a.units + b.units >= 4,

@@ -411,7 +411,7 @@ fn pinned_versions_and_dividends_on_their_interval() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let dividends = server.with_core(|c| c.wallet(WorkerId::of(&bob)).dividends);
+    let dividends = server.with_core(|c| c.wallet(WorkerId::of(&bob), None).dividends);
     assert!(dividends > 0);
     server.stop();
 }

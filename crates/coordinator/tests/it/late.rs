@@ -38,7 +38,10 @@ fn an_update_one_version_late_is_accepted_credited_and_aggregated() {
     assert_eq!((core.version(), third.base_version), (1, 1));
 
     ts::core_submit(&mut core, &keys[1], &slow, &slow_delta, T0 + 2_100).expect("late accepted");
-    assert!(core.wallet(ids[1]).balance > 0, "the late unit is credited");
+    assert!(
+        core.wallet(ids[1], None).balance > 0,
+        "the late unit is credited"
+    );
     assert_eq!(
         ts::core_submit(&mut core, &keys[1], &slow, &slow_delta, T0 + 2_200),
         Err("duplicate".into())

@@ -74,6 +74,19 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
         (credited[1], credited[1], 1)
     );
 
+    // The newest entries only: the same totals, fewer entries; a bad count is refused.
+    let alice_id = WorkerId::of(&alice);
+    let newest: WalletView = json(ts::get(&url, &format!("/v1/wallets/{alice_id}?entries=1")));
+    assert_eq!(
+        (newest.balance, newest.units, newest.entries.len()),
+        (a.balance, a.units, 1)
+    );
+    assert_eq!(newest.entries[0], a.entries[1]);
+    let none: WalletView = json(ts::get(&url, &format!("/v1/wallets/{alice_id}?entries=0")));
+    assert!(none.entries.is_empty() && none.earned == a.earned);
+    let bad = ts::get(&url, &format!("/v1/wallets/{alice_id}?entries=-1"));
+    assert_eq!((bad.status, bad.code()), (400, "bad_query"), "{bad:?}");
+
     let board: Vec<LeaderRow> = json(ts::get(&url, "/v1/leaderboard"));
     let names: Vec<(&str, u64)> = board.iter().map(|r| (r.name.as_str(), r.units)).collect();
     assert_eq!(names, [("alice", 2), ("bob", 1)]);
@@ -161,7 +174,7 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
     let bob_before = wallet(&bob).balance;
     let (first, again, missing) = server.with_core(|c| {
         let unit = c
-            .wallet(WorkerId::of(&bob))
+            .wallet(WorkerId::of(&bob), None)
             .entries
             .iter()
             .find(|e| e.kind == ledger::Kind::Mint)
