@@ -16,7 +16,7 @@
 //! | `GET /v1/ledger?from=N&limit=M` | ledger entries ([`ledger::wire::EntriesPage`]) |
 //! | `GET /v1/ledger/head` | a signed tree head ([`ledger::TreeHead`]) |
 //! | `GET /v1/ledger/proof/{seq}?size=N` | an inclusion proof against a head of size N |
-//! | `GET /v1/wallets/{key}` | a wallet's balance, totals and entries |
+//! | `GET /v1/wallets/{key}` | a wallet's balance, totals and entries (`?entries=N`: the newest N) |
 //! | `POST /v1/transfers` (signed) | move credit to another wallet |
 //! | `GET /v1/leaderboard` | wallets by credit earned |
 //! | `GET /v1/stats` | network totals |
