@@ -891,9 +891,8 @@ impl Core {
     pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
         let accepted = self
             .store
-            .accepted_units()
-            .map_err(|e| ApiError::internal(&e))?
-            .len() as u64;
+            .accepted_count()
+            .map_err(|e| ApiError::internal(&e))?;
         let tokens_per_unit =
             self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
         let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);

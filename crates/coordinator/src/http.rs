@@ -20,6 +20,7 @@
 //! | `POST /v1/transfers` (signed) | move credit to another wallet |
 //! | `GET /v1/leaderboard` | wallets by credit earned |
 //! | `GET /v1/stats` | network totals |
+//! | `GET /metrics` | Prometheus metrics (OpenMetrics text; `metrics.rs`) |
 
 use std::sync::{Arc, Mutex};
 
@@ -56,6 +57,7 @@ pub(crate) struct Shared {
     /// Backends of the run's model that score updates, reused (at most `BUFFERS_KEPT`).
     pub(crate) scorers: Arc<Mutex<Vec<Box<dyn engine::Backend>>>>,
     pub(crate) serving: crate::openai::Inference,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Most idle body buffers kept.
@@ -82,6 +84,7 @@ pub(crate) fn router(shared: Shared, training: bool) -> Router {
         .route("/v1/transfers", post(transfer))
         .route("/v1/leaderboard", get(leaderboard))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(crate::metrics::scrape))
         .merge(crate::openai::router())
         .fallback(|| async {
             ApiError::new(
@@ -90,6 +93,10 @@ pub(crate) fn router(shared: Shared, training: bool) -> Router {
                 "no such route; see GET /v1/status and the coordinator's API table",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::metrics::track,
+        ))
         .with_state(shared)
 }
 
@@ -317,6 +324,10 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
     })
     .await
     .map_err(|e| ApiError::internal(&e))?;
+    shared.metrics.update(match &reply {
+        Ok(_) => Ok(bytes.len() as u64),
+        Err(e) => Err(&e.code),
+    });
     let mut buffers = shared
         .buffers
         .lock()

@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 mod http;
+mod metrics;
 pub mod openai;
 
 use std::net::SocketAddr;
@@ -204,6 +205,7 @@ impl Coordinator {
             buffers: Arc::default(),
             scorers: Arc::default(),
             serving,
+            metrics: Arc::new(metrics::Metrics::new()),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(shared, training);

@@ -411,6 +411,9 @@ fn generate(
     let outcome = inference::run(backend.as_mut(), &model.tokenizer, plan, on_text)
         .map_err(|e| ApiError::internal(&e))?;
     let usage = Usage::new(plan.prompt.len() as u64, outcome.completion_tokens);
+    shared
+        .metrics
+        .served(usage.prompt_tokens, usage.completion_tokens);
     let charged = {
         let mut core = shared
             .core

@@ -728,6 +728,13 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
+    /// How many updates were accepted over the whole run.
+    pub fn accepted_count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
+            .map_err(sql(&self.path))
+    }
+
     /// Row counts of every table, for tests that check a request wrote nothing.
     pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
         const TABLES: [&str; 13] = [

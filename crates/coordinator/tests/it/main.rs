@@ -7,6 +7,7 @@ mod flow;
 mod inference;
 mod late;
 mod ledger;
+mod metrics;
 mod replay;
 mod restart;
 mod rounds;
