@@ -98,7 +98,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let server =
         Coordinator::start(&dir, config, "127.0.0.1:0").context("starting the coordinator")?;
     let url = server.url();
-    println!("coordinator: {url}\n");
+    println!("coordinator: {url} (dashboard: {url}/, Prometheus metrics: {url}/metrics)\n");
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

@@ -4,6 +4,7 @@
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /` | the dashboard (`dashboard.html`: version, loss chart, contributors, rounds) |
 //! | `GET /health` | liveness |
 //! | `GET /v1/run` | [`protocol::api::RunInfo`] |
 //! | `GET /v1/run/corpus`, `GET /v1/run/tokenizer` | the run's data, by hash in `RunInfo` |
@@ -85,6 +86,7 @@ pub(crate) fn router(shared: Shared, training: bool) -> Router {
         .route("/v1/leaderboard", get(leaderboard))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/", get(dashboard))
         .merge(crate::openai::router())
         .fallback(|| async {
             ApiError::new(
@@ -477,6 +479,14 @@ async fn transfer(
         signed(&shared, &method, "/v1/transfers", &headers, body).await?;
     let entry = with_core(&shared, move |core, now| core.transfer(from, &request, now)).await?;
     Ok(axum::Json(entry))
+}
+
+/// `GET /`: a page that shows the run, read from the JSON endpoints every 5 s.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
 }
 
 async fn leaderboard(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
