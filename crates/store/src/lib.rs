@@ -160,6 +160,10 @@ CREATE TABLE trust (
 ALTER TABLE trust ADD COLUMN failed_unit INTEGER;
 CREATE INDEX rejections_worker_round ON rejections (worker, round);
 "#,
+    // `GET /v1/status` (and the dashboard, every 5 s) counts each round's rejections.
+    r#"
+CREATE INDEX rejections_round ON rejections (round);
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
