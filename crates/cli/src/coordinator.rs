@@ -241,7 +241,8 @@ pub(crate) fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut last_version = version;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
-        let status = server.with_core(|c| c.status(coordinator::system_ms()));
+        // The newest two rounds hold the one the newest version came from.
+        let status = server.with_core(|c| c.status(coordinator::system_ms(), Some(2)));
         if let Ok(status) = status
             && status.version != last_version
         {

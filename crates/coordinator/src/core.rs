@@ -1305,25 +1305,20 @@ impl Core {
     }
 
     /// The run's progress, round by round.
-    pub fn status(&self, now_ms: u64) -> Result<Status, ApiError> {
+    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, ApiError> {
         let internal = |e: store::StoreError| ApiError::internal(&e);
-        let losses: HashMap<u64, f32> = self
-            .store
-            .versions()
-            .map_err(internal)?
-            .into_iter()
-            .map(|v| (v.version, v.holdout_loss))
-            .collect();
+        let round = self.scheduler.round();
+        let first = newest.map_or(0, |n| (round + 1).saturating_sub(n));
         let rounds = self
             .store
-            .rounds()
+            .rounds_from(first)
             .map_err(internal)?
             .into_iter()
             .map(|r| RoundStatus {
                 round: r.round,
                 base_version: r.base_version,
                 version: r.version,
-                holdout_loss: r.version.and_then(|v| losses.get(&v).copied()),
+                holdout_loss: r.holdout_loss,
                 accepted: r.accepted,
                 rejected: r.rejected,
                 tokens: r.tokens,

@@ -13,7 +13,7 @@
 //! | `POST /v1/heartbeat` (signed) | extend a lease |
 //! | `GET /v1/models/{version}` | the version's safetensors (immutable, `ETag` = blake3) |
 //! | `POST /v1/updates` | a signed binary update; the reply is its verdict |
-//! | `GET /v1/status` | rounds, losses, units |
+//! | `GET /v1/status` | rounds, losses, units (`?rounds=N`: the newest N rounds) |
 //! | `GET /v1/ledger?from=N&limit=M` | ledger entries ([`ledger::wire::EntriesPage`]) |
 //! | `GET /v1/ledger/head` | a signed tree head ([`ledger::TreeHead`]) |
 //! | `GET /v1/ledger/proof/{seq}?size=N` | an inclusion proof against a head of size N |
@@ -372,8 +372,24 @@ async fn read_body_into(
     Ok(())
 }
 
-async fn status(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let status = with_core(&shared, |core, now| core.status(now)).await?;
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    /// The newest this many rounds (default: every round).
+    rounds: Option<u64>,
+}
+
+async fn status(
+    State(shared): State<Shared>,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{e}: use ?rounds=N for the newest N rounds"),
+        )
+    })?;
+    let status = with_core(&shared, move |core, now| core.status(now, q.rounds)).await?;
     Ok(axum::Json(status))
 }
 

@@ -292,6 +292,8 @@ pub struct RoundRow {
     pub tokens: u64,
     /// Bytes of the accepted updates.
     pub bytes: u64,
+    /// Holdout loss of `version`, once aggregated.
+    pub holdout_loss: Option<f32>,
 }
 
 /// The database and the blobs of one coordinator directory.
@@ -541,6 +543,11 @@ impl Store {
 
     /// Per-round figures, oldest first.
     pub fn rounds(&self) -> Result<Vec<RoundRow>, StoreError> {
+        self.rounds_from(0)
+    }
+
+    /// The rounds from `first` on, as [`Store::rounds`].
+    pub fn rounds_from(&self, first: u64) -> Result<Vec<RoundRow>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -548,12 +555,14 @@ impl Store {
                     (SELECT COUNT(*) FROM updates u WHERE u.round = r.round),
                     (SELECT COUNT(*) FROM rejections j WHERE j.round = r.round),
                     (SELECT COALESCE(SUM(weight), 0) FROM updates u WHERE u.round = r.round),
-                    (SELECT COALESCE(SUM(bytes), 0) FROM updates u WHERE u.round = r.round)
-                 FROM rounds r ORDER BY r.round",
+                    (SELECT COALESCE(SUM(bytes), 0) FROM updates u WHERE u.round = r.round),
+                    v.holdout_loss
+                 FROM rounds r LEFT JOIN versions v ON v.version = r.version
+                 WHERE r.round >= ?1 ORDER BY r.round",
             )
             .map_err(sql(&self.path))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([first], |r| {
                 Ok(RoundRow {
                     round: r.get(0)?,
                     base_version: r.get(1)?,
@@ -564,6 +573,7 @@ impl Store {
                     rejected: r.get(6)?,
                     tokens: r.get(7)?,
                     bytes: r.get(8)?,
+                    holdout_loss: r.get(9)?,
                 })
             })
             .map_err(sql(&self.path))?;

@@ -122,7 +122,7 @@ fn the_dashboard_reads_endpoints_that_answer_with_its_fields() {
         ("/v1/leaderboard", &[]),
     ];
     for (path, fields) in reads {
-        assert!(html.contains(&format!("get(\"{path}\")")), "{path}");
+        assert!(html.contains(&format!("get(\"{path}")), "{path}");
         let reply = ts::get(&url, path);
         assert_eq!(reply.status, 200, "{path}: {reply:?}");
         for field in fields {

@@ -60,6 +60,18 @@ fn three_workers_complete_three_rounds_and_the_holdout_loss_falls() {
         losses[3] < losses[0] - 0.5,
         "the holdout loss did not fall: {losses:?}"
     );
+    // `?rounds=N`: the newest N rounds, as in the whole list; a bad N is refused.
+    let newest = ts::get(&url, "/v1/status?rounds=2");
+    let rounds = newest.body["rounds"].as_array().expect("rounds");
+    let all = ts::status(&url);
+    let tail = &all.rounds[all.rounds.len() - 2..];
+    assert_eq!(rounds.len(), 2, "{newest:?}");
+    for (got, want) in rounds.iter().zip(tail) {
+        assert_eq!(got["round"], want.round);
+        assert_eq!(got["version"].as_u64(), want.version);
+    }
+    let bad = ts::get(&url, "/v1/status?rounds=many");
+    assert_eq!((bad.status, bad.code()), (400, "bad_query"), "{bad:?}");
     // The registry holds every version with its parent and the updates it was built from.
     server.with_core(|core| {
         let versions = core.store().versions().expect("versions");
