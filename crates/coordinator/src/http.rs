@@ -380,17 +380,25 @@ struct StatusQuery {
 
 async fn status(
     State(shared): State<Shared>,
-    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+    query: QueryResult<StatusQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let axum::extract::Query(q) = query.map_err(|e| {
+    let q = query_or_400(query, "use ?rounds=N for the newest N rounds")?;
+    let status = with_core(&shared, move |core, now| core.status(now, q.rounds)).await?;
+    Ok(axum::Json(status))
+}
+
+/// A query string as parsed, or why not.
+type QueryResult<T> = Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// The parsed query, or a 400 `bad_query` that says how to write it (`usage`).
+fn query_or_400<T>(query: QueryResult<T>, usage: &str) -> Result<T, ApiError> {
+    query.map(|axum::extract::Query(q)| q).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            format!("{e}: use ?rounds=N for the newest N rounds"),
+            format!("{e}: {usage}"),
         )
-    })?;
-    let status = with_core(&shared, move |core, now| core.status(now, q.rounds)).await?;
-    Ok(axum::Json(status))
+    })
 }
 
 /// Largest page of `GET /v1/ledger`.
@@ -405,15 +413,9 @@ struct PageQuery {
 
 async fn ledger_page(
     State(shared): State<Shared>,
-    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    query: QueryResult<PageQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let axum::extract::Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("{e}: use ?from=N&limit=M"),
-        )
-    })?;
+    let q = query_or_400(query, "use ?from=N&limit=M")?;
     let limit = q.limit.unwrap_or(LEDGER_PAGE_MAX).min(LEDGER_PAGE_MAX);
     let page = with_core(&shared, move |core, _| Ok(core.ledger_page(q.from, limit))).await?;
     Ok(axum::Json(page))
@@ -432,7 +434,7 @@ struct ProofQuery {
 async fn inclusion_proof(
     State(shared): State<Shared>,
     Path(seq): Path<String>,
-    query: Result<axum::extract::Query<ProofQuery>, axum::extract::rejection::QueryRejection>,
+    query: QueryResult<ProofQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let seq: u64 = seq.parse().map_err(|_| {
         ApiError::new(
@@ -441,13 +443,7 @@ async fn inclusion_proof(
             format!("{seq:?} is not an entry number"),
         )
     })?;
-    let axum::extract::Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("{e}: give the tree size of a head, ?size=N"),
-        )
-    })?;
+    let q = query_or_400(query, "give the tree size of a head, ?size=N")?;
     let proof = with_core(&shared, move |core, _| core.inclusion_proof(seq, q.size)).await?;
     Ok(axum::Json(proof))
 }
@@ -471,16 +467,10 @@ struct WalletQuery {
 async fn wallet(
     State(shared): State<Shared>,
     Path(wallet): Path<String>,
-    query: Result<axum::extract::Query<WalletQuery>, axum::extract::rejection::QueryRejection>,
+    query: QueryResult<WalletQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let wallet = parse_wallet(&wallet)?;
-    let axum::extract::Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("{e}: use ?entries=N for the newest N entries"),
-        )
-    })?;
+    let q = query_or_400(query, "use ?entries=N for the newest N entries")?;
     let view = with_core(&shared, move |core, _| Ok(core.wallet(wallet, q.entries))).await?;
     Ok(axum::Json(view))
 }

@@ -9,18 +9,27 @@ fn sample(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn metrics_count_requests_verdicts_and_read_the_run() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::hand_made(ts::tiny_config(dir.path(), 3));
-    let server = ts::start(dir.path(), config);
+/// A coordinator on `dir` where alice has sent one accepted update for `unit`.
+fn one_update(
+    dir: &std::path::Path,
+) -> (coordinator::Coordinator, String, protocol::api::UnitSpec) {
+    let config = ts::hand_made(ts::tiny_config(dir, 3));
+    let server = ts::start(dir, config);
     let url = server.url();
     let alice = ts::key(1);
     ts::register(&url, &alice, "alice");
     let n = server.with_core(|c| c.params().len());
     let unit = ts::lease(&url, &alice);
     assert_eq!(ts::submit_crafted(&url, &alice, &unit, n).status, 200);
-    let again = ts::submit_crafted(&url, &alice, &unit, n);
+    (server, url, unit)
+}
+
+#[test]
+fn metrics_count_requests_verdicts_and_read_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, url, unit) = one_update(dir.path());
+    let n = server.with_core(|c| c.params().len());
+    let again = ts::submit_crafted(&url, &ts::key(1), &unit, n);
     assert_eq!(again.code(), "duplicate", "{again:?}");
     assert_eq!(ts::get(&url, "/no/such/route").status, 404);
     let odd = reqwest::blocking::Client::new()
@@ -83,14 +92,7 @@ fn metrics_count_requests_verdicts_and_read_the_run() {
 #[test]
 fn the_dashboard_reads_endpoints_that_answer_with_its_fields() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ts::hand_made(ts::tiny_config(dir.path(), 3));
-    let server = ts::start(dir.path(), config);
-    let url = server.url();
-    let alice = ts::key(1);
-    ts::register(&url, &alice, "alice");
-    let n = server.with_core(|c| c.params().len());
-    let unit = ts::lease(&url, &alice);
-    assert_eq!(ts::submit_crafted(&url, &alice, &unit, n).status, 200);
+    let (server, url, _) = one_update(dir.path());
 
     let page = reqwest::blocking::get(format!("{url}/")).expect("GET /");
     assert_eq!(page.status(), 200);
