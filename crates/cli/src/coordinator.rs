@@ -230,9 +230,8 @@ pub(crate) fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("starting the coordinator in {}", args.dir.display()))?;
     let (round, version) = server.with_core(|c| (c.round(), c.version()));
     eprintln!(
-        "coordinator listening on {} (round {round}, version {version}); workers join with\n  hivetrain worker --coordinator {}\nCtrl-C stops it; started again, it resumes.",
-        server.url(),
-        server.url()
+        "coordinator listening on {url} (round {round}, version {version}); workers join with\n  hivetrain worker --coordinator {url}\ndashboard: {url}/  Prometheus metrics: {url}/metrics\nCtrl-C stops it; started again, it resumes.",
+        url = server.url(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
