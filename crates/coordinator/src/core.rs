@@ -1334,7 +1334,7 @@ impl Core {
             self.scheduler.units().filter(|(_, s)| f(s)).count() as u32
         };
         Ok(Status {
-            round: self.scheduler.round(),
+            round,
             version: self.current.version,
             initial_holdout_loss: self.initial_loss,
             workers: self.workers.len() as u64,

@@ -73,14 +73,16 @@ pub struct TransferRequest {
 }
 
 impl Ledger {
-    /// A wallet's totals and entries.
+    /// A wallet's totals over all its entries, and its entries (the newest `newest`, or
+    /// all).
     pub fn wallet_view(&self, wallet: &Account, newest: Option<usize>) -> WalletView {
         let mut v = WalletView {
             wallet: wallet.to_string(),
             balance: self.balance(wallet),
             ..WalletView::default()
         };
-        for e in self.entries_of(wallet) {
+        let mine: Vec<&Entry> = self.entries_of(wallet).collect();
+        for e in &mine {
             let from = e.from.as_ref() == Some(wallet);
             match (e.kind, from) {
                 (Kind::Mint, _) => {
@@ -94,7 +96,6 @@ impl Ledger {
                 (Kind::Clawback, _) => v.clawed_back += e.amount,
             }
         }
-        let mine: Vec<&Entry> = self.entries_of(wallet).collect();
         let skip = newest.map_or(0, |n| mine.len().saturating_sub(n));
         v.entries = mine[skip..].iter().map(|&e| e.clone()).collect();
         v

@@ -245,27 +245,28 @@ pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>)
         }
         Ok(Summary::Finite { norm }) => *norm,
     };
-    if round.check_values && norm > round.delta_norm_max {
-        return Verdict::reject(
-            Reject::NormTooLarge,
-            format!(
-                "the update's L2 norm {norm:.4} exceeds the bound {}",
-                round.delta_norm_max
-            ),
-        );
-    }
-    if let Some(median) = round.median_norm
-        && round.check_values
-        && median > 0.0
-        && norm > round.median_multiple_max * median
-    {
-        return Verdict::reject(
-            Reject::NormOutlier,
-            format!(
-                "the update's L2 norm {norm:.4} is over {} times the round's median {median:.4}",
-                round.median_multiple_max
-            ),
-        );
+    if round.check_values {
+        if norm > round.delta_norm_max {
+            return Verdict::reject(
+                Reject::NormTooLarge,
+                format!(
+                    "the update's L2 norm {norm:.4} exceeds the bound {}",
+                    round.delta_norm_max
+                ),
+            );
+        }
+        if let Some(median) = round.median_norm
+            && median > 0.0
+            && norm > round.median_multiple_max * median
+        {
+            return Verdict::reject(
+                Reject::NormOutlier,
+                format!(
+                    "the update's L2 norm {norm:.4} is over {} times the round's median {median:.4}",
+                    round.median_multiple_max
+                ),
+            );
+        }
     }
     Verdict::Accepted {
         work_unit: h.work_unit,
