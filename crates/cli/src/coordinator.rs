@@ -36,6 +36,10 @@ pub(crate) struct RunFlags {
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, env = "HIVETRAIN_LEASE")]
     lease: Option<u64>,
+    /// Seconds a lease may last however often it is renewed (then its unit goes to
+    /// another worker, and its holder gets no other unit of the round).
+    #[arg(long, env = "HIVETRAIN_LEASE_MAX")]
+    lease_max: Option<u64>,
     /// Local steps per unit (H).
     #[arg(long, env = "HIVETRAIN_LOCAL_STEPS")]
     local_steps: Option<u32>,
@@ -124,6 +128,10 @@ impl RunFlags {
         }
         if let Some(v) = self.lease {
             s.lease_ms = v.saturating_mul(1000);
+            s.lease_max_ms = s.lease_max_ms.max(s.lease_ms);
+        }
+        if let Some(v) = self.lease_max {
+            s.lease_max_ms = v.saturating_mul(1000);
         }
         if let Some(v) = self.local_steps {
             s.steps_per_unit = v;

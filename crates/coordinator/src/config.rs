@@ -57,6 +57,9 @@ pub struct CoordinatorConfig {
     pub scoring: validation::score::ScorePolicy,
     /// Replay spot-checks of accepted units. Not part of the run's identity.
     pub spot_check: SpotCheckConfig,
+    /// Bounds on what anyone with a key can make the coordinator keep. Not part of the
+    /// run's identity.
+    pub records: RecordLimits,
     /// Take every well-formed update's values unchecked: no finiteness check, no norm
     /// bounds. Only the simulator's plain-mean baseline sets it, to show what an attack
     /// does to a mean that takes whatever it is sent; no file, variable or flag can.
@@ -92,6 +95,30 @@ impl Default for SpotCheckConfig {
             tolerance: 0.0,
             max_backlog: 10_000,
             threads: 1,
+        }
+    }
+}
+
+/// Bounds on the rows that keys anyone can make leave behind: registrations and
+/// rejection records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordLimits {
+    /// Most registered workers. Past it, a new registration drops the oldest one that
+    /// never had an update accepted and holds no lease (its worker registers again when
+    /// told `unknown_worker`); if there is none, it is refused with 503
+    /// `registrations_full`.
+    pub workers_max: u64,
+    /// Most rejection records kept, over all keys and rounds (each key also has at most
+    /// `MAX_REJECTIONS_RECORDED` a round); the oldest go first.
+    pub rejections_max: u64,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            workers_max: 100_000,
+            rejections_max: 100_000,
         }
     }
 }
@@ -169,6 +196,7 @@ impl Default for CoordinatorConfig {
             serving: ServingConfig::default(),
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
+            records: RecordLimits::default(),
             unchecked_values: false,
         }
     }
@@ -201,16 +229,28 @@ impl CoordinatorConfig {
         })
     }
 
-    /// The JSON that identifies the run (everything but `serving`, `scoring` and
-    /// `spot_check`), stored with it and compared on restart.
+    /// The JSON that identifies the run (everything but `serving`, `scoring`,
+    /// `spot_check` and `records`), stored with it and compared on restart.
     pub fn identity_json(&self) -> String {
         let identity = CoordinatorConfig {
             serving: ServingConfig::default(),
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
+            records: RecordLimits::default(),
             ..self.clone()
         };
         serde_json::to_string(&identity).unwrap_or_default()
+    }
+
+    /// Whether `stored`, a run's stored [`CoordinatorConfig::identity_json`], names the
+    /// same run as this config. The stored JSON is read back as a config first, so a
+    /// run stored before a setting existed takes that setting's default (and a setting
+    /// that left the identity no longer counts).
+    pub fn same_run_as(&self, stored: &str) -> bool {
+        match serde_json::from_str::<CoordinatorConfig>(stored) {
+            Ok(stored) => stored.identity_json() == self.identity_json(),
+            Err(_) => stored == self.identity_json(),
+        }
     }
 
     /// The config as TOML (for `hivetrain coordinator --print-config`).
@@ -239,6 +279,15 @@ impl CoordinatorConfig {
         }
         if s.lease_ms == 0 || s.round_timeout_ms == 0 {
             return bad("schedule.lease_ms and round_timeout_ms must be positive");
+        }
+        if s.lease_max_ms < s.lease_ms {
+            return bad("schedule.lease_max_ms must be at least schedule.lease_ms");
+        }
+        let r = &self.records;
+        if r.workers_max == 0 || r.rejections_max == 0 || r.rejections_max > protocol::ID_MAX {
+            return bad(
+                "records.workers_max and rejections_max must be at least 1 (and rejections_max a 63-bit number)",
+            );
         }
         if !(s.inner_lr.is_finite() && s.inner_lr > 0.0) {
             return bad("schedule.inner_lr must be a positive number");

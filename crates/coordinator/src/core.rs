@@ -295,7 +295,7 @@ impl Core {
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
             Some(stored) => {
-                if stored != config_json {
+                if !config.same_run_as(&stored) {
                     return Err(CoreError::ConfigMismatch {
                         dir: dir.display().to_string(),
                         stored,
@@ -546,11 +546,62 @@ impl Core {
             name: name.to_owned(),
             registered_ms: now_ms,
         };
+        let full = self.workers.len() as u64 >= self.config.records.workers_max;
+        let dropped = if full && !self.workers.contains(&worker) {
+            Some(self.idle_registration()?)
+        } else {
+            None
+        };
         self.store
-            .write(|tx| tx.upsert_worker(&row))
+            .write(|tx| {
+                if let Some(old) = dropped {
+                    tx.remove_worker(&old.to_string())?;
+                }
+                tx.upsert_worker(&row)
+            })
             .map_err(|e| ApiError::internal(&e))?;
+        if let Some(old) = dropped {
+            self.workers.remove(&old);
+        }
         self.workers.insert(worker);
         Ok(())
+    }
+
+    /// The registration a new one replaces when `records.workers_max` are registered:
+    /// the oldest of a worker that never had an update accepted and holds no lease now.
+    /// Anyone can register any number of keys, so registrations that did nothing are
+    /// what a flood is made of; a dropped worker that comes back is told
+    /// `unknown_worker` and registers again.
+    fn idle_registration(&self) -> Result<WorkerId, ApiError> {
+        /// Registrations looked at per attempt (more holding leases than this is a
+        /// network that needs a higher `records.workers_max`).
+        const CANDIDATES: u64 = 64;
+        let holders: HashSet<WorkerId> = self
+            .scheduler
+            .units()
+            .filter_map(|(_, s)| match *s {
+                UnitStatus::Leased { worker, .. } => Some(worker),
+                _ => None,
+            })
+            .chain(self.scheduler.late().map(|l| l.worker))
+            .collect();
+        self.store
+            .idle_workers(CANDIDATES)
+            .map_err(|e| ApiError::internal(&e))?
+            .iter()
+            .filter_map(|id| WorkerId::parse(id))
+            .find(|w| !holders.contains(w))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "registrations_full",
+                    format!(
+                        "the coordinator holds its most registrations ({}), all of workers that contributed or hold a lease; retry later",
+                        self.config.records.workers_max
+                    ),
+                )
+                .with_header(axum::http::header::RETRY_AFTER, "60")
+            })
     }
 
     fn known(&self, worker: WorkerId) -> Result<(), ApiError> {
@@ -659,6 +710,12 @@ impl Core {
         // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
         match self.judge(update)? {
+            // The same update accepted before, sent again: `accept` answers it as then.
+            verdict @ Verdict::Rejected { .. }
+                if self.accepted_reply(update, &verdict)?.is_some() =>
+            {
+                Ok(None)
+            }
             Verdict::Accepted { work_unit, .. } => {
                 let unit = self.scheduler.unit(work_unit).map(unit_spec);
                 match unit {
@@ -687,6 +744,9 @@ impl Core {
     ) -> Result<SubmitReply, ApiError> {
         self.tick(now_ms)?;
         let mut verdict = self.judge(update)?;
+        if let Some(reply) = self.accepted_reply(update, &verdict)? {
+            return Ok(reply);
+        }
         let mut gain = None;
         let mut force_check = false;
         if let Verdict::Accepted { .. } = verdict
@@ -925,15 +985,17 @@ impl Core {
     ) -> Result<ledger::Entry, ApiError> {
         let bad =
             |code: &str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
-        let to = WorkerId::parse(&request.to).ok_or_else(|| {
-            bad(
-                "bad_wallet",
-                format!(
-                    "{:?} is not a wallet: a wallet is a worker's 64-hex-digit public key",
-                    request.to
-                ),
-            )
-        })?;
+        let to = WorkerId::parse(&request.to)
+            .filter(WorkerId::is_public_key)
+            .ok_or_else(|| {
+                bad(
+                    "bad_wallet",
+                    format!(
+                        "{:?} is not a wallet: a wallet is a worker's ed25519 public key, 64 hex digits (credit sent elsewhere could never be spent)",
+                        request.to
+                    ),
+                )
+            })?;
         if to == from {
             return Err(bad(
                 "bad_transfer",
@@ -1040,7 +1102,7 @@ impl Core {
         };
         let signed = !matches!(
             reason,
-            Reject::Malformed | Reject::HashMismatch | Reject::BadSignature
+            Reject::Malformed | Reject::HashMismatch | Reject::BadSignature | Reject::OutOfRange
         );
         if let (true, Some(h)) = (signed, header) {
             let worker = h.worker.to_string();
@@ -1052,6 +1114,8 @@ impl Core {
                 .rejections_of(&worker, round)
                 .map_err(|e| ApiError::internal(&e))?
                 < MAX_REJECTIONS_RECORDED;
+            // And so that many keys cannot either: the oldest records go past the bound.
+            let kept = self.config.records.rejections_max;
             let row = RejectionRow {
                 received_ms: now_ms,
                 round,
@@ -1074,17 +1138,63 @@ impl Core {
                 let effects = self.advance(now_ms, &[event], |tx| {
                     if record {
                         tx.insert_rejection(&row)?;
+                        tx.trim_rejections(kept)?;
                     }
                     Ok(())
                 })?;
                 self.after(&effects, now_ms)?;
             } else if record {
                 self.store
-                    .write(|tx| tx.insert_rejection(&row))
+                    .write(|tx| {
+                        tx.insert_rejection(&row)?;
+                        tx.trim_rejections(kept)
+                    })
                     .map_err(|e| ApiError::internal(&e))?;
             }
         }
         Err(ApiError::rejected(reason, sentence))
+    }
+
+    /// The reply an accepted update was given, when `update`, refused now (the unit is
+    /// no longer leased, already submitted, or the round moved on), is that very update
+    /// sent again by its worker: a worker whose reply was lost (a dropped connection, a
+    /// coordinator killed after the commit) retries, and learns that it was accepted and
+    /// credited instead of being told `duplicate`. Nothing is written.
+    fn accepted_reply(
+        &self,
+        update: &Inspected,
+        verdict: &Verdict,
+    ) -> Result<Option<SubmitReply>, ApiError> {
+        if !matches!(verdict, Verdict::Rejected { .. }) {
+            return Ok(None);
+        }
+        let internal = |e: store::StoreError| ApiError::internal(&e);
+        let unit = update.header.work_unit;
+        let Some(row) = self.store.update(unit).map_err(internal)? else {
+            return Ok(None);
+        };
+        if row.worker != update.header.worker.to_string()
+            || row.blob != BlobHash::from_digest(&update.address)
+        {
+            return Ok(None);
+        }
+        let credit = self
+            .ledger
+            .find(ledger::Kind::Mint, &mint_reference(unit))
+            .map_or(0, |e| e.amount);
+        let round_accepted = self
+            .store
+            .updates_of_round(row.round)
+            .map_err(internal)?
+            .iter()
+            .filter(|u| u.received_ms <= row.received_ms)
+            .count() as u32;
+        Ok(Some(SubmitReply {
+            unit,
+            norm: row.norm,
+            round_accepted,
+            credit,
+        }))
     }
 
     /// Whether a scored refusal is overridden because another worker sent the same bytes
@@ -1282,20 +1392,26 @@ impl Core {
                 self.current.checkpoint_hash.to_string(),
             ));
         }
+        let unknown = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_version",
+                format!(
+                    "there is no model version {version}; the newest is {}",
+                    self.current.version
+                ),
+            )
+        };
+        // Versions after the current one do not exist yet: no store read for them (and
+        // none for a number the store cannot hold).
+        if version > self.current.version {
+            return Err(unknown());
+        }
         let row = self
             .store
             .version(version)
             .map_err(|e| ApiError::internal(&e))?
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_version",
-                    format!(
-                        "there is no model version {version}; the newest is {}",
-                        self.current.version
-                    ),
-                )
-            })?;
+            .ok_or_else(unknown)?;
         let bytes = self
             .store
             .blobs()

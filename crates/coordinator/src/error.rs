@@ -31,26 +31,34 @@ impl ApiError {
         self
     }
 
-    /// A failure of the coordinator itself (store, engine): logged, and a 500.
+    /// A failure of the coordinator itself (store, engine): a 500 whose sentence gives a
+    /// reference to the log line that holds the cause. The cause (a store path, an
+    /// engine error) stays in the log: clients learn nothing of the server's insides.
     pub fn internal(error: &dyn std::error::Error) -> ApiError {
+        static REFERENCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut message = error.to_string();
         let mut source = error.source();
         while let Some(cause) = source {
             message.push_str(&format!(": {cause}"));
             source = cause.source();
         }
-        eprintln!("coordinator error: {message}");
+        let reference = REFERENCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("coordinator: internal error #{reference}: {message}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("the coordinator failed: {message}"),
+            format!(
+                "the coordinator failed on this request (internal error #{reference} in its log); retry later, and tell its operator if it persists"
+            ),
         )
     }
 
     /// The reply to a rejected update.
     pub fn rejected(reason: Reject, sentence: String) -> ApiError {
         let status = match reason {
-            Reject::Malformed | Reject::HashMismatch => StatusCode::BAD_REQUEST,
+            Reject::Malformed | Reject::HashMismatch | Reject::OutOfRange => {
+                StatusCode::BAD_REQUEST
+            }
             Reject::BadSignature => StatusCode::UNAUTHORIZED,
             Reject::NotYourLease => StatusCode::FORBIDDEN,
             Reject::NotLeased | Reject::Duplicate | Reject::WrongBase | Reject::Stale => {

@@ -265,6 +265,16 @@ async fn model(
             format!("{version:?} is not a version number"),
         )
     })?;
+    if version > protocol::ID_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "out_of_range",
+            format!(
+                "version {version} is above the largest version number, {}",
+                protocol::ID_MAX
+            ),
+        ));
+    }
     let (bytes, hash) = with_core(&shared, move |core, _| core.model(version)).await?;
     Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
 }

@@ -17,7 +17,7 @@ pub mod update;
 pub use codec::{Codec, Summary, summarize_values};
 pub use limits::Limits;
 pub use update::{
-    DecodeError, SignedUpdate, UpdateHeader, WorkerId, encode_update, encode_update_payload,
+    DecodeError, ID_MAX, SignedUpdate, UpdateHeader, WorkerId, encode_update, encode_update_payload,
 };
 
 /// Version of the update format; bumped with any change to its bytes.

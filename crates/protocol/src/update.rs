@@ -62,7 +62,17 @@ impl WorkerId {
         hex::decode_to_slice(hex, &mut id).ok()?;
         Some(WorkerId(id))
     }
+
+    /// Whether the id is an ed25519 public key that can sign: a point on the curve, not
+    /// of small order. Credit sent to anything else could never be spent.
+    pub fn is_public_key(&self) -> bool {
+        VerifyingKey::from_bytes(&self.0).is_ok_and(|key| !key.is_weak())
+    }
 }
+
+/// The largest unit id or version a peer may name: stores keep them as signed 64-bit
+/// integers, so anything above is refused as `out_of_range` before it reaches one.
+pub const ID_MAX: u64 = i64::MAX as u64;
 
 /// What a worker states about its update; all of it is signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +110,8 @@ pub enum DecodeError {
     BadKey,
     #[error("the signature does not verify against the worker key")]
     BadSignature,
+    #[error("the update's {field} is {value}, above the largest id {ID_MAX}")]
+    OutOfRange { field: &'static str, value: u64 },
 }
 
 impl DecodeError {
@@ -118,6 +130,7 @@ impl DecodeError {
             DecodeError::HashMismatch => "hash_mismatch",
             DecodeError::BadKey => "bad_key",
             DecodeError::BadSignature => "bad_signature",
+            DecodeError::OutOfRange { .. } => "out_of_range",
         }
     }
 }
@@ -228,6 +241,12 @@ impl<'a> SignedUpdate<'a> {
         if got > want {
             return Err(DecodeError::TrailingBytes { got, want });
         }
+        let (work_unit, base_version) = (le_u64(&bytes[8..16]), le_u64(&bytes[16..24]));
+        for (field, value) in [("work unit", work_unit), ("base version", base_version)] {
+            if value > ID_MAX {
+                return Err(DecodeError::OutOfRange { field, value });
+            }
+        }
         let mut worker = [0u8; 32];
         worker.copy_from_slice(&bytes[24..56]);
         let mut hash = [0u8; 32];
@@ -236,8 +255,8 @@ impl<'a> SignedUpdate<'a> {
         signature.copy_from_slice(&bytes[112..176]);
         Ok(SignedUpdate {
             header: UpdateHeader {
-                work_unit: le_u64(&bytes[8..16]),
-                base_version: le_u64(&bytes[16..24]),
+                work_unit,
+                base_version,
                 worker: WorkerId(worker),
                 nonce: le_u64(&bytes[56..64]),
                 codec,

@@ -32,6 +32,10 @@ pub struct ScheduleConfig {
     pub round_timeout_ms: u64,
     /// How long a lease lasts without a heartbeat, in ms.
     pub lease_ms: u64,
+    /// The longest a lease may last however often it is renewed, in ms (BOINC's
+    /// deadline): past it the unit is queued again and its holder gets no other unit of
+    /// the round, so a key that only sends heartbeats cannot hold a round back.
+    pub lease_max_ms: u64,
     /// Local steps per unit (H).
     pub steps_per_unit: u32,
     /// Inner learning rate given to workers (of the first round, when it decays).
@@ -54,6 +58,7 @@ impl Default for ScheduleConfig {
             min_updates: 2,
             round_timeout_ms: 600_000,
             lease_ms: 300_000,
+            lease_max_ms: 1_200_000,
             steps_per_unit: 50,
             inner_lr: 2e-3,
             lr_decay_rounds: 0,
@@ -91,8 +96,22 @@ pub struct WorkUnit {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum UnitStatus {
     Queued,
-    Leased { worker: WorkerId, deadline_ms: u64 },
-    Accepted { worker: WorkerId },
+    Leased {
+        worker: WorkerId,
+        /// When the lease ends unless renewed.
+        deadline_ms: u64,
+        /// When it ends however often it is renewed (`lease_max_ms` after it began; a
+        /// lease stored before the limit existed has none).
+        #[serde(default = "no_limit")]
+        hard_deadline_ms: u64,
+    },
+    Accepted {
+        worker: WorkerId,
+    },
+}
+
+fn no_limit() -> u64 {
+    u64::MAX
 }
 
 /// What happened, as the driver tells it.
@@ -127,6 +146,9 @@ pub enum Effect {
     },
     /// The worker's lease on the unit expired; the unit is queued again.
     LeaseExpired { worker: WorkerId, unit: u64 },
+    /// The worker's lease on the unit reached `lease_max_ms`, renewed or not: the unit is
+    /// queued again and the worker gets no other unit of this round.
+    LeaseOverdue { worker: WorkerId, unit: u64 },
     /// Aggregate these accepted units of `round` (on `base_version`) into the next version.
     Aggregate {
         round: u64,
@@ -176,6 +198,10 @@ pub struct Scheduler {
     /// before their deadline, so a slow worker's training is not lost.
     #[serde(default)]
     late: BTreeMap<u64, LateLease>,
+    /// Workers whose lease of this round reached `lease_max_ms`: no more units for them
+    /// until the next round (at most one entry per lease the round handed out).
+    #[serde(default)]
+    overdue: Vec<WorkerId>,
 }
 
 /// A lease that outlived its round.
@@ -184,6 +210,9 @@ pub struct LateLease {
     pub unit: WorkUnit,
     pub worker: WorkerId,
     pub deadline_ms: u64,
+    /// When it ends however often it is renewed.
+    #[serde(default = "no_limit")]
+    pub hard_deadline_ms: u64,
     /// The round whose aggregate its accepted update joins.
     pub accepted_in: Option<u64>,
 }
@@ -205,6 +234,7 @@ impl Scheduler {
             units: BTreeMap::new(),
             refused: BTreeMap::new(),
             late: BTreeMap::new(),
+            overdue: Vec::new(),
         }
     }
 
@@ -318,22 +348,24 @@ impl Scheduler {
             match *event {
                 Event::LeaseRequest { worker } => self.lease(now_ms, worker, &mut effects),
                 Event::Heartbeat { worker, unit } => {
+                    let renewed = now_ms.saturating_add(self.config.lease_ms);
                     if let Some((
                         _,
                         UnitStatus::Leased {
                             worker: holder,
                             deadline_ms,
+                            hard_deadline_ms,
                         },
                     )) = self.units.get_mut(&unit)
                         && *holder == worker
                     {
-                        *deadline_ms = now_ms + self.config.lease_ms;
+                        *deadline_ms = renewed.min(*hard_deadline_ms);
                     }
                     if let Some(l) = self.late.get_mut(&unit)
                         && l.worker == worker
                         && l.accepted_in.is_none()
                     {
-                        l.deadline_ms = now_ms + self.config.lease_ms;
+                        l.deadline_ms = renewed.min(l.hard_deadline_ms);
                     }
                 }
                 Event::UpdateAccepted { worker, unit } => {
@@ -375,6 +407,7 @@ impl Scheduler {
                         self.aggregating = false;
                         self.units.clear();
                         self.refused.clear();
+                        self.overdue.clear();
                         // Aggregated late updates are done; leases too stale are dropped.
                         let (current, max) = (self.version, self.config.max_staleness);
                         self.late.retain(|_, l| {
@@ -434,19 +467,29 @@ impl Scheduler {
             if let UnitStatus::Leased {
                 worker,
                 deadline_ms,
+                hard_deadline_ms,
             } = *status
                 && deadline_ms <= now_ms
             {
                 *status = UnitStatus::Queued;
-                effects.push(Effect::LeaseExpired { worker, unit: *id });
+                if hard_deadline_ms <= now_ms {
+                    if !self.overdue.contains(&worker) {
+                        self.overdue.push(worker);
+                    }
+                    effects.push(Effect::LeaseOverdue { worker, unit: *id });
+                } else {
+                    effects.push(Effect::LeaseExpired { worker, unit: *id });
+                }
             }
         }
         self.late.retain(|id, l| {
             let expired = l.accepted_in.is_none() && l.deadline_ms <= now_ms;
             if expired {
-                effects.push(Effect::LeaseExpired {
-                    worker: l.worker,
-                    unit: *id,
+                let (worker, unit) = (l.worker, *id);
+                effects.push(if l.hard_deadline_ms <= now_ms {
+                    Effect::LeaseOverdue { worker, unit }
+                } else {
+                    Effect::LeaseExpired { worker, unit }
                 });
             }
             !expired
@@ -467,7 +510,7 @@ impl Scheduler {
             });
             return;
         }
-        let queued = if self.aggregating {
+        let queued = if self.aggregating || self.overdue.contains(&worker) {
             None
         } else {
             let refused = &self.refused;
@@ -478,10 +521,14 @@ impl Scheduler {
         };
         match queued {
             Some((unit, status)) => {
-                let deadline_ms = now_ms + self.config.lease_ms;
+                let hard_deadline_ms = now_ms.saturating_add(self.config.lease_max_ms);
+                let deadline_ms = now_ms
+                    .saturating_add(self.config.lease_ms)
+                    .min(hard_deadline_ms);
                 *status = UnitStatus::Leased {
                     worker,
                     deadline_ms,
+                    hard_deadline_ms,
                 };
                 effects.push(Effect::Lease {
                     worker,
@@ -516,6 +563,7 @@ impl Scheduler {
                 UnitStatus::Leased {
                     worker,
                     deadline_ms,
+                    hard_deadline_ms,
                 } => {
                     if keep_late {
                         late.insert(
@@ -524,6 +572,7 @@ impl Scheduler {
                                 unit: *unit,
                                 worker,
                                 deadline_ms,
+                                hard_deadline_ms,
                                 accepted_in: None,
                             },
                         );
@@ -564,7 +613,17 @@ mod tests {
     /// Runs (time, events) steps and prints every effect, one per line.
     #[track_caller]
     fn check(steps: &[(u64, Vec<Event>)], expect: expect_test::Expect) {
-        let mut s = Scheduler::new(config(), 0);
+        check_with(config(), steps, expect)
+    }
+
+    /// [`check`] under another config.
+    #[track_caller]
+    fn check_with(
+        config: ScheduleConfig,
+        steps: &[(u64, Vec<Event>)],
+        expect: expect_test::Expect,
+    ) {
+        let mut s = Scheduler::new(config, 0);
         let mut out = String::new();
         for (now, events) in steps {
             for e in s.tick(*now, 7, events) {
@@ -585,6 +644,9 @@ mod tests {
                     Effect::NoWork { worker, .. } => format!("no work for w{}", worker.0[0]),
                     Effect::LeaseExpired { worker, unit } => {
                         format!("lease of unit {unit} by w{} expired", worker.0[0])
+                    }
+                    Effect::LeaseOverdue { worker, unit } => {
+                        format!("lease of unit {unit} by w{} is overdue", worker.0[0])
                     }
                     Effect::Aggregate {
                         round,
@@ -617,6 +679,54 @@ mod tests {
             .collect();
         expect_test::expect!["0.001000 0.000978 0.000550 0.000122 0.000100 0.000100"]
             .assert_eq(&lrs.join(" "));
+    }
+
+    /// Heartbeats renew a lease up to `lease_max_ms` and no further: then the unit goes
+    /// to another worker, and the holder gets nothing more of the round, so two keys
+    /// that only send heartbeats cannot keep a round from reaching MIN.
+    #[test]
+    fn heartbeats_do_not_keep_a_lease_past_its_hard_limit() {
+        use Event::*;
+        let hb = |n, unit| Heartbeat { worker: w(n), unit };
+        check_with(
+            ScheduleConfig {
+                lease_max_ms: 250,
+                ..config()
+            },
+            &[
+                (
+                    0,
+                    vec![LeaseRequest { worker: w(1) }, LeaseRequest { worker: w(2) }],
+                ),
+                (90, vec![hb(1, 1), hb(2, 2)]),
+                (180, vec![hb(1, 1), hb(2, 2)]),
+                (
+                    250,
+                    vec![
+                        LeaseRequest { worker: w(1) },
+                        LeaseRequest { worker: w(2) },
+                        LeaseRequest { worker: w(3) },
+                    ],
+                ),
+                (
+                    300,
+                    vec![UpdateAccepted {
+                        worker: w(3),
+                        unit: 1,
+                    }],
+                ),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
+                t=250: lease of unit 1 by w1 is overdue
+                t=250: lease of unit 2 by w2 is overdue
+                t=250: no work for w1
+                t=250: no work for w2
+                t=250: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 350
+            "#]],
+        );
     }
 
     #[test]

@@ -164,6 +164,13 @@ CREATE INDEX rejections_worker_round ON rejections (worker, round);
     r#"
 CREATE INDEX rejections_round ON rejections (round);
 "#,
+    // Registrations are bounded: a worker with no accepted update may be dropped for a
+    // newer one (`Store::idle_workers`), so its row says whether it ever contributed.
+    r#"
+ALTER TABLE workers ADD COLUMN productive INTEGER NOT NULL DEFAULT 0;
+UPDATE workers SET productive = 1 WHERE id IN (SELECT worker FROM updates);
+CREATE INDEX workers_idle ON workers (productive, registered_ms);
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -742,6 +749,27 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
+    /// How many workers are registered.
+    pub fn worker_count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM workers", [], |r| r.get(0))
+            .map_err(sql(&self.path))
+    }
+
+    /// The oldest `limit` registrations of workers with no accepted update, oldest first.
+    pub fn idle_workers(&self, limit: u64) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id FROM workers WHERE productive = 0 ORDER BY registered_ms, id LIMIT ?1",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([limit], |r| r.get(0))
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
     /// How many updates were accepted over the whole run.
     pub fn accepted_count(&self) -> Result<u64, StoreError> {
         self.conn
@@ -862,6 +890,24 @@ impl Tx<'_> {
                 u.weight,
                 u.received_ms
             ],
+        )?;
+        // Its worker has contributed: its registration is never dropped.
+        self.run(
+            "UPDATE workers SET productive = 1 WHERE id = ?1",
+            params![u.worker],
+        )
+    }
+
+    /// Drops a registration (one with no accepted update, for a newer one).
+    pub fn remove_worker(&self, id: &str) -> Result<(), StoreError> {
+        self.run("DELETE FROM workers WHERE id = ?1", params![id])
+    }
+
+    /// Keeps only the newest `keep` rejection records.
+    pub fn trim_rejections(&self, keep: u64) -> Result<(), StoreError> {
+        self.run(
+            "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?1",
+            params![keep],
         )
     }
 

@@ -75,6 +75,8 @@ pub enum Reject {
     NotOwnData,
     /// Its payload is one already accepted (another unit's, or an old one).
     Copied,
+    /// It names a unit or version above `protocol::ID_MAX`, which no store can hold.
+    OutOfRange,
 }
 
 impl Reject {
@@ -106,6 +108,7 @@ impl Reject {
             Reject::Harmful => "harmful",
             Reject::NotOwnData => "not_own_data",
             Reject::Copied => "copied",
+            Reject::OutOfRange => "out_of_range",
         }
     }
 }
@@ -152,6 +155,9 @@ pub struct Inspected {
 pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<Inspected, Verdict> {
     let update = match SignedUpdate::parse(bytes, limits) {
         Ok(u) => u,
+        Err(e @ protocol::DecodeError::OutOfRange { .. }) => {
+            return Err(Verdict::reject(Reject::OutOfRange, e.to_string()));
+        }
         Err(e) => {
             return Err(Verdict::reject(
                 Reject::Malformed,

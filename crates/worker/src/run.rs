@@ -117,7 +117,16 @@ pub fn run(
     let mut model: Option<(u64, Box<dyn Backend>, Vec<f32>)> = None;
     while !stop.load(Ordering::SeqCst) && options.max_units.is_none_or(|m| summary.units < m) {
         let Some(reply) = retrying(options, stop, || {
-            transport.lease(key).map_err(WorkerError::from)
+            match transport.lease(key) {
+                // A coordinator bounds its registrations and may have dropped ours while
+                // we had no lease: join again.
+                Err(TransportError::Refused(r)) if r.code == "unknown_worker" => {
+                    transport.register(key, &options.name)?;
+                    transport.lease(key)
+                }
+                other => other,
+            }
+            .map_err(WorkerError::from)
         })?
         else {
             break;

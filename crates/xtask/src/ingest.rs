@@ -72,6 +72,7 @@ pub(crate) fn run(root: &std::path::Path, args: IngestBench) -> anyhow::Result<(
     config.schedule.units_per_round = args.updates as u32 + 1;
     config.schedule.min_updates = 1;
     config.schedule.lease_ms = 3_600_000;
+    config.schedule.lease_max_ms = 3_600_000;
     config.schedule.round_timeout_ms = 3_600_000;
     config.schedule.n_shards = 16;
     // The updates are made up, not trained: scoring would refuse them and re-runs would

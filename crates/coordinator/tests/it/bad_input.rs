@@ -154,11 +154,17 @@ fn every_bad_update_is_refused_with_its_code_and_changes_nothing() {
         ]
     );
 
-    // The valid update is accepted once; a second submission is a duplicate.
-    let r = ts::submit(&url, valid.clone());
-    assert_eq!(r.status, 200, "{r:?}");
+    // The valid update is accepted once: sent again, it gets the same reply and nothing
+    // is written; another update for the unit is a duplicate.
+    let first = ts::submit(&url, valid.clone());
+    assert_eq!(first.status, 200, "{first:?}");
     let after_accept = footprint(&server);
-    let r = ts::submit(&url, valid);
+    assert_eq!(ts::submit(&url, valid), first);
+    let other: Vec<f32> = ts::crafted_delta(u.id, n).iter().map(|x| x * 0.5).collect();
+    let r = ts::submit(
+        &url,
+        ts::update_bytes(&keys[0], u.id, u.base_version, &other),
+    );
     assert_eq!((r.status, r.code()), (409, "duplicate"), "{r:?}");
     assert_eq!(footprint(&server), after_accept);
 
@@ -180,7 +186,14 @@ fn every_bad_update_is_refused_with_its_code_and_changes_nothing() {
     assert!(noisy == quiet, "bad inputs changed the model");
 
     // Once a newer version exists, an update on the old one is stale (MAX_STALENESS 0).
-    let r = ts::submit(&clean.url(), good(&keys, &units, n, 0));
+    let half: Vec<f32> = ts::crafted_delta(units[0].id, n)
+        .iter()
+        .map(|x| x * 0.5)
+        .collect();
+    let r = ts::submit(
+        &clean.url(),
+        ts::update_bytes(&keys[0], units[0].id, units[0].base_version, &half),
+    );
     assert_eq!((r.status, r.code()), (409, "stale"), "{r:?}");
     clean.stop();
 }

@@ -42,8 +42,15 @@ fn an_update_one_version_late_is_accepted_credited_and_aggregated() {
         core.wallet(ids[1], None).balance > 0,
         "the late unit is credited"
     );
+    // Sent again, it is answered as accepted (a lost reply's retry); another update for
+    // the unit is a duplicate.
     assert_eq!(
         ts::core_submit(&mut core, &keys[1], &slow, &slow_delta, T0 + 2_200),
+        Ok(())
+    );
+    let other: Vec<f32> = slow_delta.iter().map(|x| x * 0.5).collect();
+    assert_eq!(
+        ts::core_submit(&mut core, &keys[1], &slow, &other, T0 + 2_200),
         Err("duplicate".into())
     );
 

@@ -4,6 +4,7 @@
 mod bad_input;
 mod checks;
 mod flow;
+mod hostile;
 mod inference;
 mod late;
 mod ledger;

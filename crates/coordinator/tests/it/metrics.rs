@@ -29,7 +29,11 @@ fn metrics_count_requests_verdicts_and_read_the_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, url, unit) = one_update(dir.path());
     let n = server.with_core(|c| c.params().len());
-    let again = ts::submit_crafted(&url, &ts::key(1), &unit, n);
+    let other: Vec<f32> = ts::crafted_delta(unit.id, n).iter().map(|x| -x).collect();
+    let again = ts::submit(
+        &url,
+        ts::update_bytes(&ts::key(1), unit.id, unit.base_version, &other),
+    );
     assert_eq!(again.code(), "duplicate", "{again:?}");
     assert_eq!(ts::get(&url, "/no/such/route").status, 404);
     let odd = reqwest::blocking::Client::new()
