@@ -68,12 +68,7 @@ fn network_at(
     clock: &ts::ManualClock,
     tweak: impl FnOnce(&mut coordinator::CoordinatorConfig),
 ) -> (coordinator::Coordinator, String) {
-    let mut config = ts::hand_made(ts::tiny_config(dir, 3));
-    config.schedule.steps_per_unit = 1000;
-    config.serving.requests_per_minute = 1000;
-    config.serving.dividend_interval_s = 0;
-    tweak(&mut config);
-    let server = ts::start_with_clock(dir, config, clock);
+    let server = ts::start_with_clock(dir, network_config(dir, tweak), clock);
     let url = server.url();
     let (alice, bob) = (ts::key(1), ts::key(2));
     ts::register(&url, &alice, "alice");
@@ -85,6 +80,19 @@ fn network_at(
         assert_eq!(r.status, 200, "{r:?}");
     }
     (server, url)
+}
+
+/// The config of [`network_at`].
+fn network_config(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut coordinator::CoordinatorConfig),
+) -> coordinator::CoordinatorConfig {
+    let mut config = ts::hand_made(ts::tiny_config(dir, 3));
+    config.schedule.steps_per_unit = 1000;
+    config.serving.requests_per_minute = 1000;
+    config.serving.dividend_interval_s = 0;
+    tweak(&mut config);
+    config
 }
 
 /// A reply's status and error code against the expected ones.
@@ -607,6 +615,40 @@ fn an_idempotency_key_buys_one_request_not_a_bigger_one() {
     check(&late, (422, "idempotency_key_expired"));
     assert_eq!(tokens_generated(&url), generated);
     assert_eq!(balance(&url, &alice), before_retry);
+    server.stop();
+}
+
+/// A stored reply is committed with its charge: after a restart the retry is answered
+/// from the store and charged nothing, and the API key still works.
+#[test]
+fn a_stored_reply_outlives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ts::ManualClock::new(coordinator::system_ms());
+    let (server, url) = network_at(dir.path(), &clock, |_| {});
+    let alice = ts::key(1);
+    let key = ts::api_key(&url, &alice);
+    let request = r#"{"model":"hivetrain","prompt":"To be","max_tokens":3,"temperature":1}"#;
+    let once = [("idempotency-key", "across-restarts")];
+    let first = post(&url, "/v1/completions", Some(&key), request, &once);
+    check(&first, (200, ""));
+    let left = balance(&url, &alice);
+    server.stop();
+
+    let server = ts::start_with_clock(dir.path(), network_config(dir.path(), |_| {}), &clock);
+    let url = server.url();
+    let again = post(&url, "/v1/completions", Some(&key), request, &once);
+    check(&again, (200, ""));
+    assert_eq!(again.2["idempotent-replayed"], "true");
+    let text = |body: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(body).expect("json")["choices"][0]["text"].clone()
+    };
+    assert_eq!(text(&again.1), text(&first.1));
+    assert_eq!(balance(&url, &alice), left);
+    assert_eq!(
+        tokens_generated(&url),
+        0,
+        "nothing generated since the restart"
+    );
     server.stop();
 }
 
