@@ -298,10 +298,10 @@ fn spend_and_share(
         coordinator: url.to_owned(),
         key: Some(key_path.to_owned()),
     };
-    let api_key = crate::query::make_api_key(&remote)?;
+    let api_key = crate::query::TemporaryKey::make(&remote)?;
     let reply = reqwest::blocking::Client::new()
         .post(format!("{url}/v1/completions"))
-        .bearer_auth(&api_key)
+        .bearer_auth(&api_key.key)
         .json(&serde_json::json!({
             "model": "hivetrain",
             "prompt": args.prompt,

@@ -39,28 +39,67 @@ pub(crate) struct QueryArgs {
     remote: Remote,
 }
 
-/// Makes an API key for the key file's wallet: signs a fresh challenge.
-pub(crate) fn make_api_key(remote: &Remote) -> anyhow::Result<String> {
+/// Signs a fresh challenge's `field` (`message` to make a key, `revoke_message` to
+/// revoke them all) with the key file and posts it to `path`.
+fn signed_challenge(remote: &Remote, field: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     let key = remote.key()?;
     let challenge: serde_json::Value = remote.get("/v1/keys/challenge")?;
-    let message = challenge["message"]
+    let message = challenge[field]
         .as_str()
-        .context("the challenge reply has no message")?;
+        .with_context(|| format!("the challenge reply has no {field}"))?;
     let body = serde_json::json!({
         "wallet": WorkerId::of(&key).to_string(),
         "challenge": challenge["challenge"],
         "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
     });
     let response = reqwest::blocking::Client::new()
-        .post(remote.url("/v1/keys"))
+        .post(remote.url(path))
         .json(&body)
         .send()
         .with_context(|| format!("cannot reach the coordinator at {}", remote.coordinator))?;
-    let reply: serde_json::Value = crate::wallet::read(response, "API key")?;
+    crate::wallet::read(response, "API key")
+}
+
+/// Makes an API key for the key file's wallet: signs a fresh challenge.
+pub(crate) fn make_api_key(remote: &Remote) -> anyhow::Result<String> {
+    let reply = signed_challenge(remote, "message", "/v1/keys")?;
     Ok(reply["api_key"]
         .as_str()
         .context("the reply has no api_key")?
         .to_owned())
+}
+
+/// Revokes every API key of the key file's wallet; returns how many.
+pub(crate) fn revoke_all_api_keys(remote: &Remote) -> anyhow::Result<u64> {
+    let reply = signed_challenge(remote, "revoke_message", "/v1/keys/revoke")?;
+    reply["keys"].as_u64().context("the reply has no count")
+}
+
+/// An API key made for one command, revoked when it ends (a wallet holds a bounded
+/// number of keys).
+pub(crate) struct TemporaryKey {
+    remote: Remote,
+    pub(crate) key: String,
+}
+
+impl TemporaryKey {
+    pub(crate) fn make(remote: &Remote) -> anyhow::Result<TemporaryKey> {
+        Ok(TemporaryKey {
+            remote: remote.clone(),
+            key: make_api_key(remote)?,
+        })
+    }
+}
+
+impl Drop for TemporaryKey {
+    fn drop(&mut self) {
+        // Best effort: a key left behind is revoked by `hivetrain wallet revoke-keys`.
+        let _ = reqwest::blocking::Client::new()
+            .post(self.remote.url("/v1/keys/revoke"))
+            .bearer_auth(&self.key)
+            .timeout(Duration::from_secs(10))
+            .send();
+    }
 }
 
 /// Streams one request, printing the text as it comes; returns the reply's text.
@@ -127,9 +166,14 @@ fn balance(remote: &Remote) -> anyhow::Result<u64> {
 
 pub(crate) fn query(args: QueryArgs) -> anyhow::Result<()> {
     let remote = &args.remote;
-    let api_key = match &args.api_key {
-        Some(k) => k.clone(),
-        None => make_api_key(remote)?,
+    let made = match &args.api_key {
+        Some(_) => None,
+        None => Some(TemporaryKey::make(remote)?),
+    };
+    let api_key = match (&args.api_key, &made) {
+        (Some(k), _) => k.clone(),
+        (None, Some(made)) => made.key.clone(),
+        (None, None) => bail!("no API key"),
     };
     let mut request = serde_json::json!({
         "model": args.model,

@@ -14,7 +14,7 @@ use protocol::WorkerId;
 use serde::de::DeserializeOwned;
 
 /// Where the coordinator is and who is asking.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub(crate) struct Remote {
     /// The coordinator's URL.
     #[arg(
@@ -121,6 +121,12 @@ pub(crate) enum WalletCommand {
     },
     /// Make an API key for your wallet (for `hivetrain query` or any OpenAI client).
     ApiKey {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke every API key of your wallet (signed with your key file: for keys that
+    /// are lost, or a wallet at its cap of keys).
+    RevokeKeys {
         #[command(flatten)]
         remote: Remote,
     },
@@ -252,6 +258,10 @@ pub(crate) fn run_wallet(command: WalletCommand) -> anyhow::Result<()> {
                 "an OpenAI client takes it as api_key, with base_url {}; it spends your wallet's credit",
                 remote.url("/v1")
             );
+        }
+        WalletCommand::RevokeKeys { remote } => {
+            let n = crate::query::revoke_all_api_keys(&remote)?;
+            println!("revoked {n} API keys of your wallet");
         }
         WalletCommand::Dividends { wallet, remote } => {
             let id = remote.wallet(wallet.as_deref())?;

@@ -143,6 +143,16 @@ pub struct ServingConfig {
     pub concurrency: u32,
     /// Seconds between payouts of the query-revenue pool as dividends (0: never).
     pub dividend_interval_s: u64,
+    /// How long the reply to a request with an `Idempotency-Key` is kept to answer its
+    /// retries; after that the key is refused (`idempotency_key_expired`), never served
+    /// again for free.
+    pub idempotency_retention_s: u64,
+    /// Most stored replies per wallet; past it the oldest are dropped (their keys are
+    /// then refused as expired).
+    pub idempotent_replies_per_wallet_max: u64,
+    /// Most live API keys per wallet; past it a new key is refused (`too_many_api_keys`)
+    /// until one is revoked.
+    pub api_keys_per_wallet_max: u32,
 }
 
 impl Default for ServingConfig {
@@ -156,6 +166,9 @@ impl Default for ServingConfig {
             threads: 1,
             concurrency: 2,
             dividend_interval_s: 3600,
+            idempotency_retention_s: 86_400,
+            idempotent_replies_per_wallet_max: 1000,
+            api_keys_per_wallet_max: 16,
         }
     }
 }
@@ -309,6 +322,14 @@ impl CoordinatorConfig {
         if v.requests_per_minute == 0 || v.max_tokens == 0 || v.max_prompt_tokens == 0 {
             return bad(
                 "serving.requests_per_minute, max_tokens and max_prompt_tokens must be at least 1",
+            );
+        }
+        if v.idempotency_retention_s == 0
+            || v.idempotent_replies_per_wallet_max == 0
+            || v.api_keys_per_wallet_max == 0
+        {
+            return bad(
+                "serving.idempotency_retention_s, idempotent_replies_per_wallet_max and api_keys_per_wallet_max must be at least 1",
             );
         }
         Ok(())

@@ -423,19 +423,14 @@ impl Core {
             .into_iter()
             .map(|c| c.unit)
             .collect();
-        let serving = serving::Serving {
-            api_keys: store
-                .api_keys()?
-                .into_iter()
-                .filter_map(|(hash, wallet)| WorkerId::parse(&wallet).map(|w| (hash, w)))
-                .collect(),
-            challenges: BTreeMap::new(),
-            dividend_from: store
+        let serving = serving::Serving::new(
+            store.api_keys()?,
+            store
                 .meta(serving::META_DIVIDEND_FROM)?
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            last_dividend_ms: now_ms,
-        };
+            now_ms,
+        )?;
         let run_info = RunInfo {
             preset: config.preset.clone(),
             n_params: n_params as u32,
@@ -1018,6 +1013,19 @@ impl Core {
         }
         // References are the sender's own: two senders may use the same one.
         let draft = Draft::transfer(from, to, request.amount, format!("{from}:{reference}"));
+        // Credit held by generations under way cannot be sent (a repeat still answers).
+        if request.amount > self.available(from)
+            && self.ledger.find(draft.kind, &draft.reference).is_none()
+        {
+            return Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credit",
+                format!(
+                    "wallet {from} has {} credits available (its balance less what requests under way hold)",
+                    ledger::format_credits(self.available(from))
+                ),
+            ));
+        }
         self.append(draft, now_ms)
     }
 

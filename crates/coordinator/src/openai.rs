@@ -7,14 +7,18 @@
 //! | `POST /v1/chat/completions` | a chat completion (the template is `inference::chat_prompt`) |
 //! | `GET /v1/keys/challenge` | a challenge for a wallet to sign |
 //! | `POST /v1/keys` | an API key for a wallet that signed a challenge |
-//! | `POST /v1/keys/revoke` | revokes the key in `Authorization` |
+//! | `POST /v1/keys/revoke` | revokes the key in `Authorization`, or every key of a wallet that signed a challenge |
 //!
 //! A request carries `Authorization: Bearer hk-...`; its key's wallet pays. The order:
 //! the key and its rate limit, the body, the model's weights (under the core's lock),
-//! the prompt's tokens, the price at `max_tokens` against the balance (402 if short),
-//! generation on a blocking thread with no lock held, then one spend entry for the
-//! tokens used. `Idempotency-Key` names a request: a retry with the same key is not
-//! charged twice (and, with no seed given, samples the same text).
+//! the prompt's tokens, a hold on the price at `max_tokens` from the wallet's available
+//! credit (402 if short; concurrent requests hold in turn, so together they never spend
+//! more than the balance), generation on a blocking thread with no lock held, then one
+//! spend entry for the tokens used, which releases the hold. `Idempotency-Key` names one
+//! request (bound to the blake3 of its route and exact body): a retry of the same request
+//! is answered with the stored reply and charged nothing; the key with another request is
+//! `idempotency_key_reused` (422), and while the first is generating `request_in_progress`
+//! (409).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -35,7 +39,11 @@ use inference::{Finish, Plan};
 use protocol::WorkerId;
 use serde::{Deserialize, Serialize};
 
-use crate::core::serving::{KEY_CHALLENGE_CONTEXT, ModelSnapshot};
+use crate::core::Core;
+use crate::core::serving::{
+    Finished, HoldId, KEY_CHALLENGE_CONTEXT, ModelSnapshot, REVOKE_CHALLENGE_CONTEXT, RequestName,
+    Reservation,
+};
 use crate::error::ApiError;
 use crate::http::{Shared, read_body, with_core};
 
@@ -101,14 +109,17 @@ async fn models(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiEr
 struct ChallengeReply {
     challenge: String,
     expires_ms: u64,
-    /// The exact bytes to sign with the wallet's key.
+    /// The exact bytes to sign with the wallet's key for a key.
     message: String,
+    /// The exact bytes to sign to revoke every key of the wallet.
+    revoke_message: String,
 }
 
 async fn key_challenge(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     let (challenge, expires_ms) = with_core(&shared, |core, now| core.key_challenge(now)).await?;
     Ok(axum::Json(ChallengeReply {
         message: format!("{KEY_CHALLENGE_CONTEXT}{challenge}"),
+        revoke_message: format!("{REVOKE_CHALLENGE_CONTEXT}{challenge}"),
         challenge,
         expires_ms,
     }))
@@ -155,13 +166,28 @@ async fn issue_key(
     }))
 }
 
+/// With `Authorization`, revokes that key; without, revokes every key of the wallet
+/// whose signed challenge (a [`KeyRequest`] over `revoke_message`) is the body.
 async fn revoke_key(
     State(shared): State<Shared>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    let key = bearer(&headers)?;
-    with_core(&shared, move |core, now| core.revoke_api_key(&key, now)).await?;
-    Ok(axum::Json(serde_json::json!({ "revoked": true })))
+    if headers.contains_key(header::AUTHORIZATION) {
+        let key = bearer(&headers)?;
+        with_core(&shared, move |core, _| core.revoke_api_key(&key)).await?;
+        return Ok(axum::Json(
+            serde_json::json!({ "revoked": true, "keys": 1 }),
+        ));
+    }
+    let request: KeyRequest = parse_json(&read_body(body, 4096).await?)?;
+    let keys = with_core(&shared, move |core, now| {
+        core.revoke_api_keys_of(&request.wallet, &request.challenge, &request.signature, now)
+    })
+    .await?;
+    Ok(axum::Json(
+        serde_json::json!({ "revoked": true, "keys": keys }),
+    ))
 }
 
 /// The API key of `Authorization: Bearer ...`.
@@ -217,8 +243,9 @@ fn rate_limit(serving: &Inference, key: &str, now_ms: u64) -> Result<(), ApiErro
     .with_header(header::RETRY_AFTER, &wait_s.to_string()))
 }
 
-/// The request's name: its `Idempotency-Key`, or a fresh one.
-fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
+/// The request's name: its `Idempotency-Key` bound to what it asks (the blake3 of its
+/// route and exact body), or a fresh id.
+fn request_name(headers: &HeaderMap, route: &str, body: &[u8]) -> Result<RequestName, ApiError> {
     match headers.get("idempotency-key") {
         Some(value) => {
             let key = value.to_str().unwrap_or_default().trim();
@@ -229,13 +256,23 @@ fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
                     "an Idempotency-Key must be 1 to 128 printable characters",
                 ));
             }
-            Ok(key.to_owned())
+            let mut asked = blake3::Hasher::new();
+            asked.update(route.as_bytes());
+            asked.update(&[0]);
+            asked.update(body);
+            Ok(RequestName {
+                id: key.to_owned(),
+                request_hash: Some(asked.finalize().to_hex().to_string()),
+            })
         }
         None => {
             let mut bytes = [0u8; 16];
             getrandom::fill(&mut bytes)
                 .map_err(|e| ApiError::internal(&std::io::Error::other(e)))?;
-            Ok(hex::encode(bytes))
+            Ok(RequestName {
+                id: hex::encode(bytes),
+                request_hash: None,
+            })
         }
     }
 }
@@ -250,9 +287,11 @@ async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (wallet, id) = admit(&shared, &headers).await?;
-    let request = parse_json(&read_body(body, BODY_MAX).await?)?;
-    serve(shared, wallet, id, Job::Completion(request)).await
+    let wallet = admit(&shared, &headers).await?;
+    let body = read_body(body, BODY_MAX).await?;
+    let name = request_name(&headers, "/v1/completions", &body)?;
+    let request = parse_json(&body)?;
+    serve(shared, wallet, name, Job::Completion(request)).await
 }
 
 async fn chat_completions(
@@ -260,13 +299,15 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (wallet, id) = admit(&shared, &headers).await?;
-    let request = parse_json(&read_body(body, BODY_MAX).await?)?;
-    serve(shared, wallet, id, Job::Chat(request)).await
+    let wallet = admit(&shared, &headers).await?;
+    let body = read_body(body, BODY_MAX).await?;
+    let name = request_name(&headers, "/v1/chat/completions", &body)?;
+    let request = parse_json(&body)?;
+    serve(shared, wallet, name, Job::Chat(request)).await
 }
 
-/// The paying wallet and the request's id, after the key and its rate limit.
-async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<(WorkerId, String), ApiError> {
+/// The paying wallet, after the key and its rate limit.
+async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<WorkerId, ApiError> {
     let key = bearer(headers)?;
     let wallet = with_core(shared, {
         let key = key.clone();
@@ -274,7 +315,72 @@ async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<(WorkerId, String
     })
     .await?;
     rate_limit(&shared.serving, &key, (shared.clock)())?;
-    Ok((wallet, request_id(headers)?))
+    Ok(wallet)
+}
+
+fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A hold on the paying wallet's credit. Settled, it becomes the charge; dropped
+/// unsettled (the generation failed, or the client left before it began), it is released.
+struct HoldGuard {
+    core: Arc<Mutex<Core>>,
+    hold: Option<HoldId>,
+}
+
+impl HoldGuard {
+    fn settle(mut self, finished: &Finished, now_ms: u64) -> Result<u64, ApiError> {
+        let hold = self
+            .hold
+            .take()
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("a hold settled twice")))?;
+        lock(&self.core).settle(hold, finished, now_ms)
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            let core = self.core.clone();
+            let release = move || lock(&core).release(hold);
+            // Never wait for the core's lock on an async worker thread.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(release)),
+                Err(_) => release(),
+            }
+        }
+    }
+}
+
+enum Reserved {
+    Held(HoldGuard),
+    Replay(store::ReplyRow),
+}
+
+/// Holds the request's price at `max_tokens`, or finds its stored reply. The guard is
+/// made on the blocking thread, so a client that leaves while this runs releases it.
+async fn reserve(
+    shared: &Shared,
+    wallet: WorkerId,
+    name: RequestName,
+    prompt_tokens: u64,
+    max_tokens: u64,
+) -> Result<Reserved, ApiError> {
+    let core = shared.core.clone();
+    let clock = shared.clock.clone();
+    tokio::task::spawn_blocking(move || {
+        let reservation = lock(&core).reserve(wallet, &name, prompt_tokens, max_tokens, clock())?;
+        Ok(match reservation {
+            Reservation::Held(hold) => Reserved::Held(HoldGuard {
+                core,
+                hold: Some(hold),
+            }),
+            Reservation::Replay(row) => Reserved::Replay(row),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
 }
 
 /// What the generation thread reports at the end.
@@ -285,45 +391,210 @@ struct Done {
     charged: u64,
 }
 
+/// What every reply and chunk of one request repeats.
+#[derive(Clone)]
+struct Envelope {
+    chat: bool,
+    object_id: String,
+    created: u64,
+    model: String,
+}
+
+impl Envelope {
+    fn new(chat: bool, id: &str, created: u64, model: String) -> Envelope {
+        Envelope {
+            chat,
+            object_id: format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" }),
+            created,
+            model,
+        }
+    }
+
+    /// The whole (not streamed) reply.
+    fn reply(&self, text: String, finish: &str, usage: Usage, charged: u64) -> Response {
+        let mut response = if self.chat {
+            axum::Json(ChatCompletion {
+                id: self.object_id.clone(),
+                object: "chat.completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason: finish.into(),
+                }],
+                usage,
+            })
+            .into_response()
+        } else {
+            axum::Json(Completion {
+                id: self.object_id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason: Some(finish.into()),
+                }],
+                usage: Some(usage),
+            })
+            .into_response()
+        };
+        if let Ok(v) = HeaderValue::from_str(&charged.to_string()) {
+            response.headers_mut().insert("x-hivetrain-charged", v);
+        }
+        response
+    }
+
+    /// One streamed chunk: a piece of text, the finish reason, or the usage.
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        finish: Option<&str>,
+        usage: Option<Usage>,
+        first: bool,
+    ) -> String {
+        let json = if self.chat {
+            serde_json::to_string(&ChatChunk {
+                id: self.object_id.clone(),
+                object: "chat.completion.chunk".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() {
+                    Vec::new()
+                } else {
+                    vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: first.then(|| "assistant".to_owned()),
+                            content: text.map(str::to_owned),
+                        },
+                        logprobs: None,
+                        finish_reason: finish.map(str::to_owned),
+                    }]
+                },
+                usage,
+            })
+        } else {
+            serde_json::to_string(&Completion {
+                id: self.object_id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() {
+                    Vec::new()
+                } else {
+                    vec![CompletionChoice {
+                        text: text.unwrap_or_default().to_owned(),
+                        index: 0,
+                        logprobs: None,
+                        finish_reason: finish.map(str::to_owned),
+                    }]
+                },
+                usage,
+            })
+        };
+        json.unwrap_or_default()
+    }
+}
+
+/// The stored reply of an idempotent request answered before, as it was asked (whole,
+/// or as server-sent events holding the whole text in one chunk); charged nothing.
+fn replay(
+    row: store::ReplyRow,
+    id: &str,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
+    let envelope = Envelope::new(chat, id, seconds(row.created_ms), row.model.clone());
+    let usage = Usage::new(row.prompt_tokens, row.completion_tokens);
+    let mut response = if stream {
+        let mut events = Vec::with_capacity(5);
+        if chat {
+            events.push(envelope.chunk(Some(""), None, None, true));
+        }
+        events.push(envelope.chunk(Some(&row.text), None, None, !chat));
+        events.push(envelope.chunk(None, Some(&row.finish_reason), None, false));
+        if include_usage {
+            events.push(envelope.chunk(None, None, Some(usage), false));
+        }
+        events.push("[DONE]".to_owned());
+        let events = futures_util::stream::iter(
+            events
+                .into_iter()
+                .map(|data| Ok::<_, Infallible>(Event::default().data(data))),
+        );
+        Sse::new(events).into_response()
+    } else {
+        envelope.reply(row.text, &row.finish_reason, usage, 0)
+    };
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
 async fn serve(
     shared: Shared,
     wallet: WorkerId,
-    id: String,
+    name: RequestName,
     job: Job,
 ) -> Result<Response, ApiError> {
-    let name = match &job {
-        Job::Completion(r) => r.model.clone(),
-        Job::Chat(r) => r.model.clone(),
+    let (model_name, sampling) = match &job {
+        Job::Completion(r) => (r.model.clone(), &r.sampling),
+        Job::Chat(r) => (r.model.clone(), &r.sampling),
     };
-    let model = with_core(&shared, move |core, _| core.snapshot(&name)).await?;
+    let chat = matches!(job, Job::Chat(_));
+    let (stream_asked, include_usage) = (
+        sampling.stream,
+        sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    );
+    // A retry of a request answered before needs no weights and no plan.
+    if name.request_hash.is_some() {
+        let asked = name.clone();
+        let stored = with_core(&shared, move |core, now| {
+            core.idempotent_reply(wallet, &asked, now)
+        })
+        .await?;
+        if let Some(row) = stored {
+            return Ok(replay(row, &name.id, chat, stream_asked, include_usage));
+        }
+    }
+    let model = with_core(&shared, move |core, _| core.snapshot(&model_name)).await?;
     let limits = shared.serving.limits;
     let seed = u64::from_le_bytes(
-        blake3::hash(id.as_bytes()).as_bytes()[..8]
+        blake3::hash(name.id.as_bytes()).as_bytes()[..8]
             .try_into()
             .unwrap_or_default(),
     );
-    let (plan, chat) = {
+    let plan = {
         let tokenizer = model.tokenizer.clone();
-        let planned = tokio::task::spawn_blocking(move || match &job {
-            Job::Completion(r) => (
-                inference::plan_completion(r, &tokenizer, &limits, seed),
-                false,
-            ),
-            Job::Chat(r) => (inference::plan_chat(r, &tokenizer, &limits, seed), true),
+        tokio::task::spawn_blocking(move || match &job {
+            Job::Completion(r) => inference::plan_completion(r, &tokenizer, &limits, seed),
+            Job::Chat(r) => inference::plan_chat(r, &tokenizer, &limits, seed),
         })
         .await
-        .map_err(|e| ApiError::internal(&e))?;
-        let plan = planned
-            .0
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?;
-        (plan, planned.1)
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?
     };
     let (prompt_tokens, max_tokens) = (plan.prompt.len() as u64, plan.max_tokens as u64);
-    let paid_id = id.clone();
-    with_core(&shared, move |core, _| {
-        core.check_funds(wallet, &paid_id, prompt_tokens, max_tokens)
-    })
-    .await?;
+    let id = name.id.clone();
+    let hold = match reserve(&shared, wallet, name, prompt_tokens, max_tokens).await? {
+        Reserved::Held(hold) => hold,
+        Reserved::Replay(row) => {
+            return Ok(replay(row, &id, chat, stream_asked, include_usage));
+        }
+    };
     let permit = tokio::time::timeout(
         BUSY_WAIT,
         shared.serving.generations.clone().acquire_owned(),
@@ -339,68 +610,26 @@ async fn serve(
         )
         .with_header(header::RETRY_AFTER, "5")
     })?;
-    let created = seconds((shared.clock)());
-    let object_id = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
-    let model_id = model.id.clone();
+    let envelope = Envelope::new(chat, &id, seconds((shared.clock)()), model.id.clone());
     if plan.stream {
-        return Ok(stream(
-            shared, wallet, id, model, plan, chat, object_id, created, permit,
-        ));
+        return Ok(stream(shared, hold, model, plan, envelope, permit));
     }
     let done = tokio::task::spawn_blocking({
         let shared = shared.clone();
         move || {
             let _permit = permit;
-            generate(&shared, wallet, &id, &model, &plan, &mut |_| true)
+            generate(&shared, hold, &model, &plan, &mut |_| true)
         }
     })
     .await
     .map_err(|e| ApiError::internal(&e))??;
-    let mut response = if chat {
-        axum::Json(ChatCompletion {
-            id: object_id,
-            object: "chat.completion".into(),
-            created,
-            model: model_id,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: done.text,
-                },
-                logprobs: None,
-                finish_reason: done.finish.reason().into(),
-            }],
-            usage: done.usage,
-        })
-        .into_response()
-    } else {
-        axum::Json(Completion {
-            id: object_id,
-            object: "text_completion".into(),
-            created,
-            model: model_id,
-            choices: vec![CompletionChoice {
-                text: done.text,
-                index: 0,
-                logprobs: None,
-                finish_reason: Some(done.finish.reason().into()),
-            }],
-            usage: Some(done.usage),
-        })
-        .into_response()
-    };
-    if let Ok(v) = HeaderValue::from_str(&done.charged.to_string()) {
-        response.headers_mut().insert("x-hivetrain-charged", v);
-    }
-    Ok(response)
+    Ok(envelope.reply(done.text, done.finish.reason(), done.usage, done.charged))
 }
 
-/// Generates on this (blocking) thread, then charges the wallet once.
+/// Generates on this (blocking) thread, then settles the hold: the wallet is charged once.
 fn generate(
     shared: &Shared,
-    wallet: WorkerId,
-    id: &str,
+    hold: HoldGuard,
     model: &ModelSnapshot,
     plan: &Plan,
     on_text: &mut dyn FnMut(&str) -> bool,
@@ -414,21 +643,16 @@ fn generate(
     shared
         .metrics
         .served(usage.prompt_tokens, usage.completion_tokens);
-    let charged = {
-        let mut core = shared
-            .core
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        core.charge(
-            wallet,
-            id,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            (shared.clock)(),
-        )?
-    };
-    Ok(Done {
+    let finished = Finished {
+        model: model.id.clone(),
         text: outcome.text,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        finish_reason: outcome.finish.reason().into(),
+    };
+    let charged = hold.settle(&finished, (shared.clock)())?;
+    Ok(Done {
+        text: finished.text,
         usage,
         finish: outcome.finish,
         charged,
@@ -438,89 +662,36 @@ fn generate(
 /// Server-sent events: one chunk per piece of text, a last chunk with the finish reason
 /// (and, if asked, one with the usage), then `[DONE]`. A client that goes away cancels
 /// the generation; it is charged for the tokens generated.
-#[allow(clippy::too_many_arguments)]
 fn stream(
     shared: Shared,
-    wallet: WorkerId,
-    id: String,
+    hold: HoldGuard,
     model: ModelSnapshot,
     plan: Plan,
-    chat: bool,
-    object_id: String,
-    created: u64,
+    envelope: Envelope,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(STREAM_QUEUE);
-    let chunk = {
-        let model_name = model.id.clone();
-        move |text: Option<&str>,
-              finish: Option<&str>,
-              usage: Option<Usage>,
-              first: bool|
-              -> String {
-            let json = if chat {
-                serde_json::to_string(&ChatChunk {
-                    id: object_id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created,
-                    model: model_name.clone(),
-                    choices: if usage.is_some() {
-                        Vec::new()
-                    } else {
-                        vec![ChunkChoice {
-                            index: 0,
-                            delta: Delta {
-                                role: first.then(|| "assistant".to_owned()),
-                                content: text.map(str::to_owned),
-                            },
-                            logprobs: None,
-                            finish_reason: finish.map(str::to_owned),
-                        }]
-                    },
-                    usage,
-                })
-            } else {
-                serde_json::to_string(&Completion {
-                    id: object_id.clone(),
-                    object: "text_completion".into(),
-                    created,
-                    model: model_name.clone(),
-                    choices: if usage.is_some() {
-                        Vec::new()
-                    } else {
-                        vec![CompletionChoice {
-                            text: text.unwrap_or_default().to_owned(),
-                            index: 0,
-                            logprobs: None,
-                            finish_reason: finish.map(str::to_owned),
-                        }]
-                    },
-                    usage,
-                })
-            };
-            json.unwrap_or_default()
-        }
-    };
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut first = true;
-        if chat {
+        if envelope.chat {
             // The role comes first, as OpenAI sends it.
-            let _ = tx.blocking_send(chunk(Some(""), None, None, true));
+            let _ = tx.blocking_send(envelope.chunk(Some(""), None, None, true));
             first = false;
         }
-        let result = generate(&shared, wallet, &id, &model, &plan, &mut |piece| {
+        let result = generate(&shared, hold, &model, &plan, &mut |piece| {
             let sent = tx
-                .blocking_send(chunk(Some(piece), None, None, first))
+                .blocking_send(envelope.chunk(Some(piece), None, None, first))
                 .is_ok();
             first = false;
             sent
         });
         match result {
             Ok(done) => {
-                let _ = tx.blocking_send(chunk(None, Some(done.finish.reason()), None, first));
+                let _ =
+                    tx.blocking_send(envelope.chunk(None, Some(done.finish.reason()), None, first));
                 if plan.include_usage {
-                    let _ = tx.blocking_send(chunk(None, None, Some(done.usage), false));
+                    let _ = tx.blocking_send(envelope.chunk(None, None, Some(done.usage), false));
                 }
             }
             Err(e) => {

@@ -171,6 +171,26 @@ ALTER TABLE workers ADD COLUMN productive INTEGER NOT NULL DEFAULT 0;
 UPDATE workers SET productive = 1 WHERE id IN (SELECT worker FROM updates);
 CREATE INDEX workers_idle ON workers (productive, registered_ms);
 "#,
+    // Idempotent inference requests: what each asked (blake3 of route and body) and the
+    // reply it got, kept for a retention time so a retry is answered, never generated
+    // again for free. Revoked API keys are deleted, not kept.
+    r#"
+CREATE TABLE replies (
+    reference TEXT PRIMARY KEY,
+    wallet TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    model TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    finish_reason TEXT NOT NULL,
+    charged INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX replies_created ON replies (created_ms);
+CREATE INDEX replies_wallet ON replies (wallet, created_ms);
+DELETE FROM api_keys WHERE revoked_ms IS NOT NULL;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -301,6 +321,25 @@ pub struct RoundRow {
     pub bytes: u64,
     /// Holdout loss of `version`, once aggregated.
     pub holdout_loss: Option<f32>,
+}
+
+/// The stored reply of an idempotent inference request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyRow {
+    /// `wallet:idempotency key`, the spend entry's reference.
+    pub reference: String,
+    pub wallet: String,
+    /// blake3 hex of what the request asked (its route and exact body).
+    pub request_hash: String,
+    /// The model id the reply named.
+    pub model: String,
+    pub text: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub finish_reason: String,
+    /// Micro-credits the request was charged.
+    pub charged: u64,
+    pub created_ms: u64,
 }
 
 /// The database and the blobs of one coordinator directory.
@@ -649,6 +688,33 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
+    /// The stored reply of the idempotent request `reference`, if any.
+    pub fn reply(&self, reference: &str) -> Result<Option<ReplyRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT reference, wallet, request_hash, model, text, prompt_tokens,
+                        completion_tokens, finish_reason, charged, created_ms
+                 FROM replies WHERE reference = ?1",
+                [reference],
+                |r| {
+                    Ok(ReplyRow {
+                        reference: r.get(0)?,
+                        wallet: r.get(1)?,
+                        request_hash: r.get(2)?,
+                        model: r.get(3)?,
+                        text: r.get(4)?,
+                        prompt_tokens: r.get(5)?,
+                        completion_tokens: r.get(6)?,
+                        finish_reason: r.get(7)?,
+                        charged: r.get(8)?,
+                        created_ms: r.get(9)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
     /// The unit whose accepted update has the payload `hash`, if any.
     pub fn payload_unit(&self, hash: &str) -> Result<Option<u64>, StoreError> {
         self.conn
@@ -779,7 +845,7 @@ impl Store {
 
     /// Row counts of every table, for tests that check a request wrote nothing.
     pub fn row_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
-        const TABLES: [&str; 13] = [
+        const TABLES: [&str; 14] = [
             "meta",
             "workers",
             "rounds",
@@ -793,6 +859,7 @@ impl Store {
             "payloads",
             "checks",
             "trust",
+            "replies",
         ];
         TABLES
             .iter()
@@ -977,11 +1044,45 @@ impl Tx<'_> {
         )
     }
 
-    /// Revokes an API key.
-    pub fn revoke_api_key(&self, hash: &str, now_ms: u64) -> Result<(), StoreError> {
+    /// Revokes an API key: its row is deleted (a revoked key takes no room).
+    pub fn revoke_api_key(&self, hash: &str) -> Result<(), StoreError> {
+        self.run("DELETE FROM api_keys WHERE hash = ?1", params![hash])
+    }
+
+    /// Stores an idempotent request's reply, then drops the replies created before
+    /// `expired_before_ms` and those of the same wallet past its newest `per_wallet_max`.
+    pub fn insert_reply(
+        &self,
+        r: &ReplyRow,
+        expired_before_ms: u64,
+        per_wallet_max: u64,
+    ) -> Result<(), StoreError> {
         self.run(
-            "UPDATE api_keys SET revoked_ms = ?2 WHERE hash = ?1 AND revoked_ms IS NULL",
-            params![hash, now_ms],
+            "INSERT INTO replies (reference, wallet, request_hash, model, text, prompt_tokens,
+                                  completion_tokens, finish_reason, charged, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                r.reference,
+                r.wallet,
+                r.request_hash,
+                r.model,
+                r.text,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.finish_reason,
+                r.charged,
+                r.created_ms
+            ],
+        )?;
+        self.run(
+            "DELETE FROM replies WHERE created_ms < ?1",
+            params![expired_before_ms],
+        )?;
+        self.run(
+            "DELETE FROM replies WHERE wallet = ?1 AND reference NOT IN (
+                 SELECT reference FROM replies WHERE wallet = ?1
+                 ORDER BY created_ms DESC, rowid DESC LIMIT ?2)",
+            params![r.wallet, per_wallet_max],
         )
     }
 
@@ -1073,6 +1174,48 @@ mod tests {
             weight: 100,
             received_ms: 5,
         }
+    }
+
+    /// Stored replies are bounded: inserting drops those past the retention time and a
+    /// wallet's oldest past its count; other wallets keep theirs.
+    #[test]
+    fn stored_replies_are_kept_for_a_time_and_a_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let reply = |wallet: &str, n: u64| ReplyRow {
+            reference: format!("{wallet}:{n}"),
+            wallet: wallet.to_owned(),
+            request_hash: "h".into(),
+            model: "hivetrain".into(),
+            text: "To be".into(),
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            finish_reason: "length".into(),
+            charged: 8,
+            created_ms: n * 1000,
+        };
+        // (wallet, created at n s, then what is kept): a retention of 10 s, 2 a wallet.
+        let steps: [(&str, u64, &[&str]); 5] = [
+            ("a", 1, &["a:1"]),
+            ("b", 2, &["a:1", "b:2"]),
+            ("a", 3, &["a:1", "a:3", "b:2"]),
+            ("a", 4, &["a:3", "a:4", "b:2"]),
+            ("a", 13, &["a:13", "a:4"]),
+        ];
+        for (wallet, n, kept) in steps {
+            let r = reply(wallet, n);
+            store
+                .write(|tx| tx.insert_reply(&r, (n * 1000).saturating_sub(10_000), 2))
+                .expect("insert");
+            let mut found: Vec<String> = ["a:1", "b:2", "a:3", "a:4", "a:13"]
+                .iter()
+                .filter(|k| store.reply(k).expect("read").is_some())
+                .map(|k| k.to_string())
+                .collect();
+            found.sort();
+            assert_eq!(found, kept, "after {wallet}:{n}");
+        }
+        assert_eq!(store.reply("a:13").expect("read"), Some(reply("a", 13)));
     }
 
     #[test]

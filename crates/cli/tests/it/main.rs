@@ -723,6 +723,9 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     assert!(after < before, "queries spend credit: {before} -> {after}");
     let key = run(&["wallet", "api-key"]);
     assert!(key.trim().starts_with("hk-"), "{key}");
+    // The queries revoked the keys they made: only this one is left to revoke.
+    let revoked = run(&["wallet", "revoke-keys"]);
+    assert_eq!(revoked.trim(), "revoked 1 API keys of your wallet");
     server.stop();
 
     // The stopped run served alone: the model and the ledger, no work for workers.

@@ -1,9 +1,10 @@
 //! The core's side of serving the model: which weights a model name means, API keys
-//! bound to wallets, the price check before a generation and the one charge after it,
-//! and the dividends that pay the query revenue out to contributors. Generation itself
-//! runs outside the core's lock (`crate::openai`).
+//! bound to wallets (from stateless signed challenges), the hold on a request's price
+//! before a generation and the one charge after it (with the stored reply of an
+//! idempotent request), and the dividends that pay the query revenue out to
+//! contributors. Generation itself runs outside the core's lock (`crate::openai`).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use engine::GptConfig;
 use ledger::{Account, Draft, Ledger, Prepared};
 use protocol::WorkerId;
 
-use super::Core;
+use super::{Core, conflict};
 use crate::error::ApiError;
 
 /// The name of the newest version; `hivetrain-vN` pins version N.
@@ -23,8 +24,15 @@ pub const MODEL_NAME: &str = "hivetrain";
 pub const API_KEY_PREFIX: &str = "hk-";
 /// What a wallet signs to get an API key: this, then the challenge's hex.
 pub const KEY_CHALLENGE_CONTEXT: &str = "hivetrain-api-key-v1\n";
-const CHALLENGE_TTL_MS: u64 = 300_000;
-const CHALLENGES_MAX: usize = 4096;
+/// What a wallet signs to revoke all of its API keys: this, then the challenge's hex.
+pub const REVOKE_CHALLENGE_CONTEXT: &str = "hivetrain-revoke-api-keys-v1\n";
+/// How long a key challenge may be used.
+pub const CHALLENGE_TTL_MS: u64 = 300_000;
+/// Challenges one wallet may have used within a challenge's lifetime: the bound on the
+/// memory that single use takes (only signed uses are remembered).
+pub const USED_CHALLENGES_PER_WALLET_MAX: usize = 64;
+/// A challenge: expiry (8 bytes, big-endian ms), nonce (16), keyed MAC over both (32).
+const CHALLENGE_BYTES: usize = 8 + 16 + 32;
 /// Meta key: the ledger entry from which the next dividend counts credit earned.
 pub(super) const META_DIVIDEND_FROM: &str = "dividend_from";
 
@@ -39,15 +47,105 @@ pub struct ModelSnapshot {
     pub tokenizer: Arc<TextTokenizer>,
 }
 
-/// Serving state kept by the core.
-#[derive(Debug, Default)]
+/// Serving state kept by the core (in memory; a restart voids open challenges and holds,
+/// and charges nothing for generations it cut short).
+#[derive(Debug)]
 pub(super) struct Serving {
     /// blake3 hex of each live key -> its wallet.
-    pub(super) api_keys: std::collections::HashMap<String, WorkerId>,
-    /// Challenge hex -> expiry.
-    pub(super) challenges: BTreeMap<String, u64>,
+    api_keys: HashMap<String, WorkerId>,
+    /// Live keys per wallet.
+    keys_per_wallet: HashMap<WorkerId, u32>,
+    /// Keys the MAC of every challenge; made at start, so challenges need no table.
+    challenge_secret: [u8; 32],
+    /// The challenges each wallet used (MAC, expiry), until they expire.
+    used_challenges: HashMap<WorkerId, Vec<([u8; 32], u64)>>,
+    holds: Holds,
     pub(super) dividend_from: u64,
     pub(super) last_dividend_ms: u64,
+}
+
+impl Serving {
+    /// The serving state of a run whose live keys are `api_keys` (blake3 hex, wallet).
+    pub(super) fn new(
+        api_keys: Vec<(String, String)>,
+        dividend_from: u64,
+        now_ms: u64,
+    ) -> Result<Serving, keys::KeyError> {
+        let mut challenge_secret = [0u8; 32];
+        getrandom::fill(&mut challenge_secret)
+            .map_err(|e| keys::KeyError::Randomness(e.to_string()))?;
+        let api_keys: HashMap<String, WorkerId> = api_keys
+            .into_iter()
+            .filter_map(|(hash, wallet)| WorkerId::parse(&wallet).map(|w| (hash, w)))
+            .collect();
+        let mut keys_per_wallet = HashMap::new();
+        for wallet in api_keys.values() {
+            *keys_per_wallet.entry(*wallet).or_insert(0) += 1;
+        }
+        Ok(Serving {
+            api_keys,
+            keys_per_wallet,
+            challenge_secret,
+            used_challenges: HashMap::new(),
+            holds: Holds::default(),
+            dividend_from,
+            last_dividend_ms: now_ms,
+        })
+    }
+}
+
+/// Credit set aside for generations under way: each request's price at `max_tokens`,
+/// from the check before it generates to its charge after.
+#[derive(Debug, Default)]
+struct Holds {
+    next: u64,
+    by_id: HashMap<u64, Hold>,
+    /// Micro-credits held per wallet (the sum of its holds).
+    held: HashMap<WorkerId, u64>,
+    /// Idempotent requests under way: reference -> the hash of what each asked.
+    in_flight: HashMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Hold {
+    wallet: WorkerId,
+    amount: u64,
+    reference: String,
+    /// The request's hash, when it came with an `Idempotency-Key`.
+    request_hash: Option<String>,
+}
+
+/// A request's name: its `Idempotency-Key` (with the blake3 hex of what it asked, its
+/// route and exact body), or a fresh random id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestName {
+    pub id: String,
+    pub request_hash: Option<String>,
+}
+
+/// A hold on a wallet's credit, released by [`Core::settle`] or [`Core::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HoldId(u64);
+
+/// What [`Core::reserve`] decided.
+#[derive(Debug)]
+pub enum Reservation {
+    /// The price at `max_tokens` is held: generate, then settle.
+    Held(HoldId),
+    /// The same idempotent request was answered before: its stored reply, charged
+    /// nothing more.
+    Replay(store::ReplyRow),
+}
+
+/// What a finished generation produced: what the wallet pays for and, for an idempotent
+/// request, what its retries are answered with.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub model: String,
+    pub text: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub finish_reason: String,
 }
 
 fn random_hex() -> Result<String, ApiError> {
@@ -62,6 +160,31 @@ fn key_hash(key: &str) -> String {
 
 fn unauthorized(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+fn challenge_mac(secret: &[u8; 32], expires_ms: u64, nonce: &[u8]) -> blake3::Hash {
+    let mut mac = blake3::Hasher::new_keyed(secret);
+    mac.update(b"hivetrain-key-challenge-v1");
+    mac.update(&expires_ms.to_be_bytes());
+    mac.update(nonce);
+    mac.finalize()
+}
+
+fn bad_challenge() -> ApiError {
+    unauthorized(
+        "bad_challenge",
+        "the challenge is not one this coordinator made, or it is used or expired: GET /v1/keys/challenge for a new one",
+    )
+}
+
+fn parse_wallet(wallet: &str) -> Result<WorkerId, ApiError> {
+    WorkerId::parse(wallet).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_wallet",
+            format!("{wallet:?} is not a wallet: 64 hex digits of a worker's public key"),
+        )
+    })
 }
 
 impl Core {
@@ -114,53 +237,52 @@ impl Core {
         })
     }
 
-    /// A fresh challenge for a wallet to sign, and when it expires.
-    pub fn key_challenge(&mut self, now_ms: u64) -> Result<(String, u64), ApiError> {
-        let s = &mut self.serving;
-        s.challenges.retain(|_, expires| *expires > now_ms);
-        if s.challenges.len() >= CHALLENGES_MAX {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many open key challenges; try again in a few minutes",
-            ));
-        }
-        let challenge = random_hex()?;
-        let expires = now_ms + CHALLENGE_TTL_MS;
-        s.challenges.insert(challenge.clone(), expires);
-        Ok((challenge, expires))
+    /// A fresh challenge for a wallet to sign, and when it expires. It is stateless (an
+    /// expiry and a nonce under a keyed MAC): no flood of requests can use anything up.
+    pub fn key_challenge(&self, now_ms: u64) -> Result<(String, u64), ApiError> {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| ApiError::internal(&std::io::Error::other(e)))?;
+        let expires_ms = now_ms.saturating_add(CHALLENGE_TTL_MS);
+        let mac = challenge_mac(&self.serving.challenge_secret, expires_ms, &nonce);
+        let mut bytes = Vec::with_capacity(CHALLENGE_BYTES);
+        bytes.extend_from_slice(&expires_ms.to_be_bytes());
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(mac.as_bytes());
+        Ok((hex::encode(bytes), expires_ms))
     }
 
-    /// Issues an API key bound to `wallet`, which signed `challenge` (each challenge
-    /// serves once); returns the key and the wallet.
-    pub fn issue_api_key(
+    /// Checks that `wallet` signed `context` + `challenge` with a challenge this process
+    /// made, unexpired and not used by that wallet before, then marks it used. Only a
+    /// valid signature takes memory, at most [`USED_CHALLENGES_PER_WALLET_MAX`] a wallet.
+    fn use_challenge(
         &mut self,
-        wallet: &str,
+        wallet: WorkerId,
+        context: &str,
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<(String, WorkerId), ApiError> {
-        let id = WorkerId::parse(wallet).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_wallet",
-                format!("{wallet:?} is not a wallet: 64 hex digits of a worker's public key"),
-            )
-        })?;
-        match self.serving.challenges.get(challenge) {
-            Some(&expires) if expires > now_ms => {}
-            _ => {
-                return Err(unauthorized(
-                    "bad_challenge",
-                    "the challenge is unknown, used or expired: GET /v1/keys/challenge for a new one",
-                ));
-            }
+    ) -> Result<(), ApiError> {
+        let mut bytes = [0u8; CHALLENGE_BYTES];
+        hex::decode_to_slice(challenge, &mut bytes).map_err(|_| bad_challenge())?;
+        let (expiry, rest) = bytes.split_at(8);
+        let (nonce, mac) = rest.split_at(16);
+        let mut expiry_bytes = [0u8; 8];
+        expiry_bytes.copy_from_slice(expiry);
+        let expires_ms = u64::from_be_bytes(expiry_bytes);
+        let mut given = [0u8; 32];
+        given.copy_from_slice(mac);
+        // blake3::Hash compares in constant time.
+        if challenge_mac(&self.serving.challenge_secret, expires_ms, nonce)
+            != blake3::Hash::from(given)
+            || expires_ms <= now_ms
+        {
+            return Err(bad_challenge());
         }
         let mut sig = [0u8; 64];
         let verified = hex::decode_to_slice(signature, &mut sig).is_ok()
-            && VerifyingKey::from_bytes(&id.0).is_ok_and(|key| {
+            && VerifyingKey::from_bytes(&wallet.0).is_ok_and(|key| {
                 key.verify_strict(
-                    format!("{KEY_CHALLENGE_CONTEXT}{challenge}").as_bytes(),
+                    format!("{context}{challenge}").as_bytes(),
                     &Signature::from_bytes(&sig),
                 )
                 .is_ok()
@@ -171,13 +293,78 @@ impl Core {
                 "the signature is not the wallet's over the challenge",
             ));
         }
+        let used = &mut self.serving.used_challenges;
+        used.retain(|_, list| {
+            list.retain(|&(_, expires)| expires > now_ms);
+            !list.is_empty()
+        });
+        let list = used.entry(wallet).or_default();
+        if list.iter().any(|(m, _)| *m == given) {
+            return Err(bad_challenge());
+        }
+        if list.len() >= USED_CHALLENGES_PER_WALLET_MAX {
+            let wait_s = list
+                .iter()
+                .map(|&(_, expires)| expires)
+                .min()
+                .unwrap_or(now_ms)
+                .saturating_sub(now_ms)
+                .div_ceil(1000)
+                .max(1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "wallet {wallet} used {USED_CHALLENGES_PER_WALLET_MAX} challenges in the last {} s; retry in {wait_s} s",
+                    CHALLENGE_TTL_MS / 1000
+                ),
+            )
+            .with_header(axum::http::header::RETRY_AFTER, &wait_s.to_string()));
+        }
+        list.push((given, expires_ms));
+        Ok(())
+    }
+
+    /// Issues an API key bound to `wallet`, which signed `challenge` (each challenge
+    /// serves a wallet once); returns the key and the wallet. Only a wallet that holds
+    /// credit gets one (a key of an empty wallet could buy nothing), and at most
+    /// `serving.api_keys_per_wallet_max` live ones: so keys grow only with funded wallets.
+    pub fn issue_api_key(
+        &mut self,
+        wallet: &str,
+        challenge: &str,
+        signature: &str,
+        now_ms: u64,
+    ) -> Result<(String, WorkerId), ApiError> {
+        let id = parse_wallet(wallet)?;
+        let balance = self.ledger.balance(&Account::Wallet(id));
+        if balance == 0 {
+            return Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credit",
+                format!(
+                    "wallet {id} holds no credit, and a key could buy nothing: earn credit by training, or receive a transfer, then ask again"
+                ),
+            ));
+        }
+        let max = self.config.serving.api_keys_per_wallet_max;
+        let live = self.serving.keys_per_wallet.get(&id).copied().unwrap_or(0);
+        if live >= max {
+            return Err(conflict(
+                "too_many_api_keys",
+                format!(
+                    "wallet {id} has {live} API keys, the most it may hold: revoke one (POST /v1/keys/revoke with it), or all of them with a signed challenge (`hivetrain wallet revoke-keys`)"
+                ),
+            ));
+        }
+        self.use_challenge(id, KEY_CHALLENGE_CONTEXT, challenge, signature, now_ms)?;
         let key = format!("{API_KEY_PREFIX}{}", random_hex()?);
         let hash = key_hash(&key);
         self.store
             .write(|tx| tx.insert_api_key(&hash, &id.to_string(), now_ms))
             .map_err(|e| ApiError::internal(&e))?;
-        self.serving.challenges.remove(challenge);
         self.serving.api_keys.insert(hash, id);
+        *self.serving.keys_per_wallet.entry(id).or_insert(0) += 1;
         Ok((key, id))
     }
 
@@ -195,73 +382,277 @@ impl Core {
             })
     }
 
-    /// Revokes an API key (the key itself authorizes this).
-    pub fn revoke_api_key(&mut self, key: &str, now_ms: u64) -> Result<(), ApiError> {
-        self.api_key_wallet(key)?;
+    /// Revokes an API key (the key itself authorizes this); its row is deleted.
+    pub fn revoke_api_key(&mut self, key: &str) -> Result<(), ApiError> {
+        let wallet = self.api_key_wallet(key)?;
         let hash = key_hash(key);
         self.store
-            .write(|tx| tx.revoke_api_key(&hash, now_ms))
+            .write(|tx| tx.revoke_api_key(&hash))
             .map_err(|e| ApiError::internal(&e))?;
         self.serving.api_keys.remove(&hash);
+        self.forget_keys(wallet, 1);
         Ok(())
     }
 
-    /// Refuses, with 402, a request the wallet could not pay for at its longest (a retry
-    /// of a request already paid for, by its id, passes: it is not charged again).
-    pub fn check_funds(
+    /// Revokes every API key of `wallet`, which signed `challenge` under
+    /// [`REVOKE_CHALLENGE_CONTEXT`] (for a wallet whose keys are lost); returns how many.
+    pub fn revoke_api_keys_of(
+        &mut self,
+        wallet: &str,
+        challenge: &str,
+        signature: &str,
+        now_ms: u64,
+    ) -> Result<u32, ApiError> {
+        let id = parse_wallet(wallet)?;
+        self.use_challenge(id, REVOKE_CHALLENGE_CONTEXT, challenge, signature, now_ms)?;
+        let hashes: Vec<String> = self
+            .serving
+            .api_keys
+            .iter()
+            .filter(|(_, w)| **w == id)
+            .map(|(h, _)| h.clone())
+            .collect();
+        self.store
+            .write(|tx| hashes.iter().try_for_each(|h| tx.revoke_api_key(h)))
+            .map_err(|e| ApiError::internal(&e))?;
+        for h in &hashes {
+            self.serving.api_keys.remove(h);
+        }
+        self.forget_keys(id, hashes.len() as u32);
+        Ok(hashes.len() as u32)
+    }
+
+    fn forget_keys(&mut self, wallet: WorkerId, n: u32) {
+        let counts = &mut self.serving.keys_per_wallet;
+        if let Some(live) = counts.get_mut(&wallet) {
+            *live = live.saturating_sub(n);
+            if *live == 0 {
+                counts.remove(&wallet);
+            }
+        }
+    }
+
+    /// How many live API keys `wallet` holds.
+    pub fn api_keys_of(&self, wallet: WorkerId) -> u32 {
+        self.serving
+            .keys_per_wallet
+            .get(&wallet)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The credit `wallet` may spend or send now: its balance less what generations
+    /// under way hold.
+    pub fn available(&self, wallet: WorkerId) -> u64 {
+        let held = self.serving.holds.held.get(&wallet).copied().unwrap_or(0);
+        self.ledger
+            .balance(&Account::Wallet(wallet))
+            .saturating_sub(held)
+    }
+
+    /// The stored reply of an idempotent request, if the same request was answered
+    /// before; refuses a key that names another request (`idempotency_key_reused`), is
+    /// still generating (`request_in_progress`), or whose reply is no longer kept
+    /// (`idempotency_key_expired`). `Ok(None)`: the key is new.
+    pub fn idempotent_reply(
         &self,
         wallet: WorkerId,
-        request_id: &str,
+        name: &RequestName,
+        now_ms: u64,
+    ) -> Result<Option<store::ReplyRow>, ApiError> {
+        let Some(hash) = &name.request_hash else {
+            return Ok(None);
+        };
+        let reference = format!("{wallet}:{}", name.id);
+        let reused = || {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                format!(
+                    "the Idempotency-Key {:?} was sent with another request; a key names one request: use a new key for a new request",
+                    name.id
+                ),
+            )
+        };
+        if let Some(asked) = self.serving.holds.in_flight.get(&reference) {
+            if asked != hash {
+                return Err(reused());
+            }
+            return Err(conflict(
+                "request_in_progress",
+                format!(
+                    "the request with Idempotency-Key {:?} is still being generated; retry when it has finished",
+                    name.id
+                ),
+            ));
+        }
+        let retention_ms = self
+            .config
+            .serving
+            .idempotency_retention_s
+            .saturating_mul(1000);
+        let expired = || {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_expired",
+                format!(
+                    "the request with Idempotency-Key {:?} was answered and paid for, and its reply is no longer kept (replies are kept {} s); use a new key",
+                    name.id, self.config.serving.idempotency_retention_s
+                ),
+            )
+        };
+        match self
+            .store
+            .reply(&reference)
+            .map_err(|e| ApiError::internal(&e))?
+        {
+            Some(row) if row.request_hash != *hash => Err(reused()),
+            Some(row) if row.created_ms.saturating_add(retention_ms) <= now_ms => Err(expired()),
+            Some(row) => Ok(Some(row)),
+            None if self.ledger.find(ledger::Kind::Spend, &reference).is_some() => Err(expired()),
+            None => Ok(None),
+        }
+    }
+
+    /// Before a generation: answers an idempotent request already answered (its stored
+    /// reply), or holds the request's price at `max_tokens` from the wallet's available
+    /// credit (402 when short). Holds are in memory: a crash drops them and charges
+    /// nothing.
+    pub fn reserve(
+        &mut self,
+        wallet: WorkerId,
+        name: &RequestName,
         prompt_tokens: u64,
         max_tokens: u64,
-    ) -> Result<(), ApiError> {
-        if self
-            .ledger
-            .find(ledger::Kind::Spend, &format!("{wallet}:{request_id}"))
-            .is_some()
-        {
-            return Ok(());
+        now_ms: u64,
+    ) -> Result<Reservation, ApiError> {
+        if let Some(row) = self.idempotent_reply(wallet, name, now_ms)? {
+            return Ok(Reservation::Replay(row));
         }
         let serving = &self.config.serving;
         let price = serving.price(prompt_tokens, max_tokens);
-        let balance = self.ledger.balance(&Account::Wallet(wallet));
-        if balance < price {
+        let available = self.available(wallet);
+        if available < price {
             return Err(ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "insufficient_credit",
                 format!(
-                    "this request may cost {} credits ({prompt_tokens} prompt tokens at {} and up to {max_tokens} tokens at {} micro-credits each); wallet {wallet} holds {} credits",
+                    "this request may cost {} credits ({prompt_tokens} prompt tokens at {} and up to {max_tokens} tokens at {} micro-credits each); wallet {wallet} has {} credits available ({} held by requests under way)",
                     ledger::format_credits(price),
                     serving.price_prompt_token,
                     serving.price_output_token,
-                    ledger::format_credits(balance)
+                    ledger::format_credits(available),
+                    ledger::format_credits(
+                        self.ledger
+                            .balance(&Account::Wallet(wallet))
+                            .saturating_sub(available)
+                    ),
                 ),
             ));
         }
-        Ok(())
+        let holds = &mut self.serving.holds;
+        let id = holds.next;
+        holds.next += 1;
+        let reference = format!("{wallet}:{}", name.id);
+        if let Some(hash) = &name.request_hash {
+            holds.in_flight.insert(reference.clone(), hash.clone());
+        }
+        *holds.held.entry(wallet).or_insert(0) += price;
+        holds.by_id.insert(
+            id,
+            Hold {
+                wallet,
+                amount: price,
+                reference,
+                request_hash: name.request_hash.clone(),
+            },
+        );
+        Ok(Reservation::Held(HoldId(id)))
     }
 
-    /// Charges a finished request once: a spend entry of its price (at most the
-    /// balance, should two requests have raced), keyed by `request_id` so a retry with
-    /// the same id is not charged again. Returns the micro-credits charged.
-    pub fn charge(
+    fn take_hold(&mut self, hold: HoldId) -> Option<Hold> {
+        let holds = &mut self.serving.holds;
+        let taken = holds.by_id.remove(&hold.0)?;
+        if let Some(held) = holds.held.get_mut(&taken.wallet) {
+            *held = held.saturating_sub(taken.amount);
+            if *held == 0 {
+                holds.held.remove(&taken.wallet);
+            }
+        }
+        if taken.request_hash.is_some() {
+            holds.in_flight.remove(&taken.reference);
+        }
+        Some(taken)
+    }
+
+    /// Releases a hold without charging (the generation failed or never started).
+    pub fn release(&mut self, hold: HoldId) {
+        self.take_hold(hold);
+    }
+
+    /// After a generation: releases its hold and charges the real price (at most the
+    /// hold), one spend entry, committed in one transaction with the stored reply of an
+    /// idempotent request. Returns the micro-credits charged.
+    pub fn settle(
         &mut self,
-        wallet: WorkerId,
-        request_id: &str,
-        prompt_tokens: u64,
-        completion_tokens: u64,
+        hold: HoldId,
+        finished: &Finished,
         now_ms: u64,
     ) -> Result<u64, ApiError> {
-        let reference = format!("{wallet}:{request_id}");
-        if let Some(e) = self.ledger.find(ledger::Kind::Spend, &reference) {
-            return Ok(e.amount);
+        let hold = self.take_hold(hold).ok_or_else(|| {
+            ApiError::internal(&std::io::Error::other("a generation settled a hold twice"))
+        })?;
+        let serving = &self.config.serving;
+        let price = serving
+            .price(finished.prompt_tokens, finished.completion_tokens)
+            .min(hold.amount);
+        // A clawback may have taken credit since the hold was made.
+        let amount = price.min(self.ledger.balance(&Account::Wallet(hold.wallet)));
+        let entry = if amount == 0 {
+            None
+        } else {
+            let draft = Draft::spend(hold.wallet, amount, hold.reference.clone());
+            match self.ledger.prepare(draft, now_ms, &self.authority) {
+                Ok(Prepared::New(entry)) => Some(*entry),
+                // `reserve` refuses a reference already spent: this is never reached.
+                Ok(Prepared::Existing(_)) => {
+                    return Err(super::conflict(
+                        "idempotency_key_reused",
+                        "this request was charged already",
+                    ));
+                }
+                Err(e) => return Err(super::ledger_refusal(e)),
+            }
+        };
+        let reply = hold.request_hash.map(|request_hash| store::ReplyRow {
+            reference: hold.reference.clone(),
+            wallet: hold.wallet.to_string(),
+            request_hash,
+            model: finished.model.clone(),
+            text: finished.text.clone(),
+            prompt_tokens: finished.prompt_tokens,
+            completion_tokens: finished.completion_tokens,
+            finish_reason: finished.finish_reason.clone(),
+            charged: amount,
+            created_ms: now_ms,
+        });
+        let expired_before_ms =
+            now_ms.saturating_sub(serving.idempotency_retention_s.saturating_mul(1000));
+        let per_wallet_max = serving.idempotent_replies_per_wallet_max;
+        self.store
+            .write(|tx| {
+                if let Some(e) = &entry {
+                    tx.insert_entry(e)?;
+                }
+                if let Some(r) = &reply {
+                    tx.insert_reply(r, expired_before_ms, per_wallet_max)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| ApiError::internal(&e))?;
+        if let Some(e) = entry {
+            self.ledger.commit(e).map_err(|e| ApiError::internal(&e))?;
         }
-        let price = self.config.serving.price(prompt_tokens, completion_tokens);
-        let amount = price.min(self.ledger.balance(&Account::Wallet(wallet)));
-        if amount == 0 {
-            return Ok(0);
-        }
-        self.append(Draft::spend(wallet, amount, reference), now_ms)?;
         Ok(amount)
     }
 
