@@ -144,7 +144,7 @@ async fn issue_key(
     State(shared): State<Shared>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    let request: KeyRequest = parse_json(&read_body(body, 4096).await?)?;
+    let request: KeyRequest = parse_json(&read_body(body, 4096, shared.body_deadline).await?)?;
     let (key, wallet) = with_core(&shared, move |core, now| {
         core.issue_api_key(&request.wallet, &request.challenge, &request.signature, now)
     })
@@ -251,7 +251,7 @@ async fn completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (wallet, id) = admit(&shared, &headers).await?;
-    let request = parse_json(&read_body(body, BODY_MAX).await?)?;
+    let request = parse_json(&read_body(body, BODY_MAX, shared.body_deadline).await?)?;
     serve(shared, wallet, id, Job::Completion(request)).await
 }
 
@@ -261,7 +261,7 @@ async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (wallet, id) = admit(&shared, &headers).await?;
-    let request = parse_json(&read_body(body, BODY_MAX).await?)?;
+    let request = parse_json(&read_body(body, BODY_MAX, shared.body_deadline).await?)?;
     serve(shared, wallet, id, Job::Chat(request)).await
 }
 

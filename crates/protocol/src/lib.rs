@@ -18,6 +18,7 @@ pub use codec::{Codec, Summary, summarize_values};
 pub use limits::Limits;
 pub use update::{
     DecodeError, SignedUpdate, UpdateHeader, WorkerId, encode_update, encode_update_payload,
+    update_len,
 };
 
 /// Version of the update format; bumped with any change to its bytes.
