@@ -34,6 +34,11 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::HttpLimits;
 
+/// Largest request head (line and headers), in bytes; a larger one is refused with 431.
+/// Hyper's own bound is its read buffer (about 400 KB), which times `max_connections` is
+/// more memory than heads deserve.
+const HEAD_BYTES_MAX: usize = 64 * 1024;
+
 /// Descriptors kept for everything but connections (the store, blobs being written,
 /// the listener, the runtime).
 const DESCRIPTORS_RESERVED: u64 = 256;
@@ -158,6 +163,7 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_header_size(HEAD_BYTES_MAX)
         .keep_alive(true);
     let mut connection = pin!(builder.serve_connection(io, TowerToHyperService::new(app)));
     tokio::select! {

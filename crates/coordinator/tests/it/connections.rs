@@ -142,6 +142,8 @@ fn slow_and_silent_clients_are_cut_at_their_deadlines() {
     let mut declared_500_mb = post_head("/v1/updates", 500 << 20);
     declared_500_mb.extend_from_slice(&[0; 1024]);
     let health = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n".to_vec();
+    let mut huge_head = b"GET /health HTTP/1.1\r\nX-Big: ".to_vec();
+    huge_head.extend_from_slice(&[b'a'; 100 * 1024]);
     check(
         addr,
         &[
@@ -181,6 +183,7 @@ fn slow_and_silent_clients_are_cut_at_their_deadlines() {
                 "413 body_too_large",
                 0,
             ),
+            ("a head of 100 KiB", Client::Sends(huge_head), "431", 0),
             (
                 "500 MB declared to a JSON route",
                 Client::Sends(post_head("/v1/transfers", 500 << 20)),
