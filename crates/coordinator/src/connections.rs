@@ -269,3 +269,30 @@ impl AsyncWrite for SendDeadline {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_rest() {
+        let http = HttpLimits {
+            max_connections: u32::MAX,
+            ..HttpLimits::default()
+        };
+        let limits = ConnectionLimits::new(&http);
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let soft = nofile.current.unwrap_or(u64::MAX);
+        assert!(
+            limits.max_connections as u64 + DESCRIPTORS_RESERVED <= soft,
+            "{} connections under a limit of {soft}",
+            limits.max_connections
+        );
+        // Raised to the hard limit (when that is within the kernel's default `nr_open`).
+        if let Some(hard) = nofile.maximum.filter(|&hard| hard <= 1 << 20) {
+            assert_eq!(soft, hard);
+        }
+        let few = ConnectionLimits::new(&HttpLimits::default());
+        assert_eq!(few.max_connections, 512);
+    }
+}
