@@ -1,6 +1,7 @@
 //! Slow, silent and greedy clients over raw sockets: each is cut at its deadline with
 //! its code, `/health` answers all the while, and connections past the cap wait in the
-//! kernel's queue instead of taking the server down.
+//! kernel's queue instead of taking the server down. A worker told that uploads are busy
+//! sends its update again.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -269,5 +270,51 @@ fn connections_past_the_cap_wait_their_turn() {
         "health answered after {answered:?}, {closed:?}"
     );
     assert_eq!(ts::get(&server.url(), "/health").status, 200);
+    server.stop();
+}
+
+#[test]
+fn a_worker_told_uploads_are_busy_sends_its_update_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::tiny_config(dir.path(), 1);
+    config.http.upload_concurrency = 1;
+    let server = ts::start(dir.path(), config);
+    // The only upload permit, held by an update that has sent 1 KiB of its body.
+    let mut holder = TcpStream::connect(server.addr()).expect("connect");
+    let mut head =
+        b"POST /v1/updates HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n"
+            .to_vec();
+    head.extend_from_slice(&[0; 1024]);
+    holder.write_all(&head).expect("send");
+
+    let transport = worker::HttpTransport::new(&server.url()).expect("transport");
+    let options = worker::WorkerOptions {
+        max_units: Some(1),
+        ..ts::worker_options(dir.path(), "w")
+    };
+    let worker = std::thread::spawn(move || {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        worker::run(&transport, &ts::key(1), &options, &stop, &mut ())
+    });
+    let busy = r#"hivetrain_http_requests_total{route="/v1/updates",method="POST",status="503"}"#;
+    let started = Instant::now();
+    while !ts::get(&server.url(), "/metrics")
+        .body
+        .as_str()
+        .is_some_and(|m| m.contains(busy))
+    {
+        assert!(
+            !worker.is_finished(),
+            "the worker stopped before it was told to wait"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no 503 after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(holder);
+    let summary = worker.join().expect("worker thread").expect("worker run");
+    assert_eq!((summary.accepted, summary.rejected), (1, 0), "{summary:?}");
     server.stop();
 }
