@@ -60,6 +60,8 @@ pub struct CoordinatorConfig {
     /// Bounds on what anyone with a key can make the coordinator keep. Not part of the
     /// run's identity.
     pub records: RecordLimits,
+    /// Connections and request bodies: deadlines and caps. Not part of the run's identity.
+    pub http: HttpLimits,
     /// Take every well-formed update's values unchecked: no finiteness check, no norm
     /// bounds. Only the simulator's plain-mean baseline sets it, to show what an attack
     /// does to a mean that takes whatever it is sent; no file, variable or flag can.
@@ -119,6 +121,48 @@ impl Default for RecordLimits {
         RecordLimits {
             workers_max: 100_000,
             rejections_max: 100_000,
+        }
+    }
+}
+
+/// What one client can hold of the server: open connections, time, upload buffers.
+/// Every connection is admitted under a permit, and every read has a deadline; a slow or
+/// silent client is cut at its deadline and never holds more than its permit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Most connections open at once. Past it, new connections wait in the kernel's
+    /// accept queue until one closes (the descriptor limit is raised to fit at start).
+    pub max_connections: u32,
+    /// Longest wait for a request's head (its line and headers), from when the server
+    /// starts waiting for it: at the connection's open and after each reply. So it is
+    /// also how long a connection may sit idle, new or between requests.
+    pub header_timeout_ms: u64,
+    /// Longest wait for a request body, beyond the time its bytes take at
+    /// `body_min_bytes_per_s`: a body must arrive in full within `body_timeout_ms` +
+    /// bytes / `body_min_bytes_per_s` of the handler starting to read it (else 408
+    /// `body_timeout`).
+    pub body_timeout_ms: u64,
+    /// The slowest upload rate a body is given time for, in bytes a second.
+    pub body_min_bytes_per_s: u64,
+    /// Longest a reply may wait on a client that takes none of its bytes; then the
+    /// connection is closed.
+    pub send_timeout_ms: u64,
+    /// Update bodies read at once, each into a buffer of the run's update size (more get
+    /// 503 `uploads_busy` with `Retry-After`). With it, the update buffers never hold more
+    /// than this many updates' bytes.
+    pub upload_concurrency: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 512,
+            header_timeout_ms: 20_000,
+            body_timeout_ms: 30_000,
+            body_min_bytes_per_s: 64 * 1024,
+            send_timeout_ms: 30_000,
+            upload_concurrency: 8,
         }
     }
 }
@@ -210,6 +254,7 @@ impl Default for CoordinatorConfig {
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
             records: RecordLimits::default(),
+            http: HttpLimits::default(),
             unchecked_values: false,
         }
     }
@@ -243,13 +288,14 @@ impl CoordinatorConfig {
     }
 
     /// The JSON that identifies the run (everything but `serving`, `scoring`,
-    /// `spot_check` and `records`), stored with it and compared on restart.
+    /// `spot_check`, `records` and `http`), stored with it and compared on restart.
     pub fn identity_json(&self) -> String {
         let identity = CoordinatorConfig {
             serving: ServingConfig::default(),
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
             records: RecordLimits::default(),
+            http: HttpLimits::default(),
             ..self.clone()
         };
         serde_json::to_string(&identity).unwrap_or_default()
@@ -317,6 +363,18 @@ impl CoordinatorConfig {
         }
         if !(self.spot_check.tolerance.is_finite() && self.spot_check.tolerance >= 0.0) {
             return bad("spot_check.tolerance must be a number of at least 0");
+        }
+        let h = &self.http;
+        let times = [h.header_timeout_ms, h.body_timeout_ms, h.send_timeout_ms];
+        if h.max_connections == 0 || h.upload_concurrency == 0 || h.body_min_bytes_per_s == 0 {
+            return bad(
+                "http.max_connections, upload_concurrency and body_min_bytes_per_s must be at least 1",
+            );
+        }
+        if times.contains(&0) {
+            return bad(
+                "http.header_timeout_ms, body_timeout_ms and send_timeout_ms must be positive",
+            );
         }
         let v = &self.serving;
         if v.requests_per_minute == 0 || v.max_tokens == 0 || v.max_prompt_tokens == 0 {

@@ -49,11 +49,19 @@ pub(crate) struct Shared {
     /// From the config, which does not change while serving (read here so that no
     /// async task waits on the core's mutex).
     pub(crate) max_clock_skew_ms: u64,
-    pub(crate) update_bytes_max: u64,
+    /// The exact size of an update of this run (its codec, its parameter count): the
+    /// limit of an update's body.
+    pub(crate) update_bytes: u64,
     pub(crate) limits: protocol::Limits,
+    /// When a request body must have arrived.
+    pub(crate) body_deadline: BodyDeadline,
+    /// Update bodies read and processed at once (`http.upload_concurrency`).
+    pub(crate) uploads: Arc<tokio::sync::Semaphore>,
     pub(crate) blobs: store::Blobs,
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
-    /// more in page faults than reading into it.
+    /// more in page faults than reading into it. Each holds `update_bytes` and never
+    /// grows; one is taken or made only under an upload permit and put back before the
+    /// permit is released, so there are never more than `http.upload_concurrency`.
     pub(crate) buffers: Arc<Mutex<Vec<store::AlignedBuf>>>,
     /// Backends of the run's model that score updates, reused (at most `BUFFERS_KEPT`).
     pub(crate) scorers: Arc<Mutex<Vec<Box<dyn engine::Backend>>>>,
@@ -61,8 +69,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Most idle body buffers kept.
+/// Most idle scoring backends kept.
 const BUFFERS_KEPT: usize = 8;
+/// What a client told `uploads_busy` waits before trying again, in seconds.
+const UPLOADS_RETRY_AFTER_S: u64 = 1;
 
 /// The API; `training: false` leaves out the routes workers use (`hivetrain serve`).
 pub(crate) fn router(shared: Shared, training: bool) -> Router {
@@ -117,25 +127,105 @@ pub(crate) async fn with_core<T: Send + 'static>(
     .map_err(|e| ApiError::internal(&e))?
 }
 
-/// Reads a body of at most `max` bytes.
-pub(crate) async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, max).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body is over the limit of {max} bytes"),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "truncated_body",
-                format!("the request body could not be read in full: {e}"),
-            )
+/// When a request body must have arrived in full: `allowance` after the handler starts
+/// reading it, plus the time its bytes take at `min_bytes_per_s` (so a large body sent
+/// at a fair rate is never cut, and a trickle is cut soon after the allowance).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyDeadline {
+    allowance: std::time::Duration,
+    min_bytes_per_s: u64,
+}
+
+impl BodyDeadline {
+    pub(crate) fn new(http: &crate::config::HttpLimits) -> BodyDeadline {
+        BodyDeadline {
+            allowance: std::time::Duration::from_millis(http.body_timeout_ms),
+            min_bytes_per_s: http.body_min_bytes_per_s.max(1),
         }
-    })
+    }
+
+    fn at(&self, start: tokio::time::Instant, received: usize) -> tokio::time::Instant {
+        let transfer_ms = (received as u64).saturating_mul(1000) / self.min_bytes_per_s;
+        start + self.allowance + std::time::Duration::from_millis(transfer_ms)
+    }
+}
+
+/// Reads a body of at most `max` bytes by its deadline.
+pub(crate) async fn read_body(
+    body: Body,
+    max: usize,
+    deadline: BodyDeadline,
+) -> Result<axum::body::Bytes, ApiError> {
+    let declared = refuse_declared_over(&body, max)?;
+    let mut bytes = Vec::with_capacity(declared);
+    read_chunks(body, max, deadline, |chunk| bytes.extend_from_slice(chunk)).await?;
+    Ok(bytes.into())
+}
+
+/// The body's declared length (`Content-Length`; 0 when chunked), or a 413 when it is
+/// over `max`: refused before a byte of it is read or a byte reserved for it.
+fn refuse_declared_over(body: &Body, max: usize) -> Result<usize, ApiError> {
+    use axum::body::HttpBody;
+    let declared = body.size_hint().lower();
+    usize::try_from(declared)
+        .ok()
+        .filter(|&d| d <= max)
+        .ok_or_else(|| too_large(max))
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the request body is over the limit of {max} bytes"),
+    )
+}
+
+/// Reads `body` to its end, handing each piece to `sink`: at most `max` bytes (a 413 at
+/// the first piece past it, whatever the body declared), all of them by `deadline`
+/// (a 408 `body_timeout`). Not cancel-safe: dropped, the body is lost.
+async fn read_chunks(
+    mut body: Body,
+    max: usize,
+    deadline: BodyDeadline,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(), ApiError> {
+    use http_body_util::BodyExt;
+    let start = tokio::time::Instant::now();
+    let mut received = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline.at(start, received), body.frame()).await
+        {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive in time: {received} bytes in {} ms; send it in full within {} ms plus 1 s per {} bytes",
+                        start.elapsed().as_millis(),
+                        deadline.allowance.as_millis(),
+                        deadline.min_bytes_per_s
+                    ),
+                ));
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(frame)) => frame.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "truncated_body",
+                    format!("the request body could not be read in full: {e}"),
+                )
+            })?,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if chunk.len() > max - received {
+            return Err(too_large(max));
+        }
+        received += chunk.len();
+        sink(&chunk);
+    }
 }
 
 /// Checks a signed JSON request; returns the signer and the parsed body.
@@ -146,7 +236,7 @@ async fn signed<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(WorkerId, T), ApiError> {
-    let bytes = read_body(body, JSON_BODY_MAX).await?;
+    let bytes = read_body(body, JSON_BODY_MAX, shared.body_deadline).await?;
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let max_skew = shared.max_clock_skew_ms;
     let worker = protocol::auth::verify_request(
@@ -285,19 +375,34 @@ async fn model(
 /// then the judgement again and the committed row under the lock. Two requests thus
 /// overlap everything but two short critical sections.
 async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoResponse, ApiError> {
-    let max = usize::try_from(shared.update_bytes_max).unwrap_or(usize::MAX);
-    let mut bytes = shared
+    let max = usize::try_from(shared.update_bytes).unwrap_or(usize::MAX);
+    refuse_declared_over(&body, max)?;
+    // A permit bounds the bodies read and held at once, and so the buffers.
+    let permit = shared.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "uploads_busy",
+            format!(
+                "the coordinator is receiving as many updates as it reads at once; send this one again in {UPLOADS_RETRY_AFTER_S} s"
+            ),
+        )
+        .with_header(header::RETRY_AFTER, &UPLOADS_RETRY_AFTER_S.to_string())
+    })?;
+    let pooled = shared
         .buffers
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .pop()
-        .unwrap_or_default();
-    read_body_into(body, max, &mut bytes).await?;
+        .pop();
+    let mut bytes = match pooled {
+        Some(buffer) if buffer.capacity() >= max => buffer,
+        _ => store::AlignedBuf::with_capacity(max),
+    };
+    read_body_into(body, max, shared.body_deadline, &mut bytes).await?;
     let core = shared.core.clone();
     let clock = shared.clock.clone();
     let (limits, blobs) = (shared.limits, shared.blobs.clone());
-    let scorers = shared.scorers.clone();
-    let (bytes, reply) = tokio::task::spawn_blocking(move || {
+    let (scorers, buffers) = (shared.scorers.clone(), shared.buffers.clone());
+    let (received, reply) = tokio::task::spawn_blocking(move || {
         let lock = || core.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let reply = (|| {
             let update = validation::inspect(&bytes, &limits).map_err(ApiError::from_verdict)?;
@@ -332,54 +437,35 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                 .map_err(|e| ApiError::internal(&e))?;
             lock().accept(&update, &blob, bytes.len() as u64, score, clock())
         })();
-        (bytes, reply)
+        let received = bytes.len() as u64;
+        // Back in the pool before the permit is released (here, even if the request
+        // was dropped meanwhile), so buffers never outnumber permits.
+        buffers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(bytes);
+        drop(permit);
+        (received, reply)
     })
     .await
     .map_err(|e| ApiError::internal(&e))?;
     shared.metrics.update(match &reply {
-        Ok(_) => Ok(bytes.len() as u64),
+        Ok(_) => Ok(received),
         Err(e) => Err(&e.code),
     });
-    let mut buffers = shared
-        .buffers
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if buffers.len() < BUFFERS_KEPT {
-        buffers.push(bytes);
-    }
     Ok(axum::Json(reply?))
 }
 
-/// Reads a body of at most `max` bytes into `out` (cleared first), growing it only as
-/// the body arrives, so a client cannot make the server allocate what it did not send.
+/// Reads a body of at most `max` bytes by its deadline into `out` (cleared first), which
+/// holds `max` bytes without growing.
 async fn read_body_into(
-    mut body: Body,
+    body: Body,
     max: usize,
+    deadline: BodyDeadline,
     out: &mut store::AlignedBuf,
 ) -> Result<(), ApiError> {
-    use http_body_util::BodyExt;
     out.clear();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "truncated_body",
-                format!("the request body could not be read in full: {e}"),
-            )
-        })?;
-        let Ok(chunk) = frame.into_data() else {
-            continue; // trailers
-        };
-        if out.len() + chunk.len() > max {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body is over the limit of {max} bytes"),
-            ));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(())
+    read_chunks(body, max, deadline, |chunk| out.extend_from_slice(chunk)).await
 }
 
 #[derive(serde::Deserialize)]

@@ -6,6 +6,7 @@
 //! a runtime of its own, so the CLI, the demo and the tests start one the same way.
 
 pub mod config;
+mod connections;
 pub mod core;
 pub mod error;
 mod http;
@@ -35,8 +36,13 @@ pub struct Coordinator {
     core: Arc<Mutex<Core>>,
     runtime: Option<tokio::runtime::Runtime>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The accept loop; it ends once every connection has closed after `shutdown`.
+    server: Option<tokio::task::JoinHandle<()>>,
     checker: Option<Checker>,
 }
+
+/// How long [`Coordinator::stop`] waits for requests in flight.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// The thread that re-runs sampled units (replay spot-checks) one at a time, holding the
 /// core's lock only to take a job and to commit its outcome.
@@ -160,8 +166,8 @@ impl Coordinator {
         training: bool,
     ) -> Result<Coordinator, StartError> {
         let max_clock_skew_ms = config.max_clock_skew_ms;
-        let update_bytes_max = config.limits.update_bytes_max;
         let limits = config.limits;
+        let (codec, http_limits) = (config.codec, config.http.clone());
         let serving = openai::Inference {
             requests_per_minute: config.serving.requests_per_minute,
             threads: config.serving.threads,
@@ -178,6 +184,9 @@ impl Coordinator {
         let spot_check = config.spot_check.clone();
         let core = Core::open(dir, config, clock())?;
         let core_blobs = core.blobs();
+        // The one size an update of this run has; a body is never read past it.
+        let update_bytes =
+            protocol::update_len(codec, core.run_info().n_params).min(limits.update_bytes_max);
         let core = Arc::new(Mutex::new(core));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -199,8 +208,12 @@ impl Coordinator {
             core: core.clone(),
             clock: clock.clone(),
             max_clock_skew_ms,
-            update_bytes_max,
+            update_bytes,
             limits,
+            body_deadline: http::BodyDeadline::new(&http_limits),
+            uploads: Arc::new(tokio::sync::Semaphore::new(
+                http_limits.upload_concurrency as usize,
+            )),
             blobs: core_blobs,
             buffers: Arc::default(),
             scorers: Arc::default(),
@@ -209,16 +222,15 @@ impl Coordinator {
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = http::router(shared, training);
-        runtime.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-            if let Err(e) = served {
-                eprintln!("coordinator: the server stopped: {e}");
-            }
-        });
+        let connection_limits = connections::ConnectionLimits::new(&http_limits);
+        let server = runtime.spawn(connections::serve(
+            listener,
+            app,
+            connection_limits,
+            async {
+                let _ = rx.await;
+            },
+        ));
         // Time passes without requests too: leases expire, rounds time out.
         let ticking = core.clone();
         let checking_clock = clock.clone();
@@ -253,6 +265,7 @@ impl Coordinator {
             core,
             runtime: Some(runtime),
             shutdown: Some(tx),
+            server: Some(server),
             checker,
         })
     }
@@ -272,10 +285,14 @@ impl Coordinator {
         f(&mut core)
     }
 
-    /// Stops serving, lets requests in flight finish, and closes the store.
+    /// Stops serving, lets requests in flight finish (for up to 10 s), and closes the
+    /// store. Call it from outside the coordinator's runtime, as any blocking call.
     pub fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let (Some(runtime), Some(server)) = (&self.runtime, self.server.take()) {
+            let _ = runtime.block_on(async { tokio::time::timeout(STOP_WAIT, server).await });
         }
         if let Some(checker) = self.checker.take() {
             checker.stop();

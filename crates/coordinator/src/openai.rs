@@ -155,7 +155,7 @@ async fn issue_key(
     State(shared): State<Shared>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    let request: KeyRequest = parse_json(&read_body(body, 4096).await?)?;
+    let request: KeyRequest = parse_json(&read_body(body, 4096, shared.body_deadline).await?)?;
     let (key, wallet) = with_core(&shared, move |core, now| {
         core.issue_api_key(&request.wallet, &request.challenge, &request.signature, now)
     })
@@ -180,7 +180,7 @@ async fn revoke_key(
             serde_json::json!({ "revoked": true, "keys": 1 }),
         ));
     }
-    let request: KeyRequest = parse_json(&read_body(body, 4096).await?)?;
+    let request: KeyRequest = parse_json(&read_body(body, 4096, shared.body_deadline).await?)?;
     let keys = with_core(&shared, move |core, now| {
         core.revoke_api_keys_of(&request.wallet, &request.challenge, &request.signature, now)
     })
@@ -288,7 +288,7 @@ async fn completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let wallet = admit(&shared, &headers).await?;
-    let body = read_body(body, BODY_MAX).await?;
+    let body = read_body(body, BODY_MAX, shared.body_deadline).await?;
     let name = request_name(&headers, "/v1/completions", &body)?;
     let request = parse_json(&body)?;
     serve(shared, wallet, name, Job::Completion(request)).await
@@ -300,7 +300,7 @@ async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let wallet = admit(&shared, &headers).await?;
-    let body = read_body(body, BODY_MAX).await?;
+    let body = read_body(body, BODY_MAX, shared.body_deadline).await?;
     let name = request_name(&headers, "/v1/chat/completions", &body)?;
     let request = parse_json(&body)?;
     serve(shared, wallet, name, Job::Chat(request)).await

@@ -17,7 +17,8 @@ pub mod update;
 pub use codec::{Codec, Summary, summarize_values};
 pub use limits::Limits;
 pub use update::{
-    DecodeError, ID_MAX, SignedUpdate, UpdateHeader, WorkerId, encode_update, encode_update_payload,
+    DecodeError, ID_MAX, SignedUpdate, UpdateHeader, WorkerId, encode_update,
+    encode_update_payload, update_len,
 };
 
 /// Version of the update format; bumped with any change to its bytes.

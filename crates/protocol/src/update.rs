@@ -135,6 +135,14 @@ impl DecodeError {
     }
 }
 
+/// The exact size in bytes of an update of `n_params` values packed by `codec`: the
+/// header (with the payload hash and the signature) and the payload. What
+/// [`encode_update`] writes and [`SignedUpdate::parse`] requires, so a server can bound
+/// a body by it before reading one.
+pub fn update_len(codec: Codec, n_params: u32) -> u64 {
+    HEADER_BYTES as u64 + codec.payload_bytes(n_params)
+}
+
 /// Encodes `delta` with `header.codec`, hashes and signs it with `key`. The header's
 /// `worker` and `n_params` are taken from `key` and `delta`.
 pub fn encode_update(header: &UpdateHeader, delta: &[f32], key: &SigningKey) -> Vec<u8> {
@@ -392,6 +400,21 @@ mod tests {
             l,
             expect_test::expect!["ok unit=7 base=3 nonce=99 [0.5, -0.2519685, 0.0, 0.001, -2.0]"],
         );
+    }
+
+    #[test]
+    fn update_len_is_what_the_encoder_writes() {
+        let codecs = [
+            Codec::Fp32,
+            Codec::Fp16,
+            Codec::Int8Chunk { chunk: 2 },
+            Codec::Int8Chunk { chunk: 4096 },
+            Codec::Int8Codebook,
+        ];
+        for codec in codecs {
+            let bytes = good(codec);
+            assert_eq!(update_len(codec, DELTA.len() as u32), bytes.len() as u64);
+        }
     }
 
     #[test]

@@ -61,6 +61,35 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// An empty buffer with room for exactly `bytes` bytes (and the padding of an aligned
+    /// write) in one allocation: filled up to `bytes`, it never grows, so a caller that
+    /// refuses input past `bytes` bounds the buffer by it. The memory is zeroed lazily
+    /// by the system: pages count towards the process's resident size only once written.
+    pub fn with_capacity(bytes: usize) -> AlignedBuf {
+        AlignedBuf {
+            raw: vec![0u8; bytes.next_multiple_of(DIRECT_ALIGN) + DIRECT_ALIGN],
+            start: 0,
+            len: 0,
+        }
+        .aligned()
+    }
+
+    /// Bytes the buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        // `extend_from_slice` grows when the bytes rounded up to the alignment pass the end.
+        self.raw.len().saturating_sub(self.start) / DIRECT_ALIGN * DIRECT_ALIGN
+    }
+
+    /// The same buffer with `start` on the alignment boundary of `raw`.
+    fn aligned(mut self) -> AlignedBuf {
+        self.start = self
+            .raw
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        self
+    }
+
     /// Empties the buffer, keeping its memory.
     pub fn clear(&mut self) {
         self.len = 0;
@@ -313,4 +342,26 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
             path: dir.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_made_with_capacity_never_grows_up_to_it() {
+        for bytes in [0, 1, 4095, 4096, 10_000, 1 << 20] {
+            let mut buf = AlignedBuf::with_capacity(bytes);
+            let capacity = buf.capacity();
+            assert!(capacity >= bytes, "{bytes}: room for {capacity}");
+            assert!(capacity < bytes + 2 * DIRECT_ALIGN, "{bytes}: {capacity}");
+            let raw = buf.raw.len();
+            buf.extend_from_slice(&vec![7u8; bytes / 2]);
+            buf.extend_from_slice(&vec![9u8; bytes - bytes / 2]);
+            assert_eq!(
+                (buf.len(), buf.raw.len(), buf.capacity()),
+                (bytes, raw, capacity)
+            );
+        }
+    }
 }

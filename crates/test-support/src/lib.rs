@@ -50,10 +50,13 @@ pub fn tiny_config(dir: &Path, units: u32) -> CoordinatorConfig {
 }
 
 /// `config` for tests that send hand-made deltas (not trained): no scoring and no
-/// re-runs, which would refuse them or claw their credit back.
+/// re-runs, which would refuse them or claw their credit back, and fp32 as the run's
+/// codec, the one [`update_bytes`] encodes with (an update's body may not be larger
+/// than the run's codec makes it).
 pub fn hand_made(mut config: CoordinatorConfig) -> CoordinatorConfig {
     config.scoring.enabled = false;
     config.spot_check.enabled = false;
+    config.codec = Codec::Fp32;
     config
 }
 

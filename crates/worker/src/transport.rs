@@ -109,6 +109,14 @@ impl HttpTransport {
                 message: text.chars().take(200).collect(),
             },
         };
+        if status == 503 {
+            // Busy (`uploads_busy`, `busy`): the same request succeeds later, so it is
+            // retried with the unreachable ones.
+            return Err(TransportError::Unreachable {
+                url: self.url(path),
+                message: refusal.to_string(),
+            });
+        }
         Err(TransportError::Refused(refusal))
     }
 

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod uploads;
+
 struct Sandbox {
     dir: tempfile::TempDir,
 }
