@@ -257,6 +257,14 @@ impl CoordinatorConfig {
         serde_json::to_string(&identity).unwrap_or_default()
     }
 
+    /// Whether `stored`, a run's stored [`CoordinatorConfig::identity_json`], is this
+    /// config's identity. Runs stored before `retention` existed lack it and match too.
+    pub fn identity_matches(&self, stored: &str) -> bool {
+        let identity = self.identity_json();
+        let retention = serde_json::to_string(&RetentionConfig::default()).unwrap_or_default();
+        stored == identity || stored == identity.replace(&format!(",\"retention\":{retention}"), "")
+    }
+
     /// The config as TOML (for `hivetrain coordinator --print-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
@@ -347,5 +355,39 @@ mod tests {
         .check()
         .expect_err("zero");
         assert!(err.to_string().contains("batch"), "{err}");
+    }
+
+    /// Retention is not the run's identity: another setting on restart matches, and so
+    /// does a run stored before the setting existed.
+    #[test]
+    fn retention_is_not_part_of_the_identity() {
+        let c = CoordinatorConfig::default();
+        let other = CoordinatorConfig {
+            retention: RetentionConfig {
+                keep_last: 9,
+                ..RetentionConfig::default()
+            },
+            ..c.clone()
+        };
+        assert!(other.identity_matches(&c.identity_json()));
+        let mut stored: serde_json::Value = serde_json::from_str(&c.identity_json()).expect("json");
+        stored.as_object_mut().expect("object").remove("retention");
+        let legacy = c.identity_json().replace(
+            &format!(
+                ",\"retention\":{}",
+                serde_json::to_string(&RetentionConfig::default()).expect("json")
+            ),
+            "",
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&legacy).expect("json"),
+            stored
+        );
+        assert!(c.identity_matches(&legacy));
+        let changed = CoordinatorConfig {
+            seed: 2,
+            ..c.clone()
+        };
+        assert!(!changed.identity_matches(&legacy));
     }
 }

@@ -310,7 +310,7 @@ impl Core {
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
             Some(stored) => {
-                if stored != config_json {
+                if !config.identity_matches(&stored) {
                     return Err(CoreError::ConfigMismatch {
                         dir: dir.display().to_string(),
                         stored,
