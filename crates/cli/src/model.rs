@@ -1,9 +1,11 @@
-//! `hivetrain model list|export`: the model registry of a coordinator's run, and loading
-//! one of its versions (for `generate --version` and the demo).
+//! `hivetrain model list|export|prune`: the model registry of a coordinator's run,
+//! loading one of its versions (for `generate --version` and the demo), and applying the
+//! retention policy to a stopped run.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use coordinator::config::RetentionConfig;
 use engine::checkpoint::Checkpoint;
 use store::{Store, VersionRow};
 
@@ -14,6 +16,22 @@ pub(crate) enum ModelCommand {
         /// The coordinator's run directory.
         #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
         run: PathBuf,
+    },
+    /// Remove the checkpoints, optimizer states and update blobs a stopped run no longer
+    /// needs (the coordinator does this as it goes; this is for runs stopped before it
+    /// did, or to keep fewer). Takes the run's lock: stop its coordinator first.
+    Prune {
+        #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+        run: PathBuf,
+        /// Checkpoints of the newest versions kept.
+        #[arg(long, default_value_t = RetentionConfig::default().keep_last)]
+        keep_last: u32,
+        /// Every version that is a multiple of this keeps its checkpoint (0: none).
+        #[arg(long, default_value_t = RetentionConfig::default().keep_every)]
+        keep_every: u32,
+        /// Rounds before the current one whose update blobs are kept for re-runs.
+        #[arg(long, default_value_t = RetentionConfig::default().update_rounds)]
+        update_rounds: u32,
     },
     /// Export a version for HF transformers (GPT2LMHeadModel).
     Export {
@@ -66,6 +84,14 @@ pub(crate) fn load_version(run: &Path, version: Option<u64>) -> anyhow::Result<R
             .cloned()
             .context("the run has no versions")?,
     };
+    if row.checkpoint_pruned_ms.is_some() {
+        bail!(
+            "version {} of the run in {} was pruned by its retention policy; the versions kept are {}",
+            row.version,
+            run.display(),
+            coordinator::core::retention::kept_versions(&store)?
+        );
+    }
     let bytes = store.blobs().get(&row.checkpoint)?;
     let checkpoint = engine::checkpoint::from_bytes(
         Path::new(&format!("{} version {}", run.display(), row.version)),
@@ -92,6 +118,10 @@ pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
             println!("version  parent  round  updates  holdout loss  checkpoint");
             for v in store.versions()? {
                 let opt = |x: Option<u64>| x.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+                let checkpoint = match v.checkpoint_pruned_ms {
+                    Some(_) => "pruned",
+                    None => &v.checkpoint.as_str()[..16],
+                };
                 println!(
                     "{:>7}  {:>6}  {:>5}  {:>7}  {:>12.4}  {}",
                     v.version,
@@ -99,9 +129,57 @@ pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
                     opt(v.round),
                     v.updates.len(),
                     v.holdout_loss,
-                    &v.checkpoint.as_str()[..16]
+                    checkpoint
                 );
             }
+            Ok(())
+        }
+        ModelCommand::Prune {
+            run,
+            keep_last,
+            keep_every,
+            update_rounds,
+        } => {
+            let policy = RetentionConfig {
+                enabled: true,
+                keep_last,
+                keep_every,
+                update_rounds,
+            };
+            if keep_last == 0 {
+                bail!("--keep-last must be at least 1 (the newest version is the model)");
+            }
+            let pruned =
+                coordinator::core::retention::prune_run(&run, &policy, coordinator::system_ms())
+                    .with_context(|| format!("pruning the run in {}", run.display()))?;
+            let list = |versions: &[u64]| {
+                if versions.is_empty() {
+                    "none".to_owned()
+                } else {
+                    versions
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            };
+            println!(
+                "checkpoints removed: versions {}",
+                list(&pruned.checkpoints)
+            );
+            println!(
+                "optimizer states removed: versions {}",
+                list(&pruned.optimizers)
+            );
+            println!("update blobs removed: {}", pruned.updates);
+            println!(
+                "left by crashes: {} temporary files, {} blobs no row named",
+                pruned.swept.temporary, pruned.swept.orphans
+            );
+            println!(
+                "{} bytes freed; checkpoints kept: versions {}",
+                pruned.bytes, pruned.kept
+            );
             Ok(())
         }
         ModelCommand::Export { run, version, hf } => {

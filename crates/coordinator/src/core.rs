@@ -26,6 +26,7 @@ use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
 use crate::config::CoordinatorConfig;
 
 pub mod checks;
+pub mod retention;
 pub mod serving;
 use crate::error::ApiError;
 pub use checks::{CheckJob, CheckOutcome, ScoreTask};
@@ -57,6 +58,8 @@ pub enum CoreError {
     Lock { dir: String, source: std::io::Error },
     #[error("the store is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("{dir} holds no run: give the directory a coordinator (or the demo) used")]
+    NoRun { dir: String },
     #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error(
@@ -290,6 +293,18 @@ impl Core {
         let mut evaluator =
             engine::open_backend(&format!("cpu:{threads}"), model, vec![0.0; n_params])?;
         let mut store = Store::open(dir)?;
+        // The lock is held and nothing is being written: what a crash left behind (a
+        // write cut short, a blob whose row never committed or was let go of) goes.
+        let swept = retention::sweep(&store)?;
+        if swept != store::Swept::default() {
+            eprintln!(
+                "coordinator: removed {} temporary files and {} blobs no row names ({} bytes) from {}",
+                swept.temporary,
+                swept.orphans,
+                swept.bytes,
+                dir.display()
+            );
+        }
         let mut outer = config.outer.build_with(config.combine, n_params);
         let config_json = config.identity_json();
 
@@ -348,6 +363,8 @@ impl Core {
                     holdout_loss: loss,
                     created_ms: now_ms,
                     updates: Vec::new(),
+                    checkpoint_pruned_ms: None,
+                    optimizer_pruned_ms: None,
                 };
                 let tokenizer_hash = store.blobs().put(&tokenizer_bytes)?;
                 store.write(|tx| {
@@ -1368,6 +1385,8 @@ impl Core {
             holdout_loss: loss,
             created_ms: now_ms,
             updates: units,
+            checkpoint_pruned_ms: None,
+            optimizer_pruned_ms: None,
         };
         let mut next = self.scheduler.clone();
         let effects = next.tick(
@@ -1375,8 +1394,11 @@ impl Core {
             self.config.seed,
             &[Event::Aggregated { round, version }],
         );
+        // What the new version makes unneeded is marked with it, and removed after.
+        let prune = self.retention_plan(&row, next.round())?;
         self.store.write(|tx| {
             tx.insert_version(&row)?;
+            retention::mark(tx, &prune, now_ms)?;
             persist_effects(tx, &next, &effects, now_ms)
         })?;
         self.scheduler = next;
@@ -1389,10 +1411,12 @@ impl Core {
         self.previous_norms = self.accepted.values().map(|a| a.norm).collect();
         self.accepted.clear();
         self.refused_payloads.clear();
+        self.remove_pruned(&prune);
         Ok(())
     }
 
-    /// The checkpoint of `version` and its blake3.
+    /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
+    /// retention policy removed it).
     pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
         if version == self.current.version {
             return Ok((
@@ -1420,6 +1444,9 @@ impl Core {
             .version(version)
             .map_err(|e| ApiError::internal(&e))?
             .ok_or_else(unknown)?;
+        if row.checkpoint_pruned_ms.is_some() {
+            return Err(self.pruned_reply(version));
+        }
         let bytes = self
             .store
             .blobs()

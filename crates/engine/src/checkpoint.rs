@@ -4,10 +4,10 @@
 //! loads; hivetrain's own config travels in the file's metadata under
 //! [`CONFIG_METADATA_KEY`], with any other string metadata the caller adds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::{GptConfig, ParamLayout};
 
@@ -63,6 +63,13 @@ pub struct Checkpoint {
 }
 
 /// Serializes parameters to safetensors bytes, with the config and `extra` as metadata.
+///
+/// The bytes depend only on the arguments: the metadata is written in key order. (The
+/// `safetensors` crate, 0.8, writes its metadata from a `HashMap` in that map's random
+/// iteration order, so the same checkpoint got another hash in every process; the
+/// header is therefore written here, in the crate's layout otherwise: tensors in name
+/// order, each `{"dtype", "shape", "data_offsets"}`, the header padded with spaces to a
+/// multiple of 8 bytes.)
 pub fn to_bytes(
     config: &GptConfig,
     params: &[f32],
@@ -76,21 +83,50 @@ pub fn to_bytes(
             layout.len()
         ));
     }
-    let bytes: &[u8] = bytemuck::cast_slice(params);
-    let mut views = Vec::new();
-    for spec in layout.tensors() {
-        let data = &bytes[spec.offset * 4..(spec.offset + spec.len()) * 4];
-        let view =
-            TensorView::new(Dtype::F32, spec.shape.clone(), data).map_err(|e| e.to_string())?;
-        views.push((spec.name.clone(), view));
+    let config_json = serde_json::to_string(config).map_err(|e| e.to_string())?;
+    let mut metadata: BTreeMap<&str, &str> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    metadata.insert("format", "pt");
+    metadata.insert(CONFIG_METADATA_KEY, &config_json);
+
+    /// One tensor's header entry, its fields in the order the crate writes them.
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        dtype: &'static str,
+        shape: &'a [usize],
+        data_offsets: [usize; 2],
     }
-    let mut metadata = extra.clone();
-    metadata.insert("format".into(), "pt".into());
-    metadata.insert(
-        CONFIG_METADATA_KEY.into(),
-        serde_json::to_string(config).map_err(|e| e.to_string())?,
-    );
-    safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())
+    let mut specs: Vec<_> = layout.tensors().iter().collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    let json = |e: serde_json::Error| e.to_string();
+    let mut header = String::from("{\"__metadata__\":");
+    header.push_str(&serde_json::to_string(&metadata).map_err(json)?);
+    let mut offset = 0;
+    for spec in &specs {
+        let entry = Entry {
+            dtype: "F32",
+            shape: &spec.shape,
+            data_offsets: [offset, offset + spec.len() * 4],
+        };
+        offset += spec.len() * 4;
+        header.push(',');
+        header.push_str(&serde_json::to_string(&spec.name).map_err(json)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&entry).map_err(json)?);
+    }
+    header.push('}');
+    let padded = header.len().next_multiple_of(8);
+    let mut bytes = Vec::with_capacity(8 + padded + offset);
+    bytes.extend_from_slice(&(padded as u64).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(8 + padded, b' ');
+    let floats: &[u8] = bytemuck::cast_slice(params);
+    for spec in &specs {
+        bytes.extend_from_slice(&floats[spec.offset * 4..(spec.offset + spec.len()) * 4]);
+    }
+    Ok(bytes)
 }
 
 /// Writes a checkpoint atomically (temp file, fsync, rename).

@@ -130,6 +130,17 @@ impl std::ops::Deref for AlignedBuf {
     }
 }
 
+/// What [`Blobs::sweep`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Temporary files of writes a crash cut short.
+    pub temporary: u64,
+    /// Blobs no row names.
+    pub orphans: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
 /// The blob directory.
 #[derive(Debug, Clone)]
 pub struct Blobs {
@@ -240,6 +251,57 @@ impl Blobs {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The size of a blob in bytes (`None` when it is absent).
+    pub fn size(&self, hash: &BlobHash) -> Option<u64> {
+        std::fs::metadata(self.path(hash)).ok().map(|m| m.len())
+    }
+
+    /// Removes every temporary file (a write a crash cut short) and every blob not in
+    /// `keep` (one whose row was never committed, or was let go of before a crash).
+    /// Files that are neither, which hivetrain never writes, are left alone. Only for
+    /// a caller that holds the run's lock while no blob is being written: a write in
+    /// flight is a temporary file, then a blob no row names yet.
+    pub fn sweep(&self, keep: &std::collections::HashSet<BlobHash>) -> Result<Swept, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        let mut swept = Swept::default();
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let prefix = entry.path();
+            let prefix_name = entry.file_name().to_string_lossy().into_owned();
+            if !prefix.is_dir() || prefix_name.len() != 2 {
+                continue;
+            }
+            for file in std::fs::read_dir(&prefix).map_err(io(&prefix))? {
+                let file = file.map_err(io(&prefix))?;
+                let name = file.file_name().to_string_lossy().into_owned();
+                let temporary = name.ends_with(".tmp");
+                let orphan = BlobHash::parse(&name)
+                    .is_some_and(|h| h.0.starts_with(&prefix_name) && !keep.contains(&h));
+                if !(temporary || orphan) {
+                    continue;
+                }
+                let path = file.path();
+                let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::Io { path, source: e });
+                    }
+                    _ => {}
+                }
+                if temporary {
+                    swept.temporary += 1;
+                } else {
+                    swept.orphans += 1;
+                }
+                swept.bytes += bytes;
+            }
+        }
+        Ok(swept)
     }
 
     /// Whether a blob is present.

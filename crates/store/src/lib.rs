@@ -12,12 +12,13 @@
 
 mod blobs;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-pub use blobs::{AlignedBuf, BlobHash, Blobs};
+pub use blobs::{AlignedBuf, BlobHash, Blobs, Swept};
 
 /// What can go wrong with the store. Each names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +192,16 @@ CREATE INDEX replies_created ON replies (created_ms);
 CREATE INDEX replies_wallet ON replies (wallet, created_ms);
 DELETE FROM api_keys WHERE revoked_ms IS NOT NULL;
 "#,
+    // Retention: a pruned blob's row stays (history, ledger references) and says when
+    // its blob was removed. The partial indexes hold only what is still on disk.
+    r#"
+ALTER TABLE versions ADD COLUMN checkpoint_pruned_ms INTEGER;
+ALTER TABLE versions ADD COLUMN optimizer_pruned_ms INTEGER;
+ALTER TABLE updates ADD COLUMN blob_pruned_ms INTEGER;
+CREATE INDEX versions_kept ON versions (version)
+    WHERE checkpoint_pruned_ms IS NULL OR (optimizer IS NOT NULL AND optimizer_pruned_ms IS NULL);
+CREATE INDEX updates_kept ON updates (round) WHERE blob_pruned_ms IS NULL;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -205,6 +216,9 @@ pub enum CheckState {
     Verified,
     /// Re-run and did not match: its credit was clawed back.
     Failed,
+    /// Could not be re-run: its update's blob or its base version's checkpoint was
+    /// pruned by the retention policy before its turn came.
+    Skipped,
 }
 
 impl CheckState {
@@ -214,6 +228,7 @@ impl CheckState {
             CheckState::Unchecked => "unchecked",
             CheckState::Verified => "verified",
             CheckState::Failed => "failed",
+            CheckState::Skipped => "skipped",
         }
     }
 
@@ -223,6 +238,7 @@ impl CheckState {
             CheckState::Unchecked,
             CheckState::Verified,
             CheckState::Failed,
+            CheckState::Skipped,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)
@@ -303,6 +319,21 @@ pub struct VersionRow {
     pub created_ms: u64,
     /// Ids (units) of the updates it was built from.
     pub updates: Vec<u64>,
+    /// When the retention policy removed its checkpoint (the row stays).
+    pub checkpoint_pruned_ms: Option<u64>,
+    /// When the retention policy removed its optimizer state.
+    pub optimizer_pruned_ms: Option<u64>,
+}
+
+/// An update whose blob is still on disk, as the retention policy sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeptUpdate {
+    pub unit: u64,
+    pub round: u64,
+    pub base_version: u64,
+    pub blob: BlobHash,
+    /// Its spot-check state (none when re-runs are off).
+    pub check: Option<CheckState>,
 }
 
 /// Per-round figures for status tables.
@@ -538,7 +569,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT version, parent, round, checkpoint, optimizer, holdout_loss, created_ms, updates
+                "SELECT version, parent, round, checkpoint, optimizer, holdout_loss, created_ms, updates,
+                    checkpoint_pruned_ms, optimizer_pruned_ms
                  FROM versions {tail}"
             ))
             .map_err(sql(&self.path))?;
@@ -551,6 +583,8 @@ impl Store {
             f64,
             u64,
             String,
+            Option<u64>,
+            Option<u64>,
         );
         let rows = stmt
             .query_map(params, |r| {
@@ -563,13 +597,25 @@ impl Store {
                     r.get(5)?,
                     r.get(6)?,
                     r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
                 ))
             })
             .map_err(sql(&self.path))?;
         let mut out = Vec::new();
         for row in rows {
-            let (version, parent, round, checkpoint, optimizer, loss, created_ms, updates): Raw =
-                row.map_err(sql(&self.path))?;
+            let (
+                version,
+                parent,
+                round,
+                checkpoint,
+                optimizer,
+                loss,
+                created_ms,
+                updates,
+                checkpoint_pruned_ms,
+                optimizer_pruned_ms,
+            ): Raw = row.map_err(sql(&self.path))?;
             let hash =
                 |s: &str| BlobHash::parse(s).ok_or_else(|| bad_row(&self.path, "blob hash", s));
             out.push(VersionRow {
@@ -582,6 +628,8 @@ impl Store {
                 created_ms,
                 updates: serde_json::from_str(&updates)
                     .map_err(|e| bad_row(&self.path, "update list", e))?,
+                checkpoint_pruned_ms,
+                optimizer_pruned_ms,
             });
         }
         Ok(out)
@@ -841,6 +889,114 @@ impl Store {
         self.conn
             .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
             .map_err(sql(&self.path))
+    }
+
+    /// The versions whose checkpoint or optimizer state is still on disk, oldest first.
+    pub fn versions_kept(&self) -> Result<Vec<VersionRow>, StoreError> {
+        self.query_versions(
+            "WHERE checkpoint_pruned_ms IS NULL
+                OR (optimizer IS NOT NULL AND optimizer_pruned_ms IS NULL)
+             ORDER BY version",
+            [],
+        )
+    }
+
+    /// The accepted updates whose blob is still on disk, in unit order, with their
+    /// spot-check state.
+    pub fn updates_kept(&self) -> Result<Vec<KeptUpdate>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT u.unit, u.round, u.base_version, u.blob, c.state
+                 FROM updates u LEFT JOIN checks c ON c.unit = u.unit
+                 WHERE u.blob_pruned_ms IS NULL ORDER BY u.unit",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(sql(&self.path))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (unit, round, base_version, blob, check) = row.map_err(sql(&self.path))?;
+            out.push(KeptUpdate {
+                unit,
+                round,
+                base_version,
+                blob: BlobHash::parse(&blob).ok_or_else(|| bad_row(&self.path, "blob", &blob))?,
+                check: check
+                    .map(|c| {
+                        CheckState::parse(&c).ok_or_else(|| bad_row(&self.path, "check state", c))
+                    })
+                    .transpose()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every blob a row names and has not let go of: versions' checkpoints and optimizer
+    /// states, accepted updates, and the `meta` values under `meta_keys` (blob names the
+    /// caller keeps there, such as the run's tokenizer). Whatever else is in the blob
+    /// directory is an orphan. A new column that names a blob must be added here.
+    pub fn live_blobs(&self, meta_keys: &[&str]) -> Result<HashSet<BlobHash>, StoreError> {
+        let mut live = HashSet::new();
+        for query in [
+            "SELECT checkpoint FROM versions WHERE checkpoint_pruned_ms IS NULL",
+            "SELECT optimizer FROM versions
+             WHERE optimizer IS NOT NULL AND optimizer_pruned_ms IS NULL",
+            "SELECT blob FROM updates WHERE blob_pruned_ms IS NULL",
+        ] {
+            let mut stmt = self.conn.prepare(query).map_err(sql(&self.path))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(sql(&self.path))?;
+            for row in rows {
+                let name = row.map_err(sql(&self.path))?;
+                live.insert(
+                    BlobHash::parse(&name).ok_or_else(|| bad_row(&self.path, "blob", &name))?,
+                );
+            }
+        }
+        for key in meta_keys {
+            if let Some(name) = self.meta(key)? {
+                live.insert(
+                    BlobHash::parse(&name)
+                        .ok_or_else(|| bad_row(&self.path, "blob in meta", &name))?,
+                );
+            }
+        }
+        Ok(live)
+    }
+
+    /// Whether a row that has not let go of it names `blob` (see [`Store::live_blobs`];
+    /// `meta_keys` alike).
+    pub fn blob_live(&self, blob: &BlobHash, meta_keys: &[&str]) -> Result<bool, StoreError> {
+        let named: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE checkpoint = ?1 AND checkpoint_pruned_ms IS NULL)
+                     OR EXISTS (SELECT 1 FROM versions WHERE optimizer = ?1 AND optimizer_pruned_ms IS NULL)
+                     OR EXISTS (SELECT 1 FROM updates WHERE blob = ?1 AND blob_pruned_ms IS NULL)",
+                [blob.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql(&self.path))?;
+        if named {
+            return Ok(true);
+        }
+        for key in meta_keys {
+            if self.meta(key)?.as_deref() == Some(blob.as_str()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Row counts of every table, for tests that check a request wrote nothing.
@@ -1123,6 +1279,35 @@ impl Tx<'_> {
     }
 }
 
+impl Tx<'_> {
+    /// Marks `version`'s checkpoint as removed at `now_ms` (remove the blob after the
+    /// commit, if no row still names it).
+    pub fn prune_checkpoint(&self, version: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.run(
+            "UPDATE versions SET checkpoint_pruned_ms = ?2
+             WHERE version = ?1 AND checkpoint_pruned_ms IS NULL",
+            params![version, now_ms],
+        )
+    }
+
+    /// Marks `version`'s optimizer state as removed at `now_ms`.
+    pub fn prune_optimizer(&self, version: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.run(
+            "UPDATE versions SET optimizer_pruned_ms = ?2
+             WHERE version = ?1 AND optimizer IS NOT NULL AND optimizer_pruned_ms IS NULL",
+            params![version, now_ms],
+        )
+    }
+
+    /// Marks the blob of `unit`'s accepted update as removed at `now_ms`.
+    pub fn prune_update(&self, unit: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.run(
+            "UPDATE updates SET blob_pruned_ms = ?2 WHERE unit = ?1 AND blob_pruned_ms IS NULL",
+            params![unit, now_ms],
+        )
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn
@@ -1159,6 +1344,8 @@ mod tests {
             holdout_loss: 5.0,
             created_ms: 10 + v,
             updates: vec![1, 2],
+            checkpoint_pruned_ms: None,
+            optimizer_pruned_ms: None,
         }
     }
 
@@ -1341,6 +1528,87 @@ mod tests {
             .remove(&hash)
             .expect("a second remove is a no-op");
         assert!(!store.blobs().contains(&hash));
+    }
+
+    /// A pruned row lets go of its blob: the blob is no longer live, and a sweep removes
+    /// it with temporary files, keeping every blob a row still names and files that are
+    /// not blobs.
+    #[test]
+    fn pruned_rows_let_go_of_their_blobs_and_a_sweep_removes_what_no_row_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let blob = |bytes: &[u8]| store.blobs().put(bytes).expect("put");
+        let (c1, c2, o2, u7, tok, orphan) = (
+            blob(b"c1"),
+            blob(b"c2"),
+            blob(b"o2"),
+            blob(b"u7"),
+            blob(b"tok"),
+            blob(b"orphan"),
+        );
+        let v2 = VersionRow {
+            optimizer: Some(o2.clone()),
+            ..version(2, c2.clone())
+        };
+        store
+            .write(|tx| {
+                tx.set_meta("tokenizer", tok.as_str())?;
+                tx.insert_version(&version(1, c1.clone()))?;
+                tx.insert_version(&v2)?;
+                tx.insert_update(&update(7, u7.clone()))
+            })
+            .expect("write");
+        let live = |store: &Store| {
+            let mut names: Vec<BlobHash> = store
+                .live_blobs(&["tokenizer"])
+                .expect("live")
+                .into_iter()
+                .collect();
+            names.sort();
+            names
+        };
+        let mut all = vec![c1.clone(), c2.clone(), o2.clone(), u7.clone(), tok.clone()];
+        all.sort();
+        assert_eq!(live(&store), all);
+        store
+            .write(|tx| {
+                tx.prune_checkpoint(1, 50)?;
+                tx.prune_optimizer(2, 50)?;
+                tx.prune_update(7, 50)
+            })
+            .expect("prune");
+        let mut kept = vec![c2.clone(), tok.clone()];
+        kept.sort();
+        assert_eq!(live(&store), kept);
+        assert!(!store.blob_live(&c1, &["tokenizer"]).expect("live"));
+        assert!(store.blob_live(&tok, &["tokenizer"]).expect("live"));
+        let v = store.version(2).expect("read").expect("row");
+        assert_eq!(
+            (v.checkpoint_pruned_ms, v.optimizer_pruned_ms),
+            (None, Some(50))
+        );
+        assert_eq!(store.versions_kept().expect("kept").len(), 1);
+        assert!(store.updates_kept().expect("kept").is_empty());
+
+        let prefix = dir.path().join("blobs").join(&c2.as_str()[..2]);
+        std::fs::write(prefix.join("x.1.0.tmp"), b"cut short").expect("tmp");
+        std::fs::write(prefix.join("README"), b"not a blob").expect("other");
+        let swept = store
+            .blobs()
+            .sweep(&store.live_blobs(&["tokenizer"]).expect("live"));
+        assert_eq!(
+            swept.expect("sweep"),
+            Swept {
+                temporary: 1,
+                orphans: 4,
+                bytes: 9 + 2 + 2 + 2 + 6,
+            }
+        );
+        for (blob, present) in [(&c1, false), (&o2, false), (&u7, false), (&orphan, false)] {
+            assert_eq!(store.blobs().contains(blob), present, "{blob}");
+        }
+        assert!(store.blobs().contains(&c2) && store.blobs().contains(&tok));
+        assert!(prefix.join("README").exists());
     }
 
     #[test]

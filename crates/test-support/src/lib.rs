@@ -287,3 +287,36 @@ pub fn api_key(url: &str, key: &SigningKey) -> String {
     assert_eq!(r.status, 200, "{r:?}");
     r.body["api_key"].as_str().expect("api_key").to_owned()
 }
+
+/// The files in the blob directory of the stopped run in `store_dir` that no row names
+/// (orphans) or that are temporary files, by name; panics if a blob a row names is
+/// missing. Empty once a coordinator has opened the run (it sweeps them).
+pub fn stray_blobs(store_dir: &Path) -> Vec<String> {
+    let store = store::Store::open(store_dir).expect("open the store");
+    let live = store
+        .live_blobs(&[coordinator::core::META_TOKENIZER])
+        .expect("live blobs");
+    for blob in &live {
+        assert!(
+            store.blobs().contains(blob),
+            "blob {blob}, named by a row, is missing"
+        );
+    }
+    let mut stray = Vec::new();
+    for prefix in std::fs::read_dir(store_dir.join("blobs")).expect("blob dir") {
+        let prefix = prefix.expect("entry").path();
+        for file in std::fs::read_dir(&prefix).expect("prefix dir") {
+            let name = file
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            let named = store::BlobHash::parse(&name).is_some_and(|h| live.contains(&h));
+            if !named {
+                stray.push(name);
+            }
+        }
+    }
+    stray.sort();
+    stray
+}

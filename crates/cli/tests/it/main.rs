@@ -770,3 +770,99 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     drop(stderr);
     assert!(ok && out.starts_with("To be"), "{out}{err}");
 }
+
+/// `hivetrain model prune` on a stopped run that kept everything: refused while a
+/// coordinator holds the run, then it removes the checkpoints, optimizer states and
+/// update blobs the policy lets go of, and what a crash left, and says so; the registry
+/// still lists every version, marking the pruned ones, and exporting one is refused
+/// with the versions kept.
+#[test]
+fn model_prune_thins_a_stopped_run() {
+    use test_support as ts;
+    let sandbox = Sandbox::new();
+    let mut config = ts::hand_made(ts::tiny_config(sandbox.dir.path(), 2));
+    config.retention.enabled = false;
+    let server = ts::start(sandbox.dir.path(), config.clone());
+    let url = server.url();
+    let keys = [ts::key(1), ts::key(2)];
+    ts::register(&url, &keys[0], "alice");
+    ts::register(&url, &keys[1], "bob");
+    for _ in 0..4 {
+        for key in &keys {
+            let unit = ts::lease(&url, key);
+            assert_eq!(ts::submit_crafted(&url, key, &unit, 289_664).status, 200);
+        }
+    }
+    let args = [
+        "model",
+        "prune",
+        "--run",
+        "store",
+        "--keep-last",
+        "1",
+        "--keep-every",
+        "0",
+        "--update-rounds",
+        "0",
+    ];
+    let (ok, _, stderr) = sandbox.run(&args);
+    assert!(
+        !ok && stderr.contains("another hivetrain process (a coordinator or `hivetrain serve`) has the run in store open"),
+        "{stderr}"
+    );
+    server.stop();
+    let store = sandbox.path("store");
+    // A blob write a crash cut short.
+    let prefix = store.join("blobs").join("ab");
+    std::fs::create_dir_all(&prefix).expect("prefix");
+    std::fs::write(
+        prefix.join(format!("{}.7.0.tmp", "ab".repeat(32))),
+        b"cut short",
+    )
+    .expect("plant a temporary file");
+
+    let (ok, out, stderr) = sandbox.run(&args);
+    assert!(ok, "{stderr}");
+    expect_test::expect![[r#"
+        checkpoints removed: versions 1, 2
+        optimizer states removed: versions 1, 2, 3
+        update blobs removed: 8
+        left by crashes: 1 temporary files, 0 blobs no row named
+        18545401 bytes freed; checkpoints kept: versions 0, 3-4
+    "#]]
+    .assert_eq(&out);
+    assert_eq!(ts::stray_blobs(&store), Vec::<String>::new());
+    let (ok, list, stderr) = sandbox.run(&["model", "list", "--run", "store"]);
+    assert!(ok, "{stderr}");
+    let checkpoints: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().last().unwrap_or(""))
+        .map(|c| if c == "pruned" { c } else { "kept" })
+        .collect();
+    assert_eq!(
+        checkpoints,
+        ["kept", "pruned", "pruned", "kept", "kept"],
+        "{list}"
+    );
+    check_error(
+        &sandbox,
+        &[
+            "model",
+            "export",
+            "--run",
+            "store",
+            "--version",
+            "1",
+            "--hf",
+            "hf",
+        ],
+        expect_test::expect![
+            "error: version 1 of the run in store was pruned by its retention policy; the versions kept are 0, 3-4"
+        ],
+    );
+    // Nothing more to let go of.
+    let (ok, out, stderr) = sandbox.run(&args);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("0 bytes freed"), "{out}");
+}

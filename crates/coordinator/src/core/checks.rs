@@ -254,6 +254,13 @@ impl Core {
             let Some(worker) = WorkerId::parse(&update.worker) else {
                 continue;
             };
+            if !self
+                .rerunnable(&update.blob, u.base_version)
+                .map_err(|e| internal(&e))?
+            {
+                self.skip_check(unit, &update.worker)?;
+                continue;
+            }
             return Ok(Some(CheckJob {
                 unit: UnitSpec {
                     id: u.id,
@@ -275,6 +282,36 @@ impl Core {
             }));
         }
         Ok(None)
+    }
+
+    /// Whether a unit can be re-run and compared: its update's blob and its base
+    /// version's checkpoint are still on disk (the retention policy keeps them for
+    /// queued re-runs and a window of recent rounds; an older unit whose worker is
+    /// caught later has neither).
+    fn rerunnable(&self, blob: &store::BlobHash, base_version: u64) -> Result<bool, CoreError> {
+        if !self.store.blobs().contains(blob) {
+            return Ok(false);
+        }
+        if base_version == self.current.version {
+            return Ok(true);
+        }
+        Ok(self.store.version(base_version)?.is_some_and(|row| {
+            row.checkpoint_pruned_ms.is_none() && self.store.blobs().contains(&row.checkpoint)
+        }))
+    }
+
+    /// Records that `unit` cannot be re-run (its credit and its worker's trust stand).
+    fn skip_check(&mut self, unit: u64, worker: &str) -> Result<(), ApiError> {
+        let row = CheckRow {
+            unit,
+            worker: worker.to_owned(),
+            state: CheckState::Skipped,
+            distance: None,
+            decided_ms: None,
+        };
+        self.store
+            .write(|tx| tx.set_check(&row))
+            .map_err(|e| ApiError::internal(&e))
     }
 
     /// Compares unit `unit`'s accepted update with its re-run `replayed` and commits the
@@ -302,6 +339,16 @@ impl Core {
             })?;
         let worker = WorkerId::parse(&update.worker)
             .ok_or_else(|| internal(&format!("bad worker id {}", update.worker)))?;
+        if !self.store.blobs().contains(&update.blob) {
+            self.skip_check(unit, &update.worker)?;
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "check_skipped",
+                format!(
+                    "unit {unit}'s update was pruned before its re-run finished; its check is skipped"
+                ),
+            ));
+        }
         let bytes = self.update_bytes(&update.blob).map_err(|e| internal(&e))?;
         let signed = SignedUpdate::parse(&bytes, &self.config.limits).map_err(|e| internal(&e))?;
         let ours = signed.header.codec.encode(replayed);

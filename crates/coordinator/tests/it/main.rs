@@ -1,5 +1,6 @@
 //! The coordinator over real HTTP: training rounds with real workers, every bad input
-//! refused with its code and without effect, and restarts that lose nothing.
+//! refused with its code and without effect, restarts that lose nothing, and what stays
+//! on disk.
 
 mod bad_input;
 mod checks;
@@ -12,4 +13,5 @@ mod ledger;
 mod metrics;
 mod replay;
 mod restart;
+mod retention;
 mod rounds;

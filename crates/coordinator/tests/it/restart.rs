@@ -1,4 +1,5 @@
-//! A coordinator killed between or during rounds restarts with nothing accepted lost.
+//! A coordinator killed between or during rounds restarts with nothing accepted lost,
+//! and with nothing left on disk that no row names.
 
 use test_support as ts;
 
@@ -10,6 +11,9 @@ fn killed_between_rounds_it_resumes_the_next_round() {
     crate::rounds::train_until(dir.path(), &server.url(), 2, 1);
     let (version, params) = server.with_core(|c| (c.version(), c.params().to_vec()));
     server.kill();
+    // What a crash can leave: a blob write cut short, and a blob whose row never
+    // committed.
+    let planted = plant_crash_leftovers(&dir.path().join("store"));
 
     let server = ts::start(dir.path(), config);
     server.with_core(|c| {
@@ -19,8 +23,32 @@ fn killed_between_rounds_it_resumes_the_next_round() {
             "the model changed across the restart"
         );
     });
+    for path in &planted {
+        assert!(!path.exists(), "{} survived the reopen", path.display());
+    }
     crate::rounds::train_until(dir.path(), &server.url(), 2, version + 1);
     server.stop();
+    assert_eq!(
+        ts::stray_blobs(&dir.path().join("store")),
+        Vec::<String>::new()
+    );
+}
+
+/// Writes a temporary file and a blob no row names into the blob directory of the
+/// stopped run in `store_dir`; their paths.
+pub(crate) fn plant_crash_leftovers(store_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let store = store::Store::open(store_dir).expect("store");
+    let orphan = store
+        .blobs()
+        .put(b"a checkpoint whose row never committed")
+        .expect("put");
+    let blobs = store_dir.join("blobs");
+    let path_of = |name: &str| blobs.join(&name[..2]).join(name);
+    let temporary = path_of(&format!("{}.4242.0.tmp", orphan.as_str()));
+    std::fs::write(&temporary, b"half a blob").expect("write");
+    let planted = vec![path_of(orphan.as_str()), temporary];
+    assert_eq!(ts::stray_blobs(store_dir).len(), 2);
+    planted
 }
 
 #[test]
@@ -61,6 +89,10 @@ fn killed_mid_round_it_keeps_the_accepted_update_and_ends_as_if_never_killed() {
     assert_eq!(ts::status(&url).version, 1);
     let resumed = server.with_core(|c| c.params().to_vec());
     server.stop();
+    assert_eq!(
+        ts::stray_blobs(&dir.path().join("store")),
+        Vec::<String>::new()
+    );
 
     let clean_dir = tempfile::tempdir().expect("tempdir");
     let clean = ts::start(
