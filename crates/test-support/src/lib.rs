@@ -253,6 +253,35 @@ pub fn submit(url: &str, bytes: Vec<u8>) -> Reply {
     )
 }
 
+/// POSTs to `path` a head that declares a body of `length` bytes, and no body: the reply
+/// to a body refused on its declared size. (A client that sends such a body races the
+/// server's close: it may see a reset before it reads the 413.)
+pub fn post_declared(url: &str, path: &str, length: u64) -> Reply {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Reply {
+        status,
+        body: serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned())),
+    }
+}
+
 /// `GET /v1/status`.
 pub fn status(url: &str) -> protocol::api::Status {
     reqwest::blocking::get(format!("{url}/v1/status"))
