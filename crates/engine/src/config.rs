@@ -100,11 +100,6 @@ impl GptConfig {
         Ok(())
     }
 
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
-    }
-
     fn n_params_u128(&self) -> u128 {
         let (l, c, t, v) = (
             self.n_layer as u128,
@@ -137,12 +132,6 @@ impl GptConfig {
         let gradient_scratch = 13 * n * c;
         let activations = self.n_layer as u64 * per_block + outside_blocks + gradient_scratch;
         4 * (4 * self.n_params() as u64 + activations)
-    }
-
-    /// Training FLOPs per token, the usual 6 x parameters plus attention (Kaplan et al. 2020).
-    pub fn train_flops_per_token(&self) -> u64 {
-        let attention = 6 * self.n_layer * self.n_ctx * self.n_embd;
-        (6 * self.n_params() + attention) as u64
     }
 }
 

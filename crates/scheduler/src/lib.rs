@@ -8,8 +8,9 @@
 //! the queue with the same data. The round asks for aggregation when K updates are
 //! accepted, or at the round timeout with at least MIN; the driver aggregates and reports
 //! the new version, which starts the next round. Updates based on a version more than
-//! MAX_STALENESS behind are rejected by validation; this crate tells validation what the
-//! round and the lease are (`round_state`, `lease_state`).
+//! MAX_STALENESS behind are rejected by validation; this crate tells validation what a
+//! unit's lease is (`lease_view`). A lease lasts `lease_ms` past its last heartbeat and
+//! never more than `lease_max_ms` in all.
 //!
 //! The whole state is serde-serializable, so a coordinator persists it and resumes the
 //! round it was in after a restart.
@@ -159,14 +160,6 @@ pub enum Effect {
     RoundStarted { round: u64, version: u64 },
 }
 
-/// What validation needs to know of the round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RoundView {
-    pub round: u64,
-    pub current_version: u64,
-    pub max_staleness: u64,
-}
-
 /// What validation needs to know of a unit's lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseView {
@@ -240,15 +233,6 @@ impl Scheduler {
 
     pub fn config(&self) -> &ScheduleConfig {
         &self.config
-    }
-
-    /// The round and version now, for validation.
-    pub fn round_view(&self) -> RoundView {
-        RoundView {
-            round: self.round,
-            current_version: self.version,
-            max_staleness: self.config.max_staleness,
-        }
     }
 
     /// The lease of `unit` if it is leased or accepted in the current round, or a late

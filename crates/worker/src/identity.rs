@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 
-use ed25519_dalek::SigningKey;
 pub use keys::{KeyError as IdentityError, load_or_create};
-use protocol::WorkerId;
 
 /// The default key file: `<config dir>/hivetrain/worker.key`.
 pub fn default_path() -> Result<PathBuf, IdentityError> {
@@ -17,9 +15,4 @@ pub fn default_path() -> Result<PathBuf, IdentityError> {
         ),
     })?;
     Ok(dir.join("hivetrain").join("worker.key"))
-}
-
-/// The worker id of a key.
-pub fn worker_id(key: &SigningKey) -> WorkerId {
-    WorkerId::of(key)
 }
