@@ -75,8 +75,27 @@ enum Command {
 }
 
 /// Parses the command line and runs it; errors are printed with their causes.
+/// Logs (the `tracing` events of the coordinator) to standard error, filtered by
+/// `RUST_LOG` (e.g. `RUST_LOG=debug`, `RUST_LOG=coordinator=warn`), else by `default`.
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A coordinator logs a line per accepted or refused update and per re-run; the other
+    // commands (the demo included, whose table is its output) only warnings and errors.
+    let default = match cli.command {
+        Command::Coordinator(_) | Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logs(default);
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Coordinator(args) => coordinator::run(args),

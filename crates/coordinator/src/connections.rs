@@ -60,8 +60,8 @@ impl ConnectionLimits {
             .saturating_sub(DESCRIPTORS_RESERVED)
             .max(1);
         if room < wanted {
-            eprintln!(
-                "coordinator: the descriptor limit allows {room} connections, not http.max_connections = {wanted}; raise `ulimit -n` for more"
+            tracing::warn!(
+                "the descriptor limit allows {room} connections, not http.max_connections = {wanted}; raise `ulimit -n` for more"
             );
         }
         ConnectionLimits {
@@ -129,7 +129,7 @@ pub(crate) async fn serve(
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
                 // Out of descriptors or memory: wait for some to be freed rather than spin.
-                eprintln!("coordinator: accepting a connection: {e}");
+                tracing::warn!("accepting a connection: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -297,11 +297,11 @@ impl Core {
         // write cut short, a blob whose row never committed or was let go of) goes.
         let swept = retention::sweep(&store)?;
         if swept != store::Swept::default() {
-            eprintln!(
-                "coordinator: removed {} temporary files and {} blobs no row names ({} bytes) from {}",
-                swept.temporary,
-                swept.orphans,
-                swept.bytes,
+            tracing::info!(
+                temporary = swept.temporary,
+                orphans = swept.orphans,
+                bytes = swept.bytes,
+                "removed the temporary files and the blobs no row names from {}",
                 dir.display()
             );
         }
@@ -885,6 +885,15 @@ impl Core {
             round_accepted: self.accepted.len() as u32,
             credit,
         };
+        tracing::info!(
+            unit = work_unit,
+            worker = %worker,
+            round = row.round,
+            norm,
+            credit,
+            code = "accepted",
+            "update accepted"
+        );
         self.after(&effects, now_ms)?;
         Ok(reply)
     }
@@ -1139,6 +1148,13 @@ impl Core {
                 .rejections_of(&worker, round)
                 .map_err(|e| ApiError::internal(&e))?
                 < MAX_REJECTIONS_RECORDED;
+            // One line per refused update, as far as it is recorded: past a key's bound
+            // its refusals are logged only at debug level, as unsigned garbage is.
+            if record {
+                tracing::info!(unit = h.work_unit, worker = %h.worker, round, code = reason.code(), "update refused: {sentence}");
+            } else {
+                tracing::debug!(unit = h.work_unit, worker = %h.worker, code = reason.code(), "update refused (past the key's bound)");
+            }
             // And so that many keys cannot either: the oldest records go past the bound.
             let kept = self.config.records.rejections_max;
             let row = RejectionRow {
@@ -1176,6 +1192,9 @@ impl Core {
                     })
                     .map_err(|e| ApiError::internal(&e))?;
             }
+        }
+        if !signed || header.is_none() {
+            tracing::debug!(code = reason.code(), "unsigned update refused: {sentence}");
         }
         Err(ApiError::rejected(reason, sentence))
     }

@@ -43,7 +43,7 @@ impl ApiError {
             source = cause.source();
         }
         let reference = REFERENCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        eprintln!("coordinator: internal error #{reference}: {message}");
+        tracing::error!(reference, "internal error: {message}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

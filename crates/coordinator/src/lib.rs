@@ -77,7 +77,7 @@ fn spawn_checker(
                     continue;
                 }
                 Err(e) => {
-                    eprintln!("coordinator: spot-check: {e}");
+                    tracing::error!("spot-check: {e}");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
@@ -92,12 +92,18 @@ fn spawn_checker(
             };
             let outcome = replayed.and_then(|r| lock().finish_check(job.unit.id, &r, clock()));
             match outcome {
-                Ok(o) if !o.matched => eprintln!(
-                    "coordinator: spot-check: unit {} of worker {} does not match its re-run (distance {:.3e}); {} micro-credits clawed back, {} units queued again",
-                    o.unit, o.worker, o.distance, o.clawed_back, o.requeued
+                Ok(o) if !o.matched => tracing::warn!(
+                    unit = o.unit,
+                    worker = %o.worker,
+                    distance = o.distance,
+                    clawed_back = o.clawed_back,
+                    requeued = o.requeued,
+                    "spot-check: the unit does not match its re-run; its credit is clawed back and the worker's unchecked units are queued again"
                 ),
-                Ok(_) => {}
-                Err(e) => eprintln!("coordinator: spot-check of unit {}: {e}", job.unit.id),
+                Ok(o) => {
+                    tracing::info!(unit = o.unit, worker = %o.worker, "spot-check: the unit matches its re-run")
+                }
+                Err(e) => tracing::error!(unit = job.unit.id, "spot-check: {e}"),
             }
         }
     });

@@ -205,7 +205,7 @@ impl Core {
             return;
         }
         if let Err(e) = remove(&self.store, plan) {
-            eprintln!("coordinator: retention: {e} (swept at the next start)");
+            tracing::warn!("retention: {e} (swept at the next start)");
         }
     }
 
