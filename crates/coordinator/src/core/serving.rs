@@ -262,6 +262,21 @@ impl Core {
         signature: &str,
         now_ms: u64,
     ) -> Result<(), ApiError> {
+        let (mac, expires_ms) =
+            self.verify_challenge(wallet, context, challenge, signature, now_ms)?;
+        self.remember_challenge(wallet, mac, expires_ms, now_ms)
+    }
+
+    /// The MAC and expiry of `challenge`, if this process made it, it has not expired,
+    /// and `wallet` signed `context` + `challenge`. Remembers nothing.
+    fn verify_challenge(
+        &self,
+        wallet: WorkerId,
+        context: &str,
+        challenge: &str,
+        signature: &str,
+        now_ms: u64,
+    ) -> Result<([u8; 32], u64), ApiError> {
         let mut bytes = [0u8; CHALLENGE_BYTES];
         hex::decode_to_slice(challenge, &mut bytes).map_err(|_| bad_challenge())?;
         let (expiry, rest) = bytes.split_at(8);
@@ -293,6 +308,18 @@ impl Core {
                 "the signature is not the wallet's over the challenge",
             ));
         }
+        Ok((given, expires_ms))
+    }
+
+    /// Marks a verified challenge used by `wallet`: refused if it was used before, or if
+    /// the wallet used [`USED_CHALLENGES_PER_WALLET_MAX`] within a challenge's lifetime.
+    fn remember_challenge(
+        &mut self,
+        wallet: WorkerId,
+        given: [u8; 32],
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), ApiError> {
         let used = &mut self.serving.used_challenges;
         used.retain(|_, list| {
             list.retain(|&(_, expires)| expires > now_ms);
@@ -404,7 +431,8 @@ impl Core {
         now_ms: u64,
     ) -> Result<u32, ApiError> {
         let id = parse_wallet(wallet)?;
-        self.use_challenge(id, REVOKE_CHALLENGE_CONTEXT, challenge, signature, now_ms)?;
+        let (mac, expires_ms) =
+            self.verify_challenge(id, REVOKE_CHALLENGE_CONTEXT, challenge, signature, now_ms)?;
         let hashes: Vec<String> = self
             .serving
             .api_keys
@@ -412,6 +440,12 @@ impl Core {
             .filter(|(_, w)| **w == id)
             .map(|(h, _)| h.clone())
             .collect();
+        // A wallet with no key has nothing to revoke: its challenge is not remembered, so
+        // throwaway keys signing revocations take no memory.
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        self.remember_challenge(id, mac, expires_ms, now_ms)?;
         self.store
             .write(|tx| hashes.iter().try_for_each(|h| tx.revoke_api_key(h)))
             .map_err(|e| ApiError::internal(&e))?;
