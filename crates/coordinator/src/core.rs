@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
-use aggregation::{OuterOptimizer, WeightedDelta};
+use aggregation::OuterOptimizer;
 use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
@@ -25,10 +25,12 @@ use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
 
 use crate::config::CoordinatorConfig;
 
+mod aggregate;
 pub mod checks;
 pub mod retention;
 pub mod serving;
 use crate::error::ApiError;
+pub use aggregate::{Aggregated, AggregationJob};
 pub use checks::{CheckJob, CheckOutcome, ScoreTask};
 
 /// Why the coordinator cannot start or go on.
@@ -141,13 +143,18 @@ pub struct Core {
     model: GptConfig,
     seq: usize,
     current: Current,
-    outer: Box<dyn OuterOptimizer>,
+    /// The outer optimizer; out (in an [`AggregationJob`]) while a round aggregates.
+    outer: Option<Box<dyn OuterOptimizer>>,
     accepted: BTreeMap<u64, Accepted>,
     /// The norms of the updates the last aggregated round accepted: with this round's,
     /// the pool whose median bounds an update's norm (`median_norm`).
     previous_norms: Vec<f32>,
-    evaluator: Box<dyn Backend>,
-    holdout: Vec<OwnedBatch>,
+    /// Evaluates the holdout; out with the outer optimizer while a round aggregates.
+    evaluator: Option<Box<dyn Backend>>,
+    holdout: Arc<Vec<OwnedBatch>>,
+    /// Set by a driver that runs aggregations outside its lock: [`Core::after`] leaves a
+    /// due round to it.
+    deferred: bool,
     corpus: Arc<Vec<u8>>,
     tokenizer: Arc<Vec<u8>>,
     run_info: RunInfo,
@@ -172,7 +179,7 @@ pub struct Core {
     /// restart the median starts again from the next accepted update).
     gains: (u64, Vec<f32>),
     /// A version's random scoring batches and its loss on them, made once per version.
-    random_loss: Option<(u64, Arc<Vec<OwnedBatch>>, f32)>,
+    random_loss: Option<Arc<checks::RandomBatches>>,
     /// The first payloads refused on their score for each unit of the current round, and
     /// who sent them (in memory: after a restart, agreement starts again).
     refused_payloads: HashMap<u64, Vec<([u8; 32], WorkerId)>>,
@@ -472,11 +479,12 @@ impl Core {
             model,
             seq,
             current,
-            outer,
+            outer: Some(outer),
             accepted,
             previous_norms,
-            evaluator,
-            holdout,
+            evaluator: Some(evaluator),
+            holdout: Arc::new(holdout),
+            deferred: false,
             corpus: Arc::new(corpus),
             tokenizer: Arc::new(tokenizer_bytes),
             run_info,
@@ -690,7 +698,13 @@ impl Core {
                 let delta = SignedUpdate::parse(bytes, &self.config.limits)
                     .and_then(|u| u.decode())
                     .map_err(|e| ApiError::internal(&e))?;
-                Some(task.run(self.evaluator.as_mut(), &delta)?)
+                let mut scorer = match self.evaluator.take() {
+                    Some(evaluator) => evaluator,
+                    None => self.scoring_backend()?,
+                };
+                let score = task.run(scorer.as_mut(), &delta);
+                self.evaluator.get_or_insert(scorer);
+                Some(score?)
             }
             None => None,
         };
@@ -1312,125 +1326,17 @@ impl Core {
     }
 
     /// Acts on effects that need more than a reply.
+    /// A round to aggregate is aggregated here and now, unless a driver takes the work
+    /// outside its lock ([`Core::defer_aggregation`]).
     fn after(&mut self, effects: &[Effect], now_ms: u64) -> Result<(), ApiError> {
-        if effects
-            .iter()
-            .any(|e| matches!(e, Effect::Aggregate { .. }))
+        if !self.deferred
+            && effects
+                .iter()
+                .any(|e| matches!(e, Effect::Aggregate { .. }))
         {
             self.aggregate_if_pending(now_ms)
                 .map_err(|e| ApiError::internal(&e))?;
         }
-        Ok(())
-    }
-
-    /// Aggregates the round the scheduler waits on, if any, into the next version.
-    fn aggregate_if_pending(&mut self, now_ms: u64) -> Result<(), CoreError> {
-        let Some((round, base_version)) = self.scheduler.pending_aggregate() else {
-            return Ok(());
-        };
-        if base_version != self.current.version {
-            return Err(CoreError::Inconsistent(format!(
-                "round {round} is based on version {base_version}, the model is at {}",
-                self.current.version
-            )));
-        }
-        // Only units the scheduler counts in this round enter the mean (its own accepted
-        // units and late ones of earlier rounds accepted during it), less those whose
-        // spot-check already failed.
-        let units: Vec<u64> = self
-            .scheduler
-            .round_updates()
-            .into_iter()
-            .filter(|u| !self.failed.contains(u))
-            .collect();
-        let mut deltas = Vec::with_capacity(units.len());
-        for unit in &units {
-            let a = self.accepted.get(unit).ok_or_else(|| {
-                CoreError::Inconsistent(format!(
-                    "round {round} counts unit {unit} as accepted but holds no update for it"
-                ))
-            })?;
-            let bytes = self.update_bytes(&a.blob)?;
-            let delta = SignedUpdate::parse(&bytes, &self.config.limits)
-                .and_then(|u| u.decode())
-                .map_err(|e| CoreError::Inconsistent(format!("stored update {unit}: {e}")))?;
-            deltas.push((delta, a.weight));
-        }
-        let updates: Vec<WeightedDelta<'_>> = deltas
-            .iter()
-            .map(|(delta, weight)| WeightedDelta {
-                delta,
-                weight: *weight,
-            })
-            .collect();
-        let saved = self.outer.state();
-        let mut params = (*self.current.params).clone();
-        self.outer.step(&mut params, &updates)?;
-        let result = self.commit_version(round, units, params, now_ms);
-        if result.is_err() {
-            self.outer.load_state(&saved)?;
-        }
-        result
-    }
-
-    fn commit_version(
-        &mut self,
-        round: u64,
-        units: Vec<u64>,
-        params: Vec<f32>,
-        now_ms: u64,
-    ) -> Result<(), CoreError> {
-        let version = self.current.version + 1;
-        self.evaluator.set_params(&params)?;
-        let loss = engine::train::evaluate(self.evaluator.as_mut(), &self.holdout)?;
-        // A diverged model (only a run with unchecked values can make one) scores as
-        // infinitely bad: SQLite keeps no NaN.
-        let loss = if loss.is_nan() { f32::INFINITY } else { loss };
-        let bytes = checkpoint_bytes(&self.model, &params, version, Some(round))?;
-        let checkpoint = self.store.blobs().put(&bytes)?;
-        let state: Vec<u8> = self
-            .outer
-            .state()
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let optimizer = self.store.blobs().put(&state)?;
-        let row = VersionRow {
-            version,
-            parent: Some(self.current.version),
-            round: Some(round),
-            checkpoint: checkpoint.clone(),
-            optimizer: Some(optimizer),
-            holdout_loss: loss,
-            created_ms: now_ms,
-            updates: units,
-            checkpoint_pruned_ms: None,
-            optimizer_pruned_ms: None,
-        };
-        let mut next = self.scheduler.clone();
-        let effects = next.tick(
-            now_ms,
-            self.config.seed,
-            &[Event::Aggregated { round, version }],
-        );
-        // What the new version makes unneeded is marked with it, and removed after.
-        let prune = self.retention_plan(&row, next.round())?;
-        self.store.write(|tx| {
-            tx.insert_version(&row)?;
-            retention::mark(tx, &prune, now_ms)?;
-            persist_effects(tx, &next, &effects, now_ms)
-        })?;
-        self.scheduler = next;
-        self.current = Current {
-            version,
-            params: Arc::new(params),
-            checkpoint: Arc::new(bytes),
-            checkpoint_hash: checkpoint,
-        };
-        self.previous_norms = self.accepted.values().map(|a| a.norm).collect();
-        self.accepted.clear();
-        self.refused_payloads.clear();
-        self.remove_pruned(&prune);
         Ok(())
     }
 

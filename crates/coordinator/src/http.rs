@@ -1,6 +1,7 @@
 //! The HTTP API (`/v1/...`) over [`Core`]. A driver: it authenticates, bounds bodies,
 //! reads the clock, and hands everything else to the core under one mutex, on a
-//! blocking thread (validation and aggregation are CPU work).
+//! blocking thread (validation is CPU work), through [`crate::drive`] (which runs an
+//! aggregation a request makes due outside the mutex).
 //!
 //! | route | what |
 //! |---|---|
@@ -119,12 +120,9 @@ pub(crate) async fn with_core<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let core = shared.core.clone();
     let clock = shared.clock.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut core = core.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut core, clock())
-    })
-    .await
-    .map_err(|e| ApiError::internal(&e))?
+    tokio::task::spawn_blocking(move || crate::drive::run(&core, clock.as_ref(), f))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
 }
 
 /// When a request body must have arrived in full: `allowance` after the handler starts
@@ -403,10 +401,12 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
     let (limits, blobs) = (shared.limits, shared.blobs.clone());
     let (scorers, buffers) = (shared.scorers.clone(), shared.buffers.clone());
     let (received, reply) = tokio::task::spawn_blocking(move || {
-        let lock = || core.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lock = || crate::drive::lock(&core);
         let reply = (|| {
             let update = validation::inspect(&bytes, &limits).map_err(ApiError::from_verdict)?;
-            let task = lock().precheck(&update, clock())?;
+            let task = crate::drive::run(&core, clock.as_ref(), |core, now| {
+                core.precheck(&update, now)
+            })?;
             let score = match task {
                 Some(task) => {
                     let delta = protocol::SignedUpdate::parse(&bytes, &limits)
@@ -418,7 +418,15 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                         .pop();
                     let mut backend = match pooled {
                         Some(b) => b,
-                        None => lock().scoring_backend()?,
+                        None => {
+                            // Built outside the lock: allocating a backend takes a while.
+                            let (model, n) = {
+                                let core = lock();
+                                (core.model_config(), core.params().len())
+                            };
+                            engine::open_backend("cpu:1", model, vec![0.0; n])
+                                .map_err(|e| ApiError::internal(&e))?
+                        }
                     };
                     let score = task.run(backend.as_mut(), &delta);
                     let mut pool = scorers
@@ -435,7 +443,9 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
             blobs
                 .put_aligned(&mut bytes, &blob)
                 .map_err(|e| ApiError::internal(&e))?;
-            lock().accept(&update, &blob, bytes.len() as u64, score, clock())
+            crate::drive::run(&core, clock.as_ref(), |core, now| {
+                core.accept(&update, &blob, bytes.len() as u64, score, now)
+            })
         })();
         let received = bytes.len() as u64;
         // Back in the pool before the permit is released (here, even if the request

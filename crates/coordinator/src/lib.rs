@@ -8,6 +8,7 @@
 pub mod config;
 mod connections;
 pub mod core;
+mod drive;
 pub mod error;
 mod http;
 mod metrics;
@@ -34,6 +35,7 @@ pub fn system_ms() -> u64 {
 pub struct Coordinator {
     addr: SocketAddr,
     core: Arc<Mutex<Core>>,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     runtime: Option<tokio::runtime::Runtime>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// The accept loop; it ends once every connection has closed after `shutdown`.
@@ -66,10 +68,9 @@ fn spawn_checker(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopping = stop.clone();
     let thread = std::thread::spawn(move || {
-        let lock = || core.lock().unwrap_or_else(|p| p.into_inner());
         let mut backend: Option<Box<dyn engine::Backend>> = None;
         while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            let job = lock().next_check();
+            let job = drive::lock(&core).next_check();
             let job = match job {
                 Ok(Some(job)) => job,
                 Ok(None) => {
@@ -90,7 +91,11 @@ fn spawn_checker(
                     out
                 }),
             };
-            let outcome = replayed.and_then(|r| lock().finish_check(job.unit.id, &r, clock()));
+            let outcome = replayed.and_then(|r| {
+                drive::run(&core, clock.as_ref(), |core, now| {
+                    core.finish_check(job.unit.id, &r, now)
+                })
+            });
             match outcome {
                 Ok(o) if !o.matched => tracing::warn!(
                     unit = o.unit,
@@ -188,7 +193,8 @@ impl Coordinator {
             )),
         };
         let spot_check = config.spot_check.clone();
-        let core = Core::open(dir, config, clock())?;
+        let mut core = Core::open(dir, config, clock())?;
+        core.defer_aggregation();
         let core_blobs = core.blobs();
         // The one size an update of this run has; a body is never read past it.
         let update_bytes =
@@ -240,6 +246,7 @@ impl Coordinator {
         // Time passes without requests too: leases expire, rounds time out.
         let ticking = core.clone();
         let checking_clock = clock.clone();
+        let kept_clock = clock.clone();
         runtime.spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(500));
             loop {
@@ -247,12 +254,12 @@ impl Coordinator {
                 let core = ticking.clone();
                 let clock = clock.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
-                    let now = clock();
-                    if training {
-                        core.tick(now)?;
-                    }
-                    core.dividends_if_due(now)
+                    drive::run(&core, clock.as_ref(), |core, now| {
+                        if training {
+                            core.tick(now)?;
+                        }
+                        core.dividends_if_due(now)
+                    })
                 })
                 .await;
             }
@@ -269,6 +276,7 @@ impl Coordinator {
         Ok(Coordinator {
             addr,
             core,
+            clock: kept_clock,
             runtime: Some(runtime),
             shutdown: Some(tx),
             server: Some(server),
@@ -285,10 +293,18 @@ impl Coordinator {
         format!("http://{}", self.addr)
     }
 
-    /// Runs `f` on the core (tests read the model and the store this way).
+    /// Runs `f` on the core once no aggregation is under way (tests read the model and
+    /// the store this way), then any aggregation `f` made due.
     pub fn with_core<T>(&self, f: impl FnOnce(&mut Core) -> T) -> T {
-        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut core)
+        loop {
+            let core = drive::lock(&self.core);
+            if !core.aggregating() {
+                break;
+            }
+            drop(core);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drive::run(&self.core, self.clock.as_ref(), |core, _| f(core))
     }
 
     /// Stops serving, lets requests in flight finish (for up to 10 s), and closes the

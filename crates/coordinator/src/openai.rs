@@ -319,7 +319,7 @@ async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<WorkerId, ApiErro
 }
 
 fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
-    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::drive::lock(core)
 }
 
 /// A hold on the paying wallet's credit. Settled, it becomes the charge; dropped

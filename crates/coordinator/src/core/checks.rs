@@ -24,31 +24,82 @@ use validation::spot_check::{SpotCheckPolicy, Trust};
 use super::{Core, CoreError, mint_reference, owned};
 use crate::error::ApiError;
 
-/// What scoring one update needs, taken under the core's lock and run outside it.
+/// What scoring one update needs, taken under the core's lock and run outside it: the
+/// decoding of an older base's checkpoint and the version's loss on its random batches
+/// happen in [`ScoreTask::run`], not under the lock.
 pub struct ScoreTask {
-    base: Arc<Vec<f32>>,
+    base: Base,
     own: Vec<OwnedBatch>,
-    random: Arc<Vec<OwnedBatch>>,
-    random_before: f32,
+    random: Arc<RandomBatches>,
+}
+
+/// The weights an update was trained from.
+enum Base {
+    Current(Arc<Vec<f32>>),
+    /// An older version's checkpoint, decoded by the scorer.
+    Stored {
+        blobs: store::Blobs,
+        checkpoint: store::BlobHash,
+    },
+}
+
+impl Base {
+    /// The weights, decoded from the checkpoint if need be (outside the core's lock).
+    fn params(&self) -> Result<Arc<Vec<f32>>, ApiError> {
+        match self {
+            Base::Current(params) => Ok(params.clone()),
+            Base::Stored { blobs, checkpoint } => {
+                let internal = |e: &dyn std::fmt::Display| {
+                    ApiError::internal(&std::io::Error::other(e.to_string()))
+                };
+                let bytes = blobs.get(checkpoint).map_err(|e| internal(&e))?;
+                let dir = std::path::Path::new(".");
+                Ok(Arc::new(
+                    engine::checkpoint::from_bytes(dir, &bytes, None)
+                        .map_err(|e| internal(&e))?
+                        .params,
+                ))
+            }
+        }
+    }
+}
+
+/// A version's random scoring batches, the same for every update on it, and the
+/// version's loss on them, computed by the first scorer that needs it.
+pub(super) struct RandomBatches {
+    version: u64,
+    batches: Vec<OwnedBatch>,
+    loss: std::sync::OnceLock<f32>,
 }
 
 impl ScoreTask {
     /// The four losses of `delta` (decoded from the update) on `backend`, a backend of
     /// the run's model.
     pub fn run(&self, backend: &mut dyn Backend, delta: &[f32]) -> Result<Score, ApiError> {
-        let internal = |e: engine::EngineError| ApiError::internal(&e);
+        let internal =
+            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
         let loss = |backend: &mut dyn Backend, batches: &[OwnedBatch]| {
-            engine::train::evaluate(backend, batches).map_err(internal)
+            engine::train::evaluate(backend, batches).map_err(|e| internal(&e))
         };
-        backend.set_params(&self.base).map_err(internal)?;
+        let base = self.base.params()?;
+        backend.set_params(&base).map_err(|e| internal(&e))?;
+        let random_before = match self.random.loss.get() {
+            Some(&l) => l,
+            None => {
+                // Two scorers may both compute it first: the same bits either way.
+                let l = loss(backend, &self.random.batches)?;
+                let _ = self.random.loss.set(l);
+                l
+            }
+        };
         let own_before = loss(backend, &self.own)?;
-        let trained: Vec<f32> = self.base.iter().zip(delta).map(|(b, d)| b - d).collect();
-        backend.set_params(&trained).map_err(internal)?;
+        let trained: Vec<f32> = base.iter().zip(delta).map(|(b, d)| b - d).collect();
+        backend.set_params(&trained).map_err(|e| internal(&e))?;
         Ok(Score {
             own_before,
             own_after: loss(backend, &self.own)?,
-            random_before: self.random_before,
-            random_after: loss(backend, &self.random)?,
+            random_before,
+            random_after: loss(backend, &self.random.batches)?,
         })
     }
 }
@@ -57,12 +108,13 @@ impl ScoreTask {
 pub struct CheckJob {
     pub unit: UnitSpec,
     pub worker: WorkerId,
-    base: Arc<Vec<f32>>,
+    base: Base,
     train: Arc<Vec<u32>>,
     n_shards: u32,
     batch: usize,
     seq: usize,
     model: GptConfig,
+    n_params: usize,
 }
 
 impl CheckJob {
@@ -71,7 +123,7 @@ impl CheckJob {
         engine::open_backend(
             &format!("cpu:{}", threads.max(1)),
             self.model,
-            vec![0.0; self.base.len()],
+            vec![0.0; self.n_params],
         )
         .map_err(|e| ApiError::internal(&e))
     }
@@ -84,7 +136,8 @@ impl CheckJob {
             batch: self.batch,
             seq: self.seq,
         };
-        worker::unit::train(backend, &self.base, data, &self.unit, &mut |_, _| true)
+        let base = self.base.params()?;
+        worker::unit::train(backend, &base, data, &self.unit, &mut |_, _| true)
             .map_err(|e| ApiError::internal(&e))?
             .ok_or_else(|| ApiError::internal(&std::io::Error::other("re-run stopped")))
     }
@@ -158,7 +211,7 @@ impl Core {
         }
         let internal =
             |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
-        let base = self.params_of(version).map_err(|e| internal(&e))?;
+        let base = self.base_of(version).map_err(|e| internal(&e))?;
         let batch = self.config.batch as usize;
         let address = data::WorkAddress {
             shard: unit.shard,
@@ -182,13 +235,13 @@ impl Core {
                 .map_err(|e| internal(&e))?;
             own.push(owned(b));
         }
-        let (random, random_before) = match &self.random_loss {
-            Some((v, batches, loss)) if *v == version => (batches.clone(), *loss),
+        let random = match &self.random_loss {
+            Some(random) if random.version == version => random.clone(),
             _ => {
                 // Random train windows, the same for every update of a version.
                 let span = self.train.len().saturating_sub(self.seq + 1).max(1) as u64;
                 let key = self.config.seed ^ version.rotate_left(17);
-                let random: Vec<OwnedBatch> = (0..n as u64)
+                let batches: Vec<OwnedBatch> = (0..n as u64)
                     .map(|b| {
                         let starts: Vec<usize> = (0..batch as u64)
                             .map(|i| (draw(key, b * batch as u64 + i) % span) as usize)
@@ -196,36 +249,31 @@ impl Core {
                         owned(data::address::batch_at(&self.train, &starts, self.seq))
                     })
                     .collect();
-                self.evaluator.set_params(&base).map_err(|e| internal(&e))?;
-                let loss = engine::train::evaluate(self.evaluator.as_mut(), &random)
-                    .map_err(|e| internal(&e))?;
-                let random = Arc::new(random);
-                self.random_loss = Some((version, random.clone(), loss));
-                (random, loss)
+                let random = Arc::new(RandomBatches {
+                    version,
+                    batches,
+                    loss: std::sync::OnceLock::new(),
+                });
+                self.random_loss = Some(random.clone());
+                random
             }
         };
-        Ok(Some(ScoreTask {
-            base,
-            own,
-            random,
-            random_before,
-        }))
+        Ok(Some(ScoreTask { base, own, random }))
     }
 
-    /// The weights of `version` (the current ones, or read from its checkpoint).
-    fn params_of(&self, version: u64) -> Result<Arc<Vec<f32>>, CoreError> {
+    /// The weights of `version`: the current ones, or where its checkpoint is.
+    fn base_of(&self, version: u64) -> Result<Base, CoreError> {
         if version == self.current.version {
-            return Ok(self.current.params.clone());
+            return Ok(Base::Current(self.current.params.clone()));
         }
         let row = self
             .store
             .version(version)?
             .ok_or_else(|| CoreError::Inconsistent(format!("no version {version}")))?;
-        let bytes = self.store.blobs().get(&row.checkpoint)?;
-        let dir = std::path::Path::new(".");
-        Ok(Arc::new(
-            engine::checkpoint::from_bytes(dir, &bytes, None)?.params,
-        ))
+        Ok(Base::Stored {
+            blobs: self.store.blobs().clone(),
+            checkpoint: row.checkpoint,
+        })
     }
 
     /// A backend of the run's model, for scoring outside the lock.
@@ -273,12 +321,13 @@ impl Core {
                     lr: u.lr,
                 },
                 worker,
-                base: self.params_of(u.base_version).map_err(|e| internal(&e))?,
+                base: self.base_of(u.base_version).map_err(|e| internal(&e))?,
                 train: self.train.clone(),
                 n_shards: self.config.schedule.n_shards,
                 batch: self.config.batch as usize,
                 seq: self.seq,
                 model: self.model,
+                n_params: self.current.params.len(),
             }));
         }
         Ok(None)
