@@ -17,7 +17,7 @@ use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig, Preset};
 use ledger::{Draft, Ledger, Prepared};
-use protocol::api::{LeaseReply, RoundStatus, RunInfo, Status, SubmitReply, UnitSpec};
+use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply, UnitSpec};
 use protocol::{SignedUpdate, UpdateHeader, WorkerId};
 use scheduler::{Effect, Event, Scheduler, UnitStatus};
 use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, WorkerRow};
@@ -27,11 +27,13 @@ use crate::config::CoordinatorConfig;
 
 mod aggregate;
 pub mod checks;
+pub mod reads;
 pub mod retention;
 pub mod serving;
 use crate::error::ApiError;
 pub use aggregate::{Aggregated, AggregationJob};
 pub use checks::{CheckJob, CheckOutcome, ScoreTask};
+pub use reads::{Published, Reads, SharedLedger};
 
 /// Why the coordinator cannot start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,10 @@ pub const MAX_REJECTIONS_RECORDED: u64 = 64;
 /// keep two honest workers from agreeing).
 const REFUSED_PAYLOADS_KEPT: usize = 4;
 
+/// Longest a lease renewal stays in memory before it is written: what a crash can lose
+/// of heartbeats.
+pub const HEARTBEAT_FLUSH_MS: u64 = 1_000;
+
 /// How long opening a run waits for another holder of its lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -152,6 +158,8 @@ pub struct Core {
     /// Evaluates the holdout; out with the outer optimizer while a round aggregates.
     evaluator: Option<Box<dyn Backend>>,
     holdout: Arc<Vec<OwnedBatch>>,
+    /// Since when lease renewals are in memory only ([`Core::heartbeat`]).
+    unsaved_since_ms: Option<u64>,
     /// Set by a driver that runs aggregations outside its lock: [`Core::after`] leaves a
     /// due round to it.
     deferred: bool,
@@ -161,10 +169,12 @@ pub struct Core {
     workers: HashSet<WorkerId>,
     initial_loss: f32,
     /// Credit for accepted work, spends and payouts; every entry is committed in the
-    /// same transaction as what it is for.
-    ledger: Ledger,
+    /// same transaction as what it is for, then appended here.
+    ledger: SharedLedger,
     /// Signs the ledger's entries and tree heads (`<dir>/ledger.key`).
-    authority: SigningKey,
+    authority: Arc<SigningKey>,
+    /// What the read-only routes serve, published after each change.
+    reads: Reads,
     text_tokenizer: Arc<data::TextTokenizer>,
     serving: serving::Serving,
     /// The train split (scoring batches and spot-check re-runs read it).
@@ -472,7 +482,32 @@ impl Core {
             tokenizer_sha256: data::sha256_hex(&tokenizer_bytes),
             version: current.version,
         };
+        let ledger = SharedLedger::new(ledger);
+        let authority = Arc::new(authority);
+        let corpus = Arc::new(corpus);
+        let tokenizer_bytes = Arc::new(tokenizer_bytes);
+        let reads = Reads {
+            published: Arc::new(std::sync::RwLock::new(Arc::new(Published {
+                round: 0,
+                version: 0,
+                initial_loss,
+                workers: 0,
+                units_queued: 0,
+                units_leased: 0,
+                units_accepted: 0,
+                checkpoint: current.checkpoint.clone(),
+                checkpoint_hash: current.checkpoint_hash.to_string(),
+                tokens_per_unit: 0,
+            }))),
+            ledger: ledger.clone(),
+            authority: authority.clone(),
+            store: Arc::new(std::sync::Mutex::new(Store::open_reader(dir)?)),
+            run_info: Arc::new(run_info.clone()),
+            corpus: corpus.clone(),
+            tokenizer: tokenizer_bytes.clone(),
+        };
         let mut core = Core {
+            reads,
             config,
             store,
             scheduler,
@@ -485,8 +520,9 @@ impl Core {
             evaluator: Some(evaluator),
             holdout: Arc::new(holdout),
             deferred: false,
-            corpus: Arc::new(corpus),
-            tokenizer: Arc::new(tokenizer_bytes),
+            unsaved_since_ms: None,
+            corpus,
+            tokenizer: tokenizer_bytes,
             run_info,
             workers,
             initial_loss,
@@ -504,6 +540,7 @@ impl Core {
             _lock: lock,
         };
         core.aggregate_if_pending(now_ms)?;
+        core.publish();
         Ok(core)
     }
 
@@ -678,8 +715,41 @@ impl Core {
                 ));
             }
         }
+        // A renewal is kept in memory and written with the next commit, or by
+        // [`Core::flush`] within `HEARTBEAT_FLUSH_MS`: heartbeats are most of a run's
+        // requests, and one lost in a crash only ends a lease sooner (its worker's
+        // update is refused as `not_leased`, its unit leased again); nothing accepted or
+        // credited is lost.
+        let mut next = self.scheduler.clone();
+        let effects = next.tick(
+            now_ms,
+            self.config.seed,
+            &[Event::Heartbeat { worker, unit }],
+        );
+        if effects.is_empty() {
+            self.scheduler = next;
+            self.unsaved_since_ms.get_or_insert(now_ms);
+            return Ok(());
+        }
         let effects = self.advance(now_ms, &[Event::Heartbeat { worker, unit }], |_| Ok(()))?;
         self.after(&effects, now_ms)
+    }
+
+    /// Writes lease renewals kept in memory for `HEARTBEAT_FLUSH_MS` or more (`force`:
+    /// any); the server calls it every half second and when it stops.
+    pub fn flush(&mut self, now_ms: u64, force: bool) -> Result<(), ApiError> {
+        let Some(since) = self.unsaved_since_ms else {
+            return Ok(());
+        };
+        if !force && now_ms.saturating_sub(since) < HEARTBEAT_FLUSH_MS {
+            return Ok(());
+        }
+        let scheduler = &self.scheduler;
+        self.store
+            .write(|tx| persist_effects(tx, scheduler, &[], now_ms))
+            .map_err(|e| ApiError::internal(&e))?;
+        self.unsaved_since_ms = None;
+        Ok(())
     }
 
     /// Advances time: expires leases, times rounds out, aggregates when due.
@@ -826,7 +896,7 @@ impl Core {
         // Credit for the work the coordinator assigned (at least one micro-credit, so
         // every accepted update has its mint), committed with the update's row.
         let credit = ledger::credit_for_work(self.run_info.n_params as u64, weight).max(1);
-        let mint = match self.ledger.prepare(
+        let mint = match self.ledger.read().prepare(
             Draft::mint(worker, credit, mint_reference(work_unit)),
             now_ms,
             &self.authority,
@@ -883,6 +953,7 @@ impl Core {
             self.gains.1.push(gain);
         }
         self.ledger
+            .write()
             .commit(mint)
             .map_err(|e| ApiError::internal(&e))?;
         self.accepted.insert(
@@ -912,102 +983,56 @@ impl Core {
         Ok(reply)
     }
 
+    /// What the read-only routes serve, as of the last change.
+    pub fn reads(&self) -> Reads {
+        self.publish();
+        self.reads.clone()
+    }
+
+    /// Publishes the run as it stands to [`Reads`].
+    pub fn publish(&self) {
+        let count = |f: fn(&UnitStatus) -> bool| {
+            self.scheduler.units().filter(|(_, s)| f(s)).count() as u32
+        };
+        self.reads.publish(Published {
+            round: self.scheduler.round(),
+            version: self.current.version,
+            initial_loss: self.initial_loss,
+            workers: self.workers.len() as u64,
+            units_queued: count(|s| matches!(s, UnitStatus::Queued)),
+            units_leased: count(|s| matches!(s, UnitStatus::Leased { .. })),
+            units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
+            checkpoint: self.current.checkpoint.clone(),
+            checkpoint_hash: self.current.checkpoint_hash.to_string(),
+            tokens_per_unit: self.config.schedule.steps_per_unit as u64
+                * self.config.batch as u64
+                * self.seq as u64,
+        });
+    }
+
     /// A page of ledger entries from `from`, at most `limit` of them.
     pub fn ledger_page(&self, from: u64, limit: u64) -> ledger::wire::EntriesPage {
-        let entries = self.ledger.entries();
-        let size = entries.len() as u64;
-        let start = from.min(size) as usize;
-        let end = start + (limit.min(size - start as u64)) as usize;
-        ledger::wire::EntriesPage {
-            entries: entries[start..end].to_vec(),
-            size,
-            next: (end < entries.len()).then_some(end as u64),
-        }
+        self.reads.ledger_page(from, limit)
     }
 
     /// A signed head of the ledger's Merkle tree as it stands.
     pub fn tree_head(&self, now_ms: u64) -> ledger::TreeHead {
-        self.ledger.tree_head(now_ms, &self.authority)
-    }
-
-    /// The inclusion proof of entry `seq` in the tree of the first `size` entries.
-    pub fn inclusion_proof(
-        &self,
-        seq: u64,
-        size: u64,
-    ) -> Result<ledger::merkle::InclusionProof, ApiError> {
-        let len = self.ledger.len() as u64;
-        if size == 0 || size > len || seq >= size {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no_such_entry",
-                format!(
-                    "no entry {seq} in a tree of {size} entries (the ledger holds {len}); take size from a tree head"
-                ),
-            ));
-        }
-        self.ledger
-            .inclusion_proof(seq, size)
-            .ok_or_else(|| ApiError::internal(&std::io::Error::other("proof out of range")))
+        self.reads.tree_head(now_ms)
     }
 
     /// A wallet's totals and its entries (the newest `newest` of them, or all).
     pub fn wallet(&self, wallet: WorkerId, newest: Option<usize>) -> ledger::wire::WalletView {
-        self.ledger
-            .wallet_view(&ledger::Account::Wallet(wallet), newest)
+        self.reads.wallet(wallet, newest)
     }
 
     /// Wallets by credit earned, most first.
     pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, ApiError> {
-        let names: HashMap<String, String> = self
-            .store
-            .workers()
-            .map_err(|e| ApiError::internal(&e))?
-            .into_iter()
-            .map(|w| (w.id, w.name))
-            .collect();
-        let mut rows: Vec<ledger::wire::LeaderRow> = self
-            .ledger
-            .earned()
-            .iter()
-            .map(|(&w, &(earned, units))| ledger::wire::LeaderRow {
-                wallet: w.to_string(),
-                name: names.get(&w.to_string()).cloned().unwrap_or_default(),
-                earned,
-                units,
-                balance: self.ledger.balance(&ledger::Account::Wallet(w)),
-            })
-            .collect();
-        rows.sort_by(|a, b| b.earned.cmp(&a.earned).then(a.wallet.cmp(&b.wallet)));
-        Ok(rows)
+        self.reads.leaderboard()
     }
 
     /// Network totals.
     pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
-        let accepted = self
-            .store
-            .accepted_count()
-            .map_err(|e| ApiError::internal(&e))?;
-        let tokens_per_unit =
-            self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
-        let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
-        Ok(ledger::wire::Stats {
-            entries: self.ledger.len() as u64,
-            minted: saturate(self.ledger.minted()),
-            burned: saturate(self.ledger.burned()),
-            pool: self.ledger.balance(&ledger::Account::Pool),
-            wallets: self
-                .ledger
-                .balances()
-                .keys()
-                .filter(|a| matches!(a, ledger::Account::Wallet(_)))
-                .count() as u64,
-            workers: self.workers.len() as u64,
-            accepted_updates: accepted,
-            tokens_trained: accepted * tokens_per_unit,
-            current_version: self.current.version,
-            head: self.ledger.head_hash(),
-        })
+        self.reads().stats()
     }
 
     /// Moves credit from the signer's wallet to another; repeating a transfer (same
@@ -1055,7 +1080,11 @@ impl Core {
         let draft = Draft::transfer(from, to, request.amount, format!("{from}:{reference}"));
         // Credit held by generations under way cannot be sent (a repeat still answers).
         if request.amount > self.available(from)
-            && self.ledger.find(draft.kind, &draft.reference).is_none()
+            && self
+                .ledger
+                .read()
+                .find(draft.kind, &draft.reference)
+                .is_none()
         {
             return Err(ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
@@ -1071,15 +1100,18 @@ impl Core {
 
     /// Appends one entry, persisted before it counts; ledger refusals become replies.
     fn append(&mut self, draft: Draft, now_ms: u64) -> Result<ledger::Entry, ApiError> {
-        let entry = match self.ledger.prepare(draft, now_ms, &self.authority) {
+        let entry = match self.ledger.read().prepare(draft, now_ms, &self.authority) {
             Ok(Prepared::New(entry)) => *entry,
-            Ok(Prepared::Existing(seq)) => return Ok(self.ledger.entries()[seq as usize].clone()),
+            Ok(Prepared::Existing(seq)) => {
+                return Ok(self.ledger.read().entries()[seq as usize].clone());
+            }
             Err(e) => return Err(ledger_refusal(e)),
         };
         self.store
             .write(|tx| tx.insert_entry(&entry))
             .map_err(|e| ApiError::internal(&e))?;
         self.ledger
+            .write()
             .commit(entry.clone())
             .map_err(|e| ApiError::internal(&e))?;
         Ok(entry)
@@ -1238,6 +1270,7 @@ impl Core {
         }
         let credit = self
             .ledger
+            .read()
             .find(ledger::Kind::Mint, &mint_reference(unit))
             .map_or(0, |e| e.amount);
         let round_accepted = self
@@ -1321,6 +1354,7 @@ impl Core {
                 })
                 .map_err(|e| ApiError::internal(&e))?;
             self.scheduler = next;
+            self.unsaved_since_ms = None;
         }
         Ok(effects)
     }
@@ -1343,82 +1377,12 @@ impl Core {
     /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
     /// retention policy removed it).
     pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
-        if version == self.current.version {
-            return Ok((
-                self.current.checkpoint.clone(),
-                self.current.checkpoint_hash.to_string(),
-            ));
-        }
-        let unknown = || {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_version",
-                format!(
-                    "there is no model version {version}; the newest is {}",
-                    self.current.version
-                ),
-            )
-        };
-        // Versions after the current one do not exist yet: no store read for them (and
-        // none for a number the store cannot hold).
-        if version > self.current.version {
-            return Err(unknown());
-        }
-        let row = self
-            .store
-            .version(version)
-            .map_err(|e| ApiError::internal(&e))?
-            .ok_or_else(unknown)?;
-        if row.checkpoint_pruned_ms.is_some() {
-            return Err(self.pruned_reply(version));
-        }
-        let bytes = self
-            .store
-            .blobs()
-            .get(&row.checkpoint)
-            .map_err(|e| ApiError::internal(&e))?;
-        Ok((Arc::new(bytes), row.checkpoint.to_string()))
+        self.reads().model(version)
     }
 
     /// The run's progress, round by round.
     pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, ApiError> {
-        let internal = |e: store::StoreError| ApiError::internal(&e);
-        let round = self.scheduler.round();
-        let first = newest.map_or(0, |n| (round + 1).saturating_sub(n));
-        let rounds = self
-            .store
-            .rounds_from(first)
-            .map_err(internal)?
-            .into_iter()
-            .map(|r| RoundStatus {
-                round: r.round,
-                base_version: r.base_version,
-                version: r.version,
-                holdout_loss: r.holdout_loss,
-                accepted: r.accepted,
-                rejected: r.rejected,
-                tokens: r.tokens,
-                bytes: r.bytes,
-                seconds: r
-                    .aggregated_ms
-                    .unwrap_or(now_ms)
-                    .saturating_sub(r.started_ms) as f64
-                    / 1000.0,
-            })
-            .collect();
-        let count = |f: fn(&UnitStatus) -> bool| {
-            self.scheduler.units().filter(|(_, s)| f(s)).count() as u32
-        };
-        Ok(Status {
-            round,
-            version: self.current.version,
-            initial_holdout_loss: self.initial_loss,
-            workers: self.workers.len() as u64,
-            units_queued: count(|s| matches!(s, UnitStatus::Queued)),
-            units_leased: count(|s| matches!(s, UnitStatus::Leased { .. })),
-            units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
-            rounds,
-        })
+        self.reads().status(now_ms, newest)
     }
 }
 

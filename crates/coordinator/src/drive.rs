@@ -44,6 +44,7 @@ pub(crate) fn run<T>(
     let (out, job) = {
         let mut core = lock(core);
         let out = f(&mut core, clock());
+        core.publish();
         (out, core.aggregation_job())
     };
     aggregate(core, clock, job);
@@ -74,6 +75,7 @@ fn aggregate(
         let mut core = lock(core);
         job = match core.finish_aggregation(done, clock()) {
             Ok(true) => {
+                core.publish();
                 tracing::info!(
                     round,
                     version = core.version(),

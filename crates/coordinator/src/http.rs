@@ -46,6 +46,8 @@ const JSON_BODY_MAX: usize = 64 * 1024;
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) core: Arc<Mutex<Core>>,
+    /// What the read-only routes serve, without the core's lock.
+    pub(crate) reads: crate::core::Reads,
     pub(crate) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// From the config, which does not change while serving (read here so that no
     /// async task waits on the core's mutex).
@@ -121,6 +123,18 @@ pub(crate) async fn with_core<T: Send + 'static>(
     let core = shared.core.clone();
     let clock = shared.clock.clone();
     tokio::task::spawn_blocking(move || crate::drive::run(&core, clock.as_ref(), f))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+}
+
+/// Runs `f` on what the read-only routes serve, on a blocking thread (a store read or
+/// a large copy), never waiting for the core's lock.
+pub(crate) async fn read<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&crate::core::Reads) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let reads = shared.reads.clone();
+    tokio::task::spawn_blocking(move || f(&reads))
         .await
         .map_err(|e| ApiError::internal(&e))?
 }
@@ -264,7 +278,7 @@ async fn signed<T: DeserializeOwned>(
 }
 
 async fn run_info(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let info = with_core(&shared, |core, _| Ok(core.run_info())).await?;
+    let info = shared.reads.run_info();
     Ok(axum::Json(info))
 }
 
@@ -283,18 +297,15 @@ fn bytes_reply(bytes: Arc<Vec<u8>>, etag: &str, content_type: &'static str) -> R
 }
 
 async fn corpus(State(shared): State<Shared>) -> Result<Response, ApiError> {
-    let (bytes, hash) = with_core(&shared, |core, _| {
-        Ok((core.corpus(), core.run_info().corpus_sha256))
-    })
-    .await?;
+    let (bytes, hash) = (shared.reads.corpus(), shared.reads.run_info().corpus_sha256);
     Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
 }
 
 async fn tokenizer(State(shared): State<Shared>) -> Result<Response, ApiError> {
-    let (bytes, hash) = with_core(&shared, |core, _| {
-        Ok((core.tokenizer(), core.run_info().tokenizer_sha256))
-    })
-    .await?;
+    let (bytes, hash) = (
+        shared.reads.tokenizer(),
+        shared.reads.run_info().tokenizer_sha256,
+    );
     Ok(bytes_reply(bytes, &hash, "application/json"))
 }
 
@@ -363,7 +374,7 @@ async fn model(
             ),
         ));
     }
-    let (bytes, hash) = with_core(&shared, move |core, _| core.model(version)).await?;
+    let (bytes, hash) = read(&shared, move |reads| reads.model(version)).await?;
     Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
 }
 
@@ -489,7 +500,8 @@ async fn status(
     query: QueryResult<StatusQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let q = query_or_400(query, "use ?rounds=N for the newest N rounds")?;
-    let status = with_core(&shared, move |core, now| core.status(now, q.rounds)).await?;
+    let now = (shared.clock)();
+    let status = read(&shared, move |reads| reads.status(now, q.rounds)).await?;
     Ok(axum::Json(status))
 }
 
@@ -523,12 +535,13 @@ async fn ledger_page(
 ) -> Result<impl IntoResponse, ApiError> {
     let q = query_or_400(query, "use ?from=N&limit=M")?;
     let limit = q.limit.unwrap_or(LEDGER_PAGE_MAX).min(LEDGER_PAGE_MAX);
-    let page = with_core(&shared, move |core, _| Ok(core.ledger_page(q.from, limit))).await?;
+    let page = read(&shared, move |reads| Ok(reads.ledger_page(q.from, limit))).await?;
     Ok(axum::Json(page))
 }
 
 async fn tree_head(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let head = with_core(&shared, |core, now| Ok(core.tree_head(now))).await?;
+    let now = (shared.clock)();
+    let head = read(&shared, move |reads| Ok(reads.tree_head(now))).await?;
     Ok(axum::Json(head))
 }
 
@@ -550,7 +563,7 @@ async fn inclusion_proof(
         )
     })?;
     let q = query_or_400(query, "give the tree size of a head, ?size=N")?;
-    let proof = with_core(&shared, move |core, _| core.inclusion_proof(seq, q.size)).await?;
+    let proof = read(&shared, move |reads| reads.inclusion_proof(seq, q.size)).await?;
     Ok(axum::Json(proof))
 }
 
@@ -577,7 +590,7 @@ async fn wallet(
 ) -> Result<impl IntoResponse, ApiError> {
     let wallet = parse_wallet(&wallet)?;
     let q = query_or_400(query, "use ?entries=N for the newest N entries")?;
-    let view = with_core(&shared, move |core, _| Ok(core.wallet(wallet, q.entries))).await?;
+    let view = read(&shared, move |reads| Ok(reads.wallet(wallet, q.entries))).await?;
     Ok(axum::Json(view))
 }
 
@@ -602,11 +615,11 @@ async fn dashboard() -> impl IntoResponse {
 }
 
 async fn leaderboard(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let rows = with_core(&shared, |core, _| core.leaderboard()).await?;
+    let rows = read(&shared, |reads| reads.leaderboard()).await?;
     Ok(axum::Json(rows))
 }
 
 async fn stats(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let stats = with_core(&shared, |core, _| core.stats()).await?;
+    let stats = read(&shared, |reads| reads.stats()).await?;
     Ok(axum::Json(stats))
 }

@@ -196,6 +196,7 @@ impl Coordinator {
         let mut core = Core::open(dir, config, clock())?;
         core.defer_aggregation();
         let core_blobs = core.blobs();
+        let reads = core.reads();
         // The one size an update of this run has; a body is never read past it.
         let update_bytes =
             protocol::update_len(codec, core.run_info().n_params).min(limits.update_bytes_max);
@@ -218,6 +219,7 @@ impl Coordinator {
         })?;
         let shared = http::Shared {
             core: core.clone(),
+            reads,
             clock: clock.clone(),
             max_clock_skew_ms,
             update_bytes,
@@ -257,6 +259,7 @@ impl Coordinator {
                     drive::run(&core, clock.as_ref(), |core, now| {
                         if training {
                             core.tick(now)?;
+                            core.flush(now, false)?;
                         }
                         core.dividends_if_due(now)
                     })
@@ -321,6 +324,11 @@ impl Coordinator {
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(10));
+        }
+        let mut core = drive::lock(&self.core);
+        let now = (self.clock)();
+        if let Err(e) = core.flush(now, true) {
+            tracing::error!("writing the lease renewals kept in memory: {e}");
         }
     }
 

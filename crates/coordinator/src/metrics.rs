@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::ApiError;
-use crate::http::{Shared, with_core};
+use crate::http::{Shared, read};
 
 type Labels = Vec<(&'static str, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -190,8 +190,12 @@ pub(crate) async fn track(State(shared): State<Shared>, request: Request, next: 
 
 /// `GET /metrics`.
 pub(crate) async fn scrape(State(shared): State<Shared>) -> Result<Response, ApiError> {
-    let (stats, round, loss) = with_core(&shared, |core, _| {
-        Ok((core.stats()?, core.round(), core.holdout_loss()?))
+    let (stats, round, loss) = read(&shared, |reads| {
+        Ok((
+            reads.stats()?,
+            reads.published().round,
+            reads.holdout_loss()?,
+        ))
     })
     .await?;
     let m = &shared.metrics;

@@ -432,6 +432,22 @@ impl Store {
         Ok(Store { conn, path, blobs })
     }
 
+    /// A second, read-only connection to the store in `dir`, which another connection
+    /// of this process opened (and migrated): in WAL mode its reads see the last commit
+    /// and never wait for the writer. [`Store::write`] on it fails.
+    pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("hivetrain.sqlite3");
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql(&path))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql(&path))?;
+        let blobs = Blobs::open(dir.join("blobs"))?;
+        Ok(Store { conn, path, blobs })
+    }
+
     pub fn blobs(&self) -> &Blobs {
         &self.blobs
     }

@@ -298,6 +298,7 @@ impl Core {
             persist_effects(tx, &next, &effects, now_ms)
         })?;
         self.scheduler = next;
+        self.unsaved_since_ms = None;
         self.current = Current {
             version,
             params: Arc::new(stepped.params),

@@ -434,14 +434,16 @@ impl Core {
             let reference = mint_reference(unit);
             if self
                 .ledger
+                .read()
                 .find(ledger::Kind::Clawback, &reference)
                 .is_none()
             {
                 let draft = self
                     .ledger
+                    .read()
                     .clawback_draft(&reference)
                     .map_err(|e| internal(&e))?;
-                match self.ledger.prepare(draft, now_ms, &self.authority) {
+                match self.ledger.read().prepare(draft, now_ms, &self.authority) {
                     Ok(Prepared::New(entry)) => clawback = Some(*entry),
                     Ok(Prepared::Existing(_)) => {}
                     Err(e) => return Err(internal(&e)),
@@ -477,7 +479,10 @@ impl Core {
             .map_err(|e| internal(&e))?;
         let clawed_back = clawback.as_ref().map_or(0, |e| e.amount);
         if let Some(entry) = clawback {
-            self.ledger.commit(entry).map_err(|e| internal(&e))?;
+            self.ledger
+                .write()
+                .commit(entry)
+                .map_err(|e| internal(&e))?;
         }
         self.trust.insert(worker, trust);
         if !matched {

@@ -208,18 +208,19 @@ impl Core {
             tracing::warn!("retention: {e} (swept at the next start)");
         }
     }
+}
 
-    /// The reply for a version whose checkpoint was pruned.
-    pub(super) fn pruned_reply(&self, version: u64) -> ApiError {
-        let kept = kept_versions(&self.store).unwrap_or_else(|e| format!("unknown ({e})"));
-        ApiError::new(
-            StatusCode::GONE,
-            "version_pruned",
-            format!(
-                "version {version}'s checkpoint was removed by the run's retention policy; the versions kept are {kept}"
-            ),
-        )
-    }
+/// 410 `version_pruned` for a version whose checkpoint was pruned, naming the versions
+/// `store` keeps.
+pub(super) fn pruned_reply(store: &Store, version: u64) -> ApiError {
+    let kept = kept_versions(store).unwrap_or_else(|e| format!("unknown ({e})"));
+    ApiError::new(
+        StatusCode::GONE,
+        "version_pruned",
+        format!(
+            "version {version}'s checkpoint was removed by the run's retention policy; the versions kept are {kept}"
+        ),
+    )
 }
 
 /// What [`prune_run`] removed.

@@ -364,7 +364,7 @@ impl Core {
         now_ms: u64,
     ) -> Result<(String, WorkerId), ApiError> {
         let id = parse_wallet(wallet)?;
-        let balance = self.ledger.balance(&Account::Wallet(id));
+        let balance = self.ledger.read().balance(&Account::Wallet(id));
         if balance == 0 {
             return Err(ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
@@ -480,6 +480,7 @@ impl Core {
     pub fn available(&self, wallet: WorkerId) -> u64 {
         let held = self.serving.holds.held.get(&wallet).copied().unwrap_or(0);
         self.ledger
+            .read()
             .balance(&Account::Wallet(wallet))
             .saturating_sub(held)
     }
@@ -543,7 +544,14 @@ impl Core {
             Some(row) if row.request_hash != *hash => Err(reused()),
             Some(row) if row.created_ms.saturating_add(retention_ms) <= now_ms => Err(expired()),
             Some(row) => Ok(Some(row)),
-            None if self.ledger.find(ledger::Kind::Spend, &reference).is_some() => Err(expired()),
+            None if self
+                .ledger
+                .read()
+                .find(ledger::Kind::Spend, &reference)
+                .is_some() =>
+            {
+                Err(expired())
+            }
             None => Ok(None),
         }
     }
@@ -578,6 +586,7 @@ impl Core {
                     ledger::format_credits(available),
                     ledger::format_credits(
                         self.ledger
+                            .read()
                             .balance(&Account::Wallet(wallet))
                             .saturating_sub(available)
                     ),
@@ -641,12 +650,12 @@ impl Core {
             .price(finished.prompt_tokens, finished.completion_tokens)
             .min(hold.amount);
         // A clawback may have taken credit since the hold was made.
-        let amount = price.min(self.ledger.balance(&Account::Wallet(hold.wallet)));
+        let amount = price.min(self.ledger.read().balance(&Account::Wallet(hold.wallet)));
         let entry = if amount == 0 {
             None
         } else {
             let draft = Draft::spend(hold.wallet, amount, hold.reference.clone());
-            match self.ledger.prepare(draft, now_ms, &self.authority) {
+            match self.ledger.read().prepare(draft, now_ms, &self.authority) {
                 Ok(Prepared::New(entry)) => Some(*entry),
                 // `reserve` refuses a reference already spent: this is never reached.
                 Ok(Prepared::Existing(_)) => {
@@ -685,7 +694,10 @@ impl Core {
             })
             .map_err(|e| ApiError::internal(&e))?;
         if let Some(e) = entry {
-            self.ledger.commit(e).map_err(|e| ApiError::internal(&e))?;
+            self.ledger
+                .write()
+                .commit(e)
+                .map_err(|e| ApiError::internal(&e))?;
         }
         Ok(amount)
     }
@@ -695,11 +707,12 @@ impl Core {
     /// still holds. A second clawback of the same unit is a no-op.
     pub fn claw_back(&mut self, unit: u64, now_ms: u64) -> Result<ledger::Entry, ApiError> {
         let reference = super::mint_reference(unit);
-        if let Some(e) = self.ledger.find(ledger::Kind::Clawback, &reference) {
+        if let Some(e) = self.ledger.read().find(ledger::Kind::Clawback, &reference) {
             return Ok(e.clone());
         }
         let draft = self
             .ledger
+            .read()
             .clawback_draft(&reference)
             .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no_such_mint", e.to_string()))?;
         self.append(draft, now_ms)
@@ -709,9 +722,9 @@ impl Core {
     /// proportion (one dividend entry each, all in one transaction). Returns how many.
     pub fn pay_dividends(&mut self, now_ms: u64) -> Result<usize, ApiError> {
         let from = self.serving.dividend_from;
-        let period = format!("dividend-{}", self.ledger.len());
-        let drafts = self.ledger.dividend_drafts(from, &period);
-        let mut next: Ledger = self.ledger.clone();
+        let period = format!("dividend-{}", self.ledger.read().len());
+        let drafts = self.ledger.read().dividend_drafts(from, &period);
+        let mut next: Ledger = self.ledger.read().clone();
         let mut entries = Vec::with_capacity(drafts.len());
         for d in drafts {
             match next.prepare(d, now_ms, &self.authority) {
@@ -733,7 +746,7 @@ impl Core {
                 tx.set_meta(META_DIVIDEND_FROM, &next_from.to_string())
             })
             .map_err(|e| ApiError::internal(&e))?;
-        self.ledger = next;
+        *self.ledger.write() = next;
         self.serving.dividend_from = next_from;
         self.serving.last_dividend_ms = now_ms;
         Ok(entries.len())

@@ -1,0 +1,303 @@
+//! What the read-only routes serve (status, metrics, the ledger's views, models, the run's
+//! data), with no wait on the core's lock: a snapshot the core publishes after each
+//! change ([`Published`], an `Arc` swapped under a lock held for a pointer copy), the
+//! ledger behind a read-write lock that the core takes for writing only to append an
+//! entry the store already committed, and a read-only connection to the store (in WAL
+//! mode its reads see the last commit and never wait for the writer).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use axum::http::StatusCode;
+use ed25519_dalek::SigningKey;
+use ledger::Ledger;
+use protocol::WorkerId;
+use protocol::api::{RoundStatus, RunInfo, Status};
+use store::Store;
+
+use crate::error::ApiError;
+
+/// The ledger, shared by the core (which appends) and [`Reads`].
+#[derive(Clone)]
+pub struct SharedLedger(Arc<RwLock<Ledger>>);
+
+impl SharedLedger {
+    pub(super) fn new(ledger: Ledger) -> SharedLedger {
+        SharedLedger(Arc::new(RwLock::new(ledger)))
+    }
+
+    /// The ledger for reading; a poisoned lock stops the process.
+    pub fn read(&self) -> RwLockReadGuard<'_, Ledger> {
+        self.0.read().unwrap_or_else(|_| {
+            crate::drive::stop(&"a thread panicked while it appended to the ledger")
+        })
+    }
+
+    pub(super) fn write(&self) -> RwLockWriteGuard<'_, Ledger> {
+        self.0.write().unwrap_or_else(|_| {
+            crate::drive::stop(&"a thread panicked while it appended to the ledger")
+        })
+    }
+}
+
+/// The run as of the core's last change.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub round: u64,
+    pub version: u64,
+    pub initial_loss: f32,
+    pub workers: u64,
+    pub units_queued: u32,
+    pub units_leased: u32,
+    pub units_accepted: u32,
+    /// The current version's safetensors and their blake3.
+    pub checkpoint: Arc<Vec<u8>>,
+    pub checkpoint_hash: String,
+    /// Tokens one accepted update trained on.
+    pub tokens_per_unit: u64,
+}
+
+/// A handle on what the read-only routes serve; clones share it.
+#[derive(Clone)]
+pub struct Reads {
+    pub(super) published: Arc<RwLock<Arc<Published>>>,
+    pub(super) ledger: SharedLedger,
+    pub(super) authority: Arc<SigningKey>,
+    /// A read-only connection to the run's store.
+    pub(super) store: Arc<Mutex<Store>>,
+    pub(super) run_info: Arc<RunInfo>,
+    pub(super) corpus: Arc<Vec<u8>>,
+    pub(super) tokenizer: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reads").finish_non_exhaustive()
+    }
+}
+
+fn internal(e: store::StoreError) -> ApiError {
+    ApiError::internal(&e)
+}
+
+impl Reads {
+    /// The run as last published.
+    pub fn published(&self) -> Arc<Published> {
+        self.published
+            .read()
+            .unwrap_or_else(|_| crate::drive::stop(&"a thread panicked while it published"))
+            .clone()
+    }
+
+    pub(super) fn publish(&self, next: Published) {
+        *self
+            .published
+            .write()
+            .unwrap_or_else(|_| crate::drive::stop(&"a thread panicked while it published")) =
+            Arc::new(next);
+    }
+
+    pub fn ledger(&self) -> &SharedLedger {
+        &self.ledger
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // The connection is only read: a panic cannot leave it half-changed.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn run_info(&self) -> RunInfo {
+        RunInfo {
+            version: self.published().version,
+            ..(*self.run_info).clone()
+        }
+    }
+
+    pub fn corpus(&self) -> Arc<Vec<u8>> {
+        self.corpus.clone()
+    }
+
+    pub fn tokenizer(&self) -> Arc<Vec<u8>> {
+        self.tokenizer.clone()
+    }
+
+    /// The run's progress, round by round.
+    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, ApiError> {
+        let p = self.published();
+        let first = newest.map_or(0, |n| (p.round + 1).saturating_sub(n));
+        let rounds = self
+            .store()
+            .rounds_from(first)
+            .map_err(internal)?
+            .into_iter()
+            // Rows committed after the snapshot was taken wait for the next one.
+            .filter(|r| r.round <= p.round)
+            .map(|r| RoundStatus {
+                round: r.round,
+                base_version: r.base_version,
+                version: r.version.filter(|v| *v <= p.version),
+                holdout_loss: r.holdout_loss,
+                accepted: r.accepted,
+                rejected: r.rejected,
+                tokens: r.tokens,
+                bytes: r.bytes,
+                seconds: r
+                    .aggregated_ms
+                    .unwrap_or(now_ms)
+                    .saturating_sub(r.started_ms) as f64
+                    / 1000.0,
+            })
+            .collect();
+        Ok(Status {
+            round: p.round,
+            version: p.version,
+            initial_holdout_loss: p.initial_loss,
+            workers: p.workers,
+            units_queued: p.units_queued,
+            units_leased: p.units_leased,
+            units_accepted: p.units_accepted,
+            rounds,
+        })
+    }
+
+    /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
+    /// retention policy removed it).
+    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
+        let p = self.published();
+        if version == p.version {
+            return Ok((p.checkpoint.clone(), p.checkpoint_hash.clone()));
+        }
+        let unknown = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_version",
+                format!(
+                    "there is no model version {version}; the newest is {}",
+                    p.version
+                ),
+            )
+        };
+        // Versions after the current one do not exist yet: no store read for them (and
+        // none for a number the store cannot hold).
+        if version > p.version {
+            return Err(unknown());
+        }
+        let store = self.store();
+        let row = store
+            .version(version)
+            .map_err(internal)?
+            .ok_or_else(unknown)?;
+        if row.checkpoint_pruned_ms.is_some() {
+            return Err(super::retention::pruned_reply(&store, version));
+        }
+        let bytes = store.blobs().get(&row.checkpoint).map_err(internal)?;
+        Ok((Arc::new(bytes), row.checkpoint.to_string()))
+    }
+
+    /// A page of ledger entries from `from`, at most `limit` of them.
+    pub fn ledger_page(&self, from: u64, limit: u64) -> ledger::wire::EntriesPage {
+        let ledger = self.ledger.read();
+        let entries = ledger.entries();
+        let size = entries.len() as u64;
+        let start = from.min(size) as usize;
+        let end = start + (limit.min(size - start as u64)) as usize;
+        ledger::wire::EntriesPage {
+            entries: entries[start..end].to_vec(),
+            size,
+            next: (end < entries.len()).then_some(end as u64),
+        }
+    }
+
+    /// A signed head of the ledger's Merkle tree as it stands.
+    pub fn tree_head(&self, now_ms: u64) -> ledger::TreeHead {
+        self.ledger.read().tree_head(now_ms, &self.authority)
+    }
+
+    /// The inclusion proof of entry `seq` in the tree of the first `size` entries.
+    pub fn inclusion_proof(
+        &self,
+        seq: u64,
+        size: u64,
+    ) -> Result<ledger::merkle::InclusionProof, ApiError> {
+        let ledger = self.ledger.read();
+        let len = ledger.len() as u64;
+        if size == 0 || size > len || seq >= size {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_entry",
+                format!(
+                    "no entry {seq} in a tree of {size} entries (the ledger holds {len}); take size from a tree head"
+                ),
+            ));
+        }
+        ledger
+            .inclusion_proof(seq, size)
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("proof out of range")))
+    }
+
+    /// A wallet's totals and its entries (the newest `newest` of them, or all).
+    pub fn wallet(&self, wallet: WorkerId, newest: Option<usize>) -> ledger::wire::WalletView {
+        self.ledger
+            .read()
+            .wallet_view(&ledger::Account::Wallet(wallet), newest)
+    }
+
+    /// Wallets by credit earned, most first.
+    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, ApiError> {
+        let names: HashMap<String, String> = self
+            .store()
+            .workers()
+            .map_err(internal)?
+            .into_iter()
+            .map(|w| (w.id, w.name))
+            .collect();
+        let ledger = self.ledger.read();
+        let mut rows: Vec<ledger::wire::LeaderRow> = ledger
+            .earned()
+            .iter()
+            .map(|(&w, &(earned, units))| ledger::wire::LeaderRow {
+                wallet: w.to_string(),
+                name: names.get(&w.to_string()).cloned().unwrap_or_default(),
+                earned,
+                units,
+                balance: ledger.balance(&ledger::Account::Wallet(w)),
+            })
+            .collect();
+        rows.sort_by(|a, b| b.earned.cmp(&a.earned).then(a.wallet.cmp(&b.wallet)));
+        Ok(rows)
+    }
+
+    /// Network totals.
+    pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
+        let p = self.published();
+        let accepted = self.store().accepted_count().map_err(internal)?;
+        let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+        let ledger = self.ledger.read();
+        Ok(ledger::wire::Stats {
+            entries: ledger.len() as u64,
+            minted: saturate(ledger.minted()),
+            burned: saturate(ledger.burned()),
+            pool: ledger.balance(&ledger::Account::Pool),
+            wallets: ledger
+                .balances()
+                .keys()
+                .filter(|a| matches!(a, ledger::Account::Wallet(_)))
+                .count() as u64,
+            workers: p.workers,
+            accepted_updates: accepted,
+            tokens_trained: accepted * p.tokens_per_unit,
+            current_version: p.version,
+            head: ledger.head_hash(),
+        })
+    }
+
+    /// The holdout loss of the published version.
+    pub fn holdout_loss(&self) -> Result<f32, ApiError> {
+        let version = self.published().version;
+        self.store()
+            .version(version)
+            .map_err(internal)?
+            .map(|v| v.holdout_loss)
+            .ok_or_else(|| ApiError::internal(&std::io::Error::other("no current version row")))
+    }
+}
