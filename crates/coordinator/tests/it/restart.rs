@@ -140,3 +140,54 @@ fn a_second_coordinator_on_the_same_run_is_refused_until_the_first_stops() {
     first.stop();
     ts::start(dir.path(), config).stop();
 }
+
+/// Lease renewals are kept in memory and written within `HEARTBEAT_FLUSH_MS` (or when
+/// the server stops): a crash loses at most that window of renewals, which only ends a
+/// lease sooner; a flushed renewal survives the restart.
+#[test]
+fn a_renewal_survives_a_restart_once_flushed_and_a_crash_loses_only_the_unflushed_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 2));
+    let key = ts::key(1);
+    let worker = protocol::WorkerId::of(&key);
+    let t0 = 1_000_000;
+    let lease_ms = config.schedule.lease_ms;
+    // The lease left at `t0 + 20 s` after a renewal at `t0 + 10 s`, across a reopen
+    // with or without a flush in between.
+    let left_after_reopen = |flush: bool| {
+        let run = dir.path().join(if flush { "flushed" } else { "crashed" });
+        let mut core = coordinator::Core::open(&run, config.clone(), t0).expect("open");
+        core.register(worker, "w", t0).expect("register");
+        let unit = ts::core_lease(&mut core, worker, t0);
+        core.heartbeat(worker, unit.id, t0 + 10_000)
+            .expect("heartbeat");
+        if flush {
+            // Not yet due: nothing is written before the window has passed.
+            core.flush(
+                t0 + 10_000 + coordinator::core::HEARTBEAT_FLUSH_MS - 1,
+                false,
+            )
+            .expect("flush");
+            core.flush(t0 + 10_000 + coordinator::core::HEARTBEAT_FLUSH_MS, false)
+                .expect("flush");
+        }
+        drop(core);
+        let mut core = coordinator::Core::open(&run, config.clone(), t0 + 20_000).expect("open");
+        match core.lease(worker, t0 + 20_000).expect("lease") {
+            protocol::api::LeaseReply::Lease {
+                unit: again,
+                lease_ms,
+                ..
+            } => {
+                assert_eq!(again.id, unit.id, "the worker's own unit comes back");
+                lease_ms
+            }
+            other => panic!("no lease: {other:?}"),
+        }
+    };
+    let check = |flush: bool, expected: u64| {
+        assert_eq!(left_after_reopen(flush), expected, "flush: {flush}");
+    };
+    check(true, lease_ms + 10_000 - 20_000);
+    check(false, lease_ms - 20_000);
+}
