@@ -175,7 +175,6 @@ pub struct Core {
     authority: Arc<SigningKey>,
     /// What the read-only routes serve, published after each change.
     reads: Reads,
-    text_tokenizer: Arc<data::TextTokenizer>,
     serving: serving::Serving,
     /// The train split (scoring batches and spot-check re-runs read it).
     train: Arc<Vec<u32>>,
@@ -483,6 +482,7 @@ impl Core {
             version: current.version,
         };
         let ledger = SharedLedger::new(ledger);
+        let text_tokenizer = Arc::new(tokenizer);
         let authority = Arc::new(authority);
         let corpus = Arc::new(corpus);
         let tokenizer_bytes = Arc::new(tokenizer_bytes);
@@ -497,6 +497,7 @@ impl Core {
                 units_accepted: 0,
                 checkpoint: current.checkpoint.clone(),
                 checkpoint_hash: current.checkpoint_hash.to_string(),
+                params: current.params.clone(),
                 tokens_per_unit: 0,
             }))),
             ledger: ledger.clone(),
@@ -505,6 +506,8 @@ impl Core {
             run_info: Arc::new(run_info.clone()),
             corpus: corpus.clone(),
             tokenizer: tokenizer_bytes.clone(),
+            text_tokenizer: text_tokenizer.clone(),
+            model,
         };
         let mut core = Core {
             reads,
@@ -528,7 +531,6 @@ impl Core {
             initial_loss,
             ledger,
             authority,
-            text_tokenizer: Arc::new(tokenizer),
             serving,
             train: Arc::new(dataset.train),
             trust,
@@ -1004,6 +1006,7 @@ impl Core {
             units_accepted: count(|s| matches!(s, UnitStatus::Accepted { .. })),
             checkpoint: self.current.checkpoint.clone(),
             checkpoint_hash: self.current.checkpoint_hash.to_string(),
+            params: self.current.params.clone(),
             tokens_per_unit: self.config.schedule.steps_per_unit as u64
                 * self.config.batch as u64
                 * self.seq as u64,

@@ -90,7 +90,7 @@ fn seconds(now_ms: u64) -> u64 {
 }
 
 async fn models(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    let (ids, now) = with_core(&shared, |core, now| Ok((core.model_ids(), now))).await?;
+    let (ids, now) = (shared.reads.model_ids(), (shared.clock)());
     Ok(axum::Json(ModelList {
         object: "list".into(),
         data: ids
@@ -570,7 +570,7 @@ async fn serve(
             return Ok(replay(row, &name.id, chat, stream_asked, include_usage));
         }
     }
-    let model = with_core(&shared, move |core, _| core.snapshot(&model_name)).await?;
+    let model = crate::http::read(&shared, move |reads| reads.snapshot(&model_name)).await?;
     let limits = shared.serving.limits;
     let seed = u64::from_le_bytes(
         blake3::hash(name.id.as_bytes()).as_bytes()[..8]

@@ -53,6 +53,8 @@ pub struct Published {
     /// The current version's safetensors and their blake3.
     pub checkpoint: Arc<Vec<u8>>,
     pub checkpoint_hash: String,
+    /// The current version's weights (what inference serves).
+    pub params: Arc<Vec<f32>>,
     /// Tokens one accepted update trained on.
     pub tokens_per_unit: u64,
 }
@@ -68,6 +70,8 @@ pub struct Reads {
     pub(super) run_info: Arc<RunInfo>,
     pub(super) corpus: Arc<Vec<u8>>,
     pub(super) tokenizer: Arc<Vec<u8>>,
+    pub(super) text_tokenizer: Arc<data::TextTokenizer>,
+    pub(super) model: engine::GptConfig,
 }
 
 impl std::fmt::Debug for Reads {

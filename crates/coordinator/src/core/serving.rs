@@ -187,37 +187,39 @@ fn parse_wallet(wallet: &str) -> Result<WorkerId, ApiError> {
     })
 }
 
-impl Core {
+impl super::Reads {
     /// The model names `GET /v1/models` lists: the newest, and the newest pinned.
     pub fn model_ids(&self) -> Vec<String> {
         vec![
             MODEL_NAME.to_owned(),
-            format!("{MODEL_NAME}-v{}", self.current.version),
+            format!("{MODEL_NAME}-v{}", self.published().version),
         ]
     }
 
-    /// The weights of `name` (`hivetrain`: the newest; `hivetrain-vN`: version N).
+    /// The weights of `name` (`hivetrain`: the newest; `hivetrain-vN`: version N, its
+    /// checkpoint decoded here, with no lock held).
     pub fn snapshot(&self, name: &str) -> Result<ModelSnapshot, ApiError> {
+        let current = self.published();
         let unknown = || {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "model_not_found",
                 format!(
                     "there is no model {name:?}: use {MODEL_NAME:?} (the newest) or {MODEL_NAME}-vN for a version up to {}",
-                    self.current.version
+                    current.version
                 ),
             )
         };
         let version = match name.strip_prefix(MODEL_NAME) {
-            Some("") => self.current.version,
+            Some("") => current.version,
             Some(rest) => rest
                 .strip_prefix("-v")
                 .and_then(|n| n.parse::<u64>().ok())
                 .ok_or_else(unknown)?,
             None => return Err(unknown()),
         };
-        let params = if version == self.current.version {
-            self.current.params.clone()
+        let params = if version == current.version {
+            current.params.clone()
         } else {
             let (bytes, _) = self.model(version).map_err(|_| unknown())?;
             let ckpt = engine::checkpoint::from_bytes(Path::new(name), &bytes, Some(self.model))
@@ -225,7 +227,7 @@ impl Core {
             Arc::new(ckpt.params)
         };
         Ok(ModelSnapshot {
-            id: if version == self.current.version && name == MODEL_NAME {
+            id: if version == current.version && name == MODEL_NAME {
                 MODEL_NAME.to_owned()
             } else {
                 format!("{MODEL_NAME}-v{version}")
@@ -236,7 +238,9 @@ impl Core {
             tokenizer: self.text_tokenizer.clone(),
         })
     }
+}
 
+impl Core {
     /// A fresh challenge for a wallet to sign, and when it expires. It is stateless (an
     /// expiry and a nonce under a keyed MAC): no flood of requests can use anything up.
     pub fn key_challenge(&self, now_ms: u64) -> Result<(String, u64), ApiError> {
