@@ -20,7 +20,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::WorkerId;
@@ -236,9 +235,6 @@ struct Run<'a> {
     sender: Sender<(Instant, Event)>,
     /// The worker stderr readers, joined at the end so that no told line is missed.
     readers: Vec<std::thread::JoinHandle<()>>,
-    told: Arc<Mutex<Vec<Told>>>,
-    /// Worker name -> its id (hex key), from its `joined` line.
-    ids: Arc<Mutex<HashMap<String, String>>>,
     starts: u32,
     coordinator: Option<Proc>,
     workers: Vec<(String, Proc)>,
@@ -267,8 +263,6 @@ impl<'a> Run<'a> {
             config,
             events,
             sender,
-            told: Arc::default(),
-            ids: Arc::default(),
             starts: 0,
             coordinator: None,
             workers: Vec::new(),
@@ -391,23 +385,11 @@ impl<'a> Run<'a> {
         let mut child = child.map_err(io("starting hivetrain worker"))?;
         let stderr = child.stderr.take();
         let mut log = self.log(&format!("{name}.log"))?;
-        let (told, ids, who) = (self.told.clone(), self.ids.clone(), name.clone());
+        // The log is what the checks read (`told`), so a kept run can be checked again.
         let reader = std::thread::spawn(move || {
             for line in stderr.into_iter().flat_map(|s| BufReader::new(s).lines()) {
                 let Ok(line) = line else { break };
                 let _ = writeln!(log, "{line}");
-                if let Some((unit, credit)) = told_accepted(&line) {
-                    let entry = Told {
-                        worker: who.clone(),
-                        unit,
-                        credit,
-                    };
-                    told.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
-                } else if let Some(id) = joined_id(&line) {
-                    ids.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(who.clone(), id);
-                }
             }
         });
         self.readers.push(reader);
@@ -605,10 +587,8 @@ pub fn run(
             .failures
             .push("hivetrain ledger verify failed (chaos/ledger-verify.log)".into());
     }
-    let told = run.told.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let ids = run.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let store_dir = run.dir.join("store");
-    check(&store_dir, &told, &ids, &mut report)?;
+    check(&run.dir, &mut report)?;
     if options.reference && report.versions > 0 {
         progress(options.kills, "the same seed without kills");
         let mut reference = Run::new(options, &options.dir.join("reference"))?;
@@ -633,13 +613,50 @@ pub fn run(
     Ok(report)
 }
 
-/// The checks on the store after the kills.
-fn check(
-    dir: &Path,
-    told: &[Told],
-    ids: &HashMap<String, String>,
-    report: &mut ChaosReport,
-) -> Result<(), ChaosError> {
+/// What the workers of a run printed (their `wN.log` in `run_dir`): each update they were
+/// told was accepted, and each worker's id.
+fn told(run_dir: &Path) -> Result<(Vec<Told>, HashMap<String, String>), ChaosError> {
+    let (mut told, mut ids) = (Vec::new(), HashMap::new());
+    for n in 0.. {
+        let worker = format!("w{n}");
+        let path = run_dir.join(format!("{worker}.log"));
+        if !path.exists() {
+            break;
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+        for line in text.lines() {
+            if let Some((unit, credit)) = told_accepted(line) {
+                let worker = worker.clone();
+                told.push(Told {
+                    worker,
+                    unit,
+                    credit,
+                });
+            } else if let Some(id) = joined_id(line) {
+                ids.insert(worker.clone(), id);
+            }
+        }
+    }
+    Ok((told, ids))
+}
+
+/// Checks a stopped run (`run_dir` of a kept chaos run: its `store` and the workers'
+/// logs) again; the figures of [`ChaosReport`] that come from the store and the logs.
+pub fn check_run(run_dir: &Path) -> Result<ChaosReport, ChaosError> {
+    let mut report = ChaosReport {
+        ledger_verified: true,
+        ..ChaosReport::default()
+    };
+    check(run_dir, &mut report)?;
+    Ok(report)
+}
+
+/// The checks on the store after the kills (`ledger_verified` is cleared if the
+/// harness's own replay of the ledger fails).
+fn check(run_dir: &Path, report: &mut ChaosReport) -> Result<(), ChaosError> {
+    let (told, ids) = told(run_dir)?;
+    let dir = &run_dir.join("store");
     let store = store::Store::open(dir)?;
     let fail = |report: &mut ChaosReport, m: String| report.failures.push(m);
     // Versions 0..=N, each the child of the one before.
@@ -685,7 +702,7 @@ fn check(
         mints.entry(e.reference.clone()).or_default().push(e);
     }
     let mut told_units = std::collections::HashSet::new();
-    for t in told {
+    for t in &told {
         if !told_units.insert(t.unit) {
             fail(report, format!("unit {} was told accepted twice", t.unit));
         }

@@ -32,9 +32,26 @@ pub(crate) struct ChaosArgs {
     /// Use this hivetrain binary instead of building target/release/hivetrain.
     #[arg(long)]
     binary: Option<PathBuf>,
+    /// Only check a kept, stopped run again (its `chaos` directory) and exit.
+    #[arg(long)]
+    check: Option<PathBuf>,
 }
 
 pub(crate) fn run(root: &Path, args: ChaosArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.check {
+        let report = test_support::chaos::check_run(dir)
+            .with_context(|| format!("checking {}", dir.display()))?;
+        println!(
+            "{}: versions 0..={}, {} accepted stored, {} told accepted, lost {}, duplicate mints {}",
+            dir.display(),
+            report.versions,
+            report.accepted_stored,
+            report.accepted_told,
+            report.lost.len(),
+            report.duplicate_mints.len()
+        );
+        return failed(&report);
+    }
     let binary = match args.binary {
         Some(b) => b,
         None => {
@@ -89,10 +106,15 @@ pub(crate) fn run(root: &Path, args: ChaosArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.keep {
         println!("run kept in {}", dir.display());
     }
+    failed(&report)
+}
+
+/// Each failed check on stderr, and an error if there was one.
+fn failed(report: &ChaosReport) -> anyhow::Result<()> {
+    for f in &report.failures {
+        eprintln!("FAILED: {f}");
+    }
     if !report.failures.is_empty() {
-        for f in &report.failures {
-            eprintln!("FAILED: {f}");
-        }
         bail!("{} check(s) failed", report.failures.len());
     }
     Ok(())
