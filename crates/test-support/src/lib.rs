@@ -2,6 +2,8 @@
 //! tiny model, deterministic keys, hand-made updates, and raw HTTP calls that show the
 //! status and error code of every reply.
 
+pub mod chaos;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

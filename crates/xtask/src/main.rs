@@ -1,7 +1,8 @@
-//! `cargo xtask`: fetching and checking the corpus, benchmarks against PyTorch, and the
-//! inputs of the golden-value tests.
+//! `cargo xtask`: fetching and checking the corpus, benchmarks against PyTorch, the
+//! inputs of the golden-value tests, the attack sweep and the crash harness.
 
 mod bench;
+mod chaos;
 mod corpus;
 mod decode;
 mod diloco;
@@ -39,6 +40,10 @@ enum Command {
     /// Train one fixed work unit and write its delta, or compare it with a delta another
     /// machine wrote (what a spot-check's tolerance must allow across CPUs).
     UnitDelta(unit_delta::UnitDeltaArgs),
+    /// The crash harness: a real coordinator and workers on loopback, the coordinator
+    /// SIGKILLed at seeded moments and restarted, then versions, accepted updates, mints
+    /// and the ledger checked.
+    Chaos(chaos::ChaosArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(&root, command),
         Command::Golden { python } => golden::run(&root, &python),
         Command::Sim(args) => sim::run(&root, args),
+        Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
     }
 }

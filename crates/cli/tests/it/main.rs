@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod chaos;
 mod uploads;
 
 struct Sandbox {
