@@ -2,6 +2,7 @@
 //! inputs of the golden-value tests.
 
 mod bench;
+mod control;
 mod corpus;
 mod decode;
 mod diloco;
