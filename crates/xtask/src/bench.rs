@@ -29,6 +29,35 @@ pub(crate) enum BenchCommand {
     /// Ledger replay, signed tree heads and inclusion proofs on a long ledger, against
     /// one-by-one signatures and Merkle hashes recomputed from every entry.
     Ledger(crate::ledger_bench::LedgerBench),
+    /// Control-plane latency (lease, heartbeat, status, metrics) and durable lease
+    /// operations per second of a `hivetrain coordinator` child process under many
+    /// simulated workers, idle and while it aggregates, against a bare axum ceiling.
+    ///
+    /// The coordinator is the real binary (`--coordinator-bin`, default this checkout's
+    /// release build) on a fresh run of the `small` preset on loopback, driven only
+    /// through its public HTTP API. N simulated workers (`--workers`), each with its own
+    /// ed25519 key, register, then loop for `--seconds`: POST /v1/lease, POST
+    /// /v1/heartbeat on the unit `--heartbeats` times, GET /v1/status?rounds=50; beside
+    /// them `--metrics-readers` loops GET /metrics. Every request's latency is kept per
+    /// route (median, p99, max).
+    ///
+    /// Phase "idle": no update has been sent, so nothing aggregates. Phase "busy": the
+    /// same load while `--train-workers` real `hivetrain worker` processes train units of
+    /// `--local-steps` steps and send them; the coordinator scores every update, re-runs
+    /// sampled units and aggregates each round after `--round-timeout` s. It runs past
+    /// `--seconds` until `--busy-aggregations` aggregations fell in it; the table says how
+    /// many aggregations, verdicts and re-runs it held.
+    ///
+    /// Durable lease operations are the new leases granted and the heartbeats answered
+    /// (each a committed, fsynced transaction on 4ce3163); a worker that asks again while
+    /// it holds a unit gets the same unit back and nothing is written, so those are
+    /// counted apart as re-leases. Goals: >= 1,000 durable operations/s, p99 <= 50 ms for
+    /// lease and heartbeat, <= 20 ms for status and metrics, in both phases.
+    ///
+    /// The ceiling is a bare axum server in this process (2 threads, fixed replies, no
+    /// signature check, no store) under the same load. With `--baseline-bin` a second
+    /// binary is measured the same way in the same run and the ratios are printed.
+    Control(crate::control::ControlBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +124,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Decode(args) => crate::decode::run(root, args),
         BenchCommand::Robust(args) => crate::robust::run(root, args),
         BenchCommand::Ledger(args) => crate::ledger_bench::run(args),
+        BenchCommand::Control(args) => crate::control::run(root, args),
     }
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     let url = server.url();
     let (model, params) = server
         .with_core(|c| {
-            let snapshot = c.snapshot("hivetrain");
+            let snapshot = c.reads().snapshot("hivetrain");
             snapshot.map(|s| (s.config, s.params.to_vec()))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;

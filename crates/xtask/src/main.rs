@@ -3,6 +3,7 @@
 
 mod bench;
 mod chaos;
+mod control;
 mod corpus;
 mod decode;
 mod diloco;
