@@ -21,7 +21,7 @@ use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply, UnitSpec};
 use protocol::{SignedUpdate, UpdateHeader, WorkerId};
 use scheduler::{Effect, Event, Scheduler, UnitStatus};
 use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, WorkerRow};
-use validation::{Inspected, LeaseState, Reject, RoundState, Verdict};
+use validation::{Inspected, LeaseState, Reject, Verdict};
 
 use crate::config::CoordinatorConfig;
 
@@ -111,10 +111,6 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, CoreError> {
 /// alike but not stored.
 pub const MAX_REJECTIONS_RECORDED: u64 = 64;
 
-/// Refused payloads remembered per unit for agreement (a liar's refusal first must not
-/// keep two honest workers from agreeing).
-const REFUSED_PAYLOADS_KEPT: usize = 4;
-
 /// Longest a lease renewal stays in memory before it is written: what a crash can lose
 /// of heartbeats.
 pub const HEARTBEAT_FLUSH_MS: u64 = 1_000;
@@ -135,7 +131,6 @@ struct Current {
 struct Accepted {
     blob: BlobHash,
     weight: u64,
-    norm: f32,
 }
 
 /// The coordinator's state. Not `Sync`: the HTTP layer holds it behind one mutex.
@@ -152,9 +147,9 @@ pub struct Core {
     /// The outer optimizer; out (in an [`AggregationJob`]) while a round aggregates.
     outer: Option<Box<dyn OuterOptimizer>>,
     accepted: BTreeMap<u64, Accepted>,
-    /// The norms of the updates the last aggregated round accepted: with this round's,
-    /// the pool whose median bounds an update's norm (`median_norm`).
-    previous_norms: Vec<f32>,
+    /// What acceptance keeps between updates: the norms of this round and the last (the
+    /// median bar), the version's gains (the median gain), refusals (agreement).
+    acceptance: run::Acceptance,
     /// Evaluates the holdout; out with the outer optimizer while a round aggregates.
     evaluator: Option<Box<dyn Backend>>,
     holdout: Arc<Vec<OwnedBatch>>,
@@ -184,14 +179,8 @@ pub struct Core {
     check_queue: VecDeque<u64>,
     /// Units whose re-run did not match: kept out of any aggregate not yet formed.
     failed: HashSet<u64>,
-    /// Own-data gains of the updates accepted on a base version (in memory: after a
-    /// restart the median starts again from the next accepted update).
-    gains: (u64, Vec<f32>),
     /// A version's random scoring batches and its loss on them, made once per version.
     random_loss: Option<Arc<checks::RandomBatches>>,
-    /// The first payloads refused on their score for each unit of the current round, and
-    /// who sent them (in memory: after a restart, agreement starts again).
-    refused_payloads: HashMap<u64, Vec<([u8; 32], WorkerId)>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -407,8 +396,12 @@ impl Core {
                 .collect(),
             None => Vec::new(),
         };
-        let accepted = store
-            .updates_of_round(scheduler.round())?
+        let this_round = store.updates_of_round(scheduler.round())?;
+        let acceptance = run::Acceptance::resume(
+            previous_norms,
+            this_round.iter().map(|row| (row.unit, row.norm)),
+        );
+        let accepted = this_round
             .into_iter()
             .map(|row| {
                 (
@@ -416,7 +409,6 @@ impl Core {
                     Accepted {
                         blob: row.blob,
                         weight: row.weight,
-                        norm: row.norm,
                     },
                 )
             })
@@ -519,7 +511,7 @@ impl Core {
             current,
             outer: Some(outer),
             accepted,
-            previous_norms,
+            acceptance,
             evaluator: Some(evaluator),
             holdout: Arc::new(holdout),
             deferred: false,
@@ -537,8 +529,6 @@ impl Core {
             check_queue,
             failed,
             random_loss: None,
-            gains: (u64::MAX, Vec::new()),
-            refused_payloads: HashMap::new(),
             _lock: lock,
         };
         core.aggregate_if_pending(now_ms)?;
@@ -841,42 +831,24 @@ impl Core {
         now_ms: u64,
     ) -> Result<SubmitReply, ApiError> {
         self.tick(now_ms)?;
-        let mut verdict = self.judge(update)?;
+        let verdict = self.judge(update)?;
         if let Some(reply) = self.accepted_reply(update, &verdict)? {
             return Ok(reply);
         }
-        let mut gain = None;
-        let mut force_check = false;
-        if let Verdict::Accepted { .. } = verdict
-            && self.config.scoring.enabled
-        {
-            match score {
-                Some(score) => {
-                    let version = update.header.base_version;
-                    let median = match &self.gains {
-                        (v, gains) if *v == version => validation::score::median_gain(gains),
-                        _ => None,
-                    };
-                    match self.config.scoring.judge(&score, median) {
-                        Some(rejected) if self.agreed(update, &rejected) => force_check = true,
-                        Some(rejected) => verdict = rejected,
-                        None => gain = Some((version, score.own_gain())),
-                    }
-                }
-                None => {
-                    return Err(ApiError::internal(&std::io::Error::other(
-                        "scoring is on, but the update was not scored",
-                    )));
-                }
-            }
-        }
-        let (work_unit, worker, norm) = match verdict {
-            Verdict::Accepted {
+        let rules = self.rules();
+        let decision = self
+            .acceptance
+            .decide(update, verdict, score.as_ref(), &rules)
+            .map_err(|e| ApiError::internal(&e))?;
+        let (work_unit, worker, norm, force_check, gain) = match decision {
+            run::Decision::Accept {
                 work_unit,
                 worker,
                 norm,
-            } => (work_unit, worker, norm),
-            verdict => {
+                force_check,
+                gain,
+            } => (work_unit, worker, norm, force_check, gain),
+            run::Decision::Refuse(verdict) => {
                 let referenced = self
                     .store
                     .blob_referenced(blob)
@@ -946,24 +918,14 @@ impl Core {
         {
             self.check_queue.push_back(work_unit);
         }
-        // The median bar is of updates on the current version (a late one's gain, on an
-        // older base, is not comparable).
-        if let Some((version, gain)) = gain.filter(|(v, _)| *v == self.current.version) {
-            if self.gains.0 != version {
-                self.gains = (version, Vec::new());
-            }
-            self.gains.1.push(gain);
-        }
-        self.ledger
-            .write()
-            .commit(mint)
-            .map_err(|e| ApiError::internal(&e))?;
+        self.acceptance
+            .accepted(work_unit, norm, gain, self.current.version);
+        self.ledger_committed(mint);
         self.accepted.insert(
             work_unit,
             Accepted {
                 blob: blob.clone(),
                 weight,
-                norm,
             },
         );
         let reply = SubmitReply {
@@ -1113,10 +1075,7 @@ impl Core {
         self.store
             .write(|tx| tx.insert_entry(&entry))
             .map_err(|e| ApiError::internal(&e))?;
-        self.ledger
-            .write()
-            .commit(entry.clone())
-            .map_err(|e| ApiError::internal(&e))?;
+        self.ledger_committed(entry.clone());
         Ok(entry)
     }
 
@@ -1128,6 +1087,19 @@ impl Core {
     /// The limits updates are parsed under.
     pub fn limits(&self) -> protocol::Limits {
         self.config.limits
+    }
+
+    /// The run's acceptance rules, from its config.
+    fn rules(&self) -> run::Rules {
+        run::Rules {
+            max_staleness: self.config.schedule.max_staleness,
+            n_params: self.run_info.n_params,
+            delta_norm_max: self.config.delta_norm_max,
+            median_multiple_max: self.config.median_norm_multiple,
+            check_values: !self.config.unchecked_values,
+            scoring: self.config.scoring.clone(),
+            agreement: self.config.spot_check.enabled,
+        }
     }
 
     /// The verdict on an update as the round stands (an `Err` only when the store cannot
@@ -1142,33 +1114,33 @@ impl Core {
                 base_version: l.base_version,
                 submitted: l.submitted,
             });
-        let round = RoundState {
-            current_version: self.current.version,
-            max_staleness: self.config.schedule.max_staleness,
-            n_params: self.run_info.n_params,
-            delta_norm_max: self.config.delta_norm_max,
-            median_norm: self.median_norm(),
-            median_multiple_max: self.config.median_norm_multiple,
-            check_values: !self.config.unchecked_values,
-        };
-        let verdict = validation::judge(update, &round, lease.as_ref());
-        // A byte-equal copy is the cheapest copy to catch; like the score's own-data
-        // margin it belongs to scoring (off, only a re-run finds it).
-        if let (Verdict::Accepted { .. }, true) = (&verdict, self.config.scoring.enabled) {
-            let seen = self
-                .store
+        // Whether these values were accepted before (the copy check; with scoring on).
+        let copy_of = if self.config.scoring.enabled {
+            self.store
                 .payload_unit(&hex::encode(update.payload_hash))
-                .map_err(|e| ApiError::internal(&e))?;
-            if let Some(unit) = seen {
-                return Ok(Verdict::reject(
-                    Reject::Copied,
-                    format!(
-                        "the update's values are those of the update already accepted for unit {unit}: send the delta of your own unit's training"
-                    ),
-                ));
-            }
+                .map_err(|e| ApiError::internal(&e))?
+        } else {
+            None
+        };
+        Ok(self.acceptance.judge(
+            update,
+            &self.rules(),
+            self.current.version,
+            lease.as_ref(),
+            copy_of,
+        ))
+    }
+
+    /// Appends to the in-memory ledger an entry the store has just committed. The
+    /// ledger checked the entry when it was prepared under the same lock, so a refusal
+    /// now means memory and store disagree: the process stops, and a restart replays
+    /// the ledger from the store.
+    fn ledger_committed(&self, entry: ledger::Entry) {
+        if let Err(e) = self.ledger.write().commit(entry) {
+            crate::drive::stop(&format!(
+                "the ledger refused an entry the store already committed ({e})"
+            ));
         }
-        Ok(verdict)
     }
 
     /// Records a rejection and returns it as the reply. Rejections of signed updates are
@@ -1289,54 +1261,6 @@ impl Core {
             round_accepted,
             credit,
         }))
-    }
-
-    /// Whether a scored refusal is overridden because another worker sent the same bytes
-    /// for the same unit and was refused alike: training is deterministic, so two keys
-    /// agreeing bit for bit is what a re-run shows, and the unit's data, not the
-    /// workers, is what scores low. The update is accepted with a re-run forced, so two
-    /// colluding keys agreeing on a lie are still caught and clawed back. Harmful updates
-    /// are never overridden, and nothing is without re-runs. Remembers this refusal
-    /// otherwise.
-    fn agreed(&mut self, update: &Inspected, rejected: &Verdict) -> bool {
-        let Verdict::Rejected { reason, .. } = rejected else {
-            return false;
-        };
-        if !matches!(reason, Reject::NoProgress | Reject::NotOwnData)
-            || !self.config.spot_check.enabled
-        {
-            return false;
-        }
-        let (unit, worker) = (update.header.work_unit, update.header.worker);
-        let seen = self.refused_payloads.entry(unit).or_default();
-        if seen
-            .iter()
-            .any(|(hash, other)| *hash == update.payload_hash && *other != worker)
-        {
-            return true;
-        }
-        if seen.len() < REFUSED_PAYLOADS_KEPT {
-            seen.push((update.payload_hash, worker));
-        }
-        false
-    }
-
-    /// The lower middle of the norms this round and the last aggregated one accepted
-    /// (`None` before any). The last round's norms make the first updates of a round
-    /// meet a bar that honest work set, so an outlier that arrives first cannot set the
-    /// bar itself; the lower middle keeps one outlier of two from setting it either.
-    fn median_norm(&self) -> Option<f32> {
-        let mut norms: Vec<f32> = self
-            .previous_norms
-            .iter()
-            .copied()
-            .chain(self.accepted.values().map(|a| a.norm))
-            .collect();
-        if norms.is_empty() {
-            return None;
-        }
-        norms.sort_by(f32::total_cmp);
-        Some(norms[(norms.len() - 1) / 2])
     }
 
     /// Ticks a copy of the scheduler, commits its effects, `extra` and its state in one

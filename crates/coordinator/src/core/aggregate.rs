@@ -305,9 +305,8 @@ impl Core {
             checkpoint: Arc::new(stepped.checkpoint),
             checkpoint_hash: stepped.checkpoint_hash,
         };
-        self.previous_norms = self.accepted.values().map(|a| a.norm).collect();
+        self.acceptance.round_closed();
         self.accepted.clear();
-        self.refused_payloads.clear();
         self.remove_pruned(&prune);
         Ok(())
     }
