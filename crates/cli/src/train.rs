@@ -10,6 +10,8 @@ use engine::train::OwnedBatch;
 use engine::{LrSchedule, OptimizerConfig, Preset};
 use serde::Serialize;
 
+use worker::unit::owned_batch;
+
 use crate::paths;
 
 #[derive(Debug, clap::Args)]
@@ -164,9 +166,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     let holdout: Vec<OwnedBatch> = dataset
         .holdout_starts(seq, args.eval_batches * args.batch)
         .chunks(args.batch)
-        .map(|starts| owned(data::address::batch_at(&dataset.holdout, starts, seq)))
+        .map(|starts| owned_batch(data::address::batch_at(&dataset.holdout, starts, seq)))
         .collect();
-    let address = data::WorkAddress {
+    let address = protocol::WorkAddress {
         shard: 0,
         offset: 0,
         steps: args.steps as u32,
@@ -197,7 +199,14 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut train_secs = 0.0f64;
     let mut recent = Vec::new();
     for step in 0..args.steps {
-        let batch = owned(address.batch(&dataset.train, 1, step as u32, args.batch, seq)?);
+        let batch = owned_batch(data::address::batch(
+            &address,
+            &dataset.train,
+            1,
+            step as u32,
+            args.batch,
+            seq,
+        )?);
         let t0 = Instant::now();
         let stats = backend.train_step(&batch.as_batch(), &optimizer, schedule.lr(step))?;
         train_secs += t0.elapsed().as_secs_f64();
@@ -313,15 +322,6 @@ fn say(progress: &indicatif::ProgressBar, line: String) {
         eprintln!("{line}");
     } else {
         progress.println(line);
-    }
-}
-
-pub(crate) fn owned(batch: data::TokenBatch) -> OwnedBatch {
-    OwnedBatch {
-        inputs: batch.inputs,
-        targets: batch.targets,
-        batch: batch.batch,
-        seq: batch.seq,
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use protocol::api::{SubmitReply, UnitSpec};
+use protocol::WorkUnit;
+use protocol::api::SubmitReply;
 use worker::{HttpTransport, Refusal, Reporter, WorkerOptions};
 
 use crate::paths;
@@ -62,8 +63,8 @@ impl Reporter for Bars {
         self.println(text);
     }
 
-    fn unit_started(&mut self, unit: &UnitSpec) {
-        let bar = ProgressBar::new(unit.steps as u64);
+    fn unit_started(&mut self, unit: &WorkUnit) {
+        let bar = ProgressBar::new(unit.address.steps as u64);
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -91,7 +92,7 @@ impl Reporter for Bars {
         }
     }
 
-    fn verdict(&mut self, unit: &UnitSpec, verdict: &Result<SubmitReply, Refusal>) {
+    fn verdict(&mut self, unit: &WorkUnit, verdict: &Result<SubmitReply, Refusal>) {
         let text = match verdict {
             Ok(r) => format!(
                 "unit {}: accepted (norm {:.3}; {} accepted this round; +{} credits)",

@@ -17,11 +17,12 @@ use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig, Preset};
 use ledger::{Draft, Ledger, Prepared};
-use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply, UnitSpec};
-use protocol::{SignedUpdate, UpdateHeader, WorkerId};
+use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply};
+use protocol::{SignedUpdate, UpdateHeader, WorkUnit, WorkerId};
 use scheduler::{Effect, Event, Scheduler, UnitStatus};
-use store::{BlobHash, RejectionRow, Store, Tx, UnitRow, UpdateRow, VersionRow, WorkerRow};
+use store::{BlobHash, RejectionRow, Store, Tx, UpdateRow, VersionRow, WorkerRow};
 use validation::{Inspected, LeaseState, Reject, Verdict};
+use worker::unit::owned_batch;
 
 use crate::config::CoordinatorConfig;
 
@@ -288,7 +289,7 @@ impl Core {
         let holdout: Vec<OwnedBatch> = dataset
             .holdout_starts(seq, config.holdout_batches as usize * batch)
             .chunks(batch)
-            .map(|starts| owned(data::address::batch_at(&dataset.holdout, starts, seq)))
+            .map(|starts| owned_batch(data::address::batch_at(&dataset.holdout, starts, seq)))
             .collect();
         let threads = match config.threads {
             0 => engine::default_threads(),
@@ -675,7 +676,7 @@ impl Core {
                 unit,
                 deadline_ms,
             } if w == worker => Some(LeaseReply::Lease {
-                unit: unit_spec(&unit),
+                unit,
                 model_blake3: self.current.checkpoint_hash.to_string(),
                 lease_ms: deadline_ms.saturating_sub(now_ms),
                 heartbeat_ms: (self.config.schedule.lease_ms / 3).max(1),
@@ -805,7 +806,7 @@ impl Core {
                 Ok(None)
             }
             Verdict::Accepted { work_unit, .. } => {
-                let unit = self.scheduler.unit(work_unit).map(unit_spec);
+                let unit = self.scheduler.unit(work_unit).copied();
                 match unit {
                     Some(unit) => self.score_task(&unit, update.header.base_version),
                     None => Ok(None),
@@ -1097,7 +1098,7 @@ impl Core {
             delta_norm_max: self.config.delta_norm_max,
             median_multiple_max: self.config.median_norm_multiple,
             check_values: !self.config.unchecked_values,
-            scoring: self.config.scoring.clone(),
+            scoring: self.config.scoring,
             agreement: self.config.spot_check.enabled,
         }
     }
@@ -1322,30 +1323,6 @@ fn update_intact(bytes: &[u8], name: &BlobHash) -> bool {
         || BlobHash::of(bytes) == *name
 }
 
-/// A batch of token ids as the engine takes it.
-fn owned(b: data::TokenBatch) -> OwnedBatch {
-    OwnedBatch {
-        inputs: b.inputs,
-        targets: b.targets,
-        batch: b.batch,
-        seq: b.seq,
-    }
-}
-
-/// A scheduler's unit as the wire names it.
-fn unit_spec(unit: &scheduler::WorkUnit) -> UnitSpec {
-    UnitSpec {
-        id: unit.id,
-        round: unit.round,
-        base_version: unit.base_version,
-        shard: unit.address.shard,
-        offset: unit.address.offset,
-        steps: unit.address.steps,
-        seed: unit.address.seed,
-        lr: unit.lr,
-    }
-}
-
 /// Rows for a round that started, a unit that was leased, and the scheduler's state.
 fn persist_effects(
     tx: &Tx<'_>,
@@ -1356,19 +1333,7 @@ fn persist_effects(
     for effect in effects {
         match *effect {
             Effect::RoundStarted { round, version } => {
-                let units: Vec<UnitRow> = scheduler
-                    .units()
-                    .map(|(u, _)| UnitRow {
-                        id: u.id,
-                        round: u.round,
-                        base_version: u.base_version,
-                        shard: u.address.shard,
-                        offset: u.address.offset,
-                        steps: u.address.steps,
-                        seed: u.address.seed,
-                        lr: u.lr,
-                    })
-                    .collect();
+                let units: Vec<WorkUnit> = scheduler.units().map(|(u, _)| *u).collect();
                 tx.start_round(round, version, now_ms, &units)?;
             }
             Effect::Lease {

@@ -2,7 +2,7 @@
 //!
 //! What goes in: a UTF-8 text file or JSON lines with a `text` field, and a
 //! `tokenizer.json`. What comes out: token ids, split deterministically into train and
-//! holdout, and batches named by a [`WorkAddress`] (shard, offset, steps, seed) so that
+//! holdout, and batches named by a `protocol::WorkAddress` (shard, offset, steps, seed) so that
 //! one unit of work can be re-run anywhere and read exactly the same tokens.
 
 pub mod address;
@@ -13,7 +13,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use address::{TokenBatch, WorkAddress, splitmix64};
+pub use address::TokenBatch;
 pub use split::Dataset;
 pub use tokenizer::TextTokenizer;
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Codec;
+use crate::{Codec, WorkUnit};
 
 /// What a worker needs to know to take part in a run (`GET /v1/run`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,29 +39,14 @@ pub struct RegisterRequest {
     pub name: String,
 }
 
-/// One unit of work as the worker receives it.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct UnitSpec {
-    pub id: u64,
-    pub round: u64,
-    /// Train from this model version (`GET /v1/models/{base_version}`).
-    pub base_version: u64,
-    pub shard: u32,
-    /// First step of the unit within its shard's stream.
-    pub offset: u64,
-    /// Local steps (H).
-    pub steps: u32,
-    pub seed: u64,
-    /// Inner learning rate.
-    pub lr: f32,
-}
-
 /// `POST /v1/lease`: a unit, or come back later.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LeaseReply {
     Lease {
-        unit: UnitSpec,
+        /// Flat on the wire: the address's fields beside the unit's.
+        #[serde(with = "crate::unit::FlatUnit")]
+        unit: WorkUnit,
         /// blake3 of the base checkpoint's bytes.
         model_blake3: String,
         /// The lease ends this many ms from now unless a heartbeat extends it.

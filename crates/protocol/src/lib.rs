@@ -6,16 +6,21 @@
 //! every size against [`Limits`] before it allocates; nothing in a received update is
 //! trusted until [`SignedUpdate::verify`] has passed.
 //!
+//! The work unit itself, [`WorkUnit`], is one record here, shared by the scheduler, the
+//! store, the wire and the worker.
+//!
 //! This crate does no IO, has no async and reads no clock.
 
 pub mod api;
 pub mod auth;
 pub mod codec;
 pub mod limits;
+pub mod unit;
 pub mod update;
 
 pub use codec::{Codec, Summary, summarize_values};
 pub use limits::Limits;
+pub use unit::{WorkAddress, WorkUnit, splitmix64};
 pub use update::{
     DecodeError, ID_MAX, SignedUpdate, UpdateHeader, WorkerId, encode_update,
     encode_update_payload, update_len,

@@ -3,7 +3,8 @@
 //! the HTTP coordinator, the simulator and (later) the peer-to-peer node drive it.
 //!
 //! Round r starts from model version v and issues K work units, each naming its data
-//! exactly (a `WorkAddress`: shard, offset, H steps, seed) and its learning rate. A unit is
+//! exactly (a `protocol::WorkAddress`: shard, offset, H steps, seed) and its learning
+//! rate, as a `protocol::WorkUnit`, the record the store and the wire use too. A unit is
 //! leased to one worker at a time until a deadline; an expired lease returns the unit to
 //! the queue with the same data. The round asks for aggregation when K updates are
 //! accepted, or at the round timeout with at least MIN; the driver aggregates and reports
@@ -17,8 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use data::WorkAddress;
-use protocol::WorkerId;
+use protocol::{WorkAddress, WorkUnit, WorkerId};
 use serde::{Deserialize, Serialize};
 
 /// The knobs of scheduling (part of the coordinator's config).
@@ -80,17 +80,6 @@ impl ScheduleConfig {
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         (min + cosine * (self.inner_lr as f64 - min)) as f32
     }
-}
-
-/// One unit of work: train version `base_version` for `address.steps` steps on the data
-/// `address` names, at learning rate `lr`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WorkUnit {
-    pub id: u64,
-    pub round: u64,
-    pub base_version: u64,
-    pub address: WorkAddress,
-    pub lr: f32,
 }
 
 /// Where a unit stands.
@@ -211,7 +200,7 @@ pub struct LateLease {
 }
 
 // SplitMix64, for per-unit seeds derived from the tick's seed.
-use data::splitmix64 as mix;
+use protocol::splitmix64 as mix;
 
 impl Scheduler {
     /// A scheduler at round 0 on model `version`, no units issued yet.
@@ -981,6 +970,42 @@ mod tests {
             }],
         );
         assert_eq!(a, b);
+    }
+
+    /// The state as the scheduler before `protocol::WorkUnit` stored it (written by that
+    /// code): a round with a leased, a queued and a refused unit, and a late lease.
+    const STORED_STATE: &str = r#"{"config":{"units_per_round":2,"min_updates":1,"round_timeout_ms":100,"lease_ms":500,"lease_max_ms":1200000,"steps_per_unit":10,"inner_lr":0.002,"lr_decay_rounds":0,"n_shards":4,"max_staleness":1},"round":1,"version":1,"round_started_ms":101,"aggregating":false,"next_unit_id":5,"shard_offsets":[10,10,10,10],"units":{"3":[{"id":3,"round":1,"base_version":1,"address":{"shard":2,"offset":0,"steps":10,"seed":16753576447339095367},"lr":0.002},{"Leased":{"worker":[4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4],"deadline_ms":602,"hard_deadline_ms":1200102}}],"4":[{"id":4,"round":1,"base_version":1,"address":{"shard":3,"offset":0,"steps":10,"seed":4854513374406671322},"lr":0.002},"Queued"]},"refused":{"3":[[3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3]]},"late":{"2":{"unit":{"id":2,"round":0,"base_version":0,"address":{"shard":1,"offset":0,"steps":10,"seed":1988111358474182198},"lr":0.002},"worker":[2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2],"deadline_ms":500,"hard_deadline_ms":1200000,"accepted_in":null}},"overdue":[]}"#;
+
+    #[test]
+    fn a_state_stored_by_earlier_code_resumes() {
+        let config = ScheduleConfig {
+            round_timeout_ms: 100,
+            lease_ms: 500,
+            ..config()
+        };
+        let mut s = Scheduler::new(config, 0);
+        let lease = |n| Event::LeaseRequest { worker: w(n) };
+        let accepted = Event::UpdateAccepted {
+            worker: w(1),
+            unit: 1,
+        };
+        let aggregated = Event::Aggregated {
+            round: 0,
+            version: 1,
+        };
+        let refused = Event::UpdateRefused {
+            worker: w(3),
+            unit: 3,
+        };
+        s.tick(0, 7, &[lease(1), lease(2)]);
+        s.tick(5, 7, &[accepted]);
+        s.tick(100, 7, &[]);
+        s.tick(101, 7, &[aggregated]);
+        s.tick(102, 7, &[lease(3), refused, lease(4)]);
+
+        let stored: Scheduler = serde_json::from_str(STORED_STATE).expect("deserialize");
+        assert_eq!(stored, s);
+        assert_eq!(serde_json::to_string(&s).expect("serialize"), STORED_STATE);
     }
 
     #[test]

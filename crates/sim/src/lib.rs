@@ -17,8 +17,8 @@ use std::path::Path;
 use coordinator::{ApiError, CoordinatorConfig, Core};
 use ed25519_dalek::SigningKey;
 use engine::Backend;
-use protocol::api::{LeaseReply, UnitSpec};
-use protocol::{UpdateHeader, WorkerId};
+use protocol::api::LeaseReply;
+use protocol::{UpdateHeader, WorkAddress, WorkUnit, WorkerId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -528,8 +528,11 @@ pub fn run(
                                 },
                                 Attack::HonestThenLying => {
                                     if w.units >= 10 && ctx.rng.random_bool(0.3) {
-                                        let lazy = UnitSpec {
-                                            steps: (unit.steps / 4).max(1),
+                                        let lazy = WorkUnit {
+                                            address: WorkAddress {
+                                                steps: (unit.address.steps / 4).max(1),
+                                                ..unit.address
+                                            },
                                             ..unit
                                         };
                                         train_unit(ctx.backend, &base, data, &lazy)?
@@ -712,7 +715,7 @@ fn train_unit(
     backend: &mut dyn Backend,
     base: &[f32],
     data: worker::unit::UnitData<'_>,
-    unit: &UnitSpec,
+    unit: &WorkUnit,
 ) -> Result<Vec<f32>, SimError> {
     worker::unit::train(backend, base, data, unit, &mut |_, _| true)?
         .ok_or_else(|| SimError::Api("training stopped".into()))
@@ -743,7 +746,7 @@ struct Craft<'a> {
     backend: &'a mut dyn Backend,
     base: &'a [f32],
     data: worker::unit::UnitData<'a>,
-    unit: &'a UnitSpec,
+    unit: &'a WorkUnit,
     /// Honest deltas of the same base version sent so far (an omniscient attacker).
     pool: &'a [Vec<f32>],
     last_honest: Option<&'a [f32]>,

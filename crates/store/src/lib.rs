@@ -15,6 +15,7 @@ mod blobs;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use protocol::{WorkAddress, WorkUnit};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -263,19 +264,6 @@ pub struct WorkerRow {
     pub id: String,
     pub name: String,
     pub registered_ms: u64,
-}
-
-/// A work unit as issued.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct UnitRow {
-    pub id: u64,
-    pub round: u64,
-    pub base_version: u64,
-    pub shard: u32,
-    pub offset: u64,
-    pub steps: u32,
-    pub seed: u64,
-    pub lr: f32,
 }
 
 /// An accepted update; its bytes are the blob `blob`.
@@ -846,21 +834,23 @@ impl Store {
     }
 
     /// One work unit as issued.
-    pub fn unit(&self, id: u64) -> Result<Option<UnitRow>, StoreError> {
+    pub fn unit(&self, id: u64) -> Result<Option<WorkUnit>, StoreError> {
         self.conn
             .query_row(
                 "SELECT id, round, base_version, shard, step_offset, steps, seed, lr
                  FROM units WHERE id = ?1",
                 [id],
                 |r| {
-                    Ok(UnitRow {
+                    Ok(WorkUnit {
                         id: r.get(0)?,
                         round: r.get(1)?,
                         base_version: r.get(2)?,
-                        shard: r.get(3)?,
-                        offset: r.get(4)?,
-                        steps: r.get(5)?,
-                        seed: r.get::<_, i64>(6)? as u64,
+                        address: WorkAddress {
+                            shard: r.get(3)?,
+                            offset: r.get(4)?,
+                            steps: r.get(5)?,
+                            seed: r.get::<_, i64>(6)? as u64,
+                        },
                         lr: r.get::<_, f64>(7)? as f32,
                     })
                 },
@@ -1075,7 +1065,7 @@ impl Tx<'_> {
         round: u64,
         base_version: u64,
         started_ms: u64,
-        units: &[UnitRow],
+        units: &[WorkUnit],
     ) -> Result<(), StoreError> {
         self.run(
             "INSERT OR IGNORE INTO rounds (round, base_version, started_ms) VALUES (?1, ?2, ?3)",
@@ -1089,10 +1079,10 @@ impl Tx<'_> {
                     u.id,
                     u.round,
                     u.base_version,
-                    u.shard,
-                    u.offset,
-                    u.steps,
-                    u.seed as i64,
+                    u.address.shard,
+                    u.address.offset,
+                    u.address.steps,
+                    u.address.seed as i64,
                     u.lr as f64
                 ],
             )?;
@@ -1423,6 +1413,19 @@ mod tests {
 
     #[test]
     fn rows_survive_reopening_and_a_failed_transaction_writes_nothing() {
+        // A seed past i64::MAX: SQLite keeps it as a negative integer.
+        let unit = WorkUnit {
+            id: 7,
+            round: 0,
+            base_version: 0,
+            address: WorkAddress {
+                shard: 3,
+                offset: 40,
+                steps: 10,
+                seed: u64::MAX - 5,
+            },
+            lr: 2e-3,
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let mut store = Store::open(dir.path()).expect("open");
@@ -1431,7 +1434,7 @@ mod tests {
             store
                 .write(|tx| {
                     tx.set_meta("scheduler", "{}")?;
-                    tx.start_round(0, 0, 1, &[])?;
+                    tx.start_round(0, 0, 1, &[unit])?;
                     tx.insert_version(&version(1, ckpt.clone()))?;
                     tx.insert_update(&update(7, upd.clone()))
                 })
@@ -1448,6 +1451,8 @@ mod tests {
             store.meta("scheduler").expect("meta").as_deref(),
             Some("{}")
         );
+        assert_eq!(store.unit(7).expect("unit"), Some(unit));
+        assert_eq!(store.unit(8).expect("unit"), None);
         let updates = store.updates_of_round(0).expect("updates");
         assert_eq!(updates.len(), 1);
         assert_eq!(

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use coordinator::{Coordinator, CoordinatorConfig};
 use ed25519_dalek::SigningKey;
-use protocol::api::{LeaseReply, UnitSpec};
-use protocol::{Codec, UpdateHeader, WorkerId};
+use protocol::api::LeaseReply;
+use protocol::{Codec, UpdateHeader, WorkUnit, WorkerId};
 
 /// The repository's root (for the committed corpus and tokenizer).
 pub fn repo_root() -> PathBuf {
@@ -162,7 +162,7 @@ pub fn register(url: &str, key: &SigningKey, name: &str) {
 }
 
 /// Leases a unit for `key` (which must get one), at `time_ms`.
-pub fn lease_at(url: &str, key: &SigningKey, time_ms: u64) -> UnitSpec {
+pub fn lease_at(url: &str, key: &SigningKey, time_ms: u64) -> WorkUnit {
     let r = post_signed_at(url, key, "/v1/lease", "", time_ms);
     assert_eq!(r.status, 200, "lease: {r:?}");
     match serde_json::from_value(r.body.clone()).expect("lease reply") {
@@ -172,7 +172,7 @@ pub fn lease_at(url: &str, key: &SigningKey, time_ms: u64) -> UnitSpec {
 }
 
 /// Leases a unit for `key` now.
-pub fn lease(url: &str, key: &SigningKey) -> UnitSpec {
+pub fn lease(url: &str, key: &SigningKey) -> WorkUnit {
     lease_at(url, key, now_ms())
 }
 
@@ -197,7 +197,7 @@ pub fn update_bytes(key: &SigningKey, unit: u64, base_version: u64, delta: &[f32
 }
 
 /// `worker`'s lease from `core` at `now` (panics on "no work").
-pub fn core_lease(core: &mut coordinator::Core, worker: WorkerId, now: u64) -> UnitSpec {
+pub fn core_lease(core: &mut coordinator::Core, worker: WorkerId, now: u64) -> WorkUnit {
     match core.lease(worker, now).expect("lease") {
         LeaseReply::Lease { unit, .. } => unit,
         other => panic!("no lease: {other:?}"),
@@ -209,7 +209,7 @@ pub fn core_lease(core: &mut coordinator::Core, worker: WorkerId, now: u64) -> U
 pub fn core_submit(
     core: &mut coordinator::Core,
     key: &SigningKey,
-    unit: &UnitSpec,
+    unit: &WorkUnit,
     delta: &[f32],
     now: u64,
 ) -> Result<(), String> {
@@ -226,7 +226,7 @@ pub fn core_submit(
 }
 
 /// Sends `key`'s update of [`crafted_delta`] for `unit` (leased to it).
-pub fn submit_crafted(url: &str, key: &SigningKey, unit: &UnitSpec, n_params: usize) -> Reply {
+pub fn submit_crafted(url: &str, key: &SigningKey, unit: &WorkUnit, n_params: usize) -> Reply {
     let delta = crafted_delta(unit.id, n_params);
     submit(url, update_bytes(key, unit.id, unit.base_version, &delta))
 }

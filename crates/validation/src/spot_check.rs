@@ -69,15 +69,11 @@ impl SpotCheckPolicy {
 mod tests {
     use super::*;
 
-    /// A splitmix64 stream: the draws the tests pass in.
+    /// A splitmix64 stream: the draws the tests pass in (the generator's state advances
+    /// by the constant `splitmix64` adds).
     fn draws(seed: u64) -> impl Iterator<Item = u64> {
-        let mut x = seed;
-        std::iter::repeat_with(move || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+        (0u64..).map(move |i| {
+            protocol::splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
         })
     }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use engine::Backend;
-use protocol::api::{LeaseReply, RunInfo, SubmitReply, UnitSpec};
-use protocol::{UpdateHeader, WorkerId};
+use protocol::api::{LeaseReply, RunInfo, SubmitReply};
+use protocol::{UpdateHeader, WorkUnit, WorkerId};
 
 use crate::transport::{Refusal, Transport, TransportError};
 
@@ -69,10 +69,10 @@ pub enum WorkerError {
 /// Where the loop tells what it does (the CLI draws progress bars; tests stay quiet).
 pub trait Reporter {
     fn message(&mut self, _text: &str) {}
-    fn unit_started(&mut self, _unit: &UnitSpec) {}
+    fn unit_started(&mut self, _unit: &WorkUnit) {}
     fn step(&mut self, _step: u32, _loss: f32, _tokens_per_second: f64) {}
     fn uploading(&mut self, _bytes: u64) {}
-    fn verdict(&mut self, _unit: &UnitSpec, _verdict: &Result<SubmitReply, Refusal>) {}
+    fn verdict(&mut self, _unit: &WorkUnit, _verdict: &Result<SubmitReply, Refusal>) {}
 }
 
 /// A reporter that says nothing.
@@ -244,7 +244,7 @@ fn train_unit(
     backend: &mut dyn Backend,
     base: &[f32],
     data: &RunData,
-    unit: &UnitSpec,
+    unit: &WorkUnit,
     heartbeat_every: Duration,
     stop: &AtomicBool,
     reporter: &mut dyn Reporter,

@@ -3,8 +3,9 @@
 //! The worker runs it; a validator re-runs it to check a worker's update, which CPU
 //! training's determinism makes a bit-for-bit comparison.
 
+use engine::train::OwnedBatch;
 use engine::{Backend, OptimizerConfig};
-use protocol::api::UnitSpec;
+use protocol::WorkUnit;
 
 use crate::WorkerError;
 
@@ -25,30 +26,22 @@ pub fn train(
     backend: &mut dyn Backend,
     base: &[f32],
     data: UnitData<'_>,
-    unit: &UnitSpec,
+    unit: &WorkUnit,
     on_step: &mut dyn FnMut(u32, f32) -> bool,
 ) -> Result<Option<Vec<f32>>, WorkerError> {
     backend.set_params(base)?;
     backend.reset_optimizer();
-    let address = data::WorkAddress {
-        shard: unit.shard,
-        offset: unit.offset,
-        steps: unit.steps,
-        seed: unit.seed,
-    };
     let optimizer = OptimizerConfig::default();
-    for step in 0..unit.steps {
-        let b = address.batch(data.train, data.n_shards, step, data.batch, data.seq)?;
-        let stats = backend.train_step(
-            &engine::Batch {
-                inputs: &b.inputs,
-                targets: &b.targets,
-                batch: data.batch,
-                seq: data.seq,
-            },
-            &optimizer,
-            unit.lr,
+    for step in 0..unit.address.steps {
+        let b = data::address::batch(
+            &unit.address,
+            data.train,
+            data.n_shards,
+            step,
+            data.batch,
+            data.seq,
         )?;
+        let stats = backend.train_step(&owned_batch(b).as_batch(), &optimizer, unit.lr)?;
         if !on_step(step + 1, stats.loss) {
             return Ok(None);
         }
@@ -57,4 +50,15 @@ pub fn train(
     Ok(Some(
         base.iter().zip(&trained).map(|(b, t)| b - t).collect(),
     ))
+}
+
+/// A data batch as the engine takes it. It lives here because this is the first crate
+/// above both: `data` does not depend on `engine`, and `engine` knows no tokenizer.
+pub fn owned_batch(b: data::TokenBatch) -> OwnedBatch {
+    OwnedBatch {
+        inputs: b.inputs,
+        targets: b.targets,
+        batch: b.batch,
+        seq: b.seq,
+    }
 }

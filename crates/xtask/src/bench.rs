@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use engine::train::OwnedBatch;
 use engine::{LrSchedule, OptimizerConfig, Preset};
 use serde::{Deserialize, Serialize};
+use worker::unit::owned_batch;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum BenchCommand {
@@ -146,16 +146,6 @@ pub(crate) fn corpus_for(
     Ok((preset, config, dataset))
 }
 
-/// A data batch as the engine takes it.
-pub(crate) fn owned(b: data::TokenBatch) -> OwnedBatch {
-    OwnedBatch {
-        inputs: b.inputs,
-        targets: b.targets,
-        batch: b.batch,
-        seq: b.seq,
-    }
-}
-
 /// Writes the replay files of a run to `dir`.
 pub(crate) fn dump(
     dir: &Path,
@@ -207,7 +197,7 @@ fn train_ours(
             .iter()
             .map(|&o| o as usize)
             .collect();
-        let batch = owned(data::address::batch_at(train, &starts, seq));
+        let batch = owned_batch(data::address::batch_at(train, &starts, seq));
         let stats =
             backend.train_step(&batch.as_batch(), &spec.optimizer, spec.schedule.lr(step))?;
         losses.push(stats.loss as f64);
@@ -247,7 +237,7 @@ fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     }
     let (preset, config, dataset) = corpus_for(root, &args.preset)?;
     let seq = config.n_ctx;
-    let address = data::WorkAddress {
+    let address = protocol::WorkAddress {
         shard: 0,
         offset: 0,
         steps: args.steps as u32,
@@ -255,7 +245,7 @@ fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     };
     let mut offsets = Vec::with_capacity(args.steps * args.batch);
     for step in 0..args.steps {
-        let b = address.batch(&dataset.train, 1, step as u32, args.batch, seq)?;
+        let b = data::address::batch(&address, &dataset.train, 1, step as u32, args.batch, seq)?;
         offsets.extend(b.starts.iter().map(|&s| s as u32));
     }
     let params = engine::init_params(&config, args.seed)?;

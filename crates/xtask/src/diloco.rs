@@ -14,8 +14,7 @@ use aggregation::{OuterConfig, WeightedDelta};
 use anyhow::{Context, bail};
 use engine::train::OwnedBatch;
 use engine::{LrSchedule, OptimizerConfig};
-
-use crate::bench::owned;
+use worker::unit::owned_batch;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DilocoBench {
@@ -106,7 +105,7 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
     let holdout = dataset
         .holdout_starts(seq, args.eval_batches * args.batch)
         .chunks(args.batch)
-        .map(|s| owned(data::address::batch_at(&dataset.holdout, s, seq)))
+        .map(|s| owned_batch(data::address::batch_at(&dataset.holdout, s, seq)))
         .collect();
     let setup = Setup {
         config,
@@ -193,15 +192,21 @@ fn batch_of(
     workers: usize,
     step: usize,
 ) -> anyhow::Result<data::TokenBatch> {
-    let address = data::WorkAddress {
+    let address = protocol::WorkAddress {
         shard: m as u32,
         offset: step as u64,
         steps: 1,
         seed: args.seed,
     };
-    address
-        .batch(&setup.train, workers as u32, 0, args.batch, setup.seq)
-        .with_context(|| format!("batch of worker {m} at step {step}"))
+    data::address::batch(
+        &address,
+        &setup.train,
+        workers as u32,
+        0,
+        args.batch,
+        setup.seq,
+    )
+    .with_context(|| format!("batch of worker {m} at step {step}"))
 }
 
 /// Synchronous data-parallel: every step, one AdamW step on the M workers' batches together.
@@ -328,7 +333,7 @@ fn local_round(
     }
     for i in 0..h {
         let step = round * h + i;
-        let batch = owned(batch_of(setup, args, m, workers, step)?);
+        let batch = owned_batch(batch_of(setup, args, m, workers, step)?);
         let lr = if args.network {
             let unit_lr = scheduler::ScheduleConfig {
                 inner_lr: args.inner_lr,

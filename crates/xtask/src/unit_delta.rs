@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use protocol::Codec;
-use protocol::api::UnitSpec;
+use protocol::{Codec, WorkAddress, WorkUnit};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct UnitDeltaArgs {
@@ -42,14 +41,16 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let dataset = data::Dataset::split(&corpus, &tokens.tokens, seq)?;
     let base = engine::init_params(&model, 1)?;
     let mut backend = engine::open_backend(&format!("cpu:{}", args.threads), model, base.clone())?;
-    let unit = UnitSpec {
+    let unit = WorkUnit {
         id: 1,
         round: 0,
         base_version: 0,
-        shard: 3,
-        offset: 0,
-        steps: args.steps,
-        seed: 42,
+        address: WorkAddress {
+            shard: 3,
+            offset: 0,
+            steps: args.steps,
+            seed: 42,
+        },
         lr: 1e-3,
     };
     let data = worker::unit::UnitData {

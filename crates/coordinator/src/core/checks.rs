@@ -15,13 +15,14 @@ use axum::http::StatusCode;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig};
 use ledger::Prepared;
-use protocol::api::UnitSpec;
-use protocol::{SignedUpdate, WorkerId};
+use protocol::{SignedUpdate, WorkUnit, WorkerId};
 use store::{CheckRow, CheckState};
 use validation::score::Score;
 use validation::spot_check::{SpotCheckPolicy, Trust};
 
-use super::{Core, CoreError, mint_reference, owned};
+use worker::unit::owned_batch;
+
+use super::{Core, CoreError, mint_reference};
 use crate::error::ApiError;
 
 /// What scoring one update needs, taken under the core's lock and run outside it: the
@@ -106,7 +107,7 @@ impl ScoreTask {
 
 /// One accepted unit to re-run: its spec, its base weights and the run's data.
 pub struct CheckJob {
-    pub unit: UnitSpec,
+    pub unit: WorkUnit,
     pub worker: WorkerId,
     base: Base,
     train: Arc<Vec<u32>>,
@@ -159,7 +160,7 @@ pub struct CheckOutcome {
 
 /// A uniform draw for unit `unit` of the run seeded `seed`.
 fn draw(seed: u64, unit: u64) -> u64 {
-    data::splitmix64(seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    protocol::splitmix64(seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 impl Core {
@@ -203,7 +204,7 @@ impl Core {
     /// is off).
     pub(super) fn score_task(
         &mut self,
-        unit: &UnitSpec,
+        unit: &WorkUnit,
         version: u64,
     ) -> Result<Option<ScoreTask>, ApiError> {
         if !self.config.scoring.enabled {
@@ -213,27 +214,22 @@ impl Core {
             |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
         let base = self.base_of(version).map_err(|e| internal(&e))?;
         let batch = self.config.batch as usize;
-        let address = data::WorkAddress {
-            shard: unit.shard,
-            offset: unit.offset,
-            steps: unit.steps,
-            seed: unit.seed,
-        };
         // Batches spread evenly over the unit's steps, its last one included.
-        let n = self.config.scoring.batches.clamp(1, unit.steps.max(1));
+        let steps = unit.address.steps;
+        let n = self.config.scoring.batches.clamp(1, steps.max(1));
         let mut own = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let step = unit.steps - 1 - i * unit.steps / n;
-            let b = address
-                .batch(
-                    &self.train,
-                    self.config.schedule.n_shards,
-                    step,
-                    batch,
-                    self.seq,
-                )
-                .map_err(|e| internal(&e))?;
-            own.push(owned(b));
+            let step = steps - 1 - i * steps / n;
+            let b = data::address::batch(
+                &unit.address,
+                &self.train,
+                self.config.schedule.n_shards,
+                step,
+                batch,
+                self.seq,
+            )
+            .map_err(|e| internal(&e))?;
+            own.push(owned_batch(b));
         }
         let random = match &self.random_loss {
             Some(random) if random.version == version => random.clone(),
@@ -246,7 +242,7 @@ impl Core {
                         let starts: Vec<usize> = (0..batch as u64)
                             .map(|i| (draw(key, b * batch as u64 + i) % span) as usize)
                             .collect();
-                        owned(data::address::batch_at(&self.train, &starts, self.seq))
+                        owned_batch(data::address::batch_at(&self.train, &starts, self.seq))
                     })
                     .collect();
                 let random = Arc::new(RandomBatches {
@@ -310,16 +306,7 @@ impl Core {
                 continue;
             }
             return Ok(Some(CheckJob {
-                unit: UnitSpec {
-                    id: u.id,
-                    round: u.round,
-                    base_version: u.base_version,
-                    shard: u.shard,
-                    offset: u.offset,
-                    steps: u.steps,
-                    seed: u.seed,
-                    lr: u.lr,
-                },
+                unit: u,
                 worker,
                 base: self.base_of(u.base_version).map_err(|e| internal(&e))?,
                 train: self.train.clone(),

@@ -3,7 +3,7 @@
 //! a run that never saw it.
 
 use coordinator::Coordinator;
-use protocol::api::UnitSpec;
+use protocol::WorkUnit;
 use test_support as ts;
 
 /// What a request may not change: rows of every table but `rejections`, blobs, the model.
@@ -35,7 +35,7 @@ fn setup(
 ) -> (
     Coordinator,
     [ed25519_dalek::SigningKey; 2],
-    [UnitSpec; 2],
+    [WorkUnit; 2],
     usize,
 ) {
     let server = ts::start(dir, config(dir));
@@ -50,7 +50,7 @@ fn setup(
 
 fn good(
     keys: &[ed25519_dalek::SigningKey; 2],
-    units: &[UnitSpec; 2],
+    units: &[WorkUnit; 2],
     n: usize,
     i: usize,
 ) -> Vec<u8> {

@@ -4,18 +4,17 @@
 //! its units enters the next version. Scoring and the copy check through the real API.
 
 use coordinator::{CoordinatorConfig, Core};
-use protocol::api::UnitSpec;
-use protocol::{UpdateHeader, WorkerId};
+use protocol::{UpdateHeader, WorkUnit, WorkerId};
 use test_support as ts;
 
 const T0: u64 = 1_700_000_000_000;
 
-fn lease(core: &mut Core, worker: WorkerId) -> UnitSpec {
+fn lease(core: &mut Core, worker: WorkerId) -> WorkUnit {
     ts::core_lease(core, worker, T0)
 }
 
 /// The unit's honest delta, trained as a worker would.
-pub(crate) fn train(core: &Core, unit: &UnitSpec) -> Vec<f32> {
+pub(crate) fn train(core: &Core, unit: &WorkUnit) -> Vec<f32> {
     let info = core.run_info();
     let train = core.train_tokens();
     let mut backend = engine::open_backend("cpu:1", core.model_config(), core.params().to_vec())
@@ -33,7 +32,7 @@ pub(crate) fn train(core: &Core, unit: &UnitSpec) -> Vec<f32> {
     .expect("not stopped")
 }
 
-fn submit(core: &mut Core, key: &ed25519_dalek::SigningKey, unit: &UnitSpec, delta: &[f32]) {
+fn submit(core: &mut Core, key: &ed25519_dalek::SigningKey, unit: &WorkUnit, delta: &[f32]) {
     ts::core_submit(core, key, unit, delta, T0).expect("accepted");
 }
 
@@ -58,7 +57,7 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     core.register(l, "liar", T0).expect("register");
     core.register(h, "honest", T0).expect("register");
 
-    let lies: Vec<UnitSpec> = (0..2)
+    let lies: Vec<WorkUnit> = (0..2)
         .map(|_| {
             let unit = lease(&mut core, l);
             let lie: Vec<f32> = train(&core, &unit).iter().map(|x| 1.05 * x).collect();
@@ -142,7 +141,7 @@ fn scored_refusals_through_the_api_and_the_unit_goes_to_another_worker() {
     ts::register(&url, &b, "b");
     let first = ts::lease(&url, &a);
     let (n, codec) = server.with_core(|c| (c.params().len(), c.config().codec));
-    let encode = |key: &ed25519_dalek::SigningKey, unit: &UnitSpec, delta: &[f32]| {
+    let encode = |key: &ed25519_dalek::SigningKey, unit: &WorkUnit, delta: &[f32]| {
         let header = UpdateHeader {
             work_unit: unit.id,
             base_version: unit.base_version,
@@ -188,7 +187,7 @@ fn a_second_worker_agreeing_bit_for_bit_on_a_refused_unit_is_accepted_and_rechec
     for (id, name) in ids.iter().zip(["a", "b", "c"]) {
         core.register(*id, name, T0).expect("register");
     }
-    let try_submit = |core: &mut Core, i: usize, unit: &UnitSpec, delta: &[f32]| {
+    let try_submit = |core: &mut Core, i: usize, unit: &WorkUnit, delta: &[f32]| {
         ts::core_submit(core, &keys[i], unit, delta, T0)
     };
 

@@ -10,9 +10,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 /// A coordinator on `dir` where alice has sent one accepted update for `unit`.
-fn one_update(
-    dir: &std::path::Path,
-) -> (coordinator::Coordinator, String, protocol::api::UnitSpec) {
+fn one_update(dir: &std::path::Path) -> (coordinator::Coordinator, String, protocol::WorkUnit) {
     let config = ts::hand_made(ts::tiny_config(dir, 3));
     let server = ts::start(dir, config);
     let url = server.url();

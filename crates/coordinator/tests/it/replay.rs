@@ -2,16 +2,15 @@
 //! same weights, data, seed and learning rate on another thread count, is the same bytes;
 //! and the coordinator's checker thread finds it so.
 
-use protocol::SignedUpdate;
-use protocol::api::UnitSpec;
+use protocol::{SignedUpdate, WorkUnit};
 use test_support as ts;
 
 /// Records the units a worker starts.
 #[derive(Default)]
-struct Units(Vec<UnitSpec>);
+struct Units(Vec<WorkUnit>);
 
 impl worker::Reporter for Units {
-    fn unit_started(&mut self, unit: &UnitSpec) {
+    fn unit_started(&mut self, unit: &WorkUnit) {
         self.0.push(*unit);
     }
 }
@@ -75,7 +74,7 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
             unit.id
         );
         // A different learning rate is caught.
-        let other = UnitSpec {
+        let other = WorkUnit {
             lr: unit.lr * 1.01,
             ..*unit
         };
