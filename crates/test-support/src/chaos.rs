@@ -811,7 +811,14 @@ fn compare(killed: &Path, reference: &Path, report: &mut ChaosReport) -> Result<
         let address = |s: &store::Store, units: &[u64]| -> Result<Vec<_>, ChaosError> {
             let mut out = Vec::new();
             for &u in units {
-                out.push(s.unit(u)?.map(|r| (r.shard, r.offset, r.steps, r.seed)));
+                out.push(s.unit(u)?.map(|r| {
+                    (
+                        r.address.shard,
+                        r.address.offset,
+                        r.address.steps,
+                        r.address.seed,
+                    )
+                }));
             }
             out.sort_by_key(|a| format!("{a:?}"));
             Ok(out)

@@ -899,14 +899,16 @@ fn measure_coordinator(
 fn ceiling(args: &ControlBench) -> anyhow::Result<Phase> {
     use axum::routing::{get, post};
     let lease = serde_json::to_vec(&LeaseReply::Lease {
-        unit: protocol::api::UnitSpec {
+        unit: protocol::WorkUnit {
             id: 1,
             round: 0,
             base_version: 0,
-            shard: 0,
-            offset: 0,
-            steps: 10,
-            seed: 1,
+            address: protocol::WorkAddress {
+                shard: 0,
+                offset: 0,
+                steps: 10,
+                seed: 1,
+            },
             lr: 2e-3,
         },
         model_blake3: "0".repeat(64),
