@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig};
+use engine::{Backend, ModelSpec, Purpose};
 use ledger::Prepared;
 use protocol::api::UnitSpec;
 use protocol::{SignedUpdate, WorkerId};
@@ -26,6 +26,7 @@ use crate::error::ApiError;
 
 /// What scoring one update needs, taken under the core's lock and run outside it.
 pub struct ScoreTask {
+    model: ModelSpec,
     base: Arc<Vec<f32>>,
     own: Vec<OwnedBatch>,
     random: Arc<Vec<OwnedBatch>>,
@@ -42,7 +43,10 @@ impl ScoreTask {
         };
         backend.set_params(&self.base).map_err(internal)?;
         let own_before = loss(backend, &self.own)?;
-        let trained: Vec<f32> = self.base.iter().zip(delta).map(|(b, d)| b - d).collect();
+        let trained = self
+            .model
+            .apply_delta(&self.base, delta)
+            .map_err(|e| internal(e.into()))?;
         backend.set_params(&trained).map_err(internal)?;
         Ok(Score {
             own_before,
@@ -62,16 +66,18 @@ pub struct CheckJob {
     n_shards: u32,
     batch: usize,
     seq: usize,
-    model: GptConfig,
+    model: ModelSpec,
 }
 
 impl CheckJob {
-    /// A backend for re-runs of this run's model.
-    pub fn backend(&self, threads: u32) -> Result<Box<dyn Backend>, ApiError> {
-        engine::open_backend(
-            &format!("cpu:{}", threads.max(1)),
-            self.model,
+    /// A backend for re-runs of this run's model on `device` (`devices.replay`). Re-runs
+    /// train, so it holds gradients and optimizer state.
+    pub fn backend(&self, device: &str) -> Result<Box<dyn Backend>, ApiError> {
+        engine::open_model(
+            device,
+            &self.model,
             vec![0.0; self.base.len()],
+            Purpose::Train,
         )
         .map_err(|e| ApiError::internal(&e))
     }
@@ -79,6 +85,7 @@ impl CheckJob {
     /// Trains the unit again; the delta it gives.
     pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, ApiError> {
         let data = worker::unit::UnitData {
+            model: &self.model,
             train: &self.train,
             n_shards: self.n_shards,
             batch: self.batch,
@@ -205,6 +212,7 @@ impl Core {
             }
         };
         Ok(Some(ScoreTask {
+            model: self.model.clone(),
             base,
             own,
             random,
@@ -228,10 +236,16 @@ impl Core {
         ))
     }
 
-    /// A backend of the run's model, for scoring outside the lock.
+    /// A backend of the run's model, for scoring outside the lock: on
+    /// `devices.scoring`, forward passes only (no gradients, no optimizer state).
     pub fn scoring_backend(&self) -> Result<Box<dyn Backend>, ApiError> {
-        engine::open_backend("cpu:1", self.model, vec![0.0; self.current.params.len()])
-            .map_err(|e| ApiError::internal(&e))
+        engine::open_model(
+            &self.config.devices.scoring,
+            &self.model,
+            vec![0.0; self.current.params.len()],
+            Purpose::Eval,
+        )
+        .map_err(|e| ApiError::internal(&e))
     }
 
     /// Units waiting to be re-run.
@@ -278,7 +292,7 @@ impl Core {
                 n_shards: self.config.schedule.n_shards,
                 batch: self.config.batch as usize,
                 seq: self.seq,
-                model: self.model,
+                model: self.model.clone(),
             }));
         }
         Ok(None)
@@ -463,9 +477,9 @@ impl Core {
         Ok(out)
     }
 
-    /// The run's model shape.
-    pub fn model_config(&self) -> GptConfig {
-        self.model
+    /// The run's model: architecture, shape and trainable layout.
+    pub fn model_spec(&self) -> &ModelSpec {
+        &self.model
     }
 
     /// The train split's tokens (what units are trained on).

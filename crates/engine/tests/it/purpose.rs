@@ -10,12 +10,14 @@ use crate::batch;
 fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
     let spec = ModelSpec::preset(Preset::Tiny, 97);
     let params = engine::init_params(spec.gpt_config(), 3).expect("init");
-    let batches = [batch(spec.gpt_config(), 3, 17, 1), batch(spec.gpt_config(), 2, 64, 2)];
+    let batches = [
+        batch(spec.gpt_config(), 3, 17, 1),
+        batch(spec.gpt_config(), 2, 64, 2),
+    ];
     for threads in [1, 2] {
         let device = format!("cpu:{threads}");
-        let open = |purpose| {
-            engine::open_model(&device, &spec, params.clone(), purpose).expect("backend")
-        };
+        let open =
+            |purpose| engine::open_model(&device, &spec, params.clone(), purpose).expect("backend");
         let (mut train, mut eval) = (open(Purpose::Train), open(Purpose::Eval));
         for b in &batches {
             let want = train.eval_loss(&b.as_batch()).expect("train loss");
