@@ -60,7 +60,6 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Every worker of this machine reports back well within a minute or two.
     base.schedule.round_timeout_ms = 300_000;
     base.schedule.lease_ms = 120_000;
-    base.threads = engine::default_threads() as u32;
     // With two workers and H = 50, outer momentum 0.9 (DiLoCo's setting for many workers
     // and H = 500) overshoots: the holdout loss climbed after round 5. 0.5 measured better
     // (BENCHMARKS.md, "DiLoCo over the network").

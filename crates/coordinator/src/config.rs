@@ -43,8 +43,14 @@ pub struct CoordinatorConfig {
     pub median_norm_multiple: f32,
     /// Holdout batches scored for every version.
     pub holdout_batches: u32,
-    /// Threads of the coordinator's own evaluation (0: all cores).
-    pub threads: u32,
+    /// Where the coordinator's own computations run: holdout evaluation, scoring,
+    /// re-runs and serving. Not part of the run's identity (CPU results are the same bits
+    /// at any thread count).
+    pub devices: DevicesConfig,
+    /// Replaced by `devices.holdout`: refused when set (with a sentence naming the new
+    /// key). Kept so that a run stored before devices existed still reads back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
     /// Largest clock difference accepted in a signed request, in ms.
     pub max_clock_skew_ms: u64,
     /// Sizes checked before anything is allocated.
@@ -88,8 +94,36 @@ pub struct SpotCheckConfig {
     /// Most units waiting to be re-run; units sampled beyond it stay unchecked (and are
     /// re-checked if their worker is later caught).
     pub max_backlog: u32,
-    /// Engine threads of the coordinator's re-runs (0: one).
-    pub threads: u32,
+    /// Replaced by `devices.replay`: refused when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+}
+
+/// Device names (`cpu` for every core, `cpu:N` for N threads; the engine checks them at
+/// start) of the coordinator's four kinds of model work.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// Each new version's loss on the holdout batches (forward only).
+    pub holdout: String,
+    /// Scored updates: the losses before and after one update alone (forward only; one
+    /// backend per update scored at once).
+    pub scoring: String,
+    /// Replay spot-checks: re-training a unit (a training backend, with optimizer state).
+    pub replay: String,
+    /// Generations of the inference API (forward only; one backend per generation).
+    pub serving: String,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            holdout: "cpu".into(),
+            scoring: "cpu:1".into(),
+            replay: "cpu:1".into(),
+            serving: "cpu:1".into(),
+        }
+    }
 }
 
 impl Default for SpotCheckConfig {
@@ -99,7 +133,7 @@ impl Default for SpotCheckConfig {
             trusted_after: 10,
             tolerance: 0.0,
             max_backlog: 10_000,
-            threads: 1,
+            threads: None,
         }
     }
 }
@@ -223,8 +257,9 @@ pub struct ServingConfig {
     pub max_tokens: u64,
     /// Longest prompt, in tokens.
     pub max_prompt_tokens: u64,
-    /// Engine threads of one generation.
-    pub threads: u32,
+    /// Replaced by `devices.serving`: refused when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
     /// Generations that run at once (more wait, then get 503 `busy`).
     pub concurrency: u32,
     /// Seconds between payouts of the query-revenue pool as dividends (0: never).
@@ -249,7 +284,7 @@ impl Default for ServingConfig {
             requests_per_minute: 60,
             max_tokens: 1024,
             max_prompt_tokens: 4096,
-            threads: 1,
+            threads: None,
             concurrency: 2,
             dividend_interval_s: 3600,
             idempotency_retention_s: 86_400,
@@ -289,7 +324,8 @@ impl Default for CoordinatorConfig {
             delta_norm_max: 1_000.0,
             median_norm_multiple: 5.0,
             holdout_batches: 8,
-            threads: 0,
+            devices: DevicesConfig::default(),
+            threads: None,
             max_clock_skew_ms: 300_000,
             limits: Limits::default(),
             serving: ServingConfig::default(),
@@ -331,9 +367,12 @@ impl CoordinatorConfig {
     }
 
     /// The JSON that identifies the run (everything but `serving`, `scoring`,
-    /// `spot_check`, `records`, `http` and `retention`), stored with it and compared on restart.
+    /// `spot_check`, `records`, `http`, `retention` and `devices`), stored with it and
+    /// compared on restart.
     pub fn identity_json(&self) -> String {
         let identity = CoordinatorConfig {
+            devices: DevicesConfig::default(),
+            threads: None,
             serving: ServingConfig::default(),
             scoring: validation::score::ScorePolicy::default(),
             spot_check: SpotCheckConfig::default(),
@@ -365,6 +404,35 @@ impl CoordinatorConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         let s = &self.schedule;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let replaced = [
+            (self.threads.is_some(), "threads", "devices.holdout"),
+            (
+                self.spot_check.threads.is_some(),
+                "spot_check.threads",
+                "devices.replay",
+            ),
+            (
+                self.serving.threads.is_some(),
+                "serving.threads",
+                "devices.serving",
+            ),
+        ];
+        if let Some((_, old, new)) = replaced.iter().find(|(set, _, _)| *set) {
+            return bad(&format!(
+                "`{old}` was replaced by `{new}`, a device name: \"cpu\" for every core or \"cpu:N\" for N threads (e.g. {new} = \"cpu:2\")"
+            ));
+        }
+        let devices = &self.devices;
+        for (key, device) in [
+            ("holdout", &devices.holdout),
+            ("scoring", &devices.scoring),
+            ("replay", &devices.replay),
+            ("serving", &devices.serving),
+        ] {
+            if let Err(e) = engine::check_device(device) {
+                return bad(&format!("devices.{key}: {e}"));
+            }
+        }
         if engine::Preset::from_name(&self.preset).is_none() {
             return bad(&format!(
                 "unknown preset {:?}: choose tiny, small, medium or base",
@@ -475,6 +543,61 @@ mod tests {
         .check()
         .expect_err("zero");
         assert!(err.to_string().contains("batch"), "{err}");
+    }
+
+    /// The thread counts that `[devices]` replaced are refused with a sentence naming the
+    /// new key, a bad device name is refused at start, and a run stored while the thread
+    /// counts existed (its identity holds `threads`) still matches.
+    #[test]
+    fn devices_replace_thread_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        for (text, expect) in [
+            (
+                "threads = 0\n",
+                "`threads` was replaced by `devices.holdout`",
+            ),
+            (
+                "[spot_check]\nthreads = 2\n",
+                "`spot_check.threads` was replaced by `devices.replay`",
+            ),
+            (
+                "[serving]\nthreads = 1\n",
+                "`serving.threads` was replaced by `devices.serving`",
+            ),
+            (
+                "[devices]\nscoring = \"gpu\"\n",
+                "devices.scoring: unknown device \"gpu\"",
+            ),
+            (
+                "[devices]\nreplay = \"cpu:0\"\n",
+                "devices.replay: unknown device \"cpu:0\"",
+            ),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let c = CoordinatorConfig::from_file(&path).expect("parse");
+            let err = c.check().expect_err(text).to_string();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+        std::fs::write(&path, "[devices]\nholdout = \"cpu:3\"\nserving = \"cpu\"\n")
+            .expect("write");
+        let c = CoordinatorConfig::from_file(&path).expect("parse");
+        c.check().expect("valid");
+        assert_eq!(c.devices.holdout, "cpu:3");
+        assert!(!c.to_toml().contains("threads"), "{}", c.to_toml());
+
+        let mut legacy: serde_json::Value =
+            serde_json::from_str(&CoordinatorConfig::default().identity_json()).expect("json");
+        let object = legacy.as_object_mut().expect("object");
+        object.remove("devices");
+        object.insert("threads".into(), 4.into());
+        for section in ["spot_check", "serving"] {
+            object[section]
+                .as_object_mut()
+                .expect("section")
+                .insert("threads".into(), 1.into());
+        }
+        assert!(c.same_run_as(&legacy.to_string()));
     }
 
     /// Settings that are not the run's identity may change on restart, and a run stored

@@ -15,7 +15,7 @@ use aggregation::OuterOptimizer;
 use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig, Preset};
+use engine::{Backend, GptConfig, ModelSpec, Preset, Purpose};
 use ledger::{Draft, Ledger, Prepared};
 use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply};
 use protocol::{SignedUpdate, UpdateHeader, WorkUnit, WorkerId};
@@ -33,7 +33,7 @@ pub mod retention;
 pub mod serving;
 use crate::error::ApiError;
 pub use aggregate::{Aggregated, AggregationJob};
-pub use checks::{CheckJob, CheckOutcome, ScoreTask};
+pub use checks::{BackendSpec, CheckJob, CheckOutcome, ScoreTask};
 pub use reads::{Published, Reads, SharedLedger};
 
 /// Why the coordinator cannot start or go on.
@@ -142,7 +142,8 @@ pub struct Core {
     config: CoordinatorConfig,
     store: Store,
     scheduler: Scheduler,
-    model: GptConfig,
+    /// The run's model: its architecture and which tensors a delta carries.
+    model: ModelSpec,
     seq: usize,
     current: Current,
     /// The outer optimizer; out (in an [`AggregationJob`]) while a round aggregates.
@@ -271,16 +272,17 @@ impl Core {
         let tokens = data::cache::load_or_build(&config.corpus, &tokenizer, &dir.join("cache"))?;
         let preset = Preset::from_name(&config.preset)
             .ok_or_else(|| crate::config::ConfigError::Invalid("unknown preset".into()))?;
-        let model = preset.config(tokenizer.vocab_size());
+        let model = ModelSpec::preset(preset, tokenizer.vocab_size());
         let seq = if config.seq == 0 {
-            model.n_ctx
+            model.n_ctx()
         } else {
             config.seq as usize
         };
-        if seq > model.n_ctx {
+        if seq > model.n_ctx() {
             return Err(crate::config::ConfigError::Invalid(format!(
                 "seq {seq} exceeds the {} preset's context of {}",
-                config.preset, model.n_ctx
+                config.preset,
+                model.n_ctx()
             ))
             .into());
         }
@@ -291,13 +293,13 @@ impl Core {
             .chunks(batch)
             .map(|starts| owned_batch(data::address::batch_at(&dataset.holdout, starts, seq)))
             .collect();
-        let threads = match config.threads {
-            0 => engine::default_threads(),
-            n => n as usize,
-        };
-        let n_params = engine::ParamLayout::new(&model).len();
-        let mut evaluator =
-            engine::open_backend(&format!("cpu:{threads}"), model, vec![0.0; n_params])?;
+        let n_params = model.n_params();
+        let mut evaluator = engine::open_model(
+            &config.devices.holdout,
+            &model,
+            vec![0.0; n_params],
+            Purpose::Eval,
+        )?;
         let mut store = Store::open(dir)?;
         // The lock is held and nothing is being written: what a crash left behind (a
         // write cut short, a blob whose row never committed or was let go of) goes.
@@ -311,7 +313,9 @@ impl Core {
                 dir.display()
             );
         }
-        let mut outer = config.outer.build_with(config.combine, n_params);
+        let mut outer = config
+            .outer
+            .build_with(config.combine, model.trainable_len());
         let config_json = config.identity_json();
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
@@ -353,10 +357,10 @@ impl Core {
                 (scheduler, current, initial)
             }
             None => {
-                let params = engine::init_params(&model, config.seed)?;
+                let params = engine::init_params(model.gpt_config(), config.seed)?;
                 evaluator.set_params(&params)?;
                 let loss = engine::train::evaluate(evaluator.as_mut(), &holdout)?;
-                let bytes = checkpoint_bytes(&model, &params, 0, None)?;
+                let bytes = checkpoint_bytes(model.gpt_config(), &params, 0, None)?;
                 let hash = store.blobs().put(&bytes)?;
                 let mut scheduler = Scheduler::new(config.schedule, 0);
                 let effects = scheduler.tick(now_ms, config.seed, &[]);
@@ -459,7 +463,8 @@ impl Core {
         )?;
         let run_info = RunInfo {
             preset: config.preset.clone(),
-            n_params: n_params as u32,
+            n_params: model.trainable_len() as u32,
+            model: model.clone(),
             batch: config.batch,
             seq: seq as u32,
             n_shards: config.schedule.n_shards,
@@ -500,7 +505,7 @@ impl Core {
             corpus: corpus.clone(),
             tokenizer: tokenizer_bytes.clone(),
             text_tokenizer: text_tokenizer.clone(),
-            model,
+            model: model.clone(),
         };
         let mut core = Core {
             reads,
@@ -870,7 +875,7 @@ impl Core {
             self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
         // Credit for the work the coordinator assigned (at least one micro-credit, so
         // every accepted update has its mint), committed with the update's row.
-        let credit = ledger::credit_for_work(self.run_info.n_params as u64, weight).max(1);
+        let credit = ledger::credit_for_training(self.model.train_flops_per_token(), weight).max(1);
         let mint = match self.ledger.read().prepare(
             Draft::mint(worker, credit, mint_reference(work_unit)),
             now_ms,

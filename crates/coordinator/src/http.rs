@@ -430,13 +430,9 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                     let mut backend = match pooled {
                         Some(b) => b,
                         None => {
-                            // Built outside the lock: allocating a backend takes a while.
-                            let (model, n) = {
-                                let core = lock();
-                                (core.model_config(), core.params().len())
-                            };
-                            engine::open_backend("cpu:1", model, vec![0.0; n])
-                                .map_err(|e| ApiError::internal(&e))?
+                            // Opened outside the lock: allocating a backend takes a while.
+                            let spec = lock().scoring_backend_spec();
+                            spec.open()?
                         }
                     };
                     let score = task.run(backend.as_mut(), &delta);

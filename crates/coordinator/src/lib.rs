@@ -63,7 +63,7 @@ impl Checker {
 fn spawn_checker(
     core: Arc<Mutex<Core>>,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
-    threads: u32,
+    device: String,
 ) -> Checker {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopping = stop.clone();
@@ -85,7 +85,7 @@ fn spawn_checker(
             };
             let replayed = match &mut backend {
                 Some(b) => job.run(b.as_mut()),
-                None => job.backend(threads).and_then(|mut b| {
+                None => job.backend(&device).and_then(|mut b| {
                     let out = job.run(b.as_mut());
                     backend = Some(b);
                     out
@@ -181,7 +181,7 @@ impl Coordinator {
         let (codec, http_limits) = (config.codec, config.http.clone());
         let serving = openai::Inference {
             requests_per_minute: config.serving.requests_per_minute,
-            threads: config.serving.threads,
+            device: config.devices.serving.clone(),
             limits: inference::Limits {
                 max_tokens: config.serving.max_tokens,
                 default_max_tokens: 64.min(config.serving.max_tokens),
@@ -193,6 +193,7 @@ impl Coordinator {
             )),
         };
         let spot_check = config.spot_check.clone();
+        let replay_device = config.devices.replay.clone();
         let mut core = Core::open(dir, config, clock())?;
         core.defer_aggregation();
         let core_blobs = core.blobs();
@@ -268,11 +269,7 @@ impl Coordinator {
             }
         });
         let checker = if training && spot_check.enabled {
-            Some(spawn_checker(
-                core.clone(),
-                checking_clock,
-                spot_check.threads,
-            ))
+            Some(spawn_checker(core.clone(), checking_clock, replay_device))
         } else {
             None
         };

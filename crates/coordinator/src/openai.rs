@@ -58,7 +58,8 @@ const BUCKETS_MAX: usize = 100_000;
 #[derive(Clone)]
 pub(crate) struct Inference {
     pub(crate) requests_per_minute: u32,
-    pub(crate) threads: u32,
+    /// Where generations run (`devices.serving`).
+    pub(crate) device: String,
     pub(crate) limits: inference::Limits,
     pub(crate) buckets: Arc<Mutex<HashMap<String, Bucket>>>,
     /// Generations that may run at once; the others wait up to [`BUSY_WAIT`].
@@ -634,9 +635,13 @@ fn generate(
     plan: &Plan,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Done, ApiError> {
-    let device = format!("cpu:{}", shared.serving.threads.max(1));
-    let mut backend = engine::open_backend(&device, model.config, (*model.params).clone())
-        .map_err(|e| ApiError::internal(&e))?;
+    let mut backend = engine::open_model(
+        &shared.serving.device,
+        &model.spec,
+        (*model.params).clone(),
+        engine::Purpose::Eval,
+    )
+    .map_err(|e| ApiError::internal(&e))?;
     let outcome = inference::run(backend.as_mut(), &model.tokenizer, plan, on_text)
         .map_err(|e| ApiError::internal(&e))?;
     let usage = Usage::new(plan.prompt.len() as u64, outcome.completion_tokens);

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::matmul::{Par, View, ViewMut, matmul};
 use crate::ops::{self, AttnShape};
 use crate::params::{BlockOffsets, ParamLayout};
-use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, StepStats};
+use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, Purpose, StepStats};
 
 /// Activations of one block, kept for the backward pass.
 struct BlockActs {
@@ -51,10 +51,12 @@ struct Acts {
 }
 
 impl Acts {
-    fn new(config: &GptConfig, b: usize, t: usize) -> Acts {
+    /// Buffers for `b x t` windows; the gradient scratch only `with_grads`.
+    fn new(config: &GptConfig, b: usize, t: usize, with_grads: bool) -> Acts {
         let (c, nh, v) = (config.n_embd, config.n_head, config.vocab_size);
         let n = b * t;
         let z = |len: usize| vec![0.0f32; len];
+        let g = |len: usize| if with_grads { z(len) } else { Vec::new() };
         let blocks = (0..config.n_layer)
             .map(|_| BlockActs {
                 ln1: z(n * c),
@@ -83,11 +85,11 @@ impl Acts {
             lnf_rstd: z(n),
             logits: z(n * v),
             losses: z(n),
-            dres: z(n * c),
-            dc: z(n * c),
-            dqkv: z(n * 3 * c),
-            dfch: z(n * 4 * c),
-            dfch_gelu: z(n * 4 * c),
+            dres: g(n * c),
+            dc: g(n * c),
+            dqkv: g(n * 3 * c),
+            dfch: g(n * 4 * c),
+            dfch_gelu: g(n * 4 * c),
         }
     }
 }
@@ -111,6 +113,8 @@ pub struct CpuBackend {
     config: GptConfig,
     layout: ParamLayout,
     params: Vec<f32>,
+    /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
+    purpose: Purpose,
     grads: Vec<f32>,
     adam_m: Vec<f32>,
     adam_v: Vec<f32>,
@@ -147,8 +151,19 @@ fn two_mut(
 }
 
 impl CpuBackend {
-    /// A backend holding `params` (in flat order), computing on `threads` threads.
+    /// A training backend holding `params` (in flat order), computing on `threads` threads.
     pub fn new(config: GptConfig, params: Vec<f32>, threads: usize) -> Result<Self, EngineError> {
+        CpuBackend::open(config, params, threads, Purpose::Train)
+    }
+
+    /// A backend for `purpose`: an evaluation backend allocates no gradients, no AdamW
+    /// moments and no gradient scratch.
+    pub fn open(
+        config: GptConfig,
+        params: Vec<f32>,
+        threads: usize,
+        purpose: Purpose,
+    ) -> Result<Self, EngineError> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
         if params.len() != layout.len() {
@@ -165,11 +180,15 @@ impl CpuBackend {
             .build()
             .map(Arc::new)
             .map_err(|_| EngineError::UnknownDevice(format!("cpu:{threads}")))?;
-        let n = layout.len();
+        let n = match purpose {
+            Purpose::Train => layout.len(),
+            Purpose::Eval => 0,
+        };
         Ok(CpuBackend {
             config,
             layout,
             params,
+            purpose,
             grads: vec![0.0; n],
             adam_m: vec![0.0; n],
             adam_v: vec![0.0; n],
@@ -179,6 +198,13 @@ impl CpuBackend {
             pool,
             threads,
         })
+    }
+
+    fn check_trainable(&self) -> Result<(), EngineError> {
+        match self.purpose {
+            Purpose::Train => Ok(()),
+            Purpose::Eval => Err(EngineError::EvalOnly),
+        }
     }
 
     fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
@@ -217,7 +243,7 @@ impl CpuBackend {
         let (b, t) = (batch.batch, batch.seq);
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = None; // free the old buffers before allocating new ones
-            self.acts = Some(Acts::new(&config, b, t));
+            self.acts = Some(Acts::new(&config, b, t, self.purpose == Purpose::Train));
         }
         let Some(acts) = self.acts.as_mut() else {
             unreachable!("allocated above")
@@ -611,6 +637,7 @@ impl Backend for CpuBackend {
         optimizer: &OptimizerConfig,
         lr: f32,
     ) -> Result<StepStats, EngineError> {
+        self.check_trainable()?;
         self.check_batch(batch)?;
         let pool = self.pool.clone();
         let stats = pool.install(|| {
@@ -631,6 +658,7 @@ impl Backend for CpuBackend {
     }
 
     fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError> {
+        self.check_trainable()?;
         self.check_batch(batch)?;
         let pool = self.pool.clone();
         let loss = pool.install(|| {
@@ -813,7 +841,7 @@ mod tests {
             (crate::Preset::Small, 16, 128),
         ] {
             let config = preset.config(8192);
-            let acts = Acts::new(&config, b, t);
+            let acts = Acts::new(&config, b, t, true);
             let want = 4 * (4 * config.n_params() + acts.len()) as u64;
             assert_eq!(config.training_bytes(b, t), want, "{preset:?}");
         }

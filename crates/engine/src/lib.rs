@@ -18,12 +18,14 @@ mod matmul;
 mod ops;
 pub mod optim;
 pub mod params;
+pub mod spec;
 pub mod train;
 
 pub use config::{ConfigError, GptConfig, Preset};
 pub use matmul::gram;
 pub use optim::{LrSchedule, OptimizerConfig};
 pub use params::{ParamLayout, TensorKind, TensorSpec};
+pub use spec::{Architecture, ModelSpec, SpecError, Trainable};
 
 /// A batch of `batch x seq` token windows, row-major; `targets` are `inputs` shifted by one.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +50,8 @@ pub struct StepStats {
 pub enum EngineError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error(
         "batch shape {batch}x{seq} needs {want} tokens, got {inputs} inputs and {targets} targets"
     )]
@@ -68,6 +72,22 @@ pub enum EngineError {
     ContextFull { n_ctx: usize },
     #[error("unknown device {0:?}: this build supports \"cpu\" (a CUDA backend is planned)")]
     UnknownDevice(String),
+    #[error("this backend was opened for evaluation: it holds no gradients or optimizer state")]
+    EvalOnly,
+}
+
+/// What a backend is opened for. Only a training backend allocates gradients and
+/// AdamW's moments (three more vectors the size of the parameters); scoring, holdout
+/// evaluation and serving run forward passes only. The forward pass is the same code
+/// either way, so an evaluation backend's losses are bit-identical to a training
+/// backend's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Forward, backward and optimizer steps.
+    Train,
+    /// Forward passes only: `eval_loss` and decoding. `train_step` and `loss_and_grad`
+    /// answer [`EngineError::EvalOnly`].
+    Eval,
 }
 
 /// The boundary between hivetrain and a device. Everything above it is device-free.
@@ -102,21 +122,54 @@ pub trait Backend: Send {
     fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError>;
 }
 
-/// Opens a backend by device name (`cpu`, `cpu:4` for four threads).
+/// Opens a training backend by device name (`cpu`, `cpu:4` for four threads).
 pub fn open_backend(
     device: &str,
     config: GptConfig,
     params: Vec<f32>,
 ) -> Result<Box<dyn Backend>, EngineError> {
-    let threads = match device.split_once(':') {
-        None if device == "cpu" => default_threads(),
-        Some(("cpu", n)) => match n.parse::<usize>() {
-            Ok(n) if n >= 1 => n,
-            _ => return Err(EngineError::UnknownDevice(device.to_string())),
-        },
-        _ => return Err(EngineError::UnknownDevice(device.to_string())),
+    let threads = device_threads(device)?;
+    Ok(Box::new(cpu::CpuBackend::open(
+        config,
+        params,
+        threads,
+        Purpose::Train,
+    )?))
+}
+
+/// Opens a backend of `spec`'s model on `device` for `purpose`, holding `params` (the
+/// full parameter vector). What callers that run a spec'd model use: the device is a
+/// setting, the architecture comes from the spec.
+pub fn open_model(
+    device: &str,
+    spec: &ModelSpec,
+    params: Vec<f32>,
+    purpose: Purpose,
+) -> Result<Box<dyn Backend>, EngineError> {
+    let threads = device_threads(device)?;
+    let config = match &spec.architecture {
+        Architecture::Gpt2(config) => *config,
     };
-    Ok(Box::new(cpu::CpuBackend::new(config, params, threads)?))
+    Ok(Box::new(cpu::CpuBackend::open(
+        config, params, threads, purpose,
+    )?))
+}
+
+/// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.
+pub fn check_device(device: &str) -> Result<(), EngineError> {
+    device_threads(device).map(|_| ())
+}
+
+/// The threads a device name asks for.
+fn device_threads(device: &str) -> Result<usize, EngineError> {
+    match device.split_once(':') {
+        None if device == "cpu" => Ok(default_threads()),
+        Some(("cpu", n)) => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(EngineError::UnknownDevice(device.to_string())),
+        },
+        _ => Err(EngineError::UnknownDevice(device.to_string())),
+    }
 }
 
 /// The number of threads a `cpu` backend uses by default: the machine's cores.

@@ -38,7 +38,18 @@ pub const FLOPS_PER_MICRO: u128 = 1_000_000_000;
 /// parameter per token (forward and backward), the same for a laptop and a GPU rig.
 /// Computed from what the coordinator assigned, never from what a worker claims.
 pub fn credit_for_work(n_params: u64, tokens: u64) -> u64 {
-    let flops = 6 * n_params as u128 * tokens as u128;
+    credit_for_flops(6 * n_params as u128 * tokens as u128)
+}
+
+/// The credit for `tokens` tokens of training at `flops_per_token` FLOPs each (what the
+/// run's model specification says a token of its training costs: 6 per parameter when
+/// every weight is trained, less with a frozen base).
+pub fn credit_for_training(flops_per_token: u64, tokens: u64) -> u64 {
+    credit_for_flops(flops_per_token as u128 * tokens as u128)
+}
+
+/// Micro-credits for `flops` FLOPs of assigned training, saturating.
+fn credit_for_flops(flops: u128) -> u64 {
     u64::try_from(flops / FLOPS_PER_MICRO).unwrap_or(u64::MAX)
 }
 

@@ -268,6 +268,14 @@ fn credit_follows_the_flops_of_the_assigned_work() {
     // A petaFLOP is one credit.
     assert_eq!(credit_for_work(1_000_000, 166_666_667), 1_000_000);
     assert_eq!(credit_for_work(u64::MAX, u64::MAX), u64::MAX);
+    // The rule by FLOPs per token gives the same amounts at 6 per parameter.
+    for (n_params, tokens) in [(5_290_000, 50 * 8 * 128), (1_000_000, 166_666_667), (7, 3)] {
+        assert_eq!(
+            credit_for_training(6 * n_params, tokens),
+            credit_for_work(n_params, tokens)
+        );
+    }
+    assert_eq!(credit_for_training(u64::MAX, u64::MAX), u64::MAX);
 }
 
 #[test]

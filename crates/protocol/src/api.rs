@@ -10,9 +10,13 @@ use crate::{Codec, WorkUnit};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunInfo {
     /// The model preset's name (`tiny`, `small`, ...). The exact shape travels in the
-    /// checkpoint's metadata.
+    /// checkpoint's metadata and in `model`.
     pub preset: String,
+    /// Floats in an update: the model's trainable length (`model.trainable_len()`).
     pub n_params: u32,
+    /// The run's model: architecture, shape and which tensors a delta carries. Workers
+    /// build their backend from it and check the checkpoints they fetch against it.
+    pub model: engine::ModelSpec,
     /// Sequences per local step.
     pub batch: u32,
     /// Tokens per sequence.
@@ -122,4 +126,43 @@ pub struct Status {
     pub units_leased: u32,
     pub units_accepted: u32,
     pub rounds: Vec<RoundStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(info: &RunInfo, expect: expect_test::Expect) {
+        let json = serde_json::to_string(info).expect("json");
+        expect.assert_eq(&json);
+        let back: RunInfo = serde_json::from_str(&json).expect("parse");
+        assert_eq!(&back, info);
+    }
+
+    /// `GET /v1/run` names the model by its whole spec, next to the fields workers of
+    /// earlier versions read.
+    #[test]
+    fn run_info_carries_the_model_spec() {
+        let model = engine::ModelSpec::preset(engine::Preset::Tiny, 300);
+        check(
+            &RunInfo {
+                preset: "tiny".into(),
+                n_params: model.trainable_len() as u32,
+                model,
+                batch: 4,
+                seq: 64,
+                n_shards: 8,
+                codec: Codec::Fp32,
+                corpus_name: "corpus.txt".into(),
+                corpus_sha256: "ab".into(),
+                corpus_bytes: 10,
+                tokenizer_sha256: "cd".into(),
+                version: 3,
+            },
+            expect_test::expect![[
+                r#"{"preset":"tiny","n_params":37120,"model":{"name":"tiny","architecture":{"gpt2":{"n_layer":2,"n_head":2,"n_embd":32,"n_ctx":64,"vocab_size":300}},"trainable":"all"},"batch":4,"seq":64,"n_shards":8,"codec":{"kind":"fp32"},"corpus_name":"corpus.txt","corpus_sha256":"ab","corpus_bytes":10,"tokenizer_sha256":"cd","version":3}"#
+            ]],
+        );
+    }
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use coordinator::{ApiError, CoordinatorConfig, Core};
 use ed25519_dalek::SigningKey;
-use engine::Backend;
+use engine::{Backend, Purpose};
 use protocol::api::LeaseReply;
 use protocol::{UpdateHeader, WorkAddress, WorkUnit, WorkerId};
 use rand::{Rng, SeedableRng};
@@ -347,7 +347,10 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
         batch: 4,
         seq: 32,
         holdout_batches: 16,
-        threads: 1,
+        devices: coordinator::config::DevicesConfig {
+            holdout: "cpu:1".into(),
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     };
     let s = &mut c.schedule;
@@ -389,11 +392,13 @@ pub fn run(
     let initial_loss = core.holdout_loss()?;
     let info = core.run_info();
     let train = core.train_tokens();
-    let model = core.model_config();
-    let n_params = info.n_params as usize;
-    let mut backend = engine::open_backend("cpu:1", model, vec![0.0; n_params])?;
-    let mut checker = engine::open_backend("cpu:1", model, vec![0.0; n_params])?;
+    let model = core.model_spec().clone();
+    let n_params = model.n_params();
+    let open = || engine::open_model("cpu:1", &model, vec![0.0; n_params], Purpose::Train);
+    let mut backend = open()?;
+    let mut checker = open()?;
     let data = worker::unit::UnitData {
+        model: &model,
         train: &train,
         n_shards: info.n_shards,
         batch: info.batch as usize,

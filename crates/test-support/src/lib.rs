@@ -38,7 +38,10 @@ pub fn tiny_config(dir: &Path, units: u32) -> CoordinatorConfig {
         tokenizer: repo_root().join("data/tokenizer.json"),
         batch: 4,
         holdout_batches: 4,
-        threads: 1,
+        devices: coordinator::config::DevicesConfig {
+            holdout: "cpu:1".into(),
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     };
     c.schedule.units_per_round = units;

@@ -64,6 +64,14 @@ pub enum WorkerError {
         "the coordinator's model has {got} parameters but the run announces {want}; is the coordinator consistent?"
     )]
     ModelShape { got: usize, want: u32 },
+    #[error(
+        "the run announces model {id} with {trainable} trainable floats but updates of {n_params}; is the coordinator consistent?"
+    )]
+    ModelSpec {
+        id: String,
+        trainable: usize,
+        n_params: u32,
+    },
 }
 
 /// Where the loop tells what it does (the CLI draws progress bars; tests stay quiet).
@@ -109,7 +117,7 @@ pub fn run(
         "worker {} ({}) joined: {} model, {} params, {} codec",
         options.name,
         WorkerId::of(key),
-        data.info.preset,
+        data.info.model.id(),
         data.info.n_params,
         codec_name(data.info.codec)
     ));
@@ -166,18 +174,24 @@ pub fn run(
                 &bytes,
                 None,
             )?;
-            if ckpt.params.len() != data.info.n_params as usize {
+            let spec = &data.info.model;
+            if ckpt.config != *spec.gpt_config() || ckpt.params.len() != spec.n_params() {
                 return Err(WorkerError::ModelShape {
                     got: ckpt.params.len(),
-                    want: data.info.n_params,
+                    want: spec.n_params() as u32,
                 });
             }
             let backend = match model.take() {
-                Some((_, mut backend, _)) if *backend.config() == ckpt.config => {
+                Some((_, mut backend, _)) => {
                     backend.set_params(&ckpt.params)?;
                     backend
                 }
-                _ => engine::open_backend(&options.device, ckpt.config, ckpt.params.clone())?,
+                None => engine::open_model(
+                    &options.device,
+                    spec,
+                    ckpt.params.clone(),
+                    engine::Purpose::Train,
+                )?,
             };
             model = Some((unit.base_version, backend, ckpt.params));
         }
@@ -253,6 +267,7 @@ fn train_unit(
     let started = Instant::now();
     let mut last_heartbeat = Instant::now();
     let unit_data = crate::unit::UnitData {
+        model: &data.info.model,
         train: &data.train,
         n_shards: data.info.n_shards,
         batch,
@@ -289,6 +304,14 @@ fn prepare(
     reporter: &mut dyn Reporter,
 ) -> Result<RunData, WorkerError> {
     let info = transport.run_info()?;
+    info.model.validate().map_err(engine::EngineError::from)?;
+    if info.model.trainable_len() != info.n_params as usize {
+        return Err(WorkerError::ModelSpec {
+            id: info.model.id(),
+            trainable: info.model.trainable_len(),
+            n_params: info.n_params,
+        });
+    }
     let dir = &options.data_dir;
     let short = |sha: &str| sha.chars().take(16).collect::<String>();
     let corpus_path = dir.join(format!(

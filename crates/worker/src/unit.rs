@@ -12,6 +12,8 @@ use crate::WorkerError;
 /// The run's data and shape, as a unit needs them.
 #[derive(Clone, Copy, Debug)]
 pub struct UnitData<'a> {
+    /// The run's model: what the delta carries.
+    pub model: &'a engine::ModelSpec,
     /// The train split's tokens.
     pub train: &'a [u32],
     pub n_shards: u32,
@@ -21,7 +23,8 @@ pub struct UnitData<'a> {
 
 /// Trains `unit` from `base` on `backend` (a fresh AdamW; the backend's weights are set
 /// to `base`), calling `on_step(step, loss)` after each step; `on_step` returning false
-/// stops early. Returns the delta `base - trained`, or `None` when stopped.
+/// stops early. Returns the delta `base - trained` over the model's trainable tensors
+/// (`data.model.trainable_len()` floats), or `None` when stopped.
 pub fn train(
     backend: &mut dyn Backend,
     base: &[f32],
@@ -47,9 +50,11 @@ pub fn train(
         }
     }
     let trained = backend.params();
-    Ok(Some(
-        base.iter().zip(&trained).map(|(b, t)| b - t).collect(),
-    ))
+    let delta = data
+        .model
+        .delta(base, &trained)
+        .map_err(engine::EngineError::from)?;
+    Ok(Some(delta))
 }
 
 /// A data batch as the engine takes it. It lives here because this is the first crate

@@ -50,7 +50,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     };
     config.serving.price_prompt_token = 0;
     config.serving.price_output_token = 0;
-    config.serving.threads = args.threads as u32;
+    config.devices.serving = format!("cpu:{}", args.threads.max(1));
     config.serving.requests_per_minute = 10_000;
     let server = Coordinator::start(&temp.path().join("store"), config, "127.0.0.1:0")
         .context("starting the coordinator")?;
@@ -58,7 +58,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     let (model, params) = server
         .with_core(|c| {
             let snapshot = c.reads().snapshot("hivetrain");
-            snapshot.map(|s| (s.config, s.params.to_vec()))
+            snapshot.map(|s| (*s.spec.gpt_config(), s.params.to_vec()))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;

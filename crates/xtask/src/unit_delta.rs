@@ -36,11 +36,16 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let tokens = data::cache::load_or_build(&corpus, &tokenizer, cache.path())?;
     let preset = engine::Preset::from_name(&args.preset).context("unknown preset")?;
-    let model = preset.config(tokenizer.vocab_size());
-    let (batch, seq) = (8, model.n_ctx);
+    let spec = engine::ModelSpec::preset(preset, tokenizer.vocab_size());
+    let (batch, seq) = (8, spec.n_ctx());
     let dataset = data::Dataset::split(&corpus, &tokens.tokens, seq)?;
-    let base = engine::init_params(&model, 1)?;
-    let mut backend = engine::open_backend(&format!("cpu:{}", args.threads), model, base.clone())?;
+    let base = engine::init_params(spec.gpt_config(), 1)?;
+    let mut backend = engine::open_model(
+        &format!("cpu:{}", args.threads),
+        &spec,
+        base.clone(),
+        engine::Purpose::Train,
+    )?;
     let unit = WorkUnit {
         id: 1,
         round: 0,
@@ -54,6 +59,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
         lr: 1e-3,
     };
     let data = worker::unit::UnitData {
+        model: &spec,
         train: &dataset.train,
         n_shards: 8,
         batch,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use aggregation::{OuterOptimizer, WeightedDelta};
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig};
+use engine::{Backend, ModelSpec};
 use protocol::SignedUpdate;
 use scheduler::Event;
 use store::{BlobHash, VersionRow};
@@ -33,7 +33,7 @@ pub struct AggregationJob {
     saved: Vec<f32>,
     evaluator: Box<dyn Backend>,
     holdout: Arc<Vec<OwnedBatch>>,
-    model: GptConfig,
+    model: ModelSpec,
     blobs: store::Blobs,
     limits: protocol::Limits,
 }
@@ -115,7 +115,8 @@ impl AggregationJob {
         // infinitely bad: SQLite keeps no NaN.
         let loss = if loss.is_nan() { f32::INFINITY } else { loss };
         let version = self.base_version + 1;
-        let checkpoint = checkpoint_bytes(&self.model, &params, version, Some(self.round))?;
+        let checkpoint =
+            checkpoint_bytes(self.model.gpt_config(), &params, version, Some(self.round))?;
         let checkpoint_hash = self.blobs.put(&checkpoint)?;
         let state: Vec<u8> = self
             .outer
@@ -177,7 +178,7 @@ impl Core {
             saved,
             evaluator,
             holdout: self.holdout.clone(),
-            model: self.model,
+            model: self.model.clone(),
             blobs: self.store.blobs().clone(),
             limits: self.config.limits,
         }))

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig};
+use engine::{Backend, ModelSpec, Purpose};
 use ledger::Prepared;
 use protocol::{SignedUpdate, WorkUnit, WorkerId};
 use store::{CheckRow, CheckState};
@@ -29,6 +29,7 @@ use crate::error::ApiError;
 /// decoding of an older base's checkpoint and the version's loss on its random batches
 /// happen in [`ScoreTask::run`], not under the lock.
 pub struct ScoreTask {
+    model: ModelSpec,
     base: Base,
     own: Vec<OwnedBatch>,
     random: Arc<RandomBatches>,
@@ -94,7 +95,10 @@ impl ScoreTask {
             }
         };
         let own_before = loss(backend, &self.own)?;
-        let trained: Vec<f32> = base.iter().zip(delta).map(|(b, d)| b - d).collect();
+        let trained = self
+            .model
+            .apply_delta(&base, delta)
+            .map_err(|e| internal(&e))?;
         backend.set_params(&trained).map_err(|e| internal(&e))?;
         Ok(Score {
             own_before,
@@ -114,17 +118,19 @@ pub struct CheckJob {
     n_shards: u32,
     batch: usize,
     seq: usize,
-    model: GptConfig,
+    model: ModelSpec,
     n_params: usize,
 }
 
 impl CheckJob {
-    /// A backend for re-runs of this run's model.
-    pub fn backend(&self, threads: u32) -> Result<Box<dyn Backend>, ApiError> {
-        engine::open_backend(
-            &format!("cpu:{}", threads.max(1)),
-            self.model,
+    /// A backend for re-runs of this run's model on `device` (`devices.replay`). Re-runs
+    /// train, so it holds gradients and optimizer state.
+    pub fn backend(&self, device: &str) -> Result<Box<dyn Backend>, ApiError> {
+        engine::open_model(
+            device,
+            &self.model,
             vec![0.0; self.n_params],
+            Purpose::Train,
         )
         .map_err(|e| ApiError::internal(&e))
     }
@@ -132,6 +138,7 @@ impl CheckJob {
     /// Trains the unit again; the delta it gives.
     pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, ApiError> {
         let data = worker::unit::UnitData {
+            model: &self.model,
             train: &self.train,
             n_shards: self.n_shards,
             batch: self.batch,
@@ -141,6 +148,28 @@ impl CheckJob {
         worker::unit::train(backend, &base, data, &self.unit, &mut |_, _| true)
             .map_err(|e| ApiError::internal(&e))?
             .ok_or_else(|| ApiError::internal(&std::io::Error::other("re-run stopped")))
+    }
+}
+
+/// A backend of the run's model to open: for evaluation (no gradients, no optimizer
+/// state) on `device`.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    pub device: String,
+    pub model: ModelSpec,
+    pub n_params: usize,
+}
+
+impl BackendSpec {
+    /// Allocates it (a while at the larger presets: call it with no lock held).
+    pub fn open(&self) -> Result<Box<dyn Backend>, ApiError> {
+        engine::open_model(
+            &self.device,
+            &self.model,
+            vec![0.0; self.n_params],
+            Purpose::Eval,
+        )
+        .map_err(|e| ApiError::internal(&e))
     }
 }
 
@@ -254,7 +283,12 @@ impl Core {
                 random
             }
         };
-        Ok(Some(ScoreTask { base, own, random }))
+        Ok(Some(ScoreTask {
+            model: self.model.clone(),
+            base,
+            own,
+            random,
+        }))
     }
 
     /// The weights of `version`: the current ones, or where its checkpoint is.
@@ -272,10 +306,19 @@ impl Core {
         })
     }
 
-    /// A backend of the run's model, for scoring outside the lock.
+    /// A backend of the run's model, for scoring outside the lock: on
+    /// `devices.scoring`, forward passes only (no gradients, no optimizer state).
     pub fn scoring_backend(&self) -> Result<Box<dyn Backend>, ApiError> {
-        engine::open_backend("cpu:1", self.model, vec![0.0; self.current.params.len()])
-            .map_err(|e| ApiError::internal(&e))
+        self.scoring_backend_spec().open()
+    }
+
+    /// What opening a scoring backend needs, to open it outside the lock.
+    pub fn scoring_backend_spec(&self) -> BackendSpec {
+        BackendSpec {
+            device: self.config.devices.scoring.clone(),
+            model: self.model.clone(),
+            n_params: self.current.params.len(),
+        }
     }
 
     /// Units waiting to be re-run.
@@ -313,7 +356,7 @@ impl Core {
                 n_shards: self.config.schedule.n_shards,
                 batch: self.config.batch as usize,
                 seq: self.seq,
-                model: self.model,
+                model: self.model.clone(),
                 n_params: self.current.params.len(),
             }));
         }
@@ -504,9 +547,9 @@ impl Core {
         Ok(out)
     }
 
-    /// The run's model shape.
-    pub fn model_config(&self) -> GptConfig {
-        self.model
+    /// The run's model: architecture, shape and trainable layout.
+    pub fn model_spec(&self) -> &ModelSpec {
+        &self.model
     }
 
     /// The train split's tokens (what units are trained on).

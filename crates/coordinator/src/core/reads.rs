@@ -71,7 +71,7 @@ pub struct Reads {
     pub(super) corpus: Arc<Vec<u8>>,
     pub(super) tokenizer: Arc<Vec<u8>>,
     pub(super) text_tokenizer: Arc<data::TextTokenizer>,
-    pub(super) model: engine::GptConfig,
+    pub(super) model: engine::ModelSpec,
 }
 
 impl std::fmt::Debug for Reads {

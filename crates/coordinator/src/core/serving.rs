@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use data::TextTokenizer;
 use ed25519_dalek::{Signature, VerifyingKey};
-use engine::GptConfig;
+use engine::ModelSpec;
 use ledger::{Account, Draft, Ledger, Prepared};
 use protocol::WorkerId;
 
@@ -42,7 +42,8 @@ pub(super) const META_DIVIDEND_FROM: &str = "dividend_from";
 pub struct ModelSnapshot {
     pub id: String,
     pub version: u64,
-    pub config: GptConfig,
+    /// The run's model (what a backend for the snapshot is opened from).
+    pub spec: ModelSpec,
     pub params: Arc<Vec<f32>>,
     pub tokenizer: Arc<TextTokenizer>,
 }
@@ -222,8 +223,12 @@ impl super::Reads {
             current.params.clone()
         } else {
             let (bytes, _) = self.model(version).map_err(|_| unknown())?;
-            let ckpt = engine::checkpoint::from_bytes(Path::new(name), &bytes, Some(self.model))
-                .map_err(|e| ApiError::internal(&e))?;
+            let ckpt = engine::checkpoint::from_bytes(
+                Path::new(name),
+                &bytes,
+                Some(*self.model.gpt_config()),
+            )
+            .map_err(|e| ApiError::internal(&e))?;
             Arc::new(ckpt.params)
         };
         Ok(ModelSnapshot {
@@ -233,7 +238,7 @@ impl super::Reads {
                 format!("{MODEL_NAME}-v{version}")
             },
             version,
-            config: self.model,
+            spec: self.model.clone(),
             params,
             tokenizer: self.text_tokenizer.clone(),
         })

@@ -17,9 +17,15 @@ fn lease(core: &mut Core, worker: WorkerId) -> WorkUnit {
 pub(crate) fn train(core: &Core, unit: &WorkUnit) -> Vec<f32> {
     let info = core.run_info();
     let train = core.train_tokens();
-    let mut backend = engine::open_backend("cpu:1", core.model_config(), core.params().to_vec())
-        .expect("backend");
+    let mut backend = engine::open_model(
+        "cpu:1",
+        core.model_spec(),
+        core.params().to_vec(),
+        engine::Purpose::Train,
+    )
+    .expect("backend");
     let data = worker::unit::UnitData {
+        model: &info.model,
         train: &train,
         n_shards: info.n_shards,
         batch: info.batch as usize,
@@ -79,8 +85,13 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     let earned = core.wallet(l, None).balance;
     assert!(earned > 0);
 
-    let mut backend = engine::open_backend("cpu:2", core.model_config(), core.params().to_vec())
-        .expect("backend");
+    let mut backend = engine::open_model(
+        "cpu:2",
+        core.model_spec(),
+        core.params().to_vec(),
+        engine::Purpose::Train,
+    )
+    .expect("backend");
     let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
     let seen: Vec<(u64, bool, u64, usize)> = outcomes
         .iter()
@@ -208,8 +219,13 @@ fn a_second_worker_agreeing_bit_for_bit_on_a_refused_unit_is_accepted_and_rechec
     assert_eq!(lease(&mut core, ids[2]).id, unit.id);
     assert_eq!(try_submit(&mut core, 2, &unit, &delta), Ok(()));
     assert_eq!(states(&core), vec![(unit.id, "queued".into())]);
-    let mut backend = engine::open_backend("cpu:1", core.model_config(), core.params().to_vec())
-        .expect("backend");
+    let mut backend = engine::open_model(
+        "cpu:1",
+        core.model_spec(),
+        core.params().to_vec(),
+        engine::Purpose::Train,
+    )
+    .expect("backend");
     let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
     assert!(outcomes.len() == 1 && outcomes[0].matched, "{outcomes:?}");
     assert!(core.wallet(ids[2], None).balance > 0);

@@ -46,6 +46,7 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
     let mut backend =
         engine::open_backend("cpu:2", base.config, base.params.clone()).expect("backend");
     let unit_data = worker::unit::UnitData {
+        model: &info.model,
         train: &dataset.train,
         n_shards,
         batch: info.batch as usize,

@@ -5,6 +5,7 @@ mod determinism;
 mod generate;
 mod golden;
 mod gradcheck;
+mod purpose;
 
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig};
