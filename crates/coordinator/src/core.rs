@@ -406,6 +406,15 @@ impl Core {
             previous_norms,
             this_round.iter().map(|row| (row.unit, row.norm)),
         );
+        let mut acceptance = acceptance;
+        for (unit, worker, payload) in store.refused_payloads(scheduler.round())? {
+            let hash = hex::decode(&payload)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            if let (Some(hash), Some(worker)) = (hash, WorkerId::parse(&worker)) {
+                acceptance.refused(unit, hash, worker);
+            }
+        }
         let accepted = this_round
             .into_iter()
             .map(|row| {
@@ -788,7 +797,7 @@ impl Core {
     /// (The HTTP server calls [`validation::inspect`] itself, outside the lock.)
     fn inspect(&mut self, bytes: &[u8], now_ms: u64) -> Result<Inspected, ApiError> {
         validation::inspect(bytes, &self.config.limits).or_else(|verdict| {
-            self.reject(verdict, None, now_ms)
+            self.reject(verdict, None, None, now_ms)
                 .map(|never| match never {})
         })
     }
@@ -818,7 +827,12 @@ impl Core {
                 }
             }
             verdict => self
-                .reject(verdict, Some(&update.header), now_ms)
+                .reject(
+                    verdict,
+                    Some(&update.header),
+                    Some(update.payload_hash),
+                    now_ms,
+                )
                 .map(|never| match never {}),
         }
     }
@@ -866,7 +880,12 @@ impl Core {
                         .map_err(|e| ApiError::internal(&e))?;
                 }
                 return self
-                    .reject(verdict, Some(&update.header), now_ms)
+                    .reject(
+                        verdict,
+                        Some(&update.header),
+                        Some(update.payload_hash),
+                        now_ms,
+                    )
                     .map(|never| match never {});
             }
         };
@@ -1156,6 +1175,7 @@ impl Core {
         &mut self,
         verdict: Verdict,
         header: Option<&UpdateHeader>,
+        payload: Option<[u8; 32]>,
         now_ms: u64,
     ) -> Result<std::convert::Infallible, ApiError> {
         let Verdict::Rejected { reason, sentence } = verdict else {
@@ -1191,6 +1211,10 @@ impl Core {
                 unit: h.work_unit,
                 code: reason.code().to_owned(),
                 sentence: sentence.clone(),
+                // What agreement needs after a restart (`run::Acceptance::refused`).
+                payload: payload
+                    .filter(|_| matches!(reason, Reject::NoProgress | Reject::NotOwnData))
+                    .map(hex::encode),
             };
             // A refused unit goes to another worker (the refusal row commits with it).
             let refused = reason.releases_unit()

@@ -5,9 +5,9 @@
 //!
 //! Everything here is in memory and rebuilt at a restart from the store
 //! ([`Acceptance::resume`]): the norms of this round and the last come back from the
-//! update rows; the gains and the refused payloads start again (after a restart the
-//! median gain starts from the next accepted update, and agreement from the next
-//! refusal).
+//! update rows, the refusals agreement needs from the rejection rows
+//! ([`Acceptance::refused`]); the gains start again (after a restart the median gain
+//! starts from the next accepted update).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -206,6 +206,15 @@ impl Acceptance {
             seen.push((update.payload_hash, worker));
         }
         false
+    }
+
+    /// Remembers a refusal on the score that the store kept (after a restart), as
+    /// [`Acceptance::decide`] did when it was made.
+    pub fn refused(&mut self, unit: u64, payload_hash: [u8; 32], worker: WorkerId) {
+        let seen = self.refused_payloads.entry(unit).or_default();
+        if seen.len() < REFUSED_PAYLOADS_KEPT && !seen.contains(&(payload_hash, worker)) {
+            seen.push((payload_hash, worker));
+        }
     }
 
     /// Records an accepted update once its row is committed: its norm joins the median

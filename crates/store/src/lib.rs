@@ -203,6 +203,13 @@ CREATE INDEX versions_kept ON versions (version)
     WHERE checkpoint_pruned_ms IS NULL OR (optimizer IS NOT NULL AND optimizer_pruned_ms IS NULL);
 CREATE INDEX updates_kept ON updates (round) WHERE blob_pruned_ms IS NULL;
 "#,
+    // A refusal on the score keeps the payload's blake3, so that agreement (a second key
+    // sending the same bytes for the unit) survives a restart: without it, a crash
+    // between two honest workers' refusals of a unit whose data scores low leaves the
+    // unit refused for both, and the round without it.
+    r#"
+ALTER TABLE rejections ADD COLUMN payload TEXT;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -290,6 +297,8 @@ pub struct RejectionRow {
     pub unit: u64,
     pub code: String,
     pub sentence: String,
+    /// The payload's blake3 (hex) of a refusal on the score, which agreement needs.
+    pub payload: Option<String>,
 }
 
 /// A model version in the registry.
@@ -689,12 +698,28 @@ impl Store {
             .map_err(sql(&self.path))
     }
 
+    /// The refusals of `round` that kept their payload hash (unit, worker, payload), oldest
+    /// first.
+    pub fn refused_payloads(&self, round: u64) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT unit, worker, payload FROM rejections
+                 WHERE round = ?1 AND payload IS NOT NULL ORDER BY id",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([round], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
     /// The rejections recorded, oldest first.
     pub fn rejections(&self) -> Result<Vec<RejectionRow>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT received_ms, round, worker, unit, code, sentence FROM rejections ORDER BY id",
+                "SELECT received_ms, round, worker, unit, code, sentence, payload FROM rejections ORDER BY id",
             )
             .map_err(sql(&self.path))?;
         let rows = stmt
@@ -706,6 +731,7 @@ impl Store {
                     unit: r.get(3)?,
                     code: r.get(4)?,
                     sentence: r.get(5)?,
+                    payload: r.get(6)?,
                 })
             })
             .map_err(sql(&self.path))?;
@@ -1250,9 +1276,17 @@ impl Tx<'_> {
 
     pub fn insert_rejection(&self, r: &RejectionRow) -> Result<(), StoreError> {
         self.run(
-            "INSERT INTO rejections (received_ms, round, worker, unit, code, sentence)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![r.received_ms, r.round, r.worker, r.unit, r.code, r.sentence],
+            "INSERT INTO rejections (received_ms, round, worker, unit, code, sentence, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                r.received_ms,
+                r.round,
+                r.worker,
+                r.unit,
+                r.code,
+                r.sentence,
+                r.payload
+            ],
         )
     }
 

@@ -186,13 +186,21 @@ fn scored_refusals_through_the_api_and_the_unit_goes_to_another_worker() {
 /// A unit whose honest training scores low (here: a bar no update clears) is refused
 /// for its first worker; a second worker sending the same bytes for it agrees bit for
 /// bit, so it is accepted with a re-run forced, which verifies it and keeps its credit.
-/// Different bytes from the second worker are refused as before.
+/// Different bytes from the second worker are refused as before. Agreement survives a
+/// restart between the two (the refusal's payload hash is in its row).
 #[test]
 fn a_second_worker_agreeing_bit_for_bit_on_a_refused_unit_is_accepted_and_rechecked() {
+    for restart in [false, true] {
+        agreement(restart);
+    }
+}
+
+fn agreement(restart: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config: CoordinatorConfig = ts::tiny_config(dir.path(), 2);
     config.scoring.min_gain = 0.5;
-    let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
+    let store = dir.path().join("store");
+    let mut core = Core::open(&store, config.clone(), T0).expect("open");
     let keys = [ts::key(1), ts::key(2), ts::key(3)];
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
     for (id, name) in ids.iter().zip(["a", "b", "c"]) {
@@ -215,9 +223,17 @@ fn a_second_worker_agreeing_bit_for_bit_on_a_refused_unit_is_accepted_and_rechec
         try_submit(&mut core, 1, &unit, &other),
         Err("no_progress".into())
     );
+    if restart {
+        drop(core);
+        core = Core::open(&store, config, T0).expect("reopen");
+    }
     // c takes it and sends what a sent: they agree, it is accepted and queued for a re-run.
-    assert_eq!(lease(&mut core, ids[2]).id, unit.id);
-    assert_eq!(try_submit(&mut core, 2, &unit, &delta), Ok(()));
+    assert_eq!(lease(&mut core, ids[2]).id, unit.id, "restart: {restart}");
+    assert_eq!(
+        try_submit(&mut core, 2, &unit, &delta),
+        Ok(()),
+        "restart: {restart}"
+    );
     assert_eq!(states(&core), vec![(unit.id, "queued".into())]);
     let mut backend = engine::open_model(
         "cpu:1",
