@@ -167,10 +167,10 @@ struct Told {
 /// along), and leases short enough that one lost with a kill comes back soon.
 fn config_toml(corpus: &Path, tokenizer: &Path, seed: u64) -> String {
     format!(
-        "preset = \"tiny\"\nseed = {seed}\ncorpus = {corpus:?}\ntokenizer = {tokenizer:?}\nbatch = 4\nholdout_batches = 4\nthreads = 1\n\
+        "preset = \"tiny\"\nseed = {seed}\ncorpus = {corpus:?}\ntokenizer = {tokenizer:?}\nbatch = 4\nholdout_batches = 4\n\
          [schedule]\nunits_per_round = {UNITS_PER_ROUND}\nmin_updates = {UNITS_PER_ROUND}\nsteps_per_unit = 10\ninner_lr = 0.003\nn_shards = 4\n\
          lease_ms = 15000\nlease_max_ms = 120000\nround_timeout_ms = 600000\nmax_staleness = 0\n\
-         [spot_check]\ntrusted_after = 1000000\n"
+         [spot_check]\ntrusted_after = 1000000\n[devices]\nholdout = \"cpu:1\"\n"
     )
 }
 

@@ -41,7 +41,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 /// Starts `hivetrain coordinator` on a tiny run that reads `UPLOADS` bodies at once.
 fn start(sandbox: &Sandbox) -> (Child, SocketAddr) {
     let config = format!(
-        "preset = \"tiny\"\ncorpus = {:?}\ntokenizer = {:?}\nbatch = 4\nholdout_batches = 4\nthreads = 1\n[spot_check]\nenabled = false\n[http]\nupload_concurrency = {UPLOADS}\n",
+        "preset = \"tiny\"\ncorpus = {:?}\ntokenizer = {:?}\nbatch = 4\nholdout_batches = 4\n[devices]\nholdout = \"cpu:1\"\n[spot_check]\nenabled = false\n[http]\nupload_concurrency = {UPLOADS}\n",
         small_corpus(sandbox),
         repo("data/tokenizer.json"),
     );
