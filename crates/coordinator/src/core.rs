@@ -895,7 +895,7 @@ impl Core {
         // Credit for the work the coordinator assigned (at least one micro-credit, so
         // every accepted update has its mint), committed with the update's row.
         let credit = ledger::credit_for_training(self.model.train_flops_per_token(), weight).max(1);
-        let mint = match self.ledger.read().prepare(
+        let mint = match self.ledger.prepare(
             Draft::mint(worker, credit, mint_reference(work_unit)),
             now_ms,
             &self.authority,
@@ -1090,7 +1090,7 @@ impl Core {
 
     /// Appends one entry, persisted before it counts; ledger refusals become replies.
     fn append(&mut self, draft: Draft, now_ms: u64) -> Result<ledger::Entry, ApiError> {
-        let entry = match self.ledger.read().prepare(draft, now_ms, &self.authority) {
+        let entry = match self.ledger.prepare(draft, now_ms, &self.authority) {
             Ok(Prepared::New(entry)) => *entry,
             Ok(Prepared::Existing(seq)) => {
                 return Ok(self.ledger.read().entries()[seq as usize].clone());

@@ -473,7 +473,7 @@ impl Core {
                     .read()
                     .clawback_draft(&reference)
                     .map_err(|e| internal(&e))?;
-                match self.ledger.read().prepare(draft, now_ms, &self.authority) {
+                match self.ledger.prepare(draft, now_ms, &self.authority) {
                     Ok(Prepared::New(entry)) => clawback = Some(*entry),
                     Ok(Prepared::Existing(_)) => {}
                     Err(e) => return Err(internal(&e)),

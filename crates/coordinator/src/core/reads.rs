@@ -33,6 +33,17 @@ impl SharedLedger {
         })
     }
 
+    /// [`Ledger::prepare`] under a read lock held only for the call (a guard held
+    /// through a `match` on its result would be held across the arms too).
+    pub(super) fn prepare(
+        &self,
+        draft: ledger::Draft,
+        now_ms: u64,
+        authority: &SigningKey,
+    ) -> Result<ledger::Prepared, ledger::LedgerError> {
+        self.read().prepare(draft, now_ms, authority)
+    }
+
     pub(super) fn write(&self) -> RwLockWriteGuard<'_, Ledger> {
         self.0.write().unwrap_or_else(|_| {
             crate::drive::stop(&"a thread panicked while it appended to the ledger")

@@ -664,7 +664,7 @@ impl Core {
             None
         } else {
             let draft = Draft::spend(hold.wallet, amount, hold.reference.clone());
-            match self.ledger.read().prepare(draft, now_ms, &self.authority) {
+            match self.ledger.prepare(draft, now_ms, &self.authority) {
                 Ok(Prepared::New(entry)) => Some(*entry),
                 // `reserve` refuses a reference already spent: this is never reached.
                 Ok(Prepared::Existing(_)) => {
