@@ -13,17 +13,22 @@ fn lease(core: &mut Core, worker: WorkerId) -> WorkUnit {
     ts::core_lease(core, worker, T0)
 }
 
-/// The unit's honest delta, trained as a worker would.
-pub(crate) fn train(core: &Core, unit: &WorkUnit) -> Vec<f32> {
-    let info = core.run_info();
-    let train = core.train_tokens();
-    let mut backend = engine::open_model(
-        "cpu:1",
+/// A backend of the core's model that trains, on `device`, as the checker's re-runs use.
+pub(crate) fn replay_backend(core: &Core, device: &str) -> Box<dyn engine::Backend> {
+    engine::open_model(
+        device,
         core.model_spec(),
         core.params().to_vec(),
         engine::Purpose::Train,
     )
-    .expect("backend");
+    .expect("backend")
+}
+
+/// The unit's honest delta, trained as a worker would.
+pub(crate) fn train(core: &Core, unit: &WorkUnit) -> Vec<f32> {
+    let info = core.run_info();
+    let train = core.train_tokens();
+    let mut backend = replay_backend(core, "cpu:1");
     let data = worker::unit::UnitData {
         model: &info.model,
         train: &train,
@@ -85,13 +90,7 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     let earned = core.wallet(l, None).balance;
     assert!(earned > 0);
 
-    let mut backend = engine::open_model(
-        "cpu:2",
-        core.model_spec(),
-        core.params().to_vec(),
-        engine::Purpose::Train,
-    )
-    .expect("backend");
+    let mut backend = replay_backend(&core, "cpu:2");
     let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
     let seen: Vec<(u64, bool, u64, usize)> = outcomes
         .iter()
@@ -235,13 +234,7 @@ fn agreement(restart: bool) {
         "restart: {restart}"
     );
     assert_eq!(states(&core), vec![(unit.id, "queued".into())]);
-    let mut backend = engine::open_model(
-        "cpu:1",
-        core.model_spec(),
-        core.params().to_vec(),
-        engine::Purpose::Train,
-    )
-    .expect("backend");
+    let mut backend = replay_backend(&core, "cpu:1");
     let outcomes = core.run_checks(backend.as_mut(), T0 + 1).expect("checks");
     assert!(outcomes.len() == 1 && outcomes[0].matched, "{outcomes:?}");
     assert!(core.wallet(ids[2], None).balance > 0);

@@ -188,13 +188,7 @@ fn a_liar_caught_late_has_its_pruned_units_skipped_and_the_kept_ones_clawed_back
     let mut core = Core::open(&store_dir, config, T0).expect("reopen");
     lies.push(lie(&mut core));
     let earned = core.wallet(l, None).balance;
-    let mut backend = engine::open_model(
-        "cpu:1",
-        core.model_spec(),
-        core.params().to_vec(),
-        engine::Purpose::Train,
-    )
-    .expect("backend");
+    let mut backend = crate::checks::replay_backend(&core, "cpu:1");
     let outcomes: Vec<(u64, bool, u64)> = core
         .run_checks(backend.as_mut(), T0 + 1)
         .expect("checks")
