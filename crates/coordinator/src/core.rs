@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aggregation::OuterOptimizer;
-use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
 use engine::{Backend, GptConfig, ModelSpec, Preset, Purpose};
@@ -31,10 +30,10 @@ pub mod checks;
 pub mod reads;
 pub mod retention;
 pub mod serving;
-use crate::error::ApiError;
 pub use aggregate::{Aggregated, AggregationJob};
 pub use checks::{BackendSpec, CheckJob, CheckOutcome, ScoreTask};
 pub use reads::{Published, Reads, SharedLedger};
+use run::{Class, RunError};
 
 /// Why the coordinator cannot start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -233,23 +232,23 @@ const META_SCHEDULER: &str = "scheduler";
 pub const META_TOKENIZER: &str = "tokenizer";
 
 /// The reply to an entry the ledger refuses.
-fn ledger_refusal(e: ledger::LedgerError) -> ApiError {
+fn ledger_refusal(e: ledger::LedgerError) -> RunError {
     match e {
-        ledger::LedgerError::Insufficient { .. } => ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
+        ledger::LedgerError::Insufficient { .. } => RunError::new(
+            Class::InsufficientCredit,
             "insufficient_credit",
             e.to_string(),
         ),
         ledger::LedgerError::Conflict { .. } => conflict("reference_reused", e.to_string()),
         ledger::LedgerError::Shape { .. } | ledger::LedgerError::NoSuchMint(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_entry", e.to_string())
+            RunError::new(Class::Invalid, "bad_entry", e.to_string())
         }
-        ledger::LedgerError::Overflow | ledger::LedgerError::Stale { .. } => ApiError::internal(&e),
+        ledger::LedgerError::Overflow | ledger::LedgerError::Stale { .. } => RunError::internal(&e),
     }
 }
 
-fn conflict(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, message)
+fn conflict(code: &str, message: impl Into<String>) -> RunError {
+    RunError::new(Class::Conflict, code, message)
 }
 
 impl Core {
@@ -596,11 +595,11 @@ impl Core {
     }
 
     /// Registers (or renames) a worker.
-    pub fn register(&mut self, worker: WorkerId, name: &str, now_ms: u64) -> Result<(), ApiError> {
+    pub fn register(&mut self, worker: WorkerId, name: &str, now_ms: u64) -> Result<(), RunError> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+            return Err(RunError::new(
+                Class::Invalid,
                 "bad_name",
                 "a worker name must be 1 to 64 printable characters",
             ));
@@ -623,7 +622,7 @@ impl Core {
                 }
                 tx.upsert_worker(&row)
             })
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         if let Some(old) = dropped {
             self.workers.remove(&old);
         }
@@ -636,7 +635,7 @@ impl Core {
     /// Anyone can register any number of keys, so registrations that did nothing are
     /// what a flood is made of; a dropped worker that comes back is told
     /// `unknown_worker` and registers again.
-    fn idle_registration(&self) -> Result<WorkerId, ApiError> {
+    fn idle_registration(&self) -> Result<WorkerId, RunError> {
         /// Registrations looked at per attempt (more holding leases than this is a
         /// network that needs a higher `records.workers_max`).
         const CANDIDATES: u64 = 64;
@@ -651,29 +650,28 @@ impl Core {
             .collect();
         self.store
             .idle_workers(CANDIDATES)
-            .map_err(|e| ApiError::internal(&e))?
+            .map_err(|e| RunError::internal(&e))?
             .iter()
             .filter_map(|id| WorkerId::parse(id))
             .find(|w| !holders.contains(w))
             .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                RunError::new(
+                    Class::Busy { retry_after_s: 60 },
                     "registrations_full",
                     format!(
                         "the coordinator holds its most registrations ({}), all of workers that contributed or hold a lease; retry later",
                         self.config.records.workers_max
                     ),
                 )
-                .with_header(axum::http::header::RETRY_AFTER, "60")
             })
     }
 
-    fn known(&self, worker: WorkerId) -> Result<(), ApiError> {
+    fn known(&self, worker: WorkerId) -> Result<(), RunError> {
         if self.workers.contains(&worker) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
+            Err(RunError::new(
+                Class::Forbidden,
                 "unknown_worker",
                 format!("worker {worker} is not registered: POST /v1/workers first"),
             ))
@@ -681,7 +679,7 @@ impl Core {
     }
 
     /// Gives the worker a unit, or tells it when to come back.
-    pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, ApiError> {
+    pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, RunError> {
         self.known(worker)?;
         let effects = self.advance(now_ms, &[Event::LeaseRequest { worker }], |_| Ok(()))?;
         let reply = effects.iter().find_map(|e| match *e {
@@ -708,7 +706,7 @@ impl Core {
     }
 
     /// Extends the worker's lease on `unit`.
-    pub fn heartbeat(&mut self, worker: WorkerId, unit: u64, now_ms: u64) -> Result<(), ApiError> {
+    pub fn heartbeat(&mut self, worker: WorkerId, unit: u64, now_ms: u64) -> Result<(), RunError> {
         self.known(worker)?;
         self.tick(now_ms)?;
         match self.scheduler.lease_view(unit) {
@@ -744,7 +742,7 @@ impl Core {
 
     /// Writes lease renewals kept in memory for `HEARTBEAT_FLUSH_MS` or more (`force`:
     /// any); the server calls it every half second and when it stops.
-    pub fn flush(&mut self, now_ms: u64, force: bool) -> Result<(), ApiError> {
+    pub fn flush(&mut self, now_ms: u64, force: bool) -> Result<(), RunError> {
         let Some(since) = self.unsaved_since_ms else {
             return Ok(());
         };
@@ -754,13 +752,13 @@ impl Core {
         let scheduler = &self.scheduler;
         self.store
             .write(|tx| persist_effects(tx, scheduler, &[], now_ms))
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         self.unsaved_since_ms = None;
         Ok(())
     }
 
     /// Advances time: expires leases, times rounds out, aggregates when due.
-    pub fn tick(&mut self, now_ms: u64) -> Result<(), ApiError> {
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), RunError> {
         let effects = self.advance(now_ms, &[], |_| Ok(()))?;
         self.after(&effects, now_ms)
     }
@@ -768,13 +766,13 @@ impl Core {
     /// Validates and, if accepted, stores one update: [`validation::inspect`], then
     /// [`Core::precheck`], the blob, and [`Core::accept`]. The HTTP server runs the same
     /// stages but holds the core's lock only for the two cheap ones.
-    pub fn submit(&mut self, bytes: &[u8], now_ms: u64) -> Result<SubmitReply, ApiError> {
+    pub fn submit(&mut self, bytes: &[u8], now_ms: u64) -> Result<SubmitReply, RunError> {
         let update = self.inspect(bytes, now_ms)?;
         let score = match self.precheck(&update, now_ms)? {
             Some(task) => {
                 let delta = SignedUpdate::parse(bytes, &self.config.limits)
                     .and_then(|u| u.decode())
-                    .map_err(|e| ApiError::internal(&e))?;
+                    .map_err(|e| RunError::internal(&e))?;
                 let mut scorer = match self.evaluator.take() {
                     Some(evaluator) => evaluator,
                     None => self.scoring_backend()?,
@@ -789,13 +787,13 @@ impl Core {
         self.store
             .blobs()
             .put_as(bytes, &blob)
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         self.accept(&update, &blob, bytes.len() as u64, score, now_ms)
     }
 
     /// The stage of validation that needs no round state, with its rejection recorded.
     /// (The HTTP server calls [`validation::inspect`] itself, outside the lock.)
-    fn inspect(&mut self, bytes: &[u8], now_ms: u64) -> Result<Inspected, ApiError> {
+    fn inspect(&mut self, bytes: &[u8], now_ms: u64) -> Result<Inspected, RunError> {
         validation::inspect(bytes, &self.config.limits).or_else(|verdict| {
             self.reject(verdict, None, None, now_ms)
                 .map(|never| match never {})
@@ -809,7 +807,7 @@ impl Core {
         &mut self,
         update: &Inspected,
         now_ms: u64,
-    ) -> Result<Option<ScoreTask>, ApiError> {
+    ) -> Result<Option<ScoreTask>, RunError> {
         // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
         match self.judge(update)? {
@@ -849,7 +847,7 @@ impl Core {
         n_bytes: u64,
         score: Option<validation::score::Score>,
         now_ms: u64,
-    ) -> Result<SubmitReply, ApiError> {
+    ) -> Result<SubmitReply, RunError> {
         self.tick(now_ms)?;
         let verdict = self.judge(update)?;
         if let Some(reply) = self.accepted_reply(update, &verdict)? {
@@ -859,7 +857,7 @@ impl Core {
         let decision = self
             .acceptance
             .decide(update, verdict, score.as_ref(), &rules)
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         let (work_unit, worker, norm, force_check, gain) = match decision {
             run::Decision::Accept {
                 work_unit,
@@ -872,12 +870,12 @@ impl Core {
                 let referenced = self
                     .store
                     .blob_referenced(blob)
-                    .map_err(|e| ApiError::internal(&e))?;
+                    .map_err(|e| RunError::internal(&e))?;
                 if !referenced {
                     self.store
                         .blobs()
                         .remove(blob)
-                        .map_err(|e| ApiError::internal(&e))?;
+                        .map_err(|e| RunError::internal(&e))?;
                 }
                 return self
                     .reject(
@@ -902,11 +900,11 @@ impl Core {
         ) {
             Ok(Prepared::New(entry)) => *entry,
             Ok(Prepared::Existing(seq)) => {
-                return Err(ApiError::internal(&CoreError::Inconsistent(format!(
+                return Err(RunError::internal(&CoreError::Inconsistent(format!(
                     "unit {work_unit} already has its mint, entry {seq}"
                 ))));
             }
-            Err(e) => return Err(ApiError::internal(&e)),
+            Err(e) => return Err(RunError::internal(&e)),
         };
         let row = UpdateRow {
             unit: work_unit,
@@ -1016,12 +1014,12 @@ impl Core {
     }
 
     /// Wallets by credit earned, most first.
-    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, ApiError> {
+    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, RunError> {
         self.reads.leaderboard()
     }
 
     /// Network totals.
-    pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
+    pub fn stats(&self) -> Result<ledger::wire::Stats, RunError> {
         self.reads().stats()
     }
 
@@ -1032,9 +1030,8 @@ impl Core {
         from: WorkerId,
         request: &ledger::wire::TransferRequest,
         now_ms: u64,
-    ) -> Result<ledger::Entry, ApiError> {
-        let bad =
-            |code: &str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    ) -> Result<ledger::Entry, RunError> {
+        let bad = |code: &str, message: String| RunError::new(Class::Invalid, code, message);
         let to = WorkerId::parse(&request.to)
             .filter(WorkerId::is_public_key)
             .ok_or_else(|| {
@@ -1076,8 +1073,8 @@ impl Core {
                 .find(draft.kind, &draft.reference)
                 .is_none()
         {
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
+            return Err(RunError::new(
+                Class::InsufficientCredit,
                 "insufficient_credit",
                 format!(
                     "wallet {from} has {} credits available (its balance less what requests under way hold)",
@@ -1089,7 +1086,7 @@ impl Core {
     }
 
     /// Appends one entry, persisted before it counts; ledger refusals become replies.
-    fn append(&mut self, draft: Draft, now_ms: u64) -> Result<ledger::Entry, ApiError> {
+    fn append(&mut self, draft: Draft, now_ms: u64) -> Result<ledger::Entry, RunError> {
         let entry = match self.ledger.prepare(draft, now_ms, &self.authority) {
             Ok(Prepared::New(entry)) => *entry,
             Ok(Prepared::Existing(seq)) => {
@@ -1099,7 +1096,7 @@ impl Core {
         };
         self.store
             .write(|tx| tx.insert_entry(&entry))
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         self.ledger_committed(entry.clone());
         Ok(entry)
     }
@@ -1129,7 +1126,7 @@ impl Core {
 
     /// The verdict on an update as the round stands (an `Err` only when the store cannot
     /// be read).
-    fn judge(&self, update: &Inspected) -> Result<Verdict, ApiError> {
+    fn judge(&self, update: &Inspected) -> Result<Verdict, RunError> {
         let lease = self
             .scheduler
             .lease_view(update.header.work_unit)
@@ -1143,7 +1140,7 @@ impl Core {
         let copy_of = if self.config.scoring.enabled {
             self.store
                 .payload_unit(&hex::encode(update.payload_hash))
-                .map_err(|e| ApiError::internal(&e))?
+                .map_err(|e| RunError::internal(&e))?
         } else {
             None
         };
@@ -1177,9 +1174,9 @@ impl Core {
         header: Option<&UpdateHeader>,
         payload: Option<[u8; 32]>,
         now_ms: u64,
-    ) -> Result<std::convert::Infallible, ApiError> {
+    ) -> Result<std::convert::Infallible, RunError> {
         let Verdict::Rejected { reason, sentence } = verdict else {
-            return Err(ApiError::from_verdict(verdict));
+            return Err(RunError::from_verdict(verdict));
         };
         let signed = !matches!(
             reason,
@@ -1193,7 +1190,7 @@ impl Core {
             let record = self
                 .store
                 .rejections_of(&worker, round)
-                .map_err(|e| ApiError::internal(&e))?
+                .map_err(|e| RunError::internal(&e))?
                 < MAX_REJECTIONS_RECORDED;
             // One line per refused update, as far as it is recorded: past a key's bound
             // its refusals are logged only at debug level, as unsigned garbage is.
@@ -1241,13 +1238,13 @@ impl Core {
                         tx.insert_rejection(&row)?;
                         tx.trim_rejections(kept)
                     })
-                    .map_err(|e| ApiError::internal(&e))?;
+                    .map_err(|e| RunError::internal(&e))?;
             }
         }
         if !signed || header.is_none() {
             tracing::debug!(code = reason.code(), "unsigned update refused: {sentence}");
         }
-        Err(ApiError::rejected(reason, sentence))
+        Err(RunError::rejected(reason, sentence))
     }
 
     /// The reply an accepted update was given, when `update`, refused now (the unit is
@@ -1259,11 +1256,11 @@ impl Core {
         &self,
         update: &Inspected,
         verdict: &Verdict,
-    ) -> Result<Option<SubmitReply>, ApiError> {
+    ) -> Result<Option<SubmitReply>, RunError> {
         if !matches!(verdict, Verdict::Rejected { .. }) {
             return Ok(None);
         }
-        let internal = |e: store::StoreError| ApiError::internal(&e);
+        let internal = |e: store::StoreError| RunError::internal(&e);
         let unit = update.header.work_unit;
         let Some(row) = self.store.update(unit).map_err(internal)? else {
             return Ok(None);
@@ -1300,7 +1297,7 @@ impl Core {
         now_ms: u64,
         events: &[Event],
         extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
-    ) -> Result<Vec<Effect>, ApiError> {
+    ) -> Result<Vec<Effect>, RunError> {
         let mut next = self.scheduler.clone();
         let effects = next.tick(now_ms, self.config.seed, events);
         if next != self.scheduler {
@@ -1309,7 +1306,7 @@ impl Core {
                     extra(tx)?;
                     persist_effects(tx, &next, &effects, now_ms)
                 })
-                .map_err(|e| ApiError::internal(&e))?;
+                .map_err(|e| RunError::internal(&e))?;
             self.scheduler = next;
             self.unsaved_since_ms = None;
         }
@@ -1319,26 +1316,26 @@ impl Core {
     /// Acts on effects that need more than a reply.
     /// A round to aggregate is aggregated here and now, unless a driver takes the work
     /// outside its lock ([`Core::defer_aggregation`]).
-    fn after(&mut self, effects: &[Effect], now_ms: u64) -> Result<(), ApiError> {
+    fn after(&mut self, effects: &[Effect], now_ms: u64) -> Result<(), RunError> {
         if !self.deferred
             && effects
                 .iter()
                 .any(|e| matches!(e, Effect::Aggregate { .. }))
         {
             self.aggregate_if_pending(now_ms)
-                .map_err(|e| ApiError::internal(&e))?;
+                .map_err(|e| RunError::internal(&e))?;
         }
         Ok(())
     }
 
     /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
     /// retention policy removed it).
-    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
+    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), RunError> {
         self.reads().model(version)
     }
 
     /// The run's progress, round by round.
-    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, ApiError> {
+    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, RunError> {
         self.reads().status(now_ms, newest)
     }
 }

@@ -1,8 +1,10 @@
 //! The one error type of the HTTP edge: a status, a stable code and a sentence.
 
 use axum::http::StatusCode;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use protocol::api::{ErrorBody, ErrorDetail};
+use run::{Class, RunError};
 use validation::Reject;
 
 /// A refusal or failure as the client sees it (`{"error": {"code", "message"}}`).
@@ -35,57 +37,57 @@ impl ApiError {
     /// reference to the log line that holds the cause. The cause (a store path, an
     /// engine error) stays in the log: clients learn nothing of the server's insides.
     pub fn internal(error: &dyn std::error::Error) -> ApiError {
-        static REFERENCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let mut message = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            message.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        let reference = REFERENCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::error!(reference, "internal error: {message}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!(
-                "the coordinator failed on this request (internal error #{reference} in its log); retry later, and tell its operator if it persists"
-            ),
-        )
+        ApiError::from(RunError::internal(error))
     }
 
     /// The reply to a rejected update.
     pub fn rejected(reason: Reject, sentence: String) -> ApiError {
-        let status = match reason {
-            Reject::Malformed | Reject::HashMismatch | Reject::OutOfRange => {
-                StatusCode::BAD_REQUEST
-            }
-            Reject::BadSignature => StatusCode::UNAUTHORIZED,
-            Reject::NotYourLease => StatusCode::FORBIDDEN,
-            Reject::NotLeased | Reject::Duplicate | Reject::WrongBase | Reject::Stale => {
-                StatusCode::CONFLICT
-            }
-            Reject::Copied => StatusCode::CONFLICT,
-            Reject::WrongShape
-            | Reject::NonFinite
-            | Reject::NormTooLarge
-            | Reject::NormOutlier
-            | Reject::NoProgress
-            | Reject::Harmful
-            | Reject::NotOwnData => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, reason.code(), sentence)
+        ApiError::from(RunError::rejected(reason, sentence))
     }
 
     /// The reply to a verdict that is a rejection (an acceptance here is a bug, reported
     /// as one).
     pub fn from_verdict(verdict: validation::Verdict) -> ApiError {
-        match verdict {
-            validation::Verdict::Rejected { reason, sentence } => {
-                ApiError::rejected(reason, sentence)
+        ApiError::from(RunError::from_verdict(verdict))
+    }
+}
+
+/// The run's refusals and failures as HTTP replies: the status is the edge's choice, the
+/// code and sentence the run's. An internal failure's cause is logged with a reference
+/// and the client gets the reference only.
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> ApiError {
+        let status = match e.class {
+            Class::Invalid => StatusCode::BAD_REQUEST,
+            Class::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Class::Forbidden => StatusCode::FORBIDDEN,
+            Class::NotFound => StatusCode::NOT_FOUND,
+            Class::Conflict => StatusCode::CONFLICT,
+            Class::Gone => StatusCode::GONE,
+            Class::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            Class::InsufficientCredit => StatusCode::PAYMENT_REQUIRED,
+            Class::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Class::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Class::Internal => {
+                static REFERENCES: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(1);
+                let reference = REFERENCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(reference, "internal error: {}", e.message);
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!(
+                        "the coordinator failed on this request (internal error #{reference} in its log); retry later, and tell its operator if it persists"
+                    ),
+                );
             }
-            validation::Verdict::Accepted { .. } => ApiError::internal(&std::io::Error::other(
-                "an accepted verdict taken for a rejection",
-            )),
+        };
+        let error = ApiError::new(status, &e.code, e.message);
+        match e.class {
+            Class::Busy { retry_after_s } | Class::TooMany { retry_after_s } => {
+                error.with_header(header::RETRY_AFTER, &retry_after_s.to_string())
+            }
+            _ => error,
         }
     }
 }

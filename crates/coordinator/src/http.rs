@@ -34,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use protocol::WorkerId;
 use protocol::api::{HeartbeatRequest, RegisterRequest};
+use run::RunError;
 use serde::de::DeserializeOwned;
 
 use crate::core::Core;
@@ -116,27 +117,35 @@ pub(crate) fn router(shared: Shared, training: bool) -> Router {
 }
 
 /// Runs `f` on the core, on a blocking thread.
-pub(crate) async fn with_core<T: Send + 'static>(
+pub(crate) async fn with_core<T: Send + 'static, E: Send + 'static>(
     shared: &Shared,
-    f: impl FnOnce(&mut Core, u64) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce(&mut Core, u64) -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
     let core = shared.core.clone();
     let clock = shared.clock.clone();
-    tokio::task::spawn_blocking(move || crate::drive::run(&core, clock.as_ref(), f))
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+    Ok(
+        tokio::task::spawn_blocking(move || crate::drive::run(&core, clock.as_ref(), f))
+            .await
+            .map_err(|e| ApiError::internal(&e))??,
+    )
 }
 
 /// Runs `f` on what the read-only routes serve, on a blocking thread (a store read or
 /// a large copy), never waiting for the core's lock.
-pub(crate) async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static, E: Send + 'static>(
     shared: &Shared,
-    f: impl FnOnce(&crate::core::Reads) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce(&crate::core::Reads) -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
     let reads = shared.reads.clone();
-    tokio::task::spawn_blocking(move || f(&reads))
+    Ok(tokio::task::spawn_blocking(move || f(&reads))
         .await
-        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::internal(&e))??)
 }
 
 /// When a request body must have arrived in full: `allowance` after the handler starts
@@ -414,7 +423,7 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
     let (received, reply) = tokio::task::spawn_blocking(move || {
         let lock = || crate::drive::lock(&core);
         let reply = (|| {
-            let update = validation::inspect(&bytes, &limits).map_err(ApiError::from_verdict)?;
+            let update = validation::inspect(&bytes, &limits).map_err(RunError::from_verdict)?;
             let task = crate::drive::run(&core, clock.as_ref(), |core, now| {
                 core.precheck(&update, now)
             })?;
@@ -422,7 +431,7 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                 Some(task) => {
                     let delta = protocol::SignedUpdate::parse(&bytes, &limits)
                         .and_then(|u| u.decode())
-                        .map_err(|e| ApiError::internal(&e))?;
+                        .map_err(|e| RunError::internal(&e))?;
                     let pooled = scorers
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -449,7 +458,7 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
             let blob = store::BlobHash::from_digest(&update.address);
             blobs
                 .put_aligned(&mut bytes, &blob)
-                .map_err(|e| ApiError::internal(&e))?;
+                .map_err(|e| RunError::internal(&e))?;
             crate::drive::run(&core, clock.as_ref(), |core, now| {
                 core.accept(&update, &blob, bytes.len() as u64, score, now)
             })
@@ -531,13 +540,19 @@ async fn ledger_page(
 ) -> Result<impl IntoResponse, ApiError> {
     let q = query_or_400(query, "use ?from=N&limit=M")?;
     let limit = q.limit.unwrap_or(LEDGER_PAGE_MAX).min(LEDGER_PAGE_MAX);
-    let page = read(&shared, move |reads| Ok(reads.ledger_page(q.from, limit))).await?;
+    let page = read(&shared, move |reads| {
+        Ok::<_, RunError>(reads.ledger_page(q.from, limit))
+    })
+    .await?;
     Ok(axum::Json(page))
 }
 
 async fn tree_head(State(shared): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     let now = (shared.clock)();
-    let head = read(&shared, move |reads| Ok(reads.tree_head(now))).await?;
+    let head = read(&shared, move |reads| {
+        Ok::<_, RunError>(reads.tree_head(now))
+    })
+    .await?;
     Ok(axum::Json(head))
 }
 
@@ -586,7 +601,10 @@ async fn wallet(
 ) -> Result<impl IntoResponse, ApiError> {
     let wallet = parse_wallet(&wallet)?;
     let q = query_or_400(query, "use ?entries=N for the newest N entries")?;
-    let view = read(&shared, move |reads| Ok(reads.wallet(wallet, q.entries))).await?;
+    let view = read(&shared, move |reads| {
+        Ok::<_, RunError>(reads.wallet(wallet, q.entries))
+    })
+    .await?;
     Ok(axum::Json(view))
 }
 

@@ -191,7 +191,7 @@ pub(crate) async fn track(State(shared): State<Shared>, request: Request, next: 
 /// `GET /metrics`.
 pub(crate) async fn scrape(State(shared): State<Shared>) -> Result<Response, ApiError> {
     let (stats, round, loss) = read(&shared, |reads| {
-        Ok((
+        Ok::<_, ApiError>((
             reads.stats()?,
             reads.published().round,
             reads.holdout_loss()?,

@@ -336,7 +336,7 @@ impl HoldGuard {
             .hold
             .take()
             .ok_or_else(|| ApiError::internal(&std::io::Error::other("a hold settled twice")))?;
-        lock(&self.core).settle(hold, finished, now_ms)
+        Ok(lock(&self.core).settle(hold, finished, now_ms)?)
     }
 }
 

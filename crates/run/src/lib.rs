@@ -10,5 +10,7 @@
 //! coordinator's core.
 
 pub mod acceptance;
+pub mod error;
 
 pub use acceptance::{Acceptance, Decision, Rules};
+pub use error::{Class, RunError};

@@ -14,7 +14,7 @@ pub mod matrix;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use coordinator::{ApiError, CoordinatorConfig, Core};
+use coordinator::{CoordinatorConfig, Core};
 use ed25519_dalek::SigningKey;
 use engine::{Backend, Purpose};
 use protocol::api::LeaseReply;
@@ -261,7 +261,9 @@ pub enum SimError {
     #[error(transparent)]
     Core(#[from] coordinator::CoreError),
     #[error("the coordinator failed: {0}")]
-    Api(String),
+    Run(#[from] run::RunError),
+    #[error("{0}")]
+    Failed(String),
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
@@ -274,12 +276,6 @@ pub enum SimError {
         rounds: u64,
         sim_seconds: u64,
     },
-}
-
-impl From<ApiError> for SimError {
-    fn from(e: ApiError) -> Self {
-        SimError::Api(format!("{} ({})", e.message, e.code))
-    }
 }
 
 /// A submission that reached the coordinator.
@@ -491,7 +487,7 @@ pub fn run(
                     }
                     let version = core.version();
                     if unit.base_version != version {
-                        return Err(SimError::Api(format!(
+                        return Err(SimError::Failed(format!(
                             "unit {} was leased on version {} while the model is at {version}",
                             unit.id, unit.base_version
                         )));
@@ -595,7 +591,7 @@ pub fn run(
                 for copy in 0..copies {
                     let outcome = match core.submit(&update, now) {
                         Ok(_) => Ok(()),
-                        Err(e) if e.status.is_server_error() => return Err(e.into()),
+                        Err(e) if e.is_internal() => return Err(e.into()),
                         Err(e) => Err(e.code),
                     };
                     if copy == 0 {
@@ -710,7 +706,7 @@ fn check_states(core: &Core) -> Result<BTreeMap<u64, CheckState>, SimError> {
     Ok(core
         .store()
         .checks(None)
-        .map_err(|e| SimError::Api(e.to_string()))?
+        .map_err(|e| SimError::Failed(e.to_string()))?
         .into_iter()
         .map(|c| (c.unit, c.state))
         .collect())
@@ -723,7 +719,7 @@ fn train_unit(
     unit: &WorkUnit,
 ) -> Result<Vec<f32>, SimError> {
     worker::unit::train(backend, base, data, unit, &mut |_, _| true)?
-        .ok_or_else(|| SimError::Api("training stopped".into()))
+        .ok_or_else(|| SimError::Failed("training stopped".into()))
 }
 
 /// The signed update a worker sends. The int8 codecs cannot carry a NaN value (the
@@ -805,7 +801,8 @@ impl Craft<'_> {
                     .map(|h| h.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt())
                     .unwrap_or(1.0);
                 let sigma = (norm / (d as f64).sqrt()).max(1e-6);
-                let normal = Normal::new(0.0, sigma).map_err(|e| SimError::Api(e.to_string()))?;
+                let normal =
+                    Normal::new(0.0, sigma).map_err(|e| SimError::Failed(e.to_string()))?;
                 (0..d).map(|_| normal.sample(self.rng) as f32).collect()
             }
             Attack::Alie => {
@@ -825,7 +822,7 @@ impl Craft<'_> {
                     let scale = 1e-4
                         * (h.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / d as f64).sqrt();
                     let normal = Normal::new(0.0, scale.max(1e-9))
-                        .map_err(|e| SimError::Api(e.to_string()))?;
+                        .map_err(|e| SimError::Failed(e.to_string()))?;
                     h.iter()
                         .map(|x| x + normal.sample(self.rng) as f32)
                         .collect()

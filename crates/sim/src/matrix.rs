@@ -87,7 +87,7 @@ pub fn run_sweep(
     let mut one = |scenario: &Scenario, label: &str| -> Result<Report, SimError> {
         n += 1;
         let dir = work.join(format!("run-{n}"));
-        std::fs::create_dir_all(&dir).map_err(|e| SimError::Api(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| SimError::Failed(e.to_string()))?;
         let report = crate::run(scenario, &dir, corpus, tokenizer);
         let _ = std::fs::remove_dir_all(&dir);
         let report = report?;

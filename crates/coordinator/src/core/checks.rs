@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use engine::train::OwnedBatch;
 use engine::{Backend, ModelSpec, Purpose};
 use ledger::Prepared;
@@ -23,7 +22,7 @@ use validation::spot_check::{SpotCheckPolicy, Trust};
 use worker::unit::owned_batch;
 
 use super::{Core, CoreError, mint_reference};
-use crate::error::ApiError;
+use run::{Class, RunError};
 
 /// What scoring one update needs, taken under the core's lock and run outside it: the
 /// decoding of an older base's checkpoint and the version's loss on its random batches
@@ -47,12 +46,12 @@ enum Base {
 
 impl Base {
     /// The weights, decoded from the checkpoint if need be (outside the core's lock).
-    fn params(&self) -> Result<Arc<Vec<f32>>, ApiError> {
+    fn params(&self) -> Result<Arc<Vec<f32>>, RunError> {
         match self {
             Base::Current(params) => Ok(params.clone()),
             Base::Stored { blobs, checkpoint } => {
                 let internal = |e: &dyn std::fmt::Display| {
-                    ApiError::internal(&std::io::Error::other(e.to_string()))
+                    RunError::internal(&std::io::Error::other(e.to_string()))
                 };
                 let bytes = blobs.get(checkpoint).map_err(|e| internal(&e))?;
                 let dir = std::path::Path::new(".");
@@ -77,9 +76,9 @@ pub(super) struct RandomBatches {
 impl ScoreTask {
     /// The four losses of `delta` (decoded from the update) on `backend`, a backend of
     /// the run's model.
-    pub fn run(&self, backend: &mut dyn Backend, delta: &[f32]) -> Result<Score, ApiError> {
+    pub fn run(&self, backend: &mut dyn Backend, delta: &[f32]) -> Result<Score, RunError> {
         let internal =
-            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
         let loss = |backend: &mut dyn Backend, batches: &[OwnedBatch]| {
             engine::train::evaluate(backend, batches).map_err(|e| internal(&e))
         };
@@ -125,18 +124,18 @@ pub struct CheckJob {
 impl CheckJob {
     /// A backend for re-runs of this run's model on `device` (`devices.replay`). Re-runs
     /// train, so it holds gradients and optimizer state.
-    pub fn backend(&self, device: &str) -> Result<Box<dyn Backend>, ApiError> {
+    pub fn backend(&self, device: &str) -> Result<Box<dyn Backend>, RunError> {
         engine::open_model(
             device,
             &self.model,
             vec![0.0; self.n_params],
             Purpose::Train,
         )
-        .map_err(|e| ApiError::internal(&e))
+        .map_err(|e| RunError::internal(&e))
     }
 
     /// Trains the unit again; the delta it gives.
-    pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, ApiError> {
+    pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, RunError> {
         let data = worker::unit::UnitData {
             model: &self.model,
             train: &self.train,
@@ -146,8 +145,8 @@ impl CheckJob {
         };
         let base = self.base.params()?;
         worker::unit::train(backend, &base, data, &self.unit, &mut |_, _| true)
-            .map_err(|e| ApiError::internal(&e))?
-            .ok_or_else(|| ApiError::internal(&std::io::Error::other("re-run stopped")))
+            .map_err(|e| RunError::internal(&e))?
+            .ok_or_else(|| RunError::internal(&std::io::Error::other("re-run stopped")))
     }
 }
 
@@ -162,14 +161,14 @@ pub struct BackendSpec {
 
 impl BackendSpec {
     /// Allocates it (a while at the larger presets: call it with no lock held).
-    pub fn open(&self) -> Result<Box<dyn Backend>, ApiError> {
+    pub fn open(&self) -> Result<Box<dyn Backend>, RunError> {
         engine::open_model(
             &self.device,
             &self.model,
             vec![0.0; self.n_params],
             Purpose::Eval,
         )
-        .map_err(|e| ApiError::internal(&e))
+        .map_err(|e| RunError::internal(&e))
     }
 }
 
@@ -235,12 +234,12 @@ impl Core {
         &mut self,
         unit: &WorkUnit,
         version: u64,
-    ) -> Result<Option<ScoreTask>, ApiError> {
+    ) -> Result<Option<ScoreTask>, RunError> {
         if !self.config.scoring.enabled {
             return Ok(None);
         }
         let internal =
-            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
         let base = self.base_of(version).map_err(|e| internal(&e))?;
         let batch = self.config.batch as usize;
         // Batches spread evenly over the unit's steps, its last one included.
@@ -308,7 +307,7 @@ impl Core {
 
     /// A backend of the run's model, for scoring outside the lock: on
     /// `devices.scoring`, forward passes only (no gradients, no optimizer state).
-    pub fn scoring_backend(&self) -> Result<Box<dyn Backend>, ApiError> {
+    pub fn scoring_backend(&self) -> Result<Box<dyn Backend>, RunError> {
         self.scoring_backend_spec().open()
     }
 
@@ -328,9 +327,9 @@ impl Core {
 
     /// The next unit to re-run, if any. Taking it does not change the store: a job that
     /// is never finished stays queued there and is handed out again after a restart.
-    pub fn next_check(&mut self) -> Result<Option<CheckJob>, ApiError> {
+    pub fn next_check(&mut self) -> Result<Option<CheckJob>, RunError> {
         let internal =
-            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
         while let Some(unit) = self.check_queue.pop_front() {
             let (Some(u), Some(update)) = (
                 self.store.unit(unit).map_err(|e| internal(&e))?,
@@ -380,7 +379,7 @@ impl Core {
     }
 
     /// Records that `unit` cannot be re-run (its credit and its worker's trust stand).
-    fn skip_check(&mut self, unit: u64, worker: &str) -> Result<(), ApiError> {
+    fn skip_check(&mut self, unit: u64, worker: &str) -> Result<(), RunError> {
         let row = CheckRow {
             unit,
             worker: worker.to_owned(),
@@ -390,7 +389,7 @@ impl Core {
         };
         self.store
             .write(|tx| tx.set_check(&row))
-            .map_err(|e| ApiError::internal(&e))
+            .map_err(|e| RunError::internal(&e))
     }
 
     /// Compares unit `unit`'s accepted update with its re-run `replayed` and commits the
@@ -402,16 +401,16 @@ impl Core {
         unit: u64,
         replayed: &[f32],
         now_ms: u64,
-    ) -> Result<CheckOutcome, ApiError> {
+    ) -> Result<CheckOutcome, RunError> {
         let internal =
-            |e: &dyn std::fmt::Display| ApiError::internal(&std::io::Error::other(e.to_string()));
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
         let update = self
             .store
             .update(unit)
             .map_err(|e| internal(&e))?
             .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
+                RunError::new(
+                    Class::NotFound,
                     "not_found",
                     format!("no accepted update for unit {unit}"),
                 )
@@ -420,8 +419,8 @@ impl Core {
             .ok_or_else(|| internal(&format!("bad worker id {}", update.worker)))?;
         if !self.store.blobs().contains(&update.blob) {
             self.skip_check(unit, &update.worker)?;
-            return Err(ApiError::new(
-                StatusCode::GONE,
+            return Err(RunError::new(
+                Class::Gone,
                 "check_skipped",
                 format!(
                     "unit {unit}'s update was pruned before its re-run finished; its check is skipped"
@@ -538,7 +537,7 @@ impl Core {
         &mut self,
         backend: &mut dyn Backend,
         now_ms: u64,
-    ) -> Result<Vec<CheckOutcome>, ApiError> {
+    ) -> Result<Vec<CheckOutcome>, RunError> {
         let mut out = Vec::new();
         while let Some(job) = self.next_check()? {
             let replayed = job.run(backend)?;
@@ -558,12 +557,12 @@ impl Core {
     }
 
     /// The holdout loss of the current version.
-    pub fn holdout_loss(&self) -> Result<f32, ApiError> {
+    pub fn holdout_loss(&self) -> Result<f32, RunError> {
         self.store
             .version(self.current.version)
-            .map_err(|e| ApiError::internal(&e))?
+            .map_err(|e| RunError::internal(&e))?
             .map(|v| v.holdout_loss)
-            .ok_or_else(|| ApiError::internal(&std::io::Error::other("no current version row")))
+            .ok_or_else(|| RunError::internal(&std::io::Error::other("no current version row")))
     }
 
     /// A worker's count of consecutive verified units.

@@ -8,14 +8,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use ledger::Ledger;
 use protocol::WorkerId;
 use protocol::api::{RoundStatus, RunInfo, Status};
 use store::Store;
 
-use crate::error::ApiError;
+use run::{Class, RunError};
 
 /// The ledger, shared by the core (which appends) and [`Reads`].
 #[derive(Clone)]
@@ -91,8 +90,8 @@ impl std::fmt::Debug for Reads {
     }
 }
 
-fn internal(e: store::StoreError) -> ApiError {
-    ApiError::internal(&e)
+fn internal(e: store::StoreError) -> RunError {
+    RunError::internal(&e)
 }
 
 impl Reads {
@@ -137,7 +136,7 @@ impl Reads {
     }
 
     /// The run's progress, round by round.
-    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, ApiError> {
+    pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, RunError> {
         let p = self.published();
         let first = newest.map_or(0, |n| (p.round + 1).saturating_sub(n));
         let rounds = self
@@ -177,14 +176,14 @@ impl Reads {
 
     /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
     /// retention policy removed it).
-    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), ApiError> {
+    pub fn model(&self, version: u64) -> Result<(Arc<Vec<u8>>, String), RunError> {
         let p = self.published();
         if version == p.version {
             return Ok((p.checkpoint.clone(), p.checkpoint_hash.clone()));
         }
         let unknown = || {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
+            RunError::new(
+                Class::NotFound,
                 "unknown_version",
                 format!(
                     "there is no model version {version}; the newest is {}",
@@ -233,12 +232,12 @@ impl Reads {
         &self,
         seq: u64,
         size: u64,
-    ) -> Result<ledger::merkle::InclusionProof, ApiError> {
+    ) -> Result<ledger::merkle::InclusionProof, RunError> {
         let ledger = self.ledger.read();
         let len = ledger.len() as u64;
         if size == 0 || size > len || seq >= size {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
+            return Err(RunError::new(
+                Class::NotFound,
                 "no_such_entry",
                 format!(
                     "no entry {seq} in a tree of {size} entries (the ledger holds {len}); take size from a tree head"
@@ -247,7 +246,7 @@ impl Reads {
         }
         ledger
             .inclusion_proof(seq, size)
-            .ok_or_else(|| ApiError::internal(&std::io::Error::other("proof out of range")))
+            .ok_or_else(|| RunError::internal(&std::io::Error::other("proof out of range")))
     }
 
     /// A wallet's totals and its entries (the newest `newest` of them, or all).
@@ -258,7 +257,7 @@ impl Reads {
     }
 
     /// Wallets by credit earned, most first.
-    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, ApiError> {
+    pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, RunError> {
         let names: HashMap<String, String> = self
             .store()
             .workers()
@@ -283,7 +282,7 @@ impl Reads {
     }
 
     /// Network totals.
-    pub fn stats(&self) -> Result<ledger::wire::Stats, ApiError> {
+    pub fn stats(&self) -> Result<ledger::wire::Stats, RunError> {
         let p = self.published();
         let accepted = self.store().accepted_count().map_err(internal)?;
         let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
@@ -307,12 +306,12 @@ impl Reads {
     }
 
     /// The holdout loss of the published version.
-    pub fn holdout_loss(&self) -> Result<f32, ApiError> {
+    pub fn holdout_loss(&self) -> Result<f32, RunError> {
         let version = self.published().version;
         self.store()
             .version(version)
             .map_err(internal)?
             .map(|v| v.holdout_loss)
-            .ok_or_else(|| ApiError::internal(&std::io::Error::other("no current version row")))
+            .ok_or_else(|| RunError::internal(&std::io::Error::other("no current version row")))
     }
 }

@@ -10,12 +10,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use axum::http::StatusCode;
 use store::{BlobHash, CheckState, KeptUpdate, Store, Swept, Tx, VersionRow};
 
 use super::{Core, CoreError, META_CONFIG, META_SCHEDULER, META_TOKENIZER, lock_dir};
 use crate::config::{CoordinatorConfig, RetentionConfig};
-use crate::error::ApiError;
+use run::{Class, RunError};
 
 /// The `meta` values that name blobs (kept by every sweep).
 const META_BLOBS: &[&str] = &[META_TOKENIZER];
@@ -212,10 +211,10 @@ impl Core {
 
 /// 410 `version_pruned` for a version whose checkpoint was pruned, naming the versions
 /// `store` keeps.
-pub(super) fn pruned_reply(store: &Store, version: u64) -> ApiError {
+pub(super) fn pruned_reply(store: &Store, version: u64) -> RunError {
     let kept = kept_versions(store).unwrap_or_else(|e| format!("unknown ({e})"));
-    ApiError::new(
-        StatusCode::GONE,
+    RunError::new(
+        Class::Gone,
         "version_pruned",
         format!(
             "version {version}'s checkpoint was removed by the run's retention policy; the versions kept are {kept}"

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use data::TextTokenizer;
 use ed25519_dalek::{Signature, VerifyingKey};
 use engine::ModelSpec;
@@ -16,7 +15,7 @@ use ledger::{Account, Draft, Ledger, Prepared};
 use protocol::WorkerId;
 
 use super::{Core, conflict};
-use crate::error::ApiError;
+use run::{Class, RunError};
 
 /// The name of the newest version; `hivetrain-vN` pins version N.
 pub const MODEL_NAME: &str = "hivetrain";
@@ -149,9 +148,9 @@ pub struct Finished {
     pub finish_reason: String,
 }
 
-fn random_hex() -> Result<String, ApiError> {
+fn random_hex() -> Result<String, RunError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| ApiError::internal(&std::io::Error::other(e)))?;
+    getrandom::fill(&mut bytes).map_err(|e| RunError::internal(&std::io::Error::other(e)))?;
     Ok(hex::encode(bytes))
 }
 
@@ -159,8 +158,8 @@ fn key_hash(key: &str) -> String {
     blake3::hash(key.as_bytes()).to_hex().to_string()
 }
 
-fn unauthorized(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+fn unauthorized(code: &str, message: impl Into<String>) -> RunError {
+    RunError::new(Class::Unauthenticated, code, message)
 }
 
 fn challenge_mac(secret: &[u8; 32], expires_ms: u64, nonce: &[u8]) -> blake3::Hash {
@@ -171,17 +170,17 @@ fn challenge_mac(secret: &[u8; 32], expires_ms: u64, nonce: &[u8]) -> blake3::Ha
     mac.finalize()
 }
 
-fn bad_challenge() -> ApiError {
+fn bad_challenge() -> RunError {
     unauthorized(
         "bad_challenge",
         "the challenge is not one this coordinator made, or it is used or expired: GET /v1/keys/challenge for a new one",
     )
 }
 
-fn parse_wallet(wallet: &str) -> Result<WorkerId, ApiError> {
+fn parse_wallet(wallet: &str) -> Result<WorkerId, RunError> {
     WorkerId::parse(wallet).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
+        RunError::new(
+            Class::Invalid,
             "bad_wallet",
             format!("{wallet:?} is not a wallet: 64 hex digits of a worker's public key"),
         )
@@ -199,11 +198,11 @@ impl super::Reads {
 
     /// The weights of `name` (`hivetrain`: the newest; `hivetrain-vN`: version N, its
     /// checkpoint decoded here, with no lock held).
-    pub fn snapshot(&self, name: &str) -> Result<ModelSnapshot, ApiError> {
+    pub fn snapshot(&self, name: &str) -> Result<ModelSnapshot, RunError> {
         let current = self.published();
         let unknown = || {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
+            RunError::new(
+                Class::NotFound,
                 "model_not_found",
                 format!(
                     "there is no model {name:?}: use {MODEL_NAME:?} (the newest) or {MODEL_NAME}-vN for a version up to {}",
@@ -228,7 +227,7 @@ impl super::Reads {
                 &bytes,
                 Some(*self.model.gpt_config()),
             )
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
             Arc::new(ckpt.params)
         };
         Ok(ModelSnapshot {
@@ -248,9 +247,9 @@ impl super::Reads {
 impl Core {
     /// A fresh challenge for a wallet to sign, and when it expires. It is stateless (an
     /// expiry and a nonce under a keyed MAC): no flood of requests can use anything up.
-    pub fn key_challenge(&self, now_ms: u64) -> Result<(String, u64), ApiError> {
+    pub fn key_challenge(&self, now_ms: u64) -> Result<(String, u64), RunError> {
         let mut nonce = [0u8; 16];
-        getrandom::fill(&mut nonce).map_err(|e| ApiError::internal(&std::io::Error::other(e)))?;
+        getrandom::fill(&mut nonce).map_err(|e| RunError::internal(&std::io::Error::other(e)))?;
         let expires_ms = now_ms.saturating_add(CHALLENGE_TTL_MS);
         let mac = challenge_mac(&self.serving.challenge_secret, expires_ms, &nonce);
         let mut bytes = Vec::with_capacity(CHALLENGE_BYTES);
@@ -270,7 +269,7 @@ impl Core {
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RunError> {
         let (mac, expires_ms) =
             self.verify_challenge(wallet, context, challenge, signature, now_ms)?;
         self.remember_challenge(wallet, mac, expires_ms, now_ms)
@@ -285,7 +284,7 @@ impl Core {
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<([u8; 32], u64), ApiError> {
+    ) -> Result<([u8; 32], u64), RunError> {
         let mut bytes = [0u8; CHALLENGE_BYTES];
         hex::decode_to_slice(challenge, &mut bytes).map_err(|_| bad_challenge())?;
         let (expiry, rest) = bytes.split_at(8);
@@ -328,7 +327,7 @@ impl Core {
         given: [u8; 32],
         expires_ms: u64,
         now_ms: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RunError> {
         let used = &mut self.serving.used_challenges;
         used.retain(|_, list| {
             list.retain(|&(_, expires)| expires > now_ms);
@@ -347,15 +346,16 @@ impl Core {
                 .saturating_sub(now_ms)
                 .div_ceil(1000)
                 .max(1);
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
+            return Err(RunError::new(
+                Class::TooMany {
+                    retry_after_s: wait_s,
+                },
                 "rate_limited",
                 format!(
                     "wallet {wallet} used {USED_CHALLENGES_PER_WALLET_MAX} challenges in the last {} s; retry in {wait_s} s",
                     CHALLENGE_TTL_MS / 1000
                 ),
-            )
-            .with_header(axum::http::header::RETRY_AFTER, &wait_s.to_string()));
+            ));
         }
         list.push((given, expires_ms));
         Ok(())
@@ -371,12 +371,12 @@ impl Core {
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<(String, WorkerId), ApiError> {
+    ) -> Result<(String, WorkerId), RunError> {
         let id = parse_wallet(wallet)?;
         let balance = self.ledger.read().balance(&Account::Wallet(id));
         if balance == 0 {
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
+            return Err(RunError::new(
+                Class::InsufficientCredit,
                 "insufficient_credit",
                 format!(
                     "wallet {id} holds no credit, and a key could buy nothing: earn credit by training, or receive a transfer, then ask again"
@@ -398,14 +398,14 @@ impl Core {
         let hash = key_hash(&key);
         self.store
             .write(|tx| tx.insert_api_key(&hash, &id.to_string(), now_ms))
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         self.serving.api_keys.insert(hash, id);
         *self.serving.keys_per_wallet.entry(id).or_insert(0) += 1;
         Ok((key, id))
     }
 
     /// The wallet an API key spends from.
-    pub fn api_key_wallet(&self, key: &str) -> Result<WorkerId, ApiError> {
+    pub fn api_key_wallet(&self, key: &str) -> Result<WorkerId, RunError> {
         self.serving
             .api_keys
             .get(&key_hash(key))
@@ -419,12 +419,12 @@ impl Core {
     }
 
     /// Revokes an API key (the key itself authorizes this); its row is deleted.
-    pub fn revoke_api_key(&mut self, key: &str) -> Result<(), ApiError> {
+    pub fn revoke_api_key(&mut self, key: &str) -> Result<(), RunError> {
         let wallet = self.api_key_wallet(key)?;
         let hash = key_hash(key);
         self.store
             .write(|tx| tx.revoke_api_key(&hash))
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         self.serving.api_keys.remove(&hash);
         self.forget_keys(wallet, 1);
         Ok(())
@@ -438,7 +438,7 @@ impl Core {
         challenge: &str,
         signature: &str,
         now_ms: u64,
-    ) -> Result<u32, ApiError> {
+    ) -> Result<u32, RunError> {
         let id = parse_wallet(wallet)?;
         let (mac, expires_ms) =
             self.verify_challenge(id, REVOKE_CHALLENGE_CONTEXT, challenge, signature, now_ms)?;
@@ -457,7 +457,7 @@ impl Core {
         self.remember_challenge(id, mac, expires_ms, now_ms)?;
         self.store
             .write(|tx| hashes.iter().try_for_each(|h| tx.revoke_api_key(h)))
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         for h in &hashes {
             self.serving.api_keys.remove(h);
         }
@@ -503,14 +503,14 @@ impl Core {
         wallet: WorkerId,
         name: &RequestName,
         now_ms: u64,
-    ) -> Result<Option<store::ReplyRow>, ApiError> {
+    ) -> Result<Option<store::ReplyRow>, RunError> {
         let Some(hash) = &name.request_hash else {
             return Ok(None);
         };
         let reference = format!("{wallet}:{}", name.id);
         let reused = || {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            RunError::new(
+                Class::Unprocessable,
                 "idempotency_key_reused",
                 format!(
                     "the Idempotency-Key {:?} was sent with another request; a key names one request: use a new key for a new request",
@@ -536,8 +536,8 @@ impl Core {
             .idempotency_retention_s
             .saturating_mul(1000);
         let expired = || {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            RunError::new(
+                Class::Unprocessable,
                 "idempotency_key_expired",
                 format!(
                     "the request with Idempotency-Key {:?} was answered and paid for, and its reply is no longer kept (replies are kept {} s); use a new key",
@@ -548,7 +548,7 @@ impl Core {
         match self
             .store
             .reply(&reference)
-            .map_err(|e| ApiError::internal(&e))?
+            .map_err(|e| RunError::internal(&e))?
         {
             Some(row) if row.request_hash != *hash => Err(reused()),
             Some(row) if row.created_ms.saturating_add(retention_ms) <= now_ms => Err(expired()),
@@ -576,7 +576,7 @@ impl Core {
         prompt_tokens: u64,
         max_tokens: u64,
         now_ms: u64,
-    ) -> Result<Reservation, ApiError> {
+    ) -> Result<Reservation, RunError> {
         if let Some(row) = self.idempotent_reply(wallet, name, now_ms)? {
             return Ok(Reservation::Replay(row));
         }
@@ -584,8 +584,8 @@ impl Core {
         let price = serving.price(prompt_tokens, max_tokens);
         let available = self.available(wallet);
         if available < price {
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
+            return Err(RunError::new(
+                Class::InsufficientCredit,
                 "insufficient_credit",
                 format!(
                     "this request may cost {} credits ({prompt_tokens} prompt tokens at {} and up to {max_tokens} tokens at {} micro-credits each); wallet {wallet} has {} credits available ({} held by requests under way)",
@@ -650,9 +650,9 @@ impl Core {
         hold: HoldId,
         finished: &Finished,
         now_ms: u64,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, RunError> {
         let hold = self.take_hold(hold).ok_or_else(|| {
-            ApiError::internal(&std::io::Error::other("a generation settled a hold twice"))
+            RunError::internal(&std::io::Error::other("a generation settled a hold twice"))
         })?;
         let serving = &self.config.serving;
         let price = serving
@@ -701,12 +701,12 @@ impl Core {
                 }
                 Ok(())
             })
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         if let Some(e) = entry {
             self.ledger
                 .write()
                 .commit(e)
-                .map_err(|e| ApiError::internal(&e))?;
+                .map_err(|e| RunError::internal(&e))?;
         }
         Ok(amount)
     }
@@ -714,7 +714,7 @@ impl Core {
     /// Claws back the credit of unit `unit`'s accepted update, found false by a later
     /// check: an entry of its own (the mint stays in history), at most what the wallet
     /// still holds. A second clawback of the same unit is a no-op.
-    pub fn claw_back(&mut self, unit: u64, now_ms: u64) -> Result<ledger::Entry, ApiError> {
+    pub fn claw_back(&mut self, unit: u64, now_ms: u64) -> Result<ledger::Entry, RunError> {
         let reference = super::mint_reference(unit);
         if let Some(e) = self.ledger.read().find(ledger::Kind::Clawback, &reference) {
             return Ok(e.clone());
@@ -723,13 +723,13 @@ impl Core {
             .ledger
             .read()
             .clawback_draft(&reference)
-            .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "no_such_mint", e.to_string()))?;
+            .map_err(|e| RunError::new(Class::NotFound, "no_such_mint", e.to_string()))?;
         self.append(draft, now_ms)
     }
 
     /// Pays the pool out to the wallets that earned credit since the last payout, in
     /// proportion (one dividend entry each, all in one transaction). Returns how many.
-    pub fn pay_dividends(&mut self, now_ms: u64) -> Result<usize, ApiError> {
+    pub fn pay_dividends(&mut self, now_ms: u64) -> Result<usize, RunError> {
         let from = self.serving.dividend_from;
         let period = format!("dividend-{}", self.ledger.read().len());
         let drafts = self.ledger.read().dividend_drafts(from, &period);
@@ -739,11 +739,11 @@ impl Core {
             match next.prepare(d, now_ms, &self.authority) {
                 Ok(Prepared::New(entry)) => {
                     next.commit((*entry).clone())
-                        .map_err(|e| ApiError::internal(&e))?;
+                        .map_err(|e| RunError::internal(&e))?;
                     entries.push(*entry);
                 }
                 Ok(Prepared::Existing(_)) => {}
-                Err(e) => return Err(ApiError::internal(&e)),
+                Err(e) => return Err(RunError::internal(&e)),
             }
         }
         let next_from = next.len() as u64;
@@ -754,7 +754,7 @@ impl Core {
                 }
                 tx.set_meta(META_DIVIDEND_FROM, &next_from.to_string())
             })
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| RunError::internal(&e))?;
         *self.ledger.write() = next;
         self.serving.dividend_from = next_from;
         self.serving.last_dividend_ms = now_ms;
@@ -762,7 +762,7 @@ impl Core {
     }
 
     /// Pays dividends when the configured interval has passed since the last payout.
-    pub fn dividends_if_due(&mut self, now_ms: u64) -> Result<(), ApiError> {
+    pub fn dividends_if_due(&mut self, now_ms: u64) -> Result<(), RunError> {
         let interval = self.config.serving.dividend_interval_s.saturating_mul(1000);
         if interval > 0 && now_ms >= self.serving.last_dividend_ms.saturating_add(interval) {
             self.pay_dividends(now_ms)?;
