@@ -5,10 +5,7 @@
 //! authenticates, bounds bodies and reads the clock. [`Coordinator::start`] runs both on
 //! a runtime of its own, so the CLI, the demo and the tests start one the same way.
 
-pub mod config;
 mod connections;
-pub mod core;
-mod drive;
 pub mod error;
 mod http;
 mod metrics;
@@ -19,9 +16,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use crate::config::CoordinatorConfig;
-pub use crate::core::{Core, CoreError, MAX_REJECTIONS_RECORDED};
 pub use crate::error::ApiError;
+use runner::drive;
+pub use runner::{CoordinatorConfig, Core, CoreError, MAX_REJECTIONS_RECORDED, config, core};
 
 /// Milliseconds since the Unix epoch: the coordinator's clock.
 pub fn system_ms() -> u64 {

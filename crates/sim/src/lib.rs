@@ -1,5 +1,5 @@
 //! The whole network in one process, from one seed: the real coordinator core
-//! ([`coordinator::Core`], with its SQLite store, validation, scoring, spot-checks,
+//! ([`runner::Core`], with its SQLite store, validation, scoring, spot-checks,
 //! aggregation and ledger) driven on a simulated clock by N simulated workers. Honest
 //! workers train the tiny model for real through `worker::unit::train`, the function real
 //! workers use; attackers send what their [`Attack`] crafts, signed with their own keys.
@@ -14,7 +14,6 @@ pub mod matrix;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use coordinator::{CoordinatorConfig, Core};
 use ed25519_dalek::SigningKey;
 use engine::{Backend, Purpose};
 use protocol::api::LeaseReply;
@@ -22,6 +21,7 @@ use protocol::{UpdateHeader, WorkAddress, WorkUnit, WorkerId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use runner::{CoordinatorConfig, Core};
 use serde::Serialize;
 use store::CheckState;
 
@@ -259,7 +259,7 @@ impl Report {
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error(transparent)]
-    Core(#[from] coordinator::CoreError),
+    Core(#[from] runner::CoreError),
     #[error("the coordinator failed: {0}")]
     Run(#[from] run::RunError),
     #[error("{0}")]
@@ -343,7 +343,7 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
         batch: 4,
         seq: 32,
         holdout_batches: 16,
-        devices: coordinator::config::DevicesConfig {
+        devices: runner::config::DevicesConfig {
             holdout: "cpu:1".into(),
             ..Default::default()
         },

@@ -3,10 +3,14 @@
 //! model, train H steps on the data the unit names, send the signed, compressed delta,
 //! and report the verdict.
 
+#[cfg(feature = "http")]
+mod http;
 pub mod identity;
 mod run;
 mod transport;
 pub mod unit;
 
+#[cfg(feature = "http")]
+pub use http::HttpTransport;
 pub use run::{Reporter, Summary, WorkerError, WorkerOptions, run};
-pub use transport::{HttpTransport, Refusal, Transport, TransportError};
+pub use transport::{Refusal, Transport, TransportError};

@@ -18,7 +18,7 @@ use crate::core::{AggregationJob, Core, CoreError};
 const EXIT_BROKEN: i32 = 70;
 
 /// Stops the process: the core's memory no longer matches its store.
-pub(crate) fn stop(why: &dyn std::fmt::Display) -> ! {
+pub fn stop(why: &dyn std::fmt::Display) -> ! {
     tracing::error!(
         "stopping: {why}; the store holds every committed change, so restarting the coordinator on the same directory resumes from the last commit"
     );
@@ -29,14 +29,14 @@ pub(crate) fn stop(why: &dyn std::fmt::Display) -> ! {
 }
 
 /// The core, locked; a poisoned lock stops the process.
-pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+pub fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|_| {
         stop(&"a thread panicked while it held the run's state, which may be half-changed")
     })
 }
 
 /// Runs `f` on the core at `clock()`, then any aggregation it made due, outside the lock.
-pub(crate) fn run<T>(
+pub fn run<T>(
     core: &Mutex<Core>,
     clock: &(dyn Fn() -> u64 + Send + Sync),
     f: impl FnOnce(&mut Core, u64) -> T,
