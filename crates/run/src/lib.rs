@@ -10,7 +10,9 @@
 //! coordinator's core.
 
 pub mod acceptance;
+pub mod checks;
 pub mod error;
 
 pub use acceptance::{Acceptance, Decision, Rules};
+pub use checks::{CheckRules, Sample, SpotChecks, draw};
 pub use error::{Class, RunError};

@@ -7,7 +7,7 @@
 //! serialized state, then swap the copy in. A crash at any point leaves the store at the
 //! last committed transaction, which [`Core::open`] resumes from.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -174,12 +174,10 @@ pub struct Core {
     serving: serving::Serving,
     /// The train split (scoring batches and spot-check re-runs read it).
     train: Arc<Vec<u32>>,
-    /// Consecutive verified units per worker.
-    trust: HashMap<WorkerId, validation::spot_check::Trust>,
-    /// Units waiting to be re-run (their rows say `queued`).
-    check_queue: VecDeque<u64>,
-    /// Units whose re-run did not match: kept out of any aggregate not yet formed.
-    failed: HashSet<u64>,
+    /// Replay spot-checks: trust per worker, the units waiting to be re-run (their rows
+    /// say `queued`), and those whose re-run did not match (kept out of any aggregate
+    /// not yet formed).
+    checks: run::SpotChecks,
     /// A version's random scoring batches and its loss on them, made once per version.
     random_loss: Option<Arc<checks::RandomBatches>>,
 }
@@ -450,17 +448,19 @@ impl Core {
                 };
                 WorkerId::parse(&w).map(|w| (w, trust))
             })
-            .collect();
-        let check_queue = store
-            .checks(Some(store::CheckState::Queued))?
-            .into_iter()
-            .map(|c| c.unit)
-            .collect();
-        let failed = store
-            .checks(Some(store::CheckState::Failed))?
-            .into_iter()
-            .map(|c| c.unit)
-            .collect();
+            .collect::<Vec<_>>();
+        let units = |state| -> Result<Vec<u64>, store::StoreError> {
+            Ok(store
+                .checks(Some(state))?
+                .into_iter()
+                .map(|c| c.unit)
+                .collect())
+        };
+        let checks = run::SpotChecks::resume(
+            trust,
+            units(store::CheckState::Queued)?,
+            units(store::CheckState::Failed)?,
+        );
         let serving = serving::Serving::new(
             store.api_keys()?,
             store
@@ -539,9 +539,7 @@ impl Core {
             authority,
             serving,
             train: Arc::new(dataset.train),
-            trust,
-            check_queue,
-            failed,
+            checks,
             random_loss: None,
             _lock: lock,
         };
@@ -917,7 +915,19 @@ impl Core {
             weight,
             received_ms: now_ms,
         };
-        let check = self.sample_check(work_unit, worker, force_check);
+        let sample = self
+            .checks
+            .sample(&self.check_rules(), work_unit, worker, force_check);
+        let check = sample.map(|sample| store::CheckRow {
+            unit: work_unit,
+            worker: worker.to_string(),
+            state: match sample {
+                run::Sample::Queued => store::CheckState::Queued,
+                run::Sample::Unchecked => store::CheckState::Unchecked,
+            },
+            distance: None,
+            decided_ms: None,
+        });
         let payload = hex::encode(update.payload_hash);
         let effects = self.advance(
             now_ms,
@@ -934,12 +944,8 @@ impl Core {
                 tx.insert_entry(&mint)
             },
         )?;
-        if let Some(store::CheckRow {
-            state: store::CheckState::Queued,
-            ..
-        }) = check
-        {
-            self.check_queue.push_back(work_unit);
+        if let Some(sample) = sample {
+            self.checks.sampled(work_unit, sample);
         }
         self.acceptance
             .accepted(work_unit, norm, gain, self.current.version);

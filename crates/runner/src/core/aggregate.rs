@@ -191,7 +191,7 @@ impl Core {
         self.scheduler
             .round_updates()
             .into_iter()
-            .filter(|u| !self.failed.contains(u))
+            .filter(|&u| !self.checks.failed(u))
             .map(|unit| {
                 let a = self.accepted.get(&unit).ok_or_else(|| {
                     CoreError::Inconsistent(format!(

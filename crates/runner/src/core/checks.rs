@@ -17,7 +17,7 @@ use ledger::Prepared;
 use protocol::{SignedUpdate, WorkUnit, WorkerId};
 use store::{CheckRow, CheckState};
 use validation::score::Score;
-use validation::spot_check::{SpotCheckPolicy, Trust};
+use validation::spot_check::Trust;
 
 use worker::unit::owned_batch;
 
@@ -186,46 +186,17 @@ pub struct CheckOutcome {
     pub requeued: usize,
 }
 
-/// A uniform draw for unit `unit` of the run seeded `seed`.
-fn draw(seed: u64, unit: u64) -> u64 {
-    protocol::splitmix64(seed ^ unit.wrapping_mul(0xD1B5_4A32_D192_ED03))
-}
-
 impl Core {
-    pub(super) fn spot_policy(&self) -> SpotCheckPolicy {
-        SpotCheckPolicy {
-            trusted_after: self.config.spot_check.trusted_after,
-        }
-    }
-
-    /// The check record of a unit just accepted: queued if sampled (and the backlog has
-    /// room) or `force`d, unchecked otherwise.
-    pub(super) fn sample_check(
-        &self,
-        unit: u64,
-        worker: WorkerId,
-        force: bool,
-    ) -> Option<CheckRow> {
+    /// The run's spot-check rules, from its config.
+    pub(super) fn check_rules(&self) -> run::CheckRules {
         let spot = &self.config.spot_check;
-        if !spot.enabled {
-            return None;
+        run::CheckRules {
+            enabled: spot.enabled,
+            trusted_after: spot.trusted_after,
+            tolerance: spot.tolerance,
+            max_backlog: spot.max_backlog,
+            seed: self.config.seed,
         }
-        let trust = self.trust.get(&worker).copied().unwrap_or_default();
-        let sampled = self
-            .spot_policy()
-            .should_check(trust, draw(self.config.seed, unit));
-        let room = self.check_queue.len() < spot.max_backlog as usize;
-        Some(CheckRow {
-            unit,
-            worker: worker.to_string(),
-            state: if force || (sampled && room) {
-                CheckState::Queued
-            } else {
-                CheckState::Unchecked
-            },
-            distance: None,
-            decided_ms: None,
-        })
     }
 
     /// What scoring an update for `unit` based on `version` needs (`None` when scoring
@@ -268,7 +239,7 @@ impl Core {
                 let batches: Vec<OwnedBatch> = (0..n as u64)
                     .map(|b| {
                         let starts: Vec<usize> = (0..batch as u64)
-                            .map(|i| (draw(key, b * batch as u64 + i) % span) as usize)
+                            .map(|i| (run::draw(key, b * batch as u64 + i) % span) as usize)
                             .collect();
                         owned_batch(data::address::batch_at(&self.train, &starts, self.seq))
                     })
@@ -322,7 +293,7 @@ impl Core {
 
     /// Units waiting to be re-run.
     pub fn checks_queued(&self) -> usize {
-        self.check_queue.len()
+        self.checks.queued()
     }
 
     /// The next unit to re-run, if any. Taking it does not change the store: a job that
@@ -330,7 +301,7 @@ impl Core {
     pub fn next_check(&mut self) -> Result<Option<CheckJob>, RunError> {
         let internal =
             |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
-        while let Some(unit) = self.check_queue.pop_front() {
+        while let Some(unit) = self.checks.take() {
             let (Some(u), Some(update)) = (
                 self.store.unit(unit).map_err(|e| internal(&e))?,
                 self.store.update(unit).map_err(|e| internal(&e))?,
@@ -443,40 +414,36 @@ impl Core {
                 .map_err(|e| internal(&e))?;
             relative_distance(&sent, &ours)
         };
-        let matched = distance <= self.config.spot_check.tolerance;
-        let policy = self.spot_policy();
-        let trust = policy.after(
-            self.trust.get(&worker).copied().unwrap_or_default(),
-            unit,
-            matched,
-        );
-        let mut requeue = Vec::new();
+        let unchecked: Vec<u64> = self
+            .store
+            .checks(Some(CheckState::Unchecked))
+            .map_err(|e| internal(&e))?
+            .into_iter()
+            .filter(|c| c.worker == update.worker)
+            .map(|c| c.unit)
+            .collect();
+        let outcome = self
+            .checks
+            .judge(&self.check_rules(), unit, worker, distance, &unchecked);
+        let (matched, trust) = (outcome.matched, outcome.trust);
         let mut clawback = None;
-        if !matched {
-            requeue = self
-                .store
-                .checks(Some(CheckState::Unchecked))
-                .map_err(|e| internal(&e))?
-                .into_iter()
-                .filter(|c| c.worker == update.worker)
-                .collect();
-            let reference = mint_reference(unit);
-            if self
+        let reference = mint_reference(unit);
+        if outcome.claw_back
+            && self
                 .ledger
                 .read()
                 .find(ledger::Kind::Clawback, &reference)
                 .is_none()
-            {
-                let draft = self
-                    .ledger
-                    .read()
-                    .clawback_draft(&reference)
-                    .map_err(|e| internal(&e))?;
-                match self.ledger.prepare(draft, now_ms, &self.authority) {
-                    Ok(Prepared::New(entry)) => clawback = Some(*entry),
-                    Ok(Prepared::Existing(_)) => {}
-                    Err(e) => return Err(internal(&e)),
-                }
+        {
+            let draft = self
+                .ledger
+                .read()
+                .clawback_draft(&reference)
+                .map_err(|e| internal(&e))?;
+            match self.ledger.prepare(draft, now_ms, &self.authority) {
+                Ok(Prepared::New(entry)) => clawback = Some(*entry),
+                Ok(Prepared::Existing(_)) => {}
+                Err(e) => return Err(internal(&e)),
             }
         }
         let row = CheckRow {
@@ -494,10 +461,13 @@ impl Core {
             .write(|tx| {
                 tx.set_check(&row)?;
                 tx.set_trust(&update.worker, trust.verified, trust.failed_unit)?;
-                for c in &requeue {
+                for &requeued in &outcome.requeue {
                     tx.set_check(&CheckRow {
+                        unit: requeued,
+                        worker: update.worker.clone(),
                         state: CheckState::Queued,
-                        ..c.clone()
+                        distance: None,
+                        decided_ms: None,
                     })?;
                 }
                 if let Some(entry) = &clawback {
@@ -513,21 +483,14 @@ impl Core {
                 .commit(entry)
                 .map_err(|e| internal(&e))?;
         }
-        self.trust.insert(worker, trust);
-        if !matched {
-            self.failed.insert(unit);
-            // The worker's other units go first: they may be lies too.
-            for c in requeue.iter().rev() {
-                self.check_queue.push_front(c.unit);
-            }
-        }
+        self.checks.decided(unit, worker, &outcome);
         Ok(CheckOutcome {
             unit,
             worker,
             matched,
             distance,
             clawed_back,
-            requeued: requeue.len(),
+            requeued: outcome.requeue.len(),
         })
     }
 
@@ -567,7 +530,7 @@ impl Core {
 
     /// A worker's count of consecutive verified units.
     pub fn trust(&self, worker: WorkerId) -> Trust {
-        self.trust.get(&worker).copied().unwrap_or_default()
+        self.checks.trust(worker)
     }
 }
 
