@@ -9,11 +9,9 @@ use crate::batch;
 #[test]
 fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
     let spec = ModelSpec::preset(Preset::Tiny, 97);
-    let params = engine::init_params(spec.gpt_config(), 3).expect("init");
-    let batches = [
-        batch(spec.gpt_config(), 3, 17, 1),
-        batch(spec.gpt_config(), 2, 64, 2),
-    ];
+    let params = spec.init_params(3).expect("init");
+    let config = spec.gpt_config("a test batch").expect("gpt-2");
+    let batches = [batch(config, 3, 17, 1), batch(config, 2, 64, 2)];
     for threads in [1, 2] {
         let device = format!("cpu:{threads}");
         let open =
