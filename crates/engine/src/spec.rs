@@ -303,6 +303,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn llama_specs() {
+        check(
+            &ModelSpec::llama("smollm2-135m", LlamaConfig::smollm2_135m(2048)),
+            expect_test::expect![[r#"
+                {"name":"smollm2-135m","architecture":{"llama":{"hidden":576,"intermediate":1536,"layers":30,"heads":9,"kv_heads":3,"head_dim":64,"vocab_size":49152,"rope_theta":100000.0,"rms_eps":0.00001,"tie_embeddings":true,"max_seq":2048}},"trainable":"all"}
+                id=smollm2-135m-1fb1f0dde1e21086 params=134515008 trainable=134515008 tensors=272 first=model.embed_tokens.weight flops/token=807090048"#]],
+        );
+        check(
+            &ModelSpec::llama(
+                "untied",
+                LlamaConfig {
+                    tie_embeddings: false,
+                    ..LlamaConfig::smollm2_135m(128)
+                },
+            ),
+            expect_test::expect![[r#"
+                {"name":"untied","architecture":{"llama":{"hidden":576,"intermediate":1536,"layers":30,"heads":9,"kv_heads":3,"head_dim":64,"vocab_size":49152,"rope_theta":100000.0,"rms_eps":0.00001,"tie_embeddings":false,"max_seq":128}},"trainable":"all"}
+                id=untied-94d3039ab3e1ce57 params=162826560 trainable=162826560 tensors=273 first=model.embed_tokens.weight flops/token=807090048"#]],
+        );
+        let spec = ModelSpec::llama("smollm2-135m", LlamaConfig::smollm2_135m(2048));
+        let got = match spec.gpt_config("a GPT-2 checkpoint") {
+            Ok(config) => format!("{config:?}"),
+            Err(e) => e.to_string(),
+        };
+        expect_test::expect!["model smollm2-135m is a llama; a GPT-2 checkpoint needs a GPT-2"]
+            .assert_eq(&got);
+    }
+
     /// With every tensor trained, a delta and its application are the element-wise
     /// differences of whole vectors, so deltas keep the bytes they had before the spec.
     #[test]

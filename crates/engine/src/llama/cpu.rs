@@ -744,3 +744,96 @@ impl Backend for LlamaCpuBackend {
         Ok(&s.logits)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig {
+            hidden: 8,
+            intermediate: 12,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            vocab_size: 11,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            tie_embeddings: true,
+            max_seq: 4,
+        }
+    }
+
+    /// What a backend answers to one bad request, as text.
+    #[track_caller]
+    fn check(
+        request: impl FnOnce(&mut LlamaCpuBackend) -> Result<(), EngineError>,
+        expect: expect_test::Expect,
+    ) {
+        let config = tiny();
+        let params = super::super::init_params(&config, 1).expect("init");
+        let mut backend = LlamaCpuBackend::open(config, params, 1, Purpose::Train).expect("open");
+        let got = match request(&mut backend) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn bad_requests_are_errors_not_panics() {
+        let batch = |inputs: &'static [u32], b: usize, t: usize| Batch {
+            inputs,
+            targets: inputs,
+            batch: b,
+            seq: t,
+        };
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 3, 4, 5], 1, 5)).map(drop),
+            expect_test::expect!["sequence length 5 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 11], 1, 3)).map(drop),
+            expect_test::expect!["token id 11 is outside the vocabulary of 11"],
+        );
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 3], 2, 2)).map(drop),
+            expect_test::expect!["batch shape 2x2 needs 4 tokens, got 3 inputs and 3 targets"],
+        );
+        check(
+            |m| m.set_params(&[0.0; 3]),
+            expect_test::expect!["parameter vector has 3 floats, the model has 592"],
+        );
+        check(
+            |m| {
+                for token in [1, 2, 3, 4] {
+                    m.decode_step(token)?;
+                }
+                m.decode_step(5).map(drop)
+            },
+            expect_test::expect!["generation reached the model's context of 4 tokens"],
+        );
+        check(
+            |m| m.logits(&[]).map(drop),
+            expect_test::expect!["sequence length 0 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| {
+                LlamaCpuBackend::open(
+                    LlamaConfig {
+                        kv_heads: 0,
+                        ..tiny()
+                    },
+                    m.params(),
+                    1,
+                    Purpose::Eval,
+                )
+                .map(drop)
+            },
+            expect_test::expect![
+                "every size of a Llama must be at least 1, got LlamaConfig { hidden: 8, intermediate: 12, layers: 1, heads: 2, kv_heads: 0, head_dim: 4, vocab_size: 11, rope_theta: 10000.0, rms_eps: 1e-5, tie_embeddings: true, max_seq: 4 }"
+            ],
+        );
+    }
+}
