@@ -78,10 +78,6 @@ pub(crate) fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
-pub(crate) fn batch(config: &GptConfig, b: usize, t: usize, salt: usize) -> OwnedBatch {
-    vocab_batch(config.vocab_size, b, t, salt)
-}
-
 pub(crate) fn backend(config: GptConfig, params: Vec<f32>, threads: usize) -> Box<dyn Backend> {
     engine::open_backend(&format!("cpu:{threads}"), config, params).expect("cpu backend")
 }
