@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vocab: usize = arg(1, "8192").parse()?;
     let (b, t): (usize, usize) = (arg(2, "4").parse()?, arg(3, "1024").parse()?);
     let spec = engine::ModelSpec::preset(preset, vocab);
-    let params = engine::init_params(spec.gpt_config(), 1)?;
+    let params = spec.init_params(1)?;
     let tokens: Vec<u32> = (0..b * t + 1).map(|i| (i * 7919 % vocab) as u32).collect();
     let batch = engine::Batch {
         inputs: &tokens[..b * t],

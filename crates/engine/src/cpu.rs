@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::matmul::{Par, View, ViewMut, matmul};
 use crate::ops::{self, AttnShape};
-use crate::params::{BlockOffsets, ParamLayout};
+use crate::params::{BlockOffsets, GptLayout};
 use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, Purpose, StepStats};
 
 /// Activations of one block, kept for the backward pass.
@@ -111,7 +111,7 @@ struct DecodeState {
 /// A GPT on the CPU.
 pub struct CpuBackend {
     config: GptConfig,
-    layout: ParamLayout,
+    layout: GptLayout,
     params: Vec<f32>,
     /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
     purpose: Purpose,
@@ -150,6 +150,50 @@ fn two_mut(
     (&mut lo[a], &mut hi[..b.end - b.start])
 }
 
+/// The engine's rayon pool of `threads` threads, each flushing subnormals to zero.
+pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, EngineError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("engine-{i}"))
+        .start_handler(|_| crate::ftz::enable_on_this_thread())
+        .build()
+        .map(Arc::new)
+        .map_err(|_| EngineError::UnknownDevice(format!("cpu:{threads}")))
+}
+
+/// Checks a batch's shape against a model's context and vocabulary.
+pub(crate) fn check_batch(
+    batch: &Batch<'_>,
+    n_ctx: usize,
+    vocab_size: usize,
+) -> Result<(), EngineError> {
+    let want = batch.batch * batch.seq;
+    if batch.batch == 0 || batch.inputs.len() != want || batch.targets.len() != want {
+        return Err(EngineError::BatchShape {
+            batch: batch.batch,
+            seq: batch.seq,
+            want,
+            inputs: batch.inputs.len(),
+            targets: batch.targets.len(),
+        });
+    }
+    if batch.seq == 0 || batch.seq > n_ctx {
+        return Err(EngineError::SequenceLength {
+            seq: batch.seq,
+            n_ctx,
+        });
+    }
+    if let Some(&token) = batch
+        .inputs
+        .iter()
+        .chain(batch.targets)
+        .find(|&&t| t as usize >= vocab_size)
+    {
+        return Err(EngineError::TokenOutOfRange { token, vocab_size });
+    }
+    Ok(())
+}
+
 impl CpuBackend {
     /// A training backend holding `params` (in flat order), computing on `threads` threads.
     pub fn new(config: GptConfig, params: Vec<f32>, threads: usize) -> Result<Self, EngineError> {
@@ -165,7 +209,7 @@ impl CpuBackend {
         purpose: Purpose,
     ) -> Result<Self, EngineError> {
         config.validate()?;
-        let layout = ParamLayout::new(&config);
+        let layout = GptLayout::new(&config);
         if params.len() != layout.len() {
             return Err(EngineError::ParamCount {
                 got: params.len(),
@@ -173,13 +217,7 @@ impl CpuBackend {
             });
         }
         let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("engine-{i}"))
-            .start_handler(|_| crate::ftz::enable_on_this_thread())
-            .build()
-            .map(Arc::new)
-            .map_err(|_| EngineError::UnknownDevice(format!("cpu:{threads}")))?;
+        let pool = thread_pool(threads)?;
         let n = match purpose {
             Purpose::Train => layout.len(),
             Purpose::Eval => 0,
@@ -208,32 +246,7 @@ impl CpuBackend {
     }
 
     fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
-        let want = batch.batch * batch.seq;
-        if batch.batch == 0 || batch.inputs.len() != want || batch.targets.len() != want {
-            return Err(EngineError::BatchShape {
-                batch: batch.batch,
-                seq: batch.seq,
-                want,
-                inputs: batch.inputs.len(),
-                targets: batch.targets.len(),
-            });
-        }
-        if batch.seq == 0 || batch.seq > self.config.n_ctx {
-            return Err(EngineError::SequenceLength {
-                seq: batch.seq,
-                n_ctx: self.config.n_ctx,
-            });
-        }
-        let vocab_size = self.config.vocab_size;
-        if let Some(&token) = batch
-            .inputs
-            .iter()
-            .chain(batch.targets)
-            .find(|&&t| t as usize >= vocab_size)
-        {
-            return Err(EngineError::TokenOutOfRange { token, vocab_size });
-        }
-        Ok(())
+        check_batch(batch, self.config.n_ctx, self.config.vocab_size)
     }
 
     /// Forward pass; returns the mean loss. With `grad`, leaves d(loss)/d(logits) in the
@@ -539,41 +552,19 @@ impl CpuBackend {
 
     /// Clips the gradient and applies one AdamW update. Returns the pre-clip norm.
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
-        let norm = ops::sum_squares(&self.grads).sqrt() as f32;
-        let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
-            opt.grad_clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
         self.adam_step += 1;
-        let step = self.adam_step as i32;
-        let bc1 = 1.0 - opt.beta1.powi(step);
-        let bc2_sqrt = (1.0 - opt.beta2.powi(step)).sqrt();
-        let step_size = lr / bc1;
-        let (b1, b2, eps) = (opt.beta1, opt.beta2, opt.eps);
-        for spec in self.layout.tensors() {
-            let decay = if spec.kind.decays() {
-                1.0 - lr * opt.weight_decay
-            } else {
-                1.0
-            };
-            let r = spec.range();
-            self.params[r.clone()]
-                .par_chunks_mut(1 << 14)
-                .zip(self.grads[r.clone()].par_chunks(1 << 14))
-                .zip(self.adam_m[r.clone()].par_chunks_mut(1 << 14))
-                .zip(self.adam_v[r].par_chunks_mut(1 << 14))
-                .for_each(|(((p, g), m), v)| {
-                    for i in 0..p.len() {
-                        let g = g[i] * clip;
-                        m[i] = b1 * m[i] + (1.0 - b1) * g;
-                        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                        let denom = v[i].sqrt() / bc2_sqrt + eps;
-                        p[i] = p[i] * decay - step_size * m[i] / denom;
-                    }
-                });
-        }
-        norm
+        ops::adamw(
+            ops::AdamState {
+                params: &mut self.params,
+                grads: &self.grads,
+                m: &mut self.adam_m,
+                v: &mut self.adam_v,
+                step: self.adam_step,
+            },
+            self.layout.tensors(),
+            opt,
+            lr,
+        )
     }
 
     fn decode_state(&mut self) -> &mut DecodeState {
@@ -601,8 +592,8 @@ fn layernorm_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
 }
 
 impl Backend for CpuBackend {
-    fn config(&self) -> &GptConfig {
-        &self.config
+    fn architecture(&self) -> crate::Architecture {
+        crate::Architecture::Gpt2(self.config)
     }
 
     fn device(&self) -> String {

@@ -93,7 +93,7 @@ pub fn generate(
     params: &SamplingParams,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Vec<u32>, EngineError> {
-    let n_ctx = backend.config().n_ctx;
+    let n_ctx = backend.architecture().n_ctx();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
     let mut context: Vec<u32> = if prompt.is_empty() {
         vec![0]

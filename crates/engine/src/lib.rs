@@ -1,19 +1,22 @@
-//! hivetrain's training engine: a GPT-2 decoder written for this one architecture.
+//! hivetrain's training engine: GPT-2 and Llama decoders with hand-written forward and
+//! backward passes.
 //!
-//! What goes in: a [`GptConfig`], a seed or a flat parameter vector, and batches of
-//! token ids. What comes out: losses, trained parameters (one flat `f32` vector in the
+//! What goes in: a [`ModelSpec`] (or a [`GptConfig`]), a seed or a flat parameter
+//! vector, and batches of token ids. What comes out: losses, trained parameters (one flat `f32` vector in the
 //! order [`params`] documents), safetensors checkpoints with HF GPT-2 names, and
 //! generated tokens.
 //!
 //! Every device implements [`Backend`]; callers (the CLI, the worker, benchmarks) hold a
-//! `Box<dyn Backend>` from [`open_backend`] and never see device types. Today there is
-//! one device, [`cpu::CpuBackend`].
+//! `Box<dyn Backend>` from [`open_model`] (or [`open_backend`] for a GPT-2) and never
+//! see device or architecture types. Today there is one device, the CPU, with a backend
+//! per architecture: [`cpu::CpuBackend`] (GPT-2) and [`llama::cpu::LlamaCpuBackend`].
 
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 mod ftz;
 pub mod generate;
+pub mod llama;
 mod matmul;
 mod ops;
 pub mod optim;
@@ -22,6 +25,7 @@ pub mod spec;
 pub mod train;
 
 pub use config::{ConfigError, GptConfig, Preset};
+pub use llama::{LlamaConfig, LlamaConfigError, LlamaLayout};
 pub use matmul::gram;
 pub use optim::{LrSchedule, OptimizerConfig};
 pub use params::{ParamLayout, TensorKind, TensorSpec};
@@ -50,6 +54,8 @@ pub struct StepStats {
 pub enum EngineError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    LlamaConfig(#[from] LlamaConfigError),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(
@@ -95,8 +101,8 @@ pub enum Purpose {
 /// A backend owns the parameters, the gradients, the optimizer state and the KV cache
 /// of one model, wherever they live.
 pub trait Backend: Send {
-    /// The model's shape.
-    fn config(&self) -> &GptConfig;
+    /// The model's family and shape.
+    fn architecture(&self) -> Architecture;
     /// A human-readable device description (`cpu (2 threads)`).
     fn device(&self) -> String;
     /// All parameters, flat, in [`params`] order.
@@ -147,12 +153,14 @@ pub fn open_model(
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
     let threads = device_threads(device)?;
-    let config = match &spec.architecture {
-        Architecture::Gpt2(config) => *config,
-    };
-    Ok(Box::new(cpu::CpuBackend::open(
-        config, params, threads, purpose,
-    )?))
+    Ok(match spec.architecture {
+        Architecture::Gpt2(config) => {
+            Box::new(cpu::CpuBackend::open(config, params, threads, purpose)?)
+        }
+        Architecture::Llama(config) => Box::new(llama::cpu::LlamaCpuBackend::open(
+            config, params, threads, purpose,
+        )?),
+    })
 }
 
 /// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.

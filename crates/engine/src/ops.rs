@@ -119,6 +119,68 @@ pub(crate) fn sum_squares(x: &[f32]) -> f64 {
     partials.iter().sum()
 }
 
+/// What one AdamW update reads and writes: the parameters, their gradient, the two
+/// moments (all the same length) and the number of this step (from 1).
+pub(crate) struct AdamState<'a> {
+    pub(crate) params: &'a mut [f32],
+    pub(crate) grads: &'a [f32],
+    pub(crate) m: &'a mut [f32],
+    pub(crate) v: &'a mut [f32],
+    pub(crate) step: u32,
+}
+
+/// Clips the gradient to `opt.grad_clip` (global L2 norm) and applies one AdamW update,
+/// decaying the tensors whose kind decays. Returns the pre-clip norm. Shared by every
+/// architecture, so one optimizer serves all of them.
+pub(crate) fn adamw(
+    state: AdamState<'_>,
+    tensors: &[crate::TensorSpec],
+    opt: &crate::OptimizerConfig,
+    lr: f32,
+) -> f32 {
+    let AdamState {
+        params,
+        grads,
+        m: adam_m,
+        v: adam_v,
+        step,
+    } = state;
+    let norm = sum_squares(grads).sqrt() as f32;
+    let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
+        opt.grad_clip / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    let step = step as i32;
+    let bc1 = 1.0 - opt.beta1.powi(step);
+    let bc2_sqrt = (1.0 - opt.beta2.powi(step)).sqrt();
+    let step_size = lr / bc1;
+    let (b1, b2, eps) = (opt.beta1, opt.beta2, opt.eps);
+    for spec in tensors {
+        let decay = if spec.kind.decays() {
+            1.0 - lr * opt.weight_decay
+        } else {
+            1.0
+        };
+        let r = spec.range();
+        params[r.clone()]
+            .par_chunks_mut(1 << 14)
+            .zip(grads[r.clone()].par_chunks(1 << 14))
+            .zip(adam_m[r.clone()].par_chunks_mut(1 << 14))
+            .zip(adam_v[r].par_chunks_mut(1 << 14))
+            .for_each(|(((p, g), m), v)| {
+                for i in 0..p.len() {
+                    let g = g[i] * clip;
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let denom = v[i].sqrt() / bc2_sqrt + eps;
+                    p[i] = p[i] * decay - step_size * m[i] / denom;
+                }
+            });
+    }
+    norm
+}
+
 /// `out[n, :] = LN(inp[n, :]) * w + b`, saving each row's mean and reciprocal std.
 pub(crate) fn layernorm_forward(
     out: &mut [f32],

@@ -1,6 +1,8 @@
-//! Where each tensor lives in the one flat parameter vector, under its HF GPT-2 name.
+//! Where each tensor lives in the one flat parameter vector, under its HF name.
 //!
-//! The order is the order of the table below; it is part of hivetrain's wire format
+//! [`ParamLayout`] is the table of named tensors any architecture has; GPT-2's offsets
+//! (`GptLayout`) are below, Llama's are in [`crate::llama`]. For GPT-2 the order is the
+//! order of the table below; it is part of hivetrain's wire format
 //! (a weight delta is a flat vector in this order), so it only ever changes with a
 //! protocol version.
 //!
@@ -93,20 +95,82 @@ pub(crate) struct BlockOffsets {
     pub(crate) fcproj_b: usize,
 }
 
-/// The whole table, computed from a config.
+/// The named tensors of a flat parameter vector, in flat order.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     tensors: Vec<TensorSpec>,
+    len: usize,
+}
+
+/// Appends tensors one after another, each at the end of the one before.
+#[derive(Default)]
+pub(crate) struct LayoutBuilder {
+    tensors: Vec<TensorSpec>,
+    offset: usize,
+}
+
+impl LayoutBuilder {
+    /// Appends a tensor and returns its offset.
+    pub(crate) fn push(&mut self, name: String, shape: Vec<usize>, kind: TensorKind) -> usize {
+        let spec = TensorSpec {
+            name,
+            shape,
+            offset: self.offset,
+            kind,
+        };
+        let offset = self.offset;
+        self.offset += spec.len();
+        self.tensors.push(spec);
+        offset
+    }
+
+    pub(crate) fn finish(self) -> ParamLayout {
+        ParamLayout {
+            tensors: self.tensors,
+            len: self.offset,
+        }
+    }
+}
+
+/// GPT-2's table with the offsets its CPU backend reads.
+#[derive(Clone, Debug)]
+pub(crate) struct GptLayout {
+    table: ParamLayout,
     pub(crate) wte: usize,
     pub(crate) wpe: usize,
     pub(crate) blocks: Vec<BlockOffsets>,
     pub(crate) lnf_w: usize,
     pub(crate) lnf_b: usize,
-    len: usize,
 }
 
 impl ParamLayout {
+    /// GPT-2's table for `config`.
     pub fn new(config: &GptConfig) -> ParamLayout {
+        GptLayout::new(config).table
+    }
+
+    /// Total number of floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every tensor, in flat order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.tensors
+    }
+
+    /// The tensor with this HF name.
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+impl GptLayout {
+    pub(crate) fn new(config: &GptConfig) -> GptLayout {
         let (d, v, t) = (config.n_embd, config.vocab_size, config.n_ctx);
         let mut tensors = Vec::new();
         let mut offset = 0;
@@ -172,33 +236,24 @@ impl ParamLayout {
         let lnf_w = push("transformer.ln_f.weight".into(), vec![d], TensorKind::Gain);
         let lnf_b = push("transformer.ln_f.bias".into(), vec![d], TensorKind::Bias);
         debug_assert_eq!(offset, config.n_params());
-        ParamLayout {
-            tensors,
+        GptLayout {
+            table: ParamLayout {
+                tensors,
+                len: offset,
+            },
             wte,
             wpe,
             blocks,
             lnf_w,
             lnf_b,
-            len: offset,
         }
     }
 
-    /// Total number of floats.
-    pub fn len(&self) -> usize {
-        self.len
+    pub(crate) fn len(&self) -> usize {
+        self.table.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Every tensor, in flat order.
-    pub fn tensors(&self) -> &[TensorSpec] {
-        &self.tensors
-    }
-
-    /// The tensor with this HF name.
-    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
-        self.tensors.iter().find(|t| t.name == name)
+    pub(crate) fn tensors(&self) -> &[TensorSpec] {
+        &self.table.tensors
     }
 }

@@ -10,13 +10,16 @@
 //! frozen base with trained adapters (LoRA) is a new [`Trainable`] variant whose tensors
 //! are the adapters. Neither changes a caller.
 //!
-//! Today there is one of each: GPT-2, every tensor trained. A delta is then exactly the
-//! flat parameter vector in [`crate::params`] order, so its bytes are what they were
-//! before the spec existed.
+//! Two architectures (GPT-2 and Llama) and one trainable layout (every tensor trained).
+//! A delta is then exactly the flat parameter vector in its layout's order, so a GPT-2
+//! delta's bytes are what they were before the spec existed.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, GptConfig, ParamLayout, Preset, TensorSpec};
+use crate::{
+    ConfigError, GptConfig, LlamaConfig, LlamaConfigError, LlamaLayout, ParamLayout, Preset,
+    TensorSpec,
+};
 
 /// The network's family and shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +27,35 @@ use crate::{ConfigError, GptConfig, ParamLayout, Preset, TensorSpec};
 pub enum Architecture {
     /// A GPT-2 decoder: learned positions, LayerNorm, GELU, tied output head.
     Gpt2(GptConfig),
+    /// A Llama decoder (HF `LlamaForCausalLM`): rotary positions, RMSNorm, grouped-query
+    /// attention, SwiGLU, tied or untied head. SmolLM2 is one.
+    Llama(LlamaConfig),
+}
+
+impl Architecture {
+    /// Longest sequence the model takes.
+    pub fn n_ctx(&self) -> usize {
+        match self {
+            Architecture::Gpt2(c) => c.n_ctx,
+            Architecture::Llama(c) => c.max_seq,
+        }
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Architecture::Gpt2(c) => c.vocab_size,
+            Architecture::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The family's name as HF's `model_type` spells it.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Architecture::Gpt2(_) => "gpt2",
+            Architecture::Llama(_) => "llama",
+        }
+    }
 }
 
 /// Which tensors a unit trains and a delta carries.
@@ -54,6 +86,14 @@ pub struct ModelSpec {
 pub enum SpecError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Llama(#[from] LlamaConfigError),
+    #[error("model {name} is a {family}; {what} needs a GPT-2")]
+    NotGpt2 {
+        name: String,
+        family: &'static str,
+        what: &'static str,
+    },
     #[error("{what} has {got} floats, the model's {layout} layout has {want}")]
     Length {
         what: &'static str,
@@ -78,33 +118,64 @@ impl ModelSpec {
         }
     }
 
+    /// A Llama of shape `config`, every tensor trained.
+    pub fn llama(name: &str, config: LlamaConfig) -> ModelSpec {
+        ModelSpec {
+            name: name.to_string(),
+            architecture: Architecture::Llama(config),
+            trainable: Trainable::All,
+        }
+    }
+
     /// Checks that the shape is usable.
     pub fn validate(&self) -> Result<(), SpecError> {
         match &self.architecture {
             Architecture::Gpt2(config) => Ok(config.validate()?),
+            Architecture::Llama(config) => Ok(config.validate()?),
         }
     }
 
-    /// The GPT-2 shape, which is what every backend of this build runs.
-    pub fn gpt_config(&self) -> &GptConfig {
+    /// The GPT-2 shape, for what only GPT-2 has today (its checkpoint format); `what`
+    /// names that use in the error a Llama gets.
+    pub fn gpt_config(&self, what: &'static str) -> Result<&GptConfig, SpecError> {
         match &self.architecture {
-            Architecture::Gpt2(config) => config,
+            Architecture::Gpt2(config) => Ok(config),
+            other => Err(SpecError::NotGpt2 {
+                name: self.name.clone(),
+                family: other.family(),
+                what,
+            }),
         }
     }
 
     /// Longest sequence the model takes.
     pub fn n_ctx(&self) -> usize {
-        self.gpt_config().n_ctx
+        self.architecture.n_ctx()
     }
 
     /// The full parameter vector's named tensors (frozen and trained alike).
     pub fn layout(&self) -> ParamLayout {
-        ParamLayout::new(self.gpt_config())
+        match &self.architecture {
+            Architecture::Gpt2(config) => ParamLayout::new(config),
+            Architecture::Llama(config) => LlamaLayout::new(config).into_table(),
+        }
     }
 
     /// Floats in the full parameter vector (what a checkpoint holds).
     pub fn n_params(&self) -> usize {
-        self.gpt_config().n_params()
+        match &self.architecture {
+            Architecture::Gpt2(config) => config.n_params(),
+            Architecture::Llama(config) => config.n_params(),
+        }
+    }
+
+    /// Parameters initialized from `seed` as the architecture's reference
+    /// implementation initializes them (same seed, same bits, any machine).
+    pub fn init_params(&self, seed: u64) -> Result<Vec<f32>, crate::EngineError> {
+        match &self.architecture {
+            Architecture::Gpt2(config) => crate::init_params(config, seed),
+            Architecture::Llama(config) => Ok(crate::llama::init_params(config, seed)?),
+        }
     }
 
     /// The tensors a unit trains, in the order a delta carries them. Their offsets are
@@ -126,9 +197,20 @@ impl ModelSpec {
     /// trained it is the usual 6 per parameter (2 forward, 4 backward: the activation
     /// and the weight gradients). A frozen base will cost 4 per frozen parameter (no
     /// weight gradient) plus 6 per adapter parameter.
+    ///
+    /// GPT-2 counts every parameter (its rule since the first run; credit history
+    /// depends on it). A Llama counts the parameters that enter a matrix product: an
+    /// untied input embedding is a table lookup and costs nothing, so it is left out;
+    /// a tied one is the output head and counts once. Attention's `t^2` terms are left
+    /// out, as in the usual 6N rule.
     pub fn train_flops_per_token(&self) -> u64 {
+        let multiplied = match &self.architecture {
+            Architecture::Gpt2(config) => config.n_params(),
+            Architecture::Llama(config) if config.tie_embeddings => config.n_params(),
+            Architecture::Llama(config) => config.n_params() - config.vocab_size * config.hidden,
+        };
         match self.trainable {
-            Trainable::All => 6 * self.n_params() as u64,
+            Trainable::All => 6 * multiplied as u64,
         }
     }
 
@@ -219,6 +301,35 @@ mod tests {
                 {"name":"small","architecture":{"gpt2":{"n_layer":4,"n_head":4,"n_embd":256,"n_ctx":128,"vocab_size":8192}},"trainable":"all"}
                 id=small-94649b435eeefc3e params=5289472 trainable=5289472 tensors=52 first=transformer.wte.weight flops/token=31736832"#]],
         );
+    }
+
+    #[test]
+    fn llama_specs() {
+        check(
+            &ModelSpec::llama("smollm2-135m", LlamaConfig::smollm2_135m(2048)),
+            expect_test::expect![[r#"
+                {"name":"smollm2-135m","architecture":{"llama":{"hidden":576,"intermediate":1536,"layers":30,"heads":9,"kv_heads":3,"head_dim":64,"vocab_size":49152,"rope_theta":100000.0,"rms_eps":0.00001,"tie_embeddings":true,"max_seq":2048}},"trainable":"all"}
+                id=smollm2-135m-1fb1f0dde1e21086 params=134515008 trainable=134515008 tensors=272 first=model.embed_tokens.weight flops/token=807090048"#]],
+        );
+        check(
+            &ModelSpec::llama(
+                "untied",
+                LlamaConfig {
+                    tie_embeddings: false,
+                    ..LlamaConfig::smollm2_135m(128)
+                },
+            ),
+            expect_test::expect![[r#"
+                {"name":"untied","architecture":{"llama":{"hidden":576,"intermediate":1536,"layers":30,"heads":9,"kv_heads":3,"head_dim":64,"vocab_size":49152,"rope_theta":100000.0,"rms_eps":0.00001,"tie_embeddings":false,"max_seq":128}},"trainable":"all"}
+                id=untied-94d3039ab3e1ce57 params=162826560 trainable=162826560 tensors=273 first=model.embed_tokens.weight flops/token=807090048"#]],
+        );
+        let spec = ModelSpec::llama("smollm2-135m", LlamaConfig::smollm2_135m(2048));
+        let got = match spec.gpt_config("a GPT-2 checkpoint") {
+            Ok(config) => format!("{config:?}"),
+            Err(e) => e.to_string(),
+        };
+        expect_test::expect!["model smollm2-135m is a llama; a GPT-2 checkpoint needs a GPT-2"]
+            .assert_eq(&got);
     }
 
     /// With every tensor trained, a delta and its application are the element-wise

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use aggregation::OuterOptimizer;
 use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig, ModelSpec, Preset, Purpose};
+use engine::{Backend, ModelSpec, Preset, Purpose};
 use ledger::{Draft, Ledger, Prepared};
 use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply};
 use protocol::{SignedUpdate, UpdateHeader, WorkUnit, WorkerId};
@@ -354,10 +354,10 @@ impl Core {
                 (scheduler, current, initial)
             }
             None => {
-                let params = engine::init_params(model.gpt_config(), config.seed)?;
+                let params = model.init_params(config.seed)?;
                 evaluator.set_params(&params)?;
                 let loss = engine::train::evaluate(evaluator.as_mut(), &holdout)?;
-                let bytes = checkpoint_bytes(model.gpt_config(), &params, 0, None)?;
+                let bytes = checkpoint_bytes(&model, &params, 0, None)?;
                 let hash = store.blobs().put(&bytes)?;
                 let mut scheduler = Scheduler::new(config.schedule, 0);
                 let effects = scheduler.tick(now_ms, config.seed, &[]);
@@ -1386,11 +1386,14 @@ fn persist_effects(
 
 /// A version's safetensors bytes, with its version and round in the metadata.
 fn checkpoint_bytes(
-    model: &GptConfig,
+    model: &ModelSpec,
     params: &[f32],
     version: u64,
     round: Option<u64>,
 ) -> Result<Vec<u8>, CoreError> {
+    let model = model
+        .gpt_config("a version's checkpoint")
+        .map_err(engine::EngineError::from)?;
     let mut meta = HashMap::new();
     meta.insert("hivetrain.version".to_owned(), version.to_string());
     if let Some(round) = round {

@@ -175,7 +175,10 @@ pub fn run(
                 None,
             )?;
             let spec = &data.info.model;
-            if ckpt.config != *spec.gpt_config() || ckpt.params.len() != spec.n_params() {
+            let want = spec
+                .gpt_config("a version's checkpoint")
+                .map_err(engine::EngineError::from)?;
+            if ckpt.config != *want || ckpt.params.len() != spec.n_params() {
                 return Err(WorkerError::ModelShape {
                     got: ckpt.params.len(),
                     want: spec.n_params() as u32,

@@ -55,12 +55,13 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     let server = Coordinator::start(&temp.path().join("store"), config, "127.0.0.1:0")
         .context("starting the coordinator")?;
     let url = server.url();
-    let (model, params) = server
+    let (spec, params) = server
         .with_core(|c| {
             let snapshot = c.reads().snapshot("hivetrain");
-            snapshot.map(|s| (*s.spec.gpt_config(), s.params.to_vec()))
+            snapshot.map(|s| (s.spec.clone(), s.params.to_vec()))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = *spec.gpt_config("the decode benchmark")?;
     let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
     let prompt = tokenizer.encode(&args.prompt)?;
     ensure!(

@@ -39,7 +39,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let spec = engine::ModelSpec::preset(preset, tokenizer.vocab_size());
     let (batch, seq) = (8, spec.n_ctx());
     let dataset = data::Dataset::split(&corpus, &tokens.tokens, seq)?;
-    let base = engine::init_params(spec.gpt_config(), 1)?;
+    let base = spec.init_params(1)?;
     let mut backend = engine::open_model(
         &format!("cpu:{}", args.threads),
         &spec,

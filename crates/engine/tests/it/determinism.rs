@@ -1,37 +1,90 @@
 //! Training on the CPU is bit-identical run to run and for any thread count.
 
-use engine::{LrSchedule, OptimizerConfig, Preset};
+use engine::{LlamaConfig, LrSchedule, ModelSpec, OptimizerConfig, Preset};
 
-use crate::{backend, batch};
+use crate::{spec_backend, vocab_batch};
 
-fn train_bits(threads: usize) -> (Vec<u32>, Vec<u32>) {
-    let config = Preset::Tiny.config(512);
-    let params = engine::init_params(&config, 42).expect("init");
-    let mut model = backend(config, params, threads);
+/// The bits of six training steps' losses, the trained parameters and the logits of
+/// a few decode steps after them, on `threads` threads.
+fn train_bits(spec: &ModelSpec, threads: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let params = spec.init_params(42).expect("init");
+    let mut model = spec_backend(spec, params, threads);
     let schedule = LrSchedule::cosine(3e-3, 6);
+    let vocab = spec.architecture.vocab_size();
     let losses = engine::train::train(
         model.as_mut(),
         &OptimizerConfig::default(),
         &schedule,
         0,
         6,
-        &mut |step| batch(&config, 4, 64, step * 101),
+        &mut |step| vocab_batch(vocab, 4, 64, step * 101),
         &mut |_, _| {},
     )
     .expect("train");
+    let mut logits = Vec::new();
+    for token in [3u32, 1, 4, 1, 5] {
+        logits.extend(
+            model
+                .decode_step(token)
+                .expect("decode")
+                .iter()
+                .map(|x| x.to_bits()),
+        );
+    }
     let params = model.params();
     (
         losses.iter().map(|l| l.to_bits()).collect(),
         params.iter().map(|p| p.to_bits()).collect(),
+        logits,
     )
+}
+
+/// A run on one thread, again on one, and on two and three, all with the same bits.
+#[track_caller]
+fn check(spec: &ModelSpec) {
+    let one = train_bits(spec, 1);
+    assert_eq!(
+        one,
+        train_bits(spec, 1),
+        "{}: two runs on one thread differ",
+        spec.name
+    );
+    for threads in [2, 3] {
+        assert_eq!(
+            one,
+            train_bits(spec, threads),
+            "{}: {threads} threads differ from one",
+            spec.name
+        );
+    }
 }
 
 #[test]
 fn same_bits_for_any_thread_count() {
-    let one = train_bits(1);
-    assert_eq!(one, train_bits(1), "two runs on one thread differ");
-    assert_eq!(one, train_bits(2), "two threads differ from one");
-    assert_eq!(one, train_bits(3), "three threads differ from one");
+    check(&ModelSpec::preset(Preset::Tiny, 512));
+    // Large enough that every parallel kernel splits into several tasks (64-token
+    // rows in blocks of 16, 4 x 2 attention tasks, 512-row head).
+    let llama = LlamaConfig {
+        hidden: 32,
+        intermediate: 80,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 512,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        tie_embeddings: false,
+        max_seq: 64,
+    };
+    check(&ModelSpec::llama("tiny-llama", llama));
+    check(&ModelSpec::llama(
+        "tiny-llama-tied",
+        LlamaConfig {
+            tie_embeddings: true,
+            ..llama
+        },
+    ));
 }
 
 #[test]
@@ -49,11 +102,11 @@ fn init_depends_only_on_the_seed() {
     expect_test::expect!["dc00814b73faad3d"].assert_eq(&format!("{digest:x}"));
 }
 
-#[test]
-fn training_lowers_the_loss_on_repeated_data() {
-    let config = Preset::Tiny.config(512);
-    let mut model = backend(config, engine::init_params(&config, 1).expect("init"), 2);
-    let data = batch(&config, 4, 64, 9);
+/// Thirty steps on one batch lower its loss by more than a nat.
+#[track_caller]
+fn check_learns(spec: &ModelSpec) {
+    let mut model = spec_backend(spec, spec.init_params(1).expect("init"), 2);
+    let data = vocab_batch(spec.architecture.vocab_size(), 4, 64, 9);
     let before = model.eval_loss(&data.as_batch()).expect("loss");
     for _ in 0..30 {
         model
@@ -61,5 +114,20 @@ fn training_lowers_the_loss_on_repeated_data() {
             .expect("step");
     }
     let after = model.eval_loss(&data.as_batch()).expect("loss");
-    assert!(after < before - 1.0, "loss {before} -> {after}");
+    assert!(
+        after < before - 1.0,
+        "{}: loss {before} -> {after}",
+        spec.name
+    );
+}
+
+#[test]
+fn training_lowers_the_loss_on_repeated_data() {
+    check_learns(&ModelSpec::preset(Preset::Tiny, 512));
+    let llama = LlamaConfig {
+        vocab_size: 512,
+        max_seq: 64,
+        ..crate::micro_llama(true)
+    };
+    check_learns(&ModelSpec::llama("micro-llama", llama));
 }

@@ -133,3 +133,148 @@ fn loss_gradients_and_steps_match_pytorch() {
         );
     }
 }
+
+/// The tiny Llama's run, as `scripts/torch_llama.py` writes it.
+#[derive(Deserialize)]
+struct LlamaRun {
+    config: engine::LlamaConfig,
+    optimizer: OptimizerConfig,
+    schedule: LrSchedule,
+    steps: usize,
+    batch: usize,
+    seq: usize,
+}
+
+/// What PyTorch computed for one variant (tied or untied head).
+#[derive(Deserialize)]
+struct LlamaGolden {
+    loss: f64,
+    grads: std::collections::HashMap<String, TensorGrad>,
+    train_losses: Vec<f64>,
+    loss_after: f64,
+}
+
+fn read_llama(name: &str) -> Vec<u8> {
+    read(&format!("llama/{name}"))
+}
+
+/// The flat parameter vector of `spec` from a safetensors file of float32 tensors under
+/// HF names (tensors the layout does not name, such as a tied model's `lm_head`, are
+/// ignored).
+fn llama_params(spec: &engine::ModelSpec, bytes: &[u8]) -> Vec<f32> {
+    let file = safetensors::SafeTensors::deserialize(bytes).expect("init.safetensors");
+    let mut params = vec![0.0f32; spec.n_params()];
+    for tensor in spec.layout().tensors() {
+        let view = file
+            .tensor(&tensor.name)
+            .expect("tensor in init.safetensors");
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{}", tensor.name);
+        assert_eq!(view.shape(), tensor.shape.as_slice(), "{}", tensor.name);
+        for (p, b) in params[tensor.range()]
+            .iter_mut()
+            .zip(view.data().chunks_exact(4))
+        {
+            *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    params
+}
+
+/// Loss, every tensor's gradient, three AdamW steps and the loss after them, of a tiny
+/// random Llama with an untied and a tied head, against HF `LlamaForCausalLM` in float64.
+/// Tolerances: the engine computes in float32, so each value may differ by float32
+/// rounding accumulated over a few hundred terms: 1e-5 of the loss, 1e-4 of a tensor's
+/// gradient norm (its sum by that times the square root of its length, as random
+/// rounding errors add), and 3e-5 of the losses after steps, where AdamW's division by
+/// small second moments can amplify the gradients' rounding.
+#[test]
+fn llama_loss_gradients_and_steps_match_hf_transformers() {
+    let run: LlamaRun = serde_json::from_slice(&read_llama("run.json")).expect("run.json");
+    let golden: std::collections::HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&read_llama("golden.json")).expect("golden.json");
+    let windows: Vec<u32> = read_llama("tokens.u16")
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+        .collect();
+    let (b, t) = (run.batch, run.seq);
+    assert_eq!(windows.len(), run.steps * b * (t + 1));
+    let batches: Vec<OwnedBatch> = windows
+        .chunks_exact(b * (t + 1))
+        .map(|step| {
+            let rows = step.chunks_exact(t + 1);
+            OwnedBatch {
+                inputs: rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
+                targets: rows.flat_map(|r| r[1..].to_vec()).collect(),
+                batch: b,
+                seq: t,
+            }
+        })
+        .collect();
+    let init = read_llama("init.safetensors");
+    let mut failures = Vec::new();
+    for (variant, tie) in [("untied", false), ("tied", true)] {
+        let want: LlamaGolden =
+            serde_json::from_value(golden[variant].clone()).expect("variant in golden.json");
+        let config = engine::LlamaConfig {
+            tie_embeddings: tie,
+            ..run.config
+        };
+        let spec = engine::ModelSpec::llama(variant, config);
+        let params = llama_params(&spec, &init);
+        let mut model = crate::spec_backend(&spec, params.clone(), 2);
+        let (loss, grad) = model.loss_and_grad(&batches[0].as_batch()).expect("grad");
+        if (loss as f64 - want.loss).abs() > 1e-5 * want.loss {
+            failures.push(format!("{variant}: loss {loss} vs {}", want.loss));
+        }
+        for tensor in spec.layout().tensors() {
+            let w = &want.grads[&tensor.name];
+            let g = &grad[tensor.range()];
+            let l2 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let sum: f64 = g.iter().map(|&x| x as f64).sum();
+            let tolerance = 1e-4 * w.l2 + 1e-9;
+            if (l2 - w.l2).abs() > tolerance {
+                failures.push(format!("{variant} {} l2 {l2:e} vs {:e}", tensor.name, w.l2));
+            }
+            if (sum - w.sum).abs() > tolerance * (tensor.len() as f64).sqrt() {
+                failures.push(format!(
+                    "{variant} {} sum {sum:e} vs {:e}",
+                    tensor.name, w.sum
+                ));
+            }
+            for (&i, &v) in w.at.iter().zip(&w.values) {
+                if (g[i] as f64 - v).abs() > tolerance {
+                    failures.push(format!(
+                        "{variant} {}[{i}] {:e} vs {v:e}",
+                        tensor.name, g[i]
+                    ));
+                }
+            }
+        }
+        let mut model = crate::spec_backend(&spec, params, 2);
+        let losses = engine::train::train(
+            model.as_mut(),
+            &run.optimizer,
+            &run.schedule,
+            0,
+            run.steps,
+            &mut |step| batches[step].clone(),
+            &mut |_, _| {},
+        )
+        .expect("train");
+        let after = model.eval_loss(&batches[0].as_batch()).expect("loss");
+        let got = losses.iter().chain([&after]);
+        for (step, (got, want)) in got
+            .zip(want.train_losses.iter().chain([&want.loss_after]))
+            .enumerate()
+        {
+            if (*got as f64 - want).abs() > 3e-5 * want {
+                failures.push(format!("{variant} step {step}: loss {got} vs {want}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the Llama differs from HF transformers:\n{}",
+        failures.join("\n")
+    );
+}

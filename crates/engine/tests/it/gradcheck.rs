@@ -1,13 +1,13 @@
-//! Every gradient of the model against central finite differences.
+//! Every gradient of every architecture against central finite differences.
 
-use engine::ParamLayout;
+use engine::ModelSpec;
 
-use crate::{backend, batch, micro_config};
+use crate::{micro_specs, spec_backend, vocab_batch};
 
 /// Parameters with every part away from its special initial value (gains not 1,
 /// biases not 0, larger matrices), so each term of each backward pass matters.
-fn rough_params(config: &engine::GptConfig) -> Vec<f32> {
-    let mut params = engine::init_params(config, 7).expect("init");
+fn rough_params(spec: &ModelSpec) -> Vec<f32> {
+    let mut params = spec.init_params(7).expect("init");
     for (i, p) in params.iter_mut().enumerate() {
         let noise = (((i * 2_654_435_761usize) >> 9) % 1000) as f32 / 1000.0 - 0.5;
         *p = *p * 3.0 + 0.1 * noise;
@@ -15,21 +15,29 @@ fn rough_params(config: &engine::GptConfig) -> Vec<f32> {
     params
 }
 
-#[test]
-fn every_tensor_matches_finite_differences() {
-    let config = micro_config();
-    let layout = ParamLayout::new(&config);
-    let params = rough_params(&config);
-    let data = batch(&config, 3, 8, 11);
-    let mut model = backend(config, params.clone(), 2);
+/// Compares the analytic gradient of one batch's loss with central differences at six
+/// coordinates spread over each tensor of `spec`.
+#[track_caller]
+fn check(spec: &ModelSpec) {
+    let layout = spec.layout();
+    let params = rough_params(spec);
+    let data = vocab_batch(spec.architecture.vocab_size(), 3, spec.n_ctx(), 11);
+    let mut model = spec_backend(spec, params.clone(), 2);
     let (_, grad) = model.loss_and_grad(&data.as_batch()).expect("grad");
     let h = 2e-3f32;
     let mut failures = Vec::new();
-    for spec in layout.tensors() {
-        // A spread of coordinates across the tensor.
-        let len = spec.len();
+    for tensor in layout.tensors() {
+        let len = tensor.len();
+        let norm: f32 = grad[tensor.range()]
+            .iter()
+            .map(|g| g * g)
+            .sum::<f32>()
+            .sqrt();
+        if norm <= 1e-6 {
+            failures.push(format!("{} has a zero gradient", tensor.name));
+        }
         for k in 0..6 {
-            let i = spec.offset + (k * 7919 + 13) % len;
+            let i = tensor.offset + (k * 7919 + 13) % len;
             let mut shifted = params.clone();
             shifted[i] = params[i] + h;
             model.set_params(&shifted).expect("set");
@@ -44,29 +52,23 @@ fn every_tensor_matches_finite_differences() {
             if (numeric - analytic).abs() > tolerance {
                 failures.push(format!(
                     "{}[{}]: analytic {analytic:.6e} numeric {numeric:.6e}",
-                    spec.name,
-                    i - spec.offset
+                    tensor.name,
+                    i - tensor.offset
                 ));
             }
         }
     }
     assert!(
         failures.is_empty(),
-        "gradient mismatches:\n{}",
+        "{}: gradient mismatches:\n{}",
+        spec.name,
         failures.join("\n")
     );
 }
 
 #[test]
-fn gradient_is_not_trivially_zero() {
-    let config = micro_config();
-    let mut model = backend(config, rough_params(&config), 1);
-    let (_, grad) = model
-        .loss_and_grad(&batch(&config, 2, 8, 3).as_batch())
-        .expect("grad");
-    let layout = ParamLayout::new(&config);
-    for spec in layout.tensors() {
-        let norm: f32 = grad[spec.range()].iter().map(|g| g * g).sum::<f32>().sqrt();
-        assert!(norm > 1e-6, "{} has a zero gradient", spec.name);
+fn every_tensor_of_every_architecture_matches_finite_differences() {
+    for spec in micro_specs() {
+        check(&spec);
     }
 }

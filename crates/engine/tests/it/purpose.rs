@@ -1,23 +1,20 @@
 //! Evaluation backends: no optimizer state, and the same forward bits as training ones.
 
-use engine::{EngineError, ModelSpec, Preset, Purpose};
+use engine::{EngineError, LlamaConfig, ModelSpec, Preset, Purpose};
 
-use crate::batch;
+use crate::vocab_batch;
 
 /// Losses and decoded logits of an evaluation backend equal a training backend's to the
 /// bit, at one thread and two; an evaluation backend refuses to train.
-#[test]
-fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
-    let spec = ModelSpec::preset(Preset::Tiny, 97);
-    let params = engine::init_params(spec.gpt_config(), 3).expect("init");
-    let batches = [
-        batch(spec.gpt_config(), 3, 17, 1),
-        batch(spec.gpt_config(), 2, 64, 2),
-    ];
+#[track_caller]
+fn check(spec: &ModelSpec) {
+    let params = spec.init_params(3).expect("init");
+    let vocab = spec.architecture.vocab_size();
+    let batches = [vocab_batch(vocab, 3, 17, 1), vocab_batch(vocab, 2, 64, 2)];
     for threads in [1, 2] {
         let device = format!("cpu:{threads}");
         let open =
-            |purpose| engine::open_model(&device, &spec, params.clone(), purpose).expect("backend");
+            |purpose| engine::open_model(&device, spec, params.clone(), purpose).expect("backend");
         let (mut train, mut eval) = (open(Purpose::Train), open(Purpose::Eval));
         for b in &batches {
             let want = train.eval_loss(&b.as_batch()).expect("train loss");
@@ -39,4 +36,15 @@ fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
             .train_step(&b, &engine::OptimizerConfig::default(), 1e-3)
             .expect("train step");
     }
+}
+
+#[test]
+fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
+    check(&ModelSpec::preset(Preset::Tiny, 97));
+    let llama = LlamaConfig {
+        vocab_size: 97,
+        max_seq: 64,
+        ..crate::micro_llama(false)
+    };
+    check(&ModelSpec::llama("micro-llama", llama));
 }

@@ -115,8 +115,7 @@ impl AggregationJob {
         // infinitely bad: SQLite keeps no NaN.
         let loss = if loss.is_nan() { f32::INFINITY } else { loss };
         let version = self.base_version + 1;
-        let checkpoint =
-            checkpoint_bytes(self.model.gpt_config(), &params, version, Some(self.round))?;
+        let checkpoint = checkpoint_bytes(&self.model, &params, version, Some(self.round))?;
         let checkpoint_hash = self.blobs.put(&checkpoint)?;
         let state: Vec<u8> = self
             .outer

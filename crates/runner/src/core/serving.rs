@@ -225,7 +225,12 @@ impl super::Reads {
             let ckpt = engine::checkpoint::from_bytes(
                 Path::new(name),
                 &bytes,
-                Some(*self.model.gpt_config()),
+                Some(
+                    *self
+                        .model
+                        .gpt_config("a version's checkpoint")
+                        .map_err(|e| ApiError::internal(&e))?,
+                ),
             )
             .map_err(|e| RunError::internal(&e))?;
             Arc::new(ckpt.params)

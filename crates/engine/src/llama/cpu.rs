@@ -1,0 +1,839 @@
+//! The Llama CPU backend: forward, backward, AdamW and KV-cache decoding on a rayon pool.
+//!
+//! Built like the GPT-2 backend ([`crate::cpu`]): preallocated activation buffers sized
+//! for the last batch shape, matrix products through the same bounds-checked `gemm`
+//! front, the same AdamW ([`crate::ops::adamw`]) and the same loss kernel. Matrices are
+//! stored `[out, in]` as HF stores them, so a forward product reads each weight
+//! transposed (`x @ W^T`) and a weight gradient is `dW += dy^T @ x`.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::ops::{self as lops, GqaShape, RopeTables};
+use super::{LlamaConfig, LlamaLayout};
+use crate::matmul::{Par, View, ViewMut, matmul};
+use crate::{Architecture, Backend, Batch, EngineError, OptimizerConfig, Purpose, StepStats, ops};
+
+/// Activations of one block, kept for the backward pass.
+struct BlockActs {
+    /// Normalized input of attention, and its reciprocal RMS per row.
+    h1: Vec<f32>,
+    rstd1: Vec<f32>,
+    /// q, k, v of each token, rotary applied to q and k.
+    qkv: Vec<f32>,
+    /// Attention probabilities, `[b, heads, t, t]`.
+    att: Vec<f32>,
+    /// Attention output, token-major, before `o_proj`.
+    atty: Vec<f32>,
+    /// Residual after attention.
+    res2: Vec<f32>,
+    h2: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// gate and up projections of each token.
+    gate_up: Vec<f32>,
+    /// silu(gate) * up.
+    act: Vec<f32>,
+    /// Residual after the MLP: the block's output.
+    res3: Vec<f32>,
+}
+
+/// All buffers of one batch shape.
+struct Acts {
+    b: usize,
+    t: usize,
+    inputs: Vec<u32>,
+    encoded: Vec<f32>,
+    blocks: Vec<BlockActs>,
+    /// Head-major attention outputs of the block being computed (scratch).
+    heads: Vec<f32>,
+    hf: Vec<f32>,
+    rstdf: Vec<f32>,
+    logits: Vec<f32>,
+    losses: Vec<f32>,
+    // Gradient scratch.
+    dres: Vec<f32>,
+    dc: Vec<f32>,
+    datty: Vec<f32>,
+    dqkv: Vec<f32>,
+    dq_heads: Vec<f32>,
+    dk_heads: Vec<f32>,
+    dv_heads: Vec<f32>,
+    dact: Vec<f32>,
+    dgate_up: Vec<f32>,
+}
+
+impl Acts {
+    /// Buffers for `b x t` windows; the gradient scratch only `with_grads`.
+    fn new(config: &LlamaConfig, b: usize, t: usize, with_grads: bool) -> Acts {
+        let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
+        let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
+        let (n, w) = (b * t, config.qkv_width());
+        let z = |len: usize| vec![0.0f32; len];
+        let g = |len: usize| if with_grads { z(len) } else { Vec::new() };
+        let blocks = (0..config.layers)
+            .map(|_| BlockActs {
+                h1: z(n * d),
+                rstd1: z(n),
+                qkv: z(n * w),
+                att: z(b * nh * t * t),
+                atty: z(n * nh * hd),
+                res2: z(n * d),
+                h2: z(n * d),
+                rstd2: z(n),
+                gate_up: z(n * 2 * f),
+                act: z(n * f),
+                res3: z(n * d),
+            })
+            .collect();
+        Acts {
+            b,
+            t,
+            inputs: vec![0; n],
+            encoded: z(n * d),
+            blocks,
+            heads: z(n * nh * hd),
+            hf: z(n * d),
+            rstdf: z(n),
+            logits: z(n * v),
+            losses: z(n),
+            dres: g(n * d),
+            dc: g(n * d),
+            datty: g(n * nh * hd),
+            dqkv: g(n * w),
+            dq_heads: g(n * nh * hd),
+            dk_heads: g(n * nkv * hd),
+            dv_heads: g(n * nkv * hd),
+            dact: g(n * f),
+            dgate_up: g(n * 2 * f),
+        }
+    }
+}
+
+/// KV cache and scratch for one generation.
+struct DecodeState {
+    pos: usize,
+    /// Per layer, `[max_seq, kv_heads * head_dim]`: rotated keys, and values.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Rows of the output head one decode task multiplies.
+const HEAD_ROWS_PER_TASK: usize = 1024;
+
+/// What the forward pass ends with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    /// The raw logits stay in the logits buffer.
+    Logits,
+    /// The mean loss; the logits buffer holds probabilities after it.
+    Loss,
+    /// The mean loss; the logits buffer holds d(loss)/d(logits) for `backward`.
+    LossAndGrad,
+}
+
+/// A Llama on the CPU.
+pub struct LlamaCpuBackend {
+    config: LlamaConfig,
+    layout: LlamaLayout,
+    rope: RopeTables,
+    params: Vec<f32>,
+    purpose: Purpose,
+    /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
+    grads: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    adam_step: u32,
+    acts: Option<Acts>,
+    decode: Option<DecodeState>,
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+/// `dw += dy^T @ x` for a weight `dw` stored `[o, i]`, inputs `x` `[n, i]` and output
+/// gradients `dy` `[n, o]`.
+fn weight_grad(dw: &mut [f32], x: &[f32], dy: &[f32], (o, i): (usize, usize), par: Par) {
+    let n = x.len() / i;
+    matmul(
+        ViewMut::rows(dw, o, i),
+        View::rows(dy, n, o).t(),
+        View::rows(x, n, i),
+        true,
+        par,
+    );
+}
+
+impl LlamaCpuBackend {
+    /// A backend for `purpose` holding `params` (in [`LlamaLayout`] order), computing on
+    /// `threads` threads. An evaluation backend allocates no gradients, no AdamW moments
+    /// and no gradient scratch.
+    pub fn open(
+        config: LlamaConfig,
+        params: Vec<f32>,
+        threads: usize,
+        purpose: Purpose,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        let layout = LlamaLayout::new(&config);
+        if params.len() != layout.table().len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: layout.table().len(),
+            });
+        }
+        let threads = threads.max(1);
+        let pool = crate::cpu::thread_pool(threads)?;
+        let n = match purpose {
+            Purpose::Train => params.len(),
+            Purpose::Eval => 0,
+        };
+        Ok(LlamaCpuBackend {
+            rope: RopeTables::new(config.head_dim, config.max_seq, config.rope_theta),
+            config,
+            layout,
+            params,
+            purpose,
+            grads: vec![0.0; n],
+            adam_m: vec![0.0; n],
+            adam_v: vec![0.0; n],
+            adam_step: 0,
+            acts: None,
+            decode: None,
+            pool,
+            threads,
+        })
+    }
+
+    /// The logits of every position of one sequence (`[tokens.len(), vocab]`), from the
+    /// full forward pass: what KV-cache decoding must reproduce.
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        let batch = Batch {
+            inputs: tokens,
+            targets: tokens,
+            batch: 1,
+            seq: tokens.len(),
+        };
+        self.check_batch(&batch)?;
+        let pool = self.pool.clone();
+        pool.install(|| self.forward(&batch, Finish::Logits));
+        match &self.acts {
+            Some(acts) => Ok(&acts.logits),
+            None => unreachable!("forward allocates the activations"),
+        }
+    }
+
+    fn check_trainable(&self) -> Result<(), EngineError> {
+        match self.purpose {
+            Purpose::Train => Ok(()),
+            Purpose::Eval => Err(EngineError::EvalOnly),
+        }
+    }
+
+    fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
+        crate::cpu::check_batch(batch, self.config.max_seq, self.config.vocab_size)
+    }
+
+    /// Forward pass; returns the mean loss (0 with [`Finish::Logits`]).
+    fn forward(&mut self, batch: &Batch<'_>, finish: Finish) -> f32 {
+        let config = self.config;
+        let (b, t) = (batch.batch, batch.seq);
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None; // free the old buffers before allocating new ones
+            self.acts = Some(Acts::new(&config, b, t, self.purpose == Purpose::Train));
+        }
+        let Some(acts) = self.acts.as_mut() else {
+            unreachable!("allocated above")
+        };
+        let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
+        let (d, f, v, n) = (config.hidden, config.intermediate, config.vocab_size, b * t);
+        let (nh, hd, w) = (config.heads, config.head_dim, config.qkv_width());
+        let rotated = (nh + config.kv_heads) * hd;
+        let shape = GqaShape {
+            t,
+            heads: nh,
+            kv_heads: config.kv_heads,
+            head_dim: hd,
+        };
+        let eps = config.rms_eps as f32;
+        let par = Par::Threads(self.threads);
+        let p = |off: usize, len: usize| &params[off..off + len];
+        acts.inputs.copy_from_slice(batch.inputs);
+
+        let embed = p(layout.embed, v * d);
+        acts.encoded
+            .par_chunks_mut(d)
+            .zip(batch.inputs.par_iter())
+            .for_each(|(row, &tok)| {
+                row.copy_from_slice(&embed[tok as usize * d..(tok as usize + 1) * d]);
+            });
+
+        for l in 0..config.layers {
+            let o = layout.blocks[l];
+            let (before, rest) = acts.blocks.split_at_mut(l);
+            let residual: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &before[l - 1].res3
+            };
+            let a = &mut rest[0];
+            lops::rmsnorm_forward(&mut a.h1, &mut a.rstd1, residual, p(o.attn_norm, d), eps);
+            matmul(
+                ViewMut::rows(&mut a.qkv, n, w),
+                View::rows(&a.h1, n, d),
+                View::rows(p(o.qkv, w * d), w, d).t(),
+                false,
+                par,
+            );
+            rope.rotate_rows(&mut a.qkv, w, rotated, t, false);
+            lops::attention_forward(&mut acts.heads, &mut a.att, &a.qkv, shape);
+            lops::heads_to_tokens(&mut a.atty, nh * hd, 0, &acts.heads, (t, nh, hd));
+            a.res2.copy_from_slice(residual);
+            matmul(
+                ViewMut::rows(&mut a.res2, n, d),
+                View::rows(&a.atty, n, nh * hd),
+                View::rows(p(o.o, d * nh * hd), d, nh * hd).t(),
+                true,
+                par,
+            );
+            lops::rmsnorm_forward(&mut a.h2, &mut a.rstd2, &a.res2, p(o.mlp_norm, d), eps);
+            matmul(
+                ViewMut::rows(&mut a.gate_up, n, 2 * f),
+                View::rows(&a.h2, n, d),
+                View::rows(p(o.gate_up, 2 * f * d), 2 * f, d).t(),
+                false,
+                par,
+            );
+            lops::swiglu_forward(&mut a.act, &a.gate_up, f);
+            a.res3.copy_from_slice(&a.res2);
+            matmul(
+                ViewMut::rows(&mut a.res3, n, d),
+                View::rows(&a.act, n, f),
+                View::rows(p(o.down, d * f), d, f).t(),
+                true,
+                par,
+            );
+        }
+        let last: &[f32] = match acts.blocks.last() {
+            Some(block) => &block.res3,
+            None => &acts.encoded,
+        };
+        lops::rmsnorm_forward(&mut acts.hf, &mut acts.rstdf, last, p(layout.norm, d), eps);
+        matmul(
+            ViewMut::rows(&mut acts.logits, n, v),
+            View::rows(&acts.hf, n, d),
+            View::rows(p(layout.head, v * d), v, d).t(),
+            false,
+            par,
+        );
+        let grad_scale = match finish {
+            Finish::Logits => return 0.0,
+            Finish::Loss => None,
+            Finish::LossAndGrad => Some(1.0 / n as f32),
+        };
+        ops::softmax_cross_entropy(
+            &mut acts.logits,
+            &mut acts.losses,
+            batch.targets,
+            v,
+            grad_scale,
+        );
+        let total: f64 = acts.losses.iter().map(|&x| x as f64).sum();
+        (total / n as f64) as f32
+    }
+
+    /// Backward pass after `forward(.., Finish::LossAndGrad)`; overwrites `self.grads`.
+    fn backward(&mut self) {
+        let config = self.config;
+        let Some(acts) = self.acts.as_mut() else {
+            unreachable!("forward runs first")
+        };
+        let (params, layout, rope, grads) =
+            (&self.params, &self.layout, &self.rope, &mut self.grads);
+        let (b, t) = (acts.b, acts.t);
+        let (d, f, v, n) = (config.hidden, config.intermediate, config.vocab_size, b * t);
+        let (nh, nkv, hd, w) = (
+            config.heads,
+            config.kv_heads,
+            config.head_dim,
+            config.qkv_width(),
+        );
+        let shape = GqaShape {
+            t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        let par = Par::Threads(self.threads);
+        let p = |off: usize, len: usize| &params[off..off + len];
+        grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+
+        let last: &[f32] = match acts.blocks.last() {
+            Some(block) => &block.res3,
+            None => &acts.encoded,
+        };
+        // Output head: d(hf) = dlogits @ head; d(head) += dlogits^T @ hf.
+        matmul(
+            ViewMut::rows(&mut acts.dc, n, d),
+            View::rows(&acts.logits, n, v),
+            View::rows(p(layout.head, v * d), v, d),
+            false,
+            par,
+        );
+        weight_grad(
+            &mut grads[layout.head..layout.head + v * d],
+            &acts.hf,
+            &acts.logits,
+            (v, d),
+            par,
+        );
+        acts.dres.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+        lops::rmsnorm_backward(
+            &mut acts.dres,
+            &mut grads[layout.norm..layout.norm + d],
+            &acts.dc,
+            last,
+            p(layout.norm, d),
+            &acts.rstdf,
+        );
+
+        for l in (0..config.layers).rev() {
+            let o = layout.blocks[l];
+            let residual: &[f32] = if l == 0 {
+                &acts.encoded
+            } else {
+                &acts.blocks[l - 1].res3
+            };
+            let a = &acts.blocks[l];
+            // MLP.
+            matmul(
+                ViewMut::rows(&mut acts.dact, n, f),
+                View::rows(&acts.dres, n, d),
+                View::rows(p(o.down, d * f), d, f),
+                false,
+                par,
+            );
+            weight_grad(
+                &mut grads[o.down..o.down + d * f],
+                &a.act,
+                &acts.dres,
+                (d, f),
+                par,
+            );
+            lops::swiglu_backward(&mut acts.dgate_up, &a.gate_up, &acts.dact, f);
+            matmul(
+                ViewMut::rows(&mut acts.dc, n, d),
+                View::rows(&acts.dgate_up, n, 2 * f),
+                View::rows(p(o.gate_up, 2 * f * d), 2 * f, d),
+                false,
+                par,
+            );
+            weight_grad(
+                &mut grads[o.gate_up..o.gate_up + 2 * f * d],
+                &a.h2,
+                &acts.dgate_up,
+                (2 * f, d),
+                par,
+            );
+            lops::rmsnorm_backward(
+                &mut acts.dres,
+                &mut grads[o.mlp_norm..o.mlp_norm + d],
+                &acts.dc,
+                &a.res2,
+                p(o.mlp_norm, d),
+                &a.rstd2,
+            );
+            // Attention.
+            matmul(
+                ViewMut::rows(&mut acts.datty, n, nh * hd),
+                View::rows(&acts.dres, n, d),
+                View::rows(p(o.o, d * nh * hd), d, nh * hd),
+                false,
+                par,
+            );
+            weight_grad(
+                &mut grads[o.o..o.o + d * nh * hd],
+                &a.atty,
+                &acts.dres,
+                (d, nh * hd),
+                par,
+            );
+            lops::attention_backward(
+                (&mut acts.dq_heads, &mut acts.dk_heads, &mut acts.dv_heads),
+                &acts.datty,
+                &a.att,
+                &a.qkv,
+                shape,
+            );
+            lops::heads_to_tokens(&mut acts.dqkv, w, 0, &acts.dq_heads, (t, nh, hd));
+            lops::heads_to_tokens(&mut acts.dqkv, w, nh * hd, &acts.dk_heads, (t, nkv, hd));
+            lops::heads_to_tokens(
+                &mut acts.dqkv,
+                w,
+                (nh + nkv) * hd,
+                &acts.dv_heads,
+                (t, nkv, hd),
+            );
+            // The rotation is orthogonal: its backward is the rotation back.
+            rope.rotate_rows(&mut acts.dqkv, w, (nh + nkv) * hd, t, true);
+            matmul(
+                ViewMut::rows(&mut acts.dc, n, d),
+                View::rows(&acts.dqkv, n, w),
+                View::rows(p(o.qkv, w * d), w, d),
+                false,
+                par,
+            );
+            weight_grad(
+                &mut grads[o.qkv..o.qkv + w * d],
+                &a.h1,
+                &acts.dqkv,
+                (w, d),
+                par,
+            );
+            lops::rmsnorm_backward(
+                &mut acts.dres,
+                &mut grads[o.attn_norm..o.attn_norm + d],
+                &acts.dc,
+                residual,
+                p(o.attn_norm, d),
+                &a.rstd1,
+            );
+        }
+        // Embedding: scatter-add in token order (sequential, so deterministic).
+        for (i, &tok) in acts.inputs.iter().enumerate() {
+            let g = &acts.dres[i * d..(i + 1) * d];
+            let te = layout.embed + tok as usize * d;
+            for (x, y) in grads[te..te + d].iter_mut().zip(g) {
+                *x += y;
+            }
+        }
+    }
+
+    fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
+        self.adam_step += 1;
+        ops::adamw(
+            ops::AdamState {
+                params: &mut self.params,
+                grads: &self.grads,
+                m: &mut self.adam_m,
+                v: &mut self.adam_v,
+                step: self.adam_step,
+            },
+            self.layout.table().tensors(),
+            opt,
+            lr,
+        )
+    }
+
+    fn decode_state(&mut self) -> &mut DecodeState {
+        let c = self.config;
+        let kv = c.kv_heads * c.head_dim;
+        self.decode.get_or_insert_with(|| DecodeState {
+            pos: 0,
+            k: vec![vec![0.0; c.max_seq * kv]; c.layers],
+            v: vec![vec![0.0; c.max_seq * kv]; c.layers],
+            x: vec![0.0; c.hidden],
+            h: vec![0.0; c.hidden],
+            qkv: vec![0.0; c.qkv_width()],
+            y: vec![0.0; c.heads * c.head_dim],
+            gate_up: vec![0.0; 2 * c.intermediate],
+            act: vec![0.0; c.intermediate],
+            scores: vec![0.0; c.max_seq],
+            logits: vec![0.0; c.vocab_size],
+        })
+    }
+}
+
+impl Backend for LlamaCpuBackend {
+    fn architecture(&self) -> Architecture {
+        Architecture::Llama(self.config)
+    }
+
+    fn device(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn params(&self) -> Vec<f32> {
+        self.params.clone()
+    }
+
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        if params.len() != self.params.len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: self.params.len(),
+            });
+        }
+        self.params.copy_from_slice(params);
+        self.decode = None;
+        Ok(())
+    }
+
+    fn reset_optimizer(&mut self) {
+        self.adam_m.fill(0.0);
+        self.adam_v.fill(0.0);
+        self.adam_step = 0;
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        optimizer: &OptimizerConfig,
+        lr: f32,
+    ) -> Result<StepStats, EngineError> {
+        self.check_trainable()?;
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        let stats = pool.install(|| {
+            let loss = self.forward(batch, Finish::LossAndGrad);
+            self.backward();
+            let grad_norm = self.adamw(optimizer, lr);
+            StepStats { loss, grad_norm }
+        });
+        self.decode = None;
+        Ok(stats)
+    }
+
+    fn eval_loss(&mut self, batch: &Batch<'_>) -> Result<f32, EngineError> {
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        Ok(pool.install(|| self.forward(batch, Finish::Loss)))
+    }
+
+    fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError> {
+        self.check_trainable()?;
+        self.check_batch(batch)?;
+        let pool = self.pool.clone();
+        let loss = pool.install(|| {
+            let loss = self.forward(batch, Finish::LossAndGrad);
+            self.backward();
+            loss
+        });
+        Ok((loss, self.grads.clone()))
+    }
+
+    fn decode_reset(&mut self) {
+        if let Some(state) = self.decode.as_mut() {
+            state.pos = 0;
+        }
+    }
+
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
+        let config = self.config;
+        if token as usize >= config.vocab_size {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: config.vocab_size,
+            });
+        }
+        if self
+            .decode
+            .as_ref()
+            .is_some_and(|s| s.pos >= config.max_seq)
+        {
+            return Err(EngineError::ContextFull {
+                n_ctx: config.max_seq,
+            });
+        }
+        self.decode_state();
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("created above")
+        };
+        let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
+        let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
+        let (nh, nkv, hd, w) = (
+            config.heads,
+            config.kv_heads,
+            config.head_dim,
+            config.qkv_width(),
+        );
+        let (group, kvw) = (nh / nkv, nkv * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = config.rms_eps as f32;
+        let p = |off: usize, len: usize| &params[off..off + len];
+        let pos = s.pos;
+        let tok = token as usize;
+        s.x.copy_from_slice(p(layout.embed + tok * d, d));
+        self.pool.install(|| {
+            for l in 0..config.layers {
+                let o = layout.blocks[l];
+                lops::rmsnorm_row(&mut s.h, &s.x, p(o.attn_norm, d), eps);
+                matmul(
+                    ViewMut::rows(&mut s.qkv, 1, w),
+                    View::rows(&s.h, 1, d),
+                    View::rows(p(o.qkv, w * d), w, d).t(),
+                    false,
+                    Par::Single,
+                );
+                rope.rotate(&mut s.qkv[..(nh + nkv) * hd], pos, false);
+                s.k[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd..nh * hd + kvw]);
+                s.v[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd + kvw..]);
+                for h in 0..nh {
+                    let g = h / group;
+                    let q = &s.qkv[h * hd..(h + 1) * hd];
+                    let scores = &mut s.scores[..=pos];
+                    let mut max = f32::NEG_INFINITY;
+                    for (t, sc) in scores.iter_mut().enumerate() {
+                        let k = &s.k[l][t * kvw + g * hd..t * kvw + (g + 1) * hd];
+                        *sc = ops::dot(q, k) * scale;
+                        max = max.max(*sc);
+                    }
+                    for sc in scores.iter_mut() {
+                        *sc = ops::exp_fast(*sc - max);
+                    }
+                    let inv = 1.0 / ops::sum(scores);
+                    let y = &mut s.y[h * hd..(h + 1) * hd];
+                    y.fill(0.0);
+                    for (t, sc) in scores.iter().enumerate() {
+                        let vrow = &s.v[l][t * kvw + g * hd..t * kvw + (g + 1) * hd];
+                        let weight = sc * inv;
+                        for (yy, vv) in y.iter_mut().zip(vrow) {
+                            *yy += weight * vv;
+                        }
+                    }
+                }
+                matmul(
+                    ViewMut::rows(&mut s.x, 1, d),
+                    View::rows(&s.y, 1, nh * hd),
+                    View::rows(p(o.o, d * nh * hd), d, nh * hd).t(),
+                    true,
+                    Par::Single,
+                );
+                lops::rmsnorm_row(&mut s.h, &s.x, p(o.mlp_norm, d), eps);
+                matmul(
+                    ViewMut::rows(&mut s.gate_up, 1, 2 * f),
+                    View::rows(&s.h, 1, d),
+                    View::rows(p(o.gate_up, 2 * f * d), 2 * f, d).t(),
+                    false,
+                    Par::Single,
+                );
+                lops::swiglu_row(&mut s.act, &s.gate_up);
+                matmul(
+                    ViewMut::rows(&mut s.x, 1, d),
+                    View::rows(&s.act, 1, f),
+                    View::rows(p(o.down, d * f), d, f).t(),
+                    true,
+                    Par::Single,
+                );
+            }
+            lops::rmsnorm_row(&mut s.h, &s.x, p(layout.norm, d), eps);
+            // The head is the largest product of a decode step; split its rows over tasks.
+            let head = p(layout.head, v * d);
+            s.logits
+                .par_chunks_mut(HEAD_ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let rows = out.len();
+                    matmul(
+                        ViewMut::rows(out, rows, 1),
+                        View::rows(&head[i * HEAD_ROWS_PER_TASK * d..], rows, d),
+                        View::rows(&s.h, d, 1),
+                        false,
+                        Par::Single,
+                    );
+                });
+        });
+        s.pos += 1;
+        Ok(&s.logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig {
+            hidden: 8,
+            intermediate: 12,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            vocab_size: 11,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            tie_embeddings: true,
+            max_seq: 4,
+        }
+    }
+
+    /// What a backend answers to one bad request, as text.
+    #[track_caller]
+    fn check(
+        request: impl FnOnce(&mut LlamaCpuBackend) -> Result<(), EngineError>,
+        expect: expect_test::Expect,
+    ) {
+        let config = tiny();
+        let params = super::super::init_params(&config, 1).expect("init");
+        let mut backend = LlamaCpuBackend::open(config, params, 1, Purpose::Train).expect("open");
+        let got = match request(&mut backend) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn bad_requests_are_errors_not_panics() {
+        let batch = |inputs: &'static [u32], b: usize, t: usize| Batch {
+            inputs,
+            targets: inputs,
+            batch: b,
+            seq: t,
+        };
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 3, 4, 5], 1, 5)).map(drop),
+            expect_test::expect!["sequence length 5 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 11], 1, 3)).map(drop),
+            expect_test::expect!["token id 11 is outside the vocabulary of 11"],
+        );
+        check(
+            |m| m.eval_loss(&batch(&[1, 2, 3], 2, 2)).map(drop),
+            expect_test::expect!["batch shape 2x2 needs 4 tokens, got 3 inputs and 3 targets"],
+        );
+        check(
+            |m| m.set_params(&[0.0; 3]),
+            expect_test::expect!["parameter vector has 3 floats, the model has 592"],
+        );
+        check(
+            |m| {
+                for token in [1, 2, 3, 4] {
+                    m.decode_step(token)?;
+                }
+                m.decode_step(5).map(drop)
+            },
+            expect_test::expect!["generation reached the model's context of 4 tokens"],
+        );
+        check(
+            |m| m.logits(&[]).map(drop),
+            expect_test::expect!["sequence length 0 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| {
+                LlamaCpuBackend::open(
+                    LlamaConfig {
+                        kv_heads: 0,
+                        ..tiny()
+                    },
+                    m.params(),
+                    1,
+                    Purpose::Eval,
+                )
+                .map(drop)
+            },
+            expect_test::expect![
+                "every size of a Llama must be at least 1, got LlamaConfig { hidden: 8, intermediate: 12, layers: 1, heads: 2, kv_heads: 0, head_dim: 4, vocab_size: 11, rope_theta: 10000.0, rms_eps: 1e-5, tie_embeddings: true, max_seq: 4 }"
+            ],
+        );
+    }
+}
