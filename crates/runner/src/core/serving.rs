@@ -229,7 +229,7 @@ impl super::Reads {
                     *self
                         .model
                         .gpt_config("a version's checkpoint")
-                        .map_err(|e| ApiError::internal(&e))?,
+                        .map_err(|e| RunError::internal(&e))?,
                 ),
             )
             .map_err(|e| RunError::internal(&e))?;
