@@ -11,6 +11,7 @@
 
 pub mod acceptance;
 pub mod checks;
+pub mod credit;
 pub mod error;
 
 pub use acceptance::{Acceptance, Decision, Rules};

@@ -195,10 +195,7 @@ const META_CONFIG: &str = "config";
 /// The ledger authority's key file, in the store's directory.
 const LEDGER_KEY: &str = "ledger.key";
 
-/// The ledger reference of the mint for an accepted update.
-pub fn mint_reference(unit: u64) -> String {
-    format!("update:{unit}")
-}
+pub use run::credit::mint_reference;
 
 /// Every accepted update has exactly one mint, and every mint is for an accepted update.
 fn check_mints(ledger: &Ledger, units: &[u64]) -> Result<(), CoreError> {
@@ -888,11 +885,10 @@ impl Core {
         let base_version = update.header.base_version;
         let weight =
             self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
-        // Credit for the work the coordinator assigned (at least one micro-credit, so
-        // every accepted update has its mint), committed with the update's row.
-        let credit = ledger::credit_for_training(self.model.train_flops_per_token(), weight).max(1);
+        // Credit for the work the run assigned, committed with the update's row.
+        let credit = run::credit::unit_credit(self.model.train_flops_per_token(), weight);
         let mint = match self.ledger.prepare(
-            Draft::mint(worker, credit, mint_reference(work_unit)),
+            run::credit::mint(worker, work_unit, credit),
             now_ms,
             &self.authority,
         ) {
