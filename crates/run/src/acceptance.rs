@@ -104,6 +104,11 @@ impl Acceptance {
         Some(norms[(norms.len() - 1) / 2])
     }
 
+    /// Whether the accepted update of `unit` is in this round's median bar.
+    pub fn holds(&self, unit: u64) -> bool {
+        self.norms.contains_key(&unit)
+    }
+
     /// The verdict on an update before its score: `validation::judge` against the round
     /// (`current_version`, `lease`: the unit's lease, if any), then, with scoring on, a
     /// byte-equal copy (`copy_of`: the unit already accepted with this payload hash).

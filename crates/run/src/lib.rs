@@ -13,7 +13,9 @@ pub mod acceptance;
 pub mod checks;
 pub mod credit;
 pub mod error;
+pub mod state;
 
 pub use acceptance::{Acceptance, Decision, Rules};
 pub use checks::{CheckRules, Sample, SpotChecks, draw};
 pub use error::{Class, RunError};
+pub use state::{Accepted, Decided, Input, Output, Run, Settings};

@@ -18,9 +18,10 @@ use engine::{Backend, ModelSpec, Preset, Purpose};
 use ledger::{Draft, Ledger, Prepared};
 use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply};
 use protocol::{SignedUpdate, UpdateHeader, WorkUnit, WorkerId};
-use scheduler::{Effect, Event, Scheduler, UnitStatus};
+use run::{Decided, Input, Output};
+use scheduler::{Effect, Scheduler, UnitStatus};
 use store::{BlobHash, RejectionRow, Store, Tx, UpdateRow, VersionRow, WorkerRow};
-use validation::{Inspected, LeaseState, Reject, Verdict};
+use validation::{Inspected, Reject, Verdict};
 use worker::unit::owned_batch;
 
 use crate::config::CoordinatorConfig;
@@ -140,7 +141,9 @@ pub struct Core {
     _lock: std::fs::File,
     config: CoordinatorConfig,
     store: Store,
-    scheduler: Scheduler,
+    /// What the run decides (scheduling, acceptance, spot-checks, credit), stepped on a
+    /// copy and kept once its output is committed.
+    run: run::Run,
     /// The run's model: its architecture and which tensors a delta carries.
     model: ModelSpec,
     seq: usize,
@@ -148,9 +151,6 @@ pub struct Core {
     /// The outer optimizer; out (in an [`AggregationJob`]) while a round aggregates.
     outer: Option<Box<dyn OuterOptimizer>>,
     accepted: BTreeMap<u64, Accepted>,
-    /// What acceptance keeps between updates: the norms of this round and the last (the
-    /// median bar), the version's gains (the median gain), refusals (agreement).
-    acceptance: run::Acceptance,
     /// Evaluates the holdout; out with the outer optimizer while a round aggregates.
     evaluator: Option<Box<dyn Backend>>,
     holdout: Arc<Vec<OwnedBatch>>,
@@ -174,10 +174,6 @@ pub struct Core {
     serving: serving::Serving,
     /// The train split (scoring batches and spot-check re-runs read it).
     train: Arc<Vec<u32>>,
-    /// Replay spot-checks: trust per worker, the units waiting to be re-run (their rows
-    /// say `queued`), and those whose re-run did not match (kept out of any aggregate
-    /// not yet formed).
-    checks: run::SpotChecks,
     /// A version's random scoring batches and its loss on them, made once per version.
     random_loss: Option<Arc<checks::RandomBatches>>,
 }
@@ -185,7 +181,7 @@ pub struct Core {
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("round", &self.scheduler.round())
+            .field("round", &self.run.scheduler().round())
             .field("version", &self.current.version)
             .finish()
     }
@@ -512,17 +508,22 @@ impl Core {
             text_tokenizer: text_tokenizer.clone(),
             model: model.clone(),
         };
+        let settings = settings(
+            &config,
+            run_info.n_params,
+            config.schedule.steps_per_unit as u64 * config.batch as u64 * seq as u64,
+            model.train_flops_per_token(),
+        );
         let mut core = Core {
             reads,
             config,
             store,
-            scheduler,
+            run: run::Run::new(settings, scheduler, acceptance, checks),
             model,
             seq,
             current,
             outer: Some(outer),
             accepted,
-            acceptance,
             evaluator: Some(evaluator),
             holdout: Arc::new(holdout),
             deferred: false,
@@ -536,7 +537,6 @@ impl Core {
             authority,
             serving,
             train: Arc::new(dataset.train),
-            checks,
             random_loss: None,
             _lock: lock,
         };
@@ -566,7 +566,7 @@ impl Core {
     }
 
     pub fn round(&self) -> u64 {
-        self.scheduler.round()
+        self.run.scheduler().round()
     }
 
     /// The current parameters (for tests that compare models bit for bit).
@@ -635,13 +635,14 @@ impl Core {
         /// network that needs a higher `records.workers_max`).
         const CANDIDATES: u64 = 64;
         let holders: HashSet<WorkerId> = self
-            .scheduler
+            .run
+            .scheduler()
             .units()
             .filter_map(|(_, s)| match *s {
                 UnitStatus::Leased { worker, .. } => Some(worker),
                 _ => None,
             })
-            .chain(self.scheduler.late().map(|l| l.worker))
+            .chain(self.run.scheduler().late().map(|l| l.worker))
             .collect();
         self.store
             .idle_workers(CANDIDATES)
@@ -676,7 +677,9 @@ impl Core {
     /// Gives the worker a unit, or tells it when to come back.
     pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, RunError> {
         self.known(worker)?;
-        let effects = self.advance(now_ms, &[Event::LeaseRequest { worker }], |_| Ok(()))?;
+        let effects = self
+            .advance(now_ms, Input::Lease { worker }, |_| Ok(()))?
+            .effects;
         let reply = effects.iter().find_map(|e| match *e {
             Effect::Lease {
                 worker: w,
@@ -704,7 +707,7 @@ impl Core {
     pub fn heartbeat(&mut self, worker: WorkerId, unit: u64, now_ms: u64) -> Result<(), RunError> {
         self.known(worker)?;
         self.tick(now_ms)?;
-        match self.scheduler.lease_view(unit) {
+        match self.run.scheduler().lease_view(unit) {
             Some(l) if l.worker == worker && !l.submitted => {}
             _ => {
                 return Err(conflict(
@@ -720,19 +723,14 @@ impl Core {
         // requests, and one lost in a crash only ends a lease sooner (its worker's
         // update is refused as `not_leased`, its unit leased again); nothing accepted or
         // credited is lost.
-        let mut next = self.scheduler.clone();
-        let effects = next.tick(
-            now_ms,
-            self.config.seed,
-            &[Event::Heartbeat { worker, unit }],
-        );
-        if effects.is_empty() {
-            self.scheduler = next;
+        let (next, output) = self.stepped(now_ms, Input::Heartbeat { worker, unit })?;
+        if output.effects.is_empty() {
+            self.run = next;
             self.unsaved_since_ms.get_or_insert(now_ms);
             return Ok(());
         }
-        let effects = self.advance(now_ms, &[Event::Heartbeat { worker, unit }], |_| Ok(()))?;
-        self.after(&effects, now_ms)
+        self.commit(next, &output.effects, now_ms, |_| Ok(()))?;
+        self.after(&output.effects, now_ms)
     }
 
     /// Writes lease renewals kept in memory for `HEARTBEAT_FLUSH_MS` or more (`force`:
@@ -744,7 +742,7 @@ impl Core {
         if !force && now_ms.saturating_sub(since) < HEARTBEAT_FLUSH_MS {
             return Ok(());
         }
-        let scheduler = &self.scheduler;
+        let scheduler = self.run.scheduler();
         self.store
             .write(|tx| persist_effects(tx, scheduler, &[], now_ms))
             .map_err(|e| RunError::internal(&e))?;
@@ -754,7 +752,7 @@ impl Core {
 
     /// Advances time: expires leases, times rounds out, aggregates when due.
     pub fn tick(&mut self, now_ms: u64) -> Result<(), RunError> {
-        let effects = self.advance(now_ms, &[], |_| Ok(()))?;
+        let effects = self.advance(now_ms, Input::Tick, |_| Ok(()))?.effects;
         self.after(&effects, now_ms)
     }
 
@@ -813,7 +811,7 @@ impl Core {
                 Ok(None)
             }
             Verdict::Accepted { work_unit, .. } => {
-                let unit = self.scheduler.unit(work_unit).copied();
+                let unit = self.run.scheduler().unit(work_unit).copied();
                 match unit {
                     Some(unit) => self.score_task(&unit, update.header.base_version),
                     None => Ok(None),
@@ -844,24 +842,25 @@ impl Core {
         now_ms: u64,
     ) -> Result<SubmitReply, RunError> {
         self.tick(now_ms)?;
-        let verdict = self.judge(update)?;
+        let copy_of = self.copy_of(update)?;
+        let verdict = self.run.judge(update, copy_of);
         if let Some(reply) = self.accepted_reply(update, &verdict)? {
             return Ok(reply);
         }
-        let rules = self.rules();
-        let decision = self
-            .acceptance
-            .decide(update, verdict, score.as_ref(), &rules)
-            .map_err(|e| RunError::internal(&e))?;
-        let (work_unit, worker, norm, force_check, gain) = match decision {
-            run::Decision::Accept {
-                work_unit,
-                worker,
-                norm,
-                force_check,
-                gain,
-            } => (work_unit, worker, norm, force_check, gain),
-            run::Decision::Refuse(verdict) => {
+        let (next, output) = self.stepped(
+            now_ms,
+            Input::Update {
+                update,
+                copy_of,
+                score: score.as_ref(),
+            },
+        )?;
+        let accepted = match output.decided {
+            Some(Decided::Accepted(accepted)) => accepted,
+            Some(Decided::Refused(verdict)) => {
+                // What agreement remembers of this refusal is kept; nothing was leased
+                // or accepted.
+                self.run = next;
                 let referenced = self
                     .store
                     .blob_referenced(blob)
@@ -881,12 +880,22 @@ impl Core {
                     )
                     .map(|never| match never {});
             }
+            other => {
+                return Err(RunError::broken(format!(
+                    "an update's step decided {other:?}"
+                )));
+            }
         };
-        let base_version = update.header.base_version;
-        let weight =
-            self.config.schedule.steps_per_unit as u64 * self.config.batch as u64 * self.seq as u64;
-        // Credit for the work the run assigned, committed with the update's row.
-        let credit = run::credit::unit_credit(self.model.train_flops_per_token(), weight);
+        let run::Accepted {
+            unit: work_unit,
+            worker,
+            round,
+            norm,
+            weight,
+            credit,
+            sample,
+        } = accepted;
+        // The credit the run drafted, signed and committed with the update's row.
         let mint = match self.ledger.prepare(
             run::credit::mint(worker, work_unit, credit),
             now_ms,
@@ -902,18 +911,15 @@ impl Core {
         };
         let row = UpdateRow {
             unit: work_unit,
-            round: self.scheduler.round(),
+            round,
             worker: worker.to_string(),
-            base_version,
+            base_version: update.header.base_version,
             blob: blob.clone(),
             bytes: n_bytes,
             norm,
             weight,
             received_ms: now_ms,
         };
-        let sample = self
-            .checks
-            .sample(&self.check_rules(), work_unit, worker, force_check);
         let check = sample.map(|sample| store::CheckRow {
             unit: work_unit,
             worker: worker.to_string(),
@@ -925,26 +931,15 @@ impl Core {
             decided_ms: None,
         });
         let payload = hex::encode(update.payload_hash);
-        let effects = self.advance(
-            now_ms,
-            &[Event::UpdateAccepted {
-                worker,
-                unit: work_unit,
-            }],
-            |tx| {
-                tx.insert_update(&row)?;
-                tx.insert_payload(&payload, work_unit)?;
-                if let Some(check) = &check {
-                    tx.set_check(check)?;
-                }
-                tx.insert_entry(&mint)
-            },
-        )?;
-        if let Some(sample) = sample {
-            self.checks.sampled(work_unit, sample);
-        }
-        self.acceptance
-            .accepted(work_unit, norm, gain, self.current.version);
+        self.commit(next, &output.effects, now_ms, |tx| {
+            tx.insert_update(&row)?;
+            tx.insert_payload(&payload, work_unit)?;
+            if let Some(check) = &check {
+                tx.set_check(check)?;
+            }
+            tx.insert_entry(&mint)
+        })?;
+        let effects = output.effects;
         self.ledger_committed(mint);
         self.accepted.insert(
             work_unit,
@@ -981,10 +976,10 @@ impl Core {
     /// Publishes the run as it stands to [`Reads`].
     pub fn publish(&self) {
         let count = |f: fn(&UnitStatus) -> bool| {
-            self.scheduler.units().filter(|(_, s)| f(s)).count() as u32
+            self.run.scheduler().units().filter(|(_, s)| f(s)).count() as u32
         };
         self.reads.publish(Published {
-            round: self.scheduler.round(),
+            round: self.run.scheduler().round(),
             version: self.current.version,
             initial_loss: self.initial_loss,
             workers: self.workers.len() as u64,
@@ -1113,46 +1108,21 @@ impl Core {
         self.config.limits
     }
 
-    /// The run's acceptance rules, from its config.
-    fn rules(&self) -> run::Rules {
-        run::Rules {
-            max_staleness: self.config.schedule.max_staleness,
-            n_params: self.run_info.n_params,
-            delta_norm_max: self.config.delta_norm_max,
-            median_multiple_max: self.config.median_norm_multiple,
-            check_values: !self.config.unchecked_values,
-            scoring: self.config.scoring,
-            agreement: self.config.spot_check.enabled,
-        }
-    }
-
     /// The verdict on an update as the round stands (an `Err` only when the store cannot
     /// be read).
     fn judge(&self, update: &Inspected) -> Result<Verdict, RunError> {
-        let lease = self
-            .scheduler
-            .lease_view(update.header.work_unit)
-            .map(|l| LeaseState {
-                work_unit: l.unit,
-                worker: l.worker,
-                base_version: l.base_version,
-                submitted: l.submitted,
-            });
-        // Whether these values were accepted before (the copy check; with scoring on).
-        let copy_of = if self.config.scoring.enabled {
-            self.store
-                .payload_unit(&hex::encode(update.payload_hash))
-                .map_err(|e| RunError::internal(&e))?
-        } else {
-            None
-        };
-        Ok(self.acceptance.judge(
-            update,
-            &self.rules(),
-            self.current.version,
-            lease.as_ref(),
-            copy_of,
-        ))
+        Ok(self.run.judge(update, self.copy_of(update)?))
+    }
+
+    /// The unit already accepted with this update's values (the copy check; looked up
+    /// only with scoring on, which the check belongs to).
+    fn copy_of(&self, update: &Inspected) -> Result<Option<u64>, RunError> {
+        if !self.config.scoring.enabled {
+            return Ok(None);
+        }
+        self.store
+            .payload_unit(&hex::encode(update.payload_hash))
+            .map_err(|e| RunError::internal(&e))
     }
 
     /// Appends to the in-memory ledger an entry the store has just committed. The
@@ -1186,7 +1156,7 @@ impl Core {
         );
         if let (true, Some(h)) = (signed, header) {
             let worker = h.worker.to_string();
-            let round = self.scheduler.round();
+            let round = self.run.scheduler().round();
             // A key's rejections are recorded up to a bound a round, so that one key
             // sending garbage cannot fill the disk; the reply is the same past it.
             let record = self
@@ -1218,21 +1188,24 @@ impl Core {
             // A refused unit goes to another worker (the refusal row commits with it).
             let refused = reason.releases_unit()
                 && self
-                    .scheduler
+                    .run
+                    .scheduler()
                     .lease_view(h.work_unit)
                     .is_some_and(|l| l.worker == h.worker && !l.submitted);
             if refused {
-                let event = Event::UpdateRefused {
+                let input = Input::Refused {
                     worker: h.worker,
                     unit: h.work_unit,
                 };
-                let effects = self.advance(now_ms, &[event], |tx| {
-                    if record {
-                        tx.insert_rejection(&row)?;
-                        tx.trim_rejections(kept)?;
-                    }
-                    Ok(())
-                })?;
+                let effects = self
+                    .advance(now_ms, input, |tx| {
+                        if record {
+                            tx.insert_rejection(&row)?;
+                            tx.trim_rejections(kept)?;
+                        }
+                        Ok(())
+                    })?
+                    .effects;
                 self.after(&effects, now_ms)?;
             } else if record {
                 self.store
@@ -1292,27 +1265,46 @@ impl Core {
         }))
     }
 
-    /// Ticks a copy of the scheduler, commits its effects, `extra` and its state in one
-    /// transaction, then keeps the copy.
-    fn advance(
+    /// Steps a copy of the run; the copy is kept by [`Core::commit`] once its output is
+    /// committed, or dropped.
+    fn stepped(&self, now_ms: u64, input: Input<'_>) -> Result<(run::Run, Output), RunError> {
+        let mut next = self.run.clone();
+        let output = next.step(now_ms, input)?;
+        Ok((next, output))
+    }
+
+    /// Commits the rows of `effects`, `extra` and the scheduler's state of `next` in one
+    /// transaction when its scheduler moved, then keeps `next`.
+    fn commit(
         &mut self,
+        next: run::Run,
+        effects: &[Effect],
         now_ms: u64,
-        events: &[Event],
         extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
-    ) -> Result<Vec<Effect>, RunError> {
-        let mut next = self.scheduler.clone();
-        let effects = next.tick(now_ms, self.config.seed, events);
-        if next != self.scheduler {
+    ) -> Result<(), RunError> {
+        if next.scheduler() != self.run.scheduler() {
             self.store
                 .write(|tx| {
                     extra(tx)?;
-                    persist_effects(tx, &next, &effects, now_ms)
+                    persist_effects(tx, next.scheduler(), effects, now_ms)
                 })
                 .map_err(|e| RunError::internal(&e))?;
-            self.scheduler = next;
             self.unsaved_since_ms = None;
         }
-        Ok(effects)
+        self.run = next;
+        Ok(())
+    }
+
+    /// Steps the run and commits the step ([`Core::stepped`], then [`Core::commit`]).
+    fn advance(
+        &mut self,
+        now_ms: u64,
+        input: Input<'_>,
+        extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
+    ) -> Result<Output, RunError> {
+        let (next, output) = self.stepped(now_ms, input)?;
+        self.commit(next, &output.effects, now_ms, extra)?;
+        Ok(output)
     }
 
     /// Acts on effects that need more than a reply.
@@ -1339,6 +1331,38 @@ impl Core {
     /// The run's progress, round by round.
     pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, RunError> {
         self.reads().status(now_ms, newest)
+    }
+}
+
+/// The run's settings, from its config: the rules of acceptance and spot-checks, the
+/// tokens a unit trains and the model's FLOPs per token.
+fn settings(
+    config: &CoordinatorConfig,
+    n_params: u32,
+    unit_tokens: u64,
+    flops_per_token: u64,
+) -> run::Settings {
+    let spot = &config.spot_check;
+    run::Settings {
+        seed: config.seed,
+        acceptance: run::Rules {
+            max_staleness: config.schedule.max_staleness,
+            n_params,
+            delta_norm_max: config.delta_norm_max,
+            median_multiple_max: config.median_norm_multiple,
+            check_values: !config.unchecked_values,
+            scoring: config.scoring,
+            agreement: spot.enabled,
+        },
+        checks: run::CheckRules {
+            enabled: spot.enabled,
+            trusted_after: spot.trusted_after,
+            tolerance: spot.tolerance,
+            max_backlog: spot.max_backlog,
+            seed: config.seed,
+        },
+        unit_tokens,
+        flops_per_token,
     }
 }
 

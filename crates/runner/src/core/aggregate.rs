@@ -16,7 +16,6 @@ use aggregation::{OuterOptimizer, WeightedDelta};
 use engine::train::OwnedBatch;
 use engine::{Backend, ModelSpec};
 use protocol::SignedUpdate;
-use scheduler::Event;
 use store::{BlobHash, VersionRow};
 
 use super::{Core, CoreError, Current, checkpoint_bytes, persist_effects, retention};
@@ -150,7 +149,7 @@ impl Core {
 
     /// The round waiting to be aggregated, if any and none is being aggregated already.
     pub fn aggregation_job(&mut self) -> Result<Option<AggregationJob>, CoreError> {
-        let Some((round, base_version)) = self.scheduler.pending_aggregate() else {
+        let Some((round, base_version)) = self.run.scheduler().pending_aggregate() else {
             return Ok(None);
         };
         if base_version != self.current.version {
@@ -187,10 +186,11 @@ impl Core {
     /// accepted units and late ones of earlier rounds accepted during it), less those
     /// whose spot-check already failed, with their blobs and weights.
     fn round_inputs(&self, round: u64) -> Result<Vec<(u64, BlobHash, u64)>, CoreError> {
-        self.scheduler
+        self.run
+            .scheduler()
             .round_updates()
             .into_iter()
-            .filter(|&u| !self.checks.failed(u))
+            .filter(|&u| !self.run.checks().failed(u))
             .map(|unit| {
                 let a = self.accepted.get(&unit).ok_or_else(|| {
                     CoreError::Inconsistent(format!(
@@ -216,7 +216,7 @@ impl Core {
             outcome,
         } = done;
         self.evaluator = Some(evaluator);
-        let current = self.scheduler.pending_aggregate() == Some((round, base_version))
+        let current = self.run.scheduler().pending_aggregate() == Some((round, base_version))
             && base_version == self.current.version
             && self
                 .round_inputs(round)
@@ -284,20 +284,18 @@ impl Core {
             checkpoint_pruned_ms: None,
             optimizer_pruned_ms: None,
         };
-        let mut next = self.scheduler.clone();
-        let effects = next.tick(
-            now_ms,
-            self.config.seed,
-            &[Event::Aggregated { round, version }],
-        );
+        let (next, output) = self
+            .stepped(now_ms, run::Input::Aggregated { round, version })
+            .map_err(|e| CoreError::Inconsistent(e.message))?;
+        let effects = output.effects;
         // What the new version makes unneeded is marked with it, and removed after.
-        let prune = self.retention_plan(&row, next.round())?;
+        let prune = self.retention_plan(&row, next.scheduler().round())?;
         self.store.write(|tx| {
             tx.insert_version(&row)?;
             retention::mark(tx, &prune, now_ms)?;
-            persist_effects(tx, &next, &effects, now_ms)
+            persist_effects(tx, next.scheduler(), &effects, now_ms)
         })?;
-        self.scheduler = next;
+        self.run = next;
         self.unsaved_since_ms = None;
         self.current = Current {
             version,
@@ -305,7 +303,6 @@ impl Core {
             checkpoint: Arc::new(stepped.checkpoint),
             checkpoint_hash: stepped.checkpoint_hash,
         };
-        self.acceptance.round_closed();
         self.accepted.clear();
         self.remove_pruned(&prune);
         Ok(())

@@ -187,18 +187,6 @@ pub struct CheckOutcome {
 }
 
 impl Core {
-    /// The run's spot-check rules, from its config.
-    pub(super) fn check_rules(&self) -> run::CheckRules {
-        let spot = &self.config.spot_check;
-        run::CheckRules {
-            enabled: spot.enabled,
-            trusted_after: spot.trusted_after,
-            tolerance: spot.tolerance,
-            max_backlog: spot.max_backlog,
-            seed: self.config.seed,
-        }
-    }
-
     /// What scoring an update for `unit` based on `version` needs (`None` when scoring
     /// is off).
     pub(super) fn score_task(
@@ -293,7 +281,7 @@ impl Core {
 
     /// Units waiting to be re-run.
     pub fn checks_queued(&self) -> usize {
-        self.checks.queued()
+        self.run.checks().queued()
     }
 
     /// The next unit to re-run, if any. Taking it does not change the store: a job that
@@ -301,7 +289,7 @@ impl Core {
     pub fn next_check(&mut self) -> Result<Option<CheckJob>, RunError> {
         let internal =
             |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
-        while let Some(unit) = self.checks.take() {
+        while let Some(unit) = self.run.take_check() {
             let (Some(u), Some(update)) = (
                 self.store.unit(unit).map_err(|e| internal(&e))?,
                 self.store.update(unit).map_err(|e| internal(&e))?,
@@ -422,9 +410,21 @@ impl Core {
             .filter(|c| c.worker == update.worker)
             .map(|c| c.unit)
             .collect();
-        let outcome = self
-            .checks
-            .judge(&self.check_rules(), unit, worker, distance, &unchecked);
+        let (next, output) = self.stepped(
+            now_ms,
+            run::Input::Replayed {
+                unit,
+                worker,
+                distance,
+                unchecked: &unchecked,
+            },
+        )?;
+        let Some(run::Decided::Checked(outcome)) = output.decided else {
+            return Err(RunError::broken(format!(
+                "a re-run's step decided {:?}",
+                output.decided
+            )));
+        };
         let (matched, trust) = (outcome.matched, outcome.trust);
         let mut clawback = None;
         let reference = mint_reference(unit);
@@ -478,12 +478,9 @@ impl Core {
             .map_err(|e| internal(&e))?;
         let clawed_back = clawback.as_ref().map_or(0, |e| e.amount);
         if let Some(entry) = clawback {
-            self.ledger
-                .write()
-                .commit(entry)
-                .map_err(|e| internal(&e))?;
+            self.ledger_committed(entry);
         }
-        self.checks.decided(unit, worker, &outcome);
+        self.run = next;
         Ok(CheckOutcome {
             unit,
             worker,
@@ -530,7 +527,7 @@ impl Core {
 
     /// A worker's count of consecutive verified units.
     pub fn trust(&self, worker: WorkerId) -> Trust {
-        self.checks.trust(worker)
+        self.run.checks().trust(worker)
     }
 }
 

@@ -1,0 +1,330 @@
+//! The run as one value: [`Run::step`] takes the time and one input (a lease request, a
+//! heartbeat, an update with its score, a re-run's distance, an aggregated round, a
+//! tick) and returns what the driver must persist and answer, in the shape of Psyche's
+//! `Coordinator::tick` and TigerBeetle's state machines.
+//!
+//! The driver steps a copy (`run.clone()`), persists the [`Output`] (rows, the
+//! scheduler's state, ledger drafts it signs) in one transaction, and only then keeps
+//! the copy: memory never runs ahead of the disk. After every step the run asserts its
+//! invariants; one that breaks panics, which the coordinator turns into a stop (its
+//! memory no longer matches what it committed; a restart resumes from the last commit).
+
+use std::sync::Arc;
+
+use protocol::{WorkUnit, WorkerId};
+use scheduler::{Effect, Event, Scheduler, UnitStatus};
+use validation::score::Score;
+use validation::{Inspected, LeaseState, Verdict};
+
+use crate::checks::{CheckRules, Outcome, Sample, SpotChecks};
+use crate::{Acceptance, Decision, Rules, RunError};
+
+/// The run's settings, fixed for its life.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The run's seed: scheduling, spot-check draws.
+    pub seed: u64,
+    pub acceptance: Rules,
+    pub checks: CheckRules,
+    /// Tokens one unit trains: its weight in the aggregate and the base of its credit.
+    pub unit_tokens: u64,
+    /// The model specification's training FLOPs per token.
+    pub flops_per_token: u64,
+}
+
+/// One input to [`Run::step`].
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Time passes: leases expire, rounds time out.
+    Tick,
+    /// A worker asks for work.
+    Lease { worker: WorkerId },
+    /// A worker is still on its unit.
+    Heartbeat { worker: WorkerId, unit: u64 },
+    /// The driver refused the worker's update for a reason that sends the unit to
+    /// another worker (`Reject::releases_unit`).
+    Refused { worker: WorkerId, unit: u64 },
+    /// An update, judged and decided now: `copy_of` is the unit already accepted with
+    /// the same payload hash (the driver looks it up), `score` its measured score
+    /// (required when scoring is on).
+    Update {
+        update: &'a Inspected,
+        copy_of: Option<u64>,
+        score: Option<&'a Score>,
+    },
+    /// A unit's re-run finished at `distance` from its update; `unchecked` are its
+    /// worker's units never sampled (from the store).
+    Replayed {
+        unit: u64,
+        worker: WorkerId,
+        distance: f32,
+        unchecked: &'a [u64],
+    },
+    /// The driver aggregated `round` into `version`.
+    Aggregated { round: u64, version: u64 },
+}
+
+/// An update the run accepted: what the driver commits for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    pub unit: u64,
+    pub worker: WorkerId,
+    /// The round it counts in.
+    pub round: u64,
+    pub norm: f32,
+    /// Its weight in the aggregate (tokens trained).
+    pub weight: u64,
+    /// Its credit, minted by [`crate::credit::mint`] under its unit.
+    pub credit: u64,
+    /// Whether it is re-run (`None`: spot-checks are off).
+    pub sample: Option<Sample>,
+}
+
+/// What a step decided beyond scheduling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decided {
+    Accepted(Accepted),
+    /// The update is refused with this verdict; the driver records it, and sends
+    /// [`Input::Refused`] if the refusal releases the unit.
+    Refused(Verdict),
+    /// A re-run's outcome.
+    Checked(Outcome),
+}
+
+/// What the driver must persist and answer after a step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    /// The scheduler's effects: leases to grant, rounds started, a round to aggregate.
+    pub effects: Vec<Effect>,
+    pub decided: Option<Decided>,
+}
+
+/// Everything a training run decides, as one value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    settings: Settings,
+    scheduler: Scheduler,
+    // Shared until changed: a driver clones the run for every step, and most steps
+    // (leases, heartbeats, ticks) change the scheduler only.
+    acceptance: Arc<Acceptance>,
+    checks: Arc<SpotChecks>,
+}
+
+impl Run {
+    /// A run as it stands: a new one, or one rebuilt from what its driver stored.
+    pub fn new(
+        settings: Settings,
+        scheduler: Scheduler,
+        acceptance: Acceptance,
+        checks: SpotChecks,
+    ) -> Run {
+        let run = Run {
+            settings,
+            scheduler,
+            acceptance: Arc::new(acceptance),
+            checks: Arc::new(checks),
+        };
+        run.assert_invariants();
+        run
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn checks(&self) -> &SpotChecks {
+        &self.checks
+    }
+
+    /// The version the current round trains on.
+    pub fn version(&self) -> u64 {
+        self.scheduler.version()
+    }
+
+    /// The median norm the next update is held to.
+    pub fn median_norm(&self) -> Option<f32> {
+        self.acceptance.median_norm()
+    }
+
+    /// The verdict on `update` as the run stands, before its score: what the driver asks
+    /// before it spends a score on an update, and to tell a resent accepted update from
+    /// a refusal. Changes nothing.
+    pub fn judge(&self, update: &Inspected, copy_of: Option<u64>) -> Verdict {
+        let lease = self
+            .scheduler
+            .lease_view(update.header.work_unit)
+            .map(|l| LeaseState {
+                work_unit: l.unit,
+                worker: l.worker,
+                base_version: l.base_version,
+                submitted: l.submitted,
+            });
+        self.acceptance.judge(
+            update,
+            &self.settings.acceptance,
+            self.scheduler.version(),
+            lease.as_ref(),
+            copy_of,
+        )
+    }
+
+    /// Takes one input at `now_ms`. An `Err` is a driver's bug (an update unscored with
+    /// scoring on, an aggregate of another round); the run is then unchanged only if
+    /// the driver drops this copy, as it must.
+    pub fn step(&mut self, now_ms: u64, input: Input<'_>) -> Result<Output, RunError> {
+        let seed = self.settings.seed;
+        let output = match input {
+            Input::Tick => self.schedule(now_ms, &[]),
+            Input::Lease { worker } => self.schedule(now_ms, &[Event::LeaseRequest { worker }]),
+            Input::Heartbeat { worker, unit } => {
+                self.schedule(now_ms, &[Event::Heartbeat { worker, unit }])
+            }
+            Input::Refused { worker, unit } => {
+                self.schedule(now_ms, &[Event::UpdateRefused { worker, unit }])
+            }
+            Input::Update {
+                update,
+                copy_of,
+                score,
+            } => self.update(now_ms, update, copy_of, score)?,
+            Input::Replayed {
+                unit,
+                worker,
+                distance,
+                unchecked,
+            } => {
+                let outcome =
+                    self.checks
+                        .judge(&self.settings.checks, unit, worker, distance, unchecked);
+                Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
+                Output {
+                    effects: Vec::new(),
+                    decided: Some(Decided::Checked(outcome)),
+                }
+            }
+            Input::Aggregated { round, version } => {
+                let due = self.scheduler.pending_aggregate();
+                if due.map(|(r, _)| r) != Some(round) || version != self.scheduler.version() + 1 {
+                    return Err(RunError::broken(format!(
+                        "round {round} aggregated into version {version}, but the run awaits {due:?} on version {}",
+                        self.scheduler.version()
+                    )));
+                }
+                let effects =
+                    self.scheduler
+                        .tick(now_ms, seed, &[Event::Aggregated { round, version }]);
+                Arc::make_mut(&mut self.acceptance).round_closed();
+                // Paired with the precondition above: the next round trains on it.
+                assert_eq!(
+                    self.scheduler.version(),
+                    version,
+                    "the scheduler did not move to the aggregated version"
+                );
+                Output {
+                    effects,
+                    decided: None,
+                }
+            }
+        };
+        self.assert_invariants();
+        Ok(output)
+    }
+
+    fn schedule(&mut self, now_ms: u64, events: &[Event]) -> Output {
+        Output {
+            effects: self.scheduler.tick(now_ms, self.settings.seed, events),
+            decided: None,
+        }
+    }
+
+    /// Judges `update` against the round as it stands and decides it on its score; an
+    /// accepted one is leased no more, joins the median bars, is sampled for a re-run
+    /// and gets its credit.
+    fn update(
+        &mut self,
+        now_ms: u64,
+        update: &Inspected,
+        copy_of: Option<u64>,
+        score: Option<&Score>,
+    ) -> Result<Output, RunError> {
+        let verdict = self.judge(update, copy_of);
+        let decision = Arc::make_mut(&mut self.acceptance)
+            .decide(update, verdict, score, &self.settings.acceptance)
+            .map_err(|e| RunError::broken(e.to_string()))?;
+        let (unit, worker, norm, force_check, gain) = match decision {
+            Decision::Refuse(verdict) => {
+                return Ok(Output {
+                    effects: Vec::new(),
+                    decided: Some(Decided::Refused(verdict)),
+                });
+            }
+            Decision::Accept {
+                work_unit,
+                worker,
+                norm,
+                force_check,
+                gain,
+            } => (work_unit, worker, norm, force_check, gain),
+        };
+        let round = self.scheduler.round();
+        let version = self.scheduler.version();
+        let sample = self
+            .checks
+            .sample(&self.settings.checks, unit, worker, force_check);
+        let effects = self.scheduler.tick(
+            now_ms,
+            self.settings.seed,
+            &[Event::UpdateAccepted { worker, unit }],
+        );
+        Arc::make_mut(&mut self.acceptance).accepted(unit, norm, gain, version);
+        if let Some(sample) = sample {
+            Arc::make_mut(&mut self.checks).sampled(unit, sample);
+        }
+        let weight = self.settings.unit_tokens;
+        Ok(Output {
+            effects,
+            decided: Some(Decided::Accepted(Accepted {
+                unit,
+                worker,
+                round,
+                norm,
+                weight,
+                credit: crate::credit::unit_credit(self.settings.flops_per_token, weight),
+                sample,
+            })),
+        })
+    }
+
+    /// Holds after every step: every unit the scheduler counts as accepted in this round
+    /// has its norm in the median bar, so the bar is over exactly the round's updates.
+    fn assert_invariants(&self) {
+        for (unit, status) in self.scheduler.units() {
+            if matches!(status, UnitStatus::Accepted { .. }) {
+                assert!(
+                    self.acceptance.holds(unit.id),
+                    "unit {} is accepted in round {} but its norm is not in the median bar",
+                    unit.id,
+                    self.scheduler.round()
+                );
+            }
+        }
+    }
+
+    /// The next unit to re-run. Taking it changes nothing the driver stores (a unit
+    /// never judged stays queued there and comes back after a restart), so it is no step.
+    pub fn take_check(&mut self) -> Option<u64> {
+        Arc::make_mut(&mut self.checks).take()
+    }
+
+    /// The unit `id` of the current round.
+    pub fn unit(&self, id: u64) -> Option<&WorkUnit> {
+        self.scheduler.unit(id)
+    }
+}
+
+#[cfg(test)]
+mod tests;
