@@ -1,10 +1,10 @@
-//! The coordinator's state and the one place that changes it: the scheduler, the current
-//! model version, the round's accepted updates, the outer optimizer, and the store they
-//! are persisted in.
+//! A run's state in one process and the one place that changes it: what the run decides
+//! (`run::Run`), the current model version, the round's accepted updates, the outer
+//! optimizer, and the store they are persisted in.
 //!
-//! Every change follows the same order: compute the next scheduler state on a copy,
-//! write blobs (fsynced), commit one transaction holding the rows and the scheduler's
-//! serialized state, then swap the copy in. A crash at any point leaves the store at the
+//! Every change follows the same order: step a copy of the run, write blobs (fsynced),
+//! commit one transaction holding the rows the step's output names and the scheduler's
+//! serialized state, then keep the copy. A crash at any point leaves the store at the
 //! last committed transaction, which [`Core::open`] resumes from.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
