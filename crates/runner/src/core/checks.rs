@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use engine::train::OwnedBatch;
 use engine::{Backend, ModelSpec, Purpose};
-use ledger::Prepared;
 use protocol::{SignedUpdate, WorkUnit, WorkerId};
 use store::{CheckRow, CheckState};
 use validation::score::Score;
@@ -21,7 +20,7 @@ use validation::spot_check::Trust;
 
 use worker::unit::owned_batch;
 
-use super::{Core, CoreError, mint_reference};
+use super::{Core, CoreError};
 use run::{Class, RunError};
 
 /// What scoring one update needs, taken under the core's lock and run outside it: the
@@ -426,26 +425,11 @@ impl Core {
             )));
         };
         let (matched, trust) = (outcome.matched, outcome.trust);
-        let mut clawback = None;
-        let reference = mint_reference(unit);
-        if outcome.claw_back
-            && self
-                .ledger
-                .read()
-                .find(ledger::Kind::Clawback, &reference)
-                .is_none()
-        {
-            let draft = self
-                .ledger
-                .read()
-                .clawback_draft(&reference)
-                .map_err(|e| internal(&e))?;
-            match self.ledger.prepare(draft, now_ms, &self.authority) {
-                Ok(Prepared::New(entry)) => clawback = Some(*entry),
-                Ok(Prepared::Existing(_)) => {}
-                Err(e) => return Err(internal(&e)),
-            }
-        }
+        let clawback = if outcome.claw_back {
+            self.clawback_entry(unit, now_ms)?
+        } else {
+            None
+        };
         let row = CheckRow {
             unit,
             worker: update.worker.clone(),

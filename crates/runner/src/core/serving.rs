@@ -708,10 +708,7 @@ impl Core {
             })
             .map_err(|e| RunError::internal(&e))?;
         if let Some(e) = entry {
-            self.ledger
-                .write()
-                .commit(e)
-                .map_err(|e| RunError::internal(&e))?;
+            self.ledger_committed(e);
         }
         Ok(amount)
     }
@@ -724,12 +721,36 @@ impl Core {
         if let Some(e) = self.ledger.read().find(ledger::Kind::Clawback, &reference) {
             return Ok(e.clone());
         }
+        let entry = self
+            .clawback_entry(unit, now_ms)?
+            .ok_or_else(|| RunError::broken(format!("unit {unit}'s clawback vanished")))?;
+        self.store
+            .write(|tx| tx.insert_entry(&entry))
+            .map_err(|e| RunError::internal(&e))?;
+        self.ledger_committed(entry.clone());
+        Ok(entry)
+    }
+
+    /// The signed clawback of unit `unit`'s mint, prepared and not yet committed (the
+    /// caller commits it with what it is for); `None` when the ledger already holds it.
+    /// The one way a clawback is made: by a failed re-run ([`Core::finish_check`]) or by
+    /// hand ([`Core::claw_back`]).
+    pub(super) fn clawback_entry(
+        &self,
+        unit: u64,
+        now_ms: u64,
+    ) -> Result<Option<ledger::Entry>, RunError> {
+        let reference = super::mint_reference(unit);
         let draft = self
             .ledger
             .read()
             .clawback_draft(&reference)
             .map_err(|e| RunError::new(Class::NotFound, "no_such_mint", e.to_string()))?;
-        self.append(draft, now_ms)
+        match self.ledger.prepare(draft, now_ms, &self.authority) {
+            Ok(Prepared::New(entry)) => Ok(Some(*entry)),
+            Ok(Prepared::Existing(_)) => Ok(None),
+            Err(e) => Err(RunError::internal(&e)),
+        }
     }
 
     /// Pays the pool out to the wallets that earned credit since the last payout, in
