@@ -155,6 +155,15 @@ pub fn open_model(
     )?))
 }
 
+/// Bytes a CPU backend of `spec`'s model for `purpose` holds once it has run a
+/// `batch x seq` batch (see [`cpu::CpuBackend::bytes`]): what sizes a pool of backends
+/// by a memory budget without opening one to measure it.
+pub fn backend_bytes(spec: &ModelSpec, purpose: Purpose, batch: usize, seq: usize) -> u64 {
+    match &spec.architecture {
+        Architecture::Gpt2(config) => cpu::CpuBackend::bytes(config, purpose, batch, seq),
+    }
+}
+
 /// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.
 pub fn check_device(device: &str) -> Result<(), EngineError> {
     device_threads(device).map(|_| ())
