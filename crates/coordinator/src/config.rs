@@ -106,8 +106,8 @@ pub struct SpotCheckConfig {
 pub struct DevicesConfig {
     /// Each new version's loss on the holdout batches (forward only).
     pub holdout: String,
-    /// Scored updates: the losses before and after one update alone (forward only; one
-    /// backend per update scored at once).
+    /// Scored updates: the losses before and after one update alone (forward only; a
+    /// backend per update scored at once, from a pool of at most `scoring_memory_mb`).
     pub scoring: String,
     /// Replay spot-checks: re-training a unit (a training backend, with optimizer state).
     pub replay: String,

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 /// evaluation, serving, update buffers and the other processes of the machine.
 pub(crate) const SCORING_MEMORY_SHARE_DIVISOR: u64 = 4;
 /// Largest default scoring memory budget, in MB: past it, more scorers than a machine
-/// has cores to run buy nothing (a `base` evaluation backend at batch 8 x 1024 holds
-/// about 2.3 GB, so this is at least one at every preset).
+/// has cores to run buy nothing (a `base` evaluation backend at batch 4 x 256 holds
+/// 1.16 GB, `examples/memory.rs` in `engine`: three of them).
 pub(crate) const SCORING_MEMORY_DEFAULT_MAX_MB: u64 = 4096;
 /// The default scoring memory budget where /proc/meminfo cannot be read, in MB.
 pub(crate) const SCORING_MEMORY_FALLBACK_MB: u64 = 1024;
