@@ -440,16 +440,17 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                     let delta = protocol::SignedUpdate::parse(&bytes, &limits)
                         .and_then(|u| u.decode())
                         .map_err(|e| ApiError::internal(&e))?;
-                    // Opened outside every lock: allocating a backend takes a while.
+                    // Opened outside every lock (allocating a backend takes a while),
+                    // on a lowered thread: it computes at the heavy work's priority.
                     let wait = std::time::Duration::from_millis(SCORER_WAIT_MS);
-                    let mut backend =
-                        scorers.take(wait, || scoring.open()).map_err(|e| match e {
-                            crate::pool::TakeError::Open(e) => e,
-                            busy @ crate::pool::TakeError::Busy { .. } => {
-                                tracing::warn!("{busy}; an update is refused for now");
-                                scorers_busy()
-                            }
-                        })?;
+                    let open = || crate::priority::on_lowered_thread(|| scoring.open());
+                    let mut backend = scorers.take(wait, open).map_err(|e| match e {
+                        crate::pool::TakeError::Open(e) => e,
+                        busy @ crate::pool::TakeError::Busy { .. } => {
+                            tracing::warn!("{busy}; an update is refused for now");
+                            scorers_busy()
+                        }
+                    })?;
                     Some(task.run(backend.as_mut(), &delta)?)
                 }
                 None => None,

@@ -14,6 +14,7 @@ mod http;
 mod metrics;
 pub mod openai;
 mod pool;
+mod priority;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -69,6 +70,8 @@ fn spawn_checker(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopping = stop.clone();
     let thread = std::thread::spawn(move || {
+        // Re-runs train: heavy work, at its priority (and so is the backend's pool).
+        priority::lower_this_thread();
         let mut backend: Option<Box<dyn engine::Backend>> = None;
         while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
             let job = drive::lock(&core).next_check();
@@ -199,6 +202,9 @@ impl Coordinator {
             .unwrap_or_else(pool::default_scoring_memory_mb);
         let spot_check = config.spot_check.clone();
         let replay_device = config.devices.replay.clone();
+        // The holdout evaluator the core opens computes at the default priority: the
+        // round waits for it (lowered, it made aggregations in the control-plane
+        // benchmark 1.6x-2.4x slower), unlike scoring and re-runs (`priority.rs`).
         let mut core = Core::open(dir, config, clock())?;
         core.defer_aggregation();
         let core_blobs = core.blobs();
