@@ -94,30 +94,6 @@ impl Acts {
     }
 }
 
-impl Acts {
-    /// Bytes [`Acts::new`] allocates for `b x t` windows: the same buffers, counted.
-    /// A pool of backends is sized by it, so it must follow `new` when `new` changes
-    /// (`examples/memory.rs` prints both, stated and counted by the allocator).
-    fn bytes(config: &GptConfig, b: usize, t: usize, with_grads: bool) -> u64 {
-        let (c, nh, v, l) = (
-            config.n_embd,
-            config.n_head,
-            config.vocab_size,
-            config.n_layer,
-        );
-        let n = b * t;
-        // Per block: ln1, qkv (3), atty, res2, ln2, fch (4), fch_gelu (4), res3 are 16
-        // rows of c; the four means and rstds one value a row; att is t x t a head.
-        let block = 16 * n * c + 4 * n + b * nh * t * t;
-        // inputs, lnf_mean, lnf_rstd, losses; encoded and lnf; the logits.
-        let top = 4 * n + 2 * n * c + n * v;
-        // dres, dc, dqkv (3), dfch (4), dfch_gelu (4).
-        let grads = if with_grads { 13 * n * c } else { 0 };
-        // Every buffer holds 4-byte values (`inputs` is u32, the rest f32).
-        4 * (l * block + top + grads) as u64
-    }
-}
-
 /// KV cache and scratch for one generation.
 struct DecodeState {
     pos: usize,
@@ -222,17 +198,6 @@ impl CpuBackend {
             pool,
             threads,
         })
-    }
-
-    /// Bytes a backend of `config` for `purpose` holds once it has run a `b x t` batch:
-    /// the parameters, for training the gradients and AdamW's two moments, and the
-    /// activation buffers (for training with their gradient scratch). Small fixed parts
-    /// (the thread pool, the layout) are left out.
-    pub fn bytes(config: &GptConfig, purpose: Purpose, b: usize, t: usize) -> u64 {
-        let n_params = ParamLayout::new(config).len() as u64;
-        let train = purpose == Purpose::Train;
-        let vectors = if train { 4 } else { 1 };
-        4 * vectors * n_params + Acts::bytes(config, b, t, train)
     }
 
     fn check_trainable(&self) -> Result<(), EngineError> {
@@ -879,6 +844,9 @@ mod tests {
             let acts = Acts::new(&config, b, t, true);
             let want = 4 * (4 * config.n_params() + acts.len()) as u64;
             assert_eq!(config.training_bytes(b, t), want, "{preset:?}");
+            let acts = Acts::new(&config, b, t, false);
+            let want = 4 * (config.n_params() + acts.len()) as u64;
+            assert_eq!(config.eval_bytes(b, t), want, "{preset:?} eval");
         }
     }
 }

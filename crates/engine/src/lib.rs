@@ -156,11 +156,12 @@ pub fn open_model(
 }
 
 /// Bytes a CPU backend of `spec`'s model for `purpose` holds once it has run a
-/// `batch x seq` batch (see [`cpu::CpuBackend::bytes`]): what sizes a pool of backends
-/// by a memory budget without opening one to measure it.
+/// `batch x seq` batch ([`GptConfig::training_bytes`], [`GptConfig::eval_bytes`]): what
+/// sizes a pool of backends by a memory budget without opening one to measure it.
 pub fn backend_bytes(spec: &ModelSpec, purpose: Purpose, batch: usize, seq: usize) -> u64 {
-    match &spec.architecture {
-        Architecture::Gpt2(config) => cpu::CpuBackend::bytes(config, purpose, batch, seq),
+    match (&spec.architecture, purpose) {
+        (Architecture::Gpt2(config), Purpose::Train) => config.training_bytes(batch, seq),
+        (Architecture::Gpt2(config), Purpose::Eval) => config.eval_bytes(batch, seq),
     }
 }
 
