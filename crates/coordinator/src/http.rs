@@ -67,16 +67,21 @@ pub(crate) struct Shared {
     /// grows; one is taken or made only under an upload permit and put back before the
     /// permit is released, so there are never more than `http.upload_concurrency`.
     pub(crate) buffers: Arc<Mutex<Vec<store::AlignedBuf>>>,
-    /// Backends of the run's model that score updates, reused (at most `BUFFERS_KEPT`).
-    pub(crate) scorers: Arc<Mutex<Vec<Box<dyn engine::Backend>>>>,
+    /// Backends of the run's model that score updates: a fixed pool sized at start by
+    /// `devices.scoring_memory_mb`, each opened on first need from `scoring`.
+    pub(crate) scorers: Arc<crate::pool::Pool<Box<dyn engine::Backend>>>,
+    pub(crate) scoring: crate::core::BackendSpec,
     pub(crate) serving: crate::openai::Inference,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Most idle scoring backends kept.
-const BUFFERS_KEPT: usize = 8;
 /// What a client told `uploads_busy` waits before trying again, in seconds.
 const UPLOADS_RETRY_AFTER_S: u64 = 1;
+/// Longest an update waits for a free scoring backend before `scorers_busy`: a few
+/// scorings at the larger presets, so a short burst is absorbed and a flood is refused.
+const SCORER_WAIT_MS: u64 = 10_000;
+/// What a client told `scorers_busy` waits before trying again, in seconds.
+const SCORERS_RETRY_AFTER_S: u64 = 2;
 
 /// The API; `training: false` leaves out the routes workers use (`hivetrain serve`).
 pub(crate) fn router(shared: Shared, training: bool) -> Router {
@@ -169,6 +174,19 @@ impl BodyDeadline {
         let transfer_ms = (received as u64).saturating_mul(1000) / self.min_bytes_per_s;
         start + self.allowance + std::time::Duration::from_millis(transfer_ms)
     }
+}
+
+/// The refusal of an update that found every scoring backend busy for `SCORER_WAIT_MS`.
+fn scorers_busy() -> RunError {
+    RunError::new(
+        run::Class::Busy {
+            retry_after_s: SCORERS_RETRY_AFTER_S,
+        },
+        "scorers_busy",
+        format!(
+            "the coordinator is scoring as many updates as its memory allows; send this one again in {SCORERS_RETRY_AFTER_S} s"
+        ),
+    )
 }
 
 /// Reads a body of at most `max` bytes by its deadline.
@@ -420,8 +438,8 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
     let clock = shared.clock.clone();
     let (limits, blobs) = (shared.limits, shared.blobs.clone());
     let (scorers, buffers) = (shared.scorers.clone(), shared.buffers.clone());
+    let scoring = shared.scoring.clone();
     let (received, reply) = tokio::task::spawn_blocking(move || {
-        let lock = || crate::drive::lock(&core);
         let reply = (|| {
             let update = validation::inspect(&bytes, &limits).map_err(RunError::from_verdict)?;
             let task = crate::drive::run(&core, clock.as_ref(), |core, now| {
@@ -432,26 +450,18 @@ async fn submit(State(shared): State<Shared>, body: Body) -> Result<impl IntoRes
                     let delta = protocol::SignedUpdate::parse(&bytes, &limits)
                         .and_then(|u| u.decode())
                         .map_err(|e| RunError::internal(&e))?;
-                    let pooled = scorers
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .pop();
-                    let mut backend = match pooled {
-                        Some(b) => b,
-                        None => {
-                            // Opened outside the lock: allocating a backend takes a while.
-                            let spec = lock().scoring_backend_spec();
-                            spec.open()?
+                    // Opened outside every lock (allocating a backend takes a while),
+                    // on a lowered thread: it computes at the heavy work's priority.
+                    let wait = std::time::Duration::from_millis(SCORER_WAIT_MS);
+                    let open = || crate::priority::on_lowered_thread(|| scoring.open());
+                    let mut backend = scorers.take(wait, open).map_err(|e| match e {
+                        crate::pool::TakeError::Open(e) => e,
+                        busy @ crate::pool::TakeError::Busy { .. } => {
+                            tracing::warn!("{busy}; an update is refused for now");
+                            scorers_busy()
                         }
-                    };
-                    let score = task.run(backend.as_mut(), &delta);
-                    let mut pool = scorers
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    if pool.len() < BUFFERS_KEPT {
-                        pool.push(backend);
-                    }
-                    Some(score?)
+                    })?;
+                    Some(task.run(backend.as_mut(), &delta)?)
                 }
                 None => None,
             };

@@ -10,6 +10,8 @@ pub mod error;
 mod http;
 mod metrics;
 pub mod openai;
+mod pool;
+mod priority;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -65,6 +67,8 @@ fn spawn_checker(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopping = stop.clone();
     let thread = std::thread::spawn(move || {
+        // Re-runs train: heavy work, at its priority (and so is the backend's pool).
+        priority::lower_this_thread();
         let mut backend: Option<Box<dyn engine::Backend>> = None;
         while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
             let job = drive::lock(&core).next_check();
@@ -189,8 +193,15 @@ impl Coordinator {
                 config.serving.concurrency as usize,
             )),
         };
+        let scoring_memory_mb = config
+            .devices
+            .scoring_memory_mb
+            .unwrap_or_else(pool::default_scoring_memory_mb);
         let spot_check = config.spot_check.clone();
         let replay_device = config.devices.replay.clone();
+        // The holdout evaluator the core opens computes at the default priority: the
+        // round waits for it (lowered, it made aggregations in the control-plane
+        // benchmark 1.6x-2.4x slower), unlike scoring and re-runs (`priority.rs`).
         let mut core = Core::open(dir, config, clock())?;
         core.defer_aggregation();
         let core_blobs = core.blobs();
@@ -198,6 +209,27 @@ impl Coordinator {
         // The one size an update of this run has; a body is never read past it.
         let update_bytes =
             protocol::update_len(codec, core.run_info().n_params).min(limits.update_bytes_max);
+        // Scoring backends: as many as the budget holds of one evaluation backend at the
+        // run's model and batch, at least one, at most the updates read at once.
+        let scoring = core.scoring_backend_spec();
+        let info = core.run_info();
+        let scorer_bytes = engine::backend_bytes(
+            &scoring.model,
+            engine::Purpose::Eval,
+            info.batch as usize,
+            info.seq as usize,
+        );
+        let scorers = pool::pool_size(
+            scoring_memory_mb,
+            scorer_bytes,
+            http_limits.upload_concurrency as usize,
+        );
+        tracing::info!(
+            scorers,
+            scorer_mb = scorer_bytes / (1024 * 1024),
+            scoring_memory_mb,
+            "scoring backends: at most {scorers}"
+        );
         let core = Arc::new(Mutex::new(core));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -228,7 +260,8 @@ impl Coordinator {
             )),
             blobs: core_blobs,
             buffers: Arc::default(),
-            scorers: Arc::default(),
+            scorers: pool::Pool::new(scorers),
+            scoring,
             serving,
             metrics: Arc::new(metrics::Metrics::new()),
         };

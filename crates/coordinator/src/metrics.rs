@@ -2,7 +2,7 @@
 //! `prometheus-client` crate writes. Counters are kept at the HTTP edge since this
 //! process started (requests by route, method and status; their latency; updates by
 //! verdict; tokens served); gauges are read from the core at each scrape (version,
-//! round, holdout loss, workers, ledger and credit totals). Every label takes a bounded
+//! round, holdout loss, workers, ledger and credit totals, the scoring pool). Every label takes a bounded
 //! set of values: routes as matched, known methods, status codes, verdict codes.
 
 use std::sync::atomic::AtomicU64;
@@ -46,6 +46,7 @@ pub(crate) struct Metrics {
     ledger_entries: Gauge,
     wallets: Gauge,
     credit: Family<Labels, Gauge>,
+    scorers: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -111,8 +112,15 @@ impl Metrics {
             "Credit in micro-credits, by what (minted, burned, pool)",
             credit.clone(),
         );
+        let scorers = Family::<Labels, Gauge>::default();
+        registry.register(
+            "scorers",
+            "Scoring backends, by what (size: the most the memory budget allows; open; in_use; peak_in_use: the most in use at once since start)",
+            scorers.clone(),
+        );
         Metrics {
             registry,
+            scorers,
             requests,
             request_seconds,
             updates,
@@ -216,6 +224,17 @@ pub(crate) async fn scrape(State(shared): State<Shared>) -> Result<Response, Api
         m.credit
             .get_or_create(&vec![("what", what.to_owned())])
             .set(as_gauge(micro));
+    }
+    let pool = shared.scorers.counts();
+    for (what, n) in [
+        ("size", pool.size),
+        ("open", pool.open),
+        ("in_use", pool.in_use),
+        ("peak_in_use", pool.peak_in_use),
+    ] {
+        m.scorers
+            .get_or_create(&vec![("what", what.to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &m.registry)

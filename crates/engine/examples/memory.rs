@@ -1,5 +1,6 @@
 //! Bytes a training and an evaluation backend hold at a preset, counted by the allocator:
-//! `cargo run --release -p engine --example memory -- base 8192 4 1024`.
+//! `cargo run --release -p engine --example memory -- base 8192 4 1024`; next to each, the
+//! bytes `engine::backend_bytes` states without opening one.
 
 // A global allocator is the one way to count what a backend allocates.
 #![allow(unsafe_code)]
@@ -64,10 +65,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let opened = LIVE.load(Ordering::Relaxed) - before;
         let loss = backend.eval_loss(&batch)?;
         let after = LIVE.load(Ordering::Relaxed) - before;
+        let stated = engine::backend_bytes(&spec, purpose, b, t);
         println!(
-            "{purpose:?}: {:.1} MB opened (parameters included), {:.1} MB after the forward, loss {loss}",
+            "{purpose:?}: {:.1} MB opened (parameters included), {:.1} MB after the forward (engine::backend_bytes states {:.1} MB), loss {loss}",
             opened as f64 / 1e6,
-            after as f64 / 1e6
+            after as f64 / 1e6,
+            stated as f64 / 1e6
         );
         drop(backend);
     }

@@ -119,6 +119,19 @@ impl GptConfig {
     /// gradients and two AdamW moments, plus the activations it keeps for the backward
     /// pass (the same sizes as `cpu::Acts`).
     pub fn training_bytes(&self, batch: usize, seq: usize) -> u64 {
+        4 * (4 * self.n_params() as u64 + self.activation_floats(batch, seq, true))
+    }
+
+    /// Bytes an evaluation backend (`Purpose::Eval`) holds once it has run a `batch x seq`
+    /// batch: the parameters and the forward's activations, no gradients, no optimizer
+    /// state, no gradient scratch. What sizes the coordinator's pool of scoring backends.
+    pub fn eval_bytes(&self, batch: usize, seq: usize) -> u64 {
+        4 * (self.n_params() as u64 + self.activation_floats(batch, seq, false))
+    }
+
+    /// Values (4 bytes each) of `cpu::Acts` for `batch x seq` windows, with or without
+    /// the gradient scratch.
+    fn activation_floats(&self, batch: usize, seq: usize, with_grads: bool) -> u64 {
         let (b, t, c, nh, v) = (
             batch as u64,
             seq as u64,
@@ -129,9 +142,8 @@ impl GptConfig {
         let n = b * t;
         let per_block = 16 * n * c + 4 * n + b * nh * t * t;
         let outside_blocks = n * (2 * c + v + 4);
-        let gradient_scratch = 13 * n * c;
-        let activations = self.n_layer as u64 * per_block + outside_blocks + gradient_scratch;
-        4 * (4 * self.n_params() as u64 + activations)
+        let gradient_scratch = if with_grads { 13 * n * c } else { 0 };
+        self.n_layer as u64 * per_block + outside_blocks + gradient_scratch
     }
 }
 

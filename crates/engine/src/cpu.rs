@@ -835,6 +835,9 @@ mod tests {
             let acts = Acts::new(&config, b, t, true);
             let want = 4 * (4 * config.n_params() + acts.len()) as u64;
             assert_eq!(config.training_bytes(b, t), want, "{preset:?}");
+            let acts = Acts::new(&config, b, t, false);
+            let want = 4 * (config.n_params() + acts.len()) as u64;
+            assert_eq!(config.eval_bytes(b, t), want, "{preset:?} eval");
         }
     }
 }

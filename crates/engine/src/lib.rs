@@ -163,6 +163,19 @@ pub fn open_model(
     })
 }
 
+/// Bytes a CPU backend of `spec`'s model for `purpose` holds once it has run a
+/// `batch x seq` batch ([`GptConfig::training_bytes`], [`GptConfig::eval_bytes`]): what
+/// sizes a pool of backends by a memory budget without opening one to measure it.
+pub fn backend_bytes(spec: &ModelSpec, purpose: Purpose, batch: usize, seq: usize) -> u64 {
+    match (&spec.architecture, purpose) {
+        (Architecture::Gpt2(config), Purpose::Train) => config.training_bytes(batch, seq),
+        (Architecture::Gpt2(config), Purpose::Eval) => config.eval_bytes(batch, seq),
+        (Architecture::Llama(config), purpose) => {
+            llama::cpu::backend_bytes(config, purpose, batch, seq)
+        }
+    }
+}
+
 /// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.
 pub fn check_device(device: &str) -> Result<(), EngineError> {
     device_threads(device).map(|_| ())

@@ -106,14 +106,25 @@ pub struct SpotCheckConfig {
 pub struct DevicesConfig {
     /// Each new version's loss on the holdout batches (forward only).
     pub holdout: String,
-    /// Scored updates: the losses before and after one update alone (forward only; one
-    /// backend per update scored at once).
+    /// Scored updates: the losses before and after one update alone (forward only; a
+    /// backend per update scored at once, from a pool of at most `scoring_memory_mb`).
     pub scoring: String,
     /// Replay spot-checks: re-training a unit (a training backend, with optimizer state).
     pub replay: String,
     /// Generations of the inference API (forward only; one backend per generation).
     pub serving: String,
+    /// Memory the scoring backends may hold, in MB: the coordinator opens at most this
+    /// budget over one evaluation backend's bytes (`engine::backend_bytes` at the run's
+    /// model and batch), at least one and at most `http.upload_concurrency`. Left out: a
+    /// quarter of the machine's available memory, at most 4096 MB (1024 MB where
+    /// /proc/meminfo cannot be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scoring_memory_mb: Option<u64>,
 }
+
+/// Largest `devices.scoring_memory_mb`: 16 TiB, past any machine's memory (a larger
+/// number is a typo, such as bytes given for MB).
+pub const SCORING_MEMORY_MB_MAX: u64 = 16 * 1024 * 1024;
 
 impl Default for DevicesConfig {
     fn default() -> Self {
@@ -122,6 +133,7 @@ impl Default for DevicesConfig {
             scoring: "cpu:1".into(),
             replay: "cpu:1".into(),
             serving: "cpu:1".into(),
+            scoring_memory_mb: None,
         }
     }
 }
@@ -433,6 +445,13 @@ impl CoordinatorConfig {
                 return bad(&format!("devices.{key}: {e}"));
             }
         }
+        if let Some(mb) = devices.scoring_memory_mb
+            && !(1..=SCORING_MEMORY_MB_MAX).contains(&mb)
+        {
+            return bad(&format!(
+                "devices.scoring_memory_mb is {mb}: it is the memory in MB that the scoring backends may hold, from 1 to {SCORING_MEMORY_MB_MAX} (leave it out for a quarter of the available memory)"
+            ));
+        }
         if engine::Preset::from_name(&self.preset).is_none() {
             return bad(&format!(
                 "unknown preset {:?}: choose tiny, small, medium or base",
@@ -546,7 +565,8 @@ mod tests {
     }
 
     /// The thread counts that `[devices]` replaced are refused with a sentence naming the
-    /// new key, a bad device name is refused at start, and a run stored while the thread
+    /// new key, a bad device name or scoring memory budget is refused at start, and a
+    /// run stored while the thread
     /// counts existed (its identity holds `threads`) still matches.
     #[test]
     fn devices_replace_thread_counts() {
@@ -573,17 +593,29 @@ mod tests {
                 "[devices]\nreplay = \"cpu:0\"\n",
                 "devices.replay: unknown device \"cpu:0\"",
             ),
+            (
+                "[devices]\nscoring_memory_mb = 0\n",
+                "devices.scoring_memory_mb is 0: it is the memory in MB",
+            ),
+            (
+                "[devices]\nscoring_memory_mb = 17592186044416\n",
+                "devices.scoring_memory_mb is 17592186044416: it is the memory in MB that the scoring backends may hold, from 1 to 16777216",
+            ),
         ] {
             std::fs::write(&path, text).expect("write");
             let c = CoordinatorConfig::from_file(&path).expect("parse");
             let err = c.check().expect_err(text).to_string();
             assert!(err.contains(expect), "{text}: {err}");
         }
-        std::fs::write(&path, "[devices]\nholdout = \"cpu:3\"\nserving = \"cpu\"\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "[devices]\nholdout = \"cpu:3\"\nserving = \"cpu\"\nscoring_memory_mb = 512\n",
+        )
+        .expect("write");
         let c = CoordinatorConfig::from_file(&path).expect("parse");
         c.check().expect("valid");
         assert_eq!(c.devices.holdout, "cpu:3");
+        assert_eq!(c.devices.scoring_memory_mb, Some(512));
         assert!(!c.to_toml().contains("threads"), "{}", c.to_toml());
 
         let mut legacy: serde_json::Value =

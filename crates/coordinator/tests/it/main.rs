@@ -15,3 +15,4 @@ mod replay;
 mod restart;
 mod retention;
 mod rounds;
+mod scorers;

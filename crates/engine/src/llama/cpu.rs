@@ -110,6 +110,74 @@ impl Acts {
     }
 }
 
+impl Acts {
+    /// Floats the buffers hold (token ids count as one each: both are 4 bytes).
+    #[cfg(test)]
+    fn floats(&self) -> usize {
+        let block = |a: &BlockActs| {
+            [
+                &a.h1, &a.rstd1, &a.qkv, &a.att, &a.atty, &a.res2, &a.h2, &a.rstd2, &a.gate_up,
+                &a.act, &a.res3,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+        };
+        self.inputs.len()
+            + self.blocks.iter().map(block).sum::<usize>()
+            + [
+                &self.encoded,
+                &self.heads,
+                &self.hf,
+                &self.rstdf,
+                &self.logits,
+                &self.losses,
+                &self.dres,
+                &self.dc,
+                &self.datty,
+                &self.dqkv,
+                &self.dq_heads,
+                &self.dk_heads,
+                &self.dv_heads,
+                &self.dact,
+                &self.dgate_up,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+    }
+}
+
+/// Floats [`Acts::new`] allocates for `b x t` windows, computed without allocating.
+pub(crate) fn acts_floats(config: &LlamaConfig, b: usize, t: usize, with_grads: bool) -> usize {
+    let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
+    let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
+    let (n, w) = (b * t, config.qkv_width());
+    let block = n * d * 4 + n * 2 + n * w + b * nh * t * t + n * nh * hd + n * 3 * f;
+    let forward = n + config.layers * block + n * d * 2 + n * nh * hd + n * 2 + n * v;
+    let grads = if with_grads {
+        n * d * 2 + n * nh * hd * 2 + n * w + n * nkv * hd * 2 + n * 3 * f
+    } else {
+        0
+    };
+    forward + grads
+}
+
+/// Bytes a backend of `config` for `purpose` holds once it has run a `batch x seq`
+/// batch: the parameters (and for training their gradients and two AdamW moments), the
+/// rotary tables and the activations.
+pub(crate) fn backend_bytes(
+    config: &LlamaConfig,
+    purpose: Purpose,
+    batch: usize,
+    seq: usize,
+) -> u64 {
+    let train = purpose == Purpose::Train;
+    let params = config.n_params() * if train { 4 } else { 1 };
+    let rope = 2 * config.max_seq * (config.head_dim / 2);
+    4 * (params + rope + acts_floats(config, batch, seq, train)) as u64
+}
+
 /// KV cache and scratch for one generation.
 struct DecodeState {
     pos: usize,
@@ -779,6 +847,18 @@ mod tests {
             Err(e) => e.to_string(),
         };
         expect.assert_eq(&got);
+    }
+
+    #[test]
+    fn the_stated_activation_floats_are_those_allocated() {
+        for (b, t, grads) in [(1, 4, true), (2, 3, false), (3, 4, true)] {
+            let acts = Acts::new(&tiny(), b, t, grads);
+            assert_eq!(
+                acts.floats(),
+                acts_floats(&tiny(), b, t, grads),
+                "{b}x{t} {grads}"
+            );
+        }
     }
 
     #[test]
