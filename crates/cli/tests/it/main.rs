@@ -741,14 +741,16 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     // The reader lives until the child is killed: a closed pipe would end the server
     // at its next line of output.
     let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut stderr, &mut first).expect("serve's first line");
-    let served = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("a URL")
-        .trim_end_matches("/v1")
-        .to_owned();
+    // The line that names the URL comes after the start's log lines (a few at most).
+    let served = (0..32)
+        .find_map(|_| {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut stderr, &mut line).expect("serve's output");
+            line.split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .map(|url| url.trim_end_matches("/v1").to_owned())
+        })
+        .expect("serve prints its URL");
     let models = reqwest::blocking::get(format!("{served}/v1/models")).expect("models");
     assert_eq!(models.status(), 200);
     let lease = reqwest::blocking::Client::new()
