@@ -514,7 +514,7 @@ pub(crate) fn softmax_cross_entropy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -549,10 +549,25 @@ mod tests {
     /// differences on a spread of coordinates.
     #[track_caller]
     fn check_grad(name: &str, x: &[f32], grad: &[f32], loss: &mut dyn FnMut(&[f32]) -> f64) {
+        check_grad_at(40, name, x, grad, loss);
+    }
+
+    /// [`check_grad`] on at most `coords` coordinates (the Llama kernels' tests use it
+    /// too). The step and tolerance suit f32 kernels of values of order one: the f32
+    /// rounding of a difference quotient at h = 1e-2 is about 1e-4, the truncation error
+    /// of the central difference about h^2.
+    #[track_caller]
+    pub(crate) fn check_grad_at(
+        coords: usize,
+        name: &str,
+        x: &[f32],
+        grad: &[f32],
+        loss: &mut dyn FnMut(&[f32]) -> f64,
+    ) {
         assert_eq!(x.len(), grad.len());
         let h = 1e-2f32;
         let mut failures = Vec::new();
-        for k in 0..x.len().min(40) {
+        for k in 0..x.len().min(coords) {
             let i = (k * 7919 + 3) % x.len();
             let mut shifted = x.to_vec();
             shifted[i] = x[i] + h;

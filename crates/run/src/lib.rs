@@ -14,6 +14,8 @@ pub mod checks;
 pub mod credit;
 pub mod error;
 pub mod state;
+#[cfg(test)]
+mod testing;
 
 pub use acceptance::{Acceptance, Decision, Rules};
 pub use checks::{CheckRules, Sample, SpotChecks, draw};

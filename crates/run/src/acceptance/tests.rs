@@ -1,19 +1,14 @@
 //! Acceptance as data: a sequence of updates, each with its lease, score and copy
 //! lookup, and the decision each must get.
 
-use ed25519_dalek::SigningKey;
-use protocol::Limits;
-use protocol::{Codec, UpdateHeader, WorkerId};
+use protocol::WorkerId;
 use validation::score::{Score, ScorePolicy};
 use validation::{Inspected, LeaseState, Verdict};
 
 use super::{Acceptance, Decision, Rules};
+use crate::testing::key;
 
 const N: usize = 64;
-
-fn key(n: u8) -> SigningKey {
-    SigningKey::from_bytes(&[n; 32])
-}
 
 fn rules() -> Rules {
     Rules {
@@ -29,17 +24,7 @@ fn rules() -> Rules {
 
 /// `worker`'s update for `unit` on `base`, every value `value`.
 fn update(worker: u8, unit: u64, base: u64, value: f32) -> Inspected {
-    let key = key(worker);
-    let header = UpdateHeader {
-        work_unit: unit,
-        base_version: base,
-        worker: WorkerId::of(&key),
-        nonce: unit,
-        codec: Codec::Fp32,
-        n_params: N as u32,
-    };
-    let bytes = protocol::encode_update(&header, &vec![value; N], &key);
-    validation::inspect(&bytes, &Limits::default()).expect("a well-formed update")
+    crate::testing::update(N, worker, unit, base, value)
 }
 
 fn lease(worker: u8, unit: u64, base: u64) -> LeaseState {

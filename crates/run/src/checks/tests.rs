@@ -1,14 +1,10 @@
 //! Spot-checks as data: a sequence of steps (a unit accepted, a unit taken, a re-run
 //! judged) and what each must give.
 
-use protocol::WorkerId;
 use validation::spot_check::Trust;
 
 use super::{CheckRules, Outcome, Sample, SpotChecks};
-
-fn worker(n: u8) -> WorkerId {
-    WorkerId::of(&ed25519_dalek::SigningKey::from_bytes(&[n; 32]))
-}
+use crate::testing::worker;
 
 fn rules() -> CheckRules {
     CheckRules {

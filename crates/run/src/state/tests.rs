@@ -1,39 +1,20 @@
 //! The run as data: a sequence of inputs and, for each, what the step must give, written
 //! as one line (the effects, then the decision).
 
-use ed25519_dalek::SigningKey;
-use protocol::{Codec, Limits, UpdateHeader, WorkerId};
 use scheduler::{Effect, ScheduleConfig, Scheduler};
 use validation::Inspected;
 use validation::score::ScorePolicy;
 
 use super::{Decided, Input, Output, Run, Settings};
 use crate::checks::{CheckRules, SpotChecks};
+use crate::testing::worker;
 use crate::{Acceptance, Rules};
 
 const N: usize = 32;
 
-fn key(n: u8) -> SigningKey {
-    SigningKey::from_bytes(&[n; 32])
-}
-
-fn worker(n: u8) -> WorkerId {
-    WorkerId::of(&key(n))
-}
-
 /// `worker`'s update for `unit` on `base`, every value `value`.
 fn update(worker: u8, unit: u64, base: u64, value: f32) -> Inspected {
-    let key = key(worker);
-    let header = UpdateHeader {
-        work_unit: unit,
-        base_version: base,
-        worker: WorkerId::of(&key),
-        nonce: unit,
-        codec: Codec::Fp32,
-        n_params: N as u32,
-    };
-    let bytes = protocol::encode_update(&header, &[value; N], &key);
-    validation::inspect(&bytes, &Limits::default()).expect("a well-formed update")
+    crate::testing::update(N, worker, unit, base, value)
 }
 
 /// A run of two units a round, scoring off, every unit of a new worker re-run.
