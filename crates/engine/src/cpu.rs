@@ -116,9 +116,7 @@ pub struct CpuBackend {
     /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
     purpose: Purpose,
     grads: Vec<f32>,
-    adam_m: Vec<f32>,
-    adam_v: Vec<f32>,
-    adam_step: u32,
+    adam: ops::Moments,
     acts: Option<Acts>,
     decode: Option<DecodeState>,
     pool: Arc<rayon::ThreadPool>,
@@ -228,9 +226,7 @@ impl CpuBackend {
             params,
             purpose,
             grads: vec![0.0; n],
-            adam_m: vec![0.0; n],
-            adam_v: vec![0.0; n],
-            adam_step: 0,
+            adam: ops::Moments::new(n),
             acts: None,
             decode: None,
             pool,
@@ -552,15 +548,9 @@ impl CpuBackend {
 
     /// Clips the gradient and applies one AdamW update. Returns the pre-clip norm.
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
-        self.adam_step += 1;
-        ops::adamw(
-            ops::AdamState {
-                params: &mut self.params,
-                grads: &self.grads,
-                m: &mut self.adam_m,
-                v: &mut self.adam_v,
-                step: self.adam_step,
-            },
+        self.adam.update(
+            &mut self.params,
+            &self.grads,
             self.layout.tensors(),
             opt,
             lr,
@@ -617,9 +607,7 @@ impl Backend for CpuBackend {
     }
 
     fn reset_optimizer(&mut self) {
-        self.adam_m.fill(0.0);
-        self.adam_v.fill(0.0);
-        self.adam_step = 0;
+        self.adam.reset();
     }
 
     fn train_step(

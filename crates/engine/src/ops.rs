@@ -119,6 +119,56 @@ pub(crate) fn sum_squares(x: &[f32]) -> f64 {
     partials.iter().sum()
 }
 
+/// AdamW's state beside a training backend's parameters: the two moments and the
+/// number of updates taken. Empty for an evaluation backend.
+pub(crate) struct Moments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: u32,
+}
+
+impl Moments {
+    /// Zero moments for `n` parameters.
+    pub(crate) fn new(n: usize) -> Moments {
+        Moments {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+        }
+    }
+
+    /// Back to no update taken (a unit starts a fresh optimizer).
+    pub(crate) fn reset(&mut self) {
+        self.m.fill(0.0);
+        self.v.fill(0.0);
+        self.step = 0;
+    }
+
+    /// One AdamW update of `params` by `grads` ([`adamw`]). Returns the pre-clip norm.
+    pub(crate) fn update(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        tensors: &[crate::TensorSpec],
+        opt: &crate::OptimizerConfig,
+        lr: f32,
+    ) -> f32 {
+        self.step += 1;
+        adamw(
+            AdamState {
+                params,
+                grads,
+                m: &mut self.m,
+                v: &mut self.v,
+                step: self.step,
+            },
+            tensors,
+            opt,
+            lr,
+        )
+    }
+}
+
 /// What one AdamW update reads and writes: the parameters, their gradient, the two
 /// moments (all the same length) and the number of this step (from 1).
 pub(crate) struct AdamState<'a> {

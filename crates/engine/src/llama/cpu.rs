@@ -217,9 +217,7 @@ pub struct LlamaCpuBackend {
     purpose: Purpose,
     /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
     grads: Vec<f32>,
-    adam_m: Vec<f32>,
-    adam_v: Vec<f32>,
-    adam_step: u32,
+    adam: ops::Moments,
     acts: Option<Acts>,
     decode: Option<DecodeState>,
     pool: Arc<rayon::ThreadPool>,
@@ -270,9 +268,7 @@ impl LlamaCpuBackend {
             params,
             purpose,
             grads: vec![0.0; n],
-            adam_m: vec![0.0; n],
-            adam_v: vec![0.0; n],
-            adam_step: 0,
+            adam: ops::Moments::new(n),
             acts: None,
             decode: None,
             pool,
@@ -585,15 +581,9 @@ impl LlamaCpuBackend {
     }
 
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
-        self.adam_step += 1;
-        ops::adamw(
-            ops::AdamState {
-                params: &mut self.params,
-                grads: &self.grads,
-                m: &mut self.adam_m,
-                v: &mut self.adam_v,
-                step: self.adam_step,
-            },
+        self.adam.update(
+            &mut self.params,
+            &self.grads,
             self.layout.table().tensors(),
             opt,
             lr,
@@ -645,9 +635,7 @@ impl Backend for LlamaCpuBackend {
     }
 
     fn reset_optimizer(&mut self) {
-        self.adam_m.fill(0.0);
-        self.adam_v.fill(0.0);
-        self.adam_step = 0;
+        self.adam.reset();
     }
 
     fn train_step(
