@@ -516,7 +516,12 @@ async fn status(
 ) -> Result<impl IntoResponse, ApiError> {
     let q = query_or_400(query, "use ?rounds=N for the newest N rounds")?;
     let now = (shared.clock)();
-    let status = read(&shared, move |reads| reads.status(now, q.rounds)).await?;
+    // From memory on this thread when no round's figures changed since the last read
+    // (most reads); a store read goes to a blocking thread.
+    let status = match shared.reads.status_cached(now, q.rounds) {
+        Some(status) => status,
+        None => read(&shared, move |reads| reads.status(now, q.rounds)).await?,
+    };
     Ok(axum::Json(status))
 }
 

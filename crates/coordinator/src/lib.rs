@@ -210,23 +210,34 @@ impl Coordinator {
         let update_bytes =
             protocol::update_len(codec, core.run_info().n_params).min(limits.update_bytes_max);
         // Scoring backends: as many as the budget holds of one evaluation backend at the
-        // run's model and batch, at least one, at most the updates read at once.
+        // run's model and batch, after the replay checker's one training backend (when
+        // spot-checks are on), at least one, at most the updates read at once.
         let scoring = core.scoring_backend_spec();
         let info = core.run_info();
-        let scorer_bytes = engine::backend_bytes(
-            &scoring.model,
-            engine::Purpose::Eval,
-            info.batch as usize,
-            info.seq as usize,
-        );
+        let bytes = |purpose| {
+            engine::backend_bytes(
+                &scoring.model,
+                purpose,
+                info.batch as usize,
+                info.seq as usize,
+            )
+        };
+        let scorer_bytes = bytes(engine::Purpose::Eval);
+        let replay_bytes = if core.config().spot_check.enabled {
+            bytes(engine::Purpose::Train)
+        } else {
+            0
+        };
         let scorers = pool::pool_size(
             scoring_memory_mb,
+            replay_bytes,
             scorer_bytes,
             http_limits.upload_concurrency as usize,
         );
         tracing::info!(
             scorers,
             scorer_mb = scorer_bytes / (1024 * 1024),
+            replay_mb = replay_bytes / (1024 * 1024),
             scoring_memory_mb,
             "scoring backends: at most {scorers}"
         );

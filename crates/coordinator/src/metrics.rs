@@ -198,14 +198,26 @@ pub(crate) async fn track(State(shared): State<Shared>, request: Request, next: 
 
 /// `GET /metrics`.
 pub(crate) async fn scrape(State(shared): State<Shared>) -> Result<Response, ApiError> {
-    let (stats, round, loss) = read(&shared, |reads| {
-        Ok::<_, ApiError>((
-            reads.stats()?,
-            reads.published().round,
-            reads.holdout_loss()?,
-        ))
-    })
-    .await?;
+    // From memory on this thread when nothing they count changed since the last scrape;
+    // a store read goes to a blocking thread.
+    let cached = shared
+        .reads
+        .stats_cached()
+        .zip(shared.reads.holdout_loss_cached())
+        .map(|(stats, loss)| (stats, shared.reads.published().round, loss));
+    let (stats, round, loss) = match cached {
+        Some(gauges) => gauges,
+        None => {
+            read(&shared, |reads| {
+                Ok::<_, ApiError>((
+                    reads.stats()?,
+                    reads.published().round,
+                    reads.holdout_loss()?,
+                ))
+            })
+            .await?
+        }
+    };
     let m = &shared.metrics;
     let as_gauge = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
     m.version.set(as_gauge(stats.current_version));

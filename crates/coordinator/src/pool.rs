@@ -39,11 +39,14 @@ fn mem_available_mb(meminfo: &str) -> Option<u64> {
     Some(kb / 1024)
 }
 
-/// How many backends of `backend_bytes` each a budget of `budget_mb` holds: at least one
+/// How many backends of `backend_bytes` each a budget of `budget_mb` holds once
+/// `reserved` bytes of it are taken (the replay checker's training backend): at least one
 /// (a run that scores must be able to score), at most `most` (the updates processed at
 /// once: a backend beyond them would never be used).
-pub(crate) fn pool_size(budget_mb: u64, backend_bytes: u64, most: usize) -> usize {
-    let budget = budget_mb.saturating_mul(1024 * 1024);
+pub(crate) fn pool_size(budget_mb: u64, reserved: u64, backend_bytes: u64, most: usize) -> usize {
+    let budget = budget_mb
+        .saturating_mul(1024 * 1024)
+        .saturating_sub(reserved);
     let fits = budget / backend_bytes.max(1);
     usize::try_from(fits)
         .unwrap_or(usize::MAX)
@@ -219,28 +222,35 @@ mod tests {
     use super::*;
 
     #[track_caller]
-    fn check_size(budget_mb: u64, backend_bytes: u64, most: usize, expect: usize) {
+    fn check_size(budget_mb: u64, reserved: u64, backend_bytes: u64, most: usize, expect: usize) {
         assert_eq!(
-            pool_size(budget_mb, backend_bytes, most),
+            pool_size(budget_mb, reserved, backend_bytes, most),
             expect,
-            "{budget_mb} MB / {backend_bytes} B, at most {most}"
+            "{budget_mb} MB less {reserved} B / {backend_bytes} B, at most {most}"
         );
     }
 
-    /// At least one, at most the uploads at once, else what the budget holds.
+    /// At least one, at most the uploads at once, else what the budget holds after the
+    /// replay checker's backend.
     #[test]
     fn the_size_is_what_the_budget_holds_between_one_and_the_uploads() {
         const MB: u64 = 1024 * 1024;
-        for (budget_mb, bytes, most, expect) in [
-            (1, 10 * MB, 8, 1),
-            (0, 10 * MB, 8, 1),
-            (100, 10 * MB, 8, 8),
-            (100, 10 * MB, 20, 10),
-            (35, 10 * MB, 8, 3),
-            (u64::MAX, 1, 8, 8),
-            (100, 0, 4, 4),
+        for (budget_mb, reserved, bytes, most, expect) in [
+            (1, 0, 10 * MB, 8, 1),
+            (0, 0, 10 * MB, 8, 1),
+            (100, 0, 10 * MB, 8, 8),
+            (100, 0, 10 * MB, 20, 10),
+            (35, 0, 10 * MB, 8, 3),
+            (u64::MAX, 0, 1, 8, 8),
+            (100, 0, 0, 4, 4),
+            // The replay backend's share comes off first.
+            (100, 40 * MB, 10 * MB, 20, 6),
+            (35, 30 * MB, 10 * MB, 8, 1),
+            // A replay backend larger than the budget still leaves one scorer.
+            (35, 300 * MB, 10 * MB, 8, 1),
+            (u64::MAX, u64::MAX, 1, 8, 8),
         ] {
-            check_size(budget_mb, bytes, most, expect);
+            check_size(budget_mb, reserved, bytes, most, expect);
         }
     }
 

@@ -74,8 +74,9 @@ pub struct Accepted {
     pub norm: f32,
     /// Its weight in the aggregate (tokens trained).
     pub weight: u64,
-    /// Its credit, minted by [`crate::credit::mint`] under its unit.
-    pub credit: u64,
+    /// Its credit, as the mint the driver signs and commits with the update's row
+    /// ([`crate::credit::mint`]: the unit's FLOPs, under the unit's reference).
+    pub mint: ledger::Draft,
     /// Whether it is re-run (`None`: spot-checks are off).
     pub sample: Option<Sample>,
 }
@@ -111,21 +112,28 @@ pub struct Run {
 }
 
 impl Run {
-    /// A run as it stands: a new one, or one rebuilt from what its driver stored.
+    /// A run as it stands: a new one, or one rebuilt from what its driver stored. A
+    /// stored run whose parts break the invariants [`Run::step`] keeps (a store edited
+    /// by hand, or written by a bug) is refused with an internal error that says which
+    /// one, rather than run on.
     pub fn new(
         settings: Settings,
         scheduler: Scheduler,
         acceptance: Acceptance,
         checks: SpotChecks,
-    ) -> Run {
+    ) -> Result<Run, RunError> {
         let run = Run {
             settings,
             scheduler,
             acceptance: Arc::new(acceptance),
             checks: Arc::new(checks),
         };
-        run.assert_invariants();
-        run
+        match run.violation() {
+            None => Ok(run),
+            Some(what) => Err(RunError::broken(format!(
+                "the stored run does not hold together: {what}"
+            ))),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -293,7 +301,11 @@ impl Run {
                 round,
                 norm,
                 weight,
-                credit: crate::credit::unit_credit(self.settings.flops_per_token, weight),
+                mint: crate::credit::mint(
+                    worker,
+                    unit,
+                    crate::credit::unit_credit(self.settings.flops_per_token, weight),
+                ),
                 sample,
             })),
         })
@@ -302,16 +314,25 @@ impl Run {
     /// Holds after every step: every unit the scheduler counts as accepted in this round
     /// has its norm in the median bar, so the bar is over exactly the round's updates.
     fn assert_invariants(&self) {
-        for (unit, status) in self.scheduler.units() {
-            if matches!(status, UnitStatus::Accepted { .. }) {
-                assert!(
-                    self.acceptance.holds(unit.id),
+        if let Some(what) = self.violation() {
+            panic!("{what}");
+        }
+    }
+
+    /// The first invariant that does not hold, in words.
+    fn violation(&self) -> Option<String> {
+        self.scheduler
+            .units()
+            .find(|(unit, status)| {
+                matches!(status, UnitStatus::Accepted { .. }) && !self.acceptance.holds(unit.id)
+            })
+            .map(|(unit, _)| {
+                format!(
                     "unit {} is accepted in round {} but its norm is not in the median bar",
                     unit.id,
                     self.scheduler.round()
-                );
-            }
-        }
+                )
+            })
     }
 
     /// The next unit to re-run. Taking it changes nothing the driver stores (a unit

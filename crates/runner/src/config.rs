@@ -113,9 +113,11 @@ pub struct DevicesConfig {
     pub replay: String,
     /// Generations of the inference API (forward only; one backend per generation).
     pub serving: String,
-    /// Memory the scoring backends may hold, in MB: the coordinator opens at most this
-    /// budget over one evaluation backend's bytes (`engine::backend_bytes` at the run's
-    /// model and batch), at least one and at most `http.upload_concurrency`. Left out: a
+    /// Memory the scoring backends and the replay checker may hold, in MB: the
+    /// coordinator takes the replay checker's one training backend off this budget (when
+    /// spot-checks are on) and opens at most the rest over one evaluation backend's bytes
+    /// (`engine::backend_bytes` at the run's model and batch), at least one and at most
+    /// `http.upload_concurrency`. Left out: a
     /// quarter of the machine's available memory, at most 4096 MB (1024 MB where
     /// /proc/meminfo cannot be read).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -501,12 +501,14 @@ impl Core {
             }))),
             ledger: ledger.clone(),
             authority: authority.clone(),
-            store: Arc::new(std::sync::Mutex::new(Store::open_reader(dir)?)),
+            store: Arc::new(std::sync::Mutex::new(store.reader()?)),
             run_info: Arc::new(run_info.clone()),
             corpus: corpus.clone(),
             tokenizer: tokenizer_bytes.clone(),
             text_tokenizer: text_tokenizer.clone(),
             model: model.clone(),
+            epoch: store.rounds_epoch(),
+            cache: Arc::default(),
         };
         let settings = settings(
             &config,
@@ -518,7 +520,8 @@ impl Core {
             reads,
             config,
             store,
-            run: run::Run::new(settings, scheduler, acceptance, checks),
+            run: run::Run::new(settings, scheduler, acceptance, checks)
+                .map_err(|e| CoreError::Inconsistent(e.message))?,
             model,
             seq,
             current,
@@ -892,15 +895,12 @@ impl Core {
             round,
             norm,
             weight,
-            credit,
+            mint,
             sample,
         } = accepted;
+        let credit = mint.amount;
         // The credit the run drafted, signed and committed with the update's row.
-        let mint = match self.ledger.prepare(
-            run::credit::mint(worker, work_unit, credit),
-            now_ms,
-            &self.authority,
-        ) {
+        let mint = match self.ledger.prepare(mint, now_ms, &self.authority) {
             Ok(Prepared::New(entry)) => *entry,
             Ok(Prepared::Existing(seq)) => {
                 return Err(RunError::internal(&CoreError::Inconsistent(format!(

@@ -12,8 +12,11 @@
 
 mod blobs;
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use protocol::{WorkAddress, WorkUnit};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -376,12 +379,31 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     blobs: Blobs,
+    /// Commits that changed a round's figures; shared with the store's readers.
+    rounds_epoch: Arc<AtomicU64>,
+}
+
+/// How many commits so far changed a round's figures (its row, its updates or
+/// rejections, the version it made), and so what [`Store::rounds_from`] and
+/// [`Store::accepted_count`] answer. A reader that reads it before a query and finds it
+/// unchanged later knows the query's answer still holds: the read routes' caches key on
+/// it. It counts from 0 when the store is opened, and is bumped after the commit.
+#[derive(Clone, Debug)]
+pub struct RoundsEpoch(Arc<AtomicU64>);
+
+impl RoundsEpoch {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// One transaction's writes; committed together by [`Store::write`].
 pub struct Tx<'a> {
     tx: rusqlite::Transaction<'a>,
     path: &'a Path,
+    /// Whether a write changed what [`Store::rounds_from`] or
+    /// [`Store::accepted_count`] answer (rounds, updates, rejections, versions).
+    rounds_changed: Cell<bool>,
 }
 
 impl std::fmt::Debug for Tx<'_> {
@@ -426,14 +448,19 @@ impl Store {
             .map_err(sql(&path))?;
         migrate(&mut conn, &path)?;
         let blobs = Blobs::open(dir.join("blobs"))?;
-        Ok(Store { conn, path, blobs })
+        Ok(Store {
+            conn,
+            path,
+            blobs,
+            rounds_epoch: Arc::default(),
+        })
     }
 
-    /// A second, read-only connection to the store in `dir`, which another connection
-    /// of this process opened (and migrated): in WAL mode its reads see the last commit
-    /// and never wait for the writer. [`Store::write`] on it fails.
-    pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
-        let path = dir.join("hivetrain.sqlite3");
+    /// A second, read-only connection to this store: in WAL mode its reads see the last
+    /// commit and never wait for the writer. [`Store::write`] on it fails. It shares
+    /// this store's [`Store::rounds_epoch`].
+    pub fn reader(&self) -> Result<Store, StoreError> {
+        let path = self.path.clone();
         let conn = Connection::open_with_flags(
             &path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -441,8 +468,18 @@ impl Store {
         .map_err(sql(&path))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql(&path))?;
-        let blobs = Blobs::open(dir.join("blobs"))?;
-        Ok(Store { conn, path, blobs })
+        Ok(Store {
+            conn,
+            path,
+            blobs: self.blobs.clone(),
+            rounds_epoch: self.rounds_epoch.clone(),
+        })
+    }
+
+    /// The count of this store's commits that changed a round's figures (see
+    /// [`RoundsEpoch`]), shared with its readers.
+    pub fn rounds_epoch(&self) -> RoundsEpoch {
+        RoundsEpoch(self.rounds_epoch.clone())
     }
 
     pub fn blobs(&self) -> &Blobs {
@@ -458,9 +495,15 @@ impl Store {
         let wrapped = Tx {
             tx,
             path: &self.path,
+            rounds_changed: Cell::new(false),
         };
         let out = f(&wrapped)?;
+        let rounds_changed = wrapped.rounds_changed.get();
         wrapped.tx.commit().map_err(sql(&self.path))?;
+        // After the commit: a reader that sees the new epoch sees the new rows.
+        if rounds_changed {
+            self.rounds_epoch.fetch_add(1, Ordering::Release);
+        }
         Ok(out)
     }
 
@@ -1093,6 +1136,7 @@ impl Tx<'_> {
         started_ms: u64,
         units: &[WorkUnit],
     ) -> Result<(), StoreError> {
+        self.rounds_changed.set(true);
         self.run(
             "INSERT OR IGNORE INTO rounds (round, base_version, started_ms) VALUES (?1, ?2, ?3)",
             params![round, base_version, started_ms],
@@ -1131,6 +1175,7 @@ impl Tx<'_> {
 
     /// Records an accepted update; its blob must already be in the blob store.
     pub fn insert_update(&self, u: &UpdateRow) -> Result<(), StoreError> {
+        self.rounds_changed.set(true);
         self.run(
             "INSERT INTO updates (unit, round, worker, base_version, blob, bytes, norm, weight, received_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1160,6 +1205,7 @@ impl Tx<'_> {
 
     /// Keeps only the newest `keep` rejection records.
     pub fn trim_rejections(&self, keep: u64) -> Result<(), StoreError> {
+        self.rounds_changed.set(true);
         self.run(
             "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?1",
             params![keep],
@@ -1275,6 +1321,7 @@ impl Tx<'_> {
     }
 
     pub fn insert_rejection(&self, r: &RejectionRow) -> Result<(), StoreError> {
+        self.rounds_changed.set(true);
         self.run(
             "INSERT INTO rejections (received_ms, round, worker, unit, code, sentence, payload)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1293,6 +1340,7 @@ impl Tx<'_> {
     /// Records a model version (its blobs must already be in the blob store) and closes
     /// the round it came from.
     pub fn insert_version(&self, v: &VersionRow) -> Result<(), StoreError> {
+        self.rounds_changed.set(true);
         let updates =
             serde_json::to_string(&v.updates).map_err(|e| bad_row(self.path, "update list", e))?;
         self.run(
@@ -1501,6 +1549,93 @@ mod tests {
             (rounds[0].accepted, rounds[0].tokens, rounds[0].version),
             (1, 100, Some(1))
         );
+    }
+
+    /// The rounds epoch moves after each commit that changes what `rounds_from` or
+    /// `accepted_count` answer, and after no other: not for a lease or a meta value, not
+    /// for a transaction that failed. A reader shares it, and once it has moved the
+    /// reader's query sees the commit.
+    #[test]
+    fn the_rounds_epoch_moves_with_the_rounds_figures_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let reader = store.reader().expect("reader");
+        let epoch = reader.rounds_epoch();
+        let upd = store.blobs().put(b"update").expect("blob");
+        let unit = WorkUnit {
+            id: 7,
+            round: 0,
+            base_version: 0,
+            address: WorkAddress {
+                shard: 0,
+                offset: 0,
+                steps: 1,
+                seed: 1,
+            },
+            lr: 1e-3,
+        };
+        let rejection = RejectionRow {
+            received_ms: 6,
+            round: 0,
+            worker: "cd".repeat(32),
+            unit: 7,
+            code: "stale".into(),
+            sentence: "too old".into(),
+            payload: None,
+        };
+        type Write<'a> = Box<dyn Fn(&Tx<'_>) -> Result<(), StoreError> + 'a>;
+        let steps: Vec<(&str, Write<'_>, u64, (u64, u64))> = vec![
+            (
+                "a meta value",
+                Box::new(|tx| tx.set_meta("k", "v")),
+                0,
+                (0, 0),
+            ),
+            (
+                "a round starts",
+                Box::new(|tx| tx.start_round(0, 0, 1, &[unit])),
+                1,
+                (0, 0),
+            ),
+            (
+                "a lease",
+                Box::new(|tx| tx.insert_lease(7, &"ab".repeat(32), 2, 9)),
+                1,
+                (0, 0),
+            ),
+            (
+                "an update",
+                Box::new(|tx| tx.insert_update(&update(7, upd.clone()))),
+                2,
+                (1, 0),
+            ),
+            (
+                "the same update again fails",
+                Box::new(|tx| tx.insert_update(&update(7, upd.clone()))),
+                2,
+                (1, 0),
+            ),
+            (
+                "a rejection",
+                Box::new(|tx| tx.insert_rejection(&rejection)),
+                3,
+                (1, 1),
+            ),
+            (
+                "rejections trimmed",
+                Box::new(|tx| tx.trim_rejections(0)),
+                4,
+                (1, 0),
+            ),
+        ];
+        for (what, write, want, (accepted, rejected)) in steps {
+            let failed = store.write(|tx| write(tx)).is_err();
+            assert_eq!(failed, what.ends_with("fails"), "{what}");
+            assert_eq!(epoch.get(), want, "{what}: epoch");
+            let rounds = reader.rounds_from(0).expect("rounds");
+            let got = rounds.first().map_or((0, 0), |r| (r.accepted, r.rejected));
+            assert_eq!(got, (accepted, rejected), "{what}: the reader's round 0");
+        }
     }
 
     #[test]

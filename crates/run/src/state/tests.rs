@@ -54,6 +54,7 @@ fn run(scoring: bool) -> Run {
         Acceptance::default(),
         SpotChecks::default(),
     )
+    .expect("a new run holds together")
 }
 
 /// One line for what a step gave.
@@ -76,7 +77,7 @@ fn describe(out: &Result<Output, crate::RunError>) -> String {
     match &out.decided {
         Some(Decided::Accepted(a)) => parts.push(format!(
             "accepted {} round {} credit {} {:?}",
-            a.unit, a.round, a.credit, a.sample
+            a.unit, a.round, a.mint.amount, a.sample
         )),
         Some(Decided::Refused(validation::Verdict::Rejected { reason, .. })) => {
             parts.push(format!("refused {}", reason.code()))
@@ -229,5 +230,45 @@ fn a_refusal_releases_the_unit_and_an_unscored_update_is_a_drivers_bug() {
             // The unit went back to the queue: the next worker gets it.
             (3, Input::Lease { worker: worker(2) }, "lease 1"),
         ],
+    );
+}
+
+#[test]
+fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
+    let accepted = update(1, 1, 0, 0.1);
+    let run = check(
+        "accept one",
+        run(false),
+        &[
+            (
+                0,
+                Input::Lease { worker: worker(1) },
+                "round 0 on 0, lease 1",
+            ),
+            (
+                1,
+                Input::Update {
+                    update: &accepted,
+                    copy_of: None,
+                    score: None,
+                },
+                "accepted 1 round 0 credit 6 Some(Queued)",
+            ),
+        ],
+    );
+    // The scheduler as stored, rebuilt without the accepted update's norm (a store
+    // that lost its updates row, say): the median bar would no longer cover the round.
+    let rebuilt = Run::new(
+        run.settings().clone(),
+        run.scheduler().clone(),
+        Acceptance::default(),
+        run.checks().clone(),
+    );
+    let e = rebuilt.expect_err("an accepted unit without its norm is refused");
+    assert!(e.is_internal(), "{e}");
+    assert!(
+        e.message.contains("unit 1 is accepted in round 0"),
+        "{}",
+        e.message
     );
 }

@@ -82,6 +82,28 @@ pub struct Reads {
     pub(super) tokenizer: Arc<Vec<u8>>,
     pub(super) text_tokenizer: Arc<data::TextTokenizer>,
     pub(super) model: engine::ModelSpec,
+    /// Bumped by the store after each commit that changed a round's figures.
+    pub(super) epoch: store::RoundsEpoch,
+    /// Store answers as of an epoch (or a version), so that a read between two such
+    /// commits is answered from memory.
+    pub(super) cache: Arc<Mutex<ReadCache>>,
+}
+
+/// How many `/v1/status?rounds=N` views (by their first round) the cache keeps.
+const ROUND_VIEWS_CACHED: usize = 4;
+
+/// What the read routes answered from the store, with the epoch (or version) it holds
+/// for. Each entry is replaced, never accumulated: at most [`ROUND_VIEWS_CACHED`] round
+/// views, one count, one loss.
+#[derive(Debug, Default)]
+pub(super) struct ReadCache {
+    /// `(epoch, first, rows)`: [`Store::rounds_from`]`(first)`, the latest used last.
+    rounds: Vec<(u64, u64, Arc<Vec<store::RoundRow>>)>,
+    /// `(epoch, count)`: [`Store::accepted_count`].
+    accepted: Option<(u64, u64)>,
+    /// `(version, loss)`: the holdout loss of a version (a version's row never changes
+    /// its loss).
+    holdout: Option<(u64, f32)>,
 }
 
 impl std::fmt::Debug for Reads {
@@ -138,13 +160,57 @@ impl Reads {
     /// The run's progress, round by round.
     pub fn status(&self, now_ms: u64, newest: Option<u64>) -> Result<Status, RunError> {
         let p = self.published();
-        let first = newest.map_or(0, |n| (p.round + 1).saturating_sub(n));
-        let rounds = self
-            .store()
-            .rounds_from(first)
-            .map_err(internal)?
-            .into_iter()
-            // Rows committed after the snapshot was taken wait for the next one.
+        let first = Self::first_round(&p, newest);
+        let rows = match self.cached_rounds(first) {
+            Some(rows) => rows,
+            None => {
+                let epoch = self.epoch.get();
+                let rows = Arc::new(self.store().rounds_from(first).map_err(internal)?);
+                let mut cache = self.cache();
+                cache.rounds.retain(|(_, f, _)| *f != first);
+                if cache.rounds.len() == ROUND_VIEWS_CACHED {
+                    cache.rounds.remove(0);
+                }
+                cache.rounds.push((epoch, first, rows.clone()));
+                rows
+            }
+        };
+        Ok(Self::status_of(&p, &rows, now_ms))
+    }
+
+    /// [`Reads::status`] from memory alone: `None` when it needs a store read (a round's
+    /// figures changed since the view was last read). What the HTTP route tries first,
+    /// on its own thread.
+    pub fn status_cached(&self, now_ms: u64, newest: Option<u64>) -> Option<Status> {
+        let p = self.published();
+        let rows = self.cached_rounds(Self::first_round(&p, newest))?;
+        Some(Self::status_of(&p, &rows, now_ms))
+    }
+
+    fn first_round(p: &Published, newest: Option<u64>) -> u64 {
+        newest.map_or(0, |n| (p.round + 1).saturating_sub(n))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, ReadCache> {
+        // Each entry is replaced whole: a panic cannot leave one half-written.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached_rounds(&self, first: u64) -> Option<Arc<Vec<store::RoundRow>>> {
+        let epoch = self.epoch.get();
+        self.cache()
+            .rounds
+            .iter()
+            .find(|(e, f, _)| *e == epoch && *f == first)
+            .map(|(_, _, rows)| rows.clone())
+    }
+
+    /// The status of snapshot `p` over `rows`. The rows are at least as new as `p` (the
+    /// store bumps the epoch after its commit, the core publishes after that); rows
+    /// committed after the snapshot was taken wait for the next one.
+    fn status_of(p: &Published, rows: &[store::RoundRow], now_ms: u64) -> Status {
+        let rounds = rows
+            .iter()
             .filter(|r| r.round <= p.round)
             .map(|r| RoundStatus {
                 round: r.round,
@@ -162,7 +228,7 @@ impl Reads {
                     / 1000.0,
             })
             .collect();
-        Ok(Status {
+        Status {
             round: p.round,
             version: p.version,
             initial_holdout_loss: p.initial_loss,
@@ -171,7 +237,7 @@ impl Reads {
             units_leased: p.units_leased,
             units_accepted: p.units_accepted,
             rounds,
-        })
+        }
     }
 
     /// The checkpoint of `version` and its blake3 (410 `version_pruned` when the
@@ -283,11 +349,36 @@ impl Reads {
 
     /// Network totals.
     pub fn stats(&self) -> Result<ledger::wire::Stats, RunError> {
+        let accepted = match self.cached_accepted() {
+            Some(n) => n,
+            None => {
+                let epoch = self.epoch.get();
+                let n = self.store().accepted_count().map_err(internal)?;
+                self.cache().accepted = Some((epoch, n));
+                n
+            }
+        };
+        Ok(self.stats_of(accepted))
+    }
+
+    /// [`Reads::stats`] from memory alone, or `None` when it needs a store read.
+    pub fn stats_cached(&self) -> Option<ledger::wire::Stats> {
+        self.cached_accepted().map(|n| self.stats_of(n))
+    }
+
+    fn cached_accepted(&self) -> Option<u64> {
+        let epoch = self.epoch.get();
+        self.cache()
+            .accepted
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, n)| n)
+    }
+
+    fn stats_of(&self, accepted: u64) -> ledger::wire::Stats {
         let p = self.published();
-        let accepted = self.store().accepted_count().map_err(internal)?;
         let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
         let ledger = self.ledger.read();
-        Ok(ledger::wire::Stats {
+        ledger::wire::Stats {
             entries: ledger.len() as u64,
             minted: saturate(ledger.minted()),
             burned: saturate(ledger.burned()),
@@ -302,16 +393,34 @@ impl Reads {
             tokens_trained: accepted * p.tokens_per_unit,
             current_version: p.version,
             head: ledger.head_hash(),
-        })
+        }
     }
 
     /// The holdout loss of the published version.
     pub fn holdout_loss(&self) -> Result<f32, RunError> {
         let version = self.published().version;
-        self.store()
+        if let Some(loss) = self.cached_holdout(version) {
+            return Ok(loss);
+        }
+        let loss = self
+            .store()
             .version(version)
             .map_err(internal)?
             .map(|v| v.holdout_loss)
-            .ok_or_else(|| RunError::internal(&std::io::Error::other("no current version row")))
+            .ok_or_else(|| RunError::internal(&std::io::Error::other("no current version row")))?;
+        self.cache().holdout = Some((version, loss));
+        Ok(loss)
+    }
+
+    /// [`Reads::holdout_loss`] from memory alone, or `None` when it needs a store read.
+    pub fn holdout_loss_cached(&self) -> Option<f32> {
+        self.cached_holdout(self.published().version)
+    }
+
+    fn cached_holdout(&self, version: u64) -> Option<f32> {
+        self.cache()
+            .holdout
+            .filter(|(v, _)| *v == version)
+            .map(|(_, loss)| loss)
     }
 }
