@@ -319,7 +319,7 @@ async fn admit(shared: &Shared, headers: &HeaderMap) -> Result<WorkerId, ApiErro
     Ok(wallet)
 }
 
-fn lock(core: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
+fn lock(core: &Mutex<Core>) -> crate::drive::Locked<'_> {
     crate::drive::lock(core)
 }
 

@@ -248,7 +248,7 @@ mod tests {
             (35, 30 * MB, 10 * MB, 8, 1),
             // A replay backend larger than the budget still leaves one scorer.
             (35, 300 * MB, 10 * MB, 8, 1),
-            (u64::MAX, u64::MAX, 1, 8, 8),
+            (u64::MAX, 1 << 40, 1, 8, 8),
         ] {
             check_size(budget_mb, reserved, bytes, most, expect);
         }

@@ -1098,6 +1098,11 @@ impl Core {
         Ok(entry)
     }
 
+    /// What makes the store's commits durable, for syncing outside the core's lock.
+    pub fn durability(&self) -> std::sync::Arc<store::Durability> {
+        self.store.durability()
+    }
+
     /// The blob directory, for writing an update's blob outside the core's lock.
     pub fn blobs(&self) -> store::Blobs {
         self.store.blobs().clone()

@@ -9,7 +9,8 @@
 //! half-changed, unlike the store (a transaction commits whole or not at all): the
 //! process stops instead of carrying on, and a restart resumes from the last commit.
 
-use std::sync::{Mutex, MutexGuard};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::core::{AggregationJob, Core, CoreError};
 
@@ -28,11 +29,58 @@ pub fn stop(why: &dyn std::fmt::Display) -> ! {
     std::process::exit(EXIT_BROKEN)
 }
 
+/// The core, locked. Dropping it releases the lock and then makes every store commit
+/// made so far durable (group commit, [`store::Durability::sync`]) before the caller goes
+/// on: so whatever a thread tells the outside after its lock is gone (an accepted update,
+/// a lease, a charge) is on disk, and no fsync ever runs under the lock. Threads that
+/// release the lock at once share one fsync.
+pub struct Locked<'a> {
+    guard: Option<MutexGuard<'a, Core>>,
+    durability: Arc<store::Durability>,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        match &self.guard {
+            Some(guard) => guard,
+            None => unreachable!("the guard is taken only by drop"),
+        }
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        match &mut self.guard {
+            Some(guard) => guard,
+            None => unreachable!("the guard is taken only by drop"),
+        }
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Err(e) = self.durability.sync() {
+            // The disk may not hold what was committed (an fsync error is not retried:
+            // the kernel may have dropped the pages it failed to write).
+            stop(&format!(
+                "the store's commits could not be made durable: {}",
+                run::RunError::internal(&e).message
+            ));
+        }
+    }
+}
+
 /// The core, locked; a poisoned lock stops the process.
-pub fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
-    core.lock().unwrap_or_else(|_| {
+pub fn lock(core: &Mutex<Core>) -> Locked<'_> {
+    let guard = core.lock().unwrap_or_else(|_| {
         stop(&"a thread panicked while it held the run's state, which may be half-changed")
-    })
+    });
+    Locked {
+        durability: guard.durability(),
+        guard: Some(guard),
+    }
 }
 
 /// Runs `f` on the core at `clock()`, then any aggregation it made due, outside the lock.

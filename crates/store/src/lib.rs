@@ -381,6 +381,74 @@ pub struct Store {
     blobs: Blobs,
     /// Commits that changed a round's figures; shared with the store's readers.
     rounds_epoch: Arc<AtomicU64>,
+    /// What makes the commits durable, outside the writer's lock.
+    durability: Arc<Durability>,
+}
+
+/// Group commit: the write connection commits with `synchronous = NORMAL` (the WAL is
+/// written, not fsynced), and [`Durability::sync`] fsyncs the WAL afterwards, outside
+/// whatever lock serializes the writer. One fsync covers every commit made before it
+/// began, so callers that sync at once share it. A commit is durable against a power cut
+/// once a `sync` that began after it returns; against a process crash it is durable when
+/// the commit returns (its frames are in the OS's page cache). A caller that replies
+/// "done" to the outside syncs first.
+#[derive(Debug)]
+pub struct Durability {
+    /// The WAL file (`hivetrain.sqlite3-wal`).
+    wal: PathBuf,
+    /// The database file, synced instead where the WAL is gone.
+    db: PathBuf,
+    /// Commits made so far (bumped after each commit returns).
+    commits: AtomicU64,
+    /// Commits known durable; held while an fsync runs, so later callers wait for it and
+    /// then find themselves covered.
+    synced: std::sync::Mutex<u64>,
+}
+
+impl Durability {
+    /// Makes every commit made before this call durable: returns at once if an earlier
+    /// sync covered them, else fsyncs the WAL (one fsync for all of them). Returns whether
+    /// it fsynced. An error means the disk may not hold what was committed: the caller
+    /// must not go on as if it did.
+    pub fn sync(&self) -> Result<bool, StoreError> {
+        let want = self.commits.load(Ordering::Acquire);
+        // Holds only a number: a panic cannot leave it half-written.
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= want {
+            return Ok(false);
+        }
+        // Every commit counted by now has returned: its frames are in the WAL.
+        let upto = self.commits.load(Ordering::Acquire);
+        let file = match std::fs::File::open(&self.wal) {
+            Ok(f) => (f, &self.wal),
+            // No WAL: everything is in the database file (checkpointed at a close).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = std::fs::File::open(&self.db).map_err(|source| StoreError::Io {
+                    path: self.db.clone(),
+                    source,
+                })?;
+                (f, &self.db)
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.wal.clone(),
+                    source,
+                });
+            }
+        };
+        file.0.sync_data().map_err(|source| StoreError::Io {
+            path: file.1.clone(),
+            source,
+        })?;
+        *synced = upto;
+        Ok(true)
+    }
+
+    /// Commits made so far, and how many of them are known durable.
+    pub fn counts(&self) -> (u64, u64) {
+        let synced = *self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        (self.commits.load(Ordering::Acquire), synced)
+    }
 }
 
 /// How many commits so far changed a round's figures (its row, its updates or
@@ -439,8 +507,11 @@ impl Store {
         let mut conn = Connection::open(&path).map_err(sql(&path))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql(&path))?;
-        // FULL: a committed transaction survives a power cut, not only a process kill.
-        conn.pragma_update(None, "synchronous", "FULL")
+        // NORMAL: a commit writes the WAL without an fsync, so the writer's lock is never
+        // held across one; `Durability::sync` makes commits survive a power cut (group
+        // commit), and SQLite itself fsyncs the WAL before each checkpoint and the
+        // database after it. A process crash loses nothing committed either way.
+        conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql(&path))?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql(&path))?;
@@ -448,11 +519,18 @@ impl Store {
             .map_err(sql(&path))?;
         migrate(&mut conn, &path)?;
         let blobs = Blobs::open(dir.join("blobs"))?;
+        let durability = Arc::new(Durability {
+            wal: dir.join("hivetrain.sqlite3-wal"),
+            db: path.clone(),
+            commits: AtomicU64::new(0),
+            synced: std::sync::Mutex::new(0),
+        });
         Ok(Store {
             conn,
             path,
             blobs,
             rounds_epoch: Arc::default(),
+            durability,
         })
     }
 
@@ -473,7 +551,13 @@ impl Store {
             path,
             blobs: self.blobs.clone(),
             rounds_epoch: self.rounds_epoch.clone(),
+            durability: self.durability.clone(),
         })
+    }
+
+    /// What makes this store's commits durable (group commit; see [`Durability`]).
+    pub fn durability(&self) -> Arc<Durability> {
+        self.durability.clone()
     }
 
     /// The count of this store's commits that changed a round's figures (see
@@ -486,7 +570,9 @@ impl Store {
         &self.blobs
     }
 
-    /// Runs `f` in one transaction: all of its writes are committed, or none.
+    /// Runs `f` in one transaction: all of its writes are committed, or none. The commit
+    /// survives a process crash when this returns, and a power cut once a
+    /// [`Durability::sync`] begun after it returns.
     pub fn write<T>(
         &mut self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
@@ -500,6 +586,7 @@ impl Store {
         let out = f(&wrapped)?;
         let rounds_changed = wrapped.rounds_changed.get();
         wrapped.tx.commit().map_err(sql(&self.path))?;
+        self.durability.commits.fetch_add(1, Ordering::Release);
         // After the commit: a reader that sees the new epoch sees the new rows.
         if rounds_changed {
             self.rounds_epoch.fetch_add(1, Ordering::Release);
@@ -1636,6 +1723,44 @@ mod tests {
             let got = rounds.first().map_or((0, 0), |r| (r.accepted, r.rejected));
             assert_eq!(got, (accepted, rejected), "{what}: the reader's round 0");
         }
+    }
+
+    /// Group commit: every commit is counted, one sync covers all those before it, a sync
+    /// with nothing new makes no fsync, a failed transaction is no commit, and the
+    /// reader's handle is the writer's.
+    #[test]
+    fn one_sync_covers_every_commit_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let durability = store.durability();
+        assert_eq!(durability.counts(), (0, 0), "opening commits nothing");
+        for i in 0..3 {
+            store
+                .write(|tx| tx.set_meta("k", &i.to_string()))
+                .expect("write");
+        }
+        assert_eq!(durability.counts(), (3, 0));
+        assert!(durability.sync().expect("sync"), "three commits: one fsync");
+        assert_eq!(durability.counts(), (3, 3));
+        assert!(!durability.sync().expect("sync"), "nothing new: no fsync");
+        let failed = store.write(|tx| {
+            tx.set_meta("k", "lost")?;
+            Err::<(), _>(StoreError::CorruptBlob {
+                path: "undone".into(),
+            })
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            durability.counts(),
+            (3, 3),
+            "a failed transaction commits nothing"
+        );
+        let reader = store.reader().expect("reader");
+        store.write(|tx| tx.set_meta("k", "4")).expect("write");
+        assert_eq!(reader.durability().counts(), (4, 3));
+        assert!(reader.durability().sync().expect("sync"));
+        assert_eq!(durability.counts(), (4, 4));
+        assert_eq!(reader.meta("k").expect("meta").as_deref(), Some("4"));
     }
 
     #[test]
