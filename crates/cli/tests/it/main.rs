@@ -869,3 +869,39 @@ fn model_prune_thins_a_stopped_run() {
     assert!(ok, "{stderr}");
     assert!(out.contains("0 bytes freed"), "{out}");
 }
+
+/// `hivetrain model fetch|info|chat` on files that are not models: a clear error, no
+/// panic, nothing downloaded (the real SmolLM2 is loaded by one test, in `models`).
+#[test]
+fn pretrained_model_commands_refuse_bad_files() {
+    let sandbox = Sandbox::new();
+    check_error(
+        &sandbox,
+        &["model", "fetch", "llama"],
+        expect_test::expect![[
+            r#"error: unknown model "llama": the models hivetrain fetches by name are: smollm2"#
+        ]],
+    );
+    check_error(
+        &sandbox,
+        &["model", "info", "--model", "missing.gguf"],
+        expect_test::expect![
+            "error: --model missing.gguf: no such file or directory (give smollm2, a .gguf file or an HF Llama directory)"
+        ],
+    );
+    sandbox.write("old.gguf", b"GGUF\x02\0\0\0");
+    check_error(
+        &sandbox,
+        &["model", "chat", "--model", "old.gguf", "hi"],
+        expect_test::expect!["error: old.gguf: GGUF version 2; this reader takes version 3 only"],
+    );
+    std::fs::create_dir(sandbox.path("hf")).expect("mkdir");
+    sandbox.write("hf/config.json", br#"{"model_type": "llama"}"#);
+    check_error(
+        &sandbox,
+        &["model", "info", "--model", "hf"],
+        expect_test::expect![
+            "error: hf/config.json: missing field `hidden_size` at line 1 column 23"
+        ],
+    );
+}

@@ -1,0 +1,67 @@
+//! The one test that loads the real SmolLM2-135M-Instruct (fetched and cached on first
+//! use): its greedy tokens equal HF transformers' on the same GGUF, recorded in
+//! `tests/golden/smollm2_greedy.json` by `scripts/smollm2_greedy.py`.
+
+use models::{ChatMessage, load_gguf, smollm2};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    eos_token_id: u32,
+    max_new_tokens: usize,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    kind: String,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    new_ids: Vec<u32>,
+    text: String,
+}
+
+#[test]
+fn smollm2_greedy_tokens_equal_hf_transformers() {
+    let golden: Golden = serde_json::from_str(include_str!("../golden/smollm2_greedy.json"))
+        .unwrap_or_else(|e| panic!("the golden file: {e}"));
+    let path = smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("fetching SmolLM2: {e}"));
+    let model = load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.eos_token_id, Some(golden.eos_token_id));
+    let mut backend = engine::open_model(
+        "cpu",
+        &model.spec(),
+        model.params.clone(),
+        engine::Purpose::Eval,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for case in &golden.cases {
+        let prompt = match case.kind.as_str() {
+            "chat" => {
+                let user = "What is the capital of France?";
+                model
+                    .chat_prompt(&[ChatMessage::user(user)])
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+            _ => case.prompt.clone(),
+        };
+        assert_eq!(prompt, case.prompt, "{}: the rendered prompt", case.kind);
+        let ids = model.encode(&prompt).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ids, case.prompt_ids, "{}: the prompt's tokens", case.kind);
+        let new = models::greedy(
+            backend.as_mut(),
+            &ids,
+            golden.max_new_tokens,
+            &[golden.eos_token_id],
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let text = model.decode(&new).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (&new, &text),
+            (&case.new_ids, &case.text),
+            "{}: greedy tokens",
+            case.kind
+        );
+    }
+}
