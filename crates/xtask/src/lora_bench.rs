@@ -53,13 +53,17 @@ pub(crate) struct LoraBench {
     /// Skip PyTorch (hivetrain's figures only).
     #[arg(long)]
     no_torch: bool,
+    /// Rounds of (hivetrain, PyTorch), interleaved so both see the same machine load;
+    /// the reported ratio is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Keep the replay files here: init.safetensors, tokens.u32, run.json.
     #[arg(long)]
     dump: Option<PathBuf>,
 }
 
 /// What `scripts/torch_lora_bench.py` reads besides the binary files.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 struct RunSpec {
     config: LlamaConfig,
     /// `None`: every weight trains.
@@ -183,43 +187,58 @@ fn bench_one(
         "== {what}: SmolLM2-135M shape, random weights, batch {}x{}, {} steps ({} untimed), {} threads",
         args.batch, args.seq, args.steps, args.untimed, args.threads
     );
-    let (ours, our_tps) = train_ours(args, &spec, params, &run, windows)?;
-    println!(
-        "hivetrain: {our_tps:>7.1} tokens/s, peak RSS not measured here (see examples/llama_step)"
-    );
-    if args.no_torch {
-        print_curves(&ours, &[]);
-        return Ok(());
-    }
-    let torch = train_torch(args, root, &dir)?;
-    println!(
-        "pytorch:   {:>7.1} tokens/s ({} {}); ratio hivetrain / pytorch {:.2}x",
-        torch.tokens_per_s,
-        torch.torch,
-        torch.settings,
-        our_tps / torch.tokens_per_s
-    );
-    if args.torch_compile {
-        let compiled = RunSpec {
-            compile: true,
-            ..run
-        };
-        std::fs::write(
-            dir.join("run.json"),
-            serde_json::to_string_pretty(&compiled)?,
-        )?;
-        match train_torch(args, root, &dir) {
-            Ok(c) => println!(
-                "pytorch:   {:>7.1} tokens/s ({} {}); ratio hivetrain / pytorch {:.2}x",
-                c.tokens_per_s,
-                c.torch,
-                c.settings,
-                our_tps / c.tokens_per_s
-            ),
-            Err(e) => println!("pytorch with torch.compile failed: {e:#}"),
+    let mut ratios = Vec::new();
+    let mut curves = None;
+    for round in 0..args.repeat.max(1) {
+        let (ours, our_tps) = train_ours(args, &spec, params.clone(), &run, windows)?;
+        println!("round {round}: hivetrain {our_tps:>7.1} tokens/s");
+        if args.no_torch {
+            curves.get_or_insert((ours, Vec::new()));
+            continue;
         }
+        let torch = train_torch(args, root, &dir)?;
+        let ratio = our_tps / torch.tokens_per_s;
+        println!(
+            "round {round}: pytorch   {:>7.1} tokens/s ({} {}); ratio hivetrain / pytorch {ratio:.2}x",
+            torch.tokens_per_s, torch.torch, torch.settings,
+        );
+        ratios.push(ratio);
+        if args.torch_compile && round == 0 {
+            let compiled = RunSpec {
+                compile: true,
+                ..run.clone()
+            };
+            std::fs::write(
+                dir.join("run.json"),
+                serde_json::to_string_pretty(&compiled)?,
+            )?;
+            match train_torch(args, root, &dir) {
+                Ok(c) => println!(
+                    "round {round}: pytorch   {:>7.1} tokens/s ({} {}); ratio hivetrain / pytorch {:.2}x",
+                    c.tokens_per_s,
+                    c.torch,
+                    c.settings,
+                    our_tps / c.tokens_per_s
+                ),
+                Err(e) => println!("pytorch with torch.compile failed: {e:#}"),
+            }
+            std::fs::write(dir.join("run.json"), serde_json::to_string_pretty(&run)?)?;
+        }
+        curves.get_or_insert((ours, torch.losses));
     }
-    print_curves(&ours, &torch.losses);
+    if !ratios.is_empty() {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "ratio hivetrain / pytorch: median {:.2}x over {} rounds (min {:.2}x, max {:.2}x)",
+            ratios[ratios.len() / 2],
+            ratios.len(),
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
+    if let Some((ours, theirs)) = curves {
+        print_curves(&ours, &theirs);
+    }
     Ok(())
 }
 
