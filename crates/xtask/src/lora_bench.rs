@@ -54,7 +54,8 @@ pub(crate) struct LoraBench {
     #[arg(long)]
     no_torch: bool,
     /// Rounds of (hivetrain, PyTorch), interleaved so both see the same machine load;
-    /// the reported ratio is the median of the rounds' ratios.
+    /// the reported ratio is the median of the rounds' ratios (the lower middle one of an
+    /// even count).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Keep the replay files here: init.safetensors, tokens.u32, run.json.
@@ -230,7 +231,7 @@ fn bench_one(
         ratios.sort_by(f64::total_cmp);
         println!(
             "ratio hivetrain / pytorch: median {:.2}x over {} rounds (min {:.2}x, max {:.2}x)",
-            ratios[ratios.len() / 2],
+            ratios[(ratios.len() - 1) / 2],
             ratios.len(),
             ratios[0],
             ratios[ratios.len() - 1]
