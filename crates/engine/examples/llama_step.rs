@@ -1,6 +1,8 @@
 //! Seconds per training step and peak memory of a Llama at SmolLM2-135M's shape with
 //! random weights, counted by the allocator:
-//! `cargo run --release -p engine --example llama_step -- [threads] [batch] [seq] [steps]`.
+//! `cargo run --release -p engine --example llama_step -- [threads] [batch] [seq] [steps] [lora]`;
+//! `lora` trains a LoRA adapter (rank 16, alpha 32, all seven projections) on a frozen
+//! base instead of every weight.
 
 // A global allocator is the one way to count what a backend allocates.
 #![allow(unsafe_code)]
@@ -46,7 +48,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (b, t): (usize, usize) = (arg(1, "1").parse()?, arg(2, "128").parse()?);
     let steps: usize = arg(3, "3").parse()?;
     let config = engine::LlamaConfig::smollm2_135m(t);
-    let spec = engine::ModelSpec::llama("smollm2-135m-shape", config);
+    let spec = match arg(4, "full").as_str() {
+        "lora" => engine::ModelSpec::llama_lora(
+            "smollm2-135m-shape-lora",
+            config,
+            engine::LoraConfig {
+                rank: 16,
+                alpha: 32.0,
+                targets: engine::LoraTarget::ALL.to_vec(),
+            },
+        ),
+        _ => engine::ModelSpec::llama("smollm2-135m-shape", config),
+    };
     let vocab = config.vocab_size;
     let tokens: Vec<u32> = (0..b * t + 1).map(|i| (i * 7919 % vocab) as u32).collect();
     let batch = engine::Batch {

@@ -606,6 +606,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// Every GPT-2 tensor trains: the trainable vector is the full one.
+    fn trainable(&self) -> Vec<f32> {
+        self.params()
+    }
+
+    fn set_trainable(&mut self, trainable: &[f32]) -> Result<(), EngineError> {
+        self.set_params(trainable)
+    }
+
     fn reset_optimizer(&mut self) {
         self.adam.reset();
     }

@@ -17,6 +17,7 @@ pub mod cpu;
 mod ftz;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 mod matmul;
 mod ops;
 pub mod optim;
@@ -26,6 +27,7 @@ pub mod train;
 
 pub use config::{ConfigError, GptConfig, Preset};
 pub use llama::{LlamaConfig, LlamaConfigError, LlamaLayout};
+pub use lora::{LoraConfig, LoraConfigError, LoraLayout, LoraTarget};
 pub use matmul::gram;
 pub use optim::{LrSchedule, OptimizerConfig};
 pub use params::{ParamLayout, TensorKind, TensorSpec};
@@ -100,15 +102,29 @@ pub enum Purpose {
 ///
 /// A backend owns the parameters, the gradients, the optimizer state and the KV cache
 /// of one model, wherever they live.
+///
+/// Two vectors name what a backend holds. The *full* vector ([`Backend::params`]) is
+/// every float of the model in [`ModelSpec::layout`] order: the whole model when every
+/// tensor trains, and the frozen base followed by the adapter with LoRA. The
+/// *trainable* vector ([`Backend::trainable`]) is what the optimizer updates and a delta
+/// carries, in [`ModelSpec::trainable_tensors`] order: the same as the full vector when
+/// every tensor trains, the adapter alone with LoRA. Callers that train use
+/// `trainable`/`set_trainable` whatever the spec; `params` is for checkpoints and for
+/// loading a whole model.
 pub trait Backend: Send {
     /// The model's family and shape.
     fn architecture(&self) -> Architecture;
     /// A human-readable device description (`cpu (2 threads)`).
     fn device(&self) -> String;
-    /// All parameters, flat, in [`params`] order.
+    /// The full vector: all parameters, flat, in [`ModelSpec::layout`] order.
     fn params(&self) -> Vec<f32>;
-    /// Replaces all parameters; the optimizer state is kept (call `reset_optimizer`).
+    /// Replaces the full vector; the optimizer state is kept (call `reset_optimizer`).
     fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError>;
+    /// The trainable vector (see the trait's doc): `params()` when every tensor trains.
+    fn trainable(&self) -> Vec<f32>;
+    /// Replaces the trainable vector, the frozen part unchanged; the optimizer state is
+    /// kept.
+    fn set_trainable(&mut self, trainable: &[f32]) -> Result<(), EngineError>;
     /// Forgets AdamW's moments and step count.
     fn reset_optimizer(&mut self);
     /// One forward, backward and AdamW update at learning rate `lr`.
@@ -120,7 +136,8 @@ pub trait Backend: Send {
     ) -> Result<StepStats, EngineError>;
     /// Mean loss of a batch, parameters unchanged.
     fn eval_loss(&mut self, batch: &Batch<'_>) -> Result<f32, EngineError>;
-    /// The loss and the flat gradient of a batch, parameters unchanged (for checks).
+    /// The loss and the gradient of the trainable vector for a batch, parameters
+    /// unchanged (for checks).
     fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError>;
     /// Clears the KV cache before a new generation.
     fn decode_reset(&mut self);
@@ -145,7 +162,7 @@ pub fn open_backend(
 
 /// Opens a backend of `spec`'s model on `device` for `purpose`, holding `params` (the
 /// full parameter vector). What callers that run a spec'd model use: the device is a
-/// setting, the architecture comes from the spec.
+/// setting, the architecture and the trainable layout come from the spec.
 pub fn open_model(
     device: &str,
     spec: &ModelSpec,
@@ -153,6 +170,19 @@ pub fn open_model(
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
     let threads = device_threads(device)?;
+    if let Trainable::Lora(lora) = &spec.trainable {
+        spec.validate()?;
+        let Architecture::Llama(config) = spec.architecture else {
+            unreachable!("validate accepts LoRA on a Llama only")
+        };
+        return Ok(Box::new(llama::cpu::LlamaCpuBackend::open_lora(
+            config,
+            lora.clone(),
+            params,
+            threads,
+            purpose,
+        )?));
+    }
     Ok(match spec.architecture {
         Architecture::Gpt2(config) => {
             Box::new(cpu::CpuBackend::open(config, params, threads, purpose)?)
@@ -167,11 +197,15 @@ pub fn open_model(
 /// `batch x seq` batch ([`GptConfig::training_bytes`], [`GptConfig::eval_bytes`]): what
 /// sizes a pool of backends by a memory budget without opening one to measure it.
 pub fn backend_bytes(spec: &ModelSpec, purpose: Purpose, batch: usize, seq: usize) -> u64 {
+    let lora = match &spec.trainable {
+        Trainable::All => None,
+        Trainable::Lora(lora) => Some(lora),
+    };
     match (&spec.architecture, purpose) {
         (Architecture::Gpt2(config), Purpose::Train) => config.training_bytes(batch, seq),
         (Architecture::Gpt2(config), Purpose::Eval) => config.eval_bytes(batch, seq),
         (Architecture::Llama(config), purpose) => {
-            llama::cpu::backend_bytes(config, purpose, batch, seq)
+            llama::cpu::backend_bytes(config, lora, purpose, batch, seq)
         }
     }
 }

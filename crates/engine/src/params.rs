@@ -167,6 +167,18 @@ impl ParamLayout {
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }
+
+    /// This table followed by `tail`'s tensors, shifted to start at the end of this one.
+    pub(crate) fn then(&self, tail: &ParamLayout) -> ParamLayout {
+        let shifted = tail.tensors.iter().map(|t| TensorSpec {
+            offset: t.offset + self.len,
+            ..t.clone()
+        });
+        ParamLayout {
+            tensors: self.tensors.iter().cloned().chain(shifted).collect(),
+            len: self.len + tail.len,
+        }
+    }
 }
 
 impl GptLayout {

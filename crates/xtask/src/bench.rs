@@ -20,6 +20,10 @@ pub(crate) enum BenchCommand {
     /// Accepted int8 updates per second through the real coordinator over loopback HTTP,
     /// against raw loopback TCP goodput measured in the same run.
     Ingest(crate::ingest::IngestBench),
+    /// Fine-tuning at SmolLM2-135M's shape: a LoRA adapter (r 16, all seven projections)
+    /// against PyTorch + PEFT, and full fine-tuning against PyTorch, same initial
+    /// weights, batches and threads (`scripts/torch_lora_bench.py`).
+    Lora(crate::lora_bench::LoraBench),
     /// Greedy decoding tokens/s of the inference endpoint and in-process, against
     /// PyTorch from the same weights (the tokens must match).
     Decode(crate::decode::DecodeBench),
@@ -122,6 +126,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Diloco(args) => crate::diloco::run(root, args),
         BenchCommand::Ingest(args) => crate::ingest::run(root, args),
         BenchCommand::Decode(args) => crate::decode::run(root, args),
+        BenchCommand::Lora(args) => crate::lora_bench::run(root, args),
         BenchCommand::Robust(args) => crate::robust::run(root, args),
         BenchCommand::Ledger(args) => crate::ledger_bench::run(args),
         BenchCommand::Control(args) => crate::control::run(root, args),

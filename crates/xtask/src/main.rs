@@ -10,6 +10,7 @@ mod diloco;
 mod golden;
 mod ingest;
 mod ledger_bench;
+mod lora_bench;
 mod robust;
 mod sim;
 mod unit_delta;

@@ -5,6 +5,11 @@
 //! front, the same AdamW ([`crate::ops::adamw`]) and the same loss kernel. Matrices are
 //! stored `[out, in]` as HF stores them, so a forward product reads each weight
 //! transposed (`x @ W^T`) and a weight gradient is `dW += dy^T @ x`.
+//!
+//! With a LoRA adapter ([`LlamaCpuBackend::open_lora`]) the base is frozen: it has no
+//! gradient and no AdamW moments, the backward pass skips every base weight gradient
+//! (and the embedding's and the first layer's input gradients, which nothing reads),
+//! and each targeted projection adds `scale (x A^T) B^T` ([`Adapter`]).
 
 use std::sync::Arc;
 
@@ -12,6 +17,7 @@ use rayon::prelude::*;
 
 use super::ops::{self as lops, GqaShape, RopeTables};
 use super::{LlamaConfig, LlamaLayout};
+use crate::lora::{LoraConfig, LoraLayout, LoraTarget};
 use crate::matmul::{Par, View, ViewMut, matmul};
 use crate::{Architecture, Backend, Batch, EngineError, OptimizerConfig, Purpose, StepStats, ops};
 
@@ -61,11 +67,28 @@ struct Acts {
     dv_heads: Vec<f32>,
     dact: Vec<f32>,
     dgate_up: Vec<f32>,
+    /// Per layer, each adapter's `scale (x A^T)` (`[n, rank]`, one after another in
+    /// target order); empty without an adapter.
+    lora_u: Vec<Vec<f32>>,
+    /// The gradient of one adapter's `u` (scratch, `[n, rank]`).
+    lora_du: Vec<f32>,
+}
+
+/// Floats of a LoRA adapter's activations per token: each target's `u` row; and of its
+/// gradient scratch per token.
+fn lora_widths(lora: Option<&LoraConfig>) -> (usize, usize) {
+    lora.map_or((0, 0), |l| (l.rank * l.targets.len(), l.rank))
 }
 
 impl Acts {
     /// Buffers for `b x t` windows; the gradient scratch only `with_grads`.
-    fn new(config: &LlamaConfig, b: usize, t: usize, with_grads: bool) -> Acts {
+    fn new(
+        config: &LlamaConfig,
+        b: usize,
+        t: usize,
+        with_grads: bool,
+        lora: Option<&LoraConfig>,
+    ) -> Acts {
         let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
         let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
         let (n, w) = (b * t, config.qkv_width());
@@ -106,6 +129,10 @@ impl Acts {
             dv_heads: g(n * nkv * hd),
             dact: g(n * f),
             dgate_up: g(n * 2 * f),
+            lora_u: (0..config.layers)
+                .map(|_| z(n * lora_widths(lora).0))
+                .collect(),
+            lora_du: g(n * lora_widths(lora).1),
         }
     }
 }
@@ -125,6 +152,8 @@ impl Acts {
         };
         self.inputs.len()
             + self.blocks.iter().map(block).sum::<usize>()
+            + self.lora_u.iter().map(|u| u.len()).sum::<usize>()
+            + self.lora_du.len()
             + [
                 &self.encoded,
                 &self.heads,
@@ -149,7 +178,13 @@ impl Acts {
 }
 
 /// Floats [`Acts::new`] allocates for `b x t` windows, computed without allocating.
-pub(crate) fn acts_floats(config: &LlamaConfig, b: usize, t: usize, with_grads: bool) -> usize {
+pub(crate) fn acts_floats(
+    config: &LlamaConfig,
+    b: usize,
+    t: usize,
+    with_grads: bool,
+    lora: Option<&LoraConfig>,
+) -> usize {
     let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
     let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
     let (n, w) = (b * t, config.qkv_width());
@@ -160,22 +195,30 @@ pub(crate) fn acts_floats(config: &LlamaConfig, b: usize, t: usize, with_grads: 
     } else {
         0
     };
-    forward + grads
+    let (u, du) = lora_widths(lora);
+    let adapter = config.layers * n * u + if with_grads { n * du } else { 0 };
+    forward + grads + adapter
 }
 
-/// Bytes a backend of `config` for `purpose` holds once it has run a `batch x seq`
-/// batch: the parameters (and for training their gradients and two AdamW moments), the
+/// Bytes a backend of `config` (with adapter `lora`) for `purpose` holds once it has
+/// run a `batch x seq` batch: the parameters and for training the gradients and two
+/// AdamW moments of what trains (the whole model, or with LoRA the adapter alone), the
 /// rotary tables and the activations.
 pub(crate) fn backend_bytes(
     config: &LlamaConfig,
+    lora: Option<&LoraConfig>,
     purpose: Purpose,
     batch: usize,
     seq: usize,
 ) -> u64 {
     let train = purpose == Purpose::Train;
-    let params = config.n_params() * if train { 4 } else { 1 };
+    let copies = if train { 4 } else { 1 };
+    let params = match lora {
+        None => config.n_params() * copies,
+        Some(lora) => config.n_params() + lora.n_params(config) * copies,
+    };
     let rope = 2 * config.max_seq * (config.head_dim / 2);
-    4 * (params + rope + acts_floats(config, batch, seq, train)) as u64
+    4 * (params + rope + acts_floats(config, batch, seq, train, lora)) as u64
 }
 
 /// KV cache and scratch for one generation.
@@ -192,6 +235,8 @@ struct DecodeState {
     act: Vec<f32>,
     scores: Vec<f32>,
     logits: Vec<f32>,
+    /// An adapter's `u` rows of one token (empty without an adapter).
+    lora_u: Vec<f32>,
 }
 
 /// Rows of the output head one decode task multiplies.
@@ -208,16 +253,179 @@ enum Finish {
     LossAndGrad,
 }
 
+/// A LoRA adapter on the frozen base: its parameters and, for training, their gradient
+/// and AdamW moments (the only optimizer state of a LoRA backend).
+struct Adapter {
+    config: LlamaConfig,
+    lora: LoraConfig,
+    layout: LoraLayout,
+    /// For each target (by [`LoraTarget::ALL`] index), where its `u` is in a layer's
+    /// `lora_u` buffer, in rows of `rank`: the slot times `n * rank`.
+    slots: [Option<usize>; 7],
+    scale: f32,
+    par: Par,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    adam: ops::Moments,
+}
+
+impl Adapter {
+    fn new(
+        config: LlamaConfig,
+        lora: LoraConfig,
+        params: Vec<f32>,
+        purpose: Purpose,
+        par: Par,
+    ) -> Adapter {
+        let mut slots = [None; 7];
+        let mut next = 0;
+        for (i, target) in LoraTarget::ALL.into_iter().enumerate() {
+            if lora.targets.contains(&target) {
+                slots[i] = Some(next);
+                next += 1;
+            }
+        }
+        let n = match purpose {
+            Purpose::Train => params.len(),
+            Purpose::Eval => 0,
+        };
+        Adapter {
+            layout: LoraLayout::new(&config, &lora),
+            scale: lora.scale(),
+            config,
+            lora,
+            slots,
+            par,
+            params,
+            grads: vec![0.0; n],
+            adam: ops::Moments::new(n),
+        }
+    }
+
+    /// Where `target`'s adapter of layer `l` is: its `A` and `B` offsets, its `(out, in)`
+    /// and the range of its `u` in a layer's buffer of `u_len` floats.
+    fn part(
+        &self,
+        l: usize,
+        target: LoraTarget,
+        u_len: usize,
+    ) -> Option<(
+        crate::lora::LoraOffsets,
+        (usize, usize),
+        std::ops::Range<usize>,
+    )> {
+        let offsets = self.layout.get(l, target)?;
+        let slot = self.slots[target as usize]?;
+        let width = u_len / self.lora.targets.len();
+        Some((
+            offsets,
+            target.shape(&self.config),
+            slot * width..(slot + 1) * width,
+        ))
+    }
+
+    /// `y += scale (x A^T) B^T` for `target` of layer `l`, keeping `u = scale (x A^T)` in
+    /// its part of `u` (the layer's buffer, `n` rows per target); nothing if `target` has
+    /// no adapter.
+    fn forward(
+        &self,
+        (l, target): (usize, LoraTarget),
+        y: ViewMut<'_>,
+        x: View<'_>,
+        u: &mut [f32],
+        par: Par,
+    ) {
+        let Some((ab, (out, inp), range)) = self.part(l, target, u.len()) else {
+            return;
+        };
+        let r = self.lora.rank;
+        let u = &mut u[range];
+        let n = u.len() / r;
+        matmul(
+            ViewMut::rows(u, n, r),
+            x,
+            View::rows(&self.params[ab.a..ab.a + r * inp], r, inp).t(),
+            false,
+            par,
+        );
+        for x in u.iter_mut() {
+            *x *= self.scale;
+        }
+        matmul(
+            y,
+            View::rows(u, n, r),
+            View::rows(&self.params[ab.b..ab.b + out * r], out, r).t(),
+            true,
+            par,
+        );
+    }
+
+    /// The backward of [`Adapter::forward`] given `dy`, the gradient of its output:
+    /// writes `dB = dy^T u` and `dA = scale (dy B)^T x`, and adds `scale (dy B) A` to
+    /// `dx` when there is one.
+    fn backward(
+        &mut self,
+        (l, target): (usize, LoraTarget),
+        dy: View<'_>,
+        x: View<'_>,
+        u: &[f32],
+        du: &mut [f32],
+        dx: Option<ViewMut<'_>>,
+    ) {
+        let Some((ab, (out, inp), range)) = self.part(l, target, u.len()) else {
+            return;
+        };
+        let (r, par) = (self.lora.rank, self.par);
+        let u = &u[range];
+        let n = u.len() / r;
+        let (low, high) = self.grads.split_at_mut(ab.b);
+        let (da, db) = (&mut low[ab.a..ab.a + r * inp], &mut high[..out * r]);
+        let a = &self.params[ab.a..ab.a + r * inp];
+        let b = &self.params[ab.b..ab.b + out * r];
+        matmul(
+            ViewMut::rows(db, out, r),
+            dy.t(),
+            View::rows(u, n, r),
+            false,
+            par,
+        );
+        matmul(
+            ViewMut::rows(du, n, r),
+            dy,
+            View::rows(b, out, r),
+            false,
+            par,
+        );
+        for x in du.iter_mut() {
+            *x *= self.scale;
+        }
+        matmul(
+            ViewMut::rows(da, r, inp),
+            View::rows(du, n, r).t(),
+            x,
+            false,
+            par,
+        );
+        if let Some(dx) = dx {
+            matmul(dx, View::rows(du, n, r), View::rows(a, r, inp), true, par);
+        }
+    }
+}
+
 /// A Llama on the CPU.
 pub struct LlamaCpuBackend {
     config: LlamaConfig,
     layout: LlamaLayout,
     rope: RopeTables,
+    /// The base's parameters (the whole model without an adapter).
     params: Vec<f32>,
     purpose: Purpose,
-    /// Train: gradients and AdamW's moments, each the size of `params`. Eval: empty.
+    /// Training every tensor: gradients and AdamW's moments, each the size of `params`.
+    /// Evaluation or a frozen base (LoRA): empty.
     grads: Vec<f32>,
     adam: ops::Moments,
+    /// The LoRA adapter, if the base is frozen.
+    lora: Option<Adapter>,
     acts: Option<Acts>,
     decode: Option<DecodeState>,
     pool: Arc<rayon::ThreadPool>,
@@ -269,11 +477,45 @@ impl LlamaCpuBackend {
             purpose,
             grads: vec![0.0; n],
             adam: ops::Moments::new(n),
+            lora: None,
             acts: None,
             decode: None,
             pool,
             threads,
         })
+    }
+
+    /// A backend with a LoRA adapter on a frozen base: `params` is the full vector, the
+    /// base ([`LlamaLayout`] order) followed by the adapter ([`LoraLayout`] order). Only
+    /// the adapter has a gradient and AdamW moments.
+    pub fn open_lora(
+        config: LlamaConfig,
+        lora: LoraConfig,
+        mut params: Vec<f32>,
+        threads: usize,
+        purpose: Purpose,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        lora.validate(&config).map_err(crate::SpecError::from)?;
+        let (base, adapter) = (config.n_params(), lora.n_params(&config));
+        if params.len() != base + adapter {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: base + adapter,
+            });
+        }
+        let adapter_params = params.split_off(base);
+        params.shrink_to_fit();
+        let mut backend = LlamaCpuBackend::open(config, params, threads, Purpose::Eval)?;
+        backend.purpose = purpose;
+        backend.lora = Some(Adapter::new(
+            config,
+            lora,
+            adapter_params,
+            purpose,
+            Par::Threads(backend.threads),
+        ));
+        Ok(backend)
     }
 
     /// The logits of every position of one sequence (`[tokens.len(), vocab]`), from the
@@ -311,12 +553,23 @@ impl LlamaCpuBackend {
         let (b, t) = (batch.batch, batch.seq);
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = None; // free the old buffers before allocating new ones
-            self.acts = Some(Acts::new(&config, b, t, self.purpose == Purpose::Train));
+            self.acts = Some(Acts::new(
+                &config,
+                b,
+                t,
+                self.purpose == Purpose::Train,
+                self.lora.as_ref().map(|a| &a.lora),
+            ));
         }
         let Some(acts) = self.acts.as_mut() else {
             unreachable!("allocated above")
         };
         let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
+        let adapter = self.lora.as_ref();
+        let (nq, nkv) = (
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
         let (d, f, v, n) = (config.hidden, config.intermediate, config.vocab_size, b * t);
         let (nh, hd, w) = (config.heads, config.head_dim, config.qkv_width());
         let rotated = (nh + config.kv_heads) * hd;
@@ -348,6 +601,7 @@ impl LlamaCpuBackend {
                 &before[l - 1].res3
             };
             let a = &mut rest[0];
+            let u = &mut acts.lora_u[l];
             lops::rmsnorm_forward(&mut a.h1, &mut a.rstd1, residual, p(o.attn_norm, d), eps);
             matmul(
                 ViewMut::rows(&mut a.qkv, n, w),
@@ -356,6 +610,17 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
+            if let Some(ad) = adapter {
+                let h1 = View::rows(&a.h1, n, d);
+                for (target, col, width) in [
+                    (LoraTarget::Q, 0, nq),
+                    (LoraTarget::K, nq, nkv),
+                    (LoraTarget::V, nq + nkv, nkv),
+                ] {
+                    let y = ViewMut::strided(&mut a.qkv[col..], n, width, w, 1);
+                    ad.forward((l, target), y, h1, u, par);
+                }
+            }
             rope.rotate_rows(&mut a.qkv, w, rotated, t, false);
             lops::attention_forward(&mut acts.heads, &mut a.att, &a.qkv, shape);
             lops::heads_to_tokens(&mut a.atty, nh * hd, 0, &acts.heads, (t, nh, hd));
@@ -367,6 +632,16 @@ impl LlamaCpuBackend {
                 true,
                 par,
             );
+            if let Some(ad) = adapter {
+                let y = ViewMut::rows(&mut a.res2, n, d);
+                ad.forward(
+                    (l, LoraTarget::O),
+                    y,
+                    View::rows(&a.atty, n, nh * hd),
+                    u,
+                    par,
+                );
+            }
             lops::rmsnorm_forward(&mut a.h2, &mut a.rstd2, &a.res2, p(o.mlp_norm, d), eps);
             matmul(
                 ViewMut::rows(&mut a.gate_up, n, 2 * f),
@@ -375,6 +650,13 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
+            if let Some(ad) = adapter {
+                let h2 = View::rows(&a.h2, n, d);
+                for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
+                    let y = ViewMut::strided(&mut a.gate_up[col..], n, f, 2 * f, 1);
+                    ad.forward((l, target), y, h2, u, par);
+                }
+            }
             lops::swiglu_forward(&mut a.act, &a.gate_up, f);
             a.res3.copy_from_slice(&a.res2);
             matmul(
@@ -384,6 +666,10 @@ impl LlamaCpuBackend {
                 true,
                 par,
             );
+            if let Some(ad) = adapter {
+                let y = ViewMut::rows(&mut a.res3, n, d);
+                ad.forward((l, LoraTarget::Down), y, View::rows(&a.act, n, f), u, par);
+            }
         }
         let last: &[f32] = match acts.blocks.last() {
             Some(block) => &block.res3,
@@ -421,6 +707,10 @@ impl LlamaCpuBackend {
         };
         let (params, layout, rope, grads) =
             (&self.params, &self.layout, &self.rope, &mut self.grads);
+        let mut adapter = self.lora.as_mut();
+        // Without an adapter every tensor trains; with one the base is frozen, and no
+        // base weight gradient is computed.
+        let full = adapter.is_none();
         let (b, t) = (acts.b, acts.t);
         let (d, f, v, n) = (config.hidden, config.intermediate, config.vocab_size, b * t);
         let (nh, nkv, hd, w) = (
@@ -451,17 +741,23 @@ impl LlamaCpuBackend {
             false,
             par,
         );
-        weight_grad(
-            &mut grads[layout.head..layout.head + v * d],
-            &acts.hf,
-            &acts.logits,
-            (v, d),
-            par,
-        );
+        if full {
+            weight_grad(
+                &mut grads[layout.head..layout.head + v * d],
+                &acts.hf,
+                &acts.logits,
+                (v, d),
+                par,
+            );
+        }
         acts.dres.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
         lops::rmsnorm_backward(
             &mut acts.dres,
-            &mut grads[layout.norm..layout.norm + d],
+            if full {
+                &mut grads[layout.norm..layout.norm + d]
+            } else {
+                &mut []
+            },
             &acts.dc,
             last,
             p(layout.norm, d),
@@ -476,6 +772,9 @@ impl LlamaCpuBackend {
                 &acts.blocks[l - 1].res3
             };
             let a = &acts.blocks[l];
+            let u = &acts.lora_u[l];
+            // With a frozen embedding nothing reads the first layer's input gradient.
+            let need_dx = full || l > 0;
             // MLP.
             matmul(
                 ViewMut::rows(&mut acts.dact, n, f),
@@ -484,13 +783,25 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
-            weight_grad(
-                &mut grads[o.down..o.down + d * f],
-                &a.act,
-                &acts.dres,
-                (d, f),
-                par,
-            );
+            if full {
+                weight_grad(
+                    &mut grads[o.down..o.down + d * f],
+                    &a.act,
+                    &acts.dres,
+                    (d, f),
+                    par,
+                );
+            }
+            if let Some(ad) = adapter.as_mut() {
+                ad.backward(
+                    (l, LoraTarget::Down),
+                    View::rows(&acts.dres, n, d),
+                    View::rows(&a.act, n, f),
+                    u,
+                    &mut acts.lora_du,
+                    Some(ViewMut::rows(&mut acts.dact, n, f)),
+                );
+            }
             lops::swiglu_backward(&mut acts.dgate_up, &a.gate_up, &acts.dact, f);
             matmul(
                 ViewMut::rows(&mut acts.dc, n, d),
@@ -499,16 +810,34 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
-            weight_grad(
-                &mut grads[o.gate_up..o.gate_up + 2 * f * d],
-                &a.h2,
-                &acts.dgate_up,
-                (2 * f, d),
-                par,
-            );
+            if full {
+                weight_grad(
+                    &mut grads[o.gate_up..o.gate_up + 2 * f * d],
+                    &a.h2,
+                    &acts.dgate_up,
+                    (2 * f, d),
+                    par,
+                );
+            }
+            if let Some(ad) = adapter.as_mut() {
+                for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
+                    ad.backward(
+                        (l, target),
+                        View::strided(&acts.dgate_up[col..], n, f, 2 * f, 1),
+                        View::rows(&a.h2, n, d),
+                        u,
+                        &mut acts.lora_du,
+                        Some(ViewMut::rows(&mut acts.dc, n, d)),
+                    );
+                }
+            }
             lops::rmsnorm_backward(
                 &mut acts.dres,
-                &mut grads[o.mlp_norm..o.mlp_norm + d],
+                if full {
+                    &mut grads[o.mlp_norm..o.mlp_norm + d]
+                } else {
+                    &mut []
+                },
                 &acts.dc,
                 &a.res2,
                 p(o.mlp_norm, d),
@@ -522,13 +851,25 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
-            weight_grad(
-                &mut grads[o.o..o.o + d * nh * hd],
-                &a.atty,
-                &acts.dres,
-                (d, nh * hd),
-                par,
-            );
+            if full {
+                weight_grad(
+                    &mut grads[o.o..o.o + d * nh * hd],
+                    &a.atty,
+                    &acts.dres,
+                    (d, nh * hd),
+                    par,
+                );
+            }
+            if let Some(ad) = adapter.as_mut() {
+                ad.backward(
+                    (l, LoraTarget::O),
+                    View::rows(&acts.dres, n, d),
+                    View::rows(&a.atty, n, nh * hd),
+                    u,
+                    &mut acts.lora_du,
+                    Some(ViewMut::rows(&mut acts.datty, n, nh * hd)),
+                );
+            }
             lops::attention_backward(
                 (&mut acts.dq_heads, &mut acts.dk_heads, &mut acts.dv_heads),
                 &acts.datty,
@@ -547,28 +888,58 @@ impl LlamaCpuBackend {
             );
             // The rotation is orthogonal: its backward is the rotation back.
             rope.rotate_rows(&mut acts.dqkv, w, (nh + nkv) * hd, t, true);
-            matmul(
-                ViewMut::rows(&mut acts.dc, n, d),
-                View::rows(&acts.dqkv, n, w),
-                View::rows(p(o.qkv, w * d), w, d),
-                false,
-                par,
-            );
-            weight_grad(
-                &mut grads[o.qkv..o.qkv + w * d],
-                &a.h1,
-                &acts.dqkv,
-                (w, d),
-                par,
-            );
-            lops::rmsnorm_backward(
-                &mut acts.dres,
-                &mut grads[o.attn_norm..o.attn_norm + d],
-                &acts.dc,
-                residual,
-                p(o.attn_norm, d),
-                &a.rstd1,
-            );
+            if need_dx {
+                matmul(
+                    ViewMut::rows(&mut acts.dc, n, d),
+                    View::rows(&acts.dqkv, n, w),
+                    View::rows(p(o.qkv, w * d), w, d),
+                    false,
+                    par,
+                );
+            }
+            if full {
+                weight_grad(
+                    &mut grads[o.qkv..o.qkv + w * d],
+                    &a.h1,
+                    &acts.dqkv,
+                    (w, d),
+                    par,
+                );
+            }
+            if let Some(ad) = adapter.as_mut() {
+                let (nq, nk) = (nh * hd, nkv * hd);
+                for (target, col, width) in [
+                    (LoraTarget::Q, 0, nq),
+                    (LoraTarget::K, nq, nk),
+                    (LoraTarget::V, nq + nk, nk),
+                ] {
+                    ad.backward(
+                        (l, target),
+                        View::strided(&acts.dqkv[col..], n, width, w, 1),
+                        View::rows(&a.h1, n, d),
+                        u,
+                        &mut acts.lora_du,
+                        need_dx.then(|| ViewMut::rows(&mut acts.dc, n, d)),
+                    );
+                }
+            }
+            if need_dx {
+                lops::rmsnorm_backward(
+                    &mut acts.dres,
+                    if full {
+                        &mut grads[o.attn_norm..o.attn_norm + d]
+                    } else {
+                        &mut []
+                    },
+                    &acts.dc,
+                    residual,
+                    p(o.attn_norm, d),
+                    &a.rstd1,
+                );
+            }
+        }
+        if !full {
+            return;
         }
         // Embedding: scatter-add in token order (sequential, so deterministic).
         for (i, &tok) in acts.inputs.iter().enumerate() {
@@ -580,19 +951,30 @@ impl LlamaCpuBackend {
         }
     }
 
+    /// One AdamW update of what trains: the whole model, or the adapter alone.
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
-        self.adam.update(
-            &mut self.params,
-            &self.grads,
-            self.layout.table().tensors(),
-            opt,
-            lr,
-        )
+        match self.lora.as_mut() {
+            None => self.adam.update(
+                &mut self.params,
+                &self.grads,
+                self.layout.table().tensors(),
+                opt,
+                lr,
+            ),
+            Some(ad) => ad.adam.update(
+                &mut ad.params,
+                &ad.grads,
+                ad.layout.table().tensors(),
+                opt,
+                lr,
+            ),
+        }
     }
 
     fn decode_state(&mut self) -> &mut DecodeState {
         let c = self.config;
         let kv = c.kv_heads * c.head_dim;
+        let lora_u = lora_widths(self.lora.as_ref().map(|a| &a.lora)).0;
         self.decode.get_or_insert_with(|| DecodeState {
             pos: 0,
             k: vec![vec![0.0; c.max_seq * kv]; c.layers],
@@ -605,6 +987,7 @@ impl LlamaCpuBackend {
             act: vec![0.0; c.intermediate],
             scores: vec![0.0; c.max_seq],
             logits: vec![0.0; c.vocab_size],
+            lora_u: vec![0.0; lora_u],
         })
     }
 }
@@ -618,24 +1001,59 @@ impl Backend for LlamaCpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
+    /// The base, followed with LoRA by the adapter.
     fn params(&self) -> Vec<f32> {
-        self.params.clone()
+        match &self.lora {
+            None => self.params.clone(),
+            Some(ad) => [&self.params[..], &ad.params[..]].concat(),
+        }
     }
 
     fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
-        if params.len() != self.params.len() {
+        let base = self.params.len();
+        let want = base + self.lora.as_ref().map_or(0, |ad| ad.params.len());
+        if params.len() != want {
             return Err(EngineError::ParamCount {
                 got: params.len(),
-                want: self.params.len(),
+                want,
             });
         }
-        self.params.copy_from_slice(params);
+        self.params.copy_from_slice(&params[..base]);
+        if let Some(ad) = self.lora.as_mut() {
+            ad.params.copy_from_slice(&params[base..]);
+        }
+        self.decode = None;
+        Ok(())
+    }
+
+    /// The adapter with LoRA, else every parameter.
+    fn trainable(&self) -> Vec<f32> {
+        match &self.lora {
+            None => self.params.clone(),
+            Some(ad) => ad.params.clone(),
+        }
+    }
+
+    fn set_trainable(&mut self, trainable: &[f32]) -> Result<(), EngineError> {
+        let Some(ad) = self.lora.as_mut() else {
+            return self.set_params(trainable);
+        };
+        if trainable.len() != ad.params.len() {
+            return Err(EngineError::ParamCount {
+                got: trainable.len(),
+                want: ad.params.len(),
+            });
+        }
+        ad.params.copy_from_slice(trainable);
         self.decode = None;
         Ok(())
     }
 
     fn reset_optimizer(&mut self) {
         self.adam.reset();
+        if let Some(ad) = self.lora.as_mut() {
+            ad.adam.reset();
+        }
     }
 
     fn train_step(
@@ -672,7 +1090,11 @@ impl Backend for LlamaCpuBackend {
             self.backward();
             loss
         });
-        Ok((loss, self.grads.clone()))
+        let grads = match &self.lora {
+            None => self.grads.clone(),
+            Some(ad) => ad.grads.clone(),
+        };
+        Ok((loss, grads))
     }
 
     fn decode_reset(&mut self) {
@@ -703,6 +1125,7 @@ impl Backend for LlamaCpuBackend {
             unreachable!("created above")
         };
         let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
+        let adapter = self.lora.as_ref();
         let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
         let (nh, nkv, hd, w) = (
             config.heads,
@@ -728,6 +1151,17 @@ impl Backend for LlamaCpuBackend {
                     false,
                     Par::Single,
                 );
+                if let Some(ad) = adapter {
+                    let h = View::rows(&s.h, 1, d);
+                    for (target, col, width) in [
+                        (LoraTarget::Q, 0, nh * hd),
+                        (LoraTarget::K, nh * hd, kvw),
+                        (LoraTarget::V, nh * hd + kvw, kvw),
+                    ] {
+                        let y = ViewMut::rows(&mut s.qkv[col..col + width], 1, width);
+                        ad.forward((l, target), y, h, &mut s.lora_u, Par::Single);
+                    }
+                }
                 rope.rotate(&mut s.qkv[..(nh + nkv) * hd], pos, false);
                 s.k[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd..nh * hd + kvw]);
                 s.v[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd + kvw..]);
@@ -762,6 +1196,10 @@ impl Backend for LlamaCpuBackend {
                     true,
                     Par::Single,
                 );
+                if let Some(ad) = adapter {
+                    let (y, x) = (ViewMut::rows(&mut s.x, 1, d), View::rows(&s.y, 1, nh * hd));
+                    ad.forward((l, LoraTarget::O), y, x, &mut s.lora_u, Par::Single);
+                }
                 lops::rmsnorm_row(&mut s.h, &s.x, p(o.mlp_norm, d), eps);
                 matmul(
                     ViewMut::rows(&mut s.gate_up, 1, 2 * f),
@@ -770,6 +1208,13 @@ impl Backend for LlamaCpuBackend {
                     false,
                     Par::Single,
                 );
+                if let Some(ad) = adapter {
+                    let h = View::rows(&s.h, 1, d);
+                    for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
+                        let y = ViewMut::rows(&mut s.gate_up[col..col + f], 1, f);
+                        ad.forward((l, target), y, h, &mut s.lora_u, Par::Single);
+                    }
+                }
                 lops::swiglu_row(&mut s.act, &s.gate_up);
                 matmul(
                     ViewMut::rows(&mut s.x, 1, d),
@@ -778,6 +1223,10 @@ impl Backend for LlamaCpuBackend {
                     true,
                     Par::Single,
                 );
+                if let Some(ad) = adapter {
+                    let (y, x) = (ViewMut::rows(&mut s.x, 1, d), View::rows(&s.act, 1, f));
+                    ad.forward((l, LoraTarget::Down), y, x, &mut s.lora_u, Par::Single);
+                }
             }
             lops::rmsnorm_row(&mut s.h, &s.x, p(layout.norm, d), eps);
             // The head is the largest product of a decode step; split its rows over tasks.
@@ -840,12 +1289,19 @@ mod tests {
     #[test]
     fn the_stated_activation_floats_are_those_allocated() {
         for (b, t, grads) in [(1, 4, true), (2, 3, false), (3, 4, true)] {
-            let acts = Acts::new(&tiny(), b, t, grads);
-            assert_eq!(
-                acts.floats(),
-                acts_floats(&tiny(), b, t, grads),
-                "{b}x{t} {grads}"
-            );
+            let lora = LoraConfig {
+                rank: 3,
+                alpha: 6.0,
+                targets: vec![LoraTarget::V, LoraTarget::Down],
+            };
+            for lora in [None, Some(&lora)] {
+                let acts = Acts::new(&tiny(), b, t, grads, lora);
+                assert_eq!(
+                    acts.floats(),
+                    acts_floats(&tiny(), b, t, grads, lora),
+                    "{b}x{t} {grads} {lora:?}"
+                );
+            }
         }
     }
 

@@ -85,6 +85,16 @@ fn same_bits_for_any_thread_count() {
             ..llama
         },
     ));
+    // A LoRA adapter on every projection; B starts at zero and moves from step one.
+    check(&ModelSpec::llama_lora(
+        "tiny-llama-lora",
+        llama,
+        engine::LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: engine::LoraTarget::ALL.to_vec(),
+        },
+    ));
 }
 
 #[test]

@@ -278,3 +278,134 @@ fn llama_loss_gradients_and_steps_match_hf_transformers() {
         failures.join("\n")
     );
 }
+
+/// The LoRA golden run's adapter config, as `scripts/torch_lora.py` writes it.
+#[derive(Deserialize)]
+struct LoraRun {
+    lora: engine::LoraConfig,
+}
+
+/// A LoRA adapter (r 4, alpha 8, all seven projections, B non-zero) on the tiny Llama,
+/// tied and untied: the loss, every adapter tensor's gradient, three AdamW steps of the
+/// adapter alone and the loss after them, against HF transformers + PEFT in float64,
+/// with the tolerances of the Llama test above.
+#[test]
+fn lora_loss_gradients_and_steps_match_peft() {
+    let run: LlamaRun = serde_json::from_slice(&read_llama("run.json")).expect("run.json");
+    let lora: LoraRun = serde_json::from_slice(&read("lora/run.json")).expect("lora/run.json");
+    let golden: std::collections::HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&read("lora/golden.json")).expect("golden.json");
+    let windows: Vec<u32> = read_llama("tokens.u16")
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+        .collect();
+    let (b, t) = (run.batch, run.seq);
+    let batches: Vec<OwnedBatch> = windows
+        .chunks_exact(b * (t + 1))
+        .map(|step| {
+            let rows = step.chunks_exact(t + 1);
+            OwnedBatch {
+                inputs: rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
+                targets: rows.flat_map(|r| r[1..].to_vec()).collect(),
+                batch: b,
+                seq: t,
+            }
+        })
+        .collect();
+    let init = read_llama("init.safetensors");
+    let adapter_file = read("lora/adapter_init.safetensors");
+    let mut failures = Vec::new();
+    for (variant, tie) in [("untied", false), ("tied", true)] {
+        let want: LlamaGolden =
+            serde_json::from_value(golden[variant].clone()).expect("variant in golden.json");
+        let config = engine::LlamaConfig {
+            tie_embeddings: tie,
+            ..run.config
+        };
+        let spec = engine::ModelSpec::llama_lora(variant, config, lora.lora.clone());
+        let base = llama_params(&engine::ModelSpec::llama(variant, config), &init);
+        let adapter_layout = engine::LoraLayout::new(&config, &lora.lora);
+        let adapter = tensors_by_name(adapter_layout.table(), &adapter_file);
+        let params = [base, adapter].concat();
+        let mut model = crate::spec_backend(&spec, params.clone(), 2);
+        let (loss, grad) = model.loss_and_grad(&batches[0].as_batch()).expect("grad");
+        if (loss as f64 - want.loss).abs() > 1e-5 * want.loss {
+            failures.push(format!("{variant}: loss {loss} vs {}", want.loss));
+        }
+        assert_eq!(want.grads.len(), adapter_layout.table().tensors().len());
+        for tensor in adapter_layout.table().tensors() {
+            let w = &want.grads[&tensor.name];
+            let g = &grad[tensor.range()];
+            let l2 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let sum: f64 = g.iter().map(|&x| x as f64).sum();
+            let tolerance = 1e-4 * w.l2 + 1e-9;
+            if w.l2 < 1e-6 {
+                failures.push(format!(
+                    "{variant} {}: PyTorch's gradient is zero",
+                    tensor.name
+                ));
+            }
+            if (l2 - w.l2).abs() > tolerance {
+                failures.push(format!("{variant} {} l2 {l2:e} vs {:e}", tensor.name, w.l2));
+            }
+            if (sum - w.sum).abs() > tolerance * (tensor.len() as f64).sqrt() {
+                failures.push(format!(
+                    "{variant} {} sum {sum:e} vs {:e}",
+                    tensor.name, w.sum
+                ));
+            }
+            for (&i, &v) in w.at.iter().zip(&w.values) {
+                if (g[i] as f64 - v).abs() > tolerance {
+                    failures.push(format!(
+                        "{variant} {}[{i}] {:e} vs {v:e}",
+                        tensor.name, g[i]
+                    ));
+                }
+            }
+        }
+        let mut model = crate::spec_backend(&spec, params, 2);
+        let losses = engine::train::train(
+            model.as_mut(),
+            &run.optimizer,
+            &run.schedule,
+            0,
+            run.steps,
+            &mut |step| batches[step].clone(),
+            &mut |_, _| {},
+        )
+        .expect("train");
+        let after = model.eval_loss(&batches[0].as_batch()).expect("loss");
+        let got = losses.iter().chain([&after]);
+        for (step, (got, want)) in got
+            .zip(want.train_losses.iter().chain([&want.loss_after]))
+            .enumerate()
+        {
+            if (*got as f64 - want).abs() > 3e-5 * want {
+                failures.push(format!("{variant} step {step}: loss {got} vs {want}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the LoRA adapter differs from PEFT:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The float32 tensors of `layout` from a safetensors file, in the layout's order.
+fn tensors_by_name(layout: &ParamLayout, bytes: &[u8]) -> Vec<f32> {
+    let file = safetensors::SafeTensors::deserialize(bytes).expect("safetensors");
+    let mut out = vec![0.0f32; layout.len()];
+    for tensor in layout.tensors() {
+        let view = file.tensor(&tensor.name).expect("tensor in the file");
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{}", tensor.name);
+        assert_eq!(view.shape(), tensor.shape.as_slice(), "{}", tensor.name);
+        for (p, b) in out[tensor.range()]
+            .iter_mut()
+            .zip(view.data().chunks_exact(4))
+        {
+            *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    out
+}

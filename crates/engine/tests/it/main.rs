@@ -5,10 +5,11 @@ mod determinism;
 mod generate;
 mod golden;
 mod gradcheck;
+mod lora;
 mod purpose;
 
 use engine::train::OwnedBatch;
-use engine::{Backend, GptConfig, LlamaConfig, ModelSpec};
+use engine::{Backend, GptConfig, LlamaConfig, LoraConfig, LoraTarget, ModelSpec};
 
 /// A model small enough for finite differences but with every part present.
 pub(crate) fn micro_config() -> GptConfig {
@@ -40,12 +41,24 @@ pub(crate) fn micro_llama(tie_embeddings: bool) -> LlamaConfig {
     }
 }
 
-/// The micro models of every architecture, as specs.
+/// A LoRA adapter on every projection, rank 2, alpha 3 (a scale of 1.5, so a missing or
+/// doubled scale shows).
+pub(crate) fn micro_lora() -> LoraConfig {
+    LoraConfig {
+        rank: 2,
+        alpha: 3.0,
+        targets: LoraTarget::ALL.to_vec(),
+    }
+}
+
+/// The micro models of every architecture and trainable layout, as specs.
 pub(crate) fn micro_specs() -> Vec<ModelSpec> {
     vec![
         ModelSpec::gpt2("micro-gpt2", micro_config()),
         ModelSpec::llama("micro-llama-tied", micro_llama(true)),
         ModelSpec::llama("micro-llama-untied", micro_llama(false)),
+        ModelSpec::llama_lora("micro-lora-tied", micro_llama(true), micro_lora()),
+        ModelSpec::llama_lora("micro-lora-untied", micro_llama(false), micro_lora()),
     ]
 }
 

@@ -47,4 +47,9 @@ fn an_eval_backend_computes_the_same_forward_bits_and_refuses_to_train() {
         ..crate::micro_llama(false)
     };
     check(&ModelSpec::llama("micro-llama", llama));
+    check(&ModelSpec::llama_lora(
+        "micro-lora",
+        llama,
+        crate::micro_lora(),
+    ));
 }
