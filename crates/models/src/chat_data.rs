@@ -209,11 +209,6 @@ pub fn parse_chat_jsonl(
     let mut conversations = Vec::new();
     let mut buf = Vec::new();
     for line in 1.. {
-        if line > CHAT_LINES_MAX {
-            return Err(ChatDataError::TooManyLines {
-                path: path.to_owned(),
-            });
-        }
         buf.clear();
         // One byte past the bound (plus the newline) tells a long line from a full one.
         let limit = (CHAT_LINE_BYTES_MAX + 2) as u64;
@@ -227,6 +222,11 @@ pub fn parse_chat_jsonl(
             })?;
         if n == 0 {
             break;
+        }
+        if line > CHAT_LINES_MAX {
+            return Err(ChatDataError::TooManyLines {
+                path: path.to_owned(),
+            });
         }
         let line_err = |problem| ChatDataError::Line {
             path: path.to_owned(),
@@ -429,7 +429,9 @@ pub fn pack_chats(chats: &[ChatTokens], seq: NonZeroUsize, pad_id: u32) -> ChatW
 }
 
 /// The chat JSONL file at `path`, tokenized through `model` and packed into windows of
-/// `seq` tokens padded with the model's end-of-sequence token.
+/// `seq` tokens padded with the model's end-of-sequence token (id 0 if it has none;
+/// padding is never a counted target, and causal attention keeps it out of the tokens
+/// before it).
 pub fn load_chat_windows(
     path: &Path,
     model: &Pretrained,
