@@ -10,10 +10,14 @@
 //! the fly (as QLoRA does) is not done yet. `hivetrain model info` prints the resident
 //! memory measured after loading.
 //!
+//! Chat JSONL datasets ([`chat_data`]) are rendered through the model's template into
+//! training windows with the loss on the assistant turns only.
+//!
 //! **Architecture Invariant:** no network code unless the `fetch` feature is on; reading
 //! and loading never touch HTTP, so the training crates can depend on this one.
 
 mod chat;
+pub mod chat_data;
 mod error;
 pub mod gguf;
 mod hf;
@@ -25,6 +29,10 @@ mod tokenizer;
 use std::path::{Path, PathBuf};
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use chat_data::{
+    ChatDataError, ChatTokens, ChatWindows, Conversation, IGNORE_TARGET, load_chat_windows,
+    pack_chats, read_chat_jsonl, tokenize_chat,
+};
 use engine::{Backend, EngineError, LlamaConfig, ModelSpec};
 pub use error::ModelFileError;
 pub use gguf::Gguf;

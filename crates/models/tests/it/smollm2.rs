@@ -48,6 +48,18 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
         assert_eq!(prompt, case.prompt, "{}: the rendered prompt", case.kind);
         let ids = model.encode(&prompt).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ids, case.prompt_ids, "{}: the prompt's tokens", case.kind);
+        if case.kind == "chat" {
+            // The chat dataset's turn-by-turn tokens of the user turn are HF's prompt
+            // tokens up to the generation prompt.
+            let user = ChatMessage::user("What is the capital of France?");
+            let t = models::tokenize_chat(&model, &[user]).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                case.prompt_ids.starts_with(&t.ids),
+                "chat tokens {:?}",
+                t.ids
+            );
+            assert_eq!(t.n_loss(), 0);
+        }
         let new = models::greedy(
             backend.as_mut(),
             &ids,
@@ -63,5 +75,29 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
             "{}: greedy tokens",
             case.kind
         );
+    }
+    // The example chat dataset through the real tokenizer: every conversation's turns
+    // tokenize as the whole rendering does, and what counts is each answer and its
+    // `<|im_end|>`.
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/chat-example.jsonl");
+    for c in models::read_chat_jsonl(&path).unwrap_or_else(|e| panic!("{e}")) {
+        let t = models::tokenize_chat(&model, &c.messages)
+            .unwrap_or_else(|e| panic!("line {}: {e}", c.line));
+        let counted: Vec<u32> = t
+            .ids
+            .iter()
+            .zip(&t.loss)
+            .filter(|(_, l)| **l)
+            .map(|(&id, _)| id)
+            .collect();
+        let answers: String = c
+            .messages
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| format!("{}<|im_end|>", m.content))
+            .collect();
+        let text = model.decode(&counted).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text, answers, "line {}", c.line);
     }
 }
