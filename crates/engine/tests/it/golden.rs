@@ -192,24 +192,7 @@ fn llama_loss_gradients_and_steps_match_hf_transformers() {
     let run: LlamaRun = serde_json::from_slice(&read_llama("run.json")).expect("run.json");
     let golden: std::collections::HashMap<String, serde_json::Value> =
         serde_json::from_slice(&read_llama("golden.json")).expect("golden.json");
-    let windows: Vec<u32> = read_llama("tokens.u16")
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-        .collect();
-    let (b, t) = (run.batch, run.seq);
-    assert_eq!(windows.len(), run.steps * b * (t + 1));
-    let batches: Vec<OwnedBatch> = windows
-        .chunks_exact(b * (t + 1))
-        .map(|step| {
-            let rows = step.chunks_exact(t + 1);
-            OwnedBatch {
-                inputs: rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
-                targets: rows.flat_map(|r| r[1..].to_vec()).collect(),
-                batch: b,
-                seq: t,
-            }
-        })
-        .collect();
+    let batches = llama_batches(&run);
     let init = read_llama("init.safetensors");
     let mut failures = Vec::new();
     for (variant, tie) in [("untied", false), ("tied", true)] {
@@ -221,62 +204,123 @@ fn llama_loss_gradients_and_steps_match_hf_transformers() {
         };
         let spec = engine::ModelSpec::llama(variant, config);
         let params = llama_params(&spec, &init);
-        let mut model = crate::spec_backend(&spec, params.clone(), 2);
-        let (loss, grad) = model.loss_and_grad(&batches[0].as_batch()).expect("grad");
-        if (loss as f64 - want.loss).abs() > 1e-5 * want.loss {
-            failures.push(format!("{variant}: loss {loss} vs {}", want.loss));
-        }
-        for tensor in spec.layout().tensors() {
-            let w = &want.grads[&tensor.name];
-            let g = &grad[tensor.range()];
-            let l2 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let sum: f64 = g.iter().map(|&x| x as f64).sum();
-            let tolerance = 1e-4 * w.l2 + 1e-9;
-            if (l2 - w.l2).abs() > tolerance {
-                failures.push(format!("{variant} {} l2 {l2:e} vs {:e}", tensor.name, w.l2));
-            }
-            if (sum - w.sum).abs() > tolerance * (tensor.len() as f64).sqrt() {
-                failures.push(format!(
-                    "{variant} {} sum {sum:e} vs {:e}",
-                    tensor.name, w.sum
-                ));
-            }
-            for (&i, &v) in w.at.iter().zip(&w.values) {
-                if (g[i] as f64 - v).abs() > tolerance {
-                    failures.push(format!(
-                        "{variant} {}[{i}] {:e} vs {v:e}",
-                        tensor.name, g[i]
-                    ));
-                }
-            }
-        }
-        let mut model = crate::spec_backend(&spec, params, 2);
-        let losses = engine::train::train(
-            model.as_mut(),
-            &run.optimizer,
-            &run.schedule,
-            0,
-            run.steps,
-            &mut |step| batches[step].clone(),
-            &mut |_, _| {},
-        )
-        .expect("train");
-        let after = model.eval_loss(&batches[0].as_batch()).expect("loss");
-        let got = losses.iter().chain([&after]);
-        for (step, (got, want)) in got
-            .zip(want.train_losses.iter().chain([&want.loss_after]))
-            .enumerate()
-        {
-            if (*got as f64 - want).abs() > 3e-5 * want {
-                failures.push(format!("{variant} step {step}: loss {got} vs {want}"));
-            }
-        }
+        let tensors = spec.layout().tensors().to_vec();
+        check_llama_golden(
+            variant,
+            &spec,
+            params,
+            &tensors,
+            &want,
+            &run,
+            &batches,
+            &mut failures,
+        );
     }
     assert!(
         failures.is_empty(),
         "the Llama differs from HF transformers:\n{}",
         failures.join("\n")
     );
+}
+
+/// The batches of the Llama golden run: `steps` of `batch` windows of `seq + 1` tokens.
+fn llama_batches(run: &LlamaRun) -> Vec<OwnedBatch> {
+    let windows: Vec<u32> = read_llama("tokens.u16")
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+        .collect();
+    let (b, t) = (run.batch, run.seq);
+    assert_eq!(windows.len(), run.steps * b * (t + 1));
+    windows
+        .chunks_exact(b * (t + 1))
+        .map(|step| {
+            let rows = step.chunks_exact(t + 1);
+            OwnedBatch {
+                inputs: rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
+                targets: rows.flat_map(|r| r[1..].to_vec()).collect(),
+                batch: b,
+                seq: t,
+            }
+        })
+        .collect()
+}
+
+/// Checks one variant of `spec` opened on `params` against PyTorch's `want`: the first
+/// batch's loss, the gradient of each of `tensors` (ranges into the trainable gradient;
+/// each must be non-zero in PyTorch, so that a check of it can fail), and the losses of
+/// `run.steps` AdamW steps and the loss after them. What differs is pushed to `failures`.
+#[allow(clippy::too_many_arguments)]
+fn check_llama_golden(
+    variant: &str,
+    spec: &engine::ModelSpec,
+    params: Vec<f32>,
+    tensors: &[engine::TensorSpec],
+    want: &LlamaGolden,
+    run: &LlamaRun,
+    batches: &[OwnedBatch],
+    failures: &mut Vec<String>,
+) {
+    let mut model = crate::spec_backend(spec, params.clone(), 2);
+    let (loss, grad) = model.loss_and_grad(&batches[0].as_batch()).expect("grad");
+    if (loss as f64 - want.loss).abs() > 1e-5 * want.loss {
+        failures.push(format!("{variant}: loss {loss} vs {}", want.loss));
+    }
+    assert_eq!(
+        want.grads.len(),
+        tensors.len(),
+        "{variant}: tensors in golden.json"
+    );
+    for tensor in tensors {
+        let w = &want.grads[&tensor.name];
+        let g = &grad[tensor.range()];
+        let l2 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let sum: f64 = g.iter().map(|&x| x as f64).sum();
+        let tolerance = 1e-4 * w.l2 + 1e-9;
+        if w.l2 < 1e-6 {
+            failures.push(format!(
+                "{variant} {}: PyTorch's gradient is zero",
+                tensor.name
+            ));
+        }
+        if (l2 - w.l2).abs() > tolerance {
+            failures.push(format!("{variant} {} l2 {l2:e} vs {:e}", tensor.name, w.l2));
+        }
+        if (sum - w.sum).abs() > tolerance * (tensor.len() as f64).sqrt() {
+            failures.push(format!(
+                "{variant} {} sum {sum:e} vs {:e}",
+                tensor.name, w.sum
+            ));
+        }
+        for (&i, &v) in w.at.iter().zip(&w.values) {
+            if (g[i] as f64 - v).abs() > tolerance {
+                failures.push(format!(
+                    "{variant} {}[{i}] {:e} vs {v:e}",
+                    tensor.name, g[i]
+                ));
+            }
+        }
+    }
+    let mut model = crate::spec_backend(spec, params, 2);
+    let losses = engine::train::train(
+        model.as_mut(),
+        &run.optimizer,
+        &run.schedule,
+        0,
+        run.steps,
+        &mut |step| batches[step].clone(),
+        &mut |_, _| {},
+    )
+    .expect("train");
+    let after = model.eval_loss(&batches[0].as_batch()).expect("loss");
+    let got = losses.iter().chain([&after]);
+    for (step, (got, want)) in got
+        .zip(want.train_losses.iter().chain([&want.loss_after]))
+        .enumerate()
+    {
+        if (*got as f64 - want).abs() > 3e-5 * want {
+            failures.push(format!("{variant} step {step}: loss {got} vs {want}"));
+        }
+    }
 }
 
 /// The LoRA golden run's adapter config, as `scripts/torch_lora.py` writes it.
@@ -295,23 +339,7 @@ fn lora_loss_gradients_and_steps_match_peft() {
     let lora: LoraRun = serde_json::from_slice(&read("lora/run.json")).expect("lora/run.json");
     let golden: std::collections::HashMap<String, serde_json::Value> =
         serde_json::from_slice(&read("lora/golden.json")).expect("golden.json");
-    let windows: Vec<u32> = read_llama("tokens.u16")
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-        .collect();
-    let (b, t) = (run.batch, run.seq);
-    let batches: Vec<OwnedBatch> = windows
-        .chunks_exact(b * (t + 1))
-        .map(|step| {
-            let rows = step.chunks_exact(t + 1);
-            OwnedBatch {
-                inputs: rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
-                targets: rows.flat_map(|r| r[1..].to_vec()).collect(),
-                batch: b,
-                seq: t,
-            }
-        })
-        .collect();
+    let batches = llama_batches(&run);
     let init = read_llama("init.safetensors");
     let adapter_file = read("lora/adapter_init.safetensors");
     let mut failures = Vec::new();
@@ -327,63 +355,17 @@ fn lora_loss_gradients_and_steps_match_peft() {
         let adapter_layout = engine::LoraLayout::new(&config, &lora.lora);
         let adapter = tensors_by_name(adapter_layout.table(), &adapter_file);
         let params = [base, adapter].concat();
-        let mut model = crate::spec_backend(&spec, params.clone(), 2);
-        let (loss, grad) = model.loss_and_grad(&batches[0].as_batch()).expect("grad");
-        if (loss as f64 - want.loss).abs() > 1e-5 * want.loss {
-            failures.push(format!("{variant}: loss {loss} vs {}", want.loss));
-        }
-        assert_eq!(want.grads.len(), adapter_layout.table().tensors().len());
-        for tensor in adapter_layout.table().tensors() {
-            let w = &want.grads[&tensor.name];
-            let g = &grad[tensor.range()];
-            let l2 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let sum: f64 = g.iter().map(|&x| x as f64).sum();
-            let tolerance = 1e-4 * w.l2 + 1e-9;
-            if w.l2 < 1e-6 {
-                failures.push(format!(
-                    "{variant} {}: PyTorch's gradient is zero",
-                    tensor.name
-                ));
-            }
-            if (l2 - w.l2).abs() > tolerance {
-                failures.push(format!("{variant} {} l2 {l2:e} vs {:e}", tensor.name, w.l2));
-            }
-            if (sum - w.sum).abs() > tolerance * (tensor.len() as f64).sqrt() {
-                failures.push(format!(
-                    "{variant} {} sum {sum:e} vs {:e}",
-                    tensor.name, w.sum
-                ));
-            }
-            for (&i, &v) in w.at.iter().zip(&w.values) {
-                if (g[i] as f64 - v).abs() > tolerance {
-                    failures.push(format!(
-                        "{variant} {}[{i}] {:e} vs {v:e}",
-                        tensor.name, g[i]
-                    ));
-                }
-            }
-        }
-        let mut model = crate::spec_backend(&spec, params, 2);
-        let losses = engine::train::train(
-            model.as_mut(),
-            &run.optimizer,
-            &run.schedule,
-            0,
-            run.steps,
-            &mut |step| batches[step].clone(),
-            &mut |_, _| {},
-        )
-        .expect("train");
-        let after = model.eval_loss(&batches[0].as_batch()).expect("loss");
-        let got = losses.iter().chain([&after]);
-        for (step, (got, want)) in got
-            .zip(want.train_losses.iter().chain([&want.loss_after]))
-            .enumerate()
-        {
-            if (*got as f64 - want).abs() > 3e-5 * want {
-                failures.push(format!("{variant} step {step}: loss {got} vs {want}"));
-            }
-        }
+        let tensors = adapter_layout.table().tensors().to_vec();
+        check_llama_golden(
+            variant,
+            &spec,
+            params,
+            &tensors,
+            &want,
+            &run,
+            &batches,
+            &mut failures,
+        );
     }
     assert!(
         failures.is_empty(),
