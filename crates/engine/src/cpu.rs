@@ -181,11 +181,13 @@ pub(crate) fn check_batch(
             n_ctx,
         });
     }
+    if let Some(&token) = batch.inputs.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(EngineError::TokenOutOfRange { token, vocab_size });
+    }
     if let Some(&token) = batch
-        .inputs
+        .targets
         .iter()
-        .chain(batch.targets)
-        .find(|&&t| t as usize >= vocab_size)
+        .find(|&&t| t as usize >= vocab_size && t != crate::IGNORE_TARGET)
     {
         return Err(EngineError::TokenOutOfRange { token, vocab_size });
     }
@@ -363,7 +365,8 @@ impl CpuBackend {
             false,
             par,
         );
-        let grad_scale = grad.then_some(1.0 / n as f32);
+        let counted = ops::counted(batch.targets);
+        let grad_scale = grad.then_some(1.0 / counted.max(1) as f32);
         ops::softmax_cross_entropy(
             &mut acts.logits,
             &mut acts.losses,
@@ -371,8 +374,7 @@ impl CpuBackend {
             v,
             grad_scale,
         );
-        let total: f64 = acts.losses.iter().map(|&x| x as f64).sum();
-        (total / n as f64) as f32
+        ops::mean_loss(&acts.losses, counted)
     }
 
     /// Backward pass after `forward(.., grad = true)`; overwrites `self.grads`.

@@ -33,7 +33,12 @@ pub use optim::{LrSchedule, OptimizerConfig};
 pub use params::{ParamLayout, TensorKind, TensorSpec};
 pub use spec::{Architecture, ModelSpec, SpecError, Trainable};
 
-/// A batch of `batch x seq` token windows, row-major; `targets` are `inputs` shifted by one.
+/// A target that counts in no loss and no gradient: PyTorch's `ignore_index` (chat data
+/// marks the prompt's tokens with it, so only the assistant's answers train).
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
+/// A batch of `batch x seq` token windows, row-major; `targets` are `inputs` shifted by one,
+/// or [`IGNORE_TARGET`]. The loss is the mean over the targets that count.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
     pub inputs: &'a [u32],

@@ -516,10 +516,26 @@ pub(crate) fn attention_backward(
         });
 }
 
+/// How many of `targets` count in the loss (are not [`crate::IGNORE_TARGET`]).
+pub(crate) fn counted(targets: &[u32]) -> usize {
+    targets.iter().filter(|&&t| t != crate::IGNORE_TARGET).count()
+}
+
+/// The mean of the row losses over `counted` rows (the ignored rows' losses are 0); 0
+/// when no row counts.
+pub(crate) fn mean_loss(losses: &[f32], counted: usize) -> f32 {
+    if counted == 0 {
+        return 0.0;
+    }
+    let total: f64 = losses.iter().map(|&x| x as f64).sum();
+    (total / counted as f64) as f32
+}
+
 /// Fused softmax and cross-entropy over rows of `logits` (`[n, v]`).
 ///
 /// Writes each row's loss to `losses`; when `grad_scale` is given, replaces the logits
-/// with the gradient of `grad_scale * sum(losses)`, otherwise with the probabilities.
+/// with the gradient of `grad_scale * sum(losses)`, otherwise with the probabilities. A
+/// row whose target is [`crate::IGNORE_TARGET`] has loss 0 and a zero gradient.
 pub(crate) fn softmax_cross_entropy(
     logits: &mut [f32],
     losses: &mut [f32],
@@ -533,6 +549,13 @@ pub(crate) fn softmax_cross_entropy(
         .zip(targets.par_chunks(ROWS_PER_TASK))
         .for_each(|((logits, losses), targets)| {
             for ((row, loss), &target) in logits.chunks_exact_mut(v).zip(losses).zip(targets) {
+                if target == crate::IGNORE_TARGET {
+                    *loss = 0.0;
+                    if grad_scale.is_some() {
+                        row.fill(0.0);
+                    }
+                    continue;
+                }
                 let target = target as usize;
                 let mut max8 = [f32::NEG_INFINITY; LANES];
                 let chunks = row.chunks_exact(LANES);

@@ -32,8 +32,8 @@ pub const CHAT_MESSAGES_MAX: usize = 128;
 /// The most lines (blank ones included) one file may have.
 pub const CHAT_LINES_MAX: usize = 1_000_000;
 /// The target of a position whose prediction does not count in the loss (a system or
-/// user token, an assistant header, padding). The engine skips these targets.
-pub const IGNORE_TARGET: u32 = u32::MAX;
+/// user token, an assistant header, padding): the engine's, which skips these targets.
+pub use engine::IGNORE_TARGET;
 
 /// The roles a message may have.
 const ROLES: [&str; 3] = ["system", "user", "assistant"];

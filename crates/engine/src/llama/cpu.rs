@@ -683,10 +683,11 @@ impl LlamaCpuBackend {
             false,
             par,
         );
+        let counted = ops::counted(batch.targets);
         let grad_scale = match finish {
             Finish::Logits => return 0.0,
             Finish::Loss => None,
-            Finish::LossAndGrad => Some(1.0 / n as f32),
+            Finish::LossAndGrad => Some(1.0 / counted.max(1) as f32),
         };
         ops::softmax_cross_entropy(
             &mut acts.logits,
@@ -695,8 +696,7 @@ impl LlamaCpuBackend {
             v,
             grad_scale,
         );
-        let total: f64 = acts.losses.iter().map(|&x| x as f64).sum();
-        (total / n as f64) as f32
+        ops::mean_loss(&acts.losses, counted)
     }
 
     /// Backward pass after `forward(.., Finish::LossAndGrad)`; overwrites `self.grads`.
@@ -1306,6 +1306,43 @@ mod tests {
     }
 
     #[test]
+    fn ignored_targets_count_in_no_loss_and_no_gradient() {
+        // One window with a target ignored, then a window whose targets are all ignored:
+        // the same loss and the same step as the first window alone.
+        let ig = crate::IGNORE_TARGET;
+        let first = ([3u32, 1, 4, 1], [1u32, ig, 1, 5]);
+        let second = ([9u32, 2, 6, 5], [ig; 4]);
+        let step = |inputs: &[u32], targets: &[u32]| {
+            let config = tiny();
+            let params = super::super::init_params(&config, 3).expect("init");
+            let mut m = LlamaCpuBackend::open(config, params, 1, Purpose::Train).expect("open");
+            let batch = Batch {
+                inputs,
+                targets,
+                batch: inputs.len() / 4,
+                seq: 4,
+            };
+            let loss = m.eval_loss(&batch).expect("loss");
+            let stats = m
+                .train_step(&batch, &crate::OptimizerConfig::default(), 1e-2)
+                .expect("step");
+            assert_eq!(loss, stats.loss);
+            (loss, m.params())
+        };
+        let (alone, alone_params) = step(&first.0, &first.1);
+        let both_inputs = [first.0, second.0].concat();
+        let both_targets = [first.1, second.1].concat();
+        let (both, both_params) = step(&both_inputs, &both_targets);
+        assert_eq!(alone, both);
+        for (i, (a, b)) in alone_params.iter().zip(&both_params).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "param {i}: {a} vs {b}");
+        }
+        // Every target ignored: loss 0 (the step only decays the weights).
+        let (none, _) = step(&second.0, &second.1);
+        assert_eq!(none, 0.0);
+    }
+
+    #[test]
     fn bad_requests_are_errors_not_panics() {
         let batch = |inputs: &'static [u32], b: usize, t: usize| Batch {
             inputs,
@@ -1320,6 +1357,19 @@ mod tests {
         check(
             |m| m.eval_loss(&batch(&[1, 2, 11], 1, 3)).map(drop),
             expect_test::expect!["token id 11 is outside the vocabulary of 11"],
+        );
+        check(
+            |m| {
+                let inputs = [1, crate::IGNORE_TARGET];
+                m.eval_loss(&Batch {
+                    inputs: &inputs,
+                    targets: &[2, 3],
+                    batch: 1,
+                    seq: 2,
+                })
+                .map(drop)
+            },
+            expect_test::expect!["token id 4294967295 is outside the vocabulary of 11"],
         );
         check(
             |m| m.eval_loss(&batch(&[1, 2, 3], 2, 2)).map(drop),
