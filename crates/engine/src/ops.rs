@@ -518,7 +518,10 @@ pub(crate) fn attention_backward(
 
 /// How many of `targets` count in the loss (are not [`crate::IGNORE_TARGET`]).
 pub(crate) fn counted(targets: &[u32]) -> usize {
-    targets.iter().filter(|&&t| t != crate::IGNORE_TARGET).count()
+    targets
+        .iter()
+        .filter(|&&t| t != crate::IGNORE_TARGET)
+        .count()
 }
 
 /// The mean of the row losses over `counted` rows (the ignored rows' losses are 0); 0

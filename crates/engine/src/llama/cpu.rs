@@ -1335,7 +1335,10 @@ mod tests {
         let (both, both_params) = step(&both_inputs, &both_targets);
         assert_eq!(alone, both);
         for (i, (a, b)) in alone_params.iter().zip(&both_params).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "param {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "param {i}: {a} vs {b}"
+            );
         }
         // Every target ignored: loss 0 (the step only decays the weights).
         let (none, _) = step(&second.0, &second.1);
