@@ -9,6 +9,7 @@
 //! | `GET /health` | liveness |
 //! | `GET /v1/run` | [`protocol::api::RunInfo`] |
 //! | `GET /v1/run/corpus`, `GET /v1/run/tokenizer` | the run's data, by hash in `RunInfo` |
+//! | `GET /v1/run/base` | a fine-tune's base model file, by hash in `RunInfo::base` |
 //! | `POST /v1/workers` (signed) | register a worker name |
 //! | `POST /v1/lease` (signed) | a unit of work, or when to come back |
 //! | `POST /v1/heartbeat` (signed) | extend a lease |
@@ -95,6 +96,7 @@ pub(crate) fn router(shared: Shared, training: bool) -> Router {
         .route("/v1/run", get(run_info))
         .route("/v1/run/corpus", get(corpus))
         .route("/v1/run/tokenizer", get(tokenizer))
+        .route("/v1/run/base", get(base_model))
         .route("/v1/models/{version}", get(model))
         .route("/v1/status", get(status))
         .route("/v1/ledger", get(ledger_page))
@@ -309,8 +311,19 @@ async fn run_info(State(shared): State<Shared>) -> Result<impl IntoResponse, Api
     Ok(axum::Json(info))
 }
 
+/// Shared bytes as a body without a copy: a flood of requests for a large file (a
+/// fine-tune's base is about 100 MB) costs no memory beyond the one copy held.
+struct SharedBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 fn bytes_reply(bytes: Arc<Vec<u8>>, etag: &str, content_type: &'static str) -> Response {
-    let mut response = Body::from(bytes.as_ref().clone()).into_response();
+    let body = Body::from(bytes::Bytes::from_owner(SharedBytes(bytes)));
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
@@ -326,6 +339,19 @@ fn bytes_reply(bytes: Arc<Vec<u8>>, etag: &str, content_type: &'static str) -> R
 async fn corpus(State(shared): State<Shared>) -> Result<Response, ApiError> {
     let (bytes, hash) = (shared.reads.corpus(), shared.reads.run_info().corpus_sha256);
     Ok(bytes_reply(bytes, &hash, "application/octet-stream"))
+}
+
+async fn base_model(State(shared): State<Shared>) -> Result<Response, ApiError> {
+    match (shared.reads.base(), shared.reads.run_info().base) {
+        (Some(bytes), Some(info)) => {
+            Ok(bytes_reply(bytes, &info.sha256, "application/octet-stream"))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_base",
+            "this run trains a model from scratch: it has no base model to fetch",
+        )),
+    }
 }
 
 async fn tokenizer(State(shared): State<Shared>) -> Result<Response, ApiError> {

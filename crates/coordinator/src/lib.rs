@@ -216,7 +216,7 @@ impl Coordinator {
         let info = core.run_info();
         let bytes = |purpose| {
             engine::backend_bytes(
-                &scoring.model,
+                &scoring.model.spec,
                 purpose,
                 info.batch as usize,
                 info.seq as usize,

@@ -635,13 +635,10 @@ fn generate(
     plan: &Plan,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Done, ApiError> {
-    let mut backend = engine::open_model(
-        &shared.serving.device,
-        &model.spec,
-        (*model.params).clone(),
-        engine::Purpose::Eval,
-    )
-    .map_err(|e| ApiError::internal(&e))?;
+    let mut backend = model
+        .model
+        .open(&shared.serving.device, &model.params, engine::Purpose::Eval)
+        .map_err(|e| ApiError::internal(&e))?;
     let outcome = inference::run(backend.as_mut(), &model.tokenizer, plan, on_text)
         .map_err(|e| ApiError::internal(&e))?;
     let usage = Usage::new(plan.prompt.len() as u64, outcome.completion_tokens);

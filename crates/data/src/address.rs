@@ -37,15 +37,15 @@ pub fn shard_range(
     Ok(start..start + per)
 }
 
-/// Window starts of step `step` (0-based within the unit `address` names).
+/// Window starts of step `step` (0-based within the unit `address` names): positions in
+/// `shard` from which `need` items fit (tokens of a stream: `seq + 1`; fixed windows: 1).
 pub fn starts(
     address: &WorkAddress,
     step: u32,
     shard: std::ops::Range<usize>,
     batch: usize,
-    seq: usize,
+    need: usize,
 ) -> Result<Vec<usize>, DataError> {
-    let need = seq + 1;
     if shard.len() < need {
         return Err(DataError::ShardTooShort {
             shard: address.shard,
@@ -72,7 +72,7 @@ pub fn batch(
     seq: usize,
 ) -> Result<TokenBatch, DataError> {
     let range = shard_range(train.len(), n_shards, address.shard)?;
-    let starts = starts(address, step, range, batch, seq)?;
+    let starts = starts(address, step, range, batch, seq + 1)?;
     Ok(batch_at(train, &starts, seq))
 }
 

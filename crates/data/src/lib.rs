@@ -8,12 +8,14 @@
 pub mod address;
 pub mod cache;
 pub mod corpus;
+pub mod examples;
 pub mod split;
 pub mod tokenizer;
 
 use std::path::PathBuf;
 
 pub use address::TokenBatch;
+pub use examples::{Examples, Windows};
 pub use split::Dataset;
 pub use tokenizer::TextTokenizer;
 
@@ -59,6 +61,18 @@ pub enum DataError {
     TokenTooLarge { token: u32 },
     #[error("shard {shard} does not exist: the train split has {n_shards} shards")]
     NoSuchShard { shard: u32, n_shards: u32 },
+    #[error(
+        "the data is in windows of {have} tokens; a batch of {want} was asked for (the run's seq must be the windows')"
+    )]
+    WindowSeq { have: usize, want: usize },
+    #[error(
+        "{path} packs into {windows} windows of {seq} tokens; at least 2 are needed (one to train on, one for the holdout)"
+    )]
+    TooFewWindows {
+        path: PathBuf,
+        windows: usize,
+        seq: usize,
+    },
     #[error("shard {shard} holds {tokens} tokens, fewer than one window of {need}")]
     ShardTooShort {
         shard: u32,

@@ -32,8 +32,38 @@ pub struct RunInfo {
     pub corpus_bytes: u64,
     /// SHA-256 of the tokenizer.json (`GET /v1/run/tokenizer`).
     pub tokenizer_sha256: String,
+    /// How the corpus becomes training windows.
+    #[serde(default)]
+    pub data: DataFormat,
+    /// The pretrained base a fine-tune starts from (`GET /v1/run/base`); none for a
+    /// model trained from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInfo>,
     /// The newest model version.
     pub version: u64,
+}
+
+/// How a run's corpus becomes training windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Text (or JSON lines with a `text` field), tokenized into one stream; a window may
+    /// start anywhere.
+    #[default]
+    Text,
+    /// Chat JSON lines (`{"messages": [...]}`) rendered through the base model's chat
+    /// template and packed whole into windows, the loss on the assistant's turns only.
+    Chat,
+}
+
+/// The pretrained base of a fine-tune, named by its content: a worker fetches the file
+/// once, checks its SHA-256 and keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseInfo {
+    /// The file's name (a GGUF file).
+    pub name: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 /// `POST /v1/workers`: a worker introduces itself (the request is signed).
@@ -158,10 +188,12 @@ mod tests {
                 corpus_sha256: "ab".into(),
                 corpus_bytes: 10,
                 tokenizer_sha256: "cd".into(),
+                data: DataFormat::Text,
+                base: None,
                 version: 3,
             },
             expect_test::expect![[
-                r#"{"preset":"tiny","n_params":37120,"model":{"name":"tiny","architecture":{"gpt2":{"n_layer":2,"n_head":2,"n_embd":32,"n_ctx":64,"vocab_size":300}},"trainable":"all"},"batch":4,"seq":64,"n_shards":8,"codec":{"kind":"fp32"},"corpus_name":"corpus.txt","corpus_sha256":"ab","corpus_bytes":10,"tokenizer_sha256":"cd","version":3}"#
+                r#"{"preset":"tiny","n_params":37120,"model":{"name":"tiny","architecture":{"gpt2":{"n_layer":2,"n_head":2,"n_embd":32,"n_ctx":64,"vocab_size":300}},"trainable":"all"},"batch":4,"seq":64,"n_shards":8,"codec":{"kind":"fp32"},"corpus_name":"corpus.txt","corpus_sha256":"ab","corpus_bytes":10,"tokenizer_sha256":"cd","data":"text","version":3}"#
             ]],
         );
     }

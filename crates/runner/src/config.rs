@@ -15,8 +15,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
-    /// Model preset: `tiny`, `small`, `medium` or `base`.
+    /// Model preset: `tiny`, `small`, `medium` or `base` (a model trained from scratch;
+    /// not used by a fine-tune).
     pub preset: String,
+    /// Fine-tune a pretrained model instead of training `preset` from scratch: the base
+    /// brings its shape and its tokenizer (`preset` and `tokenizer` are then not used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneConfig>,
     /// Seed of the initial weights and of the units' data seeds.
     pub seed: u64,
     /// Corpus file (text or JSON lines) served to workers.
@@ -76,6 +81,30 @@ pub struct CoordinatorConfig {
     /// does to a mean that takes whatever it is sent; no file, variable or flag can.
     #[serde(skip)]
     pub unchecked_values: bool,
+}
+
+/// A fine-tune of a pretrained model: the base file, what trains, and how the corpus
+/// reads. The base is named by the SHA-256 of its bytes, stored with the run: a
+/// restarted coordinator refuses a file whose bytes changed, and workers fetch it once
+/// (`GET /v1/run/base`) and check that hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// The pretrained base: a GGUF file (`hivetrain model fetch` caches SmolLM2's).
+    pub base: PathBuf,
+    /// A LoRA adapter trained on the frozen base (rank, alpha, target projections);
+    /// left out, every weight trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<engine::LoraConfig>,
+    /// `chat` (JSON lines of `{"messages": [...]}`, rendered through the base's chat
+    /// template, the loss on the assistant's turns) or `text` (tokenized by the base's
+    /// tokenizer into one stream).
+    #[serde(default = "chat")]
+    pub data: protocol::api::DataFormat,
+}
+
+fn chat() -> protocol::api::DataFormat {
+    protocol::api::DataFormat::Chat
 }
 
 /// Which accepted units are re-run and compared, and by how many threads.
@@ -321,6 +350,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             preset: "small".into(),
+            finetune: None,
             seed: 1,
             corpus: PathBuf::from("data/shakespeare.txt"),
             tokenizer: PathBuf::from("data/tokenizer.json"),

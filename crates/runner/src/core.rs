@@ -14,7 +14,7 @@ use std::sync::Arc;
 use aggregation::OuterOptimizer;
 use ed25519_dalek::SigningKey;
 use engine::train::OwnedBatch;
-use engine::{Backend, ModelSpec, Preset, Purpose};
+use engine::{Backend, ModelSpec, Purpose};
 use ledger::{Draft, Ledger, Prepared};
 use protocol::api::{LeaseReply, RunInfo, Status, SubmitReply};
 use protocol::{SignedUpdate, UpdateHeader, WorkUnit, WorkerId};
@@ -22,12 +22,13 @@ use run::{Decided, Input, Output};
 use scheduler::{Effect, Scheduler, UnitStatus};
 use store::{BlobHash, RejectionRow, Store, Tx, UpdateRow, VersionRow, WorkerRow};
 use validation::{Inspected, Reject, Verdict};
-use worker::unit::owned_batch;
+use worker::unit::RunModel;
 
 use crate::config::CoordinatorConfig;
 
 mod aggregate;
 pub mod checks;
+mod prepare;
 pub mod reads;
 pub mod retention;
 pub mod serving;
@@ -144,8 +145,9 @@ pub struct Core {
     /// What the run decides (scheduling, acceptance, spot-checks, credit), stepped on a
     /// copy and kept once its output is committed.
     run: run::Run,
-    /// The run's model: its architecture and which tensors a delta carries.
-    model: ModelSpec,
+    /// The run's model: its architecture, which tensors a delta carries, and its frozen
+    /// floats (a LoRA run's base). `current.params` are its trainable floats.
+    model: RunModel,
     seq: usize,
     current: Current,
     /// The outer optimizer; out (in an [`AggregationJob`]) while a round aggregates.
@@ -173,7 +175,7 @@ pub struct Core {
     reads: Reads,
     serving: serving::Serving,
     /// The train split (scoring batches and spot-check re-runs read it).
-    train: Arc<Vec<u32>>,
+    train: Arc<data::Examples>,
     /// A version's random scoring batches and its loss on them, made once per version.
     random_loss: Option<Arc<checks::RandomBatches>>,
 }
@@ -219,6 +221,28 @@ fn check_mints(ledger: &Ledger, units: &[u64]) -> Result<(), CoreError> {
     Ok(())
 }
 const META_SCHEDULER: &str = "scheduler";
+/// The SHA-256 of a fine-tune's base file, stored when the run is created.
+const META_BASE_SHA256: &str = "base_sha256";
+
+/// Refuses a base file whose bytes are not those the run was created with.
+fn check_base(store: &Store, info: &protocol::api::BaseInfo) -> Result<(), CoreError> {
+    match store.meta(META_BASE_SHA256)? {
+        Some(stored) if stored == info.sha256 => Ok(()),
+        Some(stored) => Err(crate::config::ConfigError::Invalid(format!(
+            "the base file {} has SHA-256 {}, but this run was created from a base with {stored}: give the run's base file",
+            info.name, info.sha256
+        ))
+        .into()),
+        None => Err(CoreError::Inconsistent(
+            "a fine-tune's store holds no base hash".into(),
+        )),
+    }
+}
+
+/// The base hash a version's checkpoint names, for a fine-tune.
+fn base_sha(base: &Option<(Arc<Vec<u8>>, protocol::api::BaseInfo)>) -> Option<&str> {
+    base.as_ref().map(|(_, info)| info.sha256.as_str())
+}
 /// The blob hash of the run's tokenizer.json (the registry reads it).
 pub const META_TOKENIZER: &str = "tokenizer";
 
@@ -249,47 +273,21 @@ impl Core {
     pub fn open(dir: &Path, config: CoordinatorConfig, now_ms: u64) -> Result<Core, CoreError> {
         config.check()?;
         let lock = lock_dir(dir)?;
-        let tokenizer_bytes =
-            std::fs::read(&config.tokenizer).map_err(|source| data::DataError::Read {
-                path: config.tokenizer.clone(),
-                source,
-            })?;
-        let tokenizer = data::TextTokenizer::load(&config.tokenizer)?;
-        let corpus = std::fs::read(&config.corpus).map_err(|source| data::DataError::Read {
-            path: config.corpus.clone(),
-            source,
-        })?;
-        let tokens = data::cache::load_or_build(&config.corpus, &tokenizer, &dir.join("cache"))?;
-        let preset = Preset::from_name(&config.preset)
-            .ok_or_else(|| crate::config::ConfigError::Invalid("unknown preset".into()))?;
-        let model = ModelSpec::preset(preset, tokenizer.vocab_size());
-        let seq = if config.seq == 0 {
-            model.n_ctx()
-        } else {
-            config.seq as usize
-        };
-        if seq > model.n_ctx() {
-            return Err(crate::config::ConfigError::Invalid(format!(
-                "seq {seq} exceeds the {} preset's context of {}",
-                config.preset,
-                model.n_ctx()
-            ))
-            .into());
-        }
-        let dataset = data::Dataset::split(&config.corpus, &tokens.tokens, seq)?;
-        let batch = config.batch as usize;
-        let holdout: Vec<OwnedBatch> = dataset
-            .holdout_starts(seq, config.holdout_batches as usize * batch)
-            .chunks(batch)
-            .map(|starts| owned_batch(data::address::batch_at(&dataset.holdout, starts, seq)))
-            .collect();
-        let n_params = model.n_params();
-        let mut evaluator = engine::open_model(
-            &config.devices.holdout,
-            &model,
-            vec![0.0; n_params],
-            Purpose::Eval,
-        )?;
+        let prepared = prepare::prepare(&config, &dir.join("cache"))?;
+        let prepare::Prepared {
+            model,
+            seq,
+            corpus,
+            tokenizer_bytes,
+            tokenizer,
+            format,
+            train,
+            holdout,
+            initial,
+            base,
+            pretrained,
+        } = prepared;
+        let mut evaluator = model.open_empty(&config.devices.holdout, Purpose::Eval)?;
         let mut store = Store::open(dir)?;
         // The lock is held and nothing is being written: what a crash left behind (a
         // write cut short, a blob whose row never committed or was let go of) goes.
@@ -305,7 +303,7 @@ impl Core {
         }
         let mut outer = config
             .outer
-            .build_with(config.combine, model.trainable_len());
+            .build_with(config.combine, model.spec.trainable_len());
         let config_json = config.identity_json();
 
         let (scheduler, current, initial_loss) = match store.meta(META_CONFIG)? {
@@ -324,8 +322,11 @@ impl Core {
                 let row = store.version(scheduler.version())?.ok_or_else(|| {
                     CoreError::Inconsistent(format!("no version {}", scheduler.version()))
                 })?;
+                if let Some((_, info)) = &base {
+                    check_base(&store, info)?;
+                }
                 let bytes = store.blobs().get(&row.checkpoint)?;
-                let ckpt = engine::checkpoint::from_bytes(dir, &bytes, None)?;
+                let ckpt = engine::checkpoint::trained_from_bytes(dir, &bytes, &model.spec)?;
                 if let Some(state) = &row.optimizer {
                     let state = store.blobs().get(state)?;
                     let floats: Vec<f32> = state
@@ -340,17 +341,17 @@ impl Core {
                     .unwrap_or(f32::NAN);
                 let current = Current {
                     version: row.version,
-                    params: Arc::new(ckpt.params),
+                    params: Arc::new(ckpt.trainable),
                     checkpoint: Arc::new(bytes),
                     checkpoint_hash: row.checkpoint,
                 };
                 (scheduler, current, initial)
             }
             None => {
-                let params = model.init_params(config.seed)?;
-                evaluator.set_params(&params)?;
+                let params = initial;
+                evaluator.set_trainable(&params)?;
                 let loss = engine::train::evaluate(evaluator.as_mut(), &holdout)?;
-                let bytes = checkpoint_bytes(&model, &params, 0, None)?;
+                let bytes = checkpoint_bytes(&model.spec, &params, 0, None, base_sha(&base))?;
                 let hash = store.blobs().put(&bytes)?;
                 let mut scheduler = Scheduler::new(config.schedule, 0);
                 let effects = scheduler.tick(now_ms, config.seed, &[]);
@@ -370,6 +371,9 @@ impl Core {
                 store.write(|tx| {
                     tx.set_meta(META_CONFIG, &config_json)?;
                     tx.set_meta(META_TOKENIZER, tokenizer_hash.as_str())?;
+                    if let Some((_, info)) = &base {
+                        tx.set_meta(META_BASE_SHA256, &info.sha256)?;
+                    }
                     tx.insert_version(&row)?;
                     persist_effects(tx, &scheduler, &effects, now_ms)
                 })?;
@@ -463,9 +467,12 @@ impl Core {
             now_ms,
         )?;
         let run_info = RunInfo {
-            preset: config.preset.clone(),
-            n_params: model.trainable_len() as u32,
-            model: model.clone(),
+            preset: match &config.finetune {
+                None => config.preset.clone(),
+                Some(_) => model.spec.name.clone(),
+            },
+            n_params: model.spec.trainable_len() as u32,
+            model: model.spec.clone(),
             batch: config.batch,
             seq: seq as u32,
             n_shards: config.schedule.n_shards,
@@ -478,8 +485,11 @@ impl Core {
             corpus_sha256: data::sha256_hex(&corpus),
             corpus_bytes: corpus.len() as u64,
             tokenizer_sha256: data::sha256_hex(&tokenizer_bytes),
+            data: format,
+            base: base.as_ref().map(|(_, info)| info.clone()),
             version: current.version,
         };
+        let base = base.map(|(bytes, _)| bytes);
         let ledger = SharedLedger::new(ledger);
         let text_tokenizer = Arc::new(tokenizer);
         let authority = Arc::new(authority);
@@ -506,7 +516,9 @@ impl Core {
             corpus: corpus.clone(),
             tokenizer: tokenizer_bytes.clone(),
             text_tokenizer: text_tokenizer.clone(),
+            pretrained,
             model: model.clone(),
+            base,
             epoch: store.rounds_epoch(),
             cache: Arc::default(),
         };
@@ -514,7 +526,7 @@ impl Core {
             &config,
             run_info.n_params,
             config.schedule.steps_per_unit as u64 * config.batch as u64 * seq as u64,
-            model.train_flops_per_token(),
+            model.spec.train_flops_per_token(),
         );
         let mut core = Core {
             reads,
@@ -539,7 +551,7 @@ impl Core {
             ledger,
             authority,
             serving,
-            train: Arc::new(dataset.train),
+            train: Arc::new(train),
             random_loss: None,
             _lock: lock,
         };
@@ -1412,19 +1424,24 @@ fn persist_effects(
 /// A version's safetensors bytes, with its version and round in the metadata.
 fn checkpoint_bytes(
     model: &ModelSpec,
-    params: &[f32],
+    trainable: &[f32],
     version: u64,
     round: Option<u64>,
+    base_sha256: Option<&str>,
 ) -> Result<Vec<u8>, CoreError> {
-    let model = model
-        .gpt_config("a version's checkpoint")
-        .map_err(engine::EngineError::from)?;
     let mut meta = HashMap::new();
     meta.insert("hivetrain.version".to_owned(), version.to_string());
     if let Some(round) = round {
         meta.insert("hivetrain.round".to_owned(), round.to_string());
     }
-    engine::checkpoint::to_bytes(model, params, &meta).map_err(|message| {
+    if let Some(sha) = base_sha256 {
+        meta.insert(BASE_SHA256_METADATA_KEY.to_owned(), sha.to_owned());
+    }
+    engine::checkpoint::trained_to_bytes(model, trainable, &meta).map_err(|message| {
         CoreError::Inconsistent(format!("serializing version {version}: {message}"))
     })
 }
+
+/// Metadata key of a fine-tune's checkpoints: the SHA-256 of the base file the version's
+/// trainable tensors go with (`hivetrain model export` checks it).
+pub const BASE_SHA256_METADATA_KEY: &str = "hivetrain.base_sha256";

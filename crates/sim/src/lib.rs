@@ -387,14 +387,12 @@ pub fn run(
     let mut core = Core::open(dir, config, now)?;
     let initial_loss = core.holdout_loss()?;
     let info = core.run_info();
-    let train = core.train_tokens();
-    let model = core.model_spec().clone();
-    let n_params = model.n_params();
-    let open = || engine::open_model("cpu:1", &model, vec![0.0; n_params], Purpose::Train);
+    let train = core.train_examples();
+    let model = core.run_model().clone();
+    let open = || model.open_empty("cpu:1", Purpose::Train);
     let mut backend = open()?;
     let mut checker = open()?;
     let data = worker::unit::UnitData {
-        model: &model,
         train: &train,
         n_shards: info.n_shards,
         batch: info.batch as usize,
@@ -558,7 +556,7 @@ pub fn run(
                         worker: w.id,
                         nonce: rng.random(),
                         codec,
-                        n_params: n_params as u32,
+                        n_params: model.spec.trainable_len() as u32,
                     };
                     let update = encode(&header, &delta, w.role, &w.key);
                     let mut took = (UNIT_MS as f64 * w.speed) as u64;

@@ -30,6 +30,79 @@ pub fn small_corpus(dir: &Path) -> PathBuf {
     path
 }
 
+/// The GGUF writer and tiny random Llama of the `models` tests, shared with the tests of
+/// fine-tunes (one file, compiled into both).
+#[path = "../../models/tests/it/writer.rs"]
+#[allow(dead_code)]
+mod gguf_writer;
+
+/// Context of [`tiny_llama_gguf`]'s model.
+pub const TINY_LLAMA_CONTEXT: usize = 96;
+
+/// A tiny random Llama (byte-level BPE tokenizer with ChatML specials, a ChatML chat
+/// template) written as an F32 GGUF at `dir/tiny-llama.gguf`.
+pub fn tiny_llama_gguf(dir: &Path) -> PathBuf {
+    let config = engine::LlamaConfig {
+        max_seq: TINY_LLAMA_CONTEXT,
+        ..gguf_writer::tiny_config(true)
+    };
+    let params = gguf_writer::random_params(&config, 7);
+    let (file, _) = gguf_writer::llama_gguf(&config, &params, gguf_writer::Storage::F32);
+    let path = dir.join("tiny-llama.gguf");
+    std::fs::write(&path, file.bytes()).expect("write the tiny GGUF");
+    path
+}
+
+/// A chat JSONL of `n` short lookups at `dir/codes.jsonl`: the user names a number, the
+/// assistant answers its code word (four letters drawn from the number). What a unit
+/// learns is the pairs it trained on, so honest updates help their own data more than
+/// random data, as scoring asks.
+pub fn codes_chat(dir: &Path, n: u32) -> PathBuf {
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let word: String = (0..4u64)
+                .map(|k| {
+                    let r = protocol::splitmix64(i as u64 * 4 + k);
+                    char::from(b'a' + (r % 26) as u8)
+                })
+                .collect();
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("code {i}")},
+                {"role": "assistant", "content": word},
+            ]})
+            .to_string()
+        })
+        .collect();
+    let path = dir.join("codes.jsonl");
+    std::fs::write(&path, lines.join("\n")).expect("write the chat data");
+    path
+}
+
+/// A LoRA fine-tune of [`tiny_llama_gguf`] on [`codes_chat`]: rank 4 on q, v and down,
+/// windows of 64 tokens; `units` per round, all needed to aggregate, H = 6.
+pub fn tiny_finetune_config(dir: &Path, units: u32) -> CoordinatorConfig {
+    let mut c = tiny_config(dir, units);
+    c.finetune = Some(coordinator::config::FinetuneConfig {
+        base: tiny_llama_gguf(dir),
+        lora: Some(engine::LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec![
+                engine::LoraTarget::Q,
+                engine::LoraTarget::V,
+                engine::LoraTarget::Down,
+            ],
+        }),
+        data: protocol::api::DataFormat::Chat,
+    });
+    c.corpus = codes_chat(dir, 400);
+    c.seq = 64;
+    c.holdout_batches = 2;
+    c.schedule.steps_per_unit = 6;
+    c.schedule.inner_lr = 1e-2;
+    c
+}
+
 /// The tiny model on the short corpus; `units` per round, all needed to aggregate, H = 10.
 pub fn tiny_config(dir: &Path, units: u32) -> CoordinatorConfig {
     let mut c = CoordinatorConfig {

@@ -154,6 +154,10 @@ impl Transport for HttpTransport {
         self.get_bytes("/v1/run/tokenizer")
     }
 
+    fn base(&self) -> Result<Vec<u8>, TransportError> {
+        self.get_bytes("/v1/run/base")
+    }
+
     fn register(&self, key: &SigningKey, name: &str) -> Result<(), TransportError> {
         let body = to_json(&RegisterRequest {
             name: name.to_owned(),

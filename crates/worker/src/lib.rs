@@ -7,6 +7,7 @@
 mod http;
 pub mod identity;
 mod run;
+pub mod setup;
 mod transport;
 pub mod unit;
 

@@ -53,6 +53,8 @@ pub enum WorkerError {
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
     Checkpoint(#[from] engine::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Setup(#[from] Box<crate::setup::SetupError>),
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -86,10 +88,11 @@ pub trait Reporter {
 /// A reporter that says nothing.
 impl Reporter for () {}
 
-/// The run's data, fetched and tokenized once.
+/// The run's model and data, fetched and prepared once.
 struct RunData {
     info: RunInfo,
-    train: Vec<u32>,
+    model: crate::unit::RunModel,
+    train: data::Examples,
 }
 
 /// Runs the lease loop until `stop`, `max_units`, or an error that retrying cannot fix.
@@ -169,34 +172,22 @@ pub fn run(
                     what: format!("model version {}", unit.base_version),
                 });
             }
-            let ckpt = engine::checkpoint::from_bytes(
+            let trained = engine::checkpoint::trained_from_bytes(
                 Path::new(&format!("model version {}", unit.base_version)),
                 &bytes,
-                None,
+                &data.info.model,
             )?;
-            let spec = &data.info.model;
-            let want = spec
-                .gpt_config("a version's checkpoint")
-                .map_err(engine::EngineError::from)?;
-            if ckpt.config != *want || ckpt.params.len() != spec.n_params() {
-                return Err(WorkerError::ModelShape {
-                    got: ckpt.params.len(),
-                    want: spec.n_params() as u32,
-                });
-            }
             let backend = match model.take() {
                 Some((_, mut backend, _)) => {
-                    backend.set_params(&ckpt.params)?;
+                    backend.set_trainable(&trained.trainable)?;
                     backend
                 }
-                None => engine::open_model(
-                    &options.device,
-                    spec,
-                    ckpt.params.clone(),
-                    engine::Purpose::Train,
-                )?,
+                None => {
+                    data.model
+                        .open(&options.device, &trained.trainable, engine::Purpose::Train)?
+                }
             };
-            model = Some((unit.base_version, backend, ckpt.params));
+            model = Some((unit.base_version, backend, trained.trainable));
         }
         let Some((_, backend, base)) = model.as_mut() else {
             continue;
@@ -270,7 +261,6 @@ fn train_unit(
     let started = Instant::now();
     let mut last_heartbeat = Instant::now();
     let unit_data = crate::unit::UnitData {
-        model: &data.info.model,
         train: &data.train,
         n_shards: data.info.n_shards,
         batch,
@@ -337,13 +327,39 @@ fn prepare(
         reporter,
         || transport.tokenizer(),
     )?;
-    let tokenizer = data::TextTokenizer::load(&tokenizer_path)?;
-    let tokens = data::cache::load_or_build(&corpus_path, &tokenizer, &dir.join("cache"))?;
-    let dataset = data::Dataset::split(&corpus_path, &tokens.tokens, info.seq as usize)?;
-    Ok(RunData {
-        info,
-        train: dataset.train,
-    })
+    let seq = info.seq as usize;
+    let (model, pretrained) = match &info.base {
+        None => (
+            crate::unit::RunModel::trained_in_full(info.model.clone())?,
+            None,
+        ),
+        Some(base) => {
+            // The base is kept by its hash: fetched and checked once, whatever the run.
+            let path = dir.join(format!(
+                "base-{}-{}",
+                short(&base.sha256),
+                sanitize(&base.name)
+            ));
+            fetch_once(&path, &base.sha256, "the base model", reporter, || {
+                transport.base()
+            })?;
+            let context = info.model.n_ctx();
+            let mut loaded = crate::setup::load_base(&path, context).map_err(Box::new)?;
+            let model =
+                crate::setup::run_model(&info.model, &mut loaded, &path).map_err(Box::new)?;
+            (model, Some(loaded.pretrained))
+        }
+    };
+    let (train, _) = crate::setup::examples(
+        info.data,
+        &corpus_path,
+        &tokenizer_path,
+        pretrained.as_ref(),
+        seq,
+        &dir.join("cache"),
+    )
+    .map_err(Box::new)?;
+    Ok(RunData { info, model, train })
 }
 
 fn sanitize(name: &str) -> String {

@@ -37,6 +37,8 @@ pub trait Transport: Send + Sync {
     fn run_info(&self) -> Result<RunInfo, TransportError>;
     fn corpus(&self) -> Result<Vec<u8>, TransportError>;
     fn tokenizer(&self) -> Result<Vec<u8>, TransportError>;
+    /// The pretrained base of a fine-tune (`RunInfo::base`).
+    fn base(&self) -> Result<Vec<u8>, TransportError>;
     fn register(&self, key: &SigningKey, name: &str) -> Result<(), TransportError>;
     fn lease(&self, key: &SigningKey) -> Result<LeaseReply, TransportError>;
     fn heartbeat(&self, key: &SigningKey, unit: u64) -> Result<(), TransportError>;

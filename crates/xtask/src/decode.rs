@@ -58,7 +58,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     let (spec, params) = server
         .with_core(|c| {
             let snapshot = c.reads().snapshot("hivetrain");
-            snapshot.map(|s| (s.spec.clone(), s.params.to_vec()))
+            snapshot.map(|s| (s.model.spec.clone(), s.params.to_vec()))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let model = *spec.gpt_config("the decode benchmark")?;

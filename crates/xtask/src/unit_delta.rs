@@ -38,7 +38,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let preset = engine::Preset::from_name(&args.preset).context("unknown preset")?;
     let spec = engine::ModelSpec::preset(preset, tokenizer.vocab_size());
     let (batch, seq) = (8, spec.n_ctx());
-    let dataset = data::Dataset::split(&corpus, &tokens.tokens, seq)?;
+    let (train, _) = data::Examples::split_stream(&corpus, &tokens.tokens, seq)?;
     let base = spec.init_params(1)?;
     let mut backend = engine::open_model(
         &format!("cpu:{}", args.threads),
@@ -59,8 +59,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
         lr: 1e-3,
     };
     let data = worker::unit::UnitData {
-        model: &spec,
-        train: &dataset.train,
+        train: &train,
         n_shards: 8,
         batch,
         seq,

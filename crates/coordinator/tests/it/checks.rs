@@ -15,22 +15,17 @@ fn lease(core: &mut Core, worker: WorkerId) -> WorkUnit {
 
 /// A backend of the core's model that trains, on `device`, as the checker's re-runs use.
 pub(crate) fn replay_backend(core: &Core, device: &str) -> Box<dyn engine::Backend> {
-    engine::open_model(
-        device,
-        core.model_spec(),
-        core.params().to_vec(),
-        engine::Purpose::Train,
-    )
-    .expect("backend")
+    core.run_model()
+        .open(device, core.params(), engine::Purpose::Train)
+        .expect("backend")
 }
 
 /// The unit's honest delta, trained as a worker would.
 pub(crate) fn train(core: &Core, unit: &WorkUnit) -> Vec<f32> {
     let info = core.run_info();
-    let train = core.train_tokens();
+    let train = core.train_examples();
     let mut backend = replay_backend(core, "cpu:1");
     let data = worker::unit::UnitData {
-        model: &info.model,
         train: &train,
         n_shards: info.n_shards,
         batch: info.batch as usize,

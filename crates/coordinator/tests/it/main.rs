@@ -5,6 +5,7 @@
 mod bad_input;
 mod checks;
 mod connections;
+mod finetune;
 mod flow;
 mod hostile;
 mod inference;

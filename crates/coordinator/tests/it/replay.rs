@@ -40,14 +40,14 @@ fn a_replayed_unit_reproduces_the_workers_update_bit_for_bit() {
     let tokenizer = data::TextTokenizer::load(&config.tokenizer).expect("tokenizer");
     let tokens = data::cache::load_or_build(&config.corpus, &tokenizer, &dir.path().join("cache"))
         .expect("tokens");
-    let dataset =
-        data::Dataset::split(&config.corpus, &tokens.tokens, info.seq as usize).expect("split");
+    let (train, _) =
+        data::Examples::split_stream(&config.corpus, &tokens.tokens, info.seq as usize)
+            .expect("split");
     // Another thread count than the worker's one: CPU training does not depend on it.
     let mut backend =
         engine::open_backend("cpu:2", base.config, base.params.clone()).expect("backend");
     let unit_data = worker::unit::UnitData {
-        model: &info.model,
-        train: &dataset.train,
+        train: &train,
         n_shards,
         batch: info.batch as usize,
         seq: info.seq as usize,

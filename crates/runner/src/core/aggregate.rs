@@ -33,6 +33,8 @@ pub struct AggregationJob {
     evaluator: Box<dyn Backend>,
     holdout: Arc<Vec<OwnedBatch>>,
     model: ModelSpec,
+    /// A fine-tune's base file hash, named in each checkpoint.
+    base_sha256: Option<String>,
     blobs: store::Blobs,
     limits: protocol::Limits,
 }
@@ -108,13 +110,19 @@ impl AggregationJob {
         let mut params = (*self.params).clone();
         self.outer.step(&mut params, &updates)?;
         drop(deltas);
-        self.evaluator.set_params(&params)?;
+        self.evaluator.set_trainable(&params)?;
         let loss = engine::train::evaluate(self.evaluator.as_mut(), &self.holdout)?;
         // A diverged model (only a run with unchecked values can make one) scores as
         // infinitely bad: SQLite keeps no NaN.
         let loss = if loss.is_nan() { f32::INFINITY } else { loss };
         let version = self.base_version + 1;
-        let checkpoint = checkpoint_bytes(&self.model, &params, version, Some(self.round))?;
+        let checkpoint = checkpoint_bytes(
+            &self.model,
+            &params,
+            version,
+            Some(self.round),
+            self.base_sha256.as_deref(),
+        )?;
         let checkpoint_hash = self.blobs.put(&checkpoint)?;
         let state: Vec<u8> = self
             .outer
@@ -176,7 +184,8 @@ impl Core {
             saved,
             evaluator,
             holdout: self.holdout.clone(),
-            model: self.model.clone(),
+            model: self.model.spec.clone(),
+            base_sha256: self.run_info.base.as_ref().map(|b| b.sha256.clone()),
             blobs: self.store.blobs().clone(),
             limits: self.config.limits,
         }))

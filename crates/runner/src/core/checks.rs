@@ -18,7 +18,7 @@ use store::{CheckRow, CheckState};
 use validation::score::Score;
 use validation::spot_check::Trust;
 
-use worker::unit::owned_batch;
+use worker::unit::{RunModel, owned_batch};
 
 use super::{Core, CoreError};
 use run::{Class, RunError};
@@ -44,8 +44,9 @@ enum Base {
 }
 
 impl Base {
-    /// The weights, decoded from the checkpoint if need be (outside the core's lock).
-    fn params(&self) -> Result<Arc<Vec<f32>>, RunError> {
+    /// The trainable floats, decoded from the checkpoint if need be (outside the core's
+    /// lock).
+    fn params(&self, spec: &ModelSpec) -> Result<Arc<Vec<f32>>, RunError> {
         match self {
             Base::Current(params) => Ok(params.clone()),
             Base::Stored { blobs, checkpoint } => {
@@ -55,9 +56,9 @@ impl Base {
                 let bytes = blobs.get(checkpoint).map_err(|e| internal(&e))?;
                 let dir = std::path::Path::new(".");
                 Ok(Arc::new(
-                    engine::checkpoint::from_bytes(dir, &bytes, None)
+                    engine::checkpoint::trained_from_bytes(dir, &bytes, spec)
                         .map_err(|e| internal(&e))?
-                        .params,
+                        .trainable,
                 ))
             }
         }
@@ -81,8 +82,8 @@ impl ScoreTask {
         let loss = |backend: &mut dyn Backend, batches: &[OwnedBatch]| {
             engine::train::evaluate(backend, batches).map_err(|e| internal(&e))
         };
-        let base = self.base.params()?;
-        backend.set_params(&base).map_err(|e| internal(&e))?;
+        let base = self.base.params(&self.model)?;
+        backend.set_trainable(&base).map_err(|e| internal(&e))?;
         let random_before = match self.random.loss.get() {
             Some(&l) => l,
             None => {
@@ -93,11 +94,8 @@ impl ScoreTask {
             }
         };
         let own_before = loss(backend, &self.own)?;
-        let trained = self
-            .model
-            .apply_delta(&base, delta)
-            .map_err(|e| internal(&e))?;
-        backend.set_params(&trained).map_err(|e| internal(&e))?;
+        let trained = worker::unit::apply_delta(&base, delta).map_err(|e| internal(&e))?;
+        backend.set_trainable(&trained).map_err(|e| internal(&e))?;
         Ok(Score {
             own_before,
             own_after: loss(backend, &self.own)?,
@@ -112,37 +110,31 @@ pub struct CheckJob {
     pub unit: WorkUnit,
     pub worker: WorkerId,
     base: Base,
-    train: Arc<Vec<u32>>,
+    train: Arc<data::Examples>,
     n_shards: u32,
     batch: usize,
     seq: usize,
-    model: ModelSpec,
-    n_params: usize,
+    model: RunModel,
 }
 
 impl CheckJob {
     /// A backend for re-runs of this run's model on `device` (`devices.replay`). Re-runs
     /// train, so it holds gradients and optimizer state.
     pub fn backend(&self, device: &str) -> Result<Box<dyn Backend>, RunError> {
-        engine::open_model(
-            device,
-            &self.model,
-            vec![0.0; self.n_params],
-            Purpose::Train,
-        )
-        .map_err(|e| RunError::internal(&e))
+        self.model
+            .open_empty(device, Purpose::Train)
+            .map_err(|e| RunError::internal(&e))
     }
 
     /// Trains the unit again; the delta it gives.
     pub fn run(&self, backend: &mut dyn Backend) -> Result<Vec<f32>, RunError> {
         let data = worker::unit::UnitData {
-            model: &self.model,
             train: &self.train,
             n_shards: self.n_shards,
             batch: self.batch,
             seq: self.seq,
         };
-        let base = self.base.params()?;
+        let base = self.base.params(&self.model.spec)?;
         worker::unit::train(backend, &base, data, &self.unit, &mut |_, _| true)
             .map_err(|e| RunError::internal(&e))?
             .ok_or_else(|| RunError::internal(&std::io::Error::other("re-run stopped")))
@@ -154,20 +146,15 @@ impl CheckJob {
 #[derive(Clone, Debug)]
 pub struct BackendSpec {
     pub device: String,
-    pub model: ModelSpec,
-    pub n_params: usize,
+    pub model: RunModel,
 }
 
 impl BackendSpec {
     /// Allocates it (a while at the larger presets: call it with no lock held).
     pub fn open(&self) -> Result<Box<dyn Backend>, RunError> {
-        engine::open_model(
-            &self.device,
-            &self.model,
-            vec![0.0; self.n_params],
-            Purpose::Eval,
-        )
-        .map_err(|e| RunError::internal(&e))
+        self.model
+            .open_empty(&self.device, Purpose::Eval)
+            .map_err(|e| RunError::internal(&e))
     }
 }
 
@@ -206,31 +193,33 @@ impl Core {
         let mut own = Vec::with_capacity(n as usize);
         for i in 0..n {
             let step = steps - 1 - i * steps / n;
-            let b = data::address::batch(
-                &unit.address,
-                &self.train,
-                self.config.schedule.n_shards,
-                step,
-                batch,
-                self.seq,
-            )
-            .map_err(|e| internal(&e))?;
+            let b = self
+                .train
+                .batch(
+                    &unit.address,
+                    self.config.schedule.n_shards,
+                    step,
+                    batch,
+                    self.seq,
+                )
+                .map_err(|e| internal(&e))?;
             own.push(owned_batch(b));
         }
         let random = match &self.random_loss {
             Some(random) if random.version == version => random.clone(),
             _ => {
                 // Random train windows, the same for every update of a version.
-                let span = self.train.len().saturating_sub(self.seq + 1).max(1) as u64;
+                let span = self.train.span(self.seq) as u64;
                 let key = self.config.seed ^ version.rotate_left(17);
                 let batches: Vec<OwnedBatch> = (0..n as u64)
                     .map(|b| {
                         let starts: Vec<usize> = (0..batch as u64)
                             .map(|i| (run::draw(key, b * batch as u64 + i) % span) as usize)
                             .collect();
-                        owned_batch(data::address::batch_at(&self.train, &starts, self.seq))
+                        self.train.batch_at(&starts, self.seq).map(owned_batch)
                     })
-                    .collect();
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| internal(&e))?;
                 let random = Arc::new(RandomBatches {
                     version,
                     batches,
@@ -241,7 +230,7 @@ impl Core {
             }
         };
         Ok(Some(ScoreTask {
-            model: self.model.clone(),
+            model: self.model.spec.clone(),
             base,
             own,
             random,
@@ -274,7 +263,6 @@ impl Core {
         BackendSpec {
             device: self.config.devices.scoring.clone(),
             model: self.model.clone(),
-            n_params: self.current.params.len(),
         }
     }
 
@@ -314,7 +302,6 @@ impl Core {
                 batch: self.config.batch as usize,
                 seq: self.seq,
                 model: self.model.clone(),
-                n_params: self.current.params.len(),
             }));
         }
         Ok(None)
@@ -492,11 +479,16 @@ impl Core {
 
     /// The run's model: architecture, shape and trainable layout.
     pub fn model_spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    /// The run's model with its frozen floats (what opens a backend of the run).
+    pub fn run_model(&self) -> &RunModel {
         &self.model
     }
 
-    /// The train split's tokens (what units are trained on).
-    pub fn train_tokens(&self) -> Arc<Vec<u32>> {
+    /// The train split (what units are trained on).
+    pub fn train_examples(&self) -> Arc<data::Examples> {
         self.train.clone()
     }
 

@@ -81,7 +81,11 @@ pub struct Reads {
     pub(super) corpus: Arc<Vec<u8>>,
     pub(super) tokenizer: Arc<Vec<u8>>,
     pub(super) text_tokenizer: Arc<data::TextTokenizer>,
-    pub(super) model: engine::ModelSpec,
+    /// A fine-tune's pretrained model (tokenizer and chat template, no weights).
+    pub(super) pretrained: Option<Arc<models::Pretrained>>,
+    pub(super) model: worker::unit::RunModel,
+    /// A fine-tune's base file.
+    pub(super) base: Option<Arc<Vec<u8>>>,
     /// Bumped by the store after each commit that changed a round's figures.
     pub(super) epoch: store::RoundsEpoch,
     /// Store answers as of an epoch (or a version), so that a read between two such
@@ -155,6 +159,11 @@ impl Reads {
 
     pub fn tokenizer(&self) -> Arc<Vec<u8>> {
         self.tokenizer.clone()
+    }
+
+    /// A fine-tune's base file (`RunInfo::base`); none for a run from scratch.
+    pub fn base(&self) -> Option<Arc<Vec<u8>>> {
+        self.base.clone()
     }
 
     /// The run's progress, round by round.

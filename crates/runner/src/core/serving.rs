@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use data::TextTokenizer;
 use ed25519_dalek::{Signature, VerifyingKey};
-use engine::ModelSpec;
 use ledger::{Account, Draft, Ledger, Prepared};
 use protocol::WorkerId;
+use worker::unit::RunModel;
 
 use super::{Core, conflict};
 use run::{Class, RunError};
@@ -42,9 +42,12 @@ pub struct ModelSnapshot {
     pub id: String,
     pub version: u64,
     /// The run's model (what a backend for the snapshot is opened from).
-    pub spec: ModelSpec,
+    pub model: RunModel,
+    /// The version's trainable floats.
     pub params: Arc<Vec<f32>>,
     pub tokenizer: Arc<TextTokenizer>,
+    /// A fine-tune's pretrained model (its tokenizer and chat template).
+    pub pretrained: Option<Arc<models::Pretrained>>,
 }
 
 /// Serving state kept by the core (in memory; a restart voids open challenges and holds,
@@ -222,18 +225,10 @@ impl super::Reads {
             current.params.clone()
         } else {
             let (bytes, _) = self.model(version).map_err(|_| unknown())?;
-            let ckpt = engine::checkpoint::from_bytes(
-                Path::new(name),
-                &bytes,
-                Some(
-                    *self
-                        .model
-                        .gpt_config("a version's checkpoint")
-                        .map_err(|e| RunError::internal(&e))?,
-                ),
-            )
-            .map_err(|e| RunError::internal(&e))?;
-            Arc::new(ckpt.params)
+            let ckpt =
+                engine::checkpoint::trained_from_bytes(Path::new(name), &bytes, &self.model.spec)
+                    .map_err(|e| RunError::internal(&e))?;
+            Arc::new(ckpt.trainable)
         };
         Ok(ModelSnapshot {
             id: if version == current.version && name == MODEL_NAME {
@@ -242,9 +237,10 @@ impl super::Reads {
                 format!("{MODEL_NAME}-v{version}")
             },
             version,
-            spec: self.model.clone(),
+            model: self.model.clone(),
             params,
             tokenizer: self.text_tokenizer.clone(),
+            pretrained: self.pretrained.clone(),
         })
     }
 }

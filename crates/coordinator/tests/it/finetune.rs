@@ -1,0 +1,117 @@
+//! A LoRA fine-tune of a pretrained model over real HTTP: the run names its base by
+//! hash, workers fetch and check it once, train the adapter on chat data (the loss on
+//! the answers only), and send adapter deltas that the coordinator validates, scores,
+//! re-runs bit for bit, combines and credits at a LoRA step's FLOPs.
+
+use protocol::api::DataFormat;
+use test_support as ts;
+
+#[test]
+fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::tiny_finetune_config(dir.path(), 2);
+    // Every accepted unit is re-run, so each round is checked bit for bit.
+    config.spot_check.trusted_after = 1_000;
+    let base_path = config.finetune.as_ref().expect("a fine-tune").base.clone();
+    let base_bytes = std::fs::read(&base_path).expect("base");
+    let server = ts::start(dir.path(), config);
+    let url = server.url();
+
+    // The run names the base by its bytes' hash and trains the adapter alone.
+    let info = server.with_core(|c| c.run_info());
+    let base = info.base.clone().expect("the run names its base");
+    assert_eq!(base.sha256, data::sha256_hex(&base_bytes));
+    assert_eq!(base.bytes, base_bytes.len() as u64);
+    assert_eq!(info.data, DataFormat::Chat);
+    let (llama, lora) = info.model.lora().expect("a LoRA spec");
+    assert_eq!(lora.rank, 4);
+    let adapter_len = lora.n_params(llama);
+    assert_eq!(info.n_params as usize, adapter_len);
+    assert_eq!(info.model.trainable_len(), adapter_len);
+    let served = ts::get(&url, "/v1/run/base");
+    assert_eq!(served.status, 200);
+
+    // Alice and bob train two rounds of two units.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = [(ts::key(20), "alice"), (ts::key(21), "bob")]
+        .into_iter()
+        .map(|(key, name)| {
+            let transport = worker::HttpTransport::new(&url).expect("transport");
+            let mut options = ts::worker_options(dir.path(), name);
+            options.max_units = Some(2);
+            let stop = stop.clone();
+            std::thread::spawn(move || worker::run(&transport, &key, &options, &stop, &mut ()))
+        })
+        .collect();
+    for h in handles {
+        let summary = h.join().expect("worker thread").expect("worker run");
+        assert_eq!(
+            (summary.accepted, summary.rejected),
+            (2, 0),
+            "{summary:?} {:?}",
+            ts::rejection_codes(&server)
+        );
+        // An update carries the adapter, not the model.
+        assert!(
+            summary.bytes_sent < 2 * (4 * adapter_len as u64 + 4096),
+            "{summary:?}"
+        );
+    }
+    let status = ts::status(&url);
+    assert_eq!(status.version, 2);
+
+    // Each worker kept the base under its hash, checked.
+    for name in ["alice", "bob"] {
+        let kept = ts::worker_options(dir.path(), name)
+            .data_dir
+            .join(format!("base-{}-tiny-llama.gguf", &base.sha256[..16]));
+        assert_eq!(std::fs::read(&kept).expect("kept base"), base_bytes);
+    }
+
+    // The adapter learned: the holdout loss on the answers fell below the base's.
+    let (initial, now) = server.with_core(|c| {
+        (
+            c.store().version(0).expect("v0").expect("v0").holdout_loss,
+            c.holdout_loss().expect("loss"),
+        )
+    });
+    assert!(now < initial, "holdout loss {initial} -> {now}");
+
+    // Version 2 is a PEFT adapter file naming its base; the spot-checks re-ran units and
+    // found the same bits.
+    server.with_core(|c| {
+        let (bytes, _) = c.model(2).expect("version 2");
+        let trained =
+            engine::checkpoint::trained_from_bytes(std::path::Path::new("v2"), &bytes, &info.model)
+                .expect("an adapter checkpoint");
+        assert_eq!(trained.trainable.len(), adapter_len);
+        assert_eq!(
+            trained.metadata[coordinator::core::BASE_SHA256_METADATA_KEY],
+            base.sha256
+        );
+        assert_eq!(trained.trainable, c.params());
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let verified = loop {
+        let checks = server.with_core(|c| c.store().checks(None).expect("checks"));
+        let done: Vec<_> = checks
+            .iter()
+            .filter(|c| c.state != store::CheckState::Queued)
+            .collect();
+        if !checks.is_empty() && done.len() == checks.len() {
+            break done
+                .iter()
+                .filter(|c| c.state == store::CheckState::Verified)
+                .count();
+        }
+        assert!(std::time::Instant::now() < deadline, "{checks:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(verified >= 1, "no re-run verified");
+
+    // Credit follows a LoRA step's FLOPs: 4 per base parameter and 6 per adapter
+    // parameter, per token.
+    let flops = info.model.train_flops_per_token();
+    let base_params = llama.n_params() as u64;
+    assert_eq!(flops, 4 * base_params + 6 * adapter_len as u64);
+}
