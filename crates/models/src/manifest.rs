@@ -239,18 +239,18 @@ mod tests {
             adapters: vec![entry("b", 1)],
         })
         .unwrap_or_default();
-        check(r#"{"adapters":[]}"#, None, expect_test::expect![""]);
+        check(r#"{"adapters":[]}"#, None, expect_test::expect![[""]]);
         check(
             &one,
             Some(entry("a", 2)),
             expect_test::expect![
-                "a vSome(2) 2026-12-01T05:04:05Z; b vSome(1) 2026-12-01T05:04:05Z"
+                "a vSome(2) 2026-11-30T21:04:05Z; b vSome(1) 2026-11-30T21:04:05Z"
             ],
         );
         check(
             &one,
             Some(entry("b", 7)),
-            expect_test::expect!["b vSome(7) 2026-12-01T05:04:05Z"],
+            expect_test::expect!["b vSome(7) 2026-11-30T21:04:05Z"],
         );
         check(
             &one,
@@ -262,9 +262,9 @@ mod tests {
         check(
             &one.replace("\"rank\"", "\"size\""),
             None,
-            expect_test::expect![[
-                "manifest.json: unknown field `size`, expected one of `name`, `base_sha256`, `version`, `path`, `rank`, `alpha`, `targets`, `created` at line 1 column 144"
-            ]],
+            expect_test::expect![
+                "manifest.json: unknown field `size`, expected one of `name`, `base_sha256`, `version`, `path`, `rank`, `alpha`, `targets`, `created` at line 1 column 149"
+            ],
         );
         check(
             &one.replace("]}", &format!(",{}]}}", &one[13..one.len() - 2])),
@@ -295,6 +295,6 @@ mod tests {
     fn dates() {
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_utc(1_796_072_645), "2026-12-01T05:04:05Z");
+        assert_eq!(rfc3339_utc(1_796_072_645), "2026-11-30T21:04:05Z");
     }
 }
