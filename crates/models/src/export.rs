@@ -785,3 +785,27 @@ pub fn with_adapter(
     params.extend_from_slice(&adapter.tensors);
     (adapter_spec(name, config, &adapter.lora), params)
 }
+
+/// A deterministic non-zero adapter, for checks that need one to change a model's output:
+/// each `A` as PEFT initializes it ([`engine::lora::init_adapter`] with `seed`), each `B`
+/// from U(-b, b) drawn from stream 2 of a ChaCha8 generator seeded with `seed`.
+/// (`cargo xtask random-adapter` writes one; scripts/check_peft_export.py uses it.)
+pub fn random_adapter_tensors(
+    config: &LlamaConfig,
+    lora: &LoraConfig,
+    seed: u64,
+    b: f32,
+) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut tensors = engine::lora::init_adapter(config, lora, seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(2);
+    for t in LoraLayout::new(config, lora).table().tensors() {
+        if t.name.ends_with("lora_B.weight") {
+            for x in &mut tensors[t.range()] {
+                *x = b * (rng.random::<f32>() * 2.0 - 1.0);
+            }
+        }
+    }
+    tensors
+}

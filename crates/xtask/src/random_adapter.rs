@@ -6,8 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use engine::lora::{LoraConfig, LoraLayout, LoraTarget};
-use rand::{Rng, SeedableRng};
+use engine::lora::{LoraConfig, LoraTarget};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RandomAdapterArgs {
@@ -53,16 +52,7 @@ pub(crate) fn run(args: RandomAdapterArgs) -> anyhow::Result<()> {
         targets,
     };
     lora.validate(&base.config)?;
-    let mut tensors = engine::lora::init_adapter(&base.config, &lora, args.seed);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
-    rng.set_stream(2);
-    for t in LoraLayout::new(&base.config, &lora).table().tensors() {
-        if t.name.ends_with("lora_B.weight") {
-            for x in &mut tensors[t.range()] {
-                *x = args.b * (rng.random::<f32>() * 2.0 - 1.0);
-            }
-        }
-    }
+    let tensors = models::export::random_adapter_tensors(&base.config, &lora, args.seed, args.b);
     let sha = models::export::sha256_file(&models::export::base_weights_file(&args.base))?;
     let adapter = models::export::Adapter {
         lora,

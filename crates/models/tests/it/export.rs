@@ -291,3 +291,66 @@ fn bad_adapters_are_refused_with_the_file_named() {
         expect_test::expect!["DIR/adapter_config.json: No such file or directory (os error 2)"],
     );
 }
+
+#[derive(serde::Deserialize)]
+struct PeftGolden {
+    all_equal: bool,
+    max_new_tokens: usize,
+    cases: Vec<PeftCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeftCase {
+    kind: String,
+    prompt: String,
+    hivetrain_base: Vec<u32>,
+    peft: Vec<u32>,
+    merged: Vec<u32>,
+}
+
+/// SmolLM2 with the adapter of scripts/check_peft_export.py (`cargo xtask random-adapter
+/// --b 0.1`: rank 8, alpha 16, every target, seed 7) gives the greedy tokens PEFT and the
+/// merged HF directory gave there, recorded in tests/golden/peft_export.json; and they
+/// differ from the base's.
+#[test]
+fn smollm2_with_the_random_adapter_gives_peft_s_greedy_tokens() {
+    let golden: PeftGolden = serde_json::from_str(include_str!("../golden/peft_export.json"))
+        .unwrap_or_else(|e| panic!("the golden file: {e}"));
+    assert!(golden.all_equal, "the recorded check did not pass");
+    let path = models::smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("{e}"));
+    let mut model = models::load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let adapter = Adapter {
+        tensors: export::random_adapter_tensors(&model.config, &lora, 7, 0.1),
+        lora,
+        base_sha256: None,
+        version: None,
+    };
+    let params = std::mem::take(&mut model.params);
+    let (spec, params) = export::with_adapter(&model.name, &model.config, params, &adapter);
+    let mut backend = engine::open_model("cpu", &spec, params, engine::Purpose::Eval)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stop: Vec<u32> = model.eos_token_id.into_iter().collect();
+    for case in &golden.cases {
+        let ids = model.encode(&case.prompt).unwrap_or_else(|e| panic!("{e}"));
+        let new = models::greedy(
+            backend.as_mut(),
+            &ids,
+            golden.max_new_tokens,
+            &stop,
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(new, case.peft, "{}: PEFT's tokens", case.kind);
+        assert_eq!(new, case.merged, "{}: the merged model's tokens", case.kind);
+        assert_ne!(
+            new, case.hivetrain_base,
+            "{}: the adapter changes the tokens",
+            case.kind
+        );
+    }
+}
