@@ -355,7 +355,7 @@ pub fn write_peft_dir(
     base_model_name_or_path: &str,
 ) -> Result<(), ExportError> {
     let lora_error = |e: engine::lora::LoraConfigError| {
-        ExportError::malformed(Path::new(ADAPTER_CONFIG_FILE), e.to_string())
+        ExportError::malformed(&dir.join(ADAPTER_CONFIG_FILE), e.to_string())
     };
     adapter.lora.validate(base).map_err(lora_error)?;
     let config = peft_adapter_config(&adapter.lora, base_model_name_or_path);
