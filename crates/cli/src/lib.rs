@@ -6,6 +6,7 @@ mod env;
 mod export;
 mod generate;
 mod model;
+mod model_export;
 mod paths;
 mod pretrained;
 mod query;
@@ -47,8 +48,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Lend this machine to a coordinator: train work units, send signed updates.
     Worker(worker::WorkerArgs),
-    /// The model versions of a coordinator's run (list, export, prune), and pretrained
-    /// models (fetch, info, chat).
+    /// The model versions of a coordinator's run (list, export, prune), pretrained
+    /// models (fetch, info, chat), and LoRA adapters (export to PEFT, merge).
     #[command(subcommand)]
     Model(model::ModelCommand),
     /// Train a GPT on a corpus and print a sample (the default trains the `small` model

@@ -1,5 +1,6 @@
 //! `hivetrain model list|export|prune`: the model registry of a coordinator's run,
-//! and `model fetch|info|chat` for pretrained models (in `pretrained.rs`);
+//! `model fetch|info|chat` for pretrained models (in `pretrained.rs`), and
+//! `model export --base|merge` for LoRA adapters (in `model_export.rs`);
 //! loading one of its versions (for `generate --version` and the demo), and applying the
 //! retention policy to a stopped run.
 
@@ -47,17 +48,50 @@ pub(crate) enum ModelCommand {
     /// Ask a pretrained model (greedy decoding through the KV cache), e.g.
     /// `hivetrain model chat "What is the capital of France?"`.
     Chat(crate::pretrained::ChatArgs),
-    /// Export a version for HF transformers (GPT2LMHeadModel).
-    Export {
-        #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
-        run: PathBuf,
-        /// The version (default: the newest).
-        #[arg(long)]
-        version: Option<u64>,
-        /// Output directory.
-        #[arg(long)]
-        hf: PathBuf,
-    },
+    /// Export a LoRA adapter as a PEFT adapter directory and list it in the adapter
+    /// manifest (`--base --adapter --out`), or a GPT-2 run's version for HF transformers
+    /// (`--run --version --hf`).
+    ///
+    /// `hivetrain model export --base smollm2 --adapter v12.safetensors --out data/adapters/mine`
+    /// writes data/adapters/mine/{adapter_config.json, adapter_model.safetensors} and the
+    /// entry "mine" of data/adapters/manifest.json. An adapter that records the sha256 of
+    /// another base file is refused.
+    Export(ExportArgs),
+    /// Write an HF `LlamaForCausalLM` directory of a base model, with a LoRA adapter
+    /// merged in or without one, e.g.
+    /// `hivetrain model merge --base smollm2 --adapter data/adapters/mine --out merged`.
+    Merge(crate::model_export::MergeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ExportArgs {
+    /// The adapter's base model: `smollm2`, a Llama `.gguf` file or an HF Llama directory.
+    /// Its file's sha256 is checked against the one the adapter records.
+    #[arg(long, requires_all = ["adapter", "out"], conflicts_with = "hf")]
+    base: Option<String>,
+    /// The LoRA adapter: an adapter_model.safetensors hivetrain wrote (a LoRA run's
+    /// version) or a PEFT adapter directory.
+    #[arg(long, requires = "base")]
+    adapter: Option<PathBuf>,
+    /// The PEFT adapter directory to write; new, empty, or one this command wrote.
+    #[arg(long, requires = "base")]
+    out: Option<PathBuf>,
+    /// The adapter's name in the manifest (default: the last component of --out).
+    #[arg(long, requires = "base")]
+    name: Option<String>,
+    /// The adapter manifest to update (default: manifest.json beside --out, so
+    /// `--out data/adapters/NAME` updates data/adapters/manifest.json).
+    #[arg(long, requires = "base")]
+    manifest: Option<PathBuf>,
+    /// GPT-2 export: the coordinator's run directory.
+    #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
+    run: PathBuf,
+    /// GPT-2 export: the version (default: the newest).
+    #[arg(long)]
+    version: Option<u64>,
+    /// GPT-2 export: the output directory (GPT2LMHeadModel).
+    #[arg(long, required_unless_present = "base")]
+    hf: Option<PathBuf>,
 }
 
 /// One version of a run, loaded.
@@ -199,16 +233,32 @@ pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Fetch { name } => crate::pretrained::fetch_command(&name),
         ModelCommand::Info(arg) => crate::pretrained::info(arg),
         ModelCommand::Chat(args) => crate::pretrained::chat(args),
-        ModelCommand::Export { run, version, hf } => {
-            let model = load_version(&run, version)?;
-            crate::export::write_hf(&hf, &model.checkpoint, &model.tokenizer)?;
-            println!(
-                "exported version {} of {} to {} (load with GPT2LMHeadModel.from_pretrained)",
-                model.row.version,
-                run.display(),
-                hf.display()
-            );
-            Ok(())
-        }
+        ModelCommand::Merge(args) => crate::model_export::merge(args),
+        ModelCommand::Export(args) => match (args.base, args.adapter, args.out, args.hf) {
+            (Some(base), Some(adapter), Some(out), _) => {
+                crate::model_export::export_adapter(crate::model_export::AdapterExport {
+                    base,
+                    adapter: crate::model_export::AdapterSource::from_path(&adapter),
+                    out,
+                    name: args.name,
+                    manifest: args.manifest,
+                })
+            }
+            (None, _, _, Some(hf)) => {
+                let (run, version) = (args.run, args.version);
+                let model = load_version(&run, version)?;
+                crate::export::write_hf(&hf, &model.checkpoint, &model.tokenizer)?;
+                println!(
+                    "exported version {} of {} to {} (load with GPT2LMHeadModel.from_pretrained)",
+                    model.row.version,
+                    run.display(),
+                    hf.display()
+                );
+                Ok(())
+            }
+            _ => bail!(
+                "give --base, --adapter and --out (a LoRA adapter), or --hf (a GPT-2 run's version)"
+            ),
+        },
     }
 }

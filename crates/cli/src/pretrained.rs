@@ -40,6 +40,15 @@ pub(crate) struct ChatArgs {
     /// Compute device: `cpu` or `cpu:N`.
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
+    /// Run the model with this LoRA adapter (unmerged: the engine adds `B A x` to each
+    /// targeted projection): an adapter_model.safetensors hivetrain wrote, or a PEFT
+    /// adapter directory. One that records another base's sha256 is refused.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Print one JSON line `{"prompt_ids": [..], "new_ids": [..]}` instead of the text
+    /// (what scripts/check_peft_export.py compares with PyTorch).
+    #[arg(long)]
+    ids: bool,
 }
 
 /// The GGUF of a known model, fetched and checked if not cached.
@@ -58,23 +67,34 @@ pub(crate) fn fetch_command(name: &str) -> anyhow::Result<()> {
 
 /// Loads `--model`, timing it.
 fn load(arg: &ModelArg) -> anyhow::Result<(Pretrained, f64)> {
-    let path = if arg.model == KNOWN {
+    let start = Instant::now();
+    let model = load_named("--model", &arg.model, Some(arg.max_seq))?;
+    Ok((model, start.elapsed().as_secs_f64()))
+}
+
+/// Loads `model` (a known name, a `.gguf` file or an HF Llama directory; `flag` names the
+/// argument in errors) with a context of at most `max_seq` tokens (`None`: its own).
+/// The result's `path` is the file or directory read.
+pub(crate) fn load_named(
+    flag: &str,
+    model: &str,
+    max_seq: Option<usize>,
+) -> anyhow::Result<Pretrained> {
+    let path = if model == KNOWN {
         fetch(KNOWN)?
     } else {
-        PathBuf::from(&arg.model)
+        PathBuf::from(model)
     };
-    let start = Instant::now();
-    let model = if path.is_dir() {
-        models::load_hf_dir(&path, Some(arg.max_seq))?
+    Ok(if path.is_dir() {
+        models::load_hf_dir(&path, max_seq)?
     } else if path.exists() {
-        models::load_gguf(&path, Some(arg.max_seq))?
+        models::load_gguf(&path, max_seq)?
     } else {
         bail!(
-            "--model {}: no such file or directory (give {KNOWN}, a .gguf file or an HF Llama directory)",
+            "{flag} {}: no such file or directory (give {KNOWN}, a .gguf file or an HF Llama directory)",
             path.display()
         );
-    };
-    Ok((model, start.elapsed().as_secs_f64()))
+    })
 }
 
 /// This process's resident and peak resident memory in bytes (Linux; `None` elsewhere).
@@ -140,11 +160,27 @@ pub(crate) fn chat(args: ChatArgs) -> anyhow::Result<()> {
         model.chat_prompt(&[ChatMessage::user(&args.prompt)])?
     };
     let ids = model.encode(&prompt)?;
+    let adapter = match &args.adapter {
+        Some(path) => Some(crate::model_export::load_adapter(
+            &crate::model_export::AdapterSource::from_path(path),
+            &model,
+        )?),
+        None => None,
+    };
     // The backend takes the parameters over: one copy of the model in memory, not two.
     let params = std::mem::take(&mut model.params);
-    let mut backend =
-        engine::open_model(&args.device, &model.spec(), params, engine::Purpose::Eval)?;
+    let (spec, params) = match &adapter {
+        Some(adapter) => models::export::with_adapter(&model.name, &model.config, params, adapter),
+        None => (model.spec(), params),
+    };
+    let mut backend = engine::open_model(&args.device, &spec, params, engine::Purpose::Eval)?;
     let stop: Vec<u32> = model.eos_token_id.into_iter().collect();
+    if args.ids {
+        let new = models::greedy(backend.as_mut(), &ids, args.max_tokens, &stop, &mut |_| {})?;
+        let line = serde_json::json!({"prompt_ids": ids, "new_ids": new});
+        println!("{line}");
+        return Ok(());
+    }
     let mut stdout = std::io::stdout().lock();
     if args.plain {
         write!(stdout, "{}", args.prompt)?;

@@ -19,9 +19,11 @@
 mod chat;
 pub mod chat_data;
 mod error;
+pub mod export;
 pub mod gguf;
 mod hf;
 pub mod llama;
+pub mod manifest;
 pub mod quant;
 pub mod smollm2;
 mod tokenizer;

@@ -1,5 +1,5 @@
 //! `cargo xtask`: fetching and checking the corpus, benchmarks against PyTorch, the
-//! inputs of the golden-value tests, the attack sweep and the crash harness.
+//! inputs of the golden-value tests, the attack sweep, the crash harness, and a random LoRA adapter for export checks.
 
 mod bench;
 mod chaos;
@@ -11,6 +11,7 @@ mod golden;
 mod ingest;
 mod ledger_bench;
 mod lora_bench;
+mod random_adapter;
 mod robust;
 mod sim;
 mod unit_delta;
@@ -52,6 +53,9 @@ enum Command {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Write a deterministic non-zero LoRA adapter for a base model, as a LoRA run's
+    /// version is written (for scripts/check_peft_export.py).
+    RandomAdapter(random_adapter::RandomAdapterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => sim::run(&root, args),
         Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
+        Command::RandomAdapter(args) => random_adapter::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! written here, read back through the public API.
 
 mod chat_data;
+mod export;
 mod gguf_files;
 mod hf_dirs;
 mod smollm2;
