@@ -23,6 +23,7 @@ pub mod gguf;
 mod hf;
 pub mod llama;
 pub mod quant;
+pub mod shakespeare_chat;
 pub mod smollm2;
 mod tokenizer;
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod chaos;
+mod chat_data;
 mod control;
 mod corpus;
 mod decode;
@@ -46,6 +47,9 @@ enum Command {
     /// SIGKILLed at seeded moments and restarted, then versions, accepted updates, mints
     /// and the ledger checked.
     Chaos(chaos::ChaosArgs),
+    /// Write data/shakespeare-chat.jsonl (the SmolLM2 LoRA demo's chat set) from the
+    /// committed corpus, or check that the committed file is what the generator writes.
+    ChatData(chat_data::ChatDataArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => sim::run(&root, args),
         Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
+        Command::ChatData(args) => chat_data::run(&root, args),
     }
 }
 
