@@ -12,6 +12,7 @@ mod golden;
 mod ingest;
 mod ledger_bench;
 mod lora_bench;
+mod lora_combine;
 mod robust;
 mod sim;
 mod unit_delta;
@@ -50,6 +51,9 @@ enum Command {
     /// Write data/shakespeare-chat.jsonl (the SmolLM2 LoRA demo's chat set) from the
     /// committed corpus, or check that the committed file is what the generator writes.
     ChatData(chat_data::ChatDataArgs),
+    /// How LoRA adapters from M workers should be combined: in-process DiLoCo on SmolLM2
+    /// with each combination rule against single-machine training on the same tokens.
+    LoraCombine(lora_combine::LoraCombineArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
         Command::ChatData(args) => chat_data::run(&root, args),
+        Command::LoraCombine(args) => lora_combine::run(&root, args),
     }
 }
 
