@@ -712,6 +712,16 @@ mod tests {
                     .map(|s| format!("{:?}", parse_rule(s))),
             )
             .collect();
-        expect_test::expect![[""]].assert_eq(&got.join("\n"));
+        expect_test::expect![[r#"
+            avg lr 1 momentum 0
+            nesterov lr 0.7 momentum 0.9
+            0.5:0.25 lr 0.5 momentum 0.25
+            error: "fast": expected avg, nesterov or lr:momentum
+            error: "x": invalid float literal
+            Ok(Gate)
+            Err("\"gate_proj\": expected q, k, v, o, gate, up or down")
+            Ok(Ffa)
+            Err("\"mean\": expected factors, ffa or product")"#]]
+        .assert_eq(&got.join("\n"));
     }
 }
