@@ -25,6 +25,7 @@ mod hf;
 pub mod llama;
 pub mod manifest;
 pub mod quant;
+pub mod shakespeare_chat;
 pub mod smollm2;
 mod tokenizer;
 

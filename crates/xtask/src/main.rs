@@ -3,6 +3,7 @@
 
 mod bench;
 mod chaos;
+mod chat_data;
 mod control;
 mod corpus;
 mod decode;
@@ -12,6 +13,7 @@ mod ingest;
 mod ledger_bench;
 mod lora_bench;
 mod random_adapter;
+mod lora_combine;
 mod robust;
 mod sim;
 mod unit_delta;
@@ -47,6 +49,12 @@ enum Command {
     /// SIGKILLed at seeded moments and restarted, then versions, accepted updates, mints
     /// and the ledger checked.
     Chaos(chaos::ChaosArgs),
+    /// Write data/shakespeare-chat.jsonl (the SmolLM2 LoRA demo's chat set) from the
+    /// committed corpus, or check that the committed file is what the generator writes.
+    ChatData(chat_data::ChatDataArgs),
+    /// How LoRA adapters from M workers should be combined: in-process DiLoCo on SmolLM2
+    /// with each combination rule against single-machine training on the same tokens.
+    LoraCombine(lora_combine::LoraCombineArgs),
     /// Write the tiny model's golden-test inputs to tests/golden and run the PyTorch
     /// script that computes the expected values (needs torch and safetensors).
     Golden {
@@ -69,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
         Command::RandomAdapter(args) => random_adapter::run(args),
+        Command::ChatData(args) => chat_data::run(&root, args),
+        Command::LoraCombine(args) => lora_combine::run(&root, args),
     }
 }
 

@@ -101,3 +101,42 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
         assert_eq!(text, answers, "line {}", c.line);
     }
 }
+
+/// `data/shakespeare-chat.jsonl` is what `models::shakespeare_chat` makes of the committed
+/// corpus through SmolLM2's tokenizer and chat template, byte for byte (so `cargo xtask
+/// chat-data` rewrites it unchanged), and every conversation renders to at most 256
+/// tokens with its answer counting in the loss.
+#[test]
+fn shakespeare_chat_set_is_regenerated_byte_for_byte() {
+    let path = smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("fetching SmolLM2: {e}"));
+    let model = load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    let corpus = std::fs::read_to_string(data.join("shakespeare.txt"))
+        .unwrap_or_else(|e| panic!("the corpus: {e}"));
+    let conversations =
+        models::shakespeare_chat::conversations(&corpus, Default::default(), |messages| {
+            models::tokenize_chat(&model, messages).map(|t| t.ids.len())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = models::shakespeare_chat::to_jsonl(&conversations);
+    let committed = std::fs::read_to_string(data.join("shakespeare-chat.jsonl"))
+        .unwrap_or_else(|e| panic!("the committed set: {e}"));
+    assert!(
+        text == committed,
+        "data/shakespeare-chat.jsonl is not what the generator writes: run `cargo xtask chat-data`"
+    );
+    let read = models::read_chat_jsonl(&data.join("shakespeare-chat.jsonl"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read.len(), conversations.len());
+    for c in &read {
+        let t = models::tokenize_chat(&model, &c.messages)
+            .unwrap_or_else(|e| panic!("line {}: {e}", c.line));
+        assert!(
+            t.ids.len() <= 256,
+            "line {}: {} tokens",
+            c.line,
+            t.ids.len()
+        );
+        assert!(t.n_loss() > 0, "line {}: no answer", c.line);
+    }
+}
