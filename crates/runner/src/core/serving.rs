@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use data::TextTokenizer;
 use ed25519_dalek::{Signature, VerifyingKey};
 use engine::ModelSpec;
 use ledger::{Account, Draft, Ledger, Prepared};
@@ -35,7 +34,7 @@ const CHALLENGE_BYTES: usize = 8 + 16 + 32;
 /// Meta key: the ledger entry from which the next dividend counts credit earned.
 pub(super) const META_DIVIDEND_FROM: &str = "dividend_from";
 
-/// The weights and tokenizer a request generates with, taken under the lock and used
+/// The weights and vocabulary a request generates with, taken under the lock and used
 /// outside it.
 #[derive(Clone)]
 pub struct ModelSnapshot {
@@ -44,7 +43,9 @@ pub struct ModelSnapshot {
     /// The run's model (what a backend for the snapshot is opened from).
     pub spec: ModelSpec,
     pub params: Arc<Vec<f32>>,
-    pub tokenizer: Arc<TextTokenizer>,
+    /// The tokenizer and chat format (the run's GPT-2 tokenizer today; a pretrained
+    /// model's [`inference::PretrainedVocab`] once the core serves one).
+    pub tokenizer: Arc<dyn inference::Vocab>,
 }
 
 /// Serving state kept by the core (in memory; a restart voids open challenges and holds,
