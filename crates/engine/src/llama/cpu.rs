@@ -1420,6 +1420,24 @@ mod tests {
             expect_test::expect!["generation reached the model's context of 4 tokens"],
         );
         check(
+            |m| m.decode_prefill(&[]).map(drop),
+            expect_test::expect!["sequence length 0 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| m.decode_prefill(&[1, 2, 11]).map(drop),
+            expect_test::expect!["token id 11 is outside the vocabulary of 11"],
+        );
+        check(
+            |m| {
+                m.decode_prefill(&[1, 2])?;
+                // Three more do not fit in 4: none is fed, so two still do.
+                let full = m.decode_prefill(&[3, 4, 5]).map(drop);
+                m.decode_prefill(&[3, 4])?;
+                full
+            },
+            expect_test::expect!["generation reached the model's context of 4 tokens"],
+        );
+        check(
             |m| m.logits(&[]).map(drop),
             expect_test::expect!["sequence length 0 is outside 1..=4 (the model's context)"],
         );
