@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /v1/models` | `hivetrain` (the newest version) and `hivetrain-vN` |
 //! | `POST /v1/completions` | a completion, or server-sent events with `stream: true` |
-//! | `POST /v1/chat/completions` | a chat completion (the template is `inference::chat_prompt`) |
+//! | `POST /v1/chat/completions` | a chat completion (the template is the model's `inference::Vocab`: `inference::chat_prompt` for a GPT-2 of the run) |
 //! | `GET /v1/keys/challenge` | a challenge for a wallet to sign |
 //! | `POST /v1/keys` | an API key for a wallet that signed a challenge |
 //! | `POST /v1/keys/revoke` | revokes the key in `Authorization`, or every key of a wallet that signed a challenge |
@@ -581,8 +581,8 @@ async fn serve(
     let plan = {
         let tokenizer = model.tokenizer.clone();
         tokio::task::spawn_blocking(move || match &job {
-            Job::Completion(r) => inference::plan_completion(r, &tokenizer, &limits, seed),
-            Job::Chat(r) => inference::plan_chat(r, &tokenizer, &limits, seed),
+            Job::Completion(r) => inference::plan_completion(r, &*tokenizer, &limits, seed),
+            Job::Chat(r) => inference::plan_chat(r, &*tokenizer, &limits, seed),
         })
         .await
         .map_err(|e| ApiError::internal(&e))?
@@ -639,7 +639,7 @@ fn generate(
         .model
         .open(&shared.serving.device, &model.params, engine::Purpose::Eval)
         .map_err(|e| ApiError::internal(&e))?;
-    let outcome = inference::run(backend.as_mut(), &model.tokenizer, plan, on_text)
+    let outcome = inference::run(backend.as_mut(), &*model.tokenizer, plan, on_text)
         .map_err(|e| ApiError::internal(&e))?;
     let usage = Usage::new(plan.prompt.len() as u64, outcome.completion_tokens);
     shared

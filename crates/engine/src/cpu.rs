@@ -97,16 +97,44 @@ impl Acts {
 /// KV cache and scratch for one generation.
 struct DecodeState {
     pos: usize,
+    /// Per layer, `[n_ctx, n_embd]`: keys, and values.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The scratch below holds the rows of one pass (one token, or up to
+    /// [`PREFILL_ROWS_MAX`] of a prompt), sized by [`DecodeState::rows`].
     x: Vec<f32>,
     ln: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
     qkv: Vec<f32>,
     y: Vec<f32>,
+    /// The MLP's hidden rows before GELU, and after.
+    pre: Vec<f32>,
     h: Vec<f32>,
+    /// `[rows, positions attended]`: each row's attention scores.
     scores: Vec<f32>,
+    /// The logits after the last token fed.
     logits: Vec<f32>,
 }
+
+impl DecodeState {
+    /// Sizes the scratch for `n` rows of width `c` attending over at most `positions`.
+    fn rows(&mut self, c: usize, n: usize, positions: usize) {
+        self.x.resize(n * c, 0.0);
+        self.ln.resize(n * c, 0.0);
+        self.mean.resize(n, 0.0);
+        self.rstd.resize(n, 0.0);
+        self.qkv.resize(n * 3 * c, 0.0);
+        self.y.resize(n * c, 0.0);
+        self.pre.resize(n * 4 * c, 0.0);
+        self.h.resize(n * 4 * c, 0.0);
+        self.scores.resize(n * positions, 0.0);
+    }
+}
+
+/// Prompt rows one prefill pass runs at once: bounds a pass's scratch (`[rows, 4 *
+/// n_embd]` and `[rows, context]` floats) whatever the prompt's length.
+const PREFILL_ROWS_MAX: usize = 256;
 
 /// A GPT on the CPU.
 pub struct CpuBackend {
@@ -559,21 +587,143 @@ impl CpuBackend {
         )
     }
 
-    fn decode_state(&mut self) -> &mut DecodeState {
+    /// Feeds `tokens` at the next positions of the KV cache, [`PREFILL_ROWS_MAX`] rows
+    /// per pass; returns the logits after the last. Nothing is fed unless all of them fit.
+    fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let config = self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::SequenceLength {
+                seq: 0,
+                n_ctx: config.n_ctx,
+            });
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: config.vocab_size,
+            });
+        }
+        if self.decode.as_ref().map_or(0, |s| s.pos) + tokens.len() > config.n_ctx {
+            return Err(EngineError::ContextFull {
+                n_ctx: config.n_ctx,
+            });
+        }
         let c = config.n_embd;
         self.decode.get_or_insert_with(|| DecodeState {
             pos: 0,
             k: vec![vec![0.0; config.n_ctx * c]; config.n_layer],
             v: vec![vec![0.0; config.n_ctx * c]; config.n_layer],
-            x: vec![0.0; c],
-            ln: vec![0.0; c],
-            qkv: vec![0.0; 3 * c],
-            y: vec![0.0; c],
-            h: vec![0.0; 4 * c],
-            scores: vec![0.0; config.n_ctx],
+            x: Vec::new(),
+            ln: Vec::new(),
+            mean: Vec::new(),
+            rstd: Vec::new(),
+            qkv: Vec::new(),
+            y: Vec::new(),
+            pre: Vec::new(),
+            h: Vec::new(),
+            scores: Vec::new(),
             logits: vec![0.0; config.vocab_size],
-        })
+        });
+        for chunk in tokens.chunks(PREFILL_ROWS_MAX) {
+            self.decode_pass(chunk);
+        }
+        match &self.decode {
+            Some(s) => Ok(&s.logits),
+            None => unreachable!("created above"),
+        }
+    }
+
+    /// One pass of [`CpuBackend::decode_tokens`]: the rows of `tokens` through every
+    /// layer as matrices (the training forward's kernels), each row attending to the
+    /// cache up to its own position; the head runs on the last row only.
+    fn decode_pass(&mut self, tokens: &[u32]) {
+        let config = self.config;
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("decode_tokens creates the state")
+        };
+        let (params, layout) = (&self.params, &self.layout);
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let w = |off: usize, len: usize| &params[off..off + len];
+        let (pos, n) = (s.pos, tokens.len());
+        s.rows(c, n, pos + n);
+        let wte = w(layout.wte, v * c);
+        for (i, (row, &tok)) in s.x.chunks_exact_mut(c).zip(tokens).enumerate() {
+            let (tok, wpe) = (tok as usize, layout.wpe + (pos + i) * c);
+            for j in 0..c {
+                row[j] = wte[tok * c + j] + params[wpe + j];
+            }
+        }
+        // One row (a decode step) runs each product on the calling thread, as decoding
+        // always has; a prompt's rows are a matrix product over the threads.
+        let par = if n == 1 {
+            Par::Single
+        } else {
+            Par::Threads(self.threads)
+        };
+        // `y (+)= x @ weight` for a Conv1D weight `[inp, out]`.
+        let linear = |y: &mut [f32], x: &[f32], weight: &[f32], (inp, out)| {
+            matmul(
+                ViewMut::rows(y, n, out),
+                View::rows(x, n, inp),
+                View::rows(weight, inp, out),
+                true,
+                par,
+            );
+        };
+        self.pool.install(|| {
+            for l in 0..config.n_layer {
+                let o = layout.blocks[l];
+                let (ln_w, ln_b) = (w(o.ln1_w, c), w(o.ln1_b, c));
+                ops::layernorm_forward(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, ln_w, ln_b);
+                ops::fill_rows(&mut s.qkv, w(o.qkv_b, 3 * c));
+                linear(&mut s.qkv, &s.ln, w(o.qkv_w, 3 * c * c), (c, 3 * c));
+                for (i, row) in s.qkv.chunks_exact(3 * c).enumerate() {
+                    let at = pos + i;
+                    s.k[l][at * c..(at + 1) * c].copy_from_slice(&row[c..2 * c]);
+                    s.v[l][at * c..(at + 1) * c].copy_from_slice(&row[2 * c..]);
+                }
+                let cache = (&s.k[l][..], &s.v[l][..]);
+                s.y.par_chunks_mut(c)
+                    .zip(s.scores.par_chunks_mut(pos + n))
+                    .zip(s.qkv.par_chunks(3 * c))
+                    .enumerate()
+                    .for_each(|(i, ((y, scores), q))| {
+                        for h in 0..nh {
+                            ops::attend_cached(
+                                &mut y[h * hs..(h + 1) * hs],
+                                &q[h * hs..(h + 1) * hs],
+                                cache,
+                                (c, h * hs),
+                                scale,
+                                &mut scores[..=pos + i],
+                            );
+                        }
+                    });
+                for row in s.x.chunks_exact_mut(c) {
+                    for (x, b) in row.iter_mut().zip(w(o.proj_b, c)) {
+                        *x += b;
+                    }
+                }
+                linear(&mut s.x, &s.y, w(o.proj_w, c * c), (c, c));
+                let (ln_w, ln_b) = (w(o.ln2_w, c), w(o.ln2_b, c));
+                ops::layernorm_forward(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, ln_w, ln_b);
+                ops::fill_rows(&mut s.pre, w(o.fc_b, 4 * c));
+                linear(&mut s.pre, &s.ln, w(o.fc_w, 4 * c * c), (c, 4 * c));
+                ops::gelu_forward(&mut s.h, &s.pre);
+                for row in s.x.chunks_exact_mut(c) {
+                    for (x, b) in row.iter_mut().zip(w(o.fcproj_b, c)) {
+                        *x += b;
+                    }
+                }
+                linear(&mut s.x, &s.h, w(o.fcproj_w, 4 * c * c), (4 * c, c));
+            }
+            let last = &s.x[(n - 1) * c..];
+            layernorm_row(&mut s.ln[..c], last, w(layout.lnf_w, c), w(layout.lnf_b, c));
+            ops::matvec(&mut s.logits, wte, &s.ln[..c], false);
+        });
+        s.pos += n;
     }
 }
 
@@ -666,119 +816,11 @@ impl Backend for CpuBackend {
     }
 
     fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
-        let config = self.config;
-        if token as usize >= config.vocab_size {
-            return Err(EngineError::TokenOutOfRange {
-                token,
-                vocab_size: config.vocab_size,
-            });
-        }
-        if self.decode.as_ref().is_some_and(|s| s.pos >= config.n_ctx) {
-            return Err(EngineError::ContextFull {
-                n_ctx: config.n_ctx,
-            });
-        }
-        self.decode_state();
-        let Some(s) = self.decode.as_mut() else {
-            unreachable!("created above")
-        };
-        let (params, layout) = (&self.params, &self.layout);
-        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
-        let hs = c / nh;
-        let scale = 1.0 / (hs as f32).sqrt();
-        let w = |off: usize, len: usize| &params[off..off + len];
-        let pos = s.pos;
-        let tok = token as usize;
-        let wte = w(layout.wte, v * c);
-        for j in 0..c {
-            s.x[j] = wte[tok * c + j] + params[layout.wpe + pos * c + j];
-        }
-        self.pool.install(|| {
-            for l in 0..config.n_layer {
-                let o = layout.blocks[l];
-                layernorm_row(&mut s.ln, &s.x, w(o.ln1_w, c), w(o.ln1_b, c));
-                s.qkv.copy_from_slice(w(o.qkv_b, 3 * c));
-                matmul(
-                    ViewMut::rows(&mut s.qkv, 1, 3 * c),
-                    View::rows(&s.ln, 1, c),
-                    View::rows(w(o.qkv_w, 3 * c * c), c, 3 * c),
-                    true,
-                    Par::Single,
-                );
-                s.k[l][pos * c..(pos + 1) * c].copy_from_slice(&s.qkv[c..2 * c]);
-                s.v[l][pos * c..(pos + 1) * c].copy_from_slice(&s.qkv[2 * c..3 * c]);
-                for h in 0..nh {
-                    let q = &s.qkv[h * hs..(h + 1) * hs];
-                    let scores = &mut s.scores[..=pos];
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, sc) in scores.iter_mut().enumerate() {
-                        *sc = ops::dot(q, &s.k[l][p * c + h * hs..p * c + (h + 1) * hs]) * scale;
-                        max = max.max(*sc);
-                    }
-                    for sc in scores.iter_mut() {
-                        *sc = ops::exp_fast(*sc - max);
-                    }
-                    let inv = 1.0 / ops::sum(scores);
-                    let y = &mut s.y[h * hs..(h + 1) * hs];
-                    y.fill(0.0);
-                    for (p, sc) in scores.iter().enumerate() {
-                        let vrow = &s.v[l][p * c + h * hs..p * c + (h + 1) * hs];
-                        let weight = sc * inv;
-                        for (yy, vv) in y.iter_mut().zip(vrow) {
-                            *yy += weight * vv;
-                        }
-                    }
-                }
-                for j in 0..c {
-                    s.x[j] += params[o.proj_b + j];
-                }
-                matmul(
-                    ViewMut::rows(&mut s.x, 1, c),
-                    View::rows(&s.y, 1, c),
-                    View::rows(w(o.proj_w, c * c), c, c),
-                    true,
-                    Par::Single,
-                );
-                layernorm_row(&mut s.ln, &s.x, w(o.ln2_w, c), w(o.ln2_b, c));
-                s.h.copy_from_slice(w(o.fc_b, 4 * c));
-                matmul(
-                    ViewMut::rows(&mut s.h, 1, 4 * c),
-                    View::rows(&s.ln, 1, c),
-                    View::rows(w(o.fc_w, 4 * c * c), c, 4 * c),
-                    true,
-                    Par::Single,
-                );
-                let pre = s.h.clone();
-                ops::gelu_forward(&mut s.h, &pre);
-                for j in 0..c {
-                    s.x[j] += params[o.fcproj_b + j];
-                }
-                matmul(
-                    ViewMut::rows(&mut s.x, 1, c),
-                    View::rows(&s.h, 1, 4 * c),
-                    View::rows(w(o.fcproj_w, 4 * c * c), 4 * c, c),
-                    true,
-                    Par::Single,
-                );
-            }
-            layernorm_row(&mut s.ln, &s.x, w(layout.lnf_w, c), w(layout.lnf_b, c));
-            // The head is the largest product of a decode step; split its rows over threads.
-            s.logits
-                .par_chunks_mut(1024)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let rows = out.len();
-                    matmul(
-                        ViewMut::rows(out, rows, 1),
-                        View::rows(&wte[i * 1024 * c..], rows, c),
-                        View::rows(&s.ln, c, 1),
-                        false,
-                        Par::Single,
-                    );
-                });
-        });
-        s.pos += 1;
-        Ok(&s.logits)
+        self.decode_tokens(&[token])
+    }
+
+    fn decode_prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        self.decode_tokens(tokens)
     }
 }
 

@@ -84,8 +84,9 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> u3
 }
 
 /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` with each;
-/// stops early when `on_token` returns false. When the context fills up, the cache is
-/// rebuilt from the most recent half of the context and generation goes on.
+/// stops early when `on_token` returns false. The prompt is fed in one prefill pass
+/// ([`Backend::decode_prefill`]). When the context fills up, the cache is rebuilt from
+/// the most recent half of the context and generation goes on.
 pub fn generate(
     backend: &mut dyn Backend,
     prompt: &[u32],
@@ -112,11 +113,10 @@ pub fn generate(
             backend.decode_reset();
             fed = 0;
         }
-        let mut logits: &[f32] = &[];
-        while fed < context.len() {
-            logits = backend.decode_step(context[fed])?;
-            fed += 1;
-        }
+        // The prompt (or the context kept after a slide) goes in as one prefill; after
+        // that, one token per step.
+        let logits = backend.decode_prefill(&context[fed..])?;
+        fed = context.len();
         let next = sample(logits, params, &mut rng);
         out.push(next);
         context.push(next);

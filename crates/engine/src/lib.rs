@@ -148,6 +148,13 @@ pub trait Backend: Send {
     fn decode_reset(&mut self);
     /// Feeds one token at the next position; returns the logits for the position after.
     fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError>;
+    /// Feeds `tokens` (at least one) at the next positions in one pass, each row's
+    /// products as one matrix product rather than a row at a time; returns the logits
+    /// for the position after the last. What a prompt goes in by: the same logits as
+    /// `decode_step` token by token, up to f32 rounding (a product of many rows sums in
+    /// gemm's tile order). Nothing is fed when the tokens do not all fit in the context
+    /// ([`EngineError::ContextFull`]).
+    fn decode_prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError>;
 }
 
 /// Opens a training backend by device name (`cpu`, `cpu:4` for four threads).

@@ -100,6 +100,66 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Output rows of one task in [`matvec`]: fixed, so the split (and every result bit)
+/// is the same for any thread count.
+const MATVEC_ROWS_PER_TASK: usize = 128;
+
+/// `y = w @ x` (or `y += w @ x` when `accumulate`) for one input row `x` and a weight
+/// `w` stored `[y.len(), x.len()]`: decoding's products, which gemm would run on one
+/// thread (one row has nothing to split), so the weight's rows are split over the pool's
+/// tasks instead. Decoding reads every weight once per token, so its speed is memory
+/// bandwidth, and that needs every core reading.
+pub(crate) fn matvec(y: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
+    let inp = x.len();
+    assert_eq!(w.len(), y.len() * inp, "matvec: w is not [out, in]");
+    y.par_chunks_mut(MATVEC_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let rows = out.len();
+            let start = i * MATVEC_ROWS_PER_TASK * inp;
+            matmul(
+                ViewMut::rows(out, rows, 1),
+                View::rows(&w[start..start + rows * inp], rows, inp),
+                View::rows(x, inp, 1),
+                accumulate,
+                Par::Single,
+            );
+        });
+}
+
+/// One query head's causal attention over a KV cache: `y = softmax(scale q K^T) V` over
+/// the first `scores.len()` cached positions, where position `t`'s key is
+/// `k[t * stride + col..][..q.len()]` (and its value likewise in `v`). One token's
+/// decode step and a prompt's prefill both attend through this, so a row's attention is
+/// the same arithmetic either way.
+pub(crate) fn attend_cached(
+    y: &mut [f32],
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    (stride, col): (usize, usize),
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (t, sc) in scores.iter_mut().enumerate() {
+        *sc = dot(q, &k[t * stride + col..t * stride + col + hd]) * scale;
+        max = max.max(*sc);
+    }
+    for sc in scores.iter_mut() {
+        *sc = exp_fast(*sc - max);
+    }
+    let inv = 1.0 / sum(scores);
+    y.fill(0.0);
+    for (t, sc) in scores.iter().enumerate() {
+        let vrow = &v[t * stride + col..t * stride + col + hd];
+        let weight = sc * inv;
+        for (yy, vv) in y.iter_mut().zip(vrow) {
+            *yy += weight * vv;
+        }
+    }
+}
+
 /// Sum of squares in f64, split into fixed blocks, for gradient norms.
 pub(crate) fn sum_squares(x: &[f32]) -> f64 {
     let partials: Vec<f64> = x

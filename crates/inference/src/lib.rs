@@ -3,11 +3,18 @@
 //! handing out text as it becomes final (whole UTF-8 characters, never a piece of a
 //! stop string) and stopping at a stop string, the end-of-text token or the token limit.
 //!
-//! No IO and no clock: the server passes the backend, the tokenizer and a fallback seed.
+//! No IO and no clock: the server passes the backend, the model's [`Vocab`] (its
+//! tokenizer and chat format) and a fallback seed.
 
 pub mod api;
+mod vocab;
 
+pub use vocab::{PretrainedVocab, Vocab, VocabError};
+
+// The tests of plans and runs use hivetrain's GPT-2 tokenizer by its name.
+#[cfg(test)]
 use data::TextTokenizer;
+
 use engine::generate::SamplingParams;
 use engine::{Backend, EngineError};
 
@@ -65,7 +72,7 @@ pub struct Plan {
     pub include_usage: bool,
 }
 
-/// The prompt the chat endpoint feeds the model: each message as a speaker's turn the way
+/// The prompt the chat endpoint feeds a GPT-2 of hivetrain's (its [`Vocab`]): each message as a speaker's turn the way
 /// the corpus writes them (`NAME:` on its line, the text, a blank line), the system
 /// message first without a name, then `ASSISTANT:` for the model to go on. Chat replies
 /// stop at a blank line (the end of a turn) unless the request names its own stops.
@@ -92,7 +99,7 @@ pub const CHAT_STOP: &str = "\n\n";
 /// Checks a completion request.
 pub fn plan_completion(
     request: &CompletionRequest,
-    tokenizer: &TextTokenizer,
+    vocab: &dyn Vocab,
     limits: &Limits,
     seed: u64,
 ) -> Result<Plan, RequestError> {
@@ -106,13 +113,14 @@ pub fn plan_completion(
             ),
         ));
     };
-    plan(prompt, &request.sampling, tokenizer, limits, seed, &[])
+    plan(prompt, &request.sampling, vocab, limits, seed, &[])
 }
 
-/// Checks a chat request.
+/// Checks a chat request; the prompt and the default stops are the vocabulary's chat
+/// format's.
 pub fn plan_chat(
     request: &ChatRequest,
-    tokenizer: &TextTokenizer,
+    vocab: &dyn Vocab,
     limits: &Limits,
     seed: u64,
 ) -> Result<Plan, RequestError> {
@@ -143,20 +151,23 @@ pub fn plan_chat(
     {
         return Err(refuse("empty_prompt", "every message is empty"));
     }
+    let prompt = vocab
+        .chat_prompt(&request.messages)
+        .map_err(|e| refuse("bad_prompt", e.to_string()))?;
     plan(
-        &chat_prompt(&request.messages),
+        &prompt,
         &request.sampling,
-        tokenizer,
+        vocab,
         limits,
         seed,
-        &[CHAT_STOP],
+        vocab.chat_stops(),
     )
 }
 
 fn plan(
     prompt: &str,
     s: &Sampling,
-    tokenizer: &TextTokenizer,
+    vocab: &dyn Vocab,
     limits: &Limits,
     seed: u64,
     default_stops: &[&str],
@@ -218,7 +229,7 @@ fn plan(
             format!("stop must be at most {STOPS_MAX} strings of 1 to {STOP_BYTES_MAX} bytes"),
         ));
     }
-    let ids = tokenizer
+    let ids = vocab
         .encode(prompt)
         .map_err(|e| refuse("bad_prompt", e.to_string()))?;
     if ids.len() as u64 > limits.prompt_tokens {
@@ -249,7 +260,7 @@ fn plan(
 /// Why generation ended, as OpenAI names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
-    /// A stop string or the end-of-text token.
+    /// A stop string or a stop token ([`Vocab::stop_tokens`]).
     Stop,
     /// `max_tokens` reached.
     Length,
@@ -270,21 +281,22 @@ impl Finish {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
     pub text: String,
-    /// Tokens the model generated (the end-of-text token and a stop string's tokens
-    /// included: they were computed).
+    /// Tokens the model generated (a stop token and a stop string's tokens included:
+    /// they were computed).
     pub completion_tokens: u64,
     pub finish: Finish,
 }
 
 /// Generates `plan`, calling `on_text` with each piece of text as it becomes final (the
 /// pieces concatenate to `Outcome::text`); `on_text` returning false cancels.
+/// A stop token ends generation and is never text.
 pub fn run(
     backend: &mut dyn Backend,
-    tokenizer: &TextTokenizer,
+    vocab: &dyn Vocab,
     plan: &Plan,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Outcome, EngineError> {
-    let end_of_text = tokenizer.end_of_text();
+    let stop_tokens = vocab.stop_tokens();
     // Text that could still be the start of a stop string is held back.
     let hold = plan.stops.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
     let mut ids: Vec<u32> = Vec::new();
@@ -300,12 +312,12 @@ pub fn run(
         &plan.sampling,
         &mut |id| {
             generated += 1;
-            if Some(id) == end_of_text {
+            if stop_tokens.contains(&id) {
                 finish = Finish::Stop;
                 return false;
             }
             ids.push(id);
-            text = tokenizer.decode(&ids);
+            text = vocab.decode(&ids);
             let from = emitted.saturating_sub(STOP_BYTES_MAX);
             if let Some(at) = plan
                 .stops

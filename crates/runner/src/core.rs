@@ -491,7 +491,13 @@ impl Core {
         };
         let base = base.map(|(bytes, _)| bytes);
         let ledger = SharedLedger::new(ledger);
-        let text_tokenizer = Arc::new(tokenizer);
+        // A fine-tune serves chats through its base's template; a base without one
+        // (or a run from scratch) through the speaker format of the run's tokenizer.
+        let vocab: Arc<dyn inference::Vocab> =
+            match pretrained.as_deref().map(inference::PretrainedVocab::new) {
+                Some(Ok(vocab)) => Arc::new(vocab),
+                _ => Arc::new(tokenizer),
+            };
         let authority = Arc::new(authority);
         let corpus = Arc::new(corpus);
         let tokenizer_bytes = Arc::new(tokenizer_bytes);
@@ -515,8 +521,7 @@ impl Core {
             run_info: Arc::new(run_info.clone()),
             corpus: corpus.clone(),
             tokenizer: tokenizer_bytes.clone(),
-            text_tokenizer: text_tokenizer.clone(),
-            pretrained,
+            vocab,
             model: model.clone(),
             base,
             epoch: store.rounds_epoch(),

@@ -1,6 +1,11 @@
 //! `cargo xtask bench decode`: greedy decoding tokens/s of the inference endpoint (HTTP,
 //! the real coordinator) and of the engine in-process, against PyTorch decoding from
 //! the same weights and prompt in the same run. The tokens must match.
+//!
+//! `--model gpt2` (the default) decodes a fresh run's GPT-2 preset, in-process and
+//! through the endpoint. `--model smollm2` decodes the cached SmolLM2-135M-Instruct
+//! (its GGUF dequantized to f32, the weights HF gets too, as safetensors) from a ChatML
+//! prompt, in-process only: the coordinator does not serve a Llama yet.
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,9 +16,28 @@ use ed25519_dalek::{Signer, SigningKey};
 use engine::generate::SamplingParams;
 use protocol::WorkerId;
 
+/// Which model the benchmark decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DecodeModel {
+    /// A GPT-2 preset's fresh weights (`--preset`, `--seed`).
+    Gpt2,
+    /// SmolLM2-135M-Instruct from the model cache (`hivetrain model fetch smollm2`).
+    Smollm2,
+}
+
+/// SmolLM2's chat prompt: this user message in its ChatML template (with the template's
+/// default system message, about 40 tokens in all).
+const SMOLLM2_USER: &str =
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+/// The context SmolLM2 is loaded with: the KV cache of prompt and new tokens fits.
+const SMOLLM2_CONTEXT: usize = 1024;
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct DecodeBench {
-    /// Model preset (its weights: version 0 of a fresh run with `--seed`).
+    /// The model to decode.
+    #[arg(long, value_enum, default_value = "gpt2")]
+    model: DecodeModel,
+    /// Model preset of `--model gpt2` (its weights: version 0 of a fresh run with `--seed`).
     #[arg(long, default_value = "small")]
     preset: String,
     #[arg(long, default_value_t = 1)]
@@ -21,8 +45,10 @@ pub(crate) struct DecodeBench {
     /// Tokens to generate (prompt and tokens must fit the preset's context).
     #[arg(long, default_value_t = 120)]
     tokens: usize,
-    #[arg(long, default_value = "KING HENRY:\n")]
-    prompt: String,
+    /// The prompt (`--model gpt2`, default "KING HENRY:\n"), or the user message of the
+    /// chat prompt (`--model smollm2`, default a request for a short story).
+    #[arg(long)]
+    prompt: Option<String>,
     /// Threads of each side.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -39,6 +65,172 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         args.tokens > 0 && args.repeat > 0,
         "--tokens and --repeat must be at least 1"
     );
+    match args.model {
+        DecodeModel::Gpt2 => gpt2(root, args),
+        DecodeModel::Smollm2 => smollm2(root, args),
+    }
+}
+
+/// Greedy sampling.
+const GREEDY: SamplingParams = SamplingParams {
+    temperature: 0.0,
+    top_k: 0,
+    top_p: 1.0,
+    seed: 0,
+};
+
+/// The engine's KV-cache generation in-process, as the endpoint runs it: the tokens and
+/// the best tokens/s of `repeat` timed runs after an untimed one.
+fn in_process(
+    backend: &mut dyn engine::Backend,
+    prompt: &[u32],
+    tokens: usize,
+    repeat: usize,
+) -> anyhow::Result<(Vec<u32>, f64)> {
+    let mut ours = Vec::new();
+    let mut best = 0.0f64;
+    for i in 0..=repeat {
+        let started = Instant::now();
+        ours = engine::generate::generate(backend, prompt, tokens, &GREEDY, &mut |_| true)?;
+        let rate = ours.len() as f64 / started.elapsed().as_secs_f64();
+        if i > 0 {
+            best = best.max(rate);
+        }
+    }
+    Ok((ours, best))
+}
+
+/// Runs scripts/torch_decode.py on `dir` and checks that its tokens (transformers'
+/// `generate` and the plain loop) are `ours`; returns its JSON line.
+fn torch_side(
+    python: &str,
+    root: &Path,
+    dir: &Path,
+    ours: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    let stdout = crate::bench::run_python(python, root, "torch_decode.py", dir)?;
+    let torch: serde_json::Value =
+        serde_json::from_slice(&stdout).context("the PyTorch script printed no JSON line")?;
+    let tokens = |name: &str| -> Vec<u32> {
+        torch[name]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_u64().map(|t| t as u32))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in ["generate_tokens", "loop_tokens"] {
+        let theirs = tokens(name);
+        let same = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+        ensure!(
+            theirs == ours,
+            "PyTorch's {name} differ from hivetrain's at token {same} of {}",
+            ours.len()
+        );
+    }
+    Ok(torch)
+}
+
+/// The table: each side's tokens/s and its ratio to PyTorch's faster way.
+fn print_table(torch: &serde_json::Value, n_tokens: usize, repeat: usize, ours: &[(&str, f64)]) {
+    let torch_generate = torch["generate_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let torch_loop = torch["loop_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let peer = torch_generate.max(torch_loop);
+    println!(
+        "tokens match: hivetrain and PyTorch ({} {}, transformers {}) give the same {} greedy tokens",
+        torch["torch"].as_str().unwrap_or("?"),
+        if torch_generate >= torch_loop {
+            "generate"
+        } else {
+            "loop"
+        },
+        torch["transformers"].as_str().unwrap_or("?"),
+        n_tokens
+    );
+    println!("| side | tokens/s (best of {repeat}) | vs PyTorch |");
+    println!("|---|---|---|");
+    for (side, rate) in ours {
+        println!("| {side} | {rate:.1} | {:.2}x |", rate / peer);
+    }
+    println!(
+        "| PyTorch transformers generate | {torch_generate:.1} | {:.2}x |",
+        torch_generate / peer
+    );
+    println!(
+        "| PyTorch loop with past_key_values | {torch_loop:.1} | {:.2}x |",
+        torch_loop / peer
+    );
+}
+
+/// `--model smollm2`: SmolLM2-135M-Instruct in-process against HF on the same f32 weights.
+fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
+    let path = models::smollm2::gguf_path();
+    ensure!(
+        path.exists(),
+        "{} is not cached: run `hivetrain model fetch smollm2` first",
+        path.display()
+    );
+    let model = models::load_gguf(&path, Some(SMOLLM2_CONTEXT))?;
+    let user = args.prompt.as_deref().unwrap_or(SMOLLM2_USER);
+    let text = model.chat_prompt(&[models::ChatMessage::user(user)])?;
+    let prompt = model.encode(&text)?;
+    ensure!(
+        prompt.len() + args.tokens <= SMOLLM2_CONTEXT,
+        "{} prompt tokens + {} new exceed the context of {SMOLLM2_CONTEXT}",
+        prompt.len(),
+        args.tokens,
+    );
+    let spec = model.spec();
+    println!(
+        "{} ({} parameters, f32), ChatML prompt {text:?} ({} tokens), {} greedy tokens, {} thread(s)",
+        model.name,
+        model.params.len(),
+        prompt.len(),
+        args.tokens,
+        args.threads
+    );
+    let mut backend = engine::open_model(
+        &format!("cpu:{}", args.threads),
+        &spec,
+        model.params.clone(),
+        engine::Purpose::Eval,
+    )?;
+    let (ours, rate) = in_process(backend.as_mut(), &prompt, args.tokens, args.repeat)?;
+    drop(backend);
+
+    // HF: the same dequantized weights under their HF names, and the engine's config.
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path();
+    crate::lora_bench::save_safetensors(&dir.join("model.safetensors"), &spec, &model.params)?;
+    std::fs::write(
+        dir.join("decode.json"),
+        serde_json::to_string(&serde_json::json!({
+            "llama": model.config,
+            "prompt": prompt,
+            "tokens": args.tokens,
+            "threads": args.threads,
+            "repeat": args.repeat,
+        }))?,
+    )?;
+    let torch = torch_side(&args.python, root, dir, &ours)?;
+    println!("text: {:?}", model.decode(&ours)?);
+    print_table(
+        &torch,
+        ours.len(),
+        args.repeat,
+        &[("hivetrain in-process", rate)],
+    );
+    Ok(())
+}
+
+/// `--model gpt2`: a GPT-2 preset in-process and through the endpoint.
+fn gpt2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
+    let prompt_text = args
+        .prompt
+        .clone()
+        .unwrap_or_else(|| "KING HENRY:\n".into());
     let temp = tempfile::tempdir()?;
     let mut config = CoordinatorConfig {
         preset: args.preset.clone(),
@@ -63,7 +255,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let model = *spec.gpt_config("the decode benchmark")?;
     let tokenizer = data::TextTokenizer::load(&root.join("data/tokenizer.json"))?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let prompt = tokenizer.encode(&prompt_text)?;
     ensure!(
         prompt.len() + args.tokens <= model.n_ctx,
         "{} prompt tokens + {} new exceed the {} preset's context of {}",
@@ -76,37 +268,15 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         "{} preset ({} parameters), prompt {:?} ({} tokens), {} greedy tokens, {} thread(s)",
         args.preset,
         params.len(),
-        args.prompt,
+        prompt_text,
         prompt.len(),
         args.tokens,
         args.threads
     );
 
-    // In-process: the engine's KV-cache generation, as the endpoint runs it.
-    let greedy = SamplingParams {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    };
     let mut backend =
         engine::open_backend(&format!("cpu:{}", args.threads), model, params.clone())?;
-    let mut ours = Vec::new();
-    let mut in_process = 0.0f64;
-    for i in 0..=args.repeat {
-        let started = Instant::now();
-        ours = engine::generate::generate(
-            backend.as_mut(),
-            &prompt,
-            args.tokens,
-            &greedy,
-            &mut |_| true,
-        )?;
-        let rate = ours.len() as f64 / started.elapsed().as_secs_f64();
-        if i > 0 {
-            in_process = in_process.max(rate);
-        }
-    }
+    let (ours, in_process) = in_process(backend.as_mut(), &prompt, args.tokens, args.repeat)?;
 
     // The endpoint: POST /v1/completions over loopback, paid by a wallet's API key.
     let key = SigningKey::from_bytes(&[5; 32]);
@@ -135,7 +305,7 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
             .bearer_auth(&api_key)
             .json(&serde_json::json!({
                 "model": "hivetrain",
-                "prompt": args.prompt,
+                "prompt": prompt_text,
                 "max_tokens": args.tokens,
                 "temperature": 0,
             }))
@@ -185,59 +355,16 @@ pub(crate) fn run(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
             "repeat": args.repeat,
         }))?,
     )?;
-    let stdout = crate::bench::run_python(&args.python, root, "torch_decode.py", &dir)?;
-    let torch: serde_json::Value =
-        serde_json::from_slice(&stdout).context("the PyTorch script printed no JSON line")?;
-    let tokens = |name: &str| -> Vec<u32> {
-        torch[name]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.as_u64().map(|t| t as u32))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    for name in ["generate_tokens", "loop_tokens"] {
-        let theirs = tokens(name);
-        let same = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
-        ensure!(
-            theirs == ours,
-            "PyTorch's {name} differ from hivetrain's at token {same} of {}",
-            ours.len()
-        );
-    }
-    let torch_generate = torch["generate_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let torch_loop = torch["loop_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let peer = torch_generate.max(torch_loop);
-    println!(
-        "tokens match: hivetrain, the endpoint and PyTorch ({} {}, transformers {}) give the same {} greedy tokens",
-        torch["torch"].as_str().unwrap_or("?"),
-        if torch_generate >= torch_loop {
-            "generate"
-        } else {
-            "loop"
-        },
-        torch["transformers"].as_str().unwrap_or("?"),
-        ours.len()
-    );
-    println!("| side | tokens/s (best of {}) | vs PyTorch |", args.repeat);
-    println!("|---|---|---|");
-    println!(
-        "| hivetrain in-process | {in_process:.0} | {:.2}x |",
-        in_process / peer
-    );
-    println!(
-        "| hivetrain endpoint (HTTP) | {endpoint:.0} | {:.2}x |",
-        endpoint / peer
-    );
-    println!(
-        "| PyTorch transformers generate | {torch_generate:.0} | {:.2}x |",
-        torch_generate / peer
-    );
-    println!(
-        "| PyTorch loop with past_key_values | {torch_loop:.0} | {:.2}x |",
-        torch_loop / peer
+    let torch = torch_side(&args.python, root, &dir, &ours)?;
+    println!("the endpoint's text is the engine's");
+    print_table(
+        &torch,
+        ours.len(),
+        args.repeat,
+        &[
+            ("hivetrain in-process", in_process),
+            ("hivetrain endpoint (HTTP)", endpoint),
+        ],
     );
     Ok(())
 }

@@ -244,7 +244,11 @@ fn bench_one(
 }
 
 /// The full vector under its HF and PEFT names, float32.
-fn save_safetensors(path: &Path, spec: &ModelSpec, params: &[f32]) -> anyhow::Result<()> {
+pub(crate) fn save_safetensors(
+    path: &Path,
+    spec: &ModelSpec,
+    params: &[f32],
+) -> anyhow::Result<()> {
     let layout = spec.layout();
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .tensors()

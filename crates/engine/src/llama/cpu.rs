@@ -227,20 +227,43 @@ struct DecodeState {
     /// Per layer, `[max_seq, kv_heads * head_dim]`: rotated keys, and values.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The scratch below holds the rows of one pass (one token, or up to
+    /// [`PREFILL_ROWS_MAX`] of a prompt), sized by [`DecodeState::rows`].
     x: Vec<f32>,
     h: Vec<f32>,
+    rstd: Vec<f32>,
     qkv: Vec<f32>,
     y: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
+    /// `[rows, positions attended]`: each row's attention scores.
     scores: Vec<f32>,
+    /// The logits after the last token fed.
     logits: Vec<f32>,
-    /// An adapter's `u` rows of one token (empty without an adapter).
+    /// An adapter's `u` rows (empty without an adapter).
     lora_u: Vec<f32>,
 }
 
-/// Rows of the output head one decode task multiplies.
-const HEAD_ROWS_PER_TASK: usize = 1024;
+impl DecodeState {
+    /// Sizes the scratch for `n` rows attending over at most `positions` positions, with
+    /// `lora_width` adapter floats per row (the adapter's buffers must be exact).
+    fn rows(&mut self, c: &LlamaConfig, n: usize, positions: usize, lora_width: usize) {
+        self.x.resize(n * c.hidden, 0.0);
+        self.h.resize(n * c.hidden, 0.0);
+        self.rstd.resize(n, 0.0);
+        self.qkv.resize(n * c.qkv_width(), 0.0);
+        self.y.resize(n * c.heads * c.head_dim, 0.0);
+        self.gate_up.resize(n * 2 * c.intermediate, 0.0);
+        self.act.resize(n * c.intermediate, 0.0);
+        self.scores.resize(n * positions, 0.0);
+        self.lora_u.resize(n * lora_width, 0.0);
+    }
+}
+
+/// Prompt rows one prefill pass runs at once: bounds a pass's scratch (`[rows, 2 *
+/// intermediate]` and `[rows, context]` floats) whatever the prompt's length. Past a
+/// few dozen rows gemm is as fast per row as it gets.
+const PREFILL_ROWS_MAX: usize = 256;
 
 /// What the forward pass ends with.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -971,24 +994,167 @@ impl LlamaCpuBackend {
         }
     }
 
-    fn decode_state(&mut self) -> &mut DecodeState {
+    /// Feeds `tokens` at the next positions of the KV cache, [`PREFILL_ROWS_MAX`] rows
+    /// per pass; returns the logits after the last. Nothing is fed unless all of them fit.
+    fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let c = self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::SequenceLength {
+                seq: 0,
+                n_ctx: c.max_seq,
+            });
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: c.vocab_size,
+            });
+        }
+        if self.decode.as_ref().map_or(0, |s| s.pos) + tokens.len() > c.max_seq {
+            return Err(EngineError::ContextFull { n_ctx: c.max_seq });
+        }
         let kv = c.kv_heads * c.head_dim;
-        let lora_u = lora_widths(self.lora.as_ref().map(|a| &a.lora)).0;
         self.decode.get_or_insert_with(|| DecodeState {
             pos: 0,
             k: vec![vec![0.0; c.max_seq * kv]; c.layers],
             v: vec![vec![0.0; c.max_seq * kv]; c.layers],
-            x: vec![0.0; c.hidden],
-            h: vec![0.0; c.hidden],
-            qkv: vec![0.0; c.qkv_width()],
-            y: vec![0.0; c.heads * c.head_dim],
-            gate_up: vec![0.0; 2 * c.intermediate],
-            act: vec![0.0; c.intermediate],
-            scores: vec![0.0; c.max_seq],
+            x: Vec::new(),
+            h: Vec::new(),
+            rstd: Vec::new(),
+            qkv: Vec::new(),
+            y: Vec::new(),
+            gate_up: Vec::new(),
+            act: Vec::new(),
+            scores: Vec::new(),
             logits: vec![0.0; c.vocab_size],
-            lora_u: vec![0.0; lora_u],
-        })
+            lora_u: Vec::new(),
+        });
+        for chunk in tokens.chunks(PREFILL_ROWS_MAX) {
+            self.decode_pass(chunk);
+        }
+        match &self.decode {
+            Some(s) => Ok(&s.logits),
+            None => unreachable!("created above"),
+        }
+    }
+
+    /// One pass of [`LlamaCpuBackend::decode_tokens`]: the rows of `tokens` through every
+    /// layer as matrices (the training forward's kernels), each row attending to the
+    /// cache up to its own position; the head runs on the last row only.
+    fn decode_pass(&mut self, tokens: &[u32]) {
+        let config = self.config;
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("decode_tokens creates the state")
+        };
+        let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
+        let adapter = self.lora.as_ref();
+        let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
+        let (nh, nkv, hd, w) = (
+            config.heads,
+            config.kv_heads,
+            config.head_dim,
+            config.qkv_width(),
+        );
+        let (group, kvw, nq) = (nh / nkv, nkv * hd, nh * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = config.rms_eps as f32;
+        let p = |off: usize, len: usize| &params[off..off + len];
+        let (pos, n) = (s.pos, tokens.len());
+        s.rows(&config, n, pos + n, lora_widths(adapter.map(|a| &a.lora)).0);
+        for (row, &tok) in s.x.chunks_exact_mut(d).zip(tokens) {
+            row.copy_from_slice(p(layout.embed + tok as usize * d, d));
+        }
+        // One row (a decode step) splits each product over the weight's rows; a prompt's
+        // rows are a matrix product over the threads.
+        let par = if n == 1 {
+            Par::Single
+        } else {
+            Par::Threads(self.threads)
+        };
+        let linear = |y: &mut [f32], x: &[f32], weight: &[f32], (out, inp), accumulate| {
+            if n == 1 {
+                ops::matvec(y, weight, x, accumulate);
+            } else {
+                matmul(
+                    ViewMut::rows(y, n, out),
+                    View::rows(x, n, inp),
+                    View::rows(weight, out, inp).t(),
+                    accumulate,
+                    par,
+                );
+            }
+        };
+        self.pool.install(|| {
+            for l in 0..config.layers {
+                let o = layout.blocks[l];
+                lops::rmsnorm_forward(&mut s.h, &mut s.rstd, &s.x, p(o.attn_norm, d), eps);
+                linear(&mut s.qkv, &s.h, p(o.qkv, w * d), (w, d), false);
+                if let Some(ad) = adapter {
+                    let h = View::rows(&s.h, n, d);
+                    for (target, col, width) in [
+                        (LoraTarget::Q, 0, nq),
+                        (LoraTarget::K, nq, kvw),
+                        (LoraTarget::V, nq + kvw, kvw),
+                    ] {
+                        let y = ViewMut::strided(&mut s.qkv[col..], n, width, w, 1);
+                        ad.forward((l, target), y, h, &mut s.lora_u, par);
+                    }
+                }
+                for (i, row) in s.qkv.chunks_exact_mut(w).enumerate() {
+                    let at = pos + i;
+                    rope.rotate(&mut row[..nq + kvw], at, false);
+                    s.k[l][at * kvw..(at + 1) * kvw].copy_from_slice(&row[nq..nq + kvw]);
+                    s.v[l][at * kvw..(at + 1) * kvw].copy_from_slice(&row[nq + kvw..]);
+                }
+                let cache = (&s.k[l][..], &s.v[l][..]);
+                s.y.par_chunks_mut(nq)
+                    .zip(s.scores.par_chunks_mut(pos + n))
+                    .zip(s.qkv.par_chunks(w))
+                    .enumerate()
+                    .for_each(|(i, ((y, scores), q))| {
+                        for h in 0..nh {
+                            ops::attend_cached(
+                                &mut y[h * hd..(h + 1) * hd],
+                                &q[h * hd..(h + 1) * hd],
+                                cache,
+                                (kvw, h / group * hd),
+                                scale,
+                                &mut scores[..=pos + i],
+                            );
+                        }
+                    });
+                linear(&mut s.x, &s.y, p(o.o, d * nq), (d, nq), true);
+                if let Some(ad) = adapter {
+                    let (y, x) = (ViewMut::rows(&mut s.x, n, d), View::rows(&s.y, n, nq));
+                    ad.forward((l, LoraTarget::O), y, x, &mut s.lora_u, par);
+                }
+                lops::rmsnorm_forward(&mut s.h, &mut s.rstd, &s.x, p(o.mlp_norm, d), eps);
+                linear(
+                    &mut s.gate_up,
+                    &s.h,
+                    p(o.gate_up, 2 * f * d),
+                    (2 * f, d),
+                    false,
+                );
+                if let Some(ad) = adapter {
+                    let h = View::rows(&s.h, n, d);
+                    for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
+                        let y = ViewMut::strided(&mut s.gate_up[col..], n, f, 2 * f, 1);
+                        ad.forward((l, target), y, h, &mut s.lora_u, par);
+                    }
+                }
+                lops::swiglu_forward(&mut s.act, &s.gate_up, f);
+                linear(&mut s.x, &s.act, p(o.down, d * f), (d, f), true);
+                if let Some(ad) = adapter {
+                    let (y, x) = (ViewMut::rows(&mut s.x, n, d), View::rows(&s.act, n, f));
+                    ad.forward((l, LoraTarget::Down), y, x, &mut s.lora_u, par);
+                }
+            }
+            let h = &mut s.h[..d];
+            lops::rmsnorm_row(h, &s.x[(n - 1) * d..], p(layout.norm, d), eps);
+            ops::matvec(&mut s.logits, p(layout.head, v * d), h, false);
+        });
+        s.pos += n;
     }
 }
 
@@ -1104,149 +1270,11 @@ impl Backend for LlamaCpuBackend {
     }
 
     fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
-        let config = self.config;
-        if token as usize >= config.vocab_size {
-            return Err(EngineError::TokenOutOfRange {
-                token,
-                vocab_size: config.vocab_size,
-            });
-        }
-        if self
-            .decode
-            .as_ref()
-            .is_some_and(|s| s.pos >= config.max_seq)
-        {
-            return Err(EngineError::ContextFull {
-                n_ctx: config.max_seq,
-            });
-        }
-        self.decode_state();
-        let Some(s) = self.decode.as_mut() else {
-            unreachable!("created above")
-        };
-        let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
-        let adapter = self.lora.as_ref();
-        let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
-        let (nh, nkv, hd, w) = (
-            config.heads,
-            config.kv_heads,
-            config.head_dim,
-            config.qkv_width(),
-        );
-        let (group, kvw) = (nh / nkv, nkv * hd);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let eps = config.rms_eps as f32;
-        let p = |off: usize, len: usize| &params[off..off + len];
-        let pos = s.pos;
-        let tok = token as usize;
-        s.x.copy_from_slice(p(layout.embed + tok * d, d));
-        self.pool.install(|| {
-            for l in 0..config.layers {
-                let o = layout.blocks[l];
-                lops::rmsnorm_row(&mut s.h, &s.x, p(o.attn_norm, d), eps);
-                matmul(
-                    ViewMut::rows(&mut s.qkv, 1, w),
-                    View::rows(&s.h, 1, d),
-                    View::rows(p(o.qkv, w * d), w, d).t(),
-                    false,
-                    Par::Single,
-                );
-                if let Some(ad) = adapter {
-                    let h = View::rows(&s.h, 1, d);
-                    for (target, col, width) in [
-                        (LoraTarget::Q, 0, nh * hd),
-                        (LoraTarget::K, nh * hd, kvw),
-                        (LoraTarget::V, nh * hd + kvw, kvw),
-                    ] {
-                        let y = ViewMut::rows(&mut s.qkv[col..col + width], 1, width);
-                        ad.forward((l, target), y, h, &mut s.lora_u, Par::Single);
-                    }
-                }
-                rope.rotate(&mut s.qkv[..(nh + nkv) * hd], pos, false);
-                s.k[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd..nh * hd + kvw]);
-                s.v[l][pos * kvw..(pos + 1) * kvw].copy_from_slice(&s.qkv[nh * hd + kvw..]);
-                for h in 0..nh {
-                    let g = h / group;
-                    let q = &s.qkv[h * hd..(h + 1) * hd];
-                    let scores = &mut s.scores[..=pos];
-                    let mut max = f32::NEG_INFINITY;
-                    for (t, sc) in scores.iter_mut().enumerate() {
-                        let k = &s.k[l][t * kvw + g * hd..t * kvw + (g + 1) * hd];
-                        *sc = ops::dot(q, k) * scale;
-                        max = max.max(*sc);
-                    }
-                    for sc in scores.iter_mut() {
-                        *sc = ops::exp_fast(*sc - max);
-                    }
-                    let inv = 1.0 / ops::sum(scores);
-                    let y = &mut s.y[h * hd..(h + 1) * hd];
-                    y.fill(0.0);
-                    for (t, sc) in scores.iter().enumerate() {
-                        let vrow = &s.v[l][t * kvw + g * hd..t * kvw + (g + 1) * hd];
-                        let weight = sc * inv;
-                        for (yy, vv) in y.iter_mut().zip(vrow) {
-                            *yy += weight * vv;
-                        }
-                    }
-                }
-                matmul(
-                    ViewMut::rows(&mut s.x, 1, d),
-                    View::rows(&s.y, 1, nh * hd),
-                    View::rows(p(o.o, d * nh * hd), d, nh * hd).t(),
-                    true,
-                    Par::Single,
-                );
-                if let Some(ad) = adapter {
-                    let (y, x) = (ViewMut::rows(&mut s.x, 1, d), View::rows(&s.y, 1, nh * hd));
-                    ad.forward((l, LoraTarget::O), y, x, &mut s.lora_u, Par::Single);
-                }
-                lops::rmsnorm_row(&mut s.h, &s.x, p(o.mlp_norm, d), eps);
-                matmul(
-                    ViewMut::rows(&mut s.gate_up, 1, 2 * f),
-                    View::rows(&s.h, 1, d),
-                    View::rows(p(o.gate_up, 2 * f * d), 2 * f, d).t(),
-                    false,
-                    Par::Single,
-                );
-                if let Some(ad) = adapter {
-                    let h = View::rows(&s.h, 1, d);
-                    for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
-                        let y = ViewMut::rows(&mut s.gate_up[col..col + f], 1, f);
-                        ad.forward((l, target), y, h, &mut s.lora_u, Par::Single);
-                    }
-                }
-                lops::swiglu_row(&mut s.act, &s.gate_up);
-                matmul(
-                    ViewMut::rows(&mut s.x, 1, d),
-                    View::rows(&s.act, 1, f),
-                    View::rows(p(o.down, d * f), d, f).t(),
-                    true,
-                    Par::Single,
-                );
-                if let Some(ad) = adapter {
-                    let (y, x) = (ViewMut::rows(&mut s.x, 1, d), View::rows(&s.act, 1, f));
-                    ad.forward((l, LoraTarget::Down), y, x, &mut s.lora_u, Par::Single);
-                }
-            }
-            lops::rmsnorm_row(&mut s.h, &s.x, p(layout.norm, d), eps);
-            // The head is the largest product of a decode step; split its rows over tasks.
-            let head = p(layout.head, v * d);
-            s.logits
-                .par_chunks_mut(HEAD_ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let rows = out.len();
-                    matmul(
-                        ViewMut::rows(out, rows, 1),
-                        View::rows(&head[i * HEAD_ROWS_PER_TASK * d..], rows, d),
-                        View::rows(&s.h, d, 1),
-                        false,
-                        Par::Single,
-                    );
-                });
-        });
-        s.pos += 1;
-        Ok(&s.logits)
+        self.decode_tokens(&[token])
+    }
+
+    fn decode_prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        self.decode_tokens(tokens)
     }
 }
 
@@ -1388,6 +1416,24 @@ mod tests {
                     m.decode_step(token)?;
                 }
                 m.decode_step(5).map(drop)
+            },
+            expect_test::expect!["generation reached the model's context of 4 tokens"],
+        );
+        check(
+            |m| m.decode_prefill(&[]).map(drop),
+            expect_test::expect!["sequence length 0 is outside 1..=4 (the model's context)"],
+        );
+        check(
+            |m| m.decode_prefill(&[1, 2, 11]).map(drop),
+            expect_test::expect!["token id 11 is outside the vocabulary of 11"],
+        );
+        check(
+            |m| {
+                m.decode_prefill(&[1, 2])?;
+                // Three more do not fit in 4: none is fed, so two still do.
+                let full = m.decode_prefill(&[3, 4, 5]).map(drop);
+                m.decode_prefill(&[3, 4])?;
+                full
             },
             expect_test::expect!["generation reached the model's context of 4 tokens"],
         );

@@ -80,9 +80,9 @@ pub struct Reads {
     pub(super) run_info: Arc<RunInfo>,
     pub(super) corpus: Arc<Vec<u8>>,
     pub(super) tokenizer: Arc<Vec<u8>>,
-    pub(super) text_tokenizer: Arc<data::TextTokenizer>,
-    /// A fine-tune's pretrained model (tokenizer and chat template, no weights).
-    pub(super) pretrained: Option<Arc<models::Pretrained>>,
+    /// What serving reads and writes text with: the run's tokenizer, or a fine-tune's
+    /// base's tokenizer and chat template.
+    pub(super) vocab: Arc<dyn inference::Vocab>,
     pub(super) model: worker::unit::RunModel,
     /// A fine-tune's base file.
     pub(super) base: Option<Arc<Vec<u8>>>,

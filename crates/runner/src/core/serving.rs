@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use data::TextTokenizer;
 use ed25519_dalek::{Signature, VerifyingKey};
 use ledger::{Account, Draft, Ledger, Prepared};
 use protocol::WorkerId;
@@ -35,7 +34,7 @@ const CHALLENGE_BYTES: usize = 8 + 16 + 32;
 /// Meta key: the ledger entry from which the next dividend counts credit earned.
 pub(super) const META_DIVIDEND_FROM: &str = "dividend_from";
 
-/// The weights and tokenizer a request generates with, taken under the lock and used
+/// The weights and vocabulary a request generates with, taken under the lock and used
 /// outside it.
 #[derive(Clone)]
 pub struct ModelSnapshot {
@@ -45,9 +44,9 @@ pub struct ModelSnapshot {
     pub model: RunModel,
     /// The version's trainable floats.
     pub params: Arc<Vec<f32>>,
-    pub tokenizer: Arc<TextTokenizer>,
-    /// A fine-tune's pretrained model (its tokenizer and chat template).
-    pub pretrained: Option<Arc<models::Pretrained>>,
+    /// The tokenizer and chat format (the run's GPT-2 tokenizer today; a pretrained
+    /// model's [`inference::PretrainedVocab`] once the core serves one).
+    pub tokenizer: Arc<dyn inference::Vocab>,
 }
 
 /// Serving state kept by the core (in memory; a restart voids open challenges and holds,
@@ -239,8 +238,7 @@ impl super::Reads {
             version,
             model: self.model.clone(),
             params,
-            tokenizer: self.text_tokenizer.clone(),
-            pretrained: self.pretrained.clone(),
+            tokenizer: self.vocab.clone(),
         })
     }
 }
