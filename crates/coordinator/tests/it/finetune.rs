@@ -12,6 +12,9 @@ fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
     let mut config = ts::tiny_finetune_config(dir.path(), 2);
     // Every accepted unit is re-run, so each round is checked bit for bit.
     config.spot_check.trusted_after = 1_000;
+    // A tiny model earns micro-credits: price the answer within them.
+    config.serving.price_prompt_token = 0;
+    config.serving.price_output_token = 1;
     let base_path = config.finetune.as_ref().expect("a fine-tune").base.clone();
     let base_bytes = std::fs::read(&base_path).expect("base");
     let server = ts::start(dir.path(), config);
@@ -108,6 +111,39 @@ fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(verified >= 1, "no re-run verified");
+
+    // Alice spends credit on the fine-tuned model: the chat is rendered through the base's
+    // template, and the answer is the engine's greedy answer from base + adapter.
+    let key = ts::api_key(&url, &ts::key(20));
+    let reply: serde_json::Value = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(r#"{"model":"hivetrain","messages":[{"role":"user","content":"code 7"}],"max_tokens":2,"temperature":0}"#)
+        .send()
+        .expect("query")
+        .json()
+        .expect("json");
+    let answer = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    let pretrained = models::load_gguf(&base_path, Some(info.model.n_ctx())).expect("base");
+    let prompt = pretrained
+        .chat_prompt(&[models::ChatMessage {
+            role: "user".into(),
+            content: "code 7".into(),
+        }])
+        .expect("template");
+    let ids = pretrained.encode(&prompt).expect("encode");
+    assert_eq!(reply["usage"]["prompt_tokens"], ids.len(), "{reply}");
+    let adapter = server.with_core(|c| c.params().to_vec());
+    let mut full = pretrained.params.clone();
+    full.extend_from_slice(&adapter);
+    let mut backend =
+        engine::open_model("cpu:1", &info.model, full, engine::Purpose::Eval).expect("backend");
+    let stops: Vec<u32> = pretrained.eos_token_id.into_iter().chain([2]).collect();
+    let mut ours = models::greedy(backend.as_mut(), &ids, 2, &stops, &mut |_| {}).expect("greedy");
+    ours.retain(|id| !stops.contains(id));
+    assert_eq!(answer, pretrained.decode(&ours).expect("decode"), "{reply}");
 
     // Credit follows a LoRA step's FLOPs: 4 per base parameter and 6 per adapter
     // parameter, per token.
