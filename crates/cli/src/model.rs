@@ -67,10 +67,11 @@ pub(crate) enum ModelCommand {
 pub(crate) struct ExportArgs {
     /// The adapter's base model: `smollm2`, a Llama `.gguf` file or an HF Llama directory.
     /// Its file's sha256 is checked against the one the adapter records.
-    #[arg(long, requires_all = ["adapter", "out"], conflicts_with = "hf")]
+    #[arg(long, requires = "out", conflicts_with = "hf")]
     base: Option<String>,
-    /// The LoRA adapter: an adapter_model.safetensors hivetrain wrote (a LoRA run's
-    /// version) or a PEFT adapter directory.
+    /// The LoRA adapter: an adapter_model.safetensors hivetrain wrote or a PEFT adapter
+    /// directory. Left out, the adapter is version --version (the newest by default) of
+    /// the LoRA fine-tune in --run.
     #[arg(long, requires = "base")]
     adapter: Option<PathBuf>,
     /// The PEFT adapter directory to write; new, empty, or one this command wrote.
@@ -83,10 +84,11 @@ pub(crate) struct ExportArgs {
     /// `--out data/adapters/NAME` updates data/adapters/manifest.json).
     #[arg(long, requires = "base")]
     manifest: Option<PathBuf>,
-    /// GPT-2 export: the coordinator's run directory.
+    /// The coordinator's run directory (a GPT-2 run for --hf; a LoRA fine-tune when
+    /// --base is given without --adapter).
     #[arg(long, env = "HIVETRAIN_RUN_DIR", default_value = "runs/coordinator")]
     run: PathBuf,
-    /// GPT-2 export: the version (default: the newest).
+    /// The run's version (default: the newest).
     #[arg(long)]
     version: Option<u64>,
     /// GPT-2 export: the output directory (GPT2LMHeadModel).
@@ -111,9 +113,16 @@ pub(crate) fn open_run(run: &Path) -> anyhow::Result<Store> {
     Store::open(run).with_context(|| format!("opening the run in {}", run.display()))
 }
 
-/// Loads `version` (the newest if none) of the run in `run`.
-pub(crate) fn load_version(run: &Path, version: Option<u64>) -> anyhow::Result<RunModel> {
+/// The checkpoint bytes of `version` (the newest if none) of the run in `run`, and the
+/// version.
+pub(crate) fn version_bytes(run: &Path, version: Option<u64>) -> anyhow::Result<(Vec<u8>, u64)> {
     let store = open_run(run)?;
+    let row = version_row(&store, run, version)?;
+    Ok((store.blobs().get(&row.checkpoint)?, row.version))
+}
+
+/// The row of `version` (the newest if none), refusing a pruned one.
+fn version_row(store: &Store, run: &Path, version: Option<u64>) -> anyhow::Result<VersionRow> {
     let versions = store.versions()?;
     let row = match version {
         Some(v) => versions
@@ -137,10 +146,30 @@ pub(crate) fn load_version(run: &Path, version: Option<u64>) -> anyhow::Result<R
             "version {} of the run in {} was pruned by its retention policy; the versions kept are {}",
             row.version,
             run.display(),
-            coordinator::core::retention::kept_versions(&store)?
+            coordinator::core::retention::kept_versions(store)?
         );
     }
+    Ok(row)
+}
+
+/// Loads `version` (the newest if none) of the run in `run`, a GPT-2 trained from scratch.
+pub(crate) fn load_version(run: &Path, version: Option<u64>) -> anyhow::Result<RunModel> {
+    let store = open_run(run)?;
+    let row = version_row(&store, run, version)?;
     let bytes = store.blobs().get(&row.checkpoint)?;
+    if let Ok((_, header)) = safetensors::SafeTensors::read_metadata(&bytes)
+        && header
+            .metadata()
+            .as_ref()
+            .is_some_and(|m| m.contains_key(engine::checkpoint::SPEC_METADATA_KEY))
+    {
+        bail!(
+            "the run in {} fine-tunes a pretrained model: its versions are adapters; chat with it through `hivetrain serve --run {}` or export one with `hivetrain model export --base BASE --run {} --out DIR`",
+            run.display(),
+            run.display(),
+            run.display()
+        );
+    }
     let checkpoint = engine::checkpoint::from_bytes(
         Path::new(&format!("{} version {}", run.display(), row.version)),
         &bytes,
@@ -235,10 +264,17 @@ pub(crate) fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Chat(args) => crate::pretrained::chat(args),
         ModelCommand::Merge(args) => crate::model_export::merge(args),
         ModelCommand::Export(args) => match (args.base, args.adapter, args.out, args.hf) {
-            (Some(base), Some(adapter), Some(out), _) => {
+            (Some(base), adapter, Some(out), _) => {
+                let adapter = match adapter {
+                    Some(path) => crate::model_export::AdapterSource::from_path(&path),
+                    None => crate::model_export::AdapterSource::Run {
+                        run: args.run,
+                        version: args.version,
+                    },
+                };
                 crate::model_export::export_adapter(crate::model_export::AdapterExport {
                     base,
-                    adapter: crate::model_export::AdapterSource::from_path(&adapter),
+                    adapter,
                     out,
                     name: args.name,
                     manifest: args.manifest,

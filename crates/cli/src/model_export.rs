@@ -17,6 +17,9 @@ pub(crate) enum AdapterSource {
     File(PathBuf),
     /// A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
     PeftDir(PathBuf),
+    /// A version of a LoRA fine-tune's run (its checkpoint is the adapter file); the
+    /// newest when none.
+    Run { run: PathBuf, version: Option<u64> },
 }
 
 impl AdapterSource {
@@ -32,6 +35,7 @@ impl AdapterSource {
     fn path(&self) -> &Path {
         match self {
             AdapterSource::File(p) | AdapterSource::PeftDir(p) => p,
+            AdapterSource::Run { run, .. } => run,
         }
     }
 }
@@ -58,6 +62,21 @@ pub(crate) fn load_adapter(source: &AdapterSource, base: &Pretrained) -> anyhow:
             models::export::read_adapter_file(path, &base.config)?
         }
         AdapterSource::PeftDir(dir) => models::export::read_peft_dir(dir, &base.config)?,
+        AdapterSource::Run { run, version } => {
+            let (bytes, version) = crate::model::version_bytes(run, *version)?;
+            let dir = tempfile::tempdir().context("making a temporary directory")?;
+            let path = dir
+                .path()
+                .join(format!("version-{version}-adapter_model.safetensors"));
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
+            models::export::read_adapter_file(&path, &base.config).with_context(|| {
+                format!(
+                    "version {version} of the run in {} is not a LoRA adapter",
+                    run.display()
+                )
+            })?
+        }
     };
     let sha = base_sha256(base)?;
     adapter.check_base(source.path(), &sha)?;
