@@ -68,8 +68,7 @@ pub(crate) fn load_adapter(source: &AdapterSource, base: &Pretrained) -> anyhow:
             let path = dir
                 .path()
                 .join(format!("version-{version}-adapter_model.safetensors"));
-            std::fs::write(&path, bytes)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
             models::export::read_adapter_file(&path, &base.config).with_context(|| {
                 format!(
                     "version {version} of the run in {} is not a LoRA adapter",

@@ -596,6 +596,31 @@ mod tests {
         assert!(err.to_string().contains("batch"), "{err}");
     }
 
+    /// The README's fine-tune table reads as written, round-trips, and names the run.
+    #[test]
+    fn a_finetune_table_reads_as_the_readme_writes_it() {
+        let text = "corpus = \"data/shakespeare-chat.jsonl\"\nseq = 256\nbatch = 2\n\n[finetune]\nbase = \"b.gguf\"\ndata = \"chat\"\nlora = { rank = 8, alpha = 16.0, targets = [\"q\", \"k\", \"v\", \"o\", \"gate\", \"up\", \"down\"] }\n";
+        let c: CoordinatorConfig = toml::from_str(text).expect("parse");
+        let finetune = c.finetune.clone().expect("finetune");
+        assert_eq!(finetune.data, protocol::api::DataFormat::Chat);
+        let lora = finetune.lora.expect("lora");
+        assert_eq!((lora.rank, lora.alpha, lora.targets.len()), (8, 16.0, 7));
+        let round_trip: CoordinatorConfig = toml::from_str(&c.to_toml()).expect("toml");
+        assert_eq!(round_trip, c);
+        // Without `data` a fine-tune reads chat; the base is part of the run's identity.
+        let c: CoordinatorConfig =
+            toml::from_str("[finetune]\nbase = \"b.gguf\"\n").expect("parse");
+        assert_eq!(
+            c.finetune.as_ref().map(|f| f.data),
+            Some(protocol::api::DataFormat::Chat)
+        );
+        let other = CoordinatorConfig {
+            finetune: None,
+            ..c.clone()
+        };
+        assert!(!other.same_run_as(&c.identity_json()));
+    }
+
     /// The thread counts that `[devices]` replaced are refused with a sentence naming the
     /// new key, a bad device name or scoring memory budget is refused at start, and a
     /// run stored while the thread
