@@ -1,6 +1,8 @@
 //! `hivetrain demo`: a coordinator and N volunteer workers on this machine, talking real
 //! HTTP over loopback, train one GPT on Shakespeare; a round table as versions appear,
-//! then a sample from the last version.
+//! then a sample from the last version. `hivetrain demo --finetune`: the same volunteers
+//! fine-tune SmolLM2-135M-Instruct with a LoRA adapter on Shakespeare chats, and a
+//! volunteer pays credit for the same question to the base and to the fine-tuned model.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,9 +25,15 @@ pub(crate) struct DemoArgs {
     /// Engine threads of each worker.
     #[arg(long, default_value_t = 1)]
     threads_per_worker: u32,
-    /// Stop after this many rounds (model versions).
-    #[arg(long, default_value_t = 12)]
-    rounds: u64,
+    /// Fine-tune SmolLM2-135M-Instruct (fetched once, 98 MB, sha256-pinned) with a LoRA
+    /// adapter (rank 8, all seven projections) on data/shakespeare-chat.jsonl instead of
+    /// training a GPT from scratch; at the end the same question goes to the base and to
+    /// the fine-tuned model through the API.
+    #[arg(long)]
+    finetune: bool,
+    /// Stop after this many rounds (model versions) [default: 12, or 4 with --finetune].
+    #[arg(long)]
+    rounds: Option<u64>,
     /// Stop after this many minutes even if rounds remain.
     #[arg(long, default_value_t = 15.0)]
     minutes: f64,
@@ -36,9 +44,10 @@ pub(crate) struct DemoArgs {
     /// Tokens of the sample printed at the end.
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
-    /// Prompt of the sample.
-    #[arg(long, default_value = "KING HENRY:\n")]
-    prompt: String,
+    /// Prompt of the sample [default: "KING HENRY:\n", or with --finetune a request to
+    /// continue a passage of Hamlet].
+    #[arg(long)]
+    prompt: Option<String>,
     /// Print the demo's effective coordinator config as TOML and exit (a file of such
     /// keys is what --config takes).
     #[arg(long)]
@@ -47,8 +56,46 @@ pub(crate) struct DemoArgs {
     run: RunFlags,
 }
 
+/// The question the fine-tune demo asks the base and the fine-tuned model: phrased as the
+/// training chats are, about a passage that is in the holdout's play but asked anew.
+const FINETUNE_PROMPT: &str = "Continue this passage from Hamlet, Act III, Scene I:\n\nHam.\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\nAnd by opposing end them?";
+
+/// The fine-tune demo's run: SmolLM2 with a LoRA adapter on the Shakespeare chats, sized
+/// for two cores (BENCHMARKS.md, "The fine-tune demo").
+fn finetune_config(base: &mut CoordinatorConfig) -> anyhow::Result<()> {
+    let gguf = models::smollm2::fetch::ensure_gguf().context("fetching SmolLM2-135M-Instruct")?;
+    base.finetune = Some(coordinator::config::FinetuneConfig {
+        base: gguf,
+        lora: Some(engine::LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: engine::LoraTarget::ALL.to_vec(),
+        }),
+        data: protocol::api::DataFormat::Chat,
+    });
+    base.corpus = PathBuf::from("data/shakespeare-chat.jsonl");
+    base.seq = 256;
+    base.batch = 2;
+    base.holdout_batches = 4;
+    base.schedule.steps_per_unit = 4;
+    base.schedule.inner_lr = 1e-3;
+    base.outer = aggregation::OuterConfig::default();
+    // A re-run trains a whole unit again on these two cores: check each worker's first
+    // two units, then one in two.
+    base.spot_check.trusted_after = 2;
+    Ok(())
+}
+
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if args.workers == 0 || args.threads_per_worker == 0 || args.rounds == 0 {
+    let rounds = args.rounds.unwrap_or(if args.finetune { 4 } else { 12 });
+    let prompt = args.prompt.clone().unwrap_or_else(|| {
+        if args.finetune {
+            FINETUNE_PROMPT.to_owned()
+        } else {
+            "KING HENRY:\n".to_owned()
+        }
+    });
+    if args.workers == 0 || args.threads_per_worker == 0 || rounds == 0 {
         bail!("--workers, --threads-per-worker and --rounds must be at least 1");
     }
     if !(args.minutes.is_finite() && args.minutes > 0.0) {
@@ -67,6 +114,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         lr: 0.7,
         momentum: 0.5,
     };
+    if args.finetune {
+        finetune_config(&mut base)?;
+    }
     let config = args.run.config(base)?;
     if args.print_config {
         print!("{}", config.to_toml());
@@ -84,9 +134,17 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         "hivetrain demo: a coordinator and {} workers on this machine, over HTTP on loopback",
         args.workers
     );
+    let model_name = match &config.finetune {
+        Some(f) => format!(
+            "{} + LoRA {:?}",
+            f.base.display(),
+            f.lora.as_ref().map(|l| (l.rank, l.alpha))
+        ),
+        None => config.preset.clone(),
+    };
     println!(
         "model {} | {} units per round, H = {} local steps of {} sequences | codec {:?} | outer {:?}",
-        config.preset,
+        model_name,
         config.schedule.units_per_round,
         config.schedule.steps_per_unit,
         config.batch,
@@ -133,6 +191,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let deadline = Duration::from_secs_f64(args.minutes * 60.0);
     let mut printed = 0u64;
     let mut first = None;
+    let mut last_loss = f32::NAN;
     let mut total_bytes = 0u64;
     let mut total_tokens = 0u64;
     while !stop.load(Ordering::SeqCst) && started.elapsed() < deadline {
@@ -166,15 +225,10 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
             printed = r.version.unwrap_or(printed);
             total_bytes += r.bytes;
             total_tokens += r.tokens;
+            last_loss = r.holdout_loss.unwrap_or(f32::NAN);
             println!(
                 "{:>7}  {:>12.4}  {:>8}  {:>8}  {:>9}  {:>10}  {:>7.1}",
-                printed,
-                r.holdout_loss.unwrap_or(f32::NAN),
-                r.accepted,
-                r.rejected,
-                r.tokens,
-                r.bytes,
-                r.seconds
+                printed, last_loss, r.accepted, r.rejected, r.tokens, r.bytes, r.seconds
             );
         }
         for h in &handles {
@@ -182,7 +236,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
                 stop.store(true, Ordering::SeqCst);
             }
         }
-        if printed >= args.rounds {
+        if printed >= rounds {
             break;
         }
     }
@@ -230,11 +284,27 @@ spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} fo
         .and_then(|row| row.name.strip_prefix("volunteer-").map(str::to_owned));
     if let Some(i) = richest {
         let key = dir.join("keys").join(format!("worker-{i}.key"));
-        if let Err(e) = spend_and_share(&server, &url, &format!("volunteer-{i}"), &key, &args) {
+        let asked = Asked {
+            prompt: &prompt,
+            finetune: args.finetune,
+            version: printed,
+        };
+        if let Err(e) = spend_and_share(&server, &url, &format!("volunteer-{i}"), &key, &asked) {
             println!("\n(no query: {e:#})");
         }
     }
     server.stop();
+    if args.finetune {
+        println!(
+            "\n{printed} versions in {:.0} s: holdout loss on the answers {:.4} -> {:.4}; {} tokens trained, {:.2} MB of adapter updates sent",
+            started.elapsed().as_secs_f64(),
+            first.unwrap_or(f32::NAN),
+            last_loss,
+            total_tokens,
+            total_bytes as f64 / 1e6
+        );
+        return Ok(());
+    }
 
     let model = crate::model::load_version(&dir, None)?;
     println!(
@@ -249,11 +319,11 @@ spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} fo
     if args.sample_tokens > 0 {
         let mut backend =
             engine::open_backend("cpu", model.checkpoint.config, model.checkpoint.params)?;
-        let prompt = model.tokenizer.encode(&args.prompt)?;
+        let prompt_ids = model.tokenizer.encode(&prompt)?;
         let mut ids = Vec::new();
         engine::generate::generate(
             backend.as_mut(),
-            &prompt,
+            &prompt_ids,
             args.sample_tokens,
             &SamplingParams {
                 temperature: 0.8,
@@ -269,7 +339,7 @@ spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} fo
         println!(
             "\nsample of version {}:\n{}{}",
             model.row.version,
-            args.prompt,
+            prompt,
             model.tokenizer.decode(&ids)
         );
     }
@@ -283,6 +353,15 @@ spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} fo
     Ok(())
 }
 
+/// What the volunteer asks at the end.
+struct Asked<'a> {
+    prompt: &'a str,
+    /// Ask the base (version 0) and the newest version the same chat question.
+    finetune: bool,
+    /// The newest version.
+    version: u64,
+}
+
 /// The loop closes: a volunteer spends some of its credit on the model through the
 /// OpenAI-compatible API (real HTTP, its own API key), and the revenue is paid out to the
 /// volunteers as dividends, in proportion to what each earned.
@@ -291,37 +370,69 @@ fn spend_and_share(
     url: &str,
     name: &str,
     key_path: &std::path::Path,
-    args: &DemoArgs,
+    asked: &Asked<'_>,
 ) -> anyhow::Result<()> {
     let remote = crate::wallet::Remote {
         coordinator: url.to_owned(),
         key: Some(key_path.to_owned()),
     };
     let api_key = crate::query::TemporaryKey::make(&remote)?;
-    let reply = reqwest::blocking::Client::new()
-        .post(format!("{url}/v1/completions"))
-        .bearer_auth(&api_key.key)
-        .json(&serde_json::json!({
-            "model": "hivetrain",
-            "prompt": args.prompt,
-            "max_tokens": 24,
-            "temperature": 0.8,
-            "seed": 1,
-        }))
-        .send()?;
-    let charged = reply
-        .headers()
-        .get("x-hivetrain-charged")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let body: serde_json::Value = crate::wallet::read(reply, "query")?;
-    println!(
-        "\n{name} asks the model through POST /v1/completions and pays {} credits ({} tokens):\n{}{}",
-        ledger::format_credits(charged.unwrap_or(0)),
-        body["usage"]["total_tokens"],
-        args.prompt,
-        body["choices"][0]["text"].as_str().unwrap_or_default()
-    );
+    let client = reqwest::blocking::Client::new();
+    if asked.finetune {
+        println!(
+            "\n{name} asks the same question before and after, through POST /v1/chat/completions:\n\n{}",
+            asked.prompt
+        );
+        for (label, model) in [
+            ("the base (version 0)".to_owned(), "hivetrain-v0".to_owned()),
+            (
+                format!("the fine-tuned model (version {})", asked.version),
+                format!("hivetrain-v{}", asked.version),
+            ),
+        ] {
+            let reply = client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&api_key.key)
+                .json(&serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": asked.prompt}],
+                    "max_tokens": 60,
+                    "temperature": 0,
+                }))
+                .send()?;
+            let charged = charged(&reply);
+            let body: serde_json::Value = crate::wallet::read(reply, "query")?;
+            println!(
+                "\n{label}, {} credits ({} tokens):\n{}",
+                ledger::format_credits(charged.unwrap_or(0)),
+                body["usage"]["total_tokens"],
+                body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+            );
+        }
+    } else {
+        let reply = client
+            .post(format!("{url}/v1/completions"))
+            .bearer_auth(&api_key.key)
+            .json(&serde_json::json!({
+                "model": "hivetrain",
+                "prompt": asked.prompt,
+                "max_tokens": 24,
+                "temperature": 0.8,
+                "seed": 1,
+            }))
+            .send()?;
+        let charged = charged(&reply);
+        let body: serde_json::Value = crate::wallet::read(reply, "query")?;
+        println!(
+            "\n{name} asks the model through POST /v1/completions and pays {} credits ({} tokens):\n{}{}",
+            ledger::format_credits(charged.unwrap_or(0)),
+            body["usage"]["total_tokens"],
+            asked.prompt,
+            body["choices"][0]["text"].as_str().unwrap_or_default()
+        );
+    }
     let paid = server.with_core(|c| c.pay_dividends(coordinator::system_ms()));
     let paid = paid.map_err(|e| anyhow::anyhow!("{e}"))?;
     let board = server
@@ -340,4 +451,13 @@ fn spend_and_share(
         );
     }
     Ok(())
+}
+
+/// The credits a reply says it charged.
+fn charged(reply: &reqwest::blocking::Response) -> Option<u64> {
+    reply
+        .headers()
+        .get("x-hivetrain-charged")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }

@@ -234,6 +234,7 @@ mod tests {
     /// (`crates/models/tests/golden/smollm2_greedy.json`) streams the answer and stops at
     /// `<|im_end|>` without handing it out.
     #[test]
+    #[ignore = "loads the real SmolLM2 (98 MB): CI's one real-model test is models' it::smollm2; run by hand with `cargo test -p inference -- --ignored`"]
     fn smollm2_chats_in_its_template_and_stops_at_its_end_of_turn() {
         let path = models::smollm2::fetch::ensure_gguf()
             .unwrap_or_else(|e| panic!("fetching SmolLM2: {e}"));

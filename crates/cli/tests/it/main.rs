@@ -532,6 +532,17 @@ fn coordinator_and_demo_print_their_effective_config() {
             &["demo", "--print-config", "--workers", "3"],
             &["units_per_round = 3", "momentum = 0.5"],
         ),
+        // The fine-tune demo: SmolLM2 (fetched once, cached) with a rank-8 adapter on
+        // the Shakespeare chats, in windows of 256 tokens.
+        (
+            &["demo", "--finetune", "--print-config"],
+            &[
+                "corpus = \"data/shakespeare-chat.jsonl\"",
+                "seq = 256",
+                "data = \"chat\"",
+                "rank = 8",
+            ],
+        ),
     ];
     for (args, lines) in cases {
         let (ok, out, stderr) = sandbox.run(args);

@@ -312,13 +312,13 @@ struct PeftCase {
 /// --b 0.1`: rank 8, alpha 16, every target, seed 7) gives the greedy tokens PEFT and the
 /// merged HF directory gave there, recorded in tests/golden/peft_export.json; and they
 /// differ from the base's.
-#[test]
-fn smollm2_with_the_random_adapter_gives_peft_s_greedy_tokens() {
+/// (Called by the one test of the real model, `crate::smollm2`.)
+pub(crate) fn smollm2_with_the_random_adapter_gives_peft_s_greedy_tokens(
+    mut model: models::Pretrained,
+) {
     let golden: PeftGolden = serde_json::from_str(include_str!("../golden/peft_export.json"))
         .unwrap_or_else(|e| panic!("the golden file: {e}"));
     assert!(golden.all_equal, "the recorded check did not pass");
-    let path = models::smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("{e}"));
-    let mut model = models::load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
     let lora = LoraConfig {
         rank: 8,
         alpha: 16.0,

@@ -1,6 +1,8 @@
 //! The one test that loads the real SmolLM2-135M-Instruct (fetched and cached on first
-//! use): its greedy tokens equal HF transformers' on the same GGUF, recorded in
-//! `tests/golden/smollm2_greedy.json` by `scripts/smollm2_greedy.py`.
+//! use), once, and checks what needs it: its greedy tokens equal HF transformers' on the
+//! same GGUF (recorded in `tests/golden/smollm2_greedy.json` by
+//! `scripts/smollm2_greedy.py`), the chat datasets through its tokenizer and template,
+//! and base + a LoRA adapter against PEFT (`crate::export`).
 
 use models::{ChatMessage, load_gguf, smollm2};
 use serde::Deserialize;
@@ -22,11 +24,18 @@ struct Case {
 }
 
 #[test]
-fn smollm2_greedy_tokens_equal_hf_transformers() {
-    let golden: Golden = serde_json::from_str(include_str!("../golden/smollm2_greedy.json"))
-        .unwrap_or_else(|e| panic!("the golden file: {e}"));
+fn smollm2_loaded_once_checks_everything_that_needs_it() {
     let path = smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("fetching SmolLM2: {e}"));
     let model = load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
+    greedy_tokens_equal_hf_transformers(&model);
+    shakespeare_chat_set_is_regenerated_byte_for_byte(&model);
+    // Last: it takes the weights.
+    crate::export::smollm2_with_the_random_adapter_gives_peft_s_greedy_tokens(model);
+}
+
+fn greedy_tokens_equal_hf_transformers(model: &models::Pretrained) {
+    let golden: Golden = serde_json::from_str(include_str!("../golden/smollm2_greedy.json"))
+        .unwrap_or_else(|e| panic!("the golden file: {e}"));
     assert_eq!(model.eos_token_id, Some(golden.eos_token_id));
     let mut backend = engine::open_model(
         "cpu",
@@ -52,7 +61,7 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
             // The chat dataset's turn-by-turn tokens of the user turn are HF's prompt
             // tokens up to the generation prompt.
             let user = ChatMessage::user("What is the capital of France?");
-            let t = models::tokenize_chat(&model, &[user]).unwrap_or_else(|e| panic!("{e}"));
+            let t = models::tokenize_chat(model, &[user]).unwrap_or_else(|e| panic!("{e}"));
             assert!(
                 case.prompt_ids.starts_with(&t.ids),
                 "chat tokens {:?}",
@@ -82,7 +91,7 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/chat-example.jsonl");
     for c in models::read_chat_jsonl(&path).unwrap_or_else(|e| panic!("{e}")) {
-        let t = models::tokenize_chat(&model, &c.messages)
+        let t = models::tokenize_chat(model, &c.messages)
             .unwrap_or_else(|e| panic!("line {}: {e}", c.line));
         let counted: Vec<u32> = t
             .ids
@@ -106,16 +115,13 @@ fn smollm2_greedy_tokens_equal_hf_transformers() {
 /// corpus through SmolLM2's tokenizer and chat template, byte for byte (so `cargo xtask
 /// chat-data` rewrites it unchanged), and every conversation renders to at most 256
 /// tokens with its answer counting in the loss.
-#[test]
-fn shakespeare_chat_set_is_regenerated_byte_for_byte() {
-    let path = smollm2::fetch::ensure_gguf().unwrap_or_else(|e| panic!("fetching SmolLM2: {e}"));
-    let model = load_gguf(&path, Some(256)).unwrap_or_else(|e| panic!("{e}"));
+fn shakespeare_chat_set_is_regenerated_byte_for_byte(model: &models::Pretrained) {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
     let corpus = std::fs::read_to_string(data.join("shakespeare.txt"))
         .unwrap_or_else(|e| panic!("the corpus: {e}"));
     let conversations =
         models::shakespeare_chat::conversations(&corpus, Default::default(), |messages| {
-            models::tokenize_chat(&model, messages).map(|t| t.ids.len())
+            models::tokenize_chat(model, messages).map(|t| t.ids.len())
         })
         .unwrap_or_else(|e| panic!("{e}"));
     let text = models::shakespeare_chat::to_jsonl(&conversations);
@@ -129,7 +135,7 @@ fn shakespeare_chat_set_is_regenerated_byte_for_byte() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read.len(), conversations.len());
     for c in &read {
-        let t = models::tokenize_chat(&model, &c.messages)
+        let t = models::tokenize_chat(model, &c.messages)
             .unwrap_or_else(|e| panic!("line {}: {e}", c.line));
         assert!(
             t.ids.len() <= 256,
