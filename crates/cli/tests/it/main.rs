@@ -536,12 +536,7 @@ fn coordinator_and_demo_print_their_effective_config() {
         // the Shakespeare chats, in windows of 256 tokens.
         (
             &["demo", "--finetune", "--print-config"],
-            &[
-                "corpus = \"data/shakespeare-chat.jsonl\"",
-                "seq = 256",
-                "data = \"chat\"",
-                "rank = 8",
-            ],
+            &["batch = 2", "seq = 256", "data = \"chat\"", "rank = 8"],
         ),
     ];
     for (args, lines) in cases {
