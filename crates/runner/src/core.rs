@@ -589,7 +589,7 @@ impl Core {
         self.run.scheduler().round()
     }
 
-    /// The current parameters (for tests that compare models bit for bit).
+    /// The current version's trainable floats (for tests that compare models bit for bit).
     pub fn params(&self) -> &[f32] {
         &self.current.params[..]
     }

@@ -63,7 +63,8 @@ pub struct Published {
     /// The current version's safetensors and their blake3.
     pub checkpoint: Arc<Vec<u8>>,
     pub checkpoint_hash: String,
-    /// The current version's weights (what inference serves).
+    /// The current version's trainable floats (what inference serves, over the run's
+    /// frozen base when it has one).
     pub params: Arc<Vec<f32>>,
     /// Tokens one accepted update trained on.
     pub tokens_per_unit: u64,
