@@ -60,32 +60,6 @@ pub(crate) struct DemoArgs {
 /// training chats are, about a passage that is in the holdout's play but asked anew.
 const FINETUNE_PROMPT: &str = "Continue this passage from Hamlet, Act III, Scene I:\n\nHam.\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\nAnd by opposing end them?";
 
-/// The fine-tune demo's run: SmolLM2 with a LoRA adapter on the Shakespeare chats, sized
-/// for two cores (BENCHMARKS.md, "The fine-tune demo").
-fn finetune_config(base: &mut CoordinatorConfig) -> anyhow::Result<()> {
-    let gguf = models::smollm2::fetch::ensure_gguf().context("fetching SmolLM2-135M-Instruct")?;
-    base.finetune = Some(coordinator::config::FinetuneConfig {
-        base: gguf,
-        lora: Some(engine::LoraConfig {
-            rank: 8,
-            alpha: 16.0,
-            targets: engine::LoraTarget::ALL.to_vec(),
-        }),
-        data: protocol::api::DataFormat::Chat,
-    });
-    base.corpus = PathBuf::from("data/shakespeare-chat.jsonl");
-    base.seq = 256;
-    base.batch = 2;
-    base.holdout_batches = 4;
-    base.schedule.steps_per_unit = 4;
-    base.schedule.inner_lr = 1e-3;
-    base.outer = aggregation::OuterConfig::default();
-    // A re-run trains a whole unit again on these two cores: check each worker's first
-    // two units, then one in two.
-    base.spot_check.trusted_after = 2;
-    Ok(())
-}
-
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.unwrap_or(if args.finetune { 4 } else { 12 });
     let prompt = args.prompt.clone().unwrap_or_else(|| {
@@ -115,7 +89,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         momentum: 0.5,
     };
     if args.finetune {
-        finetune_config(&mut base)?;
+        let gguf =
+            models::smollm2::fetch::ensure_gguf().context("fetching SmolLM2-135M-Instruct")?;
+        base = base.finetune_demo(gguf);
     }
     let config = args.run.config(base)?;
     if args.print_config {

@@ -205,6 +205,40 @@ pub fn open_model(
     })
 }
 
+/// [`open_model`] for a model whose vector is `frozen` followed by `trainable`: with a
+/// LoRA adapter the backend shares `frozen` (the pretrained base) instead of copying it,
+/// so a process holds its base once however many backends it opens; with every tensor
+/// trained `frozen` is empty.
+pub fn open_model_frozen(
+    device: &str,
+    spec: &ModelSpec,
+    frozen: std::sync::Arc<Vec<f32>>,
+    trainable: Vec<f32>,
+    purpose: Purpose,
+) -> Result<Box<dyn Backend>, EngineError> {
+    if let Trainable::Lora(lora) = &spec.trainable {
+        let threads = device_threads(device)?;
+        spec.validate()?;
+        let Architecture::Llama(config) = spec.architecture else {
+            unreachable!("validate accepts LoRA on a Llama only")
+        };
+        return Ok(Box::new(llama::cpu::LlamaCpuBackend::open_lora_shared(
+            config,
+            lora.clone(),
+            frozen,
+            trainable,
+            threads,
+            purpose,
+        )?));
+    }
+    let params = if frozen.is_empty() {
+        trainable
+    } else {
+        [&frozen[..], &trainable[..]].concat()
+    };
+    open_model(device, spec, params, purpose)
+}
+
 /// Bytes a CPU backend of `spec`'s model for `purpose` holds once it has run a
 /// `batch x seq` batch ([`GptConfig::training_bytes`], [`GptConfig::eval_bytes`]): what
 /// sizes a pool of backends by a memory budget without opening one to measure it.

@@ -398,6 +398,35 @@ pub enum ConfigError {
 }
 
 impl CoordinatorConfig {
+    /// The fine-tune demo's run, sized for two cores (BENCHMARKS.md, "The fine-tune
+    /// demo"): the GGUF `base` with a LoRA adapter (rank 8, alpha 16, all seven
+    /// projections) on `data/shakespeare-chat.jsonl`, windows of 256 tokens, batches of 2,
+    /// H = 4 at inner lr 1e-3, DiLoCo's default outer step, re-runs of each worker's first
+    /// two units and then one in two. `hivetrain demo --finetune` and `cargo xtask bench
+    /// finetune` both run it.
+    pub fn finetune_demo(mut self, base: PathBuf) -> CoordinatorConfig {
+        self.finetune = Some(FinetuneConfig {
+            base,
+            lora: Some(engine::LoraConfig {
+                rank: 8,
+                alpha: 16.0,
+                targets: engine::LoraTarget::ALL.to_vec(),
+            }),
+            data: protocol::api::DataFormat::Chat,
+        });
+        self.corpus = PathBuf::from("data/shakespeare-chat.jsonl");
+        self.seq = 256;
+        self.batch = 2;
+        self.holdout_batches = 4;
+        self.schedule.steps_per_unit = 4;
+        self.schedule.inner_lr = 1e-3;
+        self.outer = aggregation::OuterConfig::default();
+        // A re-run trains a whole unit again on two cores: check each worker's first two
+        // units, then one in two.
+        self.spot_check.trusted_after = 2;
+        self
+    }
+
     /// Reads a TOML file; keys it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

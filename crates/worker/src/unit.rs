@@ -51,16 +51,8 @@ impl RunModel {
         RunModel::new(spec, Arc::new(Vec::new()))
     }
 
-    /// The full vector of the version whose trainable floats are `trainable`.
-    pub fn full(&self, trainable: &[f32]) -> Vec<f32> {
-        let mut full = Vec::with_capacity(self.frozen.len() + trainable.len());
-        full.extend_from_slice(&self.frozen);
-        full.extend_from_slice(trainable);
-        full
-    }
-
     /// Opens a backend on `device` holding the version whose trainable floats are
-    /// `trainable`.
+    /// `trainable`; it shares the frozen base with this model rather than copying it.
     pub fn open(
         &self,
         device: &str,
@@ -75,7 +67,13 @@ impl RunModel {
                 want: self.spec.trainable_len(),
             }));
         }
-        engine::open_model(device, &self.spec, self.full(trainable), purpose)
+        engine::open_model_frozen(
+            device,
+            &self.spec,
+            self.frozen.clone(),
+            trainable.to_vec(),
+            purpose,
+        )
     }
 
     /// Opens a backend on `device` whose trainable floats are zeros, to be set.

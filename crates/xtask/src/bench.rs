@@ -24,6 +24,10 @@ pub(crate) enum BenchCommand {
     /// against PyTorch + PEFT, and full fine-tuning against PyTorch, same initial
     /// weights, batches and threads (`scripts/torch_lora_bench.py`).
     Lora(crate::lora_bench::LoraBench),
+    /// The network's LoRA fine-tune of SmolLM2 (a real coordinator and M workers over
+    /// loopback HTTP, the fine-tune demo's run) against one machine training one adapter
+    /// on the same tokens: holdout loss per version and the gap (goal <= 2%).
+    Finetune(crate::finetune_parity::FinetuneBench),
     /// Greedy decoding tokens/s of the inference endpoint and in-process, against
     /// PyTorch from the same weights (the tokens must match).
     Decode(crate::decode::DecodeBench),
@@ -126,6 +130,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Diloco(args) => crate::diloco::run(root, args),
         BenchCommand::Ingest(args) => crate::ingest::run(root, args),
         BenchCommand::Decode(args) => crate::decode::run(root, args),
+        BenchCommand::Finetune(args) => crate::finetune_parity::run(root, args),
         BenchCommand::Lora(args) => crate::lora_bench::run(root, args),
         BenchCommand::Robust(args) => crate::robust::run(root, args),
         BenchCommand::Ledger(args) => crate::ledger_bench::run(args),

@@ -8,6 +8,7 @@ mod control;
 mod corpus;
 mod decode;
 mod diloco;
+mod finetune_parity;
 mod golden;
 mod ingest;
 mod ledger_bench;

@@ -440,8 +440,11 @@ pub struct LlamaCpuBackend {
     config: LlamaConfig,
     layout: LlamaLayout,
     rope: RopeTables,
-    /// The base's parameters (the whole model without an adapter).
-    params: Vec<f32>,
+    /// The base's parameters (the whole model without an adapter). With a LoRA adapter
+    /// the base is frozen and may be shared with other backends and its owner
+    /// ([`LlamaCpuBackend::open_lora_shared`]); training every tensor, this backend holds
+    /// the only reference and AdamW updates it in place.
+    params: Arc<Vec<f32>>,
     purpose: Purpose,
     /// Training every tensor: gradients and AdamW's moments, each the size of `params`.
     /// Evaluation or a frozen base (LoRA): empty.
@@ -475,6 +478,15 @@ impl LlamaCpuBackend {
     pub fn open(
         config: LlamaConfig,
         params: Vec<f32>,
+        threads: usize,
+        purpose: Purpose,
+    ) -> Result<Self, EngineError> {
+        LlamaCpuBackend::open_arc(config, Arc::new(params), threads, purpose)
+    }
+
+    fn open_arc(
+        config: LlamaConfig,
+        params: Arc<Vec<f32>>,
         threads: usize,
         purpose: Purpose,
     ) -> Result<Self, EngineError> {
@@ -529,7 +541,39 @@ impl LlamaCpuBackend {
         }
         let adapter_params = params.split_off(base);
         params.shrink_to_fit();
-        let mut backend = LlamaCpuBackend::open(config, params, threads, Purpose::Eval)?;
+        LlamaCpuBackend::open_lora_shared(
+            config,
+            lora,
+            Arc::new(params),
+            adapter_params,
+            threads,
+            purpose,
+        )
+    }
+
+    /// A backend with a LoRA adapter (`adapter`, [`LoraLayout`] order) on the frozen
+    /// `base` ([`LlamaLayout`] order), which it shares rather than copies: every backend
+    /// of a LoRA run (a worker's, the coordinator's scoring, re-runs, holdout and
+    /// serving) reads the one base its owner loaded.
+    pub fn open_lora_shared(
+        config: LlamaConfig,
+        lora: LoraConfig,
+        base: Arc<Vec<f32>>,
+        adapter: Vec<f32>,
+        threads: usize,
+        purpose: Purpose,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        lora.validate(&config).map_err(crate::SpecError::from)?;
+        let want = lora.n_params(&config);
+        if adapter.len() != want {
+            return Err(EngineError::ParamCount {
+                got: adapter.len(),
+                want,
+            });
+        }
+        let adapter_params = adapter;
+        let mut backend = LlamaCpuBackend::open_arc(config, base, threads, Purpose::Eval)?;
         backend.purpose = purpose;
         backend.lora = Some(Adapter::new(
             config,
@@ -978,7 +1022,8 @@ impl LlamaCpuBackend {
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> f32 {
         match self.lora.as_mut() {
             None => self.adam.update(
-                &mut self.params,
+                // The only reference: a backend training every tensor never shares.
+                Arc::make_mut(&mut self.params).as_mut_slice(),
                 &self.grads,
                 self.layout.table().tensors(),
                 opt,
@@ -1170,7 +1215,7 @@ impl Backend for LlamaCpuBackend {
     /// The base, followed with LoRA by the adapter.
     fn params(&self) -> Vec<f32> {
         match &self.lora {
-            None => self.params.clone(),
+            None => self.params.to_vec(),
             Some(ad) => [&self.params[..], &ad.params[..]].concat(),
         }
     }
@@ -1184,7 +1229,8 @@ impl Backend for LlamaCpuBackend {
                 want,
             });
         }
-        self.params.copy_from_slice(&params[..base]);
+        // A shared frozen base is copied before it is written.
+        Arc::make_mut(&mut self.params).copy_from_slice(&params[..base]);
         if let Some(ad) = self.lora.as_mut() {
             ad.params.copy_from_slice(&params[base..]);
         }
@@ -1195,7 +1241,7 @@ impl Backend for LlamaCpuBackend {
     /// The adapter with LoRA, else every parameter.
     fn trainable(&self) -> Vec<f32> {
         match &self.lora {
-            None => self.params.clone(),
+            None => self.params.to_vec(),
             Some(ad) => ad.params.clone(),
         }
     }

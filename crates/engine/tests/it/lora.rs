@@ -115,6 +115,62 @@ fn only_the_adapter_trains() {
     assert_eq!(loss_again.to_bits(), base_loss.to_bits());
 }
 
+/// Backends opened on a shared frozen base hold no copy of it (one reference each, the
+/// same floats), train and score exactly as a backend that owns its copy, and a wrong
+/// adapter length is refused.
+#[test]
+fn backends_share_the_frozen_base() {
+    let config = micro_llama(false);
+    let spec = ModelSpec::llama_lora("micro-lora", config, micro_lora());
+    let params = adapted_params(&spec);
+    let base_len = spec.base_len();
+    let data = vocab_batch(config.vocab_size, 2, config.max_seq, 4);
+    let frozen = std::sync::Arc::new(params[..base_len].to_vec());
+    let mut shared: Vec<_> = [Purpose::Train, Purpose::Eval]
+        .into_iter()
+        .map(|purpose| {
+            engine::open_model_frozen(
+                "cpu:2",
+                &spec,
+                frozen.clone(),
+                params[base_len..].to_vec(),
+                purpose,
+            )
+            .expect("shared backend")
+        })
+        .collect();
+    assert_eq!(std::sync::Arc::strong_count(&frozen), 3);
+    let mut owned = spec_backend(&spec, params.clone(), 2);
+    for _ in 0..2 {
+        let a = shared[0]
+            .train_step(&data.as_batch(), &OptimizerConfig::default(), 1e-2)
+            .expect("step");
+        let b = owned
+            .train_step(&data.as_batch(), &OptimizerConfig::default(), 1e-2)
+            .expect("step");
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+    }
+    assert_eq!(shared[0].params(), owned.params());
+    assert_eq!(
+        frozen[..],
+        params[..base_len],
+        "training moved the shared base"
+    );
+    let trained = shared[0].trainable();
+    shared[1].set_trainable(&trained).expect("set");
+    let (x, y) = (
+        shared[1].eval_loss(&data.as_batch()).expect("loss"),
+        owned.eval_loss(&data.as_batch()).expect("loss"),
+    );
+    assert_eq!(x.to_bits(), y.to_bits());
+    let err =
+        engine::open_model_frozen("cpu:1", &spec, frozen.clone(), vec![0.0; 3], Purpose::Eval)
+            .map_or_else(|e| e.to_string(), |_| "ok".into());
+    expect_test::expect!["parameter vector has 3 floats, the model has 1024"].assert_eq(&err);
+    drop(shared);
+    assert_eq!(std::sync::Arc::strong_count(&frozen), 1);
+}
+
 /// At SmolLM2's shape and a 4 x 256 batch, a LoRA training backend holds the base once
 /// (no gradient, no moments): what training adds to an evaluation backend (the adapter's
 /// state and the gradient scratch) is less than a tenth of what full training adds. The

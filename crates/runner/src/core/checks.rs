@@ -492,6 +492,11 @@ impl Core {
         self.train.clone()
     }
 
+    /// The holdout batches every version's loss is measured on.
+    pub fn holdout_batches(&self) -> Arc<Vec<OwnedBatch>> {
+        self.holdout.clone()
+    }
+
     /// The holdout loss of the current version.
     pub fn holdout_loss(&self) -> Result<f32, RunError> {
         self.store
