@@ -70,14 +70,8 @@ struct Acts {
     /// Per layer, each adapter's `scale (x A^T)` (`[n, rank]`, one after another in
     /// target order); empty without an adapter.
     lora_u: Vec<Vec<f32>>,
-    /// The gradient of one adapter's `u` (scratch, `[n, rank]`).
+    /// The gradient of one group's `u`s (scratch, `[n, rank * members]`; see [`GROUPS`]).
     lora_du: Vec<f32>,
-}
-
-/// Floats of a LoRA adapter's activations per token: each target's `u` row; and of its
-/// gradient scratch per token.
-fn lora_widths(lora: Option<&LoraConfig>) -> (usize, usize) {
-    lora.map_or((0, 0), |l| (l.rank * l.targets.len(), l.rank))
 }
 
 impl Acts {
@@ -130,9 +124,9 @@ impl Acts {
             dact: g(n * f),
             dgate_up: g(n * 2 * f),
             lora_u: (0..config.layers)
-                .map(|_| z(n * lora_widths(lora).0))
+                .map(|_| z(n * lora_widths(config, lora).0))
                 .collect(),
-            lora_du: g(n * lora_widths(lora).1),
+            lora_du: g(n * lora_widths(config, lora).1),
         }
     }
 }
@@ -195,7 +189,7 @@ pub(crate) fn acts_floats(
     } else {
         0
     };
-    let (u, du) = lora_widths(lora);
+    let (u, du, _) = lora_widths(config, lora);
     let adapter = config.layers * n * u + if with_grads { n * du } else { 0 };
     forward + grads + adapter
 }
@@ -215,7 +209,9 @@ pub(crate) fn backend_bytes(
     let copies = if train { 4 } else { 1 };
     let params = match lora {
         None => config.n_params() * copies,
-        Some(lora) => config.n_params() + lora.n_params(config) * copies,
+        Some(lora) => {
+            config.n_params() + lora.n_params(config) * copies + lora_widths(config, Some(lora)).2
+        }
     };
     let rope = 2 * config.max_seq * (config.head_dim / 2);
     4 * (params + rope + acts_floats(config, batch, seq, train, lora)) as u64
@@ -276,20 +272,75 @@ enum Finish {
     LossAndGrad,
 }
 
+/// The targets that read the same input, in [`LoraTarget::ALL`] order: q, k and v read
+/// the attention's normalized input, gate and up the MLP's. The `A` products of a
+/// group's targets run as one product over their stacked `A`s (`x [A_q; A_k; A_v]^T`),
+/// which reads `x` once instead of once per target, and so do their backward's `dA` and
+/// `dx` products.
+const GROUPS: [&[LoraTarget]; 4] = [
+    &[LoraTarget::Q, LoraTarget::K, LoraTarget::V],
+    &[LoraTarget::O],
+    &[LoraTarget::Gate, LoraTarget::Up],
+    &[LoraTarget::Down],
+];
+
+/// Which of [`GROUPS`] a target is in.
+fn group_of(target: LoraTarget) -> usize {
+    match target {
+        LoraTarget::Q | LoraTarget::K | LoraTarget::V => 0,
+        LoraTarget::O => 1,
+        LoraTarget::Gate | LoraTarget::Up => 2,
+        LoraTarget::Down => 3,
+    }
+}
+
+/// The targets of `group` that `lora` adapts, in order.
+fn group_targets(lora: &LoraConfig, group: usize) -> impl Iterator<Item = LoraTarget> + '_ {
+    GROUPS[group]
+        .iter()
+        .copied()
+        .filter(|t| lora.targets.contains(t))
+}
+
+/// Floats of a LoRA adapter's activations per token (each target's `u` row); of its
+/// gradient scratch per token (the `du` rows of the widest group); and the floats of
+/// the scratch that holds a group's stacked `A`s or their gradient.
+fn lora_widths(config: &LlamaConfig, lora: Option<&LoraConfig>) -> (usize, usize, usize) {
+    let Some(lora) = lora else {
+        return (0, 0, 0);
+    };
+    let (mut du, mut stack) = (0, 0);
+    for group in GROUPS {
+        let members = group.iter().filter(|t| lora.targets.contains(t)).count();
+        du = du.max(members * lora.rank);
+        if members > 1 {
+            let inp = group[0].shape(config).1;
+            stack = stack.max(members * lora.rank * inp);
+        }
+    }
+    (lora.rank * lora.targets.len(), du, stack)
+}
+
 /// A LoRA adapter on the frozen base: its parameters and, for training, their gradient
 /// and AdamW moments (the only optimizer state of a LoRA backend).
+///
+/// A layer's `u` buffer holds, for each group of [`GROUPS`] in order, an `[n, members *
+/// rank]` block whose columns are its members' `u = scale (x A^T)`, one `rank` wide each.
 struct Adapter {
     config: LlamaConfig,
     lora: LoraConfig,
     layout: LoraLayout,
-    /// For each target (by [`LoraTarget::ALL`] index), where its `u` is in a layer's
-    /// `lora_u` buffer, in rows of `rank`: the slot times `n * rank`.
-    slots: [Option<usize>; 7],
+    /// For each group: its block's first float per row of `u` (a layer's `u` buffer is
+    /// `[n, rank * targets]` floats, the groups' blocks one after another), and its width.
+    blocks: [(usize, usize); 4],
     scale: f32,
     par: Par,
     params: Vec<f32>,
     grads: Vec<f32>,
     adam: ops::Moments,
+    /// A group's stacked `A`s, or their gradient (scratch; empty if no group has two
+    /// members).
+    stack: Vec<f32>,
 }
 
 impl Adapter {
@@ -300,13 +351,12 @@ impl Adapter {
         purpose: Purpose,
         par: Par,
     ) -> Adapter {
-        let mut slots = [None; 7];
+        let mut blocks = [(0, 0); 4];
         let mut next = 0;
-        for (i, target) in LoraTarget::ALL.into_iter().enumerate() {
-            if lora.targets.contains(&target) {
-                slots[i] = Some(next);
-                next += 1;
-            }
+        for (group, block) in blocks.iter_mut().enumerate() {
+            let width = group_targets(&lora, group).count() * lora.rank;
+            *block = (next, width);
+            next += width;
         }
         let n = match purpose {
             Purpose::Train => params.len(),
@@ -315,9 +365,10 @@ impl Adapter {
         Adapter {
             layout: LoraLayout::new(&config, &lora),
             scale: lora.scale(),
+            stack: vec![0.0; lora_widths(&config, Some(&lora)).2],
             config,
             lora,
-            slots,
+            blocks,
             par,
             params,
             grads: vec![0.0; n],
@@ -325,112 +376,158 @@ impl Adapter {
         }
     }
 
-    /// Where `target`'s adapter of layer `l` is: its `A` and `B` offsets, its `(out, in)`
-    /// and the range of its `u` in a layer's buffer of `u_len` floats.
-    fn part(
-        &self,
-        l: usize,
-        target: LoraTarget,
-        u_len: usize,
-    ) -> Option<(
-        crate::lora::LoraOffsets,
-        (usize, usize),
-        std::ops::Range<usize>,
-    )> {
-        let offsets = self.layout.get(l, target)?;
-        let slot = self.slots[target as usize]?;
-        let width = u_len / self.lora.targets.len();
-        Some((
-            offsets,
-            target.shape(&self.config),
-            slot * width..(slot + 1) * width,
-        ))
+    /// The range of `group`'s block in a layer's `u` buffer of `u_len` floats, the rows
+    /// `n` and the block's width; `None` if the group has no adapted target.
+    fn block(&self, group: usize, u_len: usize) -> Option<(std::ops::Range<usize>, usize, usize)> {
+        let (start, width) = self.blocks[group];
+        if width == 0 {
+            return None;
+        }
+        let n = u_len / (self.lora.rank * self.lora.targets.len());
+        Some((n * start..n * (start + width), n, width))
     }
 
-    /// `y += scale (x A^T) B^T` for `target` of layer `l`, keeping `u = scale (x A^T)` in
-    /// its part of `u` (the layer's buffer, `n` rows per target); nothing if `target` has
-    /// no adapter.
-    fn forward(
-        &self,
-        (l, target): (usize, LoraTarget),
-        y: ViewMut<'_>,
-        x: View<'_>,
-        u: &mut [f32],
-        par: Par,
-    ) {
-        let Some((ab, (out, inp), range)) = self.part(l, target, u.len()) else {
+    /// The `A`s of `group`'s targets in layer `l`, stacked (`[members * rank, in]`):
+    /// the parameters themselves for a group of one, else a copy in `self.stack`.
+    fn stacked_a(&mut self, l: usize, group: usize, inp: usize) -> &[f32] {
+        let r = self.lora.rank;
+        let mut members = group_targets(&self.lora, group)
+            .filter_map(|t| self.layout.get(l, t))
+            .peekable();
+        let Some(first) = members.next() else {
+            return &[];
+        };
+        if members.peek().is_none() {
+            return &self.params[first.a..first.a + r * inp];
+        }
+        let chunk = r * inp;
+        let mut len = 0;
+        for ab in std::iter::once(first).chain(members) {
+            self.stack[len..len + chunk].copy_from_slice(&self.params[ab.a..ab.a + chunk]);
+            len += chunk;
+        }
+        &self.stack[..len]
+    }
+
+    /// `u = scale (x A^T)` for every adapted target of `group` in layer `l`, as one
+    /// product over the group's stacked `A`s, into the group's block of `u` (the layer's
+    /// buffer); nothing if the group has no adapted target.
+    fn down(&mut self, (l, group): (usize, usize), x: View<'_>, u: &mut [f32], par: Par) {
+        let Some((range, n, width)) = self.block(group, u.len()) else {
             return;
         };
-        let r = self.lora.rank;
+        let inp = GROUPS[group][0].shape(&self.config).1;
+        let scale = self.scale;
+        let a = self.stacked_a(l, group, inp);
         let u = &mut u[range];
-        let n = u.len() / r;
         matmul(
-            ViewMut::rows(u, n, r),
+            ViewMut::rows(u, n, width),
             x,
-            View::rows(&self.params[ab.a..ab.a + r * inp], r, inp).t(),
+            View::rows(a, width, inp).t(),
             false,
             par,
         );
         for x in u.iter_mut() {
-            *x *= self.scale;
+            *x *= scale;
         }
+    }
+
+    /// `target`'s `u` in its group's block `u_block` (`[n, width]`).
+    fn u_of<'a>(&self, target: LoraTarget, u_block: &'a [f32], n: usize, width: usize) -> View<'a> {
+        let j = group_targets(&self.lora, group_of(target))
+            .position(|t| t == target)
+            .unwrap_or(0);
+        View::strided(&u_block[j * self.lora.rank..], n, self.lora.rank, width, 1)
+    }
+
+    /// `y += u B^T` for `target` of layer `l`, its `u` computed by [`Adapter::down`];
+    /// nothing if `target` has no adapter.
+    fn up(&self, (l, target): (usize, LoraTarget), y: ViewMut<'_>, u: &[f32], par: Par) {
+        let Some(ab) = self.layout.get(l, target) else {
+            return;
+        };
+        let Some((range, n, width)) = self.block(group_of(target), u.len()) else {
+            return;
+        };
+        let (r, out) = (self.lora.rank, target.shape(&self.config).0);
         matmul(
             y,
-            View::rows(u, n, r),
+            self.u_of(target, &u[range], n, width),
             View::rows(&self.params[ab.b..ab.b + out * r], out, r).t(),
             true,
             par,
         );
     }
 
-    /// The backward of [`Adapter::forward`] given `dy`, the gradient of its output:
-    /// writes `dB = dy^T u` and `dA = scale (dy B)^T x`, and adds `scale (dy B) A` to
-    /// `dx` when there is one.
+    /// The backward of [`Adapter::down`] and [`Adapter::up`] for `group` of layer `l`,
+    /// given each target's
+    /// output gradient `dy`: writes `dB = dy^T u` and `dA = scale (dy B)^T x` (the
+    /// group's `dA`s as one product), and adds `scale (dy B) A` to `dx` when there is one
+    /// (one product over the stacked `A`s). `du` is scratch.
     fn backward(
         &mut self,
-        (l, target): (usize, LoraTarget),
-        dy: View<'_>,
+        (l, group): (usize, usize),
+        dys: &[(LoraTarget, View<'_>)],
         x: View<'_>,
         u: &[f32],
         du: &mut [f32],
         dx: Option<ViewMut<'_>>,
     ) {
-        let Some((ab, (out, inp), range)) = self.part(l, target, u.len()) else {
+        let Some((range, n, width)) = self.block(group, u.len()) else {
             return;
         };
         let (r, par) = (self.lora.rank, self.par);
+        let inp = GROUPS[group][0].shape(&self.config).1;
         let u = &u[range];
-        let n = u.len() / r;
-        let (low, high) = self.grads.split_at_mut(ab.b);
-        let (da, db) = (&mut low[ab.a..ab.a + r * inp], &mut high[..out * r]);
-        let a = &self.params[ab.a..ab.a + r * inp];
-        let b = &self.params[ab.b..ab.b + out * r];
-        matmul(
-            ViewMut::rows(db, out, r),
-            dy.t(),
-            View::rows(u, n, r),
-            false,
-            par,
-        );
-        matmul(
-            ViewMut::rows(du, n, r),
-            dy,
-            View::rows(b, out, r),
-            false,
-            par,
-        );
+        let du = &mut du[..n * width];
+        let mut members = Vec::with_capacity(GROUPS[group].len());
+        for &(target, dy) in dys {
+            let Some(ab) = self.layout.get(l, target) else {
+                continue;
+            };
+            let j = members.len();
+            members.push(ab);
+            let out = target.shape(&self.config).0;
+            let u_target = self.u_of(target, u, n, width);
+            matmul(
+                ViewMut::rows(&mut self.grads[ab.b..ab.b + out * r], out, r),
+                dy.t(),
+                u_target,
+                false,
+                par,
+            );
+            matmul(
+                ViewMut::strided(&mut du[j * r..], n, r, width, 1),
+                dy,
+                View::rows(&self.params[ab.b..ab.b + out * r], out, r),
+                false,
+                par,
+            );
+        }
         for x in du.iter_mut() {
             *x *= self.scale;
         }
-        matmul(
-            ViewMut::rows(da, r, inp),
-            View::rows(du, n, r).t(),
-            x,
-            false,
-            par,
-        );
+        let du = View::rows(du, n, width);
+        let chunk = r * inp;
+        match members.as_slice() {
+            [ab] => matmul(
+                ViewMut::rows(&mut self.grads[ab.a..ab.a + chunk], r, inp),
+                du.t(),
+                x,
+                false,
+                par,
+            ),
+            _ => {
+                let da = &mut self.stack[..members.len() * chunk];
+                matmul(ViewMut::rows(da, width, inp), du.t(), x, false, par);
+                for (j, ab) in members.iter().enumerate() {
+                    self.grads[ab.a..ab.a + chunk].copy_from_slice(&da[j * chunk..(j + 1) * chunk]);
+                }
+            }
+        }
         if let Some(dx) = dx {
-            matmul(dx, View::rows(du, n, r), View::rows(a, r, inp), true, par);
+            let a = self.stacked_a(l, group, inp);
+            matmul(dx, du, View::rows(a, width, inp), true, par);
         }
     }
 }
@@ -632,7 +729,7 @@ impl LlamaCpuBackend {
             unreachable!("allocated above")
         };
         let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
-        let adapter = self.lora.as_ref();
+        let mut adapter = self.lora.as_mut();
         let (nq, nkv) = (
             config.heads * config.head_dim,
             config.kv_heads * config.head_dim,
@@ -677,15 +774,15 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
-            if let Some(ad) = adapter {
-                let h1 = View::rows(&a.h1, n, d);
+            if let Some(ad) = adapter.as_mut() {
+                ad.down((l, 0), View::rows(&a.h1, n, d), u, par);
                 for (target, col, width) in [
                     (LoraTarget::Q, 0, nq),
                     (LoraTarget::K, nq, nkv),
                     (LoraTarget::V, nq + nkv, nkv),
                 ] {
                     let y = ViewMut::strided(&mut a.qkv[col..], n, width, w, 1);
-                    ad.forward((l, target), y, h1, u, par);
+                    ad.up((l, target), y, u, par);
                 }
             }
             rope.rotate_rows(&mut a.qkv, w, rotated, t, false);
@@ -699,15 +796,9 @@ impl LlamaCpuBackend {
                 true,
                 par,
             );
-            if let Some(ad) = adapter {
-                let y = ViewMut::rows(&mut a.res2, n, d);
-                ad.forward(
-                    (l, LoraTarget::O),
-                    y,
-                    View::rows(&a.atty, n, nh * hd),
-                    u,
-                    par,
-                );
+            if let Some(ad) = adapter.as_mut() {
+                ad.down((l, 1), View::rows(&a.atty, n, nh * hd), u, par);
+                ad.up((l, LoraTarget::O), ViewMut::rows(&mut a.res2, n, d), u, par);
             }
             lops::rmsnorm_forward(&mut a.h2, &mut a.rstd2, &a.res2, p(o.mlp_norm, d), eps);
             matmul(
@@ -717,11 +808,11 @@ impl LlamaCpuBackend {
                 false,
                 par,
             );
-            if let Some(ad) = adapter {
-                let h2 = View::rows(&a.h2, n, d);
+            if let Some(ad) = adapter.as_mut() {
+                ad.down((l, 2), View::rows(&a.h2, n, d), u, par);
                 for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
                     let y = ViewMut::strided(&mut a.gate_up[col..], n, f, 2 * f, 1);
-                    ad.forward((l, target), y, h2, u, par);
+                    ad.up((l, target), y, u, par);
                 }
             }
             lops::swiglu_forward(&mut a.act, &a.gate_up, f);
@@ -733,9 +824,14 @@ impl LlamaCpuBackend {
                 true,
                 par,
             );
-            if let Some(ad) = adapter {
-                let y = ViewMut::rows(&mut a.res3, n, d);
-                ad.forward((l, LoraTarget::Down), y, View::rows(&a.act, n, f), u, par);
+            if let Some(ad) = adapter.as_mut() {
+                ad.down((l, 3), View::rows(&a.act, n, f), u, par);
+                ad.up(
+                    (l, LoraTarget::Down),
+                    ViewMut::rows(&mut a.res3, n, d),
+                    u,
+                    par,
+                );
             }
         }
         let last: &[f32] = match acts.blocks.last() {
@@ -861,8 +957,8 @@ impl LlamaCpuBackend {
             }
             if let Some(ad) = adapter.as_mut() {
                 ad.backward(
-                    (l, LoraTarget::Down),
-                    View::rows(&acts.dres, n, d),
+                    (l, 3),
+                    &[(LoraTarget::Down, View::rows(&acts.dres, n, d))],
                     View::rows(&a.act, n, f),
                     u,
                     &mut acts.lora_du,
@@ -887,16 +983,18 @@ impl LlamaCpuBackend {
                 );
             }
             if let Some(ad) = adapter.as_mut() {
-                for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
-                    ad.backward(
-                        (l, target),
-                        View::strided(&acts.dgate_up[col..], n, f, 2 * f, 1),
-                        View::rows(&a.h2, n, d),
-                        u,
-                        &mut acts.lora_du,
-                        Some(ViewMut::rows(&mut acts.dc, n, d)),
-                    );
-                }
+                let dgate_up = |col: usize| View::strided(&acts.dgate_up[col..], n, f, 2 * f, 1);
+                ad.backward(
+                    (l, 2),
+                    &[
+                        (LoraTarget::Gate, dgate_up(0)),
+                        (LoraTarget::Up, dgate_up(f)),
+                    ],
+                    View::rows(&a.h2, n, d),
+                    u,
+                    &mut acts.lora_du,
+                    Some(ViewMut::rows(&mut acts.dc, n, d)),
+                );
             }
             lops::rmsnorm_backward(
                 &mut acts.dres,
@@ -929,8 +1027,8 @@ impl LlamaCpuBackend {
             }
             if let Some(ad) = adapter.as_mut() {
                 ad.backward(
-                    (l, LoraTarget::O),
-                    View::rows(&acts.dres, n, d),
+                    (l, 1),
+                    &[(LoraTarget::O, View::rows(&acts.dres, n, d))],
                     View::rows(&a.atty, n, nh * hd),
                     u,
                     &mut acts.lora_du,
@@ -975,20 +1073,20 @@ impl LlamaCpuBackend {
             }
             if let Some(ad) = adapter.as_mut() {
                 let (nq, nk) = (nh * hd, nkv * hd);
-                for (target, col, width) in [
-                    (LoraTarget::Q, 0, nq),
-                    (LoraTarget::K, nq, nk),
-                    (LoraTarget::V, nq + nk, nk),
-                ] {
-                    ad.backward(
-                        (l, target),
-                        View::strided(&acts.dqkv[col..], n, width, w, 1),
-                        View::rows(&a.h1, n, d),
-                        u,
-                        &mut acts.lora_du,
-                        need_dx.then(|| ViewMut::rows(&mut acts.dc, n, d)),
-                    );
-                }
+                let dqkv =
+                    |col: usize, width: usize| View::strided(&acts.dqkv[col..], n, width, w, 1);
+                ad.backward(
+                    (l, 0),
+                    &[
+                        (LoraTarget::Q, dqkv(0, nq)),
+                        (LoraTarget::K, dqkv(nq, nk)),
+                        (LoraTarget::V, dqkv(nq + nk, nk)),
+                    ],
+                    View::rows(&a.h1, n, d),
+                    u,
+                    &mut acts.lora_du,
+                    need_dx.then(|| ViewMut::rows(&mut acts.dc, n, d)),
+                );
             }
             if need_dx {
                 lops::rmsnorm_backward(
@@ -1092,7 +1190,7 @@ impl LlamaCpuBackend {
             unreachable!("decode_tokens creates the state")
         };
         let (params, layout, rope) = (&self.params, &self.layout, &self.rope);
-        let adapter = self.lora.as_ref();
+        let mut adapter = self.lora.as_mut();
         let (d, f, v) = (config.hidden, config.intermediate, config.vocab_size);
         let (nh, nkv, hd, w) = (
             config.heads,
@@ -1105,7 +1203,8 @@ impl LlamaCpuBackend {
         let eps = config.rms_eps as f32;
         let p = |off: usize, len: usize| &params[off..off + len];
         let (pos, n) = (s.pos, tokens.len());
-        s.rows(&config, n, pos + n, lora_widths(adapter.map(|a| &a.lora)).0);
+        let lora_width = lora_widths(&config, adapter.as_ref().map(|a| &a.lora)).0;
+        s.rows(&config, n, pos + n, lora_width);
         for (row, &tok) in s.x.chunks_exact_mut(d).zip(tokens) {
             row.copy_from_slice(p(layout.embed + tok as usize * d, d));
         }
@@ -1134,15 +1233,15 @@ impl LlamaCpuBackend {
                 let o = layout.blocks[l];
                 lops::rmsnorm_forward(&mut s.h, &mut s.rstd, &s.x, p(o.attn_norm, d), eps);
                 linear(&mut s.qkv, &s.h, p(o.qkv, w * d), (w, d), false);
-                if let Some(ad) = adapter {
-                    let h = View::rows(&s.h, n, d);
+                if let Some(ad) = adapter.as_mut() {
+                    ad.down((l, 0), View::rows(&s.h, n, d), &mut s.lora_u, par);
                     for (target, col, width) in [
                         (LoraTarget::Q, 0, nq),
                         (LoraTarget::K, nq, kvw),
                         (LoraTarget::V, nq + kvw, kvw),
                     ] {
                         let y = ViewMut::strided(&mut s.qkv[col..], n, width, w, 1);
-                        ad.forward((l, target), y, h, &mut s.lora_u, par);
+                        ad.up((l, target), y, &s.lora_u, par);
                     }
                 }
                 for (i, row) in s.qkv.chunks_exact_mut(w).enumerate() {
@@ -1169,9 +1268,10 @@ impl LlamaCpuBackend {
                         }
                     });
                 linear(&mut s.x, &s.y, p(o.o, d * nq), (d, nq), true);
-                if let Some(ad) = adapter {
-                    let (y, x) = (ViewMut::rows(&mut s.x, n, d), View::rows(&s.y, n, nq));
-                    ad.forward((l, LoraTarget::O), y, x, &mut s.lora_u, par);
+                if let Some(ad) = adapter.as_mut() {
+                    ad.down((l, 1), View::rows(&s.y, n, nq), &mut s.lora_u, par);
+                    let y = ViewMut::rows(&mut s.x, n, d);
+                    ad.up((l, LoraTarget::O), y, &s.lora_u, par);
                 }
                 lops::rmsnorm_forward(&mut s.h, &mut s.rstd, &s.x, p(o.mlp_norm, d), eps);
                 linear(
@@ -1181,18 +1281,19 @@ impl LlamaCpuBackend {
                     (2 * f, d),
                     false,
                 );
-                if let Some(ad) = adapter {
-                    let h = View::rows(&s.h, n, d);
+                if let Some(ad) = adapter.as_mut() {
+                    ad.down((l, 2), View::rows(&s.h, n, d), &mut s.lora_u, par);
                     for (target, col) in [(LoraTarget::Gate, 0), (LoraTarget::Up, f)] {
                         let y = ViewMut::strided(&mut s.gate_up[col..], n, f, 2 * f, 1);
-                        ad.forward((l, target), y, h, &mut s.lora_u, par);
+                        ad.up((l, target), y, &s.lora_u, par);
                     }
                 }
                 lops::swiglu_forward(&mut s.act, &s.gate_up, f);
                 linear(&mut s.x, &s.act, p(o.down, d * f), (d, f), true);
-                if let Some(ad) = adapter {
-                    let (y, x) = (ViewMut::rows(&mut s.x, n, d), View::rows(&s.act, n, f));
-                    ad.forward((l, LoraTarget::Down), y, x, &mut s.lora_u, par);
+                if let Some(ad) = adapter.as_mut() {
+                    ad.down((l, 3), View::rows(&s.act, n, f), &mut s.lora_u, par);
+                    let y = ViewMut::rows(&mut s.x, n, d);
+                    ad.up((l, LoraTarget::Down), y, &s.lora_u, par);
                 }
             }
             let h = &mut s.h[..d];
