@@ -211,9 +211,12 @@ impl Coordinator {
             protocol::update_len(codec, core.run_info().n_params).min(limits.update_bytes_max);
         // Scoring backends: as many as the budget holds of one evaluation backend at the
         // run's model and batch, after the replay checker's one training backend (when
-        // spot-checks are on), at least one, at most the updates read at once.
+        // spot-checks are on), at least one, at most the updates read at once. A LoRA
+        // run's backends share the frozen base the core holds once, so it is not counted
+        // per backend.
         let scoring = core.scoring_backend_spec();
         let info = core.run_info();
+        let shared = engine::frozen_bytes(&scoring.model.spec);
         let bytes = |purpose| {
             engine::backend_bytes(
                 &scoring.model.spec,
@@ -221,6 +224,7 @@ impl Coordinator {
                 info.batch as usize,
                 info.seq as usize,
             )
+            .saturating_sub(shared)
         };
         let scorer_bytes = bytes(engine::Purpose::Eval);
         let replay_bytes = if core.config().spot_check.enabled {

@@ -256,6 +256,13 @@ pub fn backend_bytes(spec: &ModelSpec, purpose: Purpose, batch: usize, seq: usiz
     }
 }
 
+/// Bytes of the frozen floats of `spec` (with LoRA the pretrained base; nothing when
+/// every tensor trains): the part of [`backend_bytes`] that backends opened by
+/// [`open_model_frozen`] share instead of each holding a copy.
+pub fn frozen_bytes(spec: &ModelSpec) -> u64 {
+    4 * (spec.n_params() - spec.trainable_len()) as u64
+}
+
 /// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.
 pub fn check_device(device: &str) -> Result<(), EngineError> {
     device_threads(device).map(|_| ())

@@ -58,6 +58,7 @@ impl HttpTransport {
             return Ok(response);
         }
         let status = response.status().as_u16();
+        let retry_after = retry_after(&response);
         let text = response.text().unwrap_or_default();
         let refusal = match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => Refusal {
@@ -72,11 +73,10 @@ impl HttpTransport {
             },
         };
         if status == 503 {
-            // Busy (`uploads_busy`, `busy`): the same request succeeds later, so it is
-            // retried with the unreachable ones.
-            return Err(TransportError::Unreachable {
+            return Err(TransportError::Busy {
                 url: self.url(path),
-                message: refusal.to_string(),
+                refusal,
+                retry_after,
             });
         }
         Err(TransportError::Refused(refusal))
@@ -137,6 +137,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Longest `Retry-After` a worker honours; a larger one (or none) is read as this or
+/// [`BUSY_RETRY_DEFAULT`], so a coordinator cannot park a worker with one answer.
+pub const BUSY_RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
+/// The wait before asking a busy coordinator again when its answer names none.
+pub const BUSY_RETRY_DEFAULT: Duration = Duration::from_secs(2);
+
+/// The wait a 503 answer asks for (`Retry-After` in seconds), bounded.
+fn retry_after(response: &reqwest::blocking::Response) -> Duration {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(BUSY_RETRY_DEFAULT, |s| {
+            Duration::from_secs(s).min(BUSY_RETRY_AFTER_MAX)
+        })
 }
 
 impl Transport for HttpTransport {

@@ -12,6 +12,6 @@ mod transport;
 pub mod unit;
 
 #[cfg(feature = "http")]
-pub use http::HttpTransport;
-pub use run::{Reporter, Summary, WorkerError, WorkerOptions, run};
+pub use http::{BUSY_RETRY_AFTER_MAX, BUSY_RETRY_DEFAULT, HttpTransport};
+pub use run::{BUSY_WAIT_MAX, Reporter, Summary, WorkerError, WorkerOptions, run};
 pub use transport::{Refusal, Transport, TransportError};

@@ -405,28 +405,49 @@ fn fetch_once(
     })
 }
 
+/// Longest a worker keeps asking a coordinator that answers busy (503) before it gives
+/// up: a coordinator that answers is alive and working (scoring a burst of updates on a
+/// small machine can take minutes), so this is far longer than an unreachable one is
+/// waited for, but bounded.
+pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(30 * 60);
+
 /// Runs `f`, retrying while the coordinator is unreachable (backing off up to 10 s) for
-/// at most `options.unreachable_timeout`. `None`: stopped while waiting.
+/// at most `options.unreachable_timeout`, and while it answers busy (after the wait it
+/// asks for) for at most [`BUSY_WAIT_MAX`]; an answer restarts the unreachable clock.
+/// `None`: stopped while waiting.
 fn retrying<T>(
     options: &WorkerOptions,
     stop: &AtomicBool,
     mut f: impl FnMut() -> Result<T, WorkerError>,
 ) -> Result<Option<T>, WorkerError> {
     let started = Instant::now();
+    let mut unreachable_since = started;
     let mut wait = Duration::from_millis(250);
     loop {
-        match f() {
+        let (pause, answered) = match f() {
             Ok(v) => return Ok(Some(v)),
             Err(WorkerError::Transport(TransportError::Unreachable { .. }))
-                if started.elapsed() < options.unreachable_timeout =>
+                if unreachable_since.elapsed() < options.unreachable_timeout =>
             {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(None);
-                }
-                sleep_unless_stopped(stop, wait);
+                let pause = wait;
                 wait = (wait * 2).min(Duration::from_secs(10));
+                (pause, false)
+            }
+            Err(WorkerError::Transport(TransportError::Busy { retry_after, .. }))
+                if started.elapsed() < BUSY_WAIT_MAX =>
+            {
+                wait = Duration::from_millis(250);
+                (retry_after, true)
             }
             Err(e) => return Err(e),
+        };
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        sleep_unless_stopped(stop, pause);
+        if answered {
+            // The wait it asked for is not time unreachable.
+            unreachable_since = Instant::now();
         }
     }
 }
@@ -445,5 +466,75 @@ pub(crate) fn codec_name(codec: protocol::Codec) -> String {
         protocol::Codec::Fp16 => "fp16".into(),
         protocol::Codec::Int8Chunk { chunk } => format!("int8 (chunks of {chunk})"),
         protocol::Codec::Int8Codebook => "int8 codebook".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the coordinator does on one call.
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        Ok,
+        Unreachable,
+        Busy(u64),
+        Refused,
+    }
+
+    /// `retrying` over `answers` (the last repeats) with an unreachable timeout of
+    /// `timeout_ms`: whether it succeeded, and the calls made.
+    #[track_caller]
+    fn check(answers: &[Answer], timeout_ms: u64, expect: (bool, usize)) {
+        let options = WorkerOptions {
+            name: "w".into(),
+            device: "cpu:1".into(),
+            max_units: None,
+            data_dir: PathBuf::new(),
+            unreachable_timeout: Duration::from_millis(timeout_ms),
+        };
+        let mut calls = 0;
+        let result = retrying(&options, &AtomicBool::new(false), || {
+            let answer = answers[calls.min(answers.len() - 1)];
+            calls += 1;
+            let url = "http://coordinator".to_owned();
+            let refusal = Refusal {
+                status: 503,
+                code: "scorers_busy".into(),
+                message: "busy".into(),
+            };
+            Err(WorkerError::Transport(match answer {
+                Answer::Ok => return Ok(()),
+                Answer::Unreachable => TransportError::Unreachable {
+                    url,
+                    message: "refused".into(),
+                },
+                Answer::Busy(ms) => TransportError::Busy {
+                    url,
+                    refusal,
+                    retry_after: Duration::from_millis(ms),
+                },
+                Answer::Refused => TransportError::Refused(refusal),
+            }))
+        });
+        assert_eq!(
+            (matches!(result, Ok(Some(()))), calls),
+            expect,
+            "{answers:?}"
+        );
+    }
+
+    #[test]
+    fn busy_answers_are_waited_out_and_are_not_unreachable() {
+        use Answer::*;
+        check(&[Ok], 0, (true, 1));
+        check(&[Refused], 1_000, (false, 1));
+        // Unreachable past the timeout: given up.
+        check(&[Unreachable], 0, (false, 1));
+        // Busy for longer than the unreachable timeout: still asked again.
+        check(&[Busy(30), Busy(30), Busy(30), Ok], 10, (true, 4));
+        // The wait a busy answer asks for restarts the unreachable clock.
+        check(&[Busy(60), Unreachable, Ok], 40, (true, 3));
+        check(&[Unreachable, Unreachable, Ok], 5_000, (true, 3));
     }
 }

@@ -24,6 +24,16 @@ pub enum TransportError {
     /// Nothing came back (connection refused, reset, timeout): worth retrying.
     #[error("cannot reach the coordinator at {url}: {message}")]
     Unreachable { url: String, message: String },
+    /// The coordinator answered that it is busy (503: `scorers_busy`, `uploads_busy`,
+    /// `busy`): the same request succeeds later. It answered, so this is not counted as
+    /// unreachable; the worker waits `retry_after` and asks again, for at most
+    /// [`crate::BUSY_WAIT_MAX`].
+    #[error("the coordinator at {url} is busy: {refusal}")]
+    Busy {
+        url: String,
+        refusal: Refusal,
+        retry_after: std::time::Duration,
+    },
     /// The coordinator answered with an error.
     #[error("the coordinator refused: {0}")]
     Refused(Refusal),
