@@ -379,7 +379,8 @@ fn spend_and_share(
             let charged = charged(&reply);
             let body: serde_json::Value = crate::wallet::read(reply, "query")?;
             println!(
-                "\n{label}, {} credits ({} tokens):\n{}",
+                "\n{label}, answered as {}, {} credits ({} tokens):\n{}",
+                body["model"].as_str().unwrap_or("?"),
                 ledger::format_credits(charged.unwrap_or(0)),
                 body["usage"]["total_tokens"],
                 body["choices"][0]["message"]["content"]

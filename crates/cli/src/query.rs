@@ -23,7 +23,8 @@ pub(crate) struct QueryArgs {
     /// An API key (default: one is made for your key file's wallet).
     #[arg(long, env = "HIVETRAIN_API_KEY")]
     api_key: Option<String>,
-    /// Model: `hivetrain` (the newest version) or `hivetrain-vN`.
+    /// Model: `hivetrain` (the newest version), `hivetrain-vN`, or a fine-tune's version
+    /// by the name `GET /v1/models` lists (`SmolLM2-135M-Instruct.Q4_1@b179c952+lora-v4`).
     #[arg(long, default_value = "hivetrain")]
     model: String,
     /// Tokens to generate at most.

@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /v1/models` | `hivetrain` (the newest version) and `hivetrain-vN` |
+//! | `GET /v1/models` | `hivetrain` (the newest version) and `hivetrain-vN`; a fine-tune's newest version by its name, `{base}@{sha256 prefix}+{lora\|full}-vN` (`Reads::model_name`), with `hivetrain` and `hivetrain-vN` its aliases |
 //! | `POST /v1/completions` | a completion, or server-sent events with `stream: true` |
 //! | `POST /v1/chat/completions` | a chat completion (the template is the model's `inference::Vocab`: `inference::chat_prompt` for a GPT-2 of the run) |
 //! | `GET /v1/keys/challenge` | a challenge for a wallet to sign |

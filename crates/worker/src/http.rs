@@ -1,14 +1,42 @@
 //! The worker's [`Transport`] over the coordinator's HTTP API (`/v1/...`), with blocking
 //! calls (the `http` feature: the simulator trains units without it).
 
+use std::io::Read;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use protocol::api::{
-    ErrorBody, HeartbeatRequest, LeaseReply, RegisterRequest, RunInfo, SubmitReply,
+    BaseInfo, ErrorBody, HeartbeatRequest, LeaseReply, RegisterRequest, RunInfo, SubmitReply,
 };
 
-use crate::transport::{Refusal, Transport, TransportError};
+use crate::transport::{
+    BASE_BYTES_MAX, CORPUS_BYTES_MAX, JSON_REPLY_BYTES_MAX, MODEL_BYTES_MAX, Refusal,
+    TOKENIZER_BYTES_MAX, Transport, TransportError,
+};
+
+/// Most bytes reserved up front for a body, whatever its `Content-Length` says: a larger
+/// body grows its buffer as it arrives, so a false length costs no memory.
+const PREALLOCATE_BYTES_MAX: u64 = 64 << 20;
+
+/// How large a body may be: at most `bytes_max`, or exactly that when `exact`.
+struct Bound<'a> {
+    what: &'a str,
+    bytes_max: u64,
+    /// The bound's name (a constant), or where an exact size was declared.
+    name: &'a str,
+    exact: bool,
+}
+
+impl<'a> Bound<'a> {
+    const fn at_most(what: &'a str, bytes_max: u64, name: &'a str) -> Bound<'a> {
+        Bound {
+            what,
+            bytes_max,
+            name,
+            exact: false,
+        }
+    }
+}
 
 /// The HTTP API of `coordinator` (`/v1/...`), with blocking calls.
 #[derive(Debug, Clone)]
@@ -59,7 +87,15 @@ impl HttpTransport {
         }
         let status = response.status().as_u16();
         let retry_after = retry_after(&response);
-        let text = response.text().unwrap_or_default();
+        let bound = Bound::at_most(
+            "an error reply",
+            JSON_REPLY_BYTES_MAX,
+            "JSON_REPLY_BYTES_MAX",
+        );
+        let text = self
+            .read_bounded(response, path, &bound)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
         let refusal = match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => Refusal {
                 status,
@@ -82,15 +118,83 @@ impl HttpTransport {
         Err(TransportError::Refused(refusal))
     }
 
-    fn get_bytes(&self, path: &str) -> Result<Vec<u8>, TransportError> {
-        let response = self.send(self.client.get(self.url(path)), path)?;
-        response
-            .bytes()
-            .map(|b| b.to_vec())
+    /// Reads the body of `response` to `bound`: a `Content-Length` over it is refused
+    /// before the body is read, and the body itself is read to one byte past it.
+    fn read_bounded(
+        &self,
+        mut response: reqwest::blocking::Response,
+        path: &str,
+        bound: &Bound<'_>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let too_large = || TransportError::TooLarge {
+            what: bound.what.to_owned(),
+            url: self.url(path),
+            bytes_max: bound.bytes_max,
+            bound: bound.name.to_owned(),
+        };
+        let declared = response.content_length();
+        if declared.is_some_and(|n| n > bound.bytes_max) {
+            return Err(too_large());
+        }
+        let reserve = declared.unwrap_or(0).min(PREALLOCATE_BYTES_MAX) as usize;
+        let mut bytes = Vec::with_capacity(reserve);
+        (&mut response)
+            .take(bound.bytes_max.saturating_add(1))
+            .read_to_end(&mut bytes)
             .map_err(|e| TransportError::Unreachable {
                 url: self.url(path),
                 message: error_chain(&e),
-            })
+            })?;
+        if bytes.len() as u64 > bound.bytes_max {
+            return Err(too_large());
+        }
+        if bound.exact && (bytes.len() as u64) < bound.bytes_max {
+            return Err(TransportError::BadReply {
+                what: path.to_owned(),
+                message: format!(
+                    "{} is {} bytes, short of the {} bytes of {}",
+                    bound.what,
+                    bytes.len(),
+                    bound.bytes_max,
+                    bound.name
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn get_bytes(&self, path: &str, bound: &Bound<'_>) -> Result<Vec<u8>, TransportError> {
+        let response = self.send(self.client.get(self.url(path)), path)?;
+        self.read_bounded(response, path, bound)
+    }
+
+    /// Fetches `path`, of exactly the `bytes` the run declares, refusing a declared size
+    /// over `bytes_max` (named `name`) before any request.
+    fn get_declared(
+        &self,
+        path: &str,
+        what: &str,
+        bytes: u64,
+        bytes_max: u64,
+        name: &str,
+    ) -> Result<Vec<u8>, TransportError> {
+        if bytes > bytes_max {
+            return Err(TransportError::TooLarge {
+                what: what.to_owned(),
+                url: self.url(path),
+                bytes_max,
+                bound: format!("{name}; the run declares {bytes} bytes"),
+            });
+        }
+        self.get_bytes(
+            path,
+            &Bound {
+                what,
+                bytes_max: bytes,
+                name: "the size /v1/run declares",
+                exact: true,
+            },
+        )
     }
 
     fn json<T: serde::de::DeserializeOwned>(
@@ -98,10 +202,8 @@ impl HttpTransport {
         response: reqwest::blocking::Response,
         path: &str,
     ) -> Result<T, TransportError> {
-        let bytes = response.bytes().map_err(|e| TransportError::Unreachable {
-            url: self.url(path),
-            message: error_chain(&e),
-        })?;
+        let bound = Bound::at_most("a JSON reply", JSON_REPLY_BYTES_MAX, "JSON_REPLY_BYTES_MAX");
+        let bytes = self.read_bounded(response, path, &bound)?;
         serde_json::from_slice(&bytes).map_err(|e| TransportError::BadReply {
             what: path.to_owned(),
             message: e.to_string(),
@@ -164,16 +266,29 @@ impl Transport for HttpTransport {
         self.json(response, path)
     }
 
-    fn corpus(&self) -> Result<Vec<u8>, TransportError> {
-        self.get_bytes("/v1/run/corpus")
+    fn corpus(&self, bytes: u64) -> Result<Vec<u8>, TransportError> {
+        self.get_declared(
+            "/v1/run/corpus",
+            "the corpus",
+            bytes,
+            CORPUS_BYTES_MAX,
+            "CORPUS_BYTES_MAX",
+        )
     }
 
     fn tokenizer(&self) -> Result<Vec<u8>, TransportError> {
-        self.get_bytes("/v1/run/tokenizer")
+        let bound = Bound::at_most("the tokenizer", TOKENIZER_BYTES_MAX, "TOKENIZER_BYTES_MAX");
+        self.get_bytes("/v1/run/tokenizer", &bound)
     }
 
-    fn base(&self) -> Result<Vec<u8>, TransportError> {
-        self.get_bytes("/v1/run/base")
+    fn base(&self, base: &BaseInfo) -> Result<Vec<u8>, TransportError> {
+        self.get_declared(
+            "/v1/run/base",
+            "the base model",
+            base.bytes,
+            BASE_BYTES_MAX,
+            "BASE_BYTES_MAX",
+        )
     }
 
     fn register(&self, key: &SigningKey, name: &str) -> Result<(), TransportError> {
@@ -195,7 +310,9 @@ impl Transport for HttpTransport {
     }
 
     fn model(&self, version: u64) -> Result<Vec<u8>, TransportError> {
-        self.get_bytes(&format!("/v1/models/{version}"))
+        let what = format!("model version {version}");
+        let bound = Bound::at_most(&what, MODEL_BYTES_MAX, "MODEL_BYTES_MAX");
+        self.get_bytes(&format!("/v1/models/{version}"), &bound)
     }
 
     fn submit(&self, update: Vec<u8>) -> Result<SubmitReply, TransportError> {

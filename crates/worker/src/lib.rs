@@ -14,4 +14,7 @@ pub mod unit;
 #[cfg(feature = "http")]
 pub use http::{BUSY_RETRY_AFTER_MAX, BUSY_RETRY_DEFAULT, HttpTransport};
 pub use run::{BUSY_WAIT_MAX, Reporter, Summary, WorkerError, WorkerOptions, run};
-pub use transport::{Refusal, Transport, TransportError};
+pub use transport::{
+    BASE_BYTES_MAX, CORPUS_BYTES_MAX, JSON_REPLY_BYTES_MAX, MODEL_BYTES_MAX, Refusal,
+    TOKENIZER_BYTES_MAX, Transport, TransportError,
+};

@@ -318,7 +318,7 @@ fn prepare(
         &info.corpus_sha256,
         "the corpus",
         reporter,
-        || transport.corpus(),
+        || transport.corpus(info.corpus_bytes),
     )?;
     fetch_once(
         &tokenizer_path,
@@ -341,7 +341,7 @@ fn prepare(
                 sanitize(&base.name)
             ));
             fetch_once(&path, &base.sha256, "the base model", reporter, || {
-                transport.base()
+                transport.base(base)
             })?;
             let context = info.model.n_ctx();
             let mut loaded = crate::setup::load_base(&path, context).map_err(Box::new)?;

@@ -3,9 +3,11 @@
 //! the same weights and prompt in the same run. The tokens must match.
 //!
 //! `--model gpt2` (the default) decodes a fresh run's GPT-2 preset, in-process and
-//! through the endpoint. `--model smollm2` decodes the cached SmolLM2-135M-Instruct
-//! (its GGUF dequantized to f32, the weights HF gets too, as safetensors) from a ChatML
-//! prompt, in-process only: the coordinator does not serve a Llama yet.
+//! through `POST /v1/completions`. `--model smollm2` decodes the cached
+//! SmolLM2-135M-Instruct (its GGUF dequantized to f32, the weights HF gets too, as
+//! safetensors) from a ChatML prompt, in-process and through `POST /v1/chat/completions`
+//! of a LoRA fine-tune run of it at version 0 (the adapter's B is zero, so its answers
+//! are the base's).
 
 use std::path::Path;
 use std::time::Instant;
@@ -166,12 +168,7 @@ fn print_table(torch: &serde_json::Value, n_tokens: usize, repeat: usize, ours: 
 
 /// `--model smollm2`: SmolLM2-135M-Instruct in-process against HF on the same f32 weights.
 fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
-    let path = models::smollm2::gguf_path();
-    ensure!(
-        path.exists(),
-        "{} is not cached: run `hivetrain model fetch smollm2` first",
-        path.display()
-    );
+    let path = models::smollm2::fetch::ensure_gguf().context("fetching SmolLM2-135M-Instruct")?;
     let model = models::load_gguf(&path, Some(SMOLLM2_CONTEXT))?;
     let user = args.prompt.as_deref().unwrap_or(SMOLLM2_USER);
     let text = model.chat_prompt(&[models::ChatMessage::user(user)])?;
@@ -199,6 +196,7 @@ fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     )?;
     let (ours, rate) = in_process(backend.as_mut(), &prompt, args.tokens, args.repeat)?;
     drop(backend);
+    let endpoint = smollm2_endpoint(root, &args, &path, &model, &prompt, &ours)?;
 
     // HF: the same dequantized weights under their HF names, and the engine's config.
     let temp = tempfile::tempdir()?;
@@ -220,9 +218,176 @@ fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         &torch,
         ours.len(),
         args.repeat,
-        &[("hivetrain in-process", rate)],
+        &[
+            ("hivetrain in-process", rate),
+            ("hivetrain endpoint (HTTP, LoRA v0)", endpoint),
+        ],
     );
     Ok(())
+}
+
+/// The endpoint's side of `--model smollm2`: a coordinator serving a rank-8 LoRA
+/// fine-tune of the GGUF at `path` (version 0, whose adapter adds zero), asked the same
+/// chat greedily for as many tokens as the engine made in-process. Fails unless its
+/// prompt is the same `prompt` tokens and its answer is the text of `ours` up to the
+/// first stop token; returns the best tokens/s.
+fn smollm2_endpoint(
+    root: &Path,
+    args: &DecodeBench,
+    path: &Path,
+    model: &models::Pretrained,
+    prompt: &[u32],
+    ours: &[u32],
+) -> anyhow::Result<f64> {
+    let temp = tempfile::tempdir()?;
+    let mut config = CoordinatorConfig {
+        seed: args.seed,
+        corpus: root.join("data/shakespeare-chat.jsonl"),
+        tokenizer: root.join("data/tokenizer.json"),
+        seq: 256,
+        batch: 2,
+        holdout_batches: 1,
+        finetune: Some(coordinator::config::FinetuneConfig {
+            base: path.to_owned(),
+            lora: Some(engine::LoraConfig {
+                rank: 8,
+                alpha: 16.0,
+                targets: engine::LoraTarget::ALL.to_vec(),
+            }),
+            data: protocol::api::DataFormat::Chat,
+        }),
+        ..CoordinatorConfig::default()
+    };
+    serve_free(&mut config, args.threads);
+    let server = Coordinator::start(&temp.path().join("store"), config, "127.0.0.1:0")
+        .context("starting the coordinator")?;
+    let url = server.url();
+    let client = reqwest::blocking::Client::new();
+    let n_params = server.with_core(|c| c.params().len());
+    let api_key = api_key(&client, &url, n_params)?;
+    let user = args.prompt.as_deref().unwrap_or(SMOLLM2_USER);
+    let body = serde_json::json!({
+        "model": "hivetrain",
+        "messages": [{"role": "user", "content": user}],
+        "max_tokens": ours.len(),
+        "temperature": 0,
+    });
+    let timed = time_endpoint(
+        &client,
+        &format!("{url}/v1/chat/completions"),
+        &api_key,
+        &body,
+        args.repeat,
+    );
+    server.stop();
+    let (rate, reply) = timed?;
+    // The endpoint stops before a stop token; the engine's loop ran on.
+    let vocab = inference::PretrainedVocab::new(model)?;
+    let stops = inference::Vocab::stop_tokens(&vocab);
+    let answered: Vec<u32> = ours
+        .iter()
+        .copied()
+        .take_while(|t| !stops.contains(t))
+        .collect();
+    let want = inference::Vocab::decode(&vocab, &answered);
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .with_context(|| format!("no answer in {reply}"))?;
+    ensure!(
+        reply["usage"]["prompt_tokens"] == prompt.len()
+            && reply["usage"]["completion_tokens"] == answered.len()
+            && text == want,
+        "the endpoint's answer differs from the engine's {} prompt and {} answer tokens:\n{reply}\n{want:?}",
+        prompt.len(),
+        answered.len()
+    );
+    println!(
+        "the endpoint ({}) answered the engine's {} tokens",
+        reply["model"].as_str().unwrap_or("?"),
+        answered.len()
+    );
+    Ok(rate)
+}
+
+/// Serving settings of a benchmark's coordinator: free, unthrottled, `threads` threads;
+/// made-up updates accepted (no scoring, no re-runs, fp32), and two of them needed for a
+/// round, so the one [`api_key`] sends leaves version 0 served.
+fn serve_free(config: &mut CoordinatorConfig, threads: usize) {
+    *config = test_support::hand_made(config.clone());
+    config.schedule.min_updates = 2;
+    config.schedule.units_per_round = 3;
+    config.serving.price_prompt_token = 0;
+    config.serving.price_output_token = 0;
+    config.devices.serving = format!("cpu:{}", threads.max(1));
+    config.serving.requests_per_minute = 10_000;
+}
+
+/// An API key for a fixed wallet on the coordinator at `url`. A key is given only to a
+/// wallet that holds credit, so the wallet first earns some: it registers, leases a unit
+/// and sends a made-up update of the run's `n_params` floats, which [`serve_free`]'s
+/// settings accept without training (and, one update short of a round, leave version 0
+/// served).
+fn api_key(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    n_params: usize,
+) -> anyhow::Result<String> {
+    let key = SigningKey::from_bytes(&[5; 32]);
+    test_support::register(url, &key, "decode-bench");
+    let unit = test_support::lease(url, &key);
+    let accepted = test_support::submit_crafted(url, &key, &unit, n_params);
+    ensure!(
+        accepted.status == 200,
+        "the made-up update was refused: {accepted:?}"
+    );
+    let challenge: serde_json::Value = client
+        .get(format!("{url}/v1/keys/challenge"))
+        .send()?
+        .json()?;
+    let message = challenge["message"].as_str().context("challenge")?;
+    let issued: serde_json::Value = client
+        .post(format!("{url}/v1/keys"))
+        .json(&serde_json::json!({
+            "wallet": WorkerId::of(&key).to_string(),
+            "challenge": challenge["challenge"],
+            "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
+        }))
+        .send()?
+        .json()?;
+    let api_key = issued["api_key"].as_str();
+    Ok(api_key
+        .with_context(|| format!("no API key in {issued}"))?
+        .to_owned())
+}
+
+/// `POST endpoint` with `body`, `repeat` timed times after an untimed one: the best
+/// tokens/s (by the reply's `usage.completion_tokens`) and the last reply.
+fn time_endpoint(
+    client: &reqwest::blocking::Client,
+    endpoint: &str,
+    api_key: &str,
+    body: &serde_json::Value,
+    repeat: usize,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let mut best = 0.0f64;
+    let mut reply = serde_json::Value::Null;
+    for i in 0..=repeat {
+        let started = Instant::now();
+        reply = client
+            .post(endpoint)
+            .bearer_auth(api_key)
+            .json(body)
+            .send()?
+            .json()?;
+        let secs = started.elapsed().as_secs_f64();
+        let n = reply["usage"]["completion_tokens"]
+            .as_u64()
+            .with_context(|| format!("no usage in {reply}"))?;
+        if i > 0 {
+            best = best.max(n as f64 / secs);
+        }
+    }
+    Ok((best, reply))
 }
 
 /// `--model gpt2`: a GPT-2 preset in-process and through the endpoint.
@@ -240,10 +405,7 @@ fn gpt2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         holdout_batches: 1,
         ..CoordinatorConfig::default()
     };
-    config.serving.price_prompt_token = 0;
-    config.serving.price_output_token = 0;
-    config.devices.serving = format!("cpu:{}", args.threads.max(1));
-    config.serving.requests_per_minute = 10_000;
+    serve_free(&mut config, args.threads);
     let server = Coordinator::start(&temp.path().join("store"), config, "127.0.0.1:0")
         .context("starting the coordinator")?;
     let url = server.url();
@@ -279,54 +441,27 @@ fn gpt2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     let (ours, in_process) = in_process(backend.as_mut(), &prompt, args.tokens, args.repeat)?;
 
     // The endpoint: POST /v1/completions over loopback, paid by a wallet's API key.
-    let key = SigningKey::from_bytes(&[5; 32]);
     let client = reqwest::blocking::Client::new();
-    let challenge: serde_json::Value = client
-        .get(format!("{url}/v1/keys/challenge"))
-        .send()?
-        .json()?;
-    let message = challenge["message"].as_str().context("challenge")?;
-    let issued: serde_json::Value = client
-        .post(format!("{url}/v1/keys"))
-        .json(&serde_json::json!({
-            "wallet": WorkerId::of(&key).to_string(),
-            "challenge": challenge["challenge"],
-            "signature": hex::encode(key.sign(message.as_bytes()).to_bytes()),
-        }))
-        .send()?
-        .json()?;
-    let api_key = issued["api_key"].as_str().context("api key")?.to_owned();
-    let mut endpoint = 0.0f64;
-    let mut endpoint_text = String::new();
-    for i in 0..=args.repeat {
-        let started = Instant::now();
-        let reply: serde_json::Value = client
-            .post(format!("{url}/v1/completions"))
-            .bearer_auth(&api_key)
-            .json(&serde_json::json!({
-                "model": "hivetrain",
-                "prompt": prompt_text,
-                "max_tokens": args.tokens,
-                "temperature": 0,
-            }))
-            .send()?
-            .json()?;
-        let secs = started.elapsed().as_secs_f64();
-        let n = reply["usage"]["completion_tokens"]
-            .as_u64()
-            .with_context(|| format!("no usage in {reply}"))?;
-        endpoint_text = reply["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if i > 0 {
-            endpoint = endpoint.max(n as f64 / secs);
-        }
-    }
+    let api_key = api_key(&client, &url, params.len())?;
+    let body = serde_json::json!({
+        "model": "hivetrain",
+        "prompt": prompt_text,
+        "max_tokens": args.tokens,
+        "temperature": 0,
+    });
+    let timed = time_endpoint(
+        &client,
+        &format!("{url}/v1/completions"),
+        &api_key,
+        &body,
+        args.repeat,
+    );
     server.stop();
+    let (endpoint, reply) = timed?;
+    let endpoint_text = reply["choices"][0]["text"].as_str().unwrap_or_default();
     let ours_text = tokenizer.decode(&ours);
     ensure!(
-        ours_text.starts_with(&endpoint_text),
+        ours_text.starts_with(endpoint_text),
         "the endpoint's text differs from the engine's:\n{endpoint_text:?}\n{ours_text:?}"
     );
 

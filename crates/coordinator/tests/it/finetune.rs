@@ -145,6 +145,57 @@ fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
     ours.retain(|id| !stops.contains(id));
     assert_eq!(answer, pretrained.decode(&ours).expect("decode"), "{reply}");
 
+    // The reply names the weights that answered: the base (its file's stem and sha256
+    // prefix) and the adapter's version, asked by its alias `hivetrain` as above or by
+    // that name. /v1/models lists it; any other name is model_not_found.
+    let named = format!("tiny-llama@{}+lora-v", &base.sha256[..8]);
+    assert_eq!(reply["model"], format!("{named}2"), "{reply}");
+    let models = ts::get(&url, "/v1/models");
+    assert_eq!(
+        models.body["data"][0]["id"],
+        format!("{named}2"),
+        "{models:?}"
+    );
+    let valid = format!(
+        "use \"{named}2\" (the newest), {named}N for version N up to 2, or the aliases \"hivetrain\" (the newest) and hivetrain-vN"
+    );
+    // Bob pays for the two answered (a unit earns a few micro-credits; alice spent hers).
+    let key = ts::api_key(&url, &ts::key(21));
+    for (asked, answered) in [
+        (format!("{named}2"), Ok(format!("{named}2"))),
+        (format!("{named}0"), Ok(format!("{named}0"))),
+        (format!("{named}3"), Err(())),
+        (format!("{named}02"), Err(())),
+        ("tiny-llama@00000000+lora-v2".to_owned(), Err(())),
+        (format!("tiny-llama@{}+full-v2", &base.sha256[..8]), Err(())),
+    ] {
+        let body = serde_json::json!({
+            "model": asked,
+            "messages": [{"role": "user", "content": "code 7"}],
+            "max_tokens": 1,
+            "temperature": 0,
+        });
+        let r = reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .body(body.to_string())
+            .send()
+            .expect("query");
+        let (status, r): (u16, serde_json::Value) = (r.status().as_u16(), r.json().expect("json"));
+        match answered {
+            Ok(model) => assert_eq!((status, &r["model"]), (200, &model.into()), "{asked}: {r}"),
+            Err(()) => {
+                assert_eq!(
+                    (status, &r["error"]["code"]),
+                    (404, &"model_not_found".into()),
+                    "{asked}: {r}"
+                );
+                let message = r["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.ends_with(&valid), "{asked}: {message}");
+            }
+        }
+    }
+
     // Credit follows a LoRA step's FLOPs: 4 per base parameter and 6 per adapter
     // parameter, per token.
     let flops = info.model.train_flops_per_token();

@@ -16,8 +16,13 @@ use worker::unit::RunModel;
 use super::{Core, conflict};
 use run::{Class, RunError};
 
-/// The name of the newest version; `hivetrain-vN` pins version N.
+/// The name of the newest version; `hivetrain-vN` pins version N. A fine-tune's replies
+/// name their weights after its base and version (`Reads::model_name`), and these stay
+/// its aliases.
 pub const MODEL_NAME: &str = "hivetrain";
+/// Hex digits of the base's sha256 in a fine-tune's model names: 32 bits, enough to tell
+/// apart the bases one coordinator's clients meet (the full hash is in `/v1/run`).
+pub const BASE_SHA256_PREFIX_CHARS: usize = 8;
 /// API keys start with this.
 pub const API_KEY_PREFIX: &str = "hk-";
 /// What a wallet signs to get an API key: this, then the challenge's hex.
@@ -190,35 +195,93 @@ fn parse_wallet(wallet: &str) -> Result<WorkerId, RunError> {
 }
 
 impl super::Reads {
-    /// The model names `GET /v1/models` lists: the newest, and the newest pinned.
-    pub fn model_ids(&self) -> Vec<String> {
-        vec![
-            MODEL_NAME.to_owned(),
-            format!("{MODEL_NAME}-v{}", self.published().version),
-        ]
+    /// The prefix of a fine-tune's version names, `{base}@{sha256}+{lora|full}-v` (see
+    /// [`Self::model_name`]); none for a run from scratch.
+    fn finetune_name_prefix(&self) -> Option<String> {
+        let base = self.run_info.base.as_ref()?;
+        let stem = base.name.strip_suffix(".gguf").unwrap_or(&base.name);
+        let stem: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let sha = base
+            .sha256
+            .get(..BASE_SHA256_PREFIX_CHARS)
+            .unwrap_or(&base.sha256);
+        let kind = if self.model.spec.lora().is_some() {
+            "lora"
+        } else {
+            "full"
+        };
+        Some(format!("{stem}@{sha}+{kind}-v"))
     }
 
-    /// The weights of `name` (`hivetrain`: the newest; `hivetrain-vN`: version N, its
-    /// checkpoint decoded here, with no lock held).
+    /// The name replies give version `version`. A run from scratch's is `hivetrain-vN`.
+    /// A fine-tune's says which base and version answered: the base's file name without
+    /// `.gguf` (characters other than ASCII letters, digits, `.`, `-` and `_` written
+    /// `_`), `@`, the first [`BASE_SHA256_PREFIX_CHARS`] hex digits of its sha256, `+lora`
+    /// (an adapter on the frozen base) or `+full` (every weight trained), `-v` and the
+    /// version: `SmolLM2-135M-Instruct.Q4_1@b179c952+lora-v4`.
+    pub fn model_name(&self, version: u64) -> String {
+        match self.finetune_name_prefix() {
+            Some(prefix) => format!("{prefix}{version}"),
+            None => format!("{MODEL_NAME}-v{version}"),
+        }
+    }
+
+    /// The model names `GET /v1/models` lists: a fine-tune's newest version by its name
+    /// (its aliases `hivetrain` and `hivetrain-vN` are accepted but not listed); for a
+    /// run from scratch, `hivetrain` and the newest pinned.
+    pub fn model_ids(&self) -> Vec<String> {
+        let version = self.published().version;
+        match self.finetune_name_prefix() {
+            Some(_) => vec![self.model_name(version)],
+            None => vec![MODEL_NAME.to_owned(), format!("{MODEL_NAME}-v{version}")],
+        }
+    }
+
+    /// The weights of `name` (`hivetrain`: the newest; `hivetrain-vN` or a fine-tune's
+    /// version name: version N, its checkpoint decoded here, with no lock held).
     pub fn snapshot(&self, name: &str) -> Result<ModelSnapshot, RunError> {
         let current = self.published();
+        let prefix = self.finetune_name_prefix();
         let unknown = || {
-            RunError::new(
-                Class::NotFound,
-                "model_not_found",
-                format!(
+            let message = match &prefix {
+                Some(prefix) => format!(
+                    "there is no model {name:?}: use {:?} (the newest), {prefix}N for version N up to {}, or the aliases {MODEL_NAME:?} (the newest) and {MODEL_NAME}-vN",
+                    format!("{prefix}{}", current.version),
+                    current.version
+                ),
+                None => format!(
                     "there is no model {name:?}: use {MODEL_NAME:?} (the newest) or {MODEL_NAME}-vN for a version up to {}",
                     current.version
                 ),
-            )
+            };
+            RunError::new(Class::NotFound, "model_not_found", message)
         };
-        let version = match name.strip_prefix(MODEL_NAME) {
-            Some("") => current.version,
-            Some(rest) => rest
+        let pinned = |rest: &str| {
+            // Only the canonical spelling of a number (no sign, no leading zero).
+            rest.parse::<u64>().ok().filter(|n| n.to_string() == rest)
+        };
+        // A fine-tune's own names first: its base's file name may start with `hivetrain`.
+        let named = prefix
+            .as_deref()
+            .and_then(|p| name.strip_prefix(p))
+            .and_then(pinned);
+        let version = match (named, name.strip_prefix(MODEL_NAME)) {
+            (Some(version), _) => version,
+            (None, Some("")) => current.version,
+            (None, Some(rest)) => rest
                 .strip_prefix("-v")
                 .and_then(|n| n.parse::<u64>().ok())
                 .ok_or_else(unknown)?,
-            None => return Err(unknown()),
+            (None, None) => return Err(unknown()),
         };
         let params = if version == current.version {
             current.params.clone()
@@ -229,12 +292,13 @@ impl super::Reads {
                     .map_err(|e| RunError::internal(&e))?;
             Arc::new(ckpt.trainable)
         };
+        let id = match &prefix {
+            Some(prefix) => format!("{prefix}{version}"),
+            None if version == current.version && name == MODEL_NAME => MODEL_NAME.to_owned(),
+            None => format!("{MODEL_NAME}-v{version}"),
+        };
         Ok(ModelSnapshot {
-            id: if version == current.version && name == MODEL_NAME {
-                MODEL_NAME.to_owned()
-            } else {
-                format!("{MODEL_NAME}-v{version}")
-            },
+            id,
             version,
             model: self.model.clone(),
             params,

@@ -1,0 +1,3 @@
+//! The worker's HTTP transport against real servers: what it refuses to read.
+
+mod downloads;
