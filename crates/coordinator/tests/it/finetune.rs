@@ -202,3 +202,87 @@ fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
     let base_params = llama.n_params() as u64;
     assert_eq!(flops, 4 * base_params + 6 * adapter_len as u64);
 }
+
+/// Without `lora` every weight of the pretrained base trains over the network: the run
+/// still names and serves its base by hash, updates carry the whole model, the versions
+/// are HF `model.safetensors` files naming the base, re-runs reproduce the bits, and the
+/// served name says it is a full fine-tune.
+#[test]
+fn volunteers_fine_tune_every_weight_of_a_pretrained_base() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::tiny_finetune_config(dir.path(), 2);
+    config.finetune.as_mut().expect("a fine-tune").lora = None;
+    config.spot_check.trusted_after = 1_000;
+    config.schedule.inner_lr = 3e-3;
+    let server = ts::start(dir.path(), config);
+    let url = server.url();
+
+    let info = server.with_core(|c| c.run_info());
+    let base = info.base.clone().expect("the run names its base");
+    assert!(info.model.lora().is_none());
+    assert_eq!(info.model.trainable_len(), info.model.n_params());
+    assert_eq!(info.n_params as usize, info.model.n_params());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = [(ts::key(30), "carol"), (ts::key(31), "dave")]
+        .into_iter()
+        .map(|(key, name)| {
+            let transport = worker::HttpTransport::new(&url).expect("transport");
+            let mut options = ts::worker_options(dir.path(), name);
+            options.max_units = Some(1);
+            let stop = stop.clone();
+            std::thread::spawn(move || worker::run(&transport, &key, &options, &stop, &mut ()))
+        })
+        .collect();
+    for h in handles {
+        let summary = h.join().expect("worker thread").expect("worker run");
+        assert_eq!(
+            (summary.accepted, summary.rejected),
+            (1, 0),
+            "{summary:?} {:?}",
+            ts::rejection_codes(&server)
+        );
+    }
+    assert_eq!(ts::status(&url).version, 1);
+
+    let (initial, now) = server.with_core(|c| {
+        (
+            c.store().version(0).expect("v0").expect("v0").holdout_loss,
+            c.holdout_loss().expect("loss"),
+        )
+    });
+    assert!(now < initial, "holdout loss {initial} -> {now}");
+    server.with_core(|c| {
+        let (bytes, _) = c.model(1).expect("version 1");
+        let trained =
+            engine::checkpoint::trained_from_bytes(std::path::Path::new("v1"), &bytes, &info.model)
+                .expect("a full checkpoint");
+        assert_eq!(trained.trainable.len(), info.model.n_params());
+        assert_eq!(
+            trained.metadata[coordinator::core::BASE_SHA256_METADATA_KEY],
+            base.sha256
+        );
+        assert_eq!(trained.trainable, c.params());
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let checks = server.with_core(|c| c.store().checks(None).expect("checks"));
+        if !checks.is_empty() && checks.iter().all(|c| c.state != store::CheckState::Queued) {
+            assert!(
+                checks
+                    .iter()
+                    .all(|c| c.state == store::CheckState::Verified),
+                "{checks:?}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{checks:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let models = ts::get(&url, "/v1/models");
+    assert_eq!(
+        models.body["data"][0]["id"],
+        format!("tiny-llama@{}+full-v1", &base.sha256[..8]),
+        "{models:?}"
+    );
+}
