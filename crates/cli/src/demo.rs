@@ -111,11 +111,21 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.workers
     );
     let model_name = match &config.finetune {
-        Some(f) => format!(
-            "{} + LoRA {:?}",
-            f.base.display(),
-            f.lora.as_ref().map(|l| (l.rank, l.alpha))
-        ),
+        Some(f) => {
+            let base = f.base.file_name().map_or_else(
+                || f.base.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            match &f.lora {
+                Some(l) => format!(
+                    "{base} + LoRA rank {} alpha {} on {} projections",
+                    l.rank,
+                    l.alpha,
+                    l.targets.len()
+                ),
+                None => format!("{base}, every weight trained"),
+            }
+        }
         None => config.preset.clone(),
     };
     println!(
