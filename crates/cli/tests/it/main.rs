@@ -780,6 +780,49 @@ fn wallets_leaderboard_and_a_ledger_checked_offline() {
     assert!(ok && out.starts_with("To be"), "{out}{err}");
 }
 
+/// `hivetrain query` against a LoRA fine-tune of a pretrained base: a prompt (completed on
+/// base + adapter) and a chat (rendered through the base's template), each paid with a
+/// volunteer's credit.
+#[test]
+fn query_a_fine_tuned_model() {
+    use test_support as ts;
+    let sandbox = Sandbox::new();
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::hand_made(ts::tiny_finetune_config(server_dir.path(), 2));
+    // Long units (crafted here, not trained), and a tiny model's answers priced within
+    // the micro-credits they earn.
+    config.schedule.steps_per_unit = 1000;
+    config.serving.price_prompt_token = 0;
+    config.serving.price_output_token = 1;
+    let server = ts::start(server_dir.path(), config);
+    let url = server.url();
+    let alice = ts::key(1);
+    ts::register(&url, &alice, "alice");
+    let n = server.with_core(|c| c.params().len());
+    for _ in 0..2 {
+        let unit = ts::lease(&url, &alice);
+        assert_eq!(ts::submit_crafted(&url, &alice, &unit, n).status, 200);
+    }
+    let alice_key = key_file(&sandbox, "alice.key", &alice);
+    let remote = ["--coordinator", url.as_str(), "--key", alice_key.as_str()];
+    let before = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice), Some(0)).balance);
+    let mut args = vec!["query", "code 7", "--max-tokens", "3", "--temperature", "0"];
+    args.extend_from_slice(&remote);
+    let (ok, out, err) = sandbox.run(&args);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("code 7"), "{out}");
+    assert!(err.contains("generated tokens; balance"), "{err}");
+    let mut args = vec!["query", "--max-tokens", "2"];
+    args.extend_from_slice(&remote);
+    let (ok, out, err) = sandbox.run_with_stdin(&args, "code 7\nbalance\nquit\n");
+    assert!(ok && !err.contains("error"), "{out}{err}");
+    assert!(err.contains("generated tokens; balance"), "{err}");
+    assert!(out.lines().any(|l| l.ends_with(" credits")), "{out}");
+    let after = server.with_core(|c| c.wallet(protocol::WorkerId::of(&alice), Some(0)).balance);
+    assert!(after < before, "queries spend credit: {before} -> {after}");
+    server.stop();
+}
+
 /// `hivetrain model prune` on a stopped run that kept everything: refused while a
 /// coordinator holds the run, then it removes the checkpoints, optimizer states and
 /// update blobs the policy lets go of, and what a crash left, and says so; the registry
