@@ -318,3 +318,62 @@ fn an_outlier_first_in_its_round_meets_the_last_rounds_median_norm() {
         );
     }
 }
+
+/// A run whose corpus, tokenizer or base is larger than workers download does not start:
+/// the coordinator refuses it, naming the file and the bound, before reading it (the
+/// files here are sparse: their length is all there is of them).
+#[test]
+fn files_workers_would_refuse_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sparse = |name: &str, len: u64| {
+        let path = dir.path().join(name);
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("sparse file");
+        path
+    };
+    let corpus = sparse("huge.txt", worker::CORPUS_BYTES_MAX + 1);
+    let tokenizer = sparse("huge-tokenizer.json", worker::TOKENIZER_BYTES_MAX + 1);
+    let base = sparse("huge.gguf", worker::BASE_BYTES_MAX + 1);
+    let cases = [
+        (
+            {
+                let mut c = ts::tiny_config(dir.path(), 2);
+                c.corpus = corpus.clone();
+                c
+            },
+            format!(
+                "{}: the corpus is 2147483649 bytes, and workers download at most 2147483648 (CORPUS_BYTES_MAX)",
+                corpus.display()
+            ),
+        ),
+        (
+            {
+                let mut c = ts::tiny_config(dir.path(), 2);
+                c.tokenizer = tokenizer.clone();
+                c
+            },
+            format!(
+                "{}: the tokenizer is 67108865 bytes, and workers download at most 67108864 (TOKENIZER_BYTES_MAX)",
+                tokenizer.display()
+            ),
+        ),
+        (
+            {
+                let mut c = ts::tiny_finetune_config(dir.path(), 2);
+                c.finetune.as_mut().expect("a fine-tune").base = base.clone();
+                c
+            },
+            format!(
+                "{}: the base is 8589934593 bytes, and workers download at most 8589934592 (BASE_BYTES_MAX)",
+                base.display()
+            ),
+        ),
+    ];
+    for (i, (config, expect)) in cases.into_iter().enumerate() {
+        let store = dir.path().join(format!("store-{i}"));
+        let err = coordinator::Core::open(&store, config, 0)
+            .map_or_else(|e| e.to_string(), |_| "opened".into());
+        assert!(err.contains(&expect), "{err}");
+    }
+}

@@ -53,9 +53,36 @@ fn read(path: &Path) -> Result<Vec<u8>, CoreError> {
     })
 }
 
+/// Refuses what the run would serve workers past the bound they read it to
+/// (`worker::CORPUS_BYTES_MAX` and the like), before reading it: a run its workers cannot
+/// join does not start.
+fn read_served(path: &Path, what: &str, max: u64, bound: &str) -> Result<Vec<u8>, CoreError> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|source| {
+            CoreError::Data(data::DataError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        })?
+        .len();
+    if bytes > max {
+        return Err(ConfigError::Invalid(format!(
+            "{}: {what} is {bytes} bytes, and workers download at most {max} ({bound}); use a smaller one",
+            path.display()
+        ))
+        .into());
+    }
+    read(path)
+}
+
 /// Makes the run's model and data from `config` (the token cache lives in `cache`).
 pub(super) fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepared, CoreError> {
-    let corpus = read(&config.corpus)?;
+    let corpus = read_served(
+        &config.corpus,
+        "the corpus",
+        worker::CORPUS_BYTES_MAX,
+        "CORPUS_BYTES_MAX",
+    )?;
     let seq_of = |model: &ModelSpec| -> Result<usize, CoreError> {
         let seq = if config.seq == 0 {
             model.n_ctx()
@@ -74,7 +101,12 @@ pub(super) fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepar
     };
     let (model, tokenizer_bytes, format, initial, base, pretrained) = match &config.finetune {
         None => {
-            let tokenizer_bytes = read(&config.tokenizer)?;
+            let tokenizer_bytes = read_served(
+                &config.tokenizer,
+                "the tokenizer",
+                worker::TOKENIZER_BYTES_MAX,
+                "TOKENIZER_BYTES_MAX",
+            )?;
             let tokenizer = data::TextTokenizer::load(&config.tokenizer)?;
             let preset = Preset::from_name(&config.preset)
                 .ok_or_else(|| ConfigError::Invalid("unknown preset".into()))?;
@@ -91,7 +123,12 @@ pub(super) fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepar
             )
         }
         Some(finetune) => {
-            let bytes = read(&finetune.base)?;
+            let bytes = read_served(
+                &finetune.base,
+                "the base",
+                worker::BASE_BYTES_MAX,
+                "BASE_BYTES_MAX",
+            )?;
             let sha256 = data::sha256_hex(&bytes);
             let context = FINETUNE_CONTEXT_MAX.max(config.seq as usize);
             let mut loaded = worker::setup::load_base(&finetune.base, context).map_err(setup)?;
@@ -114,6 +151,15 @@ pub(super) fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepar
                     ))
                 })?
                 .into_bytes();
+            if tokenizer_bytes.len() as u64 > worker::TOKENIZER_BYTES_MAX {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: its tokenizer is {} bytes as tokenizer.json, and workers download at most {} (TOKENIZER_BYTES_MAX)",
+                    finetune.base.display(),
+                    tokenizer_bytes.len(),
+                    worker::TOKENIZER_BYTES_MAX
+                ))
+                .into());
+            }
             let name = finetune
                 .base
                 .file_name()
