@@ -182,18 +182,17 @@ pub fn open_model(
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
     let threads = device_threads(device)?;
-    if let Trainable::Lora(lora) = &spec.trainable {
+    if let Trainable::Lora(_) = &spec.trainable {
         spec.validate()?;
-        let Architecture::Llama(config) = spec.architecture else {
-            unreachable!("validate accepts LoRA on a Llama only")
-        };
-        return Ok(Box::new(llama::cpu::LlamaCpuBackend::open_lora(
-            config,
-            lora.clone(),
-            params,
-            threads,
-            purpose,
-        )?));
+        if params.len() != spec.n_params() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: spec.n_params(),
+            });
+        }
+        let mut base = params;
+        let adapter = base.split_off(spec.n_params() - spec.trainable_len());
+        return open_model_frozen(device, spec, std::sync::Arc::new(base), adapter, purpose);
     }
     Ok(match spec.architecture {
         Architecture::Gpt2(config) => {

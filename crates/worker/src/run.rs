@@ -363,16 +363,7 @@ fn prepare(
 }
 
 fn sanitize(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let clean = crate::setup::plain_name(name);
     if clean.is_empty() || clean.starts_with('.') {
         format!("corpus{clean}")
     } else {

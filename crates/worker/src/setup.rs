@@ -150,3 +150,18 @@ pub fn examples(
         }
     }
 }
+
+/// `name` with every character other than ASCII letters, digits, `.`, `-` and `_`
+/// written `_`: safe in a file name (a worker's kept corpus and base) and in a model name
+/// (a fine-tune's served name).
+pub fn plain_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

@@ -6,6 +6,32 @@
 use protocol::api::DataFormat;
 use test_support as ts;
 
+/// Runs a worker for each `(key seed, name)` at once over HTTP, each for `units` units;
+/// their summaries, in order.
+fn run_workers<const N: usize>(
+    url: &str,
+    dir: &std::path::Path,
+    workers: [(u8, &str); N],
+    units: u64,
+) -> Vec<worker::Summary> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = workers
+        .into_iter()
+        .map(|(seed, name)| {
+            let key = ts::key(seed);
+            let transport = worker::HttpTransport::new(url).expect("transport");
+            let mut options = ts::worker_options(dir, name);
+            options.max_units = Some(units);
+            let stop = stop.clone();
+            std::thread::spawn(move || worker::run(&transport, &key, &options, &stop, &mut ()))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread").expect("worker run"))
+        .collect()
+}
+
 #[test]
 fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -35,19 +61,8 @@ fn volunteers_fine_tune_a_lora_adapter_on_a_pretrained_base() {
     assert_eq!(served.status, 200);
 
     // Alice and bob train two rounds of two units.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handles: Vec<_> = [(ts::key(20), "alice"), (ts::key(21), "bob")]
-        .into_iter()
-        .map(|(key, name)| {
-            let transport = worker::HttpTransport::new(&url).expect("transport");
-            let mut options = ts::worker_options(dir.path(), name);
-            options.max_units = Some(2);
-            let stop = stop.clone();
-            std::thread::spawn(move || worker::run(&transport, &key, &options, &stop, &mut ()))
-        })
-        .collect();
-    for h in handles {
-        let summary = h.join().expect("worker thread").expect("worker run");
+    let summaries = run_workers(&url, dir.path(), [(20, "alice"), (21, "bob")], 2);
+    for summary in summaries {
         assert_eq!(
             (summary.accepted, summary.rejected),
             (2, 0),
@@ -223,19 +238,7 @@ fn volunteers_fine_tune_every_weight_of_a_pretrained_base() {
     assert_eq!(info.model.trainable_len(), info.model.n_params());
     assert_eq!(info.n_params as usize, info.model.n_params());
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let handles: Vec<_> = [(ts::key(30), "carol"), (ts::key(31), "dave")]
-        .into_iter()
-        .map(|(key, name)| {
-            let transport = worker::HttpTransport::new(&url).expect("transport");
-            let mut options = ts::worker_options(dir.path(), name);
-            options.max_units = Some(1);
-            let stop = stop.clone();
-            std::thread::spawn(move || worker::run(&transport, &key, &options, &stop, &mut ()))
-        })
-        .collect();
-    for h in handles {
-        let summary = h.join().expect("worker thread").expect("worker run");
+    for summary in run_workers(&url, dir.path(), [(30, "carol"), (31, "dave")], 1) {
         assert_eq!(
             (summary.accepted, summary.rejected),
             (1, 0),

@@ -200,16 +200,7 @@ impl super::Reads {
     fn finetune_name_prefix(&self) -> Option<String> {
         let base = self.run_info.base.as_ref()?;
         let stem = base.name.strip_suffix(".gguf").unwrap_or(&base.name);
-        let stem: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let stem = worker::setup::plain_name(stem);
         let sha = base
             .sha256
             .get(..BASE_SHA256_PREFIX_CHARS)

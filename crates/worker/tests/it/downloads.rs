@@ -18,6 +18,8 @@ struct Reply {
     /// The `Content-Length` header, which may lie; none: the body ends when the
     /// connection closes.
     content_length: Option<u64>,
+    /// More header lines, each ending in `\r\n`.
+    headers: &'static str,
     body: Vec<u8>,
 }
 
@@ -25,6 +27,7 @@ fn ok(content_length: Option<u64>, body_bytes: usize) -> Reply {
     Reply {
         status: 200,
         content_length,
+        headers: "",
         body: vec![b' '; body_bytes],
     }
 }
@@ -50,8 +53,8 @@ fn serve(reply: Reply) -> (String, Arc<AtomicUsize>) {
                 .map(|n| format!("content-length: {n}\r\n"))
                 .unwrap_or_default();
             let head = format!(
-                "HTTP/1.1 {} X\r\nconnection: close\r\n{length}\r\n",
-                reply.status
+                "HTTP/1.1 {} X\r\nconnection: close\r\n{length}{}\r\n",
+                reply.status, reply.headers
             );
             // The client hangs up once it has refused: a failed write is expected.
             let _ = stream
@@ -182,6 +185,7 @@ fn tokenizers_models_and_json_replies_have_named_bounds() {
         Reply {
             status: 403,
             content_length: None,
+            headers: "",
             body: vec![b'x'; json_max + 1],
         },
         |t| t.tokenizer(),
@@ -189,4 +193,36 @@ fn tokenizers_models_and_json_replies_have_named_bounds() {
             the coordinator refused:  (http_403)
             requests: 1"#]],
     );
+}
+
+/// A 503 is `TransportError::Busy`, not unreachable, carrying the wait its `Retry-After`
+/// asks for, bounded by `BUSY_RETRY_AFTER_MAX` (`BUSY_RETRY_DEFAULT` when it names none).
+#[test]
+fn busy_answers_carry_their_bounded_wait() {
+    let body = br#"{"error":{"code":"scorers_busy","message":"busy"}}"#;
+    for (headers, expect) in [
+        ("retry-after: 7\r\n", std::time::Duration::from_secs(7)),
+        ("retry-after: 86400\r\n", worker::BUSY_RETRY_AFTER_MAX),
+        ("", worker::BUSY_RETRY_DEFAULT),
+    ] {
+        let (url, _) = serve(Reply {
+            status: 503,
+            content_length: Some(body.len() as u64),
+            headers,
+            body: body.to_vec(),
+        });
+        let transport = HttpTransport::new(&url).expect("transport");
+        match transport.tokenizer() {
+            Err(TransportError::Busy {
+                refusal,
+                retry_after,
+                ..
+            }) => assert_eq!(
+                (refusal.code.as_str(), retry_after),
+                ("scorers_busy", expect),
+                "{headers:?}"
+            ),
+            other => panic!("{headers:?}: {other:?}"),
+        }
+    }
 }
