@@ -46,7 +46,9 @@ pub(crate) struct TrainArgs {
     /// Seed of the initial weights and of the batch order.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Compute device: `cpu` (all cores) or `cpu:N` (N threads).
+    /// Compute device: `cpu` (all cores), `cpu:N` (N threads), `cuda` / `cuda:N` (an
+    /// NVIDIA GPU: the driver and cuBLASLt, no CUDA toolkit), or `auto` (a GPU when one
+    /// works, else every core).
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
     /// Start from this checkpoint instead of fresh weights.
@@ -149,7 +151,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
             config.n_ctx
         );
     }
-    check_memory(&config, args.batch, seq)?;
+    let device = engine::resolve_device(&args.device)?;
+    if let engine::Device::Cpu { .. } = device {
+        check_memory(&config, args.batch, seq)?;
+    }
     let dataset = data::Dataset::split(&corpus_path, &loaded.tokens, seq)?;
     let mut backend = engine::open_backend(&args.device, config, params)?;
     eprintln!(
@@ -280,8 +285,18 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
 
     if args.sample_tokens > 0 {
+        // The GPU backend does not decode yet: sample from the trained weights on the CPU.
+        let mut sampler = match device {
+            engine::Device::Cpu { .. } => backend,
+            engine::Device::Cuda { .. } => engine::open_model(
+                "cpu",
+                &engine::ModelSpec::gpt2(preset.name(), config),
+                params,
+                engine::Purpose::Eval,
+            )?,
+        };
         print_sample(
-            backend.as_mut(),
+            sampler.as_mut(),
             &tokenizer,
             &args.prompt,
             args.sample_tokens,

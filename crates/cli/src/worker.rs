@@ -25,7 +25,8 @@ pub(crate) struct WorkerArgs {
     /// A name for the coordinator's tables (default: this machine's host name).
     #[arg(long, env = "HIVETRAIN_NAME")]
     name: Option<String>,
-    /// Compute device: `cpu` (all cores) or `cpu:N`.
+    /// Compute device: `cpu` (all cores) or `cpu:N`. Workers train on the CPU until a
+    /// GPU's updates carry its determinism class, so that re-runs compare like with like.
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
     /// Stop after this many work units.
@@ -114,6 +115,12 @@ impl Reporter for Bars {
 }
 
 pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    if let engine::Device::Cuda { ordinal } = engine::resolve_device(&args.device)? {
+        anyhow::bail!(
+            "--device {} would train on cuda:{ordinal}, but a worker trains on the CPU until a GPU's updates carry its determinism class (the coordinator re-runs units bit for bit): use --device cpu",
+            args.device
+        );
+    }
     let key_path = match args.key {
         Some(p) => p,
         None => worker::identity::default_path()?,

@@ -8,12 +8,15 @@
 //!
 //! Every device implements [`Backend`]; callers (the CLI, the worker, benchmarks) hold a
 //! `Box<dyn Backend>` from [`open_model`] (or [`open_backend`] for a GPT-2) and never
-//! see device or architecture types. Today there is one device, the CPU, with a backend
-//! per architecture: [`cpu::CpuBackend`] (GPT-2) and [`llama::cpu::LlamaCpuBackend`].
+//! see device or architecture types. Two devices: the CPU, with a backend per
+//! architecture ([`cpu::CpuBackend`] for GPT-2, [`llama::cpu::LlamaCpuBackend`]), and
+//! NVIDIA GPUs ([`cuda`]: GPT-2 today, [`cuda::Gpt2Cuda`]), chosen by a device name
+//! ([`resolve_device`]).
 
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 mod ftz;
 pub mod generate;
 pub mod llama;
@@ -83,8 +86,12 @@ pub enum EngineError {
     ParamCount { got: usize, want: usize },
     #[error("generation reached the model's context of {n_ctx} tokens")]
     ContextFull { n_ctx: usize },
-    #[error("unknown device {0:?}: this build supports \"cpu\" (a CUDA backend is planned)")]
+    #[error(
+        "unknown device {0:?}: expected auto, cpu, cpu:N, cuda or cuda:N (N a thread count for cpu, a GPU number for cuda)"
+    )]
     UnknownDevice(String),
+    #[error(transparent)]
+    Cuda(#[from] cuda::CudaError),
     #[error("this backend was opened for evaluation: it holds no gradients or optimizer state")]
     EvalOnly,
 }
@@ -163,13 +170,12 @@ pub fn open_backend(
     config: GptConfig,
     params: Vec<f32>,
 ) -> Result<Box<dyn Backend>, EngineError> {
-    let threads = device_threads(device)?;
-    Ok(Box::new(cpu::CpuBackend::open(
-        config,
+    open_model(
+        device,
+        &ModelSpec::gpt2("gpt2", config),
         params,
-        threads,
         Purpose::Train,
-    )?))
+    )
 }
 
 /// Opens a backend of `spec`'s model on `device` for `purpose`, holding `params` (the
@@ -181,7 +187,10 @@ pub fn open_model(
     params: Vec<f32>,
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
-    let threads = device_threads(device)?;
+    let threads = match resolve_device(device)? {
+        Device::Cpu { threads } => threads,
+        Device::Cuda { ordinal } => return open_cuda(ordinal, spec, &params, purpose),
+    };
     if let Trainable::Lora(_) = &spec.trainable {
         spec.validate()?;
         if params.len() != spec.n_params() {
@@ -216,7 +225,15 @@ pub fn open_model_frozen(
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
     if let Trainable::Lora(lora) = &spec.trainable {
-        let threads = device_threads(device)?;
+        let threads = match resolve_device(device)? {
+            Device::Cpu { threads } => threads,
+            Device::Cuda { .. } => {
+                return Err(cuda::CudaError::Unsupported {
+                    what: "a LoRA fine-tune (Llama)",
+                }
+                .into());
+            }
+        };
         spec.validate()?;
         let Architecture::Llama(config) = spec.architecture else {
             unreachable!("validate accepts LoRA on a Llama only")
@@ -262,21 +279,70 @@ pub fn frozen_bytes(spec: &ModelSpec) -> u64 {
     4 * (spec.n_params() - spec.trainable_len()) as u64
 }
 
-/// Checks a device name (`cpu`, `cpu:N` with N at least 1) without opening anything.
-pub fn check_device(device: &str) -> Result<(), EngineError> {
-    device_threads(device).map(|_| ())
+/// The CUDA backend for `spec`: GPT-2 with every tensor trained, in bf16.
+fn open_cuda(
+    ordinal: usize,
+    spec: &ModelSpec,
+    params: &[f32],
+    purpose: Purpose,
+) -> Result<Box<dyn Backend>, EngineError> {
+    match (&spec.architecture, &spec.trainable) {
+        (Architecture::Gpt2(config), Trainable::All) => Ok(Box::new(cuda::Gpt2Cuda::open(
+            *config,
+            params,
+            ordinal,
+            cuda::gpt2::Precision::Bf16,
+            purpose,
+        )?)),
+        _ => Err(cuda::CudaError::Unsupported {
+            what: "a Llama model",
+        }
+        .into()),
+    }
 }
 
-/// The threads a device name asks for.
-fn device_threads(device: &str) -> Result<usize, EngineError> {
+/// Where a backend computes, once a device name is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU on `threads` threads.
+    Cpu { threads: usize },
+    /// NVIDIA GPU number `ordinal`, checked to work ([`cuda::probe`]).
+    Cuda { ordinal: usize },
+}
+
+/// Resolves a device name: `cpu` (every core), `cpu:N` (N threads), `cuda` (GPU 0),
+/// `cuda:N`, or `auto` (GPU 0 when it works, else every core). A GPU that cannot be
+/// used is a [`cuda::CudaError`] saying why and what to do.
+pub fn resolve_device(device: &str) -> Result<Device, EngineError> {
+    let unknown = || EngineError::UnknownDevice(device.to_string());
+    let number = |n: &str| n.parse::<usize>().map_err(|_| unknown());
+    let cuda = |ordinal: usize| -> Result<Device, EngineError> {
+        cuda::probe(ordinal)?;
+        Ok(Device::Cuda { ordinal })
+    };
     match device.split_once(':') {
-        None if device == "cpu" => Ok(default_threads()),
-        Some(("cpu", n)) => match n.parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(EngineError::UnknownDevice(device.to_string())),
+        None if device == "auto" => Ok(match cuda::probe(0) {
+            Ok(_) => Device::Cuda { ordinal: 0 },
+            Err(_) => Device::Cpu {
+                threads: default_threads(),
+            },
+        }),
+        None if device == "cpu" => Ok(Device::Cpu {
+            threads: default_threads(),
+        }),
+        None if device == "cuda" => cuda(0),
+        Some(("cpu", n)) => match number(n)? {
+            0 => Err(unknown()),
+            threads => Ok(Device::Cpu { threads }),
         },
-        _ => Err(EngineError::UnknownDevice(device.to_string())),
+        Some(("cuda", n)) => cuda(number(n)?),
+        _ => Err(unknown()),
     }
+}
+
+/// Checks a device name without opening anything that lasts (a GPU is probed).
+pub fn check_device(device: &str) -> Result<(), EngineError> {
+    resolve_device(device).map(|_| ())
 }
 
 /// The number of threads a `cpu` backend uses by default: the machine's cores.

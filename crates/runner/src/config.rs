@@ -502,8 +502,14 @@ impl CoordinatorConfig {
             ("replay", &devices.replay),
             ("serving", &devices.serving),
         ] {
-            if let Err(e) = engine::check_device(device) {
-                return bad(&format!("devices.{key}: {e}"));
+            match engine::resolve_device(device) {
+                Err(e) => return bad(&format!("devices.{key}: {e}")),
+                Ok(engine::Device::Cuda { .. }) => {
+                    return bad(&format!(
+                        "devices.{key} = {device:?}: the coordinator computes on the CPU (its scores and re-runs must be the bits CPU workers compute); use \"cpu\" or \"cpu:N\""
+                    ));
+                }
+                Ok(engine::Device::Cpu { .. }) => {}
             }
         }
         if let Some(mb) = devices.scoring_memory_mb

@@ -82,6 +82,11 @@ pub(crate) struct TrainBench {
     /// Threads for both hivetrain and PyTorch.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// hivetrain's device (default `cpu:THREADS`). With `cuda`, PyTorch trains on the
+    /// GPU too, at its best ordinary settings there: torch.compile, bf16 autocast, fused
+    /// AdamW; the table adds each side's MFU.
+    #[arg(long)]
+    device: Option<String>,
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     #[arg(long, default_value_t = 1)]
@@ -192,11 +197,7 @@ fn train_ours(
     offsets: &[u32],
 ) -> anyhow::Result<(Vec<f64>, f64)> {
     let seq = spec.seq;
-    let mut backend = engine::open_backend(
-        &format!("cpu:{}", args.threads),
-        spec.config,
-        params.to_vec(),
-    )?;
+    let mut backend = engine::open_backend(&args.device(), spec.config, params.to_vec())?;
     let mut losses = Vec::with_capacity(args.steps);
     let mut started = Instant::now();
     for step in 0..args.steps {
@@ -224,6 +225,7 @@ fn train_torch(args: &TrainBench, root: &Path, dir: &Path) -> anyhow::Result<Tor
         .arg("bench")
         .arg(dir)
         .env("BENCH_THREADS", args.threads.to_string())
+        .env("BENCH_DEVICE", if args.on_gpu() { "cuda" } else { "cpu" })
         .env(
             "BENCH_EXACT_CLIP",
             if args.torch_exact_clip { "1" } else { "0" },
@@ -240,6 +242,27 @@ fn train_torch(args: &TrainBench, root: &Path, dir: &Path) -> anyhow::Result<Tor
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("parsing PyTorch's output: {last}"))
 }
+
+impl TrainBench {
+    fn device(&self) -> String {
+        self.device
+            .clone()
+            .unwrap_or_else(|| format!("cpu:{}", self.threads))
+    }
+
+    fn on_gpu(&self) -> bool {
+        self.device().starts_with("cuda")
+    }
+}
+
+/// Model FLOPs a trained token costs (nanoGPT's estimate, as PyTorch's MFU figures use):
+/// 6 per parameter plus attention's 12 x layers x width x sequence.
+fn flops_per_token(config: &engine::GptConfig, seq: usize) -> f64 {
+    6.0 * config.n_params() as f64 + 12.0 * (config.n_layer * config.n_embd * seq) as f64
+}
+
+/// Dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet), the denominator of MFU.
+const GPU_PEAK_FLOPS: f64 = 989e12;
 
 fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     if args.untimed >= args.steps {
@@ -276,20 +299,38 @@ fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     let mut curves = None;
     for round in 0..args.repeat.max(1) {
         let (ours, our_tps) = train_ours(&args, &spec, &params, &dataset.train, &offsets)?;
+        let mfu = |tps: f64| {
+            if args.on_gpu() {
+                format!(
+                    ", MFU {:.1}%",
+                    100.0 * tps * flops_per_token(&config, seq) / GPU_PEAK_FLOPS
+                )
+            } else {
+                String::new()
+            }
+        };
         println!(
-            "round {round}: hivetrain {our_tps:>6.0} tokens/s ({} threads, {} preset, batch {}x{seq})",
-            args.threads,
+            "round {round}: hivetrain {our_tps:>6.0} tokens/s ({}, {} preset, batch {}x{seq}{})",
+            args.device(),
             preset.name(),
-            args.batch
+            args.batch,
+            mfu(our_tps)
         );
         if args.no_torch {
             continue;
         }
         let torch = train_torch(&args, root, &dir)?;
         let ratio = our_tps / torch.tokens_per_s;
+        let settings = if args.on_gpu() {
+            "cuda, torch.compile, bf16 autocast, sdpa, fused AdamW"
+        } else {
+            "eager, sdpa, fused AdamW"
+        };
         println!(
-            "round {round}: pytorch   {:>6.0} tokens/s ({} eager, sdpa, fused AdamW); ratio {ratio:.2}x",
-            torch.tokens_per_s, torch.torch
+            "round {round}: pytorch   {:>6.0} tokens/s ({} {settings}{}); ratio {ratio:.2}x",
+            torch.tokens_per_s,
+            torch.torch,
+            mfu(torch.tokens_per_s)
         );
         rounds.push(ratio);
         curves.get_or_insert((ours, torch.losses));

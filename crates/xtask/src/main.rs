@@ -14,6 +14,7 @@ mod ingest;
 mod ledger_bench;
 mod lora_bench;
 mod lora_combine;
+mod ptx;
 mod random_adapter;
 mod robust;
 mod sim;
@@ -65,6 +66,9 @@ enum Command {
     /// Write a deterministic non-zero LoRA adapter for a base model, as a LoRA run's
     /// version is written (for scripts/check_peft_export.py).
     RandomAdapter(random_adapter::RandomAdapterArgs),
+    /// Compile the CUDA kernels (crates/engine/kernels/*.cu) to the committed PTX with
+    /// the pinned NVRTC from PyPI and write the manifest; `--check` compares instead.
+    Ptx(ptx::PtxArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(&root, args),
         Command::UnitDelta(args) => unit_delta::run(&root, args),
         Command::RandomAdapter(args) => random_adapter::run(args),
+        Command::Ptx(args) => ptx::run(&root, args),
         Command::ChatData(args) => chat_data::run(&root, args),
         Command::LoraCombine(args) => lora_combine::run(&root, args),
     }

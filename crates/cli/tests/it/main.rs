@@ -265,9 +265,9 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
     let t = copy_tokenizer(&sandbox);
     check_error(
         &sandbox,
-        &["train", "--corpus", c, "--tokenizer", t, "--device", "cuda"],
+        &["train", "--corpus", c, "--tokenizer", t, "--device", "gpu"],
         expect_test::expect![[
-            r#"error: unknown device "cuda": this build supports "cpu" (a CUDA backend is planned)"#
+            r#"error: unknown device "gpu": expected auto, cpu, cpu:N, cuda or cuda:N (N a thread count for cpu, a GPU number for cuda)"#
         ]],
     );
     check_error(

@@ -1,6 +1,7 @@
 //! Integration tests of the engine through its public API.
 
 mod checkpoint;
+mod cuda;
 mod determinism;
 mod generate;
 mod golden;

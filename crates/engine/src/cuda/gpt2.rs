@@ -1,0 +1,1417 @@
+//! GPT-2 on an NVIDIA GPU: the CPU engine's model, step for step (`cpu.rs`), with the
+//! activations and matrix-product inputs in bf16 ([`Precision::Bf16`], what `cuda`
+//! means) or f32 ([`Precision::F32`], for checks against the CPU), the master weights,
+//! gradients and AdamW moments in f32 either way.
+//!
+//! Training and evaluation run here; decoding (the KV cache) is not built for the GPU
+//! yet and answers [`CudaError::Unsupported`].
+
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+use super::blas::{Blas, Elem, Gemm};
+use super::{CudaError, DeviceMem, Gpu};
+use crate::params::{GptLayout, ParamLayout};
+use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, Purpose, StepStats};
+
+/// The kernels compiled without HT_BF16 (everything f32).
+pub(crate) const PTX_F32: &str = include_str!("../../kernels/gpt2.f32.ptx");
+/// The kernels compiled with HT_BF16.
+pub(crate) const PTX_BF16: &str = include_str!("../../kernels/gpt2.bf16.ptx");
+
+/// Rows a column-sum partial covers (gradients of biases and LayerNorm parameters).
+const SUM_CHUNK: usize = 256;
+/// Blocks of the gradient-norm reduction: fixed, so its order is too.
+const NORM_BLOCKS: usize = 1024;
+const THREADS: u32 = 256;
+
+/// What the activations and matrix inputs are stored as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 activations and products with f32 accumulation: the speed path.
+    Bf16,
+    /// f32 everywhere (products without TF32): the same arithmetic as the CPU engine up
+    /// to summation order, for checks.
+    F32,
+}
+
+impl Precision {
+    fn elem(self) -> Elem {
+        match self {
+            Precision::Bf16 => Elem::Bf16,
+            Precision::F32 => Elem::F32,
+        }
+    }
+
+    /// Bytes of one activation.
+    fn size(self) -> usize {
+        match self {
+            Precision::Bf16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+}
+
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        struct Kernels { $($name: CudaFunction,)* }
+        impl Kernels {
+            fn load(gpu: &Gpu, ptx: &str) -> Result<Kernels, CudaError> {
+                let module = gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+                Ok(Kernels { $($name: module.load_function(stringify!($name))?,)* })
+            }
+        }
+    };
+}
+
+kernels!(
+    cast_to_x,
+    encoder_forward,
+    layernorm_forward,
+    attn_permute,
+    attn_unpermute,
+    attn_softmax,
+    gelu_forward,
+    softmax_xent,
+    gelu_backward,
+    column_sum_partial,
+    column_sum_final,
+    layernorm_param_partial,
+    layernorm_backward_input,
+    attn_softmax_backward,
+    attn_permute_backward,
+    attn_unpermute_backward,
+    wpe_backward,
+    wte_backward,
+    sum_squares_partial,
+    adamw,
+);
+
+/// One block's saved activations.
+struct BlockActs {
+    ln1: DeviceMem,
+    ln1_mean: DeviceMem,
+    ln1_rstd: DeviceMem,
+    qkv: DeviceMem,
+    att: DeviceMem,
+    atty: DeviceMem,
+    res2: DeviceMem,
+    ln2: DeviceMem,
+    ln2_mean: DeviceMem,
+    ln2_rstd: DeviceMem,
+    fch: DeviceMem,
+    fch_gelu: DeviceMem,
+    res3: DeviceMem,
+}
+
+/// Gradient scratch, shared by every block (a training backend only).
+struct GradActs {
+    dres: DeviceMem,
+    dc: DeviceMem,
+    dfch: DeviceMem,
+    dfch_gelu: DeviceMem,
+    dqkv: DeviceMem,
+    dy: DeviceMem,
+    dq: DeviceMem,
+    dk: DeviceMem,
+    dv: DeviceMem,
+    datt: DeviceMem,
+    dpreatt: DeviceMem,
+    partial_a: DeviceMem,
+    partial_b: DeviceMem,
+}
+
+/// Activations for one batch shape.
+struct Acts {
+    b: usize,
+    t: usize,
+    inputs: DeviceMem,
+    targets: DeviceMem,
+    encoded: DeviceMem,
+    blocks: Vec<BlockActs>,
+    lnf: DeviceMem,
+    lnf_mean: DeviceMem,
+    lnf_rstd: DeviceMem,
+    logits: DeviceMem,
+    losses: DeviceMem,
+    q: DeviceMem,
+    k: DeviceMem,
+    v: DeviceMem,
+    preatt: DeviceMem,
+    y: DeviceMem,
+    grads: Option<GradActs>,
+    /// The host's copy of the inputs (the embedding gradient is bucketed on the host).
+    host_inputs: Vec<u32>,
+}
+
+impl Acts {
+    fn new(
+        gpu: &Gpu,
+        config: &GptConfig,
+        x: usize,
+        b: usize,
+        t: usize,
+        grads: bool,
+    ) -> Result<Acts, CudaError> {
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let n = b * t;
+        let att = b * nh * t * t;
+        let a = |elems: usize| gpu.alloc(elems * x);
+        let f = |elems: usize| gpu.alloc(elems * 4);
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for _ in 0..config.n_layer {
+            blocks.push(BlockActs {
+                ln1: a(n * c)?,
+                ln1_mean: f(n)?,
+                ln1_rstd: f(n)?,
+                qkv: a(n * 3 * c)?,
+                att: a(att)?,
+                atty: a(n * c)?,
+                res2: a(n * c)?,
+                ln2: a(n * c)?,
+                ln2_mean: f(n)?,
+                ln2_rstd: f(n)?,
+                fch: a(n * 4 * c)?,
+                fch_gelu: a(n * 4 * c)?,
+                res3: a(n * c)?,
+            });
+        }
+        let chunks = n.div_ceil(SUM_CHUNK);
+        let grads = if grads {
+            Some(GradActs {
+                dres: a(n * c)?,
+                dc: a(n * c)?,
+                dfch: a(n * 4 * c)?,
+                dfch_gelu: a(n * 4 * c)?,
+                dqkv: a(n * 3 * c)?,
+                dy: a(n * c)?,
+                dq: a(n * c)?,
+                dk: a(n * c)?,
+                dv: a(n * c)?,
+                datt: a(att)?,
+                dpreatt: a(att)?,
+                partial_a: f(chunks * 4 * c)?,
+                partial_b: f(chunks * 4 * c)?,
+            })
+        } else {
+            None
+        };
+        Ok(Acts {
+            b,
+            t,
+            inputs: gpu.alloc(n * 4)?,
+            targets: gpu.alloc(n * 4)?,
+            encoded: a(n * c)?,
+            blocks,
+            lnf: a(n * c)?,
+            lnf_mean: f(n)?,
+            lnf_rstd: f(n)?,
+            logits: a(n * v)?,
+            losses: f(n)?,
+            q: a(n * c)?,
+            k: a(n * c)?,
+            v: a(n * c)?,
+            preatt: a(att)?,
+            y: a(n * c)?,
+            grads,
+            host_inputs: Vec::new(),
+        })
+    }
+}
+
+/// A GPT-2 backend on one GPU.
+pub struct Gpt2Cuda {
+    // Field order is drop order: everything on the GPU goes before the context.
+    acts: Option<Acts>,
+    params: DeviceMem,
+    /// The floatX copy the forward pass reads (`None` with f32, which reads `params`).
+    params_x: Option<DeviceMem>,
+    grads: Option<DeviceMem>,
+    adam_m: Option<DeviceMem>,
+    adam_v: Option<DeviceMem>,
+    norm_partial: DeviceMem,
+    /// Buckets of the token-embedding gradient: tokens, starts, rows.
+    buckets: [DeviceMem; 3],
+    step: u32,
+    kernels: Kernels,
+    blas: Blas,
+    config: GptConfig,
+    layout: GptLayout,
+    table: ParamLayout,
+    precision: Precision,
+    purpose: Purpose,
+    gpu: Gpu,
+}
+
+impl Gpt2Cuda {
+    /// A backend of `config` holding `params` on GPU `ordinal`.
+    pub fn open(
+        config: GptConfig,
+        params: &[f32],
+        ordinal: usize,
+        precision: Precision,
+        purpose: Purpose,
+    ) -> Result<Gpt2Cuda, EngineError> {
+        config.validate()?;
+        let layout = GptLayout::new(&config);
+        let table = ParamLayout::new(&config);
+        if params.len() != table.len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: table.len(),
+            });
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let ptx = match precision {
+            Precision::Bf16 => PTX_BF16,
+            Precision::F32 => PTX_F32,
+        };
+        let kernels = Kernels::load(&gpu, ptx)?;
+        let blas = Blas::new(&gpu, precision.elem())?;
+        let len = table.len();
+        let train = purpose == Purpose::Train;
+        let opt = |on: bool| -> Result<Option<DeviceMem>, CudaError> {
+            on.then(|| gpu.alloc(len * 4)).transpose()
+        };
+        let n_ctx = config.n_ctx;
+        let mut backend = Gpt2Cuda {
+            acts: None,
+            params: gpu.alloc(len * 4)?,
+            params_x: None,
+            grads: opt(train)?,
+            adam_m: opt(train)?,
+            adam_v: opt(train)?,
+            norm_partial: gpu.alloc(NORM_BLOCKS * 8)?,
+            buckets: [
+                gpu.alloc(n_ctx * 4)?,
+                gpu.alloc(n_ctx * 4)?,
+                gpu.alloc(n_ctx * 4)?,
+            ],
+            step: 0,
+            kernels,
+            blas,
+            config,
+            layout,
+            table,
+            precision,
+            purpose,
+            gpu,
+        };
+        if precision == Precision::Bf16 {
+            backend.params_x = Some(backend.gpu.alloc(len * 2)?);
+        }
+        backend.upload_params(params)?;
+        backend.reset_moments()?;
+        Ok(backend)
+    }
+
+    /// The GPU this backend runs on.
+    pub fn gpu(&self) -> &super::GpuInfo {
+        &self.gpu.info
+    }
+
+    fn reset_moments(&mut self) -> Result<(), CudaError> {
+        for m in [&self.adam_m, &self.adam_v].into_iter().flatten() {
+            self.gpu.zero(m)?;
+        }
+        self.step = 0;
+        self.gpu.sync()
+    }
+
+    fn upload_params(&mut self, params: &[f32]) -> Result<(), CudaError> {
+        self.gpu.upload(&self.params, 0, params)?;
+        if let Some(px) = &self.params_x {
+            let n = params.len() as i64;
+            self.launch1(
+                &self.kernels.cast_to_x,
+                n as usize,
+                &[px.ptr.into(), self.params.ptr.into(), n.into()],
+            )?;
+        }
+        self.gpu.sync()
+    }
+
+    /// The pointer the forward pass reads tensor `offset` from.
+    fn px(&self, offset: usize) -> u64 {
+        match &self.params_x {
+            Some(px) => px.ptr + (offset * 2) as u64,
+            None => self.params.ptr + (offset * 4) as u64,
+        }
+    }
+
+    fn grad(&self, offset: usize) -> u64 {
+        self.grads
+            .as_ref()
+            .map_or(0, |g| g.ptr + (offset * 4) as u64)
+    }
+
+    /// Launches `f` over `n` elements, one thread each.
+    fn launch1(&self, f: &CudaFunction, n: usize, args: &[Arg]) -> Result<(), CudaError> {
+        let blocks = n.div_ceil(THREADS as usize) as u32;
+        self.launch(f, (blocks.max(1), 1, 1), THREADS, args)
+    }
+
+    /// Launches `f` with one warp a row over `rows` rows.
+    fn launch_rows(&self, f: &CudaFunction, rows: usize, args: &[Arg]) -> Result<(), CudaError> {
+        let per_block = THREADS as usize / 32;
+        let blocks = rows.div_ceil(per_block) as u32;
+        self.launch(f, (blocks.max(1), 1, 1), THREADS, args)
+    }
+
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let mut builder = self.gpu.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => builder.arg(v),
+                Arg::Int(v) => builder.arg(v),
+                Arg::Long(v) => builder.arg(v),
+                Arg::Float(v) => builder.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every call site pushes arguments whose types and order match the
+        // kernel's signature in gpt2.cu (pointers as u64, `int` as i32, `long` as i64,
+        // `float` as f32), and the pointers name live allocations large enough for the
+        // shapes passed with them.
+        unsafe { builder.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[n, o] = inp[n, i] @ w[i, o] + bias (+ out when accumulate)`.
+    fn linear(
+        &self,
+        out: u64,
+        inp: u64,
+        w: u64,
+        bias: u64,
+        (n, i, o): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<(), CudaError> {
+        // Column-major: out^T [o, n] = w^T [o, i] (w row-major [i, o], ld o) x inp^T [i, n].
+        self.blas.gemm(
+            Gemm {
+                transa: false,
+                transb: false,
+                m: o as u64,
+                n: n as u64,
+                k: i as u64,
+                lda: o as i64,
+                ldb: i as i64,
+                ldd: o as i64,
+                beta: if accumulate { 1.0 } else { 0.0 },
+                batch: None,
+            },
+            w,
+            inp,
+            out,
+            self.precision.elem(),
+            Some(bias),
+        )
+    }
+
+    /// The backward of [`Self::linear`]: `dinp = dout @ w^T`, `dw = inp^T @ dout` (f32),
+    /// `dbias = sum of dout's rows` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dinp: u64,
+        dw: u64,
+        dbias: u64,
+        dout: u64,
+        inp: u64,
+        w: u64,
+        (n, i, o): (usize, usize, usize),
+        g: &GradActs,
+    ) -> Result<(), CudaError> {
+        // dinp^T [i, n] = (w^T)^T [i, o] x dout^T [o, n].
+        self.blas.gemm(
+            Gemm {
+                transa: true,
+                transb: false,
+                m: i as u64,
+                n: n as u64,
+                k: o as u64,
+                lda: o as i64,
+                ldb: o as i64,
+                ldd: i as i64,
+                beta: 0.0,
+                batch: None,
+            },
+            w,
+            dout,
+            dinp,
+            self.precision.elem(),
+            None,
+        )?;
+        // dw^T [o, i] = dout^T [o, n] x inp [n, i].
+        self.blas.gemm(
+            Gemm {
+                transa: false,
+                transb: true,
+                m: o as u64,
+                n: i as u64,
+                k: n as u64,
+                lda: o as i64,
+                ldb: i as i64,
+                ldd: o as i64,
+                beta: 0.0,
+                batch: None,
+            },
+            dout,
+            inp,
+            dw,
+            Elem::F32,
+            None,
+        )?;
+        self.column_sum(dbias, dout, n, o, g)
+    }
+
+    /// `out[j] = sum over rows of x[:, j]` (f32), in a fixed order.
+    fn column_sum(
+        &self,
+        out: u64,
+        x: u64,
+        n: usize,
+        c: usize,
+        g: &GradActs,
+    ) -> Result<(), CudaError> {
+        let chunks = n.div_ceil(SUM_CHUNK);
+        let (ni, ci, chunk, ri) = (n as i32, c as i32, SUM_CHUNK as i32, chunks as i32);
+        let cols = c.div_ceil(THREADS as usize) as u32;
+        self.launch(
+            &self.kernels.column_sum_partial,
+            (cols, chunks as u32, 1),
+            THREADS,
+            &[
+                g.partial_a.ptr.into(),
+                x.into(),
+                ni.into(),
+                ci.into(),
+                chunk.into(),
+            ],
+        )?;
+        let zero = 0i32;
+        self.launch(
+            &self.kernels.column_sum_final,
+            (cols, 1, 1),
+            THREADS,
+            &[
+                out.into(),
+                g.partial_a.ptr.into(),
+                ri.into(),
+                ci.into(),
+                zero.into(),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        inp: u64,
+        w: usize,
+        b: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (w, b) = (self.px(w), self.px(b));
+        let (ni, ci) = (n as i32, self.config.n_embd as i32);
+        self.launch_rows(
+            &self.kernels.layernorm_forward,
+            n,
+            &[
+                out.into(),
+                mean.into(),
+                rstd.into(),
+                inp.into(),
+                w.into(),
+                b.into(),
+                ni.into(),
+                ci.into(),
+            ],
+        )
+    }
+
+    /// `dinp += LN'(dout)`; the parameters' gradients written (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: u64,
+        dout: u64,
+        inp: u64,
+        (mean, rstd): (u64, u64),
+        (w, b): (usize, usize),
+        n: usize,
+        g: &GradActs,
+    ) -> Result<(), CudaError> {
+        let c = self.config.n_embd;
+        let (ni, ci, chunk) = (n as i32, c as i32, SUM_CHUNK as i32);
+        let wp = self.px(w);
+        self.launch_rows(
+            &self.kernels.layernorm_backward_input,
+            n,
+            &[
+                dinp.into(),
+                dout.into(),
+                inp.into(),
+                wp.into(),
+                mean.into(),
+                rstd.into(),
+                ni.into(),
+                ci.into(),
+            ],
+        )?;
+        let chunks = n.div_ceil(SUM_CHUNK);
+        let cols = c.div_ceil(THREADS as usize) as u32;
+        self.launch(
+            &self.kernels.layernorm_param_partial,
+            (cols, chunks as u32, 1),
+            THREADS,
+            &[
+                g.partial_a.ptr.into(),
+                g.partial_b.ptr.into(),
+                dout.into(),
+                inp.into(),
+                mean.into(),
+                rstd.into(),
+                ni.into(),
+                ci.into(),
+                chunk.into(),
+            ],
+        )?;
+        let (ri, zero) = (chunks as i32, 0i32);
+        let (dw, db) = (self.grad(w), self.grad(b));
+        self.launch(
+            &self.kernels.column_sum_final,
+            (cols, 1, 1),
+            THREADS,
+            &[
+                dw.into(),
+                g.partial_a.ptr.into(),
+                ri.into(),
+                ci.into(),
+                zero.into(),
+            ],
+        )?;
+        self.launch(
+            &self.kernels.column_sum_final,
+            (cols, 1, 1),
+            THREADS,
+            &[
+                db.into(),
+                g.partial_b.ptr.into(),
+                ri.into(),
+                ci.into(),
+                zero.into(),
+            ],
+        )
+    }
+
+    /// The attention products of one layer: `(b * nh)` products of `[t, hs]` heads.
+    fn attn_gemm(&self, g: Gemm, a: u64, b: u64, d: u64) -> Result<(), CudaError> {
+        self.blas.gemm(g, a, b, d, self.precision.elem(), None)
+    }
+
+    fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
+        crate::cpu::check_batch(batch, self.config.n_ctx, self.config.vocab_size)
+    }
+
+    fn ensure_acts(&mut self, b: usize, t: usize) -> Result<(), CudaError> {
+        if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None;
+            let x = self.precision.size();
+            let train = self.purpose == Purpose::Train;
+            self.acts = Some(Acts::new(&self.gpu, &self.config, x, b, t, train)?);
+        }
+        Ok(())
+    }
+
+    /// The forward pass; returns the mean loss. With `grad`, leaves d(loss)/d(logits)
+    /// in the logits for `backward`.
+    fn forward(&mut self, batch: &Batch<'_>, grad: bool) -> Result<f32, CudaError> {
+        let (b, t) = (batch.batch, batch.seq);
+        self.ensure_acts(b, t)?;
+        let Some(acts) = self.acts.as_mut() else {
+            unreachable!("allocated above")
+        };
+        let targets: Vec<i32> = batch.targets.iter().map(|&x| x as i32).collect();
+        acts.host_inputs = batch.inputs.to_vec();
+        self.gpu.upload(&acts.inputs, 0, batch.inputs)?;
+        self.gpu.upload(&acts.targets, 0, &targets)?;
+        let Some(acts) = self.acts.as_ref() else {
+            unreachable!("allocated above")
+        };
+        let config = self.config;
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let hs = c / nh;
+        let n = b * t;
+        let x = self.precision.size() as u64;
+        let (ni, ti, ci) = (n as i32, t as i32, c as i32);
+        let (bi, nhi, hsi) = (b as i32, nh as i32, hs as i32);
+        let rows = (b * nh * t) as i32;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let (wte, wpe) = (self.px(self.layout.wte), self.px(self.layout.wpe));
+        self.launch1(
+            &self.kernels.encoder_forward,
+            n * c,
+            &[
+                acts.encoded.ptr.into(),
+                acts.inputs.ptr.into(),
+                wte.into(),
+                wpe.into(),
+                ni.into(),
+                ti.into(),
+                ci.into(),
+            ],
+        )?;
+        for (layer, a) in acts.blocks.iter().enumerate() {
+            let o = self.layout.blocks[layer];
+            let residual = if layer == 0 {
+                acts.encoded.ptr
+            } else {
+                acts.blocks[layer - 1].res3.ptr
+            };
+            self.layernorm_forward(
+                a.ln1.ptr,
+                a.ln1_mean.ptr,
+                a.ln1_rstd.ptr,
+                residual,
+                o.ln1_w,
+                o.ln1_b,
+                n,
+            )?;
+            self.linear(
+                a.qkv.ptr,
+                a.ln1.ptr,
+                self.px(o.qkv_w),
+                self.px(o.qkv_b),
+                (n, c, 3 * c),
+                false,
+            )?;
+            self.launch1(
+                &self.kernels.attn_permute,
+                n * c,
+                &[
+                    acts.q.ptr.into(),
+                    acts.k.ptr.into(),
+                    acts.v.ptr.into(),
+                    a.qkv.ptr.into(),
+                    bi.into(),
+                    ti.into(),
+                    nhi.into(),
+                    hsi.into(),
+                ],
+            )?;
+            // preatt (row-major [t, t] per head) = q k^T: column-major preatt^T = k^T' q.
+            self.attn_gemm(
+                heads(
+                    true,
+                    false,
+                    (t, t, hs),
+                    (hs, hs, t),
+                    b * nh,
+                    (t * hs, t * hs, t * t),
+                ),
+                acts.k.ptr,
+                acts.q.ptr,
+                acts.preatt.ptr,
+            )?;
+            self.launch_rows(
+                &self.kernels.attn_softmax,
+                b * nh * t,
+                &[
+                    a.att.ptr.into(),
+                    acts.preatt.ptr.into(),
+                    scale.into(),
+                    rows.into(),
+                    ti.into(),
+                ],
+            )?;
+            // y (row-major [t, hs]) = att v: column-major y^T = v^T att^T.
+            self.attn_gemm(
+                heads(
+                    false,
+                    false,
+                    (hs, t, t),
+                    (hs, t, hs),
+                    b * nh,
+                    (t * hs, t * t, t * hs),
+                ),
+                acts.v.ptr,
+                a.att.ptr,
+                acts.y.ptr,
+            )?;
+            self.launch1(
+                &self.kernels.attn_unpermute,
+                n * c,
+                &[
+                    a.atty.ptr.into(),
+                    acts.y.ptr.into(),
+                    bi.into(),
+                    ti.into(),
+                    nhi.into(),
+                    hsi.into(),
+                ],
+            )?;
+            self.gpu.copy(a.res2.ptr, residual, n * c * x as usize)?;
+            self.linear(
+                a.res2.ptr,
+                a.atty.ptr,
+                self.px(o.proj_w),
+                self.px(o.proj_b),
+                (n, c, c),
+                true,
+            )?;
+            self.layernorm_forward(
+                a.ln2.ptr,
+                a.ln2_mean.ptr,
+                a.ln2_rstd.ptr,
+                a.res2.ptr,
+                o.ln2_w,
+                o.ln2_b,
+                n,
+            )?;
+            self.linear(
+                a.fch.ptr,
+                a.ln2.ptr,
+                self.px(o.fc_w),
+                self.px(o.fc_b),
+                (n, c, 4 * c),
+                false,
+            )?;
+            let n4 = (n * 4 * c) as i64;
+            self.launch1(
+                &self.kernels.gelu_forward,
+                n * 4 * c,
+                &[a.fch_gelu.ptr.into(), a.fch.ptr.into(), n4.into()],
+            )?;
+            self.gpu.copy(a.res3.ptr, a.res2.ptr, n * c * x as usize)?;
+            self.linear(
+                a.res3.ptr,
+                a.fch_gelu.ptr,
+                self.px(o.fcproj_w),
+                self.px(o.fcproj_b),
+                (n, 4 * c, c),
+                true,
+            )?;
+        }
+        let last = acts.blocks.last().map_or(acts.encoded.ptr, |a| a.res3.ptr);
+        self.layernorm_forward(
+            acts.lnf.ptr,
+            acts.lnf_mean.ptr,
+            acts.lnf_rstd.ptr,
+            last,
+            self.layout.lnf_w,
+            self.layout.lnf_b,
+            n,
+        )?;
+        // logits^T [v, n] = (wte^T)^T [v, c] x lnf^T [c, n]; wte is row-major [v, c].
+        self.blas.gemm(
+            Gemm {
+                transa: true,
+                transb: false,
+                m: v as u64,
+                n: n as u64,
+                k: c as u64,
+                lda: c as i64,
+                ldb: c as i64,
+                ldd: v as i64,
+                beta: 0.0,
+                batch: None,
+            },
+            wte,
+            acts.lnf.ptr,
+            acts.logits.ptr,
+            self.precision.elem(),
+            None,
+        )?;
+        let counted = crate::ops::counted(batch.targets);
+        let grad_scale = if grad {
+            1.0 / counted.max(1) as f32
+        } else {
+            0.0
+        };
+        let vi = v as i32;
+        self.launch(
+            &self.kernels.softmax_xent,
+            (n as u32, 1, 1),
+            1024,
+            &[
+                acts.logits.ptr.into(),
+                acts.losses.ptr.into(),
+                acts.targets.ptr.into(),
+                ni.into(),
+                vi.into(),
+                grad_scale.into(),
+            ],
+        )?;
+        let mut losses = vec![0.0f32; n];
+        self.gpu.download(&mut losses, &acts.losses, 0)?;
+        Ok(crate::ops::mean_loss(&losses, counted))
+    }
+
+    /// The backward pass after `forward(.., true)`: writes every gradient.
+    fn backward(&mut self) -> Result<(), CudaError> {
+        let Some(acts) = self.acts.as_ref() else {
+            unreachable!("forward runs first")
+        };
+        let Some(g) = acts.grads.as_ref() else {
+            unreachable!("a training backend allocates gradient scratch")
+        };
+        let config = self.config;
+        let (b, t) = (acts.b, acts.t);
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let hs = c / nh;
+        let n = b * t;
+        let (bi, ti, ci, nhi, hsi) = (b as i32, t as i32, c as i32, nh as i32, hs as i32);
+        let rows = (b * nh * t) as i32;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let wte = self.px(self.layout.wte);
+        // Head: dlnf = dlogits @ wte; dwte = dlogits^T @ lnf (the first write of dwte).
+        // dlnf^T [c, n] = wte^T [c, v] (row-major [v, c], ld c) x dlogits^T [v, n].
+        self.blas.gemm(
+            Gemm {
+                transa: false,
+                transb: false,
+                m: c as u64,
+                n: n as u64,
+                k: v as u64,
+                lda: c as i64,
+                ldb: v as i64,
+                ldd: c as i64,
+                beta: 0.0,
+                batch: None,
+            },
+            wte,
+            acts.logits.ptr,
+            g.dc.ptr,
+            self.precision.elem(),
+            None,
+        )?;
+        // dwte^T [c, v] = lnf^T [c, n] x dlogits [n, v].
+        self.blas.gemm(
+            Gemm {
+                transa: false,
+                transb: true,
+                m: c as u64,
+                n: v as u64,
+                k: n as u64,
+                lda: c as i64,
+                ldb: v as i64,
+                ldd: c as i64,
+                beta: 0.0,
+                batch: None,
+            },
+            acts.lnf.ptr,
+            acts.logits.ptr,
+            self.grad(self.layout.wte),
+            Elem::F32,
+            None,
+        )?;
+        self.gpu.zero(&g.dres)?;
+        let last = acts.blocks.last().map_or(acts.encoded.ptr, |a| a.res3.ptr);
+        self.layernorm_backward(
+            g.dres.ptr,
+            g.dc.ptr,
+            last,
+            (acts.lnf_mean.ptr, acts.lnf_rstd.ptr),
+            (self.layout.lnf_w, self.layout.lnf_b),
+            n,
+            g,
+        )?;
+        for layer in (0..config.n_layer).rev() {
+            let o = self.layout.blocks[layer];
+            let a = &acts.blocks[layer];
+            let residual = if layer == 0 {
+                acts.encoded.ptr
+            } else {
+                acts.blocks[layer - 1].res3.ptr
+            };
+            // MLP.
+            self.linear_backward(
+                g.dfch_gelu.ptr,
+                self.grad(o.fcproj_w),
+                self.grad(o.fcproj_b),
+                g.dres.ptr,
+                a.fch_gelu.ptr,
+                self.px(o.fcproj_w),
+                (n, 4 * c, c),
+                g,
+            )?;
+            let n4 = (n * 4 * c) as i64;
+            self.launch1(
+                &self.kernels.gelu_backward,
+                n * 4 * c,
+                &[
+                    g.dfch.ptr.into(),
+                    a.fch.ptr.into(),
+                    g.dfch_gelu.ptr.into(),
+                    n4.into(),
+                ],
+            )?;
+            self.linear_backward(
+                g.dc.ptr,
+                self.grad(o.fc_w),
+                self.grad(o.fc_b),
+                g.dfch.ptr,
+                a.ln2.ptr,
+                self.px(o.fc_w),
+                (n, c, 4 * c),
+                g,
+            )?;
+            self.layernorm_backward(
+                g.dres.ptr,
+                g.dc.ptr,
+                a.res2.ptr,
+                (a.ln2_mean.ptr, a.ln2_rstd.ptr),
+                (o.ln2_w, o.ln2_b),
+                n,
+                g,
+            )?;
+            // Attention.
+            self.linear_backward(
+                g.dc.ptr,
+                self.grad(o.proj_w),
+                self.grad(o.proj_b),
+                g.dres.ptr,
+                a.atty.ptr,
+                self.px(o.proj_w),
+                (n, c, c),
+                g,
+            )?;
+            self.launch1(
+                &self.kernels.attn_unpermute_backward,
+                n * c,
+                &[
+                    g.dy.ptr.into(),
+                    g.dc.ptr.into(),
+                    bi.into(),
+                    ti.into(),
+                    nhi.into(),
+                    hsi.into(),
+                ],
+            )?;
+            self.launch1(
+                &self.kernels.attn_permute,
+                n * c,
+                &[
+                    acts.q.ptr.into(),
+                    acts.k.ptr.into(),
+                    acts.v.ptr.into(),
+                    a.qkv.ptr.into(),
+                    bi.into(),
+                    ti.into(),
+                    nhi.into(),
+                    hsi.into(),
+                ],
+            )?;
+            let bh = b * nh;
+            // datt (row-major [t, t]) = dy v^T: as preatt = q k^T with (q, k) = (dy, v).
+            self.attn_gemm(
+                heads(
+                    true,
+                    false,
+                    (t, t, hs),
+                    (hs, hs, t),
+                    bh,
+                    (t * hs, t * hs, t * t),
+                ),
+                acts.v.ptr,
+                g.dy.ptr,
+                g.datt.ptr,
+            )?;
+            // dv (row-major [t, hs]) = att^T dy: column-major dv^T [hs, t] = dy^T [hs, t] x att [t, t]
+            // (att row-major is att^T column-major, so op T).
+            self.attn_gemm(
+                heads(
+                    false,
+                    true,
+                    (hs, t, t),
+                    (hs, t, hs),
+                    bh,
+                    (t * hs, t * t, t * hs),
+                ),
+                g.dy.ptr,
+                a.att.ptr,
+                g.dv.ptr,
+            )?;
+            self.launch_rows(
+                &self.kernels.attn_softmax_backward,
+                bh * t,
+                &[
+                    g.dpreatt.ptr.into(),
+                    g.datt.ptr.into(),
+                    a.att.ptr.into(),
+                    scale.into(),
+                    rows.into(),
+                    ti.into(),
+                ],
+            )?;
+            // dq (row-major [t, hs]) = dpre k: column-major dq^T = k^T [hs, t] x dpre^T [t, t].
+            self.attn_gemm(
+                heads(
+                    false,
+                    false,
+                    (hs, t, t),
+                    (hs, t, hs),
+                    bh,
+                    (t * hs, t * t, t * hs),
+                ),
+                acts.k.ptr,
+                g.dpreatt.ptr,
+                g.dq.ptr,
+            )?;
+            // dk (row-major [t, hs]) = dpre^T q: column-major dk^T = q^T [hs, t] x dpre [t, t].
+            self.attn_gemm(
+                heads(
+                    false,
+                    true,
+                    (hs, t, t),
+                    (hs, t, hs),
+                    bh,
+                    (t * hs, t * t, t * hs),
+                ),
+                acts.q.ptr,
+                g.dpreatt.ptr,
+                g.dk.ptr,
+            )?;
+            self.launch1(
+                &self.kernels.attn_permute_backward,
+                n * c,
+                &[
+                    g.dqkv.ptr.into(),
+                    g.dq.ptr.into(),
+                    g.dk.ptr.into(),
+                    g.dv.ptr.into(),
+                    bi.into(),
+                    ti.into(),
+                    nhi.into(),
+                    hsi.into(),
+                ],
+            )?;
+            self.linear_backward(
+                g.dc.ptr,
+                self.grad(o.qkv_w),
+                self.grad(o.qkv_b),
+                g.dqkv.ptr,
+                a.ln1.ptr,
+                self.px(o.qkv_w),
+                (n, c, 3 * c),
+                g,
+            )?;
+            self.layernorm_backward(
+                g.dres.ptr,
+                g.dc.ptr,
+                residual,
+                (a.ln1_mean.ptr, a.ln1_rstd.ptr),
+                (o.ln1_w, o.ln1_b),
+                n,
+                g,
+            )?;
+        }
+        // Embeddings.
+        let dwpe = self.grad(self.layout.wpe);
+        self.launch1(
+            &self.kernels.wpe_backward,
+            t * c,
+            &[
+                dwpe.into(),
+                g.dres.ptr.into(),
+                bi.into(),
+                ti.into(),
+                ci.into(),
+            ],
+        )?;
+        // Bucket the rows by token on the host (stable: rows in order within a bucket).
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&r| acts.host_inputs[r as usize]);
+        let (mut tokens, mut starts) = (Vec::new(), Vec::new());
+        for (i, &r) in order.iter().enumerate() {
+            let tok = acts.host_inputs[r as usize] as i32;
+            if tokens.last() != Some(&tok) {
+                tokens.push(tok);
+                starts.push(i as i32);
+            }
+        }
+        starts.push(n as i32);
+        let rows_i: Vec<i32> = order.iter().map(|&r| r as i32).collect();
+        let need = n.max(starts.len()) * 4;
+        if self.buckets[2].bytes < need {
+            self.buckets = [
+                self.gpu.alloc(need)?,
+                self.gpu.alloc(need)?,
+                self.gpu.alloc(need)?,
+            ];
+        }
+        self.gpu.upload(&self.buckets[0], 0, &tokens)?;
+        self.gpu.upload(&self.buckets[1], 0, &starts)?;
+        self.gpu.upload(&self.buckets[2], 0, &rows_i)?;
+        let dwte = self.grad(self.layout.wte);
+        let cols = c.div_ceil(THREADS as usize) as u32;
+        self.launch(
+            &self.kernels.wte_backward,
+            (tokens.len() as u32, cols, 1),
+            THREADS,
+            &[
+                dwte.into(),
+                g.dres.ptr.into(),
+                self.buckets[0].ptr.into(),
+                self.buckets[1].ptr.into(),
+                self.buckets[2].ptr.into(),
+                ci.into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The global gradient norm (f64 partials in a fixed order, summed on the host).
+    fn grad_norm(&self) -> Result<f32, CudaError> {
+        let Some(grads) = &self.grads else {
+            unreachable!("a training backend has gradients")
+        };
+        let n = self.table.len() as i64;
+        self.launch(
+            &self.kernels.sum_squares_partial,
+            (NORM_BLOCKS as u32, 1, 1),
+            THREADS,
+            &[self.norm_partial.ptr.into(), grads.ptr.into(), n.into()],
+        )?;
+        let mut partial = vec![0.0f64; NORM_BLOCKS];
+        self.gpu.download(&mut partial, &self.norm_partial, 0)?;
+        Ok(partial.iter().sum::<f64>().sqrt() as f32)
+    }
+
+    /// Clips and applies one AdamW update, as `ops::adamw` does; returns the pre-clip
+    /// norm.
+    fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> Result<f32, CudaError> {
+        let norm = self.grad_norm()?;
+        let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
+            opt.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let step = self.step as i32;
+        let bc1 = 1.0 - opt.beta1.powi(step);
+        let bc2_sqrt = (1.0 - opt.beta2.powi(step)).sqrt();
+        let step_size = lr / bc1;
+        let (Some(grads), Some(m), Some(v)) = (&self.grads, &self.adam_m, &self.adam_v) else {
+            unreachable!("a training backend has gradients and moments")
+        };
+        for spec in self.table.tensors() {
+            let decay = if spec.kind.decays() {
+                1.0 - lr * opt.weight_decay
+            } else {
+                1.0
+            };
+            let off = (spec.offset * 4) as u64;
+            let (p, px, gp, mp, vp) = (
+                self.params.ptr + off,
+                self.px(spec.offset),
+                grads.ptr + off,
+                m.ptr + off,
+                v.ptr + off,
+            );
+            let len = spec.len() as i64;
+            self.launch1(
+                &self.kernels.adamw,
+                spec.len(),
+                &[
+                    p.into(),
+                    px.into(),
+                    gp.into(),
+                    mp.into(),
+                    vp.into(),
+                    len.into(),
+                    opt.beta1.into(),
+                    opt.beta2.into(),
+                    opt.eps.into(),
+                    decay.into(),
+                    step_size.into(),
+                    bc2_sqrt.into(),
+                    clip.into(),
+                ],
+            )?;
+        }
+        Ok(norm)
+    }
+
+    fn check_trainable(&self) -> Result<(), EngineError> {
+        match self.purpose {
+            Purpose::Train => Ok(()),
+            Purpose::Eval => Err(EngineError::EvalOnly),
+        }
+    }
+}
+
+/// One kernel argument, as the kernel's C type: a pointer, `int`, `long` or `float`.
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    Ptr(u64),
+    Int(i32),
+    Long(i64),
+    Float(f32),
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Arg {
+        Arg::Ptr(v)
+    }
+}
+
+impl From<i32> for Arg {
+    fn from(v: i32) -> Arg {
+        Arg::Int(v)
+    }
+}
+
+impl From<i64> for Arg {
+    fn from(v: i64) -> Arg {
+        Arg::Long(v)
+    }
+}
+
+impl From<f32> for Arg {
+    fn from(v: f32) -> Arg {
+        Arg::Float(v)
+    }
+}
+
+/// A strided batch of head products: `(transa, transb, (m, n, k), (lda, ldb, ldd),
+/// count, (stride_a, stride_b, stride_d))`.
+fn heads(
+    transa: bool,
+    transb: bool,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldd): (usize, usize, usize),
+    count: usize,
+    (sa, sb, sd): (usize, usize, usize),
+) -> Gemm {
+    Gemm {
+        transa,
+        transb,
+        m: m as u64,
+        n: n as u64,
+        k: k as u64,
+        lda: lda as i64,
+        ldb: ldb as i64,
+        ldd: ldd as i64,
+        beta: 0.0,
+        batch: Some((count as i32, sa as i64, sb as i64, sd as i64)),
+    }
+}
+
+impl Drop for Gpt2Cuda {
+    fn drop(&mut self) {
+        // Wait for queued work before its buffers are freed.
+        let _ = self.gpu.sync();
+    }
+}
+
+impl Backend for Gpt2Cuda {
+    fn architecture(&self) -> crate::Architecture {
+        crate::Architecture::Gpt2(self.config)
+    }
+
+    fn device(&self) -> String {
+        let precision = match self.precision {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        };
+        format!(
+            "cuda:{} ({}, {precision})",
+            self.gpu.info.ordinal, self.gpu.info.name
+        )
+    }
+
+    fn params(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.table.len()];
+        // A failed copy from a GPU that worked a moment ago is a broken device: the
+        // trait has no error here, so it reads as NaN, which every validator refuses.
+        if self.gpu.download(&mut out, &self.params, 0).is_err() {
+            out.fill(f32::NAN);
+        }
+        out
+    }
+
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        if params.len() != self.table.len() {
+            return Err(EngineError::ParamCount {
+                got: params.len(),
+                want: self.table.len(),
+            });
+        }
+        Ok(self.upload_params(params)?)
+    }
+
+    fn trainable(&self) -> Vec<f32> {
+        self.params()
+    }
+
+    fn set_trainable(&mut self, trainable: &[f32]) -> Result<(), EngineError> {
+        self.set_params(trainable)
+    }
+
+    fn reset_optimizer(&mut self) {
+        let _ = self.reset_moments();
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        optimizer: &OptimizerConfig,
+        lr: f32,
+    ) -> Result<StepStats, EngineError> {
+        self.check_trainable()?;
+        self.check_batch(batch)?;
+        let loss = self.forward(batch, true)?;
+        self.backward()?;
+        let grad_norm = self.adamw(optimizer, lr)?;
+        self.gpu.sync()?;
+        Ok(StepStats { loss, grad_norm })
+    }
+
+    fn eval_loss(&mut self, batch: &Batch<'_>) -> Result<f32, EngineError> {
+        self.check_batch(batch)?;
+        Ok(self.forward(batch, false)?)
+    }
+
+    fn loss_and_grad(&mut self, batch: &Batch<'_>) -> Result<(f32, Vec<f32>), EngineError> {
+        self.check_trainable()?;
+        self.check_batch(batch)?;
+        let loss = self.forward(batch, true)?;
+        self.backward()?;
+        let mut grads = vec![0.0f32; self.table.len()];
+        if let Some(g) = &self.grads {
+            self.gpu.download(&mut grads, g, 0)?;
+        }
+        Ok((loss, grads))
+    }
+
+    fn decode_reset(&mut self) {}
+
+    fn decode_step(&mut self, _token: u32) -> Result<&[f32], EngineError> {
+        Err(CudaError::Unsupported {
+            what: "decoding (the KV cache)",
+        }
+        .into())
+    }
+
+    fn decode_prefill(&mut self, _tokens: &[u32]) -> Result<&[f32], EngineError> {
+        Err(CudaError::Unsupported {
+            what: "decoding (the KV cache)",
+        }
+        .into())
+    }
+}
