@@ -24,6 +24,11 @@ pub(crate) struct UnitDeltaArgs {
     /// Compare with a delta written by `--out` (on another machine).
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Flip the lowest mantissa bit of every starting parameter: the same unit from a
+    /// start one float step away, a stand-in for the last-bit differences another CPU's
+    /// kernels make, to see how far such a difference grows over the unit.
+    #[arg(long)]
+    perturb: bool,
     /// The repository (for data/): where this binary was built, unless given.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -39,7 +44,11 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let spec = engine::ModelSpec::preset(preset, tokenizer.vocab_size());
     let (batch, seq) = (8, spec.n_ctx());
     let (train, _) = data::Examples::split_stream(&corpus, &tokens.tokens, seq)?;
-    let base = spec.init_params(1)?;
+    let mut base = spec.init_params(1)?;
+    if args.perturb {
+        base.iter_mut()
+            .for_each(|x| *x = f32::from_bits(x.to_bits() ^ 1));
+    }
     let mut backend = engine::open_model(
         &format!("cpu:{}", args.threads),
         &spec,
@@ -67,11 +76,17 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let delta = worker::unit::train(backend.as_mut(), &base, data, &unit, &mut |_, _| true)?
         .context("stopped")?;
     let codec = Codec::Int8Chunk { chunk: 4096 };
+    println!("CPU class {}", engine::cpu_class());
     println!(
-        "{} preset, {} steps of {batch} x {seq} on {} threads: delta of {} values, norm {:.6}, int8 payload blake3 {}",
+        "{} preset, {} steps of {batch} x {seq} on {} threads{}: delta of {} values, norm {:.6}, int8 payload blake3 {}",
         args.preset,
         args.steps,
         args.threads,
+        if args.perturb {
+            ", start perturbed"
+        } else {
+            ""
+        },
         delta.len(),
         delta
             .iter()
@@ -98,19 +113,98 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        let equal = delta
-            .iter()
-            .zip(&other)
-            .filter(|(a, b)| a.to_bits() == b.to_bits())
-            .count();
-        let int8_same = codec.encode(&delta) == codec.encode(&other);
+        let figures = Difference::of(&delta, &other);
+        let (ours, theirs) = (codec.encode(&delta), codec.encode(&other));
+        let n = u32::try_from(delta.len()).context("delta too long")?;
+        let int8_distance = coordinator::core::checks::relative_distance(
+            &codec.decode(&theirs, n)?,
+            &codec.decode(&ours, n)?,
+        );
+        let int8_bytes_differ = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
         println!(
-            "against {}: relative L2 distance {:.3e}, {equal} of {} values bit-equal, int8 payloads {}",
+            "against {}: {} of {} values bit-equal; largest absolute difference {:.3e}, \
+             largest relative {:.3e}, relative L2 distance {:.3e}; int8 payloads {} \
+             ({int8_bytes_differ} bytes differ, relative L2 distance of the decoded \
+             payloads, what spot_check.tolerance bounds: {int8_distance:.3e})",
             path.display(),
-            coordinator::core::checks::relative_distance(&delta, &other),
+            figures.equal,
             delta.len(),
-            if int8_same { "equal" } else { "different" }
+            figures.max_abs,
+            figures.max_rel,
+            coordinator::core::checks::relative_distance(&delta, &other),
+            if ours == theirs { "equal" } else { "different" }
         );
     }
     Ok(())
+}
+
+/// How two deltas of the same unit differ, element by element.
+#[derive(Debug, PartialEq)]
+struct Difference {
+    /// Elements with the same bits.
+    equal: usize,
+    /// The largest `|a - b|`.
+    max_abs: f64,
+    /// The largest `|a - b| / max(|a|, |b|)` (0 where both are 0).
+    max_rel: f64,
+}
+
+impl Difference {
+    fn of(a: &[f32], b: &[f32]) -> Difference {
+        let mut d = Difference {
+            equal: 0,
+            max_abs: 0.0,
+            max_rel: 0.0,
+        };
+        for (&x, &y) in a.iter().zip(b) {
+            if x.to_bits() == y.to_bits() {
+                d.equal += 1;
+                continue;
+            }
+            let (x, y) = (f64::from(x), f64::from(y));
+            let abs = (x - y).abs();
+            d.max_abs = d.max_abs.max(abs);
+            d.max_rel = d.max_rel.max(abs / x.abs().max(y.abs()));
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Difference;
+
+    #[track_caller]
+    fn check(a: &[f32], b: &[f32], want: Difference) {
+        assert_eq!(Difference::of(a, b), want);
+    }
+
+    #[test]
+    fn differences() {
+        let none = Difference {
+            equal: 3,
+            max_abs: 0.0,
+            max_rel: 0.0,
+        };
+        check(&[1.0, -2.0, 0.0], &[1.0, -2.0, 0.0], none);
+        check(
+            &[1.0, -2.0, 0.5],
+            &[1.0, -2.5, 0.25],
+            Difference {
+                equal: 1,
+                max_abs: 0.5,
+                max_rel: 0.5,
+            },
+        );
+        // -0.0 and 0.0 differ in bits but by nothing.
+        check(
+            &[0.0, 4.0],
+            &[-0.0, 3.0],
+            Difference {
+                equal: 0,
+                max_abs: 1.0,
+                max_rel: 0.25,
+            },
+        );
+    }
 }
