@@ -371,7 +371,7 @@ async fn register(
     let (worker, request): (WorkerId, RegisterRequest) =
         signed(&shared, &method, "/v1/workers", &headers, body).await?;
     with_core(&shared, move |core, now| {
-        core.register(worker, &request.name, now)
+        core.register(worker, &request.name, request.machine.as_ref(), now)
     })
     .await?;
     Ok(axum::Json(

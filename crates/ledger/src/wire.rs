@@ -30,6 +30,12 @@ pub struct WalletView {
 pub struct LeaderRow {
     pub wallet: String,
     pub name: String,
+    /// The device its worker last reported (empty when it reported none).
+    #[serde(default)]
+    pub device: String,
+    /// Its tier on this run (`fast`, `steady`, `slow`; empty when unknown).
+    #[serde(default)]
+    pub tier: String,
     pub earned: u64,
     pub units: u64,
     pub balance: u64,

@@ -71,6 +71,54 @@ pub struct BaseInfo {
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub name: String,
+    /// What it computes on, measured when it started (workers before this field send
+    /// none: their class is unknown, so their re-runs are judged as another class's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+}
+
+/// Longest `device` or `class` a worker may report, in bytes.
+pub const MACHINE_TEXT_MAX: usize = 200;
+/// Largest training throughput a worker may report, in tokens a second.
+pub const MACHINE_TOKENS_PER_S_MAX: f64 = 1e9;
+
+/// A worker's machine as it measured it when it started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// The device in words (`cpu (8 threads)`, `cuda:0 (NVIDIA H200, bf16)`).
+    pub device: String,
+    /// Its determinism class (`engine::cpu_class()`, `GpuInfo::class()`): machines of
+    /// one class compute the same bits for the same unit, so re-runs compare bit for bit
+    /// only within a class.
+    pub class: String,
+    /// Tokens a second of a training step of the run's model at the run's batch shape.
+    pub tokens_per_s: f64,
+}
+
+impl Machine {
+    /// What is wrong with a report, in a sentence; `None` when it is within bounds.
+    pub fn problem(&self) -> Option<String> {
+        for (what, text) in [("device", &self.device), ("class", &self.class)] {
+            if text.is_empty()
+                || text.len() > MACHINE_TEXT_MAX
+                || text.chars().any(char::is_control)
+            {
+                return Some(format!(
+                    "machine.{what} must be 1 to {MACHINE_TEXT_MAX} bytes of printable text"
+                ));
+            }
+        }
+        if !(self.tokens_per_s.is_finite()
+            && self.tokens_per_s > 0.0
+            && self.tokens_per_s <= MACHINE_TOKENS_PER_S_MAX)
+        {
+            return Some(format!(
+                "machine.tokens_per_s must be a number above 0 and at most {MACHINE_TOKENS_PER_S_MAX:e}"
+            ));
+        }
+        None
+    }
 }
 
 /// `POST /v1/lease`: a unit, or come back later.
@@ -161,6 +209,73 @@ pub struct Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_reports_are_bounded() {
+        let ok = Machine {
+            device: "cpu (2 threads)".into(),
+            class: "cpu/x86-v4/l1-48k-l2-2m-l3-32m".into(),
+            tokens_per_s: 6500.0,
+        };
+        let cases: Vec<(Machine, Option<&str>)> = vec![
+            (ok.clone(), None),
+            (
+                Machine {
+                    device: String::new(),
+                    ..ok.clone()
+                },
+                Some("machine.device"),
+            ),
+            (
+                Machine {
+                    class: "x".repeat(MACHINE_TEXT_MAX + 1),
+                    ..ok.clone()
+                },
+                Some("machine.class"),
+            ),
+            (
+                Machine {
+                    class: "a\nb".into(),
+                    ..ok.clone()
+                },
+                Some("machine.class"),
+            ),
+            (
+                Machine {
+                    tokens_per_s: f64::NAN,
+                    ..ok.clone()
+                },
+                Some("machine.tokens_per_s"),
+            ),
+            (
+                Machine {
+                    tokens_per_s: 0.0,
+                    ..ok.clone()
+                },
+                Some("machine.tokens_per_s"),
+            ),
+            (
+                Machine {
+                    tokens_per_s: 2e9,
+                    ..ok.clone()
+                },
+                Some("machine.tokens_per_s"),
+            ),
+        ];
+        for (machine, want) in cases {
+            let got = machine.problem();
+            match want {
+                None => assert_eq!(got, None, "{machine:?}"),
+                Some(start) => assert!(
+                    got.as_deref().is_some_and(|p| p.starts_with(start)),
+                    "{machine:?}: {got:?}"
+                ),
+            }
+        }
+        // An old worker's request, without the field, still parses.
+        let old: RegisterRequest = serde_json::from_str(r#"{"name":"w"}"#).expect("old request");
+        assert_eq!(old.machine, None);
+    }
 
     #[track_caller]
     fn check(info: &RunInfo, expect: expect_test::Expect) {

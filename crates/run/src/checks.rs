@@ -21,8 +21,14 @@ pub struct CheckRules {
     pub enabled: bool,
     /// Consecutive verified units after which a worker's units thin out.
     pub trusted_after: u64,
-    /// Largest relative distance between an update and its re-run that still matches.
+    /// Largest relative distance between an update and its re-run that still matches,
+    /// when the worker is of the checker's determinism class.
     pub tolerance: f32,
+    /// The same when the worker is of another class or reported none (another CPU's
+    /// `gemm` kernels, a GPU): the measured honest difference between classes, with
+    /// margin (`engine::CROSS_CLASS_REPLAY_TOLERANCE` by default). The larger of the two
+    /// applies.
+    pub cross_class_tolerance: f32,
     /// Most units waiting; units sampled beyond it stay unchecked.
     pub max_backlog: u32,
     /// The run's seed: each unit's draw is a function of it and the unit's id.
@@ -150,17 +156,24 @@ impl SpotChecks {
     }
 
     /// What the re-run of `unit` (accepted from `worker`) at `distance` from its update
-    /// decides; `unchecked` are the worker's units never sampled, from the store.
+    /// decides; `same_class`: the worker reported the checker's determinism class;
+    /// `unchecked` are the worker's units never sampled, from the store.
     pub fn judge(
         &self,
         rules: &CheckRules,
         unit: u64,
         worker: WorkerId,
         distance: f32,
+        same_class: bool,
         unchecked: &[u64],
     ) -> Outcome {
+        let tolerance = if same_class {
+            rules.tolerance
+        } else {
+            rules.tolerance.max(rules.cross_class_tolerance)
+        };
         // A NaN distance (a re-run gone wrong) is no match.
-        let matched = distance <= rules.tolerance;
+        let matched = distance <= tolerance;
         let policy = SpotCheckPolicy {
             trusted_after: rules.trusted_after,
         };

@@ -16,8 +16,10 @@ pub mod error;
 pub mod state;
 #[cfg(test)]
 mod testing;
+pub mod tier;
 
 pub use acceptance::{Acceptance, Decision, Rules};
 pub use checks::{CheckRules, Sample, SpotChecks, draw};
 pub use error::{Class, RunError};
 pub use state::{Accepted, Decided, Input, Output, Run, Settings};
+pub use tier::Tier;

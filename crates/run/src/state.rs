@@ -52,12 +52,14 @@ pub enum Input<'a> {
         copy_of: Option<u64>,
         score: Option<&'a Score>,
     },
-    /// A unit's re-run finished at `distance` from its update; `unchecked` are its
-    /// worker's units never sampled (from the store).
+    /// A unit's re-run finished at `distance` from its update; `same_class`: its worker
+    /// reported the checker's determinism class; `unchecked` are its worker's units never
+    /// sampled (from the store).
     Replayed {
         unit: u64,
         worker: WorkerId,
         distance: f32,
+        same_class: bool,
         unchecked: &'a [u64],
     },
     /// The driver aggregated `round` into `version`.
@@ -203,11 +205,17 @@ impl Run {
                 unit,
                 worker,
                 distance,
+                same_class,
                 unchecked,
             } => {
-                let outcome =
-                    self.checks
-                        .judge(&self.settings.checks, unit, worker, distance, unchecked);
+                let outcome = self.checks.judge(
+                    &self.settings.checks,
+                    unit,
+                    worker,
+                    distance,
+                    same_class,
+                    unchecked,
+                );
                 Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
                 Output {
                     effects: Vec::new(),

@@ -120,6 +120,11 @@ pub struct SpotCheckConfig {
     /// as a match. 0: bit-exact, which CPU training on the same CPU model guarantees;
     /// workers on other CPUs (other `gemm` kernels) or GPUs need a tolerance.
     pub tolerance: f32,
+    /// The same for a worker of another determinism class than the coordinator's CPU
+    /// (another `gemm` kernel path or cache size), or one that reported none: the larger
+    /// of this and `tolerance` applies. Default: `engine::CROSS_CLASS_REPLAY_TOLERANCE`,
+    /// calibrated from measured honest differences (ARCHITECTURE.md, Determinism).
+    pub cross_class_tolerance: f32,
     /// Most units waiting to be re-run; units sampled beyond it stay unchecked (and are
     /// re-checked if their worker is later caught).
     pub max_backlog: u32,
@@ -175,6 +180,7 @@ impl Default for SpotCheckConfig {
             enabled: true,
             trusted_after: 10,
             tolerance: 0.0,
+            cross_class_tolerance: engine::CROSS_CLASS_REPLAY_TOLERANCE,
             max_backlog: 10_000,
             threads: None,
         }
@@ -561,6 +567,10 @@ impl CoordinatorConfig {
         }
         if !(self.spot_check.tolerance.is_finite() && self.spot_check.tolerance >= 0.0) {
             return bad("spot_check.tolerance must be a number of at least 0");
+        }
+        let cross = self.spot_check.cross_class_tolerance;
+        if !(cross.is_finite() && cross >= 0.0) {
+            return bad("spot_check.cross_class_tolerance must be a number of at least 0");
         }
         let h = &self.http;
         let times = [h.header_timeout_ms, h.body_timeout_ms, h.send_timeout_ms];

@@ -514,6 +514,7 @@ impl Core {
                 checkpoint_hash: current.checkpoint_hash.to_string(),
                 params: current.params.clone(),
                 tokens_per_unit: 0,
+                lease_ms: 0,
             }))),
             ledger: ledger.clone(),
             authority: authority.clone(),
@@ -609,8 +610,14 @@ impl Core {
         self.tokenizer.clone()
     }
 
-    /// Registers (or renames) a worker.
-    pub fn register(&mut self, worker: WorkerId, name: &str, now_ms: u64) -> Result<(), RunError> {
+    /// Registers (or renames) a worker, with the machine it measured when it started.
+    pub fn register(
+        &mut self,
+        worker: WorkerId,
+        name: &str,
+        machine: Option<&protocol::api::Machine>,
+        now_ms: u64,
+    ) -> Result<(), RunError> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
             return Err(RunError::new(
@@ -619,10 +626,14 @@ impl Core {
                 "a worker name must be 1 to 64 printable characters",
             ));
         }
+        if let Some(problem) = machine.and_then(|m| m.problem()) {
+            return Err(RunError::new(Class::Invalid, "bad_machine", problem));
+        }
         let row = WorkerRow {
             id: worker.to_string(),
             name: name.to_owned(),
             registered_ms: now_ms,
+            machine: machine.cloned(),
         };
         let full = self.workers.len() as u64 >= self.config.records.workers_max;
         let dropped = if full && !self.workers.contains(&worker) {
@@ -1009,6 +1020,7 @@ impl Core {
             tokens_per_unit: self.config.schedule.steps_per_unit as u64
                 * self.config.batch as u64
                 * self.seq as u64,
+            lease_ms: self.config.schedule.lease_ms,
         });
     }
 
@@ -1380,6 +1392,7 @@ fn settings(
             enabled: spot.enabled,
             trusted_after: spot.trusted_after,
             tolerance: spot.tolerance,
+            cross_class_tolerance: spot.cross_class_tolerance,
             max_backlog: spot.max_backlog,
             seed: config.seed,
         },

@@ -411,7 +411,14 @@ pub fn run(
             *blake3::hash(format!("sim {} {i}", scenario.seed).as_bytes()).as_bytes();
         let key = SigningKey::from_bytes(&seed);
         let id = WorkerId::of(&key);
-        core.register(id, &format!("w{i}"), now)?;
+        // Every simulated worker runs on this machine, so it reports this CPU's class
+        // (the checker's): its units are re-run bit for bit, as honest workers' are.
+        let machine = protocol::api::Machine {
+            device: "simulated".into(),
+            class: engine::cpu_class(),
+            tokens_per_s: 1_000.0,
+        };
+        core.register(id, &format!("w{i}"), Some(&machine), now)?;
         workers.push(SimWorker {
             key,
             id,

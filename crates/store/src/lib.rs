@@ -213,6 +213,13 @@ CREATE INDEX updates_kept ON updates (round) WHERE blob_pruned_ms IS NULL;
     r#"
 ALTER TABLE rejections ADD COLUMN payload TEXT;
 "#,
+    // What a worker computes on, measured when it started (issue 17): shown on the
+    // dashboard; its class decides how its units' re-runs are compared.
+    r#"
+ALTER TABLE workers ADD COLUMN device TEXT;
+ALTER TABLE workers ADD COLUMN class TEXT;
+ALTER TABLE workers ADD COLUMN tokens_per_s REAL;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -274,6 +281,8 @@ pub struct WorkerRow {
     pub id: String,
     pub name: String,
     pub registered_ms: u64,
+    /// The machine it reported at its last registration (none from older workers).
+    pub machine: Option<protocol::api::Machine>,
 }
 
 /// An accepted update; its bytes are the blob `blob`.
@@ -616,15 +625,9 @@ impl Store {
     pub fn worker(&self, id: &str) -> Result<Option<WorkerRow>, StoreError> {
         self.conn
             .query_row(
-                "SELECT id, name, registered_ms FROM workers WHERE id = ?1",
+                "SELECT id, name, registered_ms, device, class, tokens_per_s FROM workers WHERE id = ?1",
                 [id],
-                |r| {
-                    Ok(WorkerRow {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        registered_ms: r.get(2)?,
-                    })
-                },
+                worker_row,
             )
             .optional()
             .map_err(sql(&self.path))
@@ -633,17 +636,11 @@ impl Store {
     pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, name, registered_ms FROM workers ORDER BY registered_ms, id")
+            .prepare(
+                "SELECT id, name, registered_ms, device, class, tokens_per_s FROM workers ORDER BY registered_ms, id",
+            )
             .map_err(sql(&self.path))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(WorkerRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    registered_ms: r.get(2)?,
-                })
-            })
-            .map_err(sql(&self.path))?;
+        let rows = stmt.query_map([], worker_row).map_err(sql(&self.path))?;
         rows.collect::<Result<_, _>>().map_err(sql(&self.path))
     }
 
@@ -1209,10 +1206,20 @@ impl Tx<'_> {
 
     /// Registers a worker, or renames it.
     pub fn upsert_worker(&self, w: &WorkerRow) -> Result<(), StoreError> {
+        let m = w.machine.as_ref();
         self.run(
-            "INSERT INTO workers (id, name, registered_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-            params![w.id, w.name, w.registered_ms],
+            "INSERT INTO workers (id, name, registered_ms, device, class, tokens_per_s)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, device = excluded.device,
+                 class = excluded.class, tokens_per_s = excluded.tokens_per_s",
+            params![
+                w.id,
+                w.name,
+                w.registered_ms,
+                m.map(|m| &m.device),
+                m.map(|m| &m.class),
+                m.map(|m| m.tokens_per_s)
+            ],
         )
     }
 
@@ -1481,6 +1488,25 @@ impl Tx<'_> {
             params![unit, now_ms],
         )
     }
+}
+
+/// A `workers` row from `SELECT id, name, registered_ms, device, class, tokens_per_s`.
+fn worker_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
+    let (device, class, tokens_per_s): (Option<String>, Option<String>, Option<f64>) =
+        (r.get(3)?, r.get(4)?, r.get(5)?);
+    Ok(WorkerRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        registered_ms: r.get(2)?,
+        machine: match (device, class, tokens_per_s) {
+            (Some(device), Some(class), Some(tokens_per_s)) => Some(protocol::api::Machine {
+                device,
+                class,
+                tokens_per_s,
+            }),
+            _ => None,
+        },
+    })
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {

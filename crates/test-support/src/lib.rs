@@ -232,8 +232,14 @@ pub fn post_signed(url: &str, key: &SigningKey, path: &str, body: &str) -> Reply
 }
 
 /// Registers `key` as `name`.
+/// Registers `key` as `name` on this machine ([`this_machine`]).
 pub fn register(url: &str, key: &SigningKey, name: &str) {
-    let r = post_signed(url, key, "/v1/workers", &format!("{{\"name\":\"{name}\"}}"));
+    let body = serde_json::to_string(&protocol::api::RegisterRequest {
+        name: name.to_owned(),
+        machine: Some(this_machine()),
+    })
+    .expect("json");
+    let r = post_signed(url, key, "/v1/workers", &body);
     assert_eq!(r.status, 200, "register: {r:?}");
 }
 
@@ -426,4 +432,14 @@ pub fn stray_blobs(store_dir: &Path) -> Vec<String> {
     }
     stray.sort();
     stray
+}
+
+/// The machine a test's worker reports: this CPU's determinism class, so its units are
+/// re-run bit for bit by the coordinator in the same process.
+pub fn this_machine() -> protocol::api::Machine {
+    protocol::api::Machine {
+        device: "cpu (test)".into(),
+        class: engine::cpu_class(),
+        tokens_per_s: 1_000.0,
+    }
 }

@@ -291,9 +291,15 @@ impl Transport for HttpTransport {
         )
     }
 
-    fn register(&self, key: &SigningKey, name: &str) -> Result<(), TransportError> {
+    fn register(
+        &self,
+        key: &SigningKey,
+        name: &str,
+        machine: Option<&protocol::api::Machine>,
+    ) -> Result<(), TransportError> {
         let body = to_json(&RegisterRequest {
             name: name.to_owned(),
+            machine: machine.cloned(),
         });
         self.post_signed(key, "/v1/workers", body).map(|_| ())
     }

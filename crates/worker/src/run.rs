@@ -107,9 +107,14 @@ pub fn run(
     let Some(data) = data else {
         return Ok(Summary::default());
     };
+    let machine = measure(&data, options)?;
+    reporter.message(&format!(
+        "this machine: {}, {:.0} tokens/s on the run's model (class {})",
+        machine.device, machine.tokens_per_s, machine.class
+    ));
     if retrying(options, stop, || {
         transport
-            .register(key, &options.name)
+            .register(key, &options.name, Some(&machine))
             .map_err(WorkerError::from)
     })?
     .is_none()
@@ -132,7 +137,7 @@ pub fn run(
                 // A coordinator bounds its registrations and may have dropped ours while
                 // we had no lease: join again.
                 Err(TransportError::Refused(r)) if r.code == "unknown_worker" => {
-                    transport.register(key, &options.name)?;
+                    transport.register(key, &options.name, Some(&machine))?;
                     transport.lease(key)
                 }
                 other => other,
@@ -243,6 +248,59 @@ pub fn run(
     }
     Ok(summary)
 }
+/// Training steps of the start-up measurement; the last one is timed (the first warms
+/// the buffers up).
+const MEASURE_STEPS: u32 = 2;
+
+/// Measures this machine on the run's model: its device, its determinism class and the
+/// tokens a second of a training step at the run's batch shape, timed on the second of
+/// two steps of shard 0 from zeroed trainable weights (what the coordinator sizes work
+/// by; the weights do not change the time a step takes).
+fn measure(data: &RunData, options: &WorkerOptions) -> Result<protocol::api::Machine, WorkerError> {
+    let mut backend = data
+        .model
+        .open_empty(&options.device, engine::Purpose::Train)?;
+    let zeros = vec![0.0f32; data.model.spec.trainable_len()];
+    let (batch, seq) = (data.info.batch as usize, data.info.seq as usize);
+    let unit = WorkUnit {
+        id: 0,
+        round: 0,
+        base_version: 0,
+        address: protocol::WorkAddress {
+            shard: 0,
+            offset: 0,
+            steps: MEASURE_STEPS,
+            seed: 0,
+        },
+        lr: 0.0,
+    };
+    let unit_data = crate::unit::UnitData {
+        train: &data.train,
+        n_shards: data.info.n_shards,
+        batch,
+        seq,
+    };
+    let mut last = Instant::now();
+    let mut step_secs = f64::INFINITY;
+    crate::unit::train(backend.as_mut(), &zeros, unit_data, &unit, &mut |_, _| {
+        step_secs = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        true
+    })?;
+    let class = match engine::resolve_device(&options.device)? {
+        engine::Device::Cpu { .. } => engine::cpu_class(),
+        engine::Device::Cuda { ordinal } => engine::cuda::probe(ordinal)
+            .map_err(engine::EngineError::from)?
+            .class(),
+    };
+    Ok(protocol::api::Machine {
+        device: backend.device(),
+        class,
+        tokens_per_s: ((batch * seq) as f64 / step_secs.max(1e-9))
+            .min(protocol::api::MACHINE_TOKENS_PER_S_MAX),
+    })
+}
+
 /// Trains the unit through [`crate::unit::train`], reporting each step, heart-beating the
 /// lease, and stopping when asked or when the unit is withdrawn. `None`: abandoned.
 #[allow(clippy::too_many_arguments)]

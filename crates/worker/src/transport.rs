@@ -91,7 +91,13 @@ pub trait Transport: Send + Sync {
     /// The pretrained base of a fine-tune (`RunInfo::base`), of exactly `base.bytes`, at
     /// most [`BASE_BYTES_MAX`].
     fn base(&self, base: &BaseInfo) -> Result<Vec<u8>, TransportError>;
-    fn register(&self, key: &SigningKey, name: &str) -> Result<(), TransportError>;
+    /// Joins the run as `name`, with the machine the worker measured when it started.
+    fn register(
+        &self,
+        key: &SigningKey,
+        name: &str,
+        machine: Option<&protocol::api::Machine>,
+    ) -> Result<(), TransportError>;
     fn lease(&self, key: &SigningKey) -> Result<LeaseReply, TransportError>;
     fn heartbeat(&self, key: &SigningKey, unit: u64) -> Result<(), TransportError>;
     /// A model version's checkpoint, at most [`MODEL_BYTES_MAX`].

@@ -717,6 +717,7 @@ fn join_workers(url: &str, n: usize) -> anyhow::Result<Vec<SimWorker>> {
             let key = SigningKey::from_bytes(&seed);
             let name = serde_json::to_vec(&protocol::api::RegisterRequest {
                 name: format!("bench-sim-{i}"),
+                machine: None,
             })?;
             post(&key, "/v1/workers", name)?;
             let unit = match serde_json::from_slice(&post(&key, "/v1/lease", Vec::new())?)? {

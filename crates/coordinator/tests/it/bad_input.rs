@@ -237,6 +237,32 @@ fn bad_requests_get_typed_errors() {
         400,
         "bad_json",
     );
+    // A machine report out of bounds, or with a field it does not know.
+    for (machine, code) in [
+        (
+            r#"{"device":"cpu","class":"","tokens_per_s":10}"#,
+            "bad_machine",
+        ),
+        (
+            r#"{"device":"cpu","class":"c","tokens_per_s":-1}"#,
+            "bad_machine",
+        ),
+        (
+            r#"{"device":"cpu","class":"c","tokens_per_s":1e12}"#,
+            "bad_machine",
+        ),
+        (
+            r#"{"device":"cpu","class":"c","tokens_per_s":1,"tier":"fast"}"#,
+            "bad_json",
+        ),
+    ] {
+        let body = format!(r#"{{"name":"w","machine":{machine}}}"#);
+        check(
+            ts::post_signed(&url, &keys[0], "/v1/workers", &body),
+            400,
+            code,
+        );
+    }
     check(
         ts::post_signed(&url, &keys[0], "/v1/heartbeat", "{\"unit\":424242}"),
         409,
@@ -288,7 +314,8 @@ fn an_outlier_first_in_its_round_meets_the_last_rounds_median_norm() {
     let mut core = coordinator::Core::open(&store_dir, config.clone(), T0).expect("open");
     let n = core.params().len();
     for (id, name) in ids.iter().zip(["alice", "bob"]) {
-        core.register(*id, name, T0).expect("register");
+        core.register(*id, name, Some(&test_support::this_machine()), T0)
+            .expect("register");
     }
     // Round 0: two ordinary updates make version 1.
     for (id, key) in ids.iter().zip(&keys) {

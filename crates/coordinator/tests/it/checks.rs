@@ -60,8 +60,10 @@ fn a_lie_is_caught_clawed_back_and_kept_out_and_its_workers_other_units_rechecke
     let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
     let (liar, honest) = (ts::key(1), ts::key(2));
     let (l, h) = (WorkerId::of(&liar), WorkerId::of(&honest));
-    core.register(l, "liar", T0).expect("register");
-    core.register(h, "honest", T0).expect("register");
+    core.register(l, "liar", Some(&test_support::this_machine()), T0)
+        .expect("register");
+    core.register(h, "honest", Some(&test_support::this_machine()), T0)
+        .expect("register");
 
     let lies: Vec<WorkUnit> = (0..2)
         .map(|_| {
@@ -198,7 +200,8 @@ fn agreement(restart: bool) {
     let keys = [ts::key(1), ts::key(2), ts::key(3)];
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
     for (id, name) in ids.iter().zip(["a", "b", "c"]) {
-        core.register(*id, name, T0).expect("register");
+        core.register(*id, name, Some(&test_support::this_machine()), T0)
+            .expect("register");
     }
     let try_submit = |core: &mut Core, i: usize, unit: &WorkUnit, delta: &[f32]| {
         ts::core_submit(core, &keys[i], unit, delta, T0)

@@ -19,7 +19,8 @@ fn an_update_one_version_late_is_accepted_credited_and_aggregated() {
     let keys = [ts::key(1), ts::key(2), ts::key(3)];
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
     for (id, name) in ids.iter().zip(["fast", "slow", "third"]) {
-        core.register(*id, name, T0).expect("register");
+        core.register(*id, name, Some(&test_support::this_machine()), T0)
+            .expect("register");
     }
 
     // Round 0: both units leased; the slow worker's is trained on version 0 but sent
@@ -74,8 +75,20 @@ fn an_update_past_max_staleness_is_refused_as_stale() {
     config.schedule.max_staleness = 0;
     let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
     let (a, b) = (ts::key(1), ts::key(2));
-    core.register(WorkerId::of(&a), "a", T0).expect("register");
-    core.register(WorkerId::of(&b), "b", T0).expect("register");
+    core.register(
+        WorkerId::of(&a),
+        "a",
+        Some(&test_support::this_machine()),
+        T0,
+    )
+    .expect("register");
+    core.register(
+        WorkerId::of(&b),
+        "b",
+        Some(&test_support::this_machine()),
+        T0,
+    )
+    .expect("register");
     let first = ts::core_lease(&mut core, WorkerId::of(&a), T0);
     let n = core.params().len();
     ts::core_submit(

@@ -90,6 +90,31 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
     let board: Vec<LeaderRow> = json(ts::get(&url, "/v1/leaderboard"));
     let names: Vec<(&str, u64)> = board.iter().map(|r| (r.name.as_str(), r.units)).collect();
     assert_eq!(names, [("alice", 2), ("bob", 1)]);
+    // Each row shows the device its worker reported and its tier: a unit of the tiny
+    // run at 1,000 tokens/s against the run's lease.
+    let unit_tokens = u64::from(config.schedule.steps_per_unit) * config.batch as u64 * 64;
+    let tier = run::Tier::of(1_000.0, unit_tokens, config.schedule.lease_ms).name();
+    for row in &board {
+        assert_eq!(
+            (row.device.as_str(), row.tier.as_str()),
+            ("cpu (test)", tier),
+            "{row:?}"
+        );
+    }
+    // A worker that re-registers from a machine too slow for its lease shows as slow.
+    let slow = serde_json::json!({
+        "name": "bob",
+        "machine": {"device": "cpu (1 thread)", "class": "cpu/other", "tokens_per_s": 1e-3},
+    });
+    assert_eq!(
+        ts::post_signed(&url, &bob, "/v1/workers", &slow.to_string()).status,
+        200
+    );
+    let board: Vec<LeaderRow> = json(ts::get(&url, "/v1/leaderboard"));
+    assert_eq!(
+        (board[1].device.as_str(), board[1].tier.as_str()),
+        ("cpu (1 thread)", "slow")
+    );
 
     // A transfer moves exactly what it says, once, however often it is sent.
     let body = format!(

@@ -13,7 +13,13 @@ const T0: u64 = 1_700_000_000_000;
 fn hand_made_rounds(core: &mut Core, rounds: u64) {
     let keys = [ts::key(1), ts::key(2)];
     for key in &keys {
-        core.register(WorkerId::of(key), "w", T0).expect("register");
+        core.register(
+            WorkerId::of(key),
+            "w",
+            Some(&test_support::this_machine()),
+            T0,
+        )
+        .expect("register");
     }
     let n = core.params().len();
     for _ in 0..rounds {
@@ -162,8 +168,10 @@ fn a_liar_caught_late_has_its_pruned_units_skipped_and_the_kept_ones_clawed_back
     let (liar, honest) = (ts::key(1), ts::key(2));
     let (l, h) = (WorkerId::of(&liar), WorkerId::of(&honest));
     let mut core = Core::open(&store_dir, config.clone(), T0).expect("open");
-    core.register(l, "liar", T0).expect("register");
-    core.register(h, "honest", T0).expect("register");
+    core.register(l, "liar", Some(&test_support::this_machine()), T0)
+        .expect("register");
+    core.register(h, "honest", Some(&test_support::this_machine()), T0)
+        .expect("register");
     let lie = |core: &mut Core| {
         let unit = ts::core_lease(core, l, T0);
         let delta: Vec<f32> = crate::checks::train(core, &unit)

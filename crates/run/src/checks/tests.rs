@@ -11,6 +11,7 @@ fn rules() -> CheckRules {
         enabled: true,
         trusted_after: 2,
         tolerance: 0.0,
+        cross_class_tolerance: 1e-3,
         max_backlog: 3,
         seed: 7,
     }
@@ -41,7 +42,7 @@ fn check(name: &str, rules: CheckRules, steps: &[Step]) -> SpotChecks {
             }
             Step::Next(want) => assert_eq!(checks.take(), want, "{name}, step {i}: next"),
             Step::Judge(unit, w, distance, unchecked, matched, requeue, verified) => {
-                let outcome = checks.judge(&rules, unit, worker(w), distance, unchecked);
+                let outcome = checks.judge(&rules, unit, worker(w), distance, true, unchecked);
                 assert_eq!(
                     (outcome.matched, outcome.requeue.as_slice()),
                     (matched, requeue),
@@ -148,7 +149,7 @@ fn a_tolerance_admits_a_small_distance_and_trusted_workers_are_sampled_less() {
     assert!(
         (1_000..1_300).all(|u| checks.sample(&loose, u, worker(2), false) == Some(Sample::Queued))
     );
-    let outcome: Outcome = checks.judge(&loose, 2_000, worker(1), 2e-4, &[]);
+    let outcome: Outcome = checks.judge(&loose, 2_000, worker(1), 2e-4, true, &[]);
     assert!(!outcome.matched);
     checks.decided(2_000, worker(1), &outcome);
     assert_eq!(checks.trust(worker(1)).verified, 0);
@@ -162,4 +163,33 @@ fn resuming_drops_queued_duplicates_and_failed_units() {
         [checks.take(), checks.take(), checks.take()],
         [Some(4), Some(5), None]
     );
+}
+
+/// A worker of another determinism class (or one that reported none) is judged with
+/// the cross-class tolerance; one of the checker's class with the run's own, bit for
+/// bit by default.
+#[test]
+fn another_class_is_judged_within_the_cross_class_tolerance() {
+    let checks = SpotChecks::default();
+    let rules = rules();
+    for (distance, same_class, matched) in [
+        (0.0, true, true),
+        (1e-6, true, false),
+        (1e-6, false, true),
+        (9e-4, false, true),
+        (2e-3, false, false),
+        (f32::NAN, false, false),
+    ] {
+        let outcome = checks.judge(&rules, 1, worker(1), distance, same_class, &[]);
+        assert_eq!(
+            outcome.matched, matched,
+            "distance {distance}, same class {same_class}"
+        );
+    }
+    // The larger of the two applies: a run that tolerates more keeps its own.
+    let loose = CheckRules {
+        tolerance: 1e-2,
+        ..rules
+    };
+    assert!(checks.judge(&loose, 1, worker(1), 5e-3, false, &[]).matched);
 }

@@ -388,6 +388,14 @@ impl Core {
                 .map_err(|e| internal(&e))?;
             relative_distance(&sent, &ours)
         };
+        // The re-run is on this coordinator's CPU (it refuses a GPU): bit for bit only
+        // for a worker that reported this CPU's class.
+        let same_class = self
+            .store
+            .worker(&update.worker)
+            .map_err(|e| internal(&e))?
+            .and_then(|w| w.machine)
+            .is_some_and(|m| m.class == engine::cpu_class());
         let unchecked: Vec<u64> = self
             .store
             .checks(Some(CheckState::Unchecked))
@@ -402,6 +410,7 @@ impl Core {
                 unit,
                 worker,
                 distance,
+                same_class,
                 unchecked: &unchecked,
             },
         )?;

@@ -68,6 +68,8 @@ pub struct Published {
     pub params: Arc<Vec<f32>>,
     /// Tokens one accepted update trained on.
     pub tokens_per_unit: u64,
+    /// The lease a unit is given, in ms (what a worker's tier is measured against).
+    pub lease_ms: u64,
 }
 
 /// A handle on what the read-only routes serve; clones share it.
@@ -334,23 +336,40 @@ impl Reads {
 
     /// Wallets by credit earned, most first.
     pub fn leaderboard(&self) -> Result<Vec<ledger::wire::LeaderRow>, RunError> {
-        let names: HashMap<String, String> = self
+        let published = self.published();
+        let workers: HashMap<String, store::WorkerRow> = self
             .store()
             .workers()
             .map_err(internal)?
             .into_iter()
-            .map(|w| (w.id, w.name))
+            .map(|w| (w.id.clone(), w))
             .collect();
         let ledger = self.ledger.read();
         let mut rows: Vec<ledger::wire::LeaderRow> = ledger
             .earned()
             .iter()
-            .map(|(&w, &(earned, units))| ledger::wire::LeaderRow {
-                wallet: w.to_string(),
-                name: names.get(&w.to_string()).cloned().unwrap_or_default(),
-                earned,
-                units,
-                balance: ledger.balance(&ledger::Account::Wallet(w)),
+            .map(|(&w, &(earned, units))| {
+                let row = workers.get(&w.to_string());
+                let machine = row.and_then(|r| r.machine.as_ref());
+                ledger::wire::LeaderRow {
+                    wallet: w.to_string(),
+                    name: row.map(|r| r.name.clone()).unwrap_or_default(),
+                    device: machine.map(|m| m.device.clone()).unwrap_or_default(),
+                    tier: machine
+                        .map(|m| {
+                            run::Tier::of(
+                                m.tokens_per_s,
+                                published.tokens_per_unit,
+                                published.lease_ms,
+                            )
+                            .name()
+                            .to_owned()
+                        })
+                        .unwrap_or_default(),
+                    earned,
+                    units,
+                    balance: ledger.balance(&ledger::Account::Wallet(w)),
+                }
             })
             .collect();
         rows.sort_by(|a, b| b.earned.cmp(&a.earned).then(a.wallet.cmp(&b.wallet)));
