@@ -248,6 +248,7 @@ pub fn run(
     }
     Ok(summary)
 }
+
 /// Training steps of the start-up measurement; the last one is timed (the first warms
 /// the buffers up).
 const MEASURE_STEPS: u32 = 2;
