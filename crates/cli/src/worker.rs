@@ -26,7 +26,7 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "HIVETRAIN_NAME")]
     name: Option<String>,
     /// Compute device: `cpu` (all cores) or `cpu:N`. Workers train on the CPU until a
-    /// GPU's updates carry its determinism class, so that re-runs compare like with like.
+    /// GPU's units can be re-run by a checker of the same determinism class.
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
     /// Stop after this many work units.
@@ -117,7 +117,7 @@ impl Reporter for Bars {
 pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if let engine::Device::Cuda { ordinal } = engine::resolve_device(&args.device)? {
         anyhow::bail!(
-            "--device {} would train on cuda:{ordinal}, but a worker trains on the CPU until a GPU's updates carry its determinism class (the coordinator re-runs units bit for bit): use --device cpu",
+            "--device {} would train on cuda:{ordinal}, but a worker trains on the CPU until a GPU's units can be re-run by a checker of the same class (the coordinator re-runs units on its CPU): use --device cpu",
             args.device
         );
     }
