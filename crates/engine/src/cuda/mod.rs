@@ -243,12 +243,15 @@ impl Gpu {
     }
 
     pub(crate) fn zero(&self, mem: &DeviceMem) -> Result<(), CudaError> {
+        // A backend may move between threads: every entry point makes its context current.
+        self.ctx.bind_to_thread()?;
         // SAFETY: writes exactly the allocation.
         unsafe { result::memset_d8_async(mem.ptr, 0, mem.bytes, self.stream.cu_stream()) }?;
         Ok(())
     }
 
     pub(crate) fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread()?;
         // SAFETY: callers pass ranges inside their allocations.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }?;
         Ok(())
