@@ -618,9 +618,48 @@ impl Gpt2Cuda {
         )
     }
 
-    /// The attention products of one layer: `(b * nh)` products of `[t, hs]` heads.
-    fn attn_gemm(&self, g: Gemm, a: u64, b: u64, d: u64) -> Result<(), CudaError> {
-        self.blas.gemm(g, a, b, d, self.precision.elem(), None)
+    /// Attention scores, per head of `count`: `d[t, t] = x[t, hs] y[t, hs]^T`, row-major
+    /// (`q k^T`; backward `dy v^T`). Column-major that is `d^T = y x^T`: A is `y`'s
+    /// column-major view (`y^T`) under op T, B is `x`'s (`x^T`).
+    fn head_scores(
+        &self,
+        x: u64,
+        y: u64,
+        d: u64,
+        (t, hs, count): (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        let g = heads(
+            true,
+            false,
+            (t, t, hs),
+            (hs, hs, t),
+            count,
+            (t * hs, t * hs, t * t),
+        );
+        self.blas.gemm(g, y, x, d, self.precision.elem(), None)
+    }
+
+    /// Scores applied to heads, per head of `count`: `d[t, hs] = p[t, t] v[t, hs]`, or
+    /// `p^T v` with `transpose`, row-major (`att v`; backward `att^T dy`, `dpre k`,
+    /// `dpre^T q`). Column-major that is `d^T = v^T p^T`: a row-major `p` read
+    /// column-major is `p^T` already, and op T on it gives `p` for the transposed case.
+    fn head_mix(
+        &self,
+        p: u64,
+        v: u64,
+        d: u64,
+        transpose: bool,
+        (t, hs, count): (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        let g = heads(
+            false,
+            transpose,
+            (hs, t, t),
+            (hs, t, hs),
+            count,
+            (t * hs, t * t, t * hs),
+        );
+        self.blas.gemm(g, v, p, d, self.precision.elem(), None)
     }
 
     fn check_batch(&self, batch: &Batch<'_>) -> Result<(), EngineError> {
@@ -713,20 +752,8 @@ impl Gpt2Cuda {
                     hsi.into(),
                 ],
             )?;
-            // preatt (row-major [t, t] per head) = q k^T: column-major preatt^T = k^T' q.
-            self.attn_gemm(
-                heads(
-                    true,
-                    false,
-                    (t, t, hs),
-                    (hs, hs, t),
-                    b * nh,
-                    (t * hs, t * hs, t * t),
-                ),
-                acts.k.ptr,
-                acts.q.ptr,
-                acts.preatt.ptr,
-            )?;
+            // preatt = q k^T per head.
+            self.head_scores(acts.q.ptr, acts.k.ptr, acts.preatt.ptr, (t, hs, b * nh))?;
             self.launch_rows(
                 &self.kernels.attn_softmax,
                 b * nh * t,
@@ -738,20 +765,8 @@ impl Gpt2Cuda {
                     ti.into(),
                 ],
             )?;
-            // y (row-major [t, hs]) = att v: column-major y^T = v^T att^T.
-            self.attn_gemm(
-                heads(
-                    false,
-                    false,
-                    (hs, t, t),
-                    (hs, t, hs),
-                    b * nh,
-                    (t * hs, t * t, t * hs),
-                ),
-                acts.v.ptr,
-                a.att.ptr,
-                acts.y.ptr,
-            )?;
+            // y = att v per head.
+            self.head_mix(a.att.ptr, acts.v.ptr, acts.y.ptr, false, (t, hs, b * nh))?;
             self.launch1(
                 &self.kernels.attn_unpermute,
                 n * c,
@@ -1017,35 +1032,10 @@ impl Gpt2Cuda {
                 ],
             )?;
             let bh = b * nh;
-            // datt (row-major [t, t]) = dy v^T: as preatt = q k^T with (q, k) = (dy, v).
-            self.attn_gemm(
-                heads(
-                    true,
-                    false,
-                    (t, t, hs),
-                    (hs, hs, t),
-                    bh,
-                    (t * hs, t * hs, t * t),
-                ),
-                acts.v.ptr,
-                g.dy.ptr,
-                g.datt.ptr,
-            )?;
-            // dv (row-major [t, hs]) = att^T dy: column-major dv^T [hs, t] = dy^T [hs, t] x att [t, t]
-            // (att row-major is att^T column-major, so op T).
-            self.attn_gemm(
-                heads(
-                    false,
-                    true,
-                    (hs, t, t),
-                    (hs, t, hs),
-                    bh,
-                    (t * hs, t * t, t * hs),
-                ),
-                g.dy.ptr,
-                a.att.ptr,
-                g.dv.ptr,
-            )?;
+            // datt = dy v^T.
+            self.head_scores(g.dy.ptr, acts.v.ptr, g.datt.ptr, (t, hs, bh))?;
+            // dv = att^T dy.
+            self.head_mix(a.att.ptr, g.dy.ptr, g.dv.ptr, true, (t, hs, bh))?;
             self.launch_rows(
                 &self.kernels.attn_softmax_backward,
                 bh * t,
@@ -1058,34 +1048,9 @@ impl Gpt2Cuda {
                     ti.into(),
                 ],
             )?;
-            // dq (row-major [t, hs]) = dpre k: column-major dq^T = k^T [hs, t] x dpre^T [t, t].
-            self.attn_gemm(
-                heads(
-                    false,
-                    false,
-                    (hs, t, t),
-                    (hs, t, hs),
-                    bh,
-                    (t * hs, t * t, t * hs),
-                ),
-                acts.k.ptr,
-                g.dpreatt.ptr,
-                g.dq.ptr,
-            )?;
-            // dk (row-major [t, hs]) = dpre^T q: column-major dk^T = q^T [hs, t] x dpre [t, t].
-            self.attn_gemm(
-                heads(
-                    false,
-                    true,
-                    (hs, t, t),
-                    (hs, t, hs),
-                    bh,
-                    (t * hs, t * t, t * hs),
-                ),
-                acts.q.ptr,
-                g.dpreatt.ptr,
-                g.dk.ptr,
-            )?;
+            // dq = dpre k, dk = dpre^T q.
+            self.head_mix(g.dpreatt.ptr, acts.k.ptr, g.dq.ptr, false, (t, hs, bh))?;
+            self.head_mix(g.dpreatt.ptr, acts.q.ptr, g.dk.ptr, true, (t, hs, bh))?;
             self.launch1(
                 &self.kernels.attn_permute_backward,
                 n * c,
