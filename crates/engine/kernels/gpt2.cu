@@ -410,3 +410,323 @@ extern "C" __global__ void adamw(float* p, floatX* px, const float* g, float* m,
     p[i] = pi;
     px[i] = fromf(pi);
 }
+
+#ifdef HT_BF16
+// ---- fused causal attention (bf16, head size 64) ----------------------------------
+//
+// FlashAttention-2's tiling (Dao, 2023): a block takes 64 query rows of one head, four
+// warps of 16 rows, and walks the 64-key tiles at or before them with an online softmax,
+// so the [t, t] scores never reach memory. Products run on the tensor cores
+// (mma.m16n8k16, bf16 in, f32 accumulate); probabilities enter P V in bf16 as in the
+// paper. The backward pass is deterministic: one kernel sums dK and dV over a key tile's
+// query tiles in order, another dQ over a query tile's key tiles, each recomputing P from
+// the saved log-sum-exp, so no two blocks write one value and no atomics are used.
+//
+// q, k, v, out, dq, dk, dv: the row of token tt of batch row bb, head h, starts at
+// base + (bb * t + tt) * stride + h * 64 (keys and values of head h / group, for grouped
+// queries). lse and dsum: [b, nh, t] f32.
+
+#define FA_D 64
+#define FA_TILE 64
+#define FA_LD 72
+#define FA_THREADS 128
+
+// Two floats as a bf16 pair, `lo` in the low half (round to nearest even).
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// d[16x8] += a[16x16] b[16x8] on the tensor cores, f32 accumulation.
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Rows [row0, row0 + 64) of a head (64 columns at src, rows `stride` apart) into a
+// shared tile; zeros past row t, so no stale value meets a zero probability.
+__device__ __forceinline__ void fa_load(floatX* tile, const floatX* src, int stride, int row0,
+                                        int t) {
+    for (int i = threadIdx.x; i < FA_TILE * FA_D / 8; i += FA_THREADS) {
+        int r = i / (FA_D / 8), c = (i % (FA_D / 8)) * 8;
+        uint4 v;
+        v.x = v.y = v.z = v.w = 0u;
+        if (row0 + r < t) v = *(const uint4*)(src + (long)(row0 + r) * stride + c);
+        *(uint4*)(tile + r * FA_LD + c) = v;
+    }
+}
+
+// The mma A fragment of the tile's rows [r0, r0 + 16), columns [c0, c0 + 16).
+__device__ __forceinline__ void fa_frag_a(unsigned* a, const floatX* tile, int r0, int c0) {
+    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    const floatX* p = tile + (r0 + g) * FA_LD + c0 + 2 * quad;
+    a[0] = *(const unsigned*)p;
+    a[1] = *(const unsigned*)(p + 8 * FA_LD);
+    a[2] = *(const unsigned*)(p + 8);
+    a[3] = *(const unsigned*)(p + 8 * FA_LD + 8);
+}
+
+// The B fragment B[k][n] = tile[n0 + n][k0 + k] (a product with the tile transposed).
+__device__ __forceinline__ void fa_frag_bt(unsigned* b, const floatX* tile, int n0, int k0) {
+    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    const floatX* p = tile + (n0 + g) * FA_LD + k0 + 2 * quad;
+    b[0] = *(const unsigned*)p;
+    b[1] = *(const unsigned*)(p + 8);
+}
+
+// The B fragment B[k][n] = tile[k0 + k][n0 + n] (a product with the tile as it is).
+__device__ __forceinline__ void fa_frag_b(unsigned* b, const floatX* tile, int k0, int n0) {
+    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    const floatX* p = tile + (k0 + 2 * quad) * FA_LD + n0 + g;
+    b[0] = (unsigned)p[0] | ((unsigned)p[FA_LD] << 16);
+    b[1] = (unsigned)p[8 * FA_LD] | ((unsigned)p[9 * FA_LD] << 16);
+}
+
+// Columns [16 j, 16 j + 16) of a warp's 16x64 accumulator as an A fragment in bf16 (the
+// accumulator layout of two adjacent n-tiles is the A layout).
+__device__ __forceinline__ void fa_acc_to_a(unsigned* a, float (*s)[4], int j) {
+    a[0] = pack2(s[2 * j][0], s[2 * j][1]);
+    a[1] = pack2(s[2 * j][2], s[2 * j][3]);
+    a[2] = pack2(s[2 * j + 1][0], s[2 * j + 1][1]);
+    a[3] = pack2(s[2 * j + 1][2], s[2 * j + 1][3]);
+}
+
+// acc[16x64] (+)= a[16x64] tile^T, the tile's 64 rows as columns.
+__device__ __forceinline__ void fa_mul_t(float (*acc)[4], unsigned (*a)[4], const floatX* tile) {
+    for (int nt = 0; nt < 8; nt++) {
+        for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned b[2];
+            fa_frag_bt(b, tile, nt * 8, kk * 16);
+            mma_bf16(acc[nt], a[kk], b[0], b[1]);
+        }
+    }
+}
+
+// acc[16x64] += s[16x64] (as bf16) tile.
+__device__ __forceinline__ void fa_mul_add(float (*acc)[4], float (*s)[4], const floatX* tile) {
+    for (int j = 0; j < 4; j++) {
+        unsigned a[4];
+        fa_acc_to_a(a, s, j);
+        for (int nt = 0; nt < 8; nt++) {
+            unsigned b[2];
+            fa_frag_b(b, tile, j * 16, nt * 8);
+            mma_bf16(acc[nt], a, b[0], b[1]);
+        }
+    }
+}
+
+// Writes a warp's 16x64 accumulator (rows row0 and row0 + 8 of this thread) times
+// `mul0`/`mul1` as bf16 rows of `dst`.
+__device__ __forceinline__ void fa_store(floatX* dst, int stride, float (*acc)[4], int row0,
+                                         int t, float mul0, float mul1) {
+    int quad = threadIdx.x % 4;
+    for (int nt = 0; nt < 8; nt++) {
+        int col = nt * 8 + 2 * quad;
+        if (row0 < t)
+            *(unsigned*)(dst + (long)row0 * stride + col) =
+                pack2(acc[nt][0] * mul0, acc[nt][1] * mul0);
+        if (row0 + 8 < t)
+            *(unsigned*)(dst + (long)(row0 + 8) * stride + col) =
+                pack2(acc[nt][2] * mul1, acc[nt][3] * mul1);
+    }
+}
+
+// Grid (ceil(t / 64), nh, b): out = softmax(scale q k^T, causal) v; lse per row.
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+    flash_forward(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
+                  int t, int nh, int group, int q_stride, int kv_stride, int out_stride,
+                  float scale) {
+    __shared__ __align__(16) floatX qs[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX ks[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX vs[FA_TILE * FA_LD];
+    int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    int h = blockIdx.y, bb = blockIdx.z, kvh = h / group;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    const floatX* kb = k + (long)bb * t * kv_stride + kvh * FA_D;
+    const floatX* vb = v + (long)bb * t * kv_stride + kvh * FA_D;
+    fa_load(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
+    __syncthreads();
+    unsigned qa[4][4];
+    for (int kk = 0; kk < 4; kk++) fa_frag_a(qa[kk], qs, warp * 16, kk * 16);
+    float o[8][4];
+    for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) o[nt][e] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    int row0 = qt * FA_TILE + warp * 16 + g;
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();
+        fa_load(ks, kb, kv_stride, kt * FA_TILE, t);
+        fa_load(vs, vb, kv_stride, kt * FA_TILE, t);
+        __syncthreads();
+        float s[8][4];
+        fa_mul_t(s, qa, ks);
+        float mx[2] = {NEG_INF, NEG_INF};
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                int col = kt * FA_TILE + nt * 8 + 2 * quad + (e & 1), row = row0 + (e >> 1) * 8;
+                float x = col <= row && col < t ? s[nt][e] * scale : NEG_INF;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float corr[2];
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            float next = fmaxf(m[i], mx[i]);
+            corr[i] = m[i] == NEG_INF ? 0.0f : expf(m[i] - next);
+            m[i] = next;
+            l[i] *= corr[i];
+        }
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                o[nt][e] *= corr[e >> 1];
+                float p = s[nt][e] == NEG_INF ? 0.0f : expf(s[nt][e] - m[e >> 1]);
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        fa_mul_add(o, s, vs);
+    }
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    fa_store(out + (long)bb * t * out_stride + h * FA_D, out_stride, o, row0, t, 1.0f / l[0],
+             1.0f / l[1]);
+    if (quad == 0)
+        for (int i = 0; i < 2; i++)
+            if (row0 + 8 * i < t) lse[((long)bb * nh + h) * t + row0 + 8 * i] = m[i] + logf(l[i]);
+}
+
+// One warp a row of one head (rows = b * t, heads nh): dsum = sum of dout * out over the
+// head's 64 columns (the softmax backward's row term).
+extern "C" __global__ void flash_backward_sum(float* dsum, const floatX* dout, const floatX* out,
+                                              int rows, int nh, int t, int stride) {
+    long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (w >= (long)rows * nh) return;
+    int h = (int)(w % nh);
+    long r = w / nh;
+    const floatX* a = dout + r * stride + h * FA_D + 2 * lane;
+    const floatX* o = out + r * stride + h * FA_D + 2 * lane;
+    float s = warp_sum(tof(a[0]) * tof(o[0]) + tof(a[1]) * tof(o[1]));
+    if (lane == 0) dsum[((r / t) * nh + h) * t + r % t] = s;
+}
+
+// Grid (ceil(t / 64), nh / group, b): dk and dv of one key tile, summed over the group's
+// query heads and the query tiles at or after the key tile, in order.
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+    flash_backward_kv(floatX* dk, floatX* dv, const floatX* q, const floatX* k, const floatX* v,
+                      const floatX* dout, const float* lse, const float* dsum, int t, int nh,
+                      int group, int q_stride, int kv_stride, int out_stride, float scale) {
+    __shared__ __align__(16) floatX qs[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX ds[FA_TILE * FA_LD];
+    __shared__ float ls[FA_TILE], dd[FA_TILE];
+    int kt = gridDim.x - 1 - blockIdx.x;  // the most query tiles first
+    int kvh = blockIdx.y, bb = blockIdx.z;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
+    fa_load(qs, k + kv_base, kv_stride, kt * FA_TILE, t);
+    fa_load(ds, v + kv_base, kv_stride, kt * FA_TILE, t);
+    __syncthreads();
+    unsigned ka[4][4], va[4][4];
+    for (int kk = 0; kk < 4; kk++) {
+        fa_frag_a(ka[kk], qs, warp * 16, kk * 16);
+        fa_frag_a(va[kk], ds, warp * 16, kk * 16);
+    }
+    float dka[8][4], dva[8][4];
+    for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) dka[nt][e] = dva[nt][e] = 0.0f;
+    int key0 = kt * FA_TILE + warp * 16 + g;
+    int tiles = (t + FA_TILE - 1) / FA_TILE;
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int qt = kt; qt < tiles; qt++) {
+            __syncthreads();
+            fa_load(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
+            fa_load(ds, dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
+            for (int i = threadIdx.x; i < FA_TILE; i += FA_THREADS) {
+                int r = qt * FA_TILE + i;
+                long at = ((long)bb * nh + h) * t + r;
+                ls[i] = r < t ? lse[at] : 0.0f;
+                dd[i] = r < t ? dsum[at] : 0.0f;
+            }
+            __syncthreads();
+            // p^T [keys, queries]
+            float p[8][4], dp[8][4];
+            fa_mul_t(p, ka, qs);
+            for (int nt = 0; nt < 8; nt++)
+                for (int e = 0; e < 4; e++) {
+                    int c = nt * 8 + 2 * quad + (e & 1), col = qt * FA_TILE + c;
+                    int key = key0 + (e >> 1) * 8;
+                    p[nt][e] = col >= key && col < t && key < t
+                                   ? expf(p[nt][e] * scale - ls[c])
+                                   : 0.0f;
+                }
+            fa_mul_add(dva, p, ds);  // dv += p^T dout
+            fa_mul_t(dp, va, ds);    // dp^T = v dout^T
+            for (int nt = 0; nt < 8; nt++)
+                for (int e = 0; e < 4; e++)
+                    p[nt][e] = p[nt][e] * (dp[nt][e] - dd[nt * 8 + 2 * quad + (e & 1)]) * scale;
+            fa_mul_add(dka, p, qs);  // dk += ds^T q
+        }
+    }
+    fa_store(dk + kv_base, kv_stride, dka, key0, t, 1.0f, 1.0f);
+    fa_store(dv + kv_base, kv_stride, dva, key0, t, 1.0f, 1.0f);
+}
+
+// Grid (ceil(t / 64), nh, b): dq of one query tile, summed over the key tiles at or
+// before it, in order.
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+    flash_backward_q(floatX* dq, const floatX* q, const floatX* k, const floatX* v,
+                     const floatX* dout, const float* lse, const float* dsum, int t, int nh,
+                     int group, int q_stride, int kv_stride, int out_stride, float scale) {
+    __shared__ __align__(16) floatX ks[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX vs[FA_TILE * FA_LD];
+    int qt = gridDim.x - 1 - blockIdx.x;
+    int h = blockIdx.y, bb = blockIdx.z, kvh = h / group;
+    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    long q_base = (long)bb * t * q_stride + h * FA_D;
+    long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
+    fa_load(ks, q + q_base, q_stride, qt * FA_TILE, t);
+    fa_load(vs, dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
+    __syncthreads();
+    unsigned qa[4][4], oa[4][4];
+    for (int kk = 0; kk < 4; kk++) {
+        fa_frag_a(qa[kk], ks, warp * 16, kk * 16);
+        fa_frag_a(oa[kk], vs, warp * 16, kk * 16);
+    }
+    int row0 = qt * FA_TILE + warp * 16 + g;
+    float lr[2], dr[2];
+    for (int i = 0; i < 2; i++) {
+        int r = row0 + 8 * i;
+        long at = ((long)bb * nh + h) * t + r;
+        lr[i] = r < t ? lse[at] : 0.0f;
+        dr[i] = r < t ? dsum[at] : 0.0f;
+    }
+    float dqa[8][4];
+    for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) dqa[nt][e] = 0.0f;
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();
+        fa_load(ks, k + kv_base, kv_stride, kt * FA_TILE, t);
+        fa_load(vs, v + kv_base, kv_stride, kt * FA_TILE, t);
+        __syncthreads();
+        float p[8][4], dp[8][4];
+        fa_mul_t(p, qa, ks);  // q k^T
+        fa_mul_t(dp, oa, vs); // dout v^T
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                int col = kt * FA_TILE + nt * 8 + 2 * quad + (e & 1), row = row0 + (e >> 1) * 8;
+                float pr = col <= row && col < t && row < t
+                               ? expf(p[nt][e] * scale - lr[e >> 1])
+                               : 0.0f;
+                p[nt][e] = pr * (dp[nt][e] - dr[e >> 1]) * scale;
+            }
+        fa_mul_add(dqa, p, ks);  // dq += ds k
+    }
+    fa_store(dq + q_base, q_stride, dqa, row0, t, 1.0f, 1.0f);
+}
+#endif

@@ -5,11 +5,13 @@
 //! call sites in `gpt2.rs` say which). One handle, one caller-owned workspace and one
 //! stream: what cuBLAS asks for repeatable bits on one machine class. The algorithm is
 //! the heuristic's first choice for the shapes, which is the same for the same shapes,
-//! library and GPU.
+//! library and GPU; it is asked once per shape and kept (a model has a few dozen), so a
+//! step does not pay the heuristic's host time on every product.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::CudaStream;
@@ -18,6 +20,9 @@ use super::{CudaError, DeviceMem, Gpu};
 
 /// Bytes of the workspace (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
+/// Product shapes whose algorithm is kept; past it the cache starts over (a model uses
+/// a few dozen shapes, so only a stream of odd batch shapes reaches it).
+const ALGO_CACHE_MAX: usize = 256;
 
 /// Element types of a product's operands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +41,7 @@ impl Elem {
 }
 
 /// One product `D = alpha * op(A) op(B) + beta * C (+ bias per row of D)`, with C = D.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Gemm {
     pub(crate) transa: bool,
     pub(crate) transb: bool,
@@ -57,6 +62,21 @@ pub(crate) struct Blas {
     stream: Arc<CudaStream>,
     /// The inputs' type (the activations' precision) and the compute type.
     input: Elem,
+    /// The heuristic's algorithm per product shape.
+    algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+}
+
+/// What the heuristic's choice depends on: the shapes, strides, transposes, whether C
+/// is read, D's type and the epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    ops: (bool, bool),
+    mnk: (u64, u64, u64),
+    lds: (i64, i64, i64),
+    batch: Option<(i32, i64, i64, i64)>,
+    reads_c: bool,
+    d_f32: bool,
+    bias: bool,
 }
 
 // SAFETY: the handle is used from one thread at a time (the backend is `Send`, not
@@ -72,6 +92,7 @@ impl Blas {
             workspace: gpu.alloc(WORKSPACE_BYTES)?,
             stream: gpu.stream.clone(),
             input,
+            algos: Mutex::new(HashMap::new()),
         })
     }
 
@@ -128,22 +149,43 @@ impl Blas {
                 )?;
                 set_desc(desc.0, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
             }
-            let pref = Pref(result::create_matmul_pref()?);
-            result::set_matmul_pref_attribute(
-                pref.0,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&WORKSPACE_BYTES) as *const usize as *const c_void,
-                size_of::<usize>(),
-            )?;
-            let heuristic = result::get_matmul_algo_heuristic(
-                self.handle,
-                desc.0,
-                layouts.0[0],
-                layouts.0[1],
-                layouts.0[2],
-                layouts.0[2],
-                pref.0,
-            )?;
+            let key = AlgoKey {
+                ops: (g.transa, g.transb),
+                mnk: (g.m, g.n, g.k),
+                lds: (g.lda, g.ldb, g.ldd),
+                batch: g.batch,
+                reads_c: g.beta != 0.0,
+                d_f32: d_elem == Elem::F32,
+                bias: bias.is_some(),
+            };
+            let mut algos = self.algos.lock().unwrap_or_else(|e| e.into_inner());
+            let algo = match algos.get(&key) {
+                Some(algo) => *algo,
+                None => {
+                    let pref = Pref(result::create_matmul_pref()?);
+                    result::set_matmul_pref_attribute(
+                        pref.0,
+                        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                        (&WORKSPACE_BYTES) as *const usize as *const c_void,
+                        size_of::<usize>(),
+                    )?;
+                    let heuristic = result::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc.0,
+                        layouts.0[0],
+                        layouts.0[1],
+                        layouts.0[2],
+                        layouts.0[2],
+                        pref.0,
+                    )?;
+                    if algos.len() >= ALGO_CACHE_MAX {
+                        algos.clear();
+                    }
+                    algos.insert(key, heuristic.algo);
+                    heuristic.algo
+                }
+            };
+            drop(algos);
             let (alpha, beta) = (1.0f32, g.beta);
             result::matmul(
                 self.handle,
@@ -158,7 +200,7 @@ impl Blas {
                 layouts.0[2],
                 d as *mut c_void,
                 layouts.0[2],
-                &heuristic.algo,
+                &algo,
                 self.workspace.ptr as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream() as sys::cudaStream_t,

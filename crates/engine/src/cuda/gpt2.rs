@@ -3,6 +3,11 @@
 //! means) or f32 ([`Precision::F32`], for checks against the CPU), the master weights,
 //! gradients and AdamW moments in f32 either way.
 //!
+//! Attention is fused ([`Attention::Flash`]: FlashAttention-2's tiling on the tensor
+//! cores, the scores never stored, a deterministic backward) in bf16 with heads of 64,
+//! which every GPT-2 preset from `small` up has; otherwise, and with f32, the scores are
+//! materialized and multiplied by cuBLASLt ([`Attention::Materialized`]).
+//!
 //! Training and evaluation run here; decoding (the KV cache) is not built for the GPU
 //! yet and answers [`CudaError::Unsupported`].
 
@@ -23,6 +28,19 @@ const SUM_CHUNK: usize = 256;
 /// Blocks of the gradient-norm reduction: fixed, so its order is too.
 const NORM_BLOCKS: usize = 1024;
 const THREADS: u32 = 256;
+
+/// The head size the fused attention kernels are built for (`FA_D` in gpt2.cu).
+pub const FLASH_HEAD_SIZE: usize = 64;
+
+/// How attention is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// Fused kernels (bf16, heads of [`FLASH_HEAD_SIZE`]): memory linear in the context.
+    Flash,
+    /// Scores and probabilities stored per head ([b, nh, t, t]) and multiplied by
+    /// cuBLASLt: any precision and head size, memory quadratic in the context.
+    Materialized,
+}
 
 /// What the activations and matrix inputs are stored as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,12 +104,40 @@ kernels!(
     adamw,
 );
 
+/// The fused attention kernels (in the bf16 PTX only).
+struct Flash {
+    forward: CudaFunction,
+    backward_sum: CudaFunction,
+    backward_kv: CudaFunction,
+    backward_q: CudaFunction,
+}
+
+impl Flash {
+    fn load(gpu: &Gpu) -> Result<Flash, CudaError> {
+        let module = gpu
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(PTX_BF16))?;
+        Ok(Flash {
+            forward: module.load_function("flash_forward")?,
+            backward_sum: module.load_function("flash_backward_sum")?,
+            backward_kv: module.load_function("flash_backward_kv")?,
+            backward_q: module.load_function("flash_backward_q")?,
+        })
+    }
+}
+
+/// Rows a fused attention block takes (`FA_TILE`) and its threads (`FA_THREADS`).
+const FLASH_TILE: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
 /// One block's saved activations.
 struct BlockActs {
     ln1: DeviceMem,
     ln1_mean: DeviceMem,
     ln1_rstd: DeviceMem,
     qkv: DeviceMem,
+    /// Materialized: the probabilities [b, nh, t, t]; flash: each row's log-sum-exp of
+    /// scaled scores [b, nh, t] (f32), all the backward pass needs to rebuild them.
     att: DeviceMem,
     atty: DeviceMem,
     res2: DeviceMem,
@@ -116,6 +162,8 @@ struct GradActs {
     dv: DeviceMem,
     datt: DeviceMem,
     dpreatt: DeviceMem,
+    /// Flash: each row's sum of d(atty) * atty per head [b, nh, t] (f32).
+    dsum: DeviceMem,
     partial_a: DeviceMem,
     partial_b: DeviceMem,
 }
@@ -151,12 +199,17 @@ impl Acts {
         b: usize,
         t: usize,
         grads: bool,
+        attention: Attention,
     ) -> Result<Acts, CudaError> {
         let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
         let n = b * t;
-        let att = b * nh * t * t;
+        let flash = attention == Attention::Flash;
         let a = |elems: usize| gpu.alloc(elems * x);
         let f = |elems: usize| gpu.alloc(elems * 4);
+        // Scratch only the materialized path uses: one element with flash.
+        let m = |elems: usize| gpu.alloc(if flash { 1 } else { elems } * x);
+        let att = b * nh * t * t;
+        let saved = |_: ()| if flash { f(b * nh * t) } else { a(att) };
         let mut blocks = Vec::with_capacity(config.n_layer);
         for _ in 0..config.n_layer {
             blocks.push(BlockActs {
@@ -164,7 +217,7 @@ impl Acts {
                 ln1_mean: f(n)?,
                 ln1_rstd: f(n)?,
                 qkv: a(n * 3 * c)?,
-                att: a(att)?,
+                att: saved(())?,
                 atty: a(n * c)?,
                 res2: a(n * c)?,
                 ln2: a(n * c)?,
@@ -183,12 +236,13 @@ impl Acts {
                 dfch: a(n * 4 * c)?,
                 dfch_gelu: a(n * 4 * c)?,
                 dqkv: a(n * 3 * c)?,
-                dy: a(n * c)?,
-                dq: a(n * c)?,
-                dk: a(n * c)?,
-                dv: a(n * c)?,
-                datt: a(att)?,
-                dpreatt: a(att)?,
+                dy: m(n * c)?,
+                dq: m(n * c)?,
+                dk: m(n * c)?,
+                dv: m(n * c)?,
+                datt: m(att)?,
+                dpreatt: m(att)?,
+                dsum: f(if flash { b * nh * t } else { 1 })?,
                 partial_a: f(chunks * 4 * c)?,
                 partial_b: f(chunks * 4 * c)?,
             })
@@ -207,11 +261,11 @@ impl Acts {
             lnf_rstd: f(n)?,
             logits: a(n * v)?,
             losses: f(n)?,
-            q: a(n * c)?,
-            k: a(n * c)?,
-            v: a(n * c)?,
-            preatt: a(att)?,
-            y: a(n * c)?,
+            q: m(n * c)?,
+            k: m(n * c)?,
+            v: m(n * c)?,
+            preatt: m(att)?,
+            y: m(n * c)?,
             grads,
             host_inputs: Vec::new(),
         })
@@ -233,6 +287,9 @@ pub struct Gpt2Cuda {
     buckets: [DeviceMem; 3],
     step: u32,
     kernels: Kernels,
+    /// The fused attention kernels (bf16 only).
+    flash: Option<Flash>,
+    attention: Attention,
     blas: Blas,
     config: GptConfig,
     layout: GptLayout,
@@ -266,6 +323,15 @@ impl Gpt2Cuda {
             Precision::F32 => PTX_F32,
         };
         let kernels = Kernels::load(&gpu, ptx)?;
+        let flash = match precision {
+            Precision::Bf16 => Some(Flash::load(&gpu)?),
+            Precision::F32 => None,
+        };
+        let attention = if flash.is_some() && config.n_embd / config.n_head == FLASH_HEAD_SIZE {
+            Attention::Flash
+        } else {
+            Attention::Materialized
+        };
         let blas = Blas::new(&gpu, precision.elem())?;
         let len = table.len();
         let train = purpose == Purpose::Train;
@@ -288,6 +354,8 @@ impl Gpt2Cuda {
             ],
             step: 0,
             kernels,
+            flash,
+            attention,
             blas,
             config,
             layout,
@@ -307,6 +375,28 @@ impl Gpt2Cuda {
     /// The GPU this backend runs on.
     pub fn gpu(&self) -> &super::GpuInfo {
         &self.gpu.info
+    }
+
+    /// How this backend computes attention.
+    pub fn attention(&self) -> Attention {
+        self.attention
+    }
+
+    /// Computes attention as `attention` says from the next batch on (the fused kernels
+    /// need bf16 and heads of [`FLASH_HEAD_SIZE`]); for comparing the two paths.
+    pub fn set_attention(&mut self, attention: Attention) -> Result<(), EngineError> {
+        let hs = self.config.n_embd / self.config.n_head;
+        if attention == Attention::Flash && (self.flash.is_none() || hs != FLASH_HEAD_SIZE) {
+            return Err(CudaError::Unsupported {
+                what: "fused attention other than in bf16 with heads of 64",
+            }
+            .into());
+        }
+        if attention != self.attention {
+            self.attention = attention;
+            self.acts = None;
+        }
+        Ok(())
     }
 
     fn reset_moments(&mut self) -> Result<(), CudaError> {
@@ -671,7 +761,15 @@ impl Gpt2Cuda {
             self.acts = None;
             let x = self.precision.size();
             let train = self.purpose == Purpose::Train;
-            self.acts = Some(Acts::new(&self.gpu, &self.config, x, b, t, train)?);
+            self.acts = Some(Acts::new(
+                &self.gpu,
+                &self.config,
+                x,
+                b,
+                t,
+                train,
+                self.attention,
+            )?);
         }
         Ok(())
     }
@@ -738,47 +836,72 @@ impl Gpt2Cuda {
                 (n, c, 3 * c),
                 false,
             )?;
-            self.launch1(
-                &self.kernels.attn_permute,
-                n * c,
-                &[
-                    acts.q.ptr.into(),
-                    acts.k.ptr.into(),
-                    acts.v.ptr.into(),
-                    a.qkv.ptr.into(),
-                    bi.into(),
-                    ti.into(),
-                    nhi.into(),
-                    hsi.into(),
-                ],
-            )?;
-            // preatt = q k^T per head.
-            self.head_scores(acts.q.ptr, acts.k.ptr, acts.preatt.ptr, (t, hs, b * nh))?;
-            self.launch_rows(
-                &self.kernels.attn_softmax,
-                b * nh * t,
-                &[
-                    a.att.ptr.into(),
-                    acts.preatt.ptr.into(),
-                    scale.into(),
-                    rows.into(),
-                    ti.into(),
-                ],
-            )?;
-            // y = att v per head.
-            self.head_mix(a.att.ptr, acts.v.ptr, acts.y.ptr, false, (t, hs, b * nh))?;
-            self.launch1(
-                &self.kernels.attn_unpermute,
-                n * c,
-                &[
-                    a.atty.ptr.into(),
-                    acts.y.ptr.into(),
-                    bi.into(),
-                    ti.into(),
-                    nhi.into(),
-                    hsi.into(),
-                ],
-            )?;
+            if let Some(flash) = self.flash_kernels() {
+                // atty = softmax(q k^T) v, straight from qkv's layout to atty's.
+                let (q, k, v) = self.qkv_parts(a.qkv.ptr);
+                let c3 = 3 * ci;
+                self.launch(
+                    &flash.forward,
+                    flash_grid(t, nh, b),
+                    FLASH_THREADS,
+                    &[
+                        a.atty.ptr.into(),
+                        a.att.ptr.into(),
+                        q.into(),
+                        k.into(),
+                        v.into(),
+                        ti.into(),
+                        nhi.into(),
+                        1i32.into(),
+                        c3.into(),
+                        c3.into(),
+                        ci.into(),
+                        scale.into(),
+                    ],
+                )?;
+            } else {
+                self.launch1(
+                    &self.kernels.attn_permute,
+                    n * c,
+                    &[
+                        acts.q.ptr.into(),
+                        acts.k.ptr.into(),
+                        acts.v.ptr.into(),
+                        a.qkv.ptr.into(),
+                        bi.into(),
+                        ti.into(),
+                        nhi.into(),
+                        hsi.into(),
+                    ],
+                )?;
+                // preatt = q k^T per head.
+                self.head_scores(acts.q.ptr, acts.k.ptr, acts.preatt.ptr, (t, hs, b * nh))?;
+                self.launch_rows(
+                    &self.kernels.attn_softmax,
+                    b * nh * t,
+                    &[
+                        a.att.ptr.into(),
+                        acts.preatt.ptr.into(),
+                        scale.into(),
+                        rows.into(),
+                        ti.into(),
+                    ],
+                )?;
+                // y = att v per head.
+                self.head_mix(a.att.ptr, acts.v.ptr, acts.y.ptr, false, (t, hs, b * nh))?;
+                self.launch1(
+                    &self.kernels.attn_unpermute,
+                    n * c,
+                    &[
+                        a.atty.ptr.into(),
+                        acts.y.ptr.into(),
+                        bi.into(),
+                        ti.into(),
+                        nhi.into(),
+                        hsi.into(),
+                    ],
+                )?;
+            }
             self.gpu.copy(a.res2.ptr, residual, n * c * x as usize)?;
             self.linear(
                 a.res2.ptr,
@@ -1005,66 +1128,70 @@ impl Gpt2Cuda {
                 (n, c, c),
                 g,
             )?;
-            self.launch1(
-                &self.kernels.attn_unpermute_backward,
-                n * c,
-                &[
-                    g.dy.ptr.into(),
-                    g.dc.ptr.into(),
-                    bi.into(),
-                    ti.into(),
-                    nhi.into(),
-                    hsi.into(),
-                ],
-            )?;
-            self.launch1(
-                &self.kernels.attn_permute,
-                n * c,
-                &[
-                    acts.q.ptr.into(),
-                    acts.k.ptr.into(),
-                    acts.v.ptr.into(),
-                    a.qkv.ptr.into(),
-                    bi.into(),
-                    ti.into(),
-                    nhi.into(),
-                    hsi.into(),
-                ],
-            )?;
-            let bh = b * nh;
-            // datt = dy v^T.
-            self.head_scores(g.dy.ptr, acts.v.ptr, g.datt.ptr, (t, hs, bh))?;
-            // dv = att^T dy.
-            self.head_mix(a.att.ptr, g.dy.ptr, g.dv.ptr, true, (t, hs, bh))?;
-            self.launch_rows(
-                &self.kernels.attn_softmax_backward,
-                bh * t,
-                &[
-                    g.dpreatt.ptr.into(),
-                    g.datt.ptr.into(),
-                    a.att.ptr.into(),
-                    scale.into(),
-                    rows.into(),
-                    ti.into(),
-                ],
-            )?;
-            // dq = dpre k, dk = dpre^T q.
-            self.head_mix(g.dpreatt.ptr, acts.k.ptr, g.dq.ptr, false, (t, hs, bh))?;
-            self.head_mix(g.dpreatt.ptr, acts.q.ptr, g.dk.ptr, true, (t, hs, bh))?;
-            self.launch1(
-                &self.kernels.attn_permute_backward,
-                n * c,
-                &[
-                    g.dqkv.ptr.into(),
-                    g.dq.ptr.into(),
-                    g.dk.ptr.into(),
-                    g.dv.ptr.into(),
-                    bi.into(),
-                    ti.into(),
-                    nhi.into(),
-                    hsi.into(),
-                ],
-            )?;
+            if let Some(flash) = self.flash_kernels() {
+                self.flash_backward(flash, a, g, (b, t))?;
+            } else {
+                self.launch1(
+                    &self.kernels.attn_unpermute_backward,
+                    n * c,
+                    &[
+                        g.dy.ptr.into(),
+                        g.dc.ptr.into(),
+                        bi.into(),
+                        ti.into(),
+                        nhi.into(),
+                        hsi.into(),
+                    ],
+                )?;
+                self.launch1(
+                    &self.kernels.attn_permute,
+                    n * c,
+                    &[
+                        acts.q.ptr.into(),
+                        acts.k.ptr.into(),
+                        acts.v.ptr.into(),
+                        a.qkv.ptr.into(),
+                        bi.into(),
+                        ti.into(),
+                        nhi.into(),
+                        hsi.into(),
+                    ],
+                )?;
+                let bh = b * nh;
+                // datt = dy v^T.
+                self.head_scores(g.dy.ptr, acts.v.ptr, g.datt.ptr, (t, hs, bh))?;
+                // dv = att^T dy.
+                self.head_mix(a.att.ptr, g.dy.ptr, g.dv.ptr, true, (t, hs, bh))?;
+                self.launch_rows(
+                    &self.kernels.attn_softmax_backward,
+                    bh * t,
+                    &[
+                        g.dpreatt.ptr.into(),
+                        g.datt.ptr.into(),
+                        a.att.ptr.into(),
+                        scale.into(),
+                        rows.into(),
+                        ti.into(),
+                    ],
+                )?;
+                // dq = dpre k, dk = dpre^T q.
+                self.head_mix(g.dpreatt.ptr, acts.k.ptr, g.dq.ptr, false, (t, hs, bh))?;
+                self.head_mix(g.dpreatt.ptr, acts.q.ptr, g.dk.ptr, true, (t, hs, bh))?;
+                self.launch1(
+                    &self.kernels.attn_permute_backward,
+                    n * c,
+                    &[
+                        g.dqkv.ptr.into(),
+                        g.dq.ptr.into(),
+                        g.dk.ptr.into(),
+                        g.dv.ptr.into(),
+                        bi.into(),
+                        ti.into(),
+                        nhi.into(),
+                        hsi.into(),
+                    ],
+                )?;
+            }
             self.linear_backward(
                 g.dc.ptr,
                 self.grad(o.qkv_w),
@@ -1138,6 +1265,83 @@ impl Gpt2Cuda {
             ],
         )?;
         Ok(())
+    }
+
+    /// The fused kernels, when this backend's attention is [`Attention::Flash`].
+    fn flash_kernels(&self) -> Option<&Flash> {
+        match self.attention {
+            Attention::Flash => self.flash.as_ref(),
+            Attention::Materialized => None,
+        }
+    }
+
+    /// Where q, k and v of `qkv` [n, 3c] start (their rows are 3c apart).
+    fn qkv_parts(&self, qkv: u64) -> (u64, u64, u64) {
+        let part = (self.config.n_embd * self.precision.size()) as u64;
+        (qkv, qkv + part, qkv + 2 * part)
+    }
+
+    /// Attention's backward pass with the fused kernels: from d(atty) in `g.dc` to
+    /// dqkv, rebuilding the probabilities from the saved log-sum-exp.
+    fn flash_backward(
+        &self,
+        flash: &Flash,
+        a: &BlockActs,
+        g: &GradActs,
+        (b, t): (usize, usize),
+    ) -> Result<(), CudaError> {
+        let (c, nh) = (self.config.n_embd, self.config.n_head);
+        let scale = 1.0 / (FLASH_HEAD_SIZE as f32).sqrt();
+        let (ti, nhi, ci, c3) = (t as i32, nh as i32, c as i32, 3 * c as i32);
+        let rows = (b * t) as i32;
+        self.launch_rows(
+            &flash.backward_sum,
+            b * t * nh,
+            &[
+                g.dsum.ptr.into(),
+                g.dc.ptr.into(),
+                a.atty.ptr.into(),
+                rows.into(),
+                nhi.into(),
+                ti.into(),
+                ci.into(),
+            ],
+        )?;
+        let (q, k, v) = self.qkv_parts(a.qkv.ptr);
+        let (dq, dk, dv) = self.qkv_parts(g.dqkv.ptr);
+        let shared: [Arg; 11] = [
+            q.into(),
+            k.into(),
+            v.into(),
+            g.dc.ptr.into(),
+            a.att.ptr.into(),
+            g.dsum.ptr.into(),
+            ti.into(),
+            nhi.into(),
+            1i32.into(),
+            c3.into(),
+            c3.into(),
+        ];
+        let tail: [Arg; 2] = [ci.into(), scale.into()];
+        let args = |out: &[Arg]| -> Vec<Arg> {
+            out.iter()
+                .chain(shared.iter())
+                .chain(tail.iter())
+                .copied()
+                .collect()
+        };
+        self.launch(
+            &flash.backward_kv,
+            flash_grid(t, nh, b),
+            FLASH_THREADS,
+            &args(&[dk.into(), dv.into()]),
+        )?;
+        self.launch(
+            &flash.backward_q,
+            flash_grid(t, nh, b),
+            FLASH_THREADS,
+            &args(&[dq.into()]),
+        )
     }
 
     /// The global gradient norm (f64 partials in a fixed order, summed on the host).
@@ -1255,6 +1459,11 @@ impl From<f32> for Arg {
 
 /// A strided batch of head products: `(transa, transb, (m, n, k), (lda, ldb, ldd),
 /// count, (stride_a, stride_b, stride_d))`.
+/// The fused attention kernels' grid: query (or key) tiles, heads, batch rows.
+fn flash_grid(t: usize, nh: usize, b: usize) -> (u32, u32, u32) {
+    (t.div_ceil(FLASH_TILE) as u32, nh as u32, b as u32)
+}
+
 fn heads(
     transa: bool,
     transb: bool,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
 
-pub use gpt2::{Gpt2Cuda, Precision};
+pub use gpt2::{Attention, FLASH_HEAD_SIZE, Gpt2Cuda, Precision};
 
 /// The oldest driver the committed PTX loads on: CUDA 12.4 (R550), for PTX ISA 8.4.
 pub const MIN_DRIVER_VERSION: i32 = 12040;

@@ -6,7 +6,7 @@
 //! to f32 tolerances; bf16 rounds every activation to 8 bits of mantissa, so it is held
 //! to bf16's (relative L2 error of each gradient tensor within 5%).
 
-use engine::cuda::{Gpt2Cuda, Precision};
+use engine::cuda::{Attention, Gpt2Cuda, Precision};
 use engine::{Backend, Device, GptConfig, OptimizerConfig, Purpose};
 
 use crate::{backend, vocab_batch};
@@ -56,6 +56,18 @@ fn small() -> GptConfig {
         n_head: 4,
         n_embd: 96,
         n_ctx: 80,
+        vocab_size: 301,
+    }
+}
+
+/// Heads of 64 (the fused attention's) and a context of three whole key tiles and a
+/// part of one (200 = 3 x 64 + 8).
+fn wide() -> GptConfig {
+    GptConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 128,
+        n_ctx: 200,
         vocab_size: 301,
     }
 }
@@ -203,6 +215,53 @@ fn bf16_kernels_match_the_cpu_engine_within_bf16() {
         tensor: None,
     };
     check_against_cpu(small(), Precision::Bf16, tol);
+    // The fused attention (heads of 64), against the same CPU arithmetic.
+    let params = engine::init_params(&wide(), 7).expect("init");
+    assert_eq!(
+        gpu(wide(), &params, Precision::Bf16).attention(),
+        Attention::Flash
+    );
+    let tol = Tolerance {
+        loss: 1e-2,
+        grad: 5e-2,
+        params: 1e-2,
+        tensor: None,
+    };
+    check_against_cpu(wide(), Precision::Bf16, tol);
+}
+
+/// The fused attention kernels against the materialized path on the same GPU, both in
+/// bf16: the same loss and gradients up to bf16 rounding (the fused path rounds the
+/// unnormalized probabilities, the materialized one the normalized ones), and the
+/// refusal of what the fused kernels are not built for.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test -p engine --test it cuda -- --ignored"]
+fn fused_attention_matches_the_materialized_path() {
+    let config = wide();
+    let params = engine::init_params(&config, 5).expect("init");
+    let mut cuda = gpu(config, &params, Precision::Bf16);
+    let batch = vocab_batch(config.vocab_size, 3, config.n_ctx, 17);
+    let (flash_loss, flash_grad) = cuda.loss_and_grad(&batch.as_batch()).expect("flash");
+    cuda.set_attention(Attention::Materialized)
+        .expect("materialized");
+    let (mat_loss, mat_grad) = cuda.loss_and_grad(&batch.as_batch()).expect("materialized");
+    let loss_err = ((flash_loss - mat_loss) as f64 / mat_loss as f64).abs();
+    let (grad_err, grad_name) = worst_tensor_error(&config, &flash_grad, &mat_grad);
+    eprintln!(
+        "fused vs materialized: loss {loss_err:.1e}, worst gradient {grad_err:.1e} ({grad_name})"
+    );
+    assert!(loss_err < 1e-3, "loss {flash_loss} vs {mat_loss}");
+    assert!(grad_err < 3e-2, "{grad_name} off by {grad_err:.2e}");
+    let mut narrow = gpu(
+        small(),
+        &engine::init_params(&small(), 5).expect("init"),
+        Precision::Bf16,
+    );
+    assert_eq!(narrow.attention(), Attention::Materialized);
+    assert!(narrow.set_attention(Attention::Flash).is_err());
+    let mut f32 = gpu(config, &params, Precision::F32);
+    assert_eq!(f32.attention(), Attention::Materialized);
+    assert!(f32.set_attention(Attention::Flash).is_err());
 }
 
 /// Five steps, then the bits of the losses and parameters: equal for two backends in
@@ -211,7 +270,21 @@ fn bf16_kernels_match_the_cpu_engine_within_bf16() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: cargo test -p engine --test it cuda -- --ignored"]
 fn training_on_one_gpu_repeats_its_bits() {
-    let config = small();
+    let mut bits = blake3::Hasher::new();
+    for config in [small(), wide()] {
+        let a = bits_of_five_steps(config);
+        bits.update(a.as_bytes());
+    }
+    let a = bits.finalize().to_hex().to_string();
+    eprintln!("bits {a}");
+    if let Ok(path) = std::env::var("HT_CUDA_BITS") {
+        std::fs::write(path, &a).expect("write bits");
+    }
+}
+
+/// The hash of five steps' losses and the parameters after them, checked equal for two
+/// backends in this process.
+fn bits_of_five_steps(config: GptConfig) -> String {
     let params = engine::init_params(&config, 3).expect("init");
     let run = || {
         let mut cuda = gpu(config, &params, Precision::Bf16);
@@ -229,9 +302,6 @@ fn training_on_one_gpu_repeats_its_bits() {
         h.finalize().to_hex().to_string()
     };
     let (a, b) = (run(), run());
-    assert_eq!(a, b, "two backends in one process differ");
-    eprintln!("bits {a}");
-    if let Ok(path) = std::env::var("HT_CUDA_BITS") {
-        std::fs::write(path, &a).expect("write bits");
-    }
+    assert_eq!(a, b, "{config:?}: two backends in one process differ");
+    a
 }
