@@ -28,10 +28,46 @@ __device__ __forceinline__ floatX fromf(float x) {
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
     return r;
 }
+// Two floats as a bf16 pair, `lo` in the low half (round to nearest even).
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// Eight consecutive values (16 bytes, aligned) as floats, and back.
+__device__ __forceinline__ void load8(float* out, const floatX* p) {
+    uint4 u = *(const uint4*)p;
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+    for (int k = 0; k < 4; k++) {
+        out[2 * k] = __uint_as_float(w[k] << 16);
+        out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void store8(floatX* p, const float* in) {
+    uint4 u;
+    u.x = pack2(in[0], in[1]);
+    u.y = pack2(in[2], in[3]);
+    u.z = pack2(in[4], in[5]);
+    u.w = pack2(in[6], in[7]);
+    *(uint4*)p = u;
+}
 #else
 typedef float floatX;
 __device__ __forceinline__ float tof(floatX x) { return x; }
 __device__ __forceinline__ floatX fromf(float x) { return x; }
+// Eight consecutive values (32 bytes, aligned to 16), and back.
+__device__ __forceinline__ void load8(float* out, const floatX* p) {
+    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+    out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+__device__ __forceinline__ void store8(floatX* p, const float* in) {
+    float4 a, b;
+    a.x = in[0], a.y = in[1], a.z = in[2], a.w = in[3];
+    b.x = in[4], b.y = in[5], b.z = in[6], b.w = in[7];
+    *(float4*)p = a;
+    *(float4*)(p + 4) = b;
+}
 #endif
 
 #define IGNORE_TARGET (-1)
@@ -178,12 +214,23 @@ extern "C" __global__ void attn_softmax(floatX* att, const floatX* preatt, float
 #define GELU_SCALE 0.7978845608f
 #define GELU_CUBIC 0.044715f
 
-extern "C" __global__ void gelu_forward(floatX* out, const floatX* inp, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = tof(inp[i]);
+__device__ __forceinline__ float gelu(float x) {
     float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    out[i] = fromf(0.5f * x * (1.0f + tanhf(u)));
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+
+// Eight elements a thread (one by one past the last whole eight).
+extern "C" __global__ void gelu_forward(floatX* __restrict__ out, const floatX* __restrict__ inp,
+                                        long n) {
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= n) {
+        float v[8];
+        load8(v, inp + i);
+        for (int k = 0; k < 8; k++) v[k] = gelu(v[k]);
+        store8(out + i, v);
+    } else {
+        for (; i < n; i++) out[i] = fromf(gelu(tof(inp[i])));
+    }
 }
 
 // One block a row of logits [n, v]: the row's loss (0 for an ignored target), and with
@@ -196,104 +243,203 @@ extern "C" __global__ void softmax_xent(floatX* logits, float* losses, const int
     if (row >= n) return;
     floatX* x = logits + (long)row * v;
     int target = targets[row];
+    // Eight logits a thread at a time where the row allows (v a multiple of 8).
+    int step = v % 8 == 0 ? 8 : 1;
     float m = NEG_INF;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, tof(x[j]));
+    for (int j = threadIdx.x * step; j < v; j += blockDim.x * step) {
+        if (step == 8) {
+            float xv[8];
+            load8(xv, x + j);
+            for (int k = 0; k < 8; k++) m = fmaxf(m, xv[k]);
+        } else {
+            m = fmaxf(m, tof(x[j]));
+        }
+    }
     m = block_max(m, shared);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(tof(x[j]) - m);
+    for (int j = threadIdx.x * step; j < v; j += blockDim.x * step) {
+        if (step == 8) {
+            float xv[8];
+            load8(xv, x + j);
+            for (int k = 0; k < 8; k++) s += expf(xv[k] - m);
+        } else {
+            s += expf(tof(x[j]) - m);
+        }
+    }
     s = block_sum(s, shared);
     if (threadIdx.x == 0)
         losses[row] = target == IGNORE_TARGET ? 0.0f : logf(s) + m - tof(x[target]);
     __syncthreads();  // every thread has read x[target] before it is overwritten
     if (grad_scale > 0.0f) {
         float inv = 1.0f / s;
-        for (int j = threadIdx.x; j < v; j += blockDim.x) {
-            float g = target == IGNORE_TARGET
-                          ? 0.0f
-                          : (expf(tof(x[j]) - m) * inv - (j == target ? 1.0f : 0.0f)) * grad_scale;
-            x[j] = fromf(g);
+        for (int j = threadIdx.x * step; j < v; j += blockDim.x * step) {
+            float xv[8];
+            if (step == 8) load8(xv, x + j);
+            else xv[0] = tof(x[j]);
+            for (int k = 0; k < step; k++) {
+                float g = target == IGNORE_TARGET ? 0.0f
+                                                  : (expf(xv[k] - m) * inv -
+                                                     (j + k == target ? 1.0f : 0.0f)) *
+                                                        grad_scale;
+                xv[k] = g;
+            }
+            if (step == 8) store8(x + j, xv);
+            else x[j] = fromf(xv[0]);
         }
     }
 }
 
 // ---- backward -------------------------------------------------------------------
 
-extern "C" __global__ void gelu_backward(floatX* dinp, const floatX* inp, const floatX* dout,
-                                         long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = tof(inp[i]);
+__device__ __forceinline__ float gelu_grad(float x, float d) {
     float x2 = x * x;
     float u = GELU_SCALE * (x + GELU_CUBIC * x2 * x);
     float th = tanhf(u);
     float du = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x2);
-    dinp[i] = fromf(tof(dout[i]) * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du));
+    return d * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
 }
 
-// Partial column sums of x [n, c] over chunks of `chunk` rows: partial[r, j] is the sum
-// of rows r*chunk .. (r+1)*chunk in order. Grid (ceil(c / blockDim), ceil(n / chunk)).
-extern "C" __global__ void column_sum_partial(float* partial, const floatX* x, int n, int c,
-                                              int chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (j >= c) return;
-    int end = min(n, (r + 1) * chunk);
-    float s = 0.0f;
-    for (int i = r * chunk; i < end; i++) s += tof(x[(long)i * c + j]);
-    partial[(long)r * c + j] = s;
+// Eight elements a thread, as gelu_forward.
+extern "C" __global__ void gelu_backward(floatX* __restrict__ dinp, const floatX* __restrict__ inp,
+                                         const floatX* __restrict__ dout, long n) {
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= n) {
+        float xs[8], ds[8];
+        load8(xs, inp + i);
+        load8(ds, dout + i);
+        for (int k = 0; k < 8; k++) ds[k] = gelu_grad(xs[k], ds[k]);
+        store8(dinp + i, ds);
+    } else {
+        for (; i < n; i++) dinp[i] = fromf(gelu_grad(tof(inp[i]), tof(dout[i])));
+    }
 }
 
-// out[j] (+)= sum over r of partial[r, j], in order of r.
+// Column sums, in two passes with a fixed order and enough blocks to fill the GPU.
+// Pass one, grid (ceil(c / 64), ceil(n / SUM_ROWS)), 256 threads: block (x, r) sums rows
+// r * SUM_ROWS .. of 64 columns; warp w takes rows w, w + 8, ... (each lane two columns,
+// 32 apart, so a warp reads whole lines), then the eight warp sums are added in order
+// into partial[r, j]. Pass two (column_sum_final) adds the partials.
+#define SUM_ROWS 64
+
+extern "C" __global__ void column_sum_partial(float* partial, const floatX* x, int n, int c) {
+    __shared__ float sums[8][64];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int j0 = blockIdx.x * 64 + lane, j1 = j0 + 32;
+    int r0 = blockIdx.y * SUM_ROWS, end = min(n, r0 + SUM_ROWS);
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int i = r0 + warp; i < end; i += 8) {
+        const floatX* row = x + (long)i * c;
+        if (j0 < c) a0 += tof(row[j0]);
+        if (j1 < c) a1 += tof(row[j1]);
+    }
+    sums[warp][lane] = a0;
+    sums[warp][lane + 32] = a1;
+    __syncthreads();
+    int j = blockIdx.x * 64 + threadIdx.x;
+    if (threadIdx.x < 64 && j < c) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; w++) t += sums[w][threadIdx.x];
+        partial[(long)blockIdx.y * c + j] = t;
+    }
+}
+
+// Grid ceil(c / 32), 256 threads: out[j] (+)= the sum over r of partial[r, j]; thread
+// (lane, warp) sums r = warp, warp + 8, ..., then the eight are added in warp order.
 extern "C" __global__ void column_sum_final(float* out, const float* partial, int chunks, int c,
                                             int accumulate) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    float s = 0.0f;
-    for (int r = 0; r < chunks; r++) s += partial[(long)r * c + j];
-    out[j] = accumulate ? out[j] + s : s;
+    __shared__ float sums[8][32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int j = blockIdx.x * 32 + lane;
+    float a = 0.0f;
+    if (j < c)
+        for (int r = warp; r < chunks; r += 8) a += partial[(long)r * c + j];
+    sums[warp][lane] = a;
+    __syncthreads();
+    if (warp == 0 && j < c) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; w++) t += sums[w][lane];
+        out[j] = accumulate ? out[j] + t : t;
+    }
 }
 
 // LayerNorm's parameter gradients, partial sums as column_sum_partial: pw[r, j] sums
 // dout * xhat, pb[r, j] sums dout.
 extern "C" __global__ void layernorm_param_partial(float* pw, float* pb, const floatX* dout,
                                                    const floatX* inp, const float* mean,
-                                                   const float* rstd, int n, int c, int chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (j >= c) return;
-    int end = min(n, (r + 1) * chunk);
-    float sw = 0.0f, sb = 0.0f;
-    for (int i = r * chunk; i < end; i++) {
-        float g = tof(dout[(long)i * c + j]);
-        float xhat = (tof(inp[(long)i * c + j]) - mean[i]) * rstd[i];
-        sw += g * xhat;
-        sb += g;
+                                                   const float* rstd, int n, int c) {
+    __shared__ float sums[2][8][64];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int j0 = blockIdx.x * 64 + lane, j1 = j0 + 32;
+    int r0 = blockIdx.y * SUM_ROWS, end = min(n, r0 + SUM_ROWS);
+    float w0 = 0.0f, w1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+    for (int i = r0 + warp; i < end; i += 8) {
+        const floatX* g = dout + (long)i * c;
+        const floatX* x = inp + (long)i * c;
+        float m = mean[i], r = rstd[i];
+        if (j0 < c) {
+            float d = tof(g[j0]);
+            w0 += d * ((tof(x[j0]) - m) * r);
+            b0 += d;
+        }
+        if (j1 < c) {
+            float d = tof(g[j1]);
+            w1 += d * ((tof(x[j1]) - m) * r);
+            b1 += d;
+        }
     }
-    pw[(long)r * c + j] = sw;
-    pb[(long)r * c + j] = sb;
+    sums[0][warp][lane] = w0;
+    sums[0][warp][lane + 32] = w1;
+    sums[1][warp][lane] = b0;
+    sums[1][warp][lane + 32] = b1;
+    __syncthreads();
+    int j = blockIdx.x * 64 + threadIdx.x % 64, which = threadIdx.x / 64;
+    if (threadIdx.x < 128 && j < c) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; w++) t += sums[which][w][threadIdx.x % 64];
+        (which == 0 ? pw : pb)[(long)blockIdx.y * c + j] = t;
+    }
 }
 
-// One warp a row: dinp += LayerNorm's input gradient.
-extern "C" __global__ void layernorm_backward_input(floatX* dinp, const floatX* dout,
-                                                    const floatX* inp, const floatX* w,
-                                                    const float* mean, const float* rstd,
-                                                    int n, int c) {
+// One warp a row: dinp += LayerNorm's input gradient. Each lane takes eight columns at a
+// time (c a multiple of 8; the host checks).
+extern "C" __global__ void layernorm_backward_input(floatX* __restrict__ dinp,
+                                                    const floatX* __restrict__ dout,
+                                                    const floatX* __restrict__ inp,
+                                                    const floatX* __restrict__ w,
+                                                    const float* __restrict__ mean,
+                                                    const float* __restrict__ rstd, int n,
+                                                    int c) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= n) return;
     const floatX* g = dout + (long)row * c;
     const floatX* x = inp + (long)row * c;
     float m = mean[row], r = rstd[row];
     float a = 0.0f, bsum = 0.0f;
-    for (int i = lane; i < c; i += 32) {
-        float dn = tof(g[i]) * tof(w[i]);
-        a += dn;
-        bsum += dn * (tof(x[i]) - m) * r;
+    for (int i = lane * 8; i < c; i += 256) {
+        float gv[8], xv[8], wv[8];
+        load8(gv, g + i);
+        load8(xv, x + i);
+        load8(wv, w + i);
+        for (int k = 0; k < 8; k++) {
+            float dn = gv[k] * wv[k];
+            a += dn;
+            bsum += dn * (xv[k] - m) * r;
+        }
     }
     a = warp_sum(a) / c;
     bsum = warp_sum(bsum) / c;
     floatX* d = dinp + (long)row * c;
-    for (int i = lane; i < c; i += 32) {
-        float dn = tof(g[i]) * tof(w[i]);
-        float xhat = (tof(x[i]) - m) * r;
-        d[i] = fromf(tof(d[i]) + (dn - a - xhat * bsum) * r);
+    for (int i = lane * 8; i < c; i += 256) {
+        float gv[8], xv[8], wv[8], dv[8];
+        load8(gv, g + i);
+        load8(xv, x + i);
+        load8(wv, w + i);
+        load8(dv, d + i);
+        for (int k = 0; k < 8; k++) {
+            float xhat = (xv[k] - m) * r;
+            dv[k] = dv[k] + (gv[k] * wv[k] - a - xhat * bsum) * r;
+        }
+        store8(d + i, dv);
     }
 }
 
@@ -421,21 +567,48 @@ extern "C" __global__ void adamw(float* p, floatX* px, const float* g, float* m,
 // paper. The backward pass is deterministic: one kernel sums dK and dV over a key tile's
 // query tiles in order, another dQ over a query tile's key tiles, each recomputing P from
 // the saved log-sum-exp, so no two blocks write one value and no atomics are used.
+// Exponentials are base 2 (ex2.approx, what libdevice's expf uses inside) of scores
+// premultiplied by log2(e); the saved log-sum-exp is in base 2 too.
 //
 // q, k, v, out, dq, dk, dv: the row of token tt of batch row bb, head h, starts at
 // base + (bb * t + tt) * stride + h * 64 (keys and values of head h / group, for grouped
-// queries). lse and dsum: [b, nh, t] f32.
+// queries). lse (base 2) and dsum: [b, nh, t] f32.
 
 #define FA_D 64
 #define FA_TILE 64
 #define FA_LD 72
 #define FA_THREADS 128
+#define LOG2E 1.4426950408889634f
 
-// Two floats as a bf16 pair, `lo` in the low half (round to nearest even).
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+__device__ __forceinline__ float exp2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8 and receives, of matrix i in r[i], row l / 4, columns 2 (l % 4) and
+// 2 (l % 4) + 1 (with `trans`, column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1).
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const floatX* p) {
+    unsigned a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+                 : "=r"(a)
+                 : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const floatX* p) {
+    unsigned a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+                 : "=r"(a)
+                 : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
 }
 
 // d[16x8] += a[16x16] b[16x8] on the tensor cores, f32 accumulation.
@@ -461,28 +634,21 @@ __device__ __forceinline__ void fa_load(floatX* tile, const floatX* src, int str
 
 // The mma A fragment of the tile's rows [r0, r0 + 16), columns [c0, c0 + 16).
 __device__ __forceinline__ void fa_frag_a(unsigned* a, const floatX* tile, int r0, int c0) {
-    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
-    const floatX* p = tile + (r0 + g) * FA_LD + c0 + 2 * quad;
-    a[0] = *(const unsigned*)p;
-    a[1] = *(const unsigned*)(p + 8 * FA_LD);
-    a[2] = *(const unsigned*)(p + 8);
-    a[3] = *(const unsigned*)(p + 8 * FA_LD + 8);
+    int l = threadIdx.x % 32, m = l / 8;
+    ldsm_x4(a, tile + (r0 + (m & 1) * 8 + l % 8) * FA_LD + c0 + (m >> 1) * 8);
 }
 
-// The B fragment B[k][n] = tile[n0 + n][k0 + k] (a product with the tile transposed).
-__device__ __forceinline__ void fa_frag_bt(unsigned* b, const floatX* tile, int n0, int k0) {
-    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
-    const floatX* p = tile + (n0 + g) * FA_LD + k0 + 2 * quad;
-    b[0] = *(const unsigned*)p;
-    b[1] = *(const unsigned*)(p + 8);
+// B fragments of two n-tiles, B[k][n] = tile[n0 + n][k0 + k] for n in [0, 16) (a
+// product with the tile transposed): b[0..2] for columns n0.., b[2..4] for n0 + 8...
+__device__ __forceinline__ void fa_frag_bt2(unsigned* b, const floatX* tile, int n0, int k0) {
+    int l = threadIdx.x % 32, m = l / 8;
+    ldsm_x4(b, tile + (n0 + (m >> 1) * 8 + l % 8) * FA_LD + k0 + (m & 1) * 8);
 }
 
-// The B fragment B[k][n] = tile[k0 + k][n0 + n] (a product with the tile as it is).
-__device__ __forceinline__ void fa_frag_b(unsigned* b, const floatX* tile, int k0, int n0) {
-    int g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
-    const floatX* p = tile + (k0 + 2 * quad) * FA_LD + n0 + g;
-    b[0] = (unsigned)p[0] | ((unsigned)p[FA_LD] << 16);
-    b[1] = (unsigned)p[8 * FA_LD] | ((unsigned)p[9 * FA_LD] << 16);
+// B fragments of two n-tiles, B[k][n] = tile[k0 + k][n0 + n] (the tile as it is).
+__device__ __forceinline__ void fa_frag_b2(unsigned* b, const floatX* tile, int k0, int n0) {
+    int l = threadIdx.x % 32, m = l / 8;
+    ldsm_x4_trans(b, tile + (k0 + (m & 1) * 8 + l % 8) * FA_LD + n0 + (m >> 1) * 8);
 }
 
 // Columns [16 j, 16 j + 16) of a warp's 16x64 accumulator as an A fragment in bf16 (the
@@ -496,14 +662,15 @@ __device__ __forceinline__ void fa_acc_to_a(unsigned* a, float (*s)[4], int j) {
 
 // acc[16x64] (+)= a[16x64] tile^T, the tile's 64 rows as columns.
 __device__ __forceinline__ void fa_mul_t(float (*acc)[4], unsigned (*a)[4], const floatX* tile) {
-    for (int nt = 0; nt < 8; nt++) {
+    for (int nt = 0; nt < 8; nt++)
         for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+    for (int np = 0; np < 4; np++)
         for (int kk = 0; kk < 4; kk++) {
-            unsigned b[2];
-            fa_frag_bt(b, tile, nt * 8, kk * 16);
-            mma_bf16(acc[nt], a[kk], b[0], b[1]);
+            unsigned b[4];
+            fa_frag_bt2(b, tile, np * 16, kk * 16);
+            mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
         }
-    }
 }
 
 // acc[16x64] += s[16x64] (as bf16) tile.
@@ -511,10 +678,11 @@ __device__ __forceinline__ void fa_mul_add(float (*acc)[4], float (*s)[4], const
     for (int j = 0; j < 4; j++) {
         unsigned a[4];
         fa_acc_to_a(a, s, j);
-        for (int nt = 0; nt < 8; nt++) {
-            unsigned b[2];
-            fa_frag_b(b, tile, j * 16, nt * 8);
-            mma_bf16(acc[nt], a, b[0], b[1]);
+        for (int np = 0; np < 4; np++) {
+            unsigned b[4];
+            fa_frag_b2(b, tile, j * 16, np * 16);
+            mma_bf16(acc[2 * np], a, b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
         }
     }
 }
@@ -556,6 +724,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     for (int nt = 0; nt < 8; nt++)
         for (int e = 0; e < 4; e++) o[nt][e] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    float scale2 = scale * LOG2E;
     int row0 = qt * FA_TILE + warp * 16 + g;
     for (int kt = 0; kt <= qt; kt++) {
         __syncthreads();
@@ -568,7 +737,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
         for (int nt = 0; nt < 8; nt++)
             for (int e = 0; e < 4; e++) {
                 int col = kt * FA_TILE + nt * 8 + 2 * quad + (e & 1), row = row0 + (e >> 1) * 8;
-                float x = col <= row && col < t ? s[nt][e] * scale : NEG_INF;
+                float x = col <= row && col < t ? s[nt][e] * scale2 : NEG_INF;
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
@@ -577,14 +746,14 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
             float next = fmaxf(m[i], mx[i]);
-            corr[i] = m[i] == NEG_INF ? 0.0f : expf(m[i] - next);
+            corr[i] = m[i] == NEG_INF ? 0.0f : exp2_approx(m[i] - next);
             m[i] = next;
             l[i] *= corr[i];
         }
         for (int nt = 0; nt < 8; nt++)
             for (int e = 0; e < 4; e++) {
                 o[nt][e] *= corr[e >> 1];
-                float p = s[nt][e] == NEG_INF ? 0.0f : expf(s[nt][e] - m[e >> 1]);
+                float p = s[nt][e] == NEG_INF ? 0.0f : exp2_approx(s[nt][e] - m[e >> 1]);
                 s[nt][e] = p;
                 l[e >> 1] += p;
             }
@@ -598,7 +767,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
              1.0f / l[1]);
     if (quad == 0)
         for (int i = 0; i < 2; i++)
-            if (row0 + 8 * i < t) lse[((long)bb * nh + h) * t + row0 + 8 * i] = m[i] + logf(l[i]);
+            if (row0 + 8 * i < t) lse[((long)bb * nh + h) * t + row0 + 8 * i] = m[i] + log2f(l[i]);
 }
 
 // One warp a row of one head (rows = b * t, heads nh): dsum = sum of dout * out over the
@@ -627,6 +796,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     __shared__ float ls[FA_TILE], dd[FA_TILE];
     int kt = gridDim.x - 1 - blockIdx.x;  // the most query tiles first
     int kvh = blockIdx.y, bb = blockIdx.z;
+    float scale2 = scale * LOG2E;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
     long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
     fa_load(qs, k + kv_base, kv_stride, kt * FA_TILE, t);
@@ -662,7 +832,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
                     int c = nt * 8 + 2 * quad + (e & 1), col = qt * FA_TILE + c;
                     int key = key0 + (e >> 1) * 8;
                     p[nt][e] = col >= key && col < t && key < t
-                                   ? expf(p[nt][e] * scale - ls[c])
+                                   ? exp2_approx(p[nt][e] * scale2 - ls[c])
                                    : 0.0f;
                 }
             fa_mul_add(dva, p, ds);  // dv += p^T dout
@@ -688,6 +858,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     int qt = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, bb = blockIdx.z, kvh = h / group;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
+    float scale2 = scale * LOG2E;
     long q_base = (long)bb * t * q_stride + h * FA_D;
     long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
     fa_load(ks, q + q_base, q_stride, qt * FA_TILE, t);
@@ -721,7 +892,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
             for (int e = 0; e < 4; e++) {
                 int col = kt * FA_TILE + nt * 8 + 2 * quad + (e & 1), row = row0 + (e >> 1) * 8;
                 float pr = col <= row && col < t && row < t
-                               ? expf(p[nt][e] * scale - lr[e >> 1])
+                               ? exp2_approx(p[nt][e] * scale2 - lr[e >> 1])
                                : 0.0f;
                 p[nt][e] = pr * (dp[nt][e] - dr[e >> 1]) * scale;
             }

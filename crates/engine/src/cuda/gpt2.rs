@@ -14,6 +14,7 @@
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::blas::{Blas, Elem, Gemm};
+use super::profile::Profile;
 use super::{CudaError, DeviceMem, Gpu};
 use crate::params::{GptLayout, ParamLayout};
 use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, Purpose, StepStats};
@@ -23,8 +24,11 @@ pub(crate) const PTX_F32: &str = include_str!("../../kernels/gpt2.f32.ptx");
 /// The kernels compiled with HT_BF16.
 pub(crate) const PTX_BF16: &str = include_str!("../../kernels/gpt2.bf16.ptx");
 
-/// Rows a column-sum partial covers (gradients of biases and LayerNorm parameters).
-const SUM_CHUNK: usize = 256;
+/// Rows a column-sum partial covers (gradients of biases and LayerNorm parameters;
+/// `SUM_ROWS` in gpt2.cu), and the columns of one partial block and one final block.
+const SUM_CHUNK: usize = 64;
+const SUM_PARTIAL_COLS: usize = 64;
+const SUM_FINAL_COLS: usize = 32;
 /// Blocks of the gradient-norm reduction: fixed, so its order is too.
 const NORM_BLOCKS: usize = 1024;
 const THREADS: u32 = 256;
@@ -290,6 +294,8 @@ pub struct Gpt2Cuda {
     /// The fused attention kernels (bf16 only).
     flash: Option<Flash>,
     attention: Attention,
+    /// Per-phase GPU times, when `HIVETRAIN_CUDA_PROFILE` is set.
+    profile: Option<Profile>,
     blas: Blas,
     config: GptConfig,
     layout: GptLayout,
@@ -309,6 +315,14 @@ impl Gpt2Cuda {
         purpose: Purpose,
     ) -> Result<Gpt2Cuda, EngineError> {
         config.validate()?;
+        if !config.n_embd.is_multiple_of(8) {
+            // The row kernels read eight values at a time (every preset's width is a
+            // multiple of 64).
+            return Err(CudaError::Unsupported {
+                what: "a GPT-2 whose n_embd is not a multiple of 8",
+            }
+            .into());
+        }
         let layout = GptLayout::new(&config);
         let table = ParamLayout::new(&config);
         if params.len() != table.len() {
@@ -356,6 +370,7 @@ impl Gpt2Cuda {
             kernels,
             flash,
             attention,
+            profile: Profile::from_env(),
             blas,
             config,
             layout,
@@ -562,6 +577,7 @@ impl Gpt2Cuda {
             Elem::F32,
             None,
         )?;
+        self.phase("bias gradients")?;
         self.column_sum(dbias, dout, n, o, g)
     }
 
@@ -575,28 +591,32 @@ impl Gpt2Cuda {
         g: &GradActs,
     ) -> Result<(), CudaError> {
         let chunks = n.div_ceil(SUM_CHUNK);
-        let (ni, ci, chunk, ri) = (n as i32, c as i32, SUM_CHUNK as i32, chunks as i32);
-        let cols = c.div_ceil(THREADS as usize) as u32;
+        let (ni, ci) = (n as i32, c as i32);
         self.launch(
             &self.kernels.column_sum_partial,
-            (cols, chunks as u32, 1),
+            (c.div_ceil(SUM_PARTIAL_COLS) as u32, chunks as u32, 1),
             THREADS,
-            &[
-                g.partial_a.ptr.into(),
-                x.into(),
-                ni.into(),
-                ci.into(),
-                chunk.into(),
-            ],
+            &[g.partial_a.ptr.into(), x.into(), ni.into(), ci.into()],
         )?;
-        let zero = 0i32;
+        self.column_sum_final(out, g.partial_a.ptr, chunks, c)
+    }
+
+    /// `out[j] = the sum over r of partial[r, j]`, `chunks` rows of `c`, in order.
+    fn column_sum_final(
+        &self,
+        out: u64,
+        partial: u64,
+        chunks: usize,
+        c: usize,
+    ) -> Result<(), CudaError> {
+        let (ri, ci, zero) = (chunks as i32, c as i32, 0i32);
         self.launch(
             &self.kernels.column_sum_final,
-            (cols, 1, 1),
+            (c.div_ceil(SUM_FINAL_COLS) as u32, 1, 1),
             THREADS,
             &[
                 out.into(),
-                g.partial_a.ptr.into(),
+                partial.into(),
                 ri.into(),
                 ci.into(),
                 zero.into(),
@@ -646,7 +666,7 @@ impl Gpt2Cuda {
         g: &GradActs,
     ) -> Result<(), CudaError> {
         let c = self.config.n_embd;
-        let (ni, ci, chunk) = (n as i32, c as i32, SUM_CHUNK as i32);
+        let (ni, ci) = (n as i32, c as i32);
         let wp = self.px(w);
         self.launch_rows(
             &self.kernels.layernorm_backward_input,
@@ -663,10 +683,10 @@ impl Gpt2Cuda {
             ],
         )?;
         let chunks = n.div_ceil(SUM_CHUNK);
-        let cols = c.div_ceil(THREADS as usize) as u32;
+        self.phase("layernorm bwd params")?;
         self.launch(
             &self.kernels.layernorm_param_partial,
-            (cols, chunks as u32, 1),
+            (c.div_ceil(SUM_PARTIAL_COLS) as u32, chunks as u32, 1),
             THREADS,
             &[
                 g.partial_a.ptr.into(),
@@ -677,35 +697,10 @@ impl Gpt2Cuda {
                 rstd.into(),
                 ni.into(),
                 ci.into(),
-                chunk.into(),
             ],
         )?;
-        let (ri, zero) = (chunks as i32, 0i32);
-        let (dw, db) = (self.grad(w), self.grad(b));
-        self.launch(
-            &self.kernels.column_sum_final,
-            (cols, 1, 1),
-            THREADS,
-            &[
-                dw.into(),
-                g.partial_a.ptr.into(),
-                ri.into(),
-                ci.into(),
-                zero.into(),
-            ],
-        )?;
-        self.launch(
-            &self.kernels.column_sum_final,
-            (cols, 1, 1),
-            THREADS,
-            &[
-                db.into(),
-                g.partial_b.ptr.into(),
-                ri.into(),
-                ci.into(),
-                zero.into(),
-            ],
-        )
+        self.column_sum_final(self.grad(w), g.partial_a.ptr, chunks, c)?;
+        self.column_sum_final(self.grad(b), g.partial_b.ptr, chunks, c)
     }
 
     /// Attention scores, per head of `count`: `d[t, t] = x[t, hs] y[t, hs]^T`, row-major
@@ -799,6 +794,7 @@ impl Gpt2Cuda {
         let rows = (b * nh * t) as i32;
         let scale = 1.0 / (hs as f32).sqrt();
         let (wte, wpe) = (self.px(self.layout.wte), self.px(self.layout.wpe));
+        self.phase("embed")?;
         self.launch1(
             &self.kernels.encoder_forward,
             n * c,
@@ -819,6 +815,7 @@ impl Gpt2Cuda {
             } else {
                 acts.blocks[layer - 1].res3.ptr
             };
+            self.phase("layernorm")?;
             self.layernorm_forward(
                 a.ln1.ptr,
                 a.ln1_mean.ptr,
@@ -828,6 +825,7 @@ impl Gpt2Cuda {
                 o.ln1_b,
                 n,
             )?;
+            self.phase("matmul qkv")?;
             self.linear(
                 a.qkv.ptr,
                 a.ln1.ptr,
@@ -836,6 +834,7 @@ impl Gpt2Cuda {
                 (n, c, 3 * c),
                 false,
             )?;
+            self.phase("attention")?;
             if let Some(flash) = self.flash_kernels() {
                 // atty = softmax(q k^T) v, straight from qkv's layout to atty's.
                 let (q, k, v) = self.qkv_parts(a.qkv.ptr);
@@ -902,6 +901,7 @@ impl Gpt2Cuda {
                     ],
                 )?;
             }
+            self.phase("matmul proj")?;
             self.gpu.copy(a.res2.ptr, residual, n * c * x as usize)?;
             self.linear(
                 a.res2.ptr,
@@ -911,6 +911,7 @@ impl Gpt2Cuda {
                 (n, c, c),
                 true,
             )?;
+            self.phase("layernorm")?;
             self.layernorm_forward(
                 a.ln2.ptr,
                 a.ln2_mean.ptr,
@@ -920,6 +921,7 @@ impl Gpt2Cuda {
                 o.ln2_b,
                 n,
             )?;
+            self.phase("matmul fc")?;
             self.linear(
                 a.fch.ptr,
                 a.ln2.ptr,
@@ -929,11 +931,13 @@ impl Gpt2Cuda {
                 false,
             )?;
             let n4 = (n * 4 * c) as i64;
+            self.phase("gelu")?;
             self.launch1(
                 &self.kernels.gelu_forward,
-                n * 4 * c,
+                (n * 4 * c).div_ceil(8),
                 &[a.fch_gelu.ptr.into(), a.fch.ptr.into(), n4.into()],
             )?;
+            self.phase("matmul fcproj")?;
             self.gpu.copy(a.res3.ptr, a.res2.ptr, n * c * x as usize)?;
             self.linear(
                 a.res3.ptr,
@@ -945,6 +949,7 @@ impl Gpt2Cuda {
             )?;
         }
         let last = acts.blocks.last().map_or(acts.encoded.ptr, |a| a.res3.ptr);
+        self.phase("layernorm")?;
         self.layernorm_forward(
             acts.lnf.ptr,
             acts.lnf_mean.ptr,
@@ -955,6 +960,7 @@ impl Gpt2Cuda {
             n,
         )?;
         // logits^T [v, n] = (wte^T)^T [v, c] x lnf^T [c, n]; wte is row-major [v, c].
+        self.phase("matmul logits")?;
         self.blas.gemm(
             Gemm {
                 transa: true,
@@ -981,6 +987,7 @@ impl Gpt2Cuda {
             0.0
         };
         let vi = v as i32;
+        self.phase("softmax xent")?;
         self.launch(
             &self.kernels.softmax_xent,
             (n as u32, 1, 1),
@@ -995,6 +1002,7 @@ impl Gpt2Cuda {
             ],
         )?;
         let mut losses = vec![0.0f32; n];
+        self.phase("loss download")?;
         self.gpu.download(&mut losses, &acts.losses, 0)?;
         Ok(crate::ops::mean_loss(&losses, counted))
     }
@@ -1016,6 +1024,7 @@ impl Gpt2Cuda {
         let rows = (b * nh * t) as i32;
         let scale = 1.0 / (hs as f32).sqrt();
         let wte = self.px(self.layout.wte);
+        self.phase("matmul logits bwd")?;
         // Head: dlnf = dlogits @ wte; dwte = dlogits^T @ lnf (the first write of dwte).
         // dlnf^T [c, n] = wte^T [c, v] (row-major [v, c], ld c) x dlogits^T [v, n].
         self.blas.gemm(
@@ -1057,6 +1066,7 @@ impl Gpt2Cuda {
             Elem::F32,
             None,
         )?;
+        self.phase("layernorm bwd")?;
         self.gpu.zero(&g.dres)?;
         let last = acts.blocks.last().map_or(acts.encoded.ptr, |a| a.res3.ptr);
         self.layernorm_backward(
@@ -1077,6 +1087,7 @@ impl Gpt2Cuda {
                 acts.blocks[layer - 1].res3.ptr
             };
             // MLP.
+            self.phase("matmul fcproj bwd")?;
             self.linear_backward(
                 g.dfch_gelu.ptr,
                 self.grad(o.fcproj_w),
@@ -1088,9 +1099,10 @@ impl Gpt2Cuda {
                 g,
             )?;
             let n4 = (n * 4 * c) as i64;
+            self.phase("gelu bwd")?;
             self.launch1(
                 &self.kernels.gelu_backward,
-                n * 4 * c,
+                (n * 4 * c).div_ceil(8),
                 &[
                     g.dfch.ptr.into(),
                     a.fch.ptr.into(),
@@ -1098,6 +1110,7 @@ impl Gpt2Cuda {
                     n4.into(),
                 ],
             )?;
+            self.phase("matmul fc bwd")?;
             self.linear_backward(
                 g.dc.ptr,
                 self.grad(o.fc_w),
@@ -1108,6 +1121,7 @@ impl Gpt2Cuda {
                 (n, c, 4 * c),
                 g,
             )?;
+            self.phase("layernorm bwd")?;
             self.layernorm_backward(
                 g.dres.ptr,
                 g.dc.ptr,
@@ -1118,6 +1132,7 @@ impl Gpt2Cuda {
                 g,
             )?;
             // Attention.
+            self.phase("matmul proj bwd")?;
             self.linear_backward(
                 g.dc.ptr,
                 self.grad(o.proj_w),
@@ -1128,6 +1143,7 @@ impl Gpt2Cuda {
                 (n, c, c),
                 g,
             )?;
+            self.phase("attention bwd")?;
             if let Some(flash) = self.flash_kernels() {
                 self.flash_backward(flash, a, g, (b, t))?;
             } else {
@@ -1192,6 +1208,7 @@ impl Gpt2Cuda {
                     ],
                 )?;
             }
+            self.phase("matmul qkv bwd")?;
             self.linear_backward(
                 g.dc.ptr,
                 self.grad(o.qkv_w),
@@ -1202,6 +1219,7 @@ impl Gpt2Cuda {
                 (n, c, 3 * c),
                 g,
             )?;
+            self.phase("layernorm bwd")?;
             self.layernorm_backward(
                 g.dres.ptr,
                 g.dc.ptr,
@@ -1213,6 +1231,7 @@ impl Gpt2Cuda {
             )?;
         }
         // Embeddings.
+        self.phase("embed bwd")?;
         let dwpe = self.grad(self.layout.wpe);
         self.launch1(
             &self.kernels.wpe_backward,
@@ -1265,6 +1284,14 @@ impl Gpt2Cuda {
             ],
         )?;
         Ok(())
+    }
+
+    /// Marks the start of phase `label` on the stream when profiling.
+    fn phase(&self, label: &'static str) -> Result<(), CudaError> {
+        match &self.profile {
+            Some(p) => p.mark(&self.gpu.stream, label),
+            None => Ok(()),
+        }
     }
 
     /// The fused kernels, when this backend's attention is [`Attention::Flash`].
@@ -1364,7 +1391,9 @@ impl Gpt2Cuda {
     /// Clips and applies one AdamW update, as `ops::adamw` does; returns the pre-clip
     /// norm.
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> Result<f32, CudaError> {
+        self.phase("grad norm")?;
         let norm = self.grad_norm()?;
+        self.phase("adamw")?;
         let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
             opt.grad_clip / (norm + 1e-6)
         } else {
@@ -1490,6 +1519,9 @@ impl Drop for Gpt2Cuda {
     fn drop(&mut self) {
         // Wait for queued work before its buffers are freed.
         let _ = self.gpu.sync();
+        if let Some(p) = &self.profile {
+            eprint!("{}", p.report());
+        }
     }
 }
 
@@ -1549,10 +1581,17 @@ impl Backend for Gpt2Cuda {
     ) -> Result<StepStats, EngineError> {
         self.check_trainable()?;
         self.check_batch(batch)?;
+        if let Some(p) = &self.profile {
+            p.begin();
+        }
         let loss = self.forward(batch, true)?;
         self.backward()?;
         let grad_norm = self.adamw(optimizer, lr)?;
+        self.phase("end")?;
         self.gpu.sync()?;
+        if let Some(p) = &self.profile {
+            p.end()?;
+        }
         Ok(StepStats { loss, grad_norm })
     }
 

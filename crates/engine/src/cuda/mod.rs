@@ -19,6 +19,7 @@
 
 mod blas;
 pub mod gpt2;
+mod profile;
 
 use std::sync::Arc;
 
