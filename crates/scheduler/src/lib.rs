@@ -130,6 +130,16 @@ fn no_limit() -> u64 {
     u64::MAX
 }
 
+/// Whether a lease that ends at `now_ms` ends overdue: at its hard deadline, and that
+/// deadline let heartbeats renew it past its first `lease_ms`. A lease whose hard
+/// deadline is its first one (a worker measured fast) could not be renewed, so ending
+/// it is a plain expiry, as for a worker that sent no heartbeat: its holder may take
+/// another unit. A lease stored without its start counts as renewable, as before.
+fn overdue(hard_deadline_ms: u64, leased_ms: Option<u64>, lease_ms: u64, now_ms: u64) -> bool {
+    hard_deadline_ms <= now_ms
+        && leased_ms.is_none_or(|start| hard_deadline_ms > start.saturating_add(lease_ms))
+}
+
 /// What happened, as the driver tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
@@ -583,17 +593,18 @@ impl Scheduler {
     }
 
     fn expire_leases(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let lease_ms = self.config.lease_ms;
         for (id, (_, status)) in self.units.iter_mut() {
             if let UnitStatus::Leased {
                 worker,
                 deadline_ms,
                 hard_deadline_ms,
-                ..
+                leased_ms,
             } = *status
                 && deadline_ms <= now_ms
             {
                 *status = UnitStatus::Queued;
-                if hard_deadline_ms <= now_ms {
+                if overdue(hard_deadline_ms, leased_ms, lease_ms, now_ms) {
                     if !self.overdue.contains(&worker) {
                         self.overdue.push(worker);
                     }
@@ -607,11 +618,13 @@ impl Scheduler {
             let expired = l.accepted_in.is_none() && l.deadline_ms <= now_ms;
             if expired {
                 let (worker, unit) = (l.worker, *id);
-                effects.push(if l.hard_deadline_ms <= now_ms {
-                    Effect::LeaseOverdue { worker, unit }
-                } else {
-                    Effect::LeaseExpired { worker, unit }
-                });
+                effects.push(
+                    if overdue(l.hard_deadline_ms, l.leased_ms, lease_ms, now_ms) {
+                        Effect::LeaseOverdue { worker, unit }
+                    } else {
+                        Effect::LeaseExpired { worker, unit }
+                    },
+                );
             }
             !expired
         });
@@ -1449,6 +1462,38 @@ mod tests {
                 t=40: lease unit 2 (round 0, base v0, shard 1, offset 0) to w1 until 140
                 t=160: lease of unit 2 by w1 is overdue
                 t=160: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 260
+            "#]],
+        );
+    }
+
+    /// A lease whose hard deadline is its first (a worker measured fast) cannot be
+    /// renewed; when it ends, it expires rather than goes overdue, and its holder may
+    /// take a unit again.
+    #[test]
+    fn a_lease_that_could_not_be_renewed_expires() {
+        use Event::*;
+        let fast = LeaseRequest {
+            worker: w(3),
+            expected_ms: Some(1),
+        };
+        check_with(
+            deadline_config(),
+            &[
+                (0, vec![fast]),
+                (
+                    50,
+                    vec![Heartbeat {
+                        worker: w(3),
+                        unit: 1,
+                    }],
+                ),
+                (100, vec![fast]),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 100
+                t=100: lease of unit 1 by w3 expired
+                t=100: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 200
             "#]],
         );
     }
