@@ -37,8 +37,13 @@ pub struct Settings {
 pub enum Input<'a> {
     /// Time passes: leases expire, rounds time out.
     Tick,
-    /// A worker asks for work.
-    Lease { worker: WorkerId },
+    /// A worker asks for work; `expected_ms` is what a unit should take it by the speed
+    /// it reported ([`crate::tier::unit_ms`]; `None`: no report), which sizes the
+    /// lease's hard deadline until the worker's arrivals are measured.
+    Lease {
+        worker: WorkerId,
+        expected_ms: Option<u64>,
+    },
     /// A worker is still on its unit.
     Heartbeat { worker: WorkerId, unit: u64 },
     /// The driver refused the worker's update for a reason that sends the unit to
@@ -189,7 +194,16 @@ impl Run {
         let seed = self.settings.seed;
         let output = match input {
             Input::Tick => self.schedule(now_ms, &[]),
-            Input::Lease { worker } => self.schedule(now_ms, &[Event::LeaseRequest { worker }]),
+            Input::Lease {
+                worker,
+                expected_ms,
+            } => self.schedule(
+                now_ms,
+                &[Event::LeaseRequest {
+                    worker,
+                    expected_ms,
+                }],
+            ),
             Input::Heartbeat { worker, unit } => {
                 self.schedule(now_ms, &[Event::Heartbeat { worker, unit }])
             }

@@ -546,6 +546,9 @@ impl CoordinatorConfig {
         if s.lease_max_ms < s.lease_ms {
             return bad("schedule.lease_max_ms must be at least schedule.lease_ms");
         }
+        if !(s.slack.is_finite() && s.slack >= 1.0) {
+            return bad("schedule.slack must be a number of at least 1");
+        }
         let r = &self.records;
         if r.workers_max == 0 || r.rejections_max == 0 || r.rejections_max > protocol::ID_MAX {
             return bad(
@@ -760,6 +763,10 @@ mod tests {
             .as_object_mut()
             .expect("schedule")
             .remove("lease_max_ms");
+        object["schedule"]
+            .as_object_mut()
+            .expect("schedule")
+            .remove("slack");
         let legacy = legacy.to_string();
         assert!(c.same_run_as(&legacy));
         let changed = CoordinatorConfig {
@@ -770,5 +777,8 @@ mod tests {
         let mut longer = c.clone();
         longer.schedule.lease_max_ms *= 2;
         assert!(!longer.same_run_as(&legacy));
+        let mut slacker = c.clone();
+        slacker.schedule.slack *= 2.0;
+        assert!(!slacker.same_run_as(&legacy));
     }
 }

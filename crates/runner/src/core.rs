@@ -164,7 +164,11 @@ pub struct Core {
     corpus: Arc<Vec<u8>>,
     tokenizer: Arc<Vec<u8>>,
     run_info: RunInfo,
-    workers: HashSet<WorkerId>,
+    /// Registered workers, each with the speed it reported (tokens a second; `None`
+    /// from workers before the report): what sizes its leases' hard deadlines until its
+    /// arrivals are measured. Kept here, as the `workers` rows say, so that a lease
+    /// reads no row; as many as `records.workers_max`.
+    workers: HashMap<WorkerId, Option<f64>>,
     initial_loss: f32,
     /// Credit for accepted work, spends and payouts; every entry is committed in the
     /// same transaction as what it is for, then appended here.
@@ -424,7 +428,10 @@ impl Core {
         let workers = store
             .workers()?
             .iter()
-            .filter_map(|w| WorkerId::parse(&w.id))
+            .filter_map(|w| {
+                let speed = w.machine.as_ref().map(|m| m.tokens_per_s);
+                WorkerId::parse(&w.id).map(|id| (id, speed))
+            })
             .collect();
         let (authority, _) = keys::load_or_create(&dir.join(LEDGER_KEY))?;
         let ledger =
@@ -636,7 +643,7 @@ impl Core {
             machine: machine.cloned(),
         };
         let full = self.workers.len() as u64 >= self.config.records.workers_max;
-        let dropped = if full && !self.workers.contains(&worker) {
+        let dropped = if full && !self.workers.contains_key(&worker) {
             Some(self.idle_registration()?)
         } else {
             None
@@ -652,7 +659,7 @@ impl Core {
         if let Some(old) = dropped {
             self.workers.remove(&old);
         }
-        self.workers.insert(worker);
+        self.workers.insert(worker, machine.map(|m| m.tokens_per_s));
         Ok(())
     }
 
@@ -694,7 +701,7 @@ impl Core {
     }
 
     fn known(&self, worker: WorkerId) -> Result<(), RunError> {
-        if self.workers.contains(&worker) {
+        if self.workers.contains_key(&worker) {
             Ok(())
         } else {
             Err(RunError::new(
@@ -705,12 +712,22 @@ impl Core {
         }
     }
 
-    /// Gives the worker a unit, or tells it when to come back.
+    /// Gives the worker a unit, or tells it when to come back. The unit's hard deadline
+    /// is sized by the run from the worker's measured arrivals, else from the speed it
+    /// reported at registration (handed in as the time a unit should take it).
     pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, RunError> {
         self.known(worker)?;
-        let effects = self
-            .advance(now_ms, Input::Lease { worker }, |_| Ok(()))?
-            .effects;
+        let expected_ms = self
+            .workers
+            .get(&worker)
+            .copied()
+            .flatten()
+            .and_then(|speed| run::tier::unit_ms(speed, self.run.settings().unit_tokens));
+        let input = Input::Lease {
+            worker,
+            expected_ms,
+        };
+        let effects = self.advance(now_ms, input, |_| Ok(()))?.effects;
         let reply = effects.iter().find_map(|e| match *e {
             Effect::Lease {
                 worker: w,

@@ -11,7 +11,9 @@
 //! the new version, which starts the next round. Updates based on a version more than
 //! MAX_STALENESS behind are rejected by validation; this crate tells validation what a
 //! unit's lease is (`lease_view`). A lease lasts `lease_ms` past its last heartbeat and
-//! never more than `lease_max_ms` in all.
+//! never past its hard deadline: `slack` times what the unit is expected to take that
+//! worker (the slowest of its last measured arrivals, else the speed it reported, else
+//! `lease_max_ms`), clamped between `lease_ms` and `lease_max_ms` (`Arrivals`).
 //!
 //! The whole state is serde-serializable, so a coordinator persists it and resumes the
 //! round it was in after a restart.
@@ -49,6 +51,12 @@ pub struct ScheduleConfig {
     pub n_shards: u32,
     /// Largest accepted `current version - base version` of an update.
     pub max_staleness: u64,
+    /// A lease's hard deadline is this multiple of what its unit is expected to take the
+    /// worker (its measured arrivals, else its reported speed), clamped between
+    /// `lease_ms` and `lease_max_ms`: a fast worker that stalls frees its unit sooner,
+    /// and nothing waits longer than `lease_max_ms`. At least 1; 3 leaves room for a
+    /// busy machine, a slow download and the spread of a worker's own arrivals.
+    pub slack: f64,
 }
 
 impl Default for ScheduleConfig {
@@ -65,11 +73,25 @@ impl Default for ScheduleConfig {
             lr_decay_rounds: 0,
             n_shards: 16,
             max_staleness: 1,
+            slack: 3.0,
         }
     }
 }
 
 impl ScheduleConfig {
+    /// The hard deadline's length for a unit expected to take `expected_ms` (`None`:
+    /// unknown, the longest lease): `slack * expected_ms`, within `lease_ms` and
+    /// `lease_max_ms`. A `slack` below 1 or not a number counts as 1.
+    pub fn hard_lease_ms(&self, expected_ms: Option<u64>) -> u64 {
+        let Some(expected_ms) = expected_ms else {
+            return self.lease_max_ms;
+        };
+        let slack = if self.slack >= 1.0 { self.slack } else { 1.0 };
+        // An f64 past u64::MAX converts to u64::MAX (`as` saturates).
+        let scaled = (expected_ms as f64 * slack) as u64;
+        scaled.clamp(self.lease_ms.min(self.lease_max_ms), self.lease_max_ms)
+    }
+
     /// The learning rate of round `round`'s units.
     pub fn round_lr(&self, round: u64) -> f32 {
         if self.lr_decay_rounds == 0 {
@@ -90,10 +112,14 @@ pub enum UnitStatus {
         worker: WorkerId,
         /// When the lease ends unless renewed.
         deadline_ms: u64,
-        /// When it ends however often it is renewed (`lease_max_ms` after it began; a
-        /// lease stored before the limit existed has none).
+        /// When it ends however often it is renewed (at most `lease_max_ms` after it
+        /// began; a lease stored before the limit existed has none).
         #[serde(default = "no_limit")]
         hard_deadline_ms: u64,
+        /// When it began (a lease stored before arrivals were measured has none, and
+        /// its arrival is not measured).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leased_ms: Option<u64>,
     },
     Accepted {
         worker: WorkerId,
@@ -104,11 +130,26 @@ fn no_limit() -> u64 {
     u64::MAX
 }
 
+/// Whether a lease that ends at `now_ms` ends overdue: at its hard deadline, and that
+/// deadline let heartbeats renew it past its first `lease_ms`. A lease whose hard
+/// deadline is its first one (a worker measured fast) could not be renewed, so ending
+/// it is a plain expiry, as for a worker that sent no heartbeat: its holder may take
+/// another unit. A lease stored without its start counts as renewable, as before.
+fn overdue(hard_deadline_ms: u64, leased_ms: Option<u64>, lease_ms: u64, now_ms: u64) -> bool {
+    hard_deadline_ms <= now_ms
+        && leased_ms.is_none_or(|start| hard_deadline_ms > start.saturating_add(lease_ms))
+}
+
 /// What happened, as the driver tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    /// A worker asks for work.
-    LeaseRequest { worker: WorkerId },
+    /// A worker asks for work; `expected_ms` is how long the driver expects a unit to
+    /// take it from the speed it reported (`None`: no report), used while the worker
+    /// has no measured arrival.
+    LeaseRequest {
+        worker: WorkerId,
+        expected_ms: Option<u64>,
+    },
     /// A worker says it is still on a unit (extends the lease).
     Heartbeat { worker: WorkerId, unit: u64 },
     /// Validation accepted the worker's update for the unit.
@@ -184,6 +225,98 @@ pub struct Scheduler {
     /// until the next round (at most one entry per lease the round handed out).
     #[serde(default)]
     overdue: Vec<WorkerId>,
+    /// How long each worker's recent units took it, from lease to accepted update: what
+    /// its next hard deadline is sized from.
+    #[serde(default, skip_serializing_if = "Arrivals::is_empty")]
+    arrivals: Arrivals,
+}
+
+/// Arrival durations remembered per worker (its most recent ones).
+pub const ARRIVALS_PER_WORKER_MAX: usize = 8;
+
+/// Workers whose arrivals are remembered; a new one past it replaces the one whose last
+/// arrival is oldest. The scheduler's state is copied on every step and written with
+/// every commit, so this stays small: a worker forgotten falls back on its reported
+/// speed until its next arrival.
+pub const ARRIVAL_WORKERS_MAX: usize = 256;
+
+/// Measured arrival times: per worker, how long its last units took from lease to
+/// accepted update, in ms. Bounded by [`ARRIVALS_PER_WORKER_MAX`] and
+/// [`ARRIVAL_WORKERS_MAX`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Arrivals {
+    workers: Vec<WorkerArrivals>,
+}
+
+/// One worker's arrivals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct WorkerArrivals {
+    worker: WorkerId,
+    /// When its last arrival was measured.
+    last_ms: u64,
+    /// Its most recent durations, oldest first.
+    durations_ms: Vec<u64>,
+}
+
+impl Arrivals {
+    /// Whether no arrival is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Workers remembered.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// `worker`'s remembered durations, oldest first (empty when none).
+    pub fn of(&self, worker: WorkerId) -> &[u64] {
+        self.workers
+            .iter()
+            .find(|w| w.worker == worker)
+            .map_or(&[], |w| &w.durations_ms)
+    }
+
+    /// What a unit is expected to take `worker`, from its arrivals: the slowest of the
+    /// last [`ARRIVALS_PER_WORKER_MAX`]. With eight samples a p90 is the slowest one
+    /// anyway, and the slowest is the one rule that gives every recent unit of the
+    /// worker room; one outlier cannot lengthen a lease past `lease_max_ms` and ages
+    /// out after eight more units.
+    pub fn expected_ms(&self, worker: WorkerId) -> Option<u64> {
+        self.of(worker).iter().copied().max()
+    }
+
+    /// Records that `worker`'s unit leased at `leased_ms` arrived at `now_ms`.
+    fn record(&mut self, worker: WorkerId, leased_ms: u64, now_ms: u64) {
+        let duration_ms = now_ms.saturating_sub(leased_ms);
+        let index = match self.workers.iter().position(|w| w.worker == worker) {
+            Some(index) => index,
+            None => {
+                if self.workers.len() >= ARRIVAL_WORKERS_MAX
+                    && let Some(oldest) = self
+                        .workers
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, w)| w.last_ms)
+                        .map(|(i, _)| i)
+                {
+                    self.workers.swap_remove(oldest);
+                }
+                self.workers.push(WorkerArrivals {
+                    worker,
+                    last_ms: now_ms,
+                    durations_ms: Vec::with_capacity(ARRIVALS_PER_WORKER_MAX),
+                });
+                self.workers.len() - 1
+            }
+        };
+        let entry = &mut self.workers[index];
+        entry.last_ms = entry.last_ms.max(now_ms);
+        if entry.durations_ms.len() >= ARRIVALS_PER_WORKER_MAX {
+            entry.durations_ms.remove(0);
+        }
+        entry.durations_ms.push(duration_ms);
+    }
 }
 
 /// A lease that outlived its round.
@@ -195,6 +328,9 @@ pub struct LateLease {
     /// When it ends however often it is renewed.
     #[serde(default = "no_limit")]
     pub hard_deadline_ms: u64,
+    /// When it began (none if stored before arrivals were measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_ms: Option<u64>,
     /// The round whose aggregate its accepted update joins.
     pub accepted_in: Option<u64>,
 }
@@ -217,7 +353,13 @@ impl Scheduler {
             refused: BTreeMap::new(),
             late: BTreeMap::new(),
             overdue: Vec::new(),
+            arrivals: Arrivals::default(),
         }
+    }
+
+    /// The measured arrival times the next hard deadlines are sized from.
+    pub fn arrivals(&self) -> &Arrivals {
+        &self.arrivals
     }
 
     pub fn config(&self) -> &ScheduleConfig {
@@ -319,7 +461,10 @@ impl Scheduler {
         self.maybe_aggregate(now_ms, &mut effects);
         for event in events {
             match *event {
-                Event::LeaseRequest { worker } => self.lease(now_ms, worker, &mut effects),
+                Event::LeaseRequest {
+                    worker,
+                    expected_ms,
+                } => self.lease(now_ms, worker, expected_ms, &mut effects),
                 Event::Heartbeat { worker, unit } => {
                     let renewed = now_ms.saturating_add(self.config.lease_ms);
                     if let Some((
@@ -328,6 +473,7 @@ impl Scheduler {
                             worker: holder,
                             deadline_ms,
                             hard_deadline_ms,
+                            ..
                         },
                     )) = self.units.get_mut(&unit)
                         && *holder == worker
@@ -343,15 +489,26 @@ impl Scheduler {
                 }
                 Event::UpdateAccepted { worker, unit } => {
                     if let Some((_, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
-                        && matches!(status, UnitStatus::Leased { worker: w, .. } if *w == worker)
+                        && let UnitStatus::Leased {
+                            worker: holder,
+                            leased_ms,
+                            ..
+                        } = *status
+                        && holder == worker
                     {
                         *status = UnitStatus::Accepted { worker };
+                        if let Some(leased_ms) = leased_ms {
+                            self.arrivals.record(worker, leased_ms, now_ms);
+                        }
                     }
                     if let Some(l) = self.late.get_mut(&unit)
                         && l.worker == worker
                         && l.accepted_in.is_none()
                     {
                         l.accepted_in = Some(self.round);
+                        if let Some(leased_ms) = l.leased_ms {
+                            self.arrivals.record(worker, leased_ms, now_ms);
+                        }
                     }
                 }
                 Event::UpdateRefused { worker, unit } => {
@@ -436,16 +593,18 @@ impl Scheduler {
     }
 
     fn expire_leases(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let lease_ms = self.config.lease_ms;
         for (id, (_, status)) in self.units.iter_mut() {
             if let UnitStatus::Leased {
                 worker,
                 deadline_ms,
                 hard_deadline_ms,
+                leased_ms,
             } = *status
                 && deadline_ms <= now_ms
             {
                 *status = UnitStatus::Queued;
-                if hard_deadline_ms <= now_ms {
+                if overdue(hard_deadline_ms, leased_ms, lease_ms, now_ms) {
                     if !self.overdue.contains(&worker) {
                         self.overdue.push(worker);
                     }
@@ -459,17 +618,27 @@ impl Scheduler {
             let expired = l.accepted_in.is_none() && l.deadline_ms <= now_ms;
             if expired {
                 let (worker, unit) = (l.worker, *id);
-                effects.push(if l.hard_deadline_ms <= now_ms {
-                    Effect::LeaseOverdue { worker, unit }
-                } else {
-                    Effect::LeaseExpired { worker, unit }
-                });
+                effects.push(
+                    if overdue(l.hard_deadline_ms, l.leased_ms, lease_ms, now_ms) {
+                        Effect::LeaseOverdue { worker, unit }
+                    } else {
+                        Effect::LeaseExpired { worker, unit }
+                    },
+                );
             }
             !expired
         });
     }
 
-    fn lease(&mut self, now_ms: u64, worker: WorkerId, effects: &mut Vec<Effect>) {
+    /// Leases a queued unit to `worker` (or gives its own back), its hard deadline sized
+    /// from the worker's arrivals, else `expected_ms`, else `lease_max_ms`.
+    fn lease(
+        &mut self,
+        now_ms: u64,
+        worker: WorkerId,
+        expected_ms: Option<u64>,
+        effects: &mut Vec<Effect>,
+    ) {
         // One unit per worker at a time: a worker that asks again gets its own unit back.
         let held = self
             .units
@@ -492,9 +661,11 @@ impl Scheduler {
                     && !refused.get(&u.id).is_some_and(|r| r.contains(&worker))
             })
         };
+        let expected_ms = self.arrivals.expected_ms(worker).or(expected_ms);
         match queued {
             Some((unit, status)) => {
-                let hard_deadline_ms = now_ms.saturating_add(self.config.lease_max_ms);
+                let hard_deadline_ms =
+                    now_ms.saturating_add(self.config.hard_lease_ms(expected_ms));
                 let deadline_ms = now_ms
                     .saturating_add(self.config.lease_ms)
                     .min(hard_deadline_ms);
@@ -502,6 +673,7 @@ impl Scheduler {
                     worker,
                     deadline_ms,
                     hard_deadline_ms,
+                    leased_ms: Some(now_ms),
                 };
                 effects.push(Effect::Lease {
                     worker,
@@ -537,6 +709,7 @@ impl Scheduler {
                     worker,
                     deadline_ms,
                     hard_deadline_ms,
+                    leased_ms,
                 } => {
                     if keep_late {
                         late.insert(
@@ -546,6 +719,7 @@ impl Scheduler {
                                 worker,
                                 deadline_ms,
                                 hard_deadline_ms,
+                                leased_ms,
                                 accepted_in: None,
                             },
                         );
@@ -669,16 +843,34 @@ mod tests {
             &[
                 (
                     0,
-                    vec![LeaseRequest { worker: w(1) }, LeaseRequest { worker: w(2) }],
+                    vec![
+                        LeaseRequest {
+                            worker: w(1),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(2),
+                            expected_ms: None,
+                        },
+                    ],
                 ),
                 (90, vec![hb(1, 1), hb(2, 2)]),
                 (180, vec![hb(1, 1), hb(2, 2)]),
                 (
                     250,
                     vec![
-                        LeaseRequest { worker: w(1) },
-                        LeaseRequest { worker: w(2) },
-                        LeaseRequest { worker: w(3) },
+                        LeaseRequest {
+                            worker: w(1),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(2),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(3),
+                            expected_ms: None,
+                        },
                     ],
                 ),
                 (
@@ -710,12 +902,27 @@ mod tests {
                 (
                     0,
                     vec![
-                        LeaseRequest { worker: w(1) },
-                        LeaseRequest { worker: w(2) },
-                        LeaseRequest { worker: w(3) },
+                        LeaseRequest {
+                            worker: w(1),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(2),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(3),
+                            expected_ms: None,
+                        },
                     ],
                 ),
-                (10, vec![LeaseRequest { worker: w(1) }]),
+                (
+                    10,
+                    vec![LeaseRequest {
+                        worker: w(1),
+                        expected_ms: None,
+                    }],
+                ),
                 (
                     50,
                     vec![
@@ -729,7 +936,13 @@ mod tests {
                         },
                     ],
                 ),
-                (60, vec![LeaseRequest { worker: w(3) }]),
+                (
+                    60,
+                    vec![LeaseRequest {
+                        worker: w(3),
+                        expected_ms: None,
+                    }],
+                ),
                 (
                     70,
                     vec![
@@ -737,7 +950,10 @@ mod tests {
                             round: 0,
                             version: 1,
                         },
-                        LeaseRequest { worker: w(3) },
+                        LeaseRequest {
+                            worker: w(3),
+                            expected_ms: None,
+                        },
                     ],
                 ),
             ],
@@ -764,14 +980,35 @@ mod tests {
                 _ => None,
             })
         };
-        let first = s.tick(0, 7, &[Event::LeaseRequest { worker: w(1) }]);
+        let first = s.tick(
+            0,
+            7,
+            &[Event::LeaseRequest {
+                worker: w(1),
+                expected_ms: None,
+            }],
+        );
         let unit = lease(&first).expect("a lease");
         s.tick(1, 7, &[Event::UpdateRefused { worker: w(1), unit }]);
         // Its refused worker gets the round's other unit; the next worker gets this one.
-        let other = lease(&s.tick(2, 7, &[Event::LeaseRequest { worker: w(1) }]));
+        let other = lease(&s.tick(
+            2,
+            7,
+            &[Event::LeaseRequest {
+                worker: w(1),
+                expected_ms: None,
+            }],
+        ));
         assert!(other.is_some_and(|u| u != unit), "{other:?}");
         assert_eq!(
-            lease(&s.tick(3, 7, &[Event::LeaseRequest { worker: w(2) }])),
+            lease(&s.tick(
+                3,
+                7,
+                &[Event::LeaseRequest {
+                    worker: w(2),
+                    expected_ms: None
+                }]
+            )),
             Some(unit)
         );
         // A refusal for a unit not leased to the sender changes nothing.
@@ -787,7 +1024,16 @@ mod tests {
             &[
                 (
                     0,
-                    vec![LeaseRequest { worker: w(1) }, LeaseRequest { worker: w(2) }],
+                    vec![
+                        LeaseRequest {
+                            worker: w(1),
+                            expected_ms: None,
+                        },
+                        LeaseRequest {
+                            worker: w(2),
+                            expected_ms: None,
+                        },
+                    ],
                 ),
                 (
                     60,
@@ -796,7 +1042,13 @@ mod tests {
                         unit: 2,
                     }],
                 ),
-                (120, vec![LeaseRequest { worker: w(3) }]),
+                (
+                    120,
+                    vec![LeaseRequest {
+                        worker: w(3),
+                        expected_ms: None,
+                    }],
+                ),
                 (
                     130,
                     vec![UpdateAccepted {
@@ -839,7 +1091,10 @@ mod tests {
             worker: w(worker),
             unit,
         };
-        let lease = |worker| LeaseRequest { worker: w(worker) };
+        let lease = |worker| LeaseRequest {
+            worker: w(worker),
+            expected_ms: None,
+        };
         let aggregated = |round, version| Aggregated { round, version };
         let late = |s: &Scheduler| -> Vec<(u64, Option<u64>)> {
             s.late().map(|l| (l.unit.id, l.accepted_in)).collect()
@@ -868,6 +1123,8 @@ mod tests {
         // w2's update, one version behind, joins round 1; a second one is a duplicate.
         s.tick(70, 7, &[lease(1), lease(3), accepted(2, 2)]);
         assert_eq!(late(&s), vec![(2, Some(1))]);
+        // Its arrival is measured from its lease, in round 0.
+        assert_eq!(s.arrivals().of(w(2)), &[70]);
         assert!(s.lease_view(2).is_some_and(|v| v.submitted));
         let effects = s.tick(80, 7, &[accepted(1, 3), accepted(3, 4)]);
         assert!(effects.contains(&Effect::Aggregate {
@@ -911,7 +1168,13 @@ mod tests {
         use Event::*;
         check(
             &[
-                (0, vec![LeaseRequest { worker: w(1) }]),
+                (
+                    0,
+                    vec![LeaseRequest {
+                        worker: w(1),
+                        expected_ms: None,
+                    }],
+                ),
                 (
                     90,
                     vec![UpdateAccepted {
@@ -937,8 +1200,14 @@ mod tests {
             0,
             7,
             &[
-                Event::LeaseRequest { worker: w(1) },
-                Event::LeaseRequest { worker: w(2) },
+                Event::LeaseRequest {
+                    worker: w(1),
+                    expected_ms: None,
+                },
+                Event::LeaseRequest {
+                    worker: w(2),
+                    expected_ms: None,
+                },
             ],
         );
         s.tick(
@@ -984,7 +1253,10 @@ mod tests {
             ..config()
         };
         let mut s = Scheduler::new(config, 0);
-        let lease = |n| Event::LeaseRequest { worker: w(n) };
+        let lease = |n| Event::LeaseRequest {
+            worker: w(n),
+            expected_ms: None,
+        };
         let accepted = Event::UpdateAccepted {
             worker: w(1),
             unit: 1,
@@ -1003,9 +1275,255 @@ mod tests {
         s.tick(101, 7, &[aggregated]);
         s.tick(102, 7, &[lease(3), refused, lease(4)]);
 
-        let stored: Scheduler = serde_json::from_str(STORED_STATE).expect("deserialize");
+        // What that code did not keep: when leases began, the arrivals measured, the
+        // slack (its default).
+        assert_eq!(s.arrivals.of(w(1)), &[5]);
+        s.arrivals = Arrivals::default();
+        for (_, status) in s.units.values_mut() {
+            if let UnitStatus::Leased { leased_ms, .. } = status {
+                *leased_ms = None;
+            }
+        }
+        for late in s.late.values_mut() {
+            late.leased_ms = None;
+        }
+        let mut stored: Scheduler = serde_json::from_str(STORED_STATE).expect("deserialize");
         assert_eq!(stored, s);
-        assert_eq!(serde_json::to_string(&s).expect("serialize"), STORED_STATE);
+        assert_eq!(
+            serde_json::to_string(&s).expect("serialize"),
+            STORED_STATE.replacen(
+                r#""max_staleness":1}"#,
+                r#""max_staleness":1,"slack":3.0}"#,
+                1
+            )
+        );
+        // A lease stored without its start is not measured when its update arrives.
+        stored.tick(
+            300,
+            7,
+            &[Event::UpdateAccepted {
+                worker: w(4),
+                unit: 3,
+            }],
+        );
+        assert_eq!(stored.arrivals.len(), 0);
+    }
+
+    /// Deadlines config: `lease_ms` 100, `lease_max_ms` 1000, slack 3, and rounds that
+    /// neither fill nor time out while `check_hard_deadline` runs.
+    fn deadline_config() -> ScheduleConfig {
+        ScheduleConfig {
+            units_per_round: 32,
+            round_timeout_ms: 1_000_000,
+            lease_max_ms: 1000,
+            slack: 3.0,
+            ..config()
+        }
+    }
+
+    /// A worker whose earlier units arrived `arrivals` ms after their lease (one after
+    /// another, heartbeats keeping each lease), and that reports units take it `reported_ms`, gets a lease whose hard
+    /// deadline is `want_ms` after it began.
+    #[track_caller]
+    fn check_hard_deadline(arrivals: &[u64], reported_ms: Option<u64>, want_ms: u64) {
+        let mut s = Scheduler::new(deadline_config(), 0);
+        let mut now = 0;
+        let leased = |s: &Scheduler| {
+            s.units().find_map(|(u, status)| match *status {
+                UnitStatus::Leased {
+                    hard_deadline_ms,
+                    leased_ms,
+                    ..
+                } => Some((u.id, hard_deadline_ms, leased_ms)),
+                _ => None,
+            })
+        };
+        for &arrival in arrivals {
+            s.tick(
+                now,
+                7,
+                &[Event::LeaseRequest {
+                    worker: w(1),
+                    expected_ms: reported_ms,
+                }],
+            );
+            let (unit, _, _) = leased(&s).expect("a lease");
+            // Heartbeats keep the lease while the unit trains.
+            let arrived = now + arrival;
+            while now + 50 < arrived {
+                now += 50;
+                s.tick(now, 7, &[Event::Heartbeat { worker: w(1), unit }]);
+            }
+            now = arrived;
+            let effects = s.tick(now, 7, &[Event::UpdateAccepted { worker: w(1), unit }]);
+            assert!(effects.is_empty(), "{effects:?}");
+            assert_eq!(leased(&s), None, "unit {unit} accepted");
+        }
+        s.tick(
+            now,
+            7,
+            &[Event::LeaseRequest {
+                worker: w(1),
+                expected_ms: reported_ms,
+            }],
+        );
+        let (_, hard_deadline_ms, leased_ms) = leased(&s).expect("a lease");
+        assert_eq!(leased_ms, Some(now));
+        assert_eq!(hard_deadline_ms - now, want_ms, "after {arrivals:?}");
+    }
+
+    #[test]
+    fn a_hard_deadline_follows_what_the_unit_is_expected_to_take() {
+        // Nothing known: the longest lease, as before deadlines were measured.
+        check_hard_deadline(&[], None, 1000);
+        // A reported speed: slack times it, within lease_ms and lease_max_ms.
+        check_hard_deadline(&[], Some(200), 600);
+        check_hard_deadline(&[], Some(10), 100);
+        check_hard_deadline(&[], Some(0), 100);
+        check_hard_deadline(&[], Some(500), 1000);
+        check_hard_deadline(&[], Some(u64::MAX), 1000);
+        // Measured arrivals win over the report: the slowest of them.
+        check_hard_deadline(&[50], Some(300), 150);
+        check_hard_deadline(&[50, 120, 80], Some(10), 360);
+        check_hard_deadline(&[40, 50], None, 150);
+        check_hard_deadline(&[900], None, 1000);
+        // Only the last eight count: the slow first one has aged out.
+        check_hard_deadline(&[300, 20, 20, 20, 20, 20, 20, 20, 20], None, 100);
+        check_hard_deadline(&[300, 20, 20, 20, 20, 20, 20, 20], None, 900);
+    }
+
+    #[test]
+    fn the_slack_counts_as_at_least_one() {
+        let hard = |slack: f64, expected_ms| {
+            ScheduleConfig {
+                slack,
+                ..deadline_config()
+            }
+            .hard_lease_ms(expected_ms)
+        };
+        assert_eq!(hard(3.0, Some(200)), 600);
+        assert_eq!(hard(1.0, Some(200)), 200);
+        assert_eq!(hard(0.5, Some(200)), 200);
+        assert_eq!(hard(f64::NAN, Some(200)), 200);
+        assert_eq!(hard(f64::INFINITY, Some(200)), 1000);
+        assert_eq!(hard(f64::INFINITY, Some(0)), 100);
+        assert_eq!(hard(3.0, None), 1000);
+        // A config with lease_max_ms below lease_ms (refused by the coordinator's
+        // config check) still gives the cap, not a panic.
+        let inverted = ScheduleConfig {
+            lease_ms: 2000,
+            ..deadline_config()
+        };
+        assert_eq!(inverted.hard_lease_ms(Some(200)), 1000);
+    }
+
+    /// A worker measured fast gets a short hard deadline: heartbeats renew its lease up
+    /// to it, and then the unit goes to someone else.
+    #[test]
+    fn heartbeats_stop_at_a_measured_deadline() {
+        use Event::*;
+        let hb = |unit| Heartbeat { worker: w(1), unit };
+        check_with(
+            deadline_config(),
+            &[
+                (
+                    0,
+                    vec![LeaseRequest {
+                        worker: w(1),
+                        expected_ms: Some(500),
+                    }],
+                ),
+                (
+                    40,
+                    vec![
+                        UpdateAccepted {
+                            worker: w(1),
+                            unit: 1,
+                        },
+                        LeaseRequest {
+                            worker: w(1),
+                            expected_ms: Some(500),
+                        },
+                    ],
+                ),
+                (100, vec![hb(2)]),
+                (140, vec![hb(2)]),
+                (
+                    160,
+                    vec![LeaseRequest {
+                        worker: w(2),
+                        expected_ms: None,
+                    }],
+                ),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=40: lease unit 2 (round 0, base v0, shard 1, offset 0) to w1 until 140
+                t=160: lease of unit 2 by w1 is overdue
+                t=160: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 260
+            "#]],
+        );
+    }
+
+    /// A lease whose hard deadline is its first (a worker measured fast) cannot be
+    /// renewed; when it ends, it expires rather than goes overdue, and its holder may
+    /// take a unit again.
+    #[test]
+    fn a_lease_that_could_not_be_renewed_expires() {
+        use Event::*;
+        let fast = LeaseRequest {
+            worker: w(3),
+            expected_ms: Some(1),
+        };
+        check_with(
+            deadline_config(),
+            &[
+                (0, vec![fast]),
+                (
+                    50,
+                    vec![Heartbeat {
+                        worker: w(3),
+                        unit: 1,
+                    }],
+                ),
+                (100, vec![fast]),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 100
+                t=100: lease of unit 1 by w3 expired
+                t=100: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 200
+            "#]],
+        );
+    }
+
+    #[test]
+    fn arrivals_are_bounded() {
+        let id = |n: usize| {
+            let mut bytes = [0; 32];
+            bytes[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            WorkerId(bytes)
+        };
+        let mut arrivals = Arrivals::default();
+        for n in 0..ARRIVALS_PER_WORKER_MAX + 3 {
+            arrivals.record(id(0), 0, n as u64);
+        }
+        let kept: Vec<u64> = (3..ARRIVALS_PER_WORKER_MAX as u64 + 3).collect();
+        assert_eq!(arrivals.of(id(0)), kept.as_slice());
+        // Workers past the bound replace the one heard from longest ago: worker 0 (last
+        // at t=10) survives a stream of newer workers only while it is not the oldest.
+        arrivals.record(id(0), 0, 1_000_000);
+        for n in 1..=ARRIVAL_WORKERS_MAX {
+            arrivals.record(id(n), 0, 100 + n as u64);
+        }
+        assert_eq!(arrivals.len(), ARRIVAL_WORKERS_MAX);
+        assert_eq!(arrivals.of(id(1)), &[] as &[u64]);
+        assert_eq!(arrivals.of(id(0)).len(), ARRIVALS_PER_WORKER_MAX);
+        assert_eq!(arrivals.of(id(2)), &[102]);
+        let state = serde_json::to_string(&arrivals).expect("serialize");
+        let back: Arrivals = serde_json::from_str(&state).expect("deserialize");
+        assert_eq!(back, arrivals);
     }
 
     #[test]

@@ -121,3 +121,78 @@ fn an_expired_lease_is_reissued_and_the_first_holder_is_refused() {
     assert_eq!((r.status, r.code()), (409, "not_leased"), "{r:?}");
     server.stop();
 }
+
+/// A lease's hard deadline follows the speed its worker reported: heartbeats renew a
+/// fast machine's lease only up to `lease_ms` (a unit should take it seconds), a slow
+/// one's up to `schedule.slack` times its unit, and one with no report up to
+/// `lease_max_ms`, as before machines were reported.
+#[test]
+fn heartbeats_renew_a_lease_up_to_what_its_workers_speed_allows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t0 = 1_000_000;
+    let clock = ts::ManualClock::new(t0);
+    let config = ts::hand_made(ts::tiny_config(dir.path(), 3));
+    let (lease_ms, slack) = (config.schedule.lease_ms, config.schedule.slack);
+    assert_eq!((lease_ms, slack), (60_000, 3.0));
+    // The tiny run's unit: 10 steps of 4 rows of 64 tokens.
+    let unit_tokens = u64::from(config.schedule.steps_per_unit) * config.batch as u64 * 64;
+    let server = ts::start_with_clock(dir.path(), config, &clock);
+    let url = server.url();
+    let machine = |tokens_per_s: f64| protocol::api::Machine {
+        tokens_per_s,
+        ..ts::this_machine()
+    };
+    // Slow: a unit in 40 s, so a hard deadline of 120 s.
+    let workers = [
+        ("fast", Some(machine(1e6))),
+        ("slow", Some(machine(unit_tokens as f64 / 40.0))),
+        ("unreported", None),
+    ];
+    let mut held = Vec::new();
+    for (n, (name, machine)) in workers.into_iter().enumerate() {
+        let key = ts::key(n as u8 + 1);
+        let body = serde_json::to_string(&protocol::api::RegisterRequest {
+            name: name.into(),
+            machine,
+        })
+        .expect("json");
+        let r = ts::post_signed_at(&url, &key, "/v1/workers", &body, t0);
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = ts::post_signed_at(&url, &key, "/v1/lease", "", t0);
+        match serde_json::from_value(r.body.clone()).expect("lease reply") {
+            protocol::api::LeaseReply::Lease {
+                unit,
+                lease_ms: granted,
+                ..
+            } => {
+                assert_eq!(granted, lease_ms, "{name}: the first deadline is the lease");
+                held.push((name, key, unit.id));
+            }
+            other => panic!("{name}: no lease: {other:?}"),
+        }
+    }
+    // Which holders a heartbeat at `at` finds still holding their unit.
+    let alive = |at: u64| -> Vec<&str> {
+        clock.advance(at - clock.now());
+        held.iter()
+            .filter(|(_, key, unit)| {
+                let body = format!("{{\"unit\":{unit}}}");
+                let r = ts::post_signed_at(&url, key, "/v1/heartbeat", &body, at);
+                match r.status {
+                    204 => true,
+                    409 => {
+                        assert_eq!(r.code(), "not_leased", "{r:?}");
+                        false
+                    }
+                    _ => panic!("heartbeat: {r:?}"),
+                }
+            })
+            .map(|(name, _, _)| *name)
+            .collect()
+    };
+    assert_eq!(alive(t0 + 50_000), ["fast", "slow", "unreported"]);
+    assert_eq!(alive(t0 + 100_000), ["slow", "unreported"]);
+    assert_eq!(alive(t0 + 115_000), ["slow", "unreported"]);
+    assert_eq!(alive(t0 + 150_000), ["unreported"]);
+    server.stop();
+}

@@ -17,6 +17,14 @@ fn update(worker: u8, unit: u64, base: u64, value: f32) -> Inspected {
     crate::testing::update(N, worker, unit, base, value)
 }
 
+/// `worker` asks for work, with no speed reported.
+fn lease(worker: u8) -> Input<'static> {
+    Input::Lease {
+        worker: crate::testing::worker(worker),
+        expected_ms: None,
+    }
+}
+
 /// A run of two units a round, scoring off, every unit of a new worker re-run.
 fn run(scoring: bool) -> Run {
     let schedule = ScheduleConfig {
@@ -117,13 +125,9 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
         "round",
         run(false),
         &[
-            (
-                0,
-                Input::Lease { worker: worker(1) },
-                "round 0 on 0, lease 1",
-            ),
-            (1, Input::Lease { worker: worker(2) }, "lease 2"),
-            (2, Input::Lease { worker: worker(3) }, "no work"),
+            (0, lease(1), "round 0 on 0, lease 1"),
+            (1, lease(2), "lease 2"),
+            (2, lease(3), "no work"),
             (
                 3,
                 Input::Update {
@@ -192,6 +196,10 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
     );
     assert_eq!(run.version(), 1);
     assert!(run.checks().failed(1));
+    // Each accepted update measured its worker's arrival, from lease to update.
+    let arrivals = run.scheduler().arrivals();
+    assert_eq!(arrivals.of(worker(1)), &[3]);
+    assert_eq!(arrivals.of(worker(2)), &[5]);
     // Unit 1's update sent again after its round closed is refused.
     let late = update(1, 1, 0, 0.1);
     assert!(matches!(
@@ -207,11 +215,7 @@ fn a_refusal_releases_the_unit_and_an_unscored_update_is_a_drivers_bug() {
         "release",
         run(true),
         &[
-            (
-                0,
-                Input::Lease { worker: worker(1) },
-                "round 0 on 0, lease 1",
-            ),
+            (0, lease(1), "round 0 on 0, lease 1"),
             (
                 1,
                 Input::Update {
@@ -230,7 +234,7 @@ fn a_refusal_releases_the_unit_and_an_unscored_update_is_a_drivers_bug() {
                 "",
             ),
             // The unit went back to the queue: the next worker gets it.
-            (3, Input::Lease { worker: worker(2) }, "lease 1"),
+            (3, lease(2), "lease 1"),
         ],
     );
 }
@@ -242,11 +246,7 @@ fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
         "accept one",
         run(false),
         &[
-            (
-                0,
-                Input::Lease { worker: worker(1) },
-                "round 0 on 0, lease 1",
-            ),
+            (0, lease(1), "round 0 on 0, lease 1"),
             (
                 1,
                 Input::Update {
@@ -273,4 +273,32 @@ fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
         "{}",
         e.message
     );
+}
+
+/// The speed a worker reported sizes its lease's hard deadline: the scheduler's slack
+/// times it, within the lease and the longest lease.
+#[test]
+fn a_reported_speed_sizes_the_hard_deadline() {
+    let mut run = run(false);
+    let hard = |run: &Run, who: u8| {
+        run.scheduler().units().find_map(|(_, s)| match *s {
+            scheduler::UnitStatus::Leased {
+                worker: w,
+                hard_deadline_ms,
+                ..
+            } if w == worker(who) => Some(hard_deadline_ms),
+            _ => None,
+        })
+    };
+    let config = *run.scheduler().config();
+    let expected_ms = config.lease_ms;
+    let reported = Input::Lease {
+        worker: worker(1),
+        expected_ms: Some(expected_ms),
+    };
+    run.step(10, reported).expect("lease");
+    run.step(10, lease(2)).expect("lease");
+    let scaled = (config.slack * expected_ms as f64) as u64;
+    assert_eq!(hard(&run, 1), Some(10 + scaled.min(config.lease_max_ms)));
+    assert_eq!(hard(&run, 2), Some(10 + config.lease_max_ms));
 }
