@@ -632,6 +632,49 @@ __device__ __forceinline__ void fa_load(floatX* tile, const floatX* src, int str
     }
 }
 
+// fa_load without waiting: each thread starts copies of 16 bytes (cp.async, zeros past
+// row t) that land after cp_async_wait; loading the next tile while this one computes.
+__device__ __forceinline__ void fa_load_async(floatX* tile, const floatX* src, int stride,
+                                              int row0, int t) {
+    for (int i = threadIdx.x; i < FA_TILE * FA_D / 8; i += FA_THREADS) {
+        int r = i / (FA_D / 8), c = (i % (FA_D / 8)) * 8;
+        bool in = row0 + r < t;
+        const floatX* from = src + (long)(in ? row0 + r : 0) * stride + c;
+        unsigned dst;
+        asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+                     : "=r"(dst)
+                     : "l"(tile + r * FA_LD + c));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(from),
+                     "r"(in ? 16 : 0)
+                     : "memory");
+    }
+}
+
+// `count` floats from src into shared dst (zeros past `valid`), as fa_load_async.
+__device__ __forceinline__ void fa_load_floats_async(float* dst, const float* src, int count,
+                                                     int valid) {
+    for (int i = threadIdx.x; i < count; i += FA_THREADS) {
+        bool in = i < valid;
+        unsigned d;
+        asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+                     : "=r"(d)
+                     : "l"(dst + i));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d),
+                     "l"(src + (in ? i : 0)), "r"(in ? 4 : 0)
+                     : "memory");
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Waits until at most `pending` (0 or 1) of this thread's copy groups are in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+    if (pending == 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+
 // The mma A fragment of the tile's rows [r0, r0 + 16), columns [c0, c0 + 16).
 __device__ __forceinline__ void fa_frag_a(unsigned* a, const floatX* tile, int r0, int c0) {
     int l = threadIdx.x % 32, m = l / 8;
@@ -709,17 +752,18 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
                   int t, int nh, int group, int q_stride, int kv_stride, int out_stride,
                   float scale) {
     __shared__ __align__(16) floatX qs[FA_TILE * FA_LD];
-    __shared__ __align__(16) floatX ks[FA_TILE * FA_LD];
-    __shared__ __align__(16) floatX vs[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX ks[2][FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX vs[2][FA_TILE * FA_LD];
     int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     int h = blockIdx.y, bb = blockIdx.z, kvh = h / group;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
     const floatX* kb = k + (long)bb * t * kv_stride + kvh * FA_D;
     const floatX* vb = v + (long)bb * t * kv_stride + kvh * FA_D;
-    fa_load(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
-    __syncthreads();
+    fa_load_async(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
+    fa_load_async(ks[0], kb, kv_stride, 0, t);
+    fa_load_async(vs[0], vb, kv_stride, 0, t);
+    cp_async_commit();
     unsigned qa[4][4];
-    for (int kk = 0; kk < 4; kk++) fa_frag_a(qa[kk], qs, warp * 16, kk * 16);
     float o[8][4];
     for (int nt = 0; nt < 8; nt++)
         for (int e = 0; e < 4; e++) o[nt][e] = 0.0f;
@@ -727,12 +771,20 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     float scale2 = scale * LOG2E;
     int row0 = qt * FA_TILE + warp * 16 + g;
     for (int kt = 0; kt <= qt; kt++) {
+        // Tile kt + 1 loads while tile kt computes.
+        if (kt < qt) {
+            fa_load_async(ks[(kt + 1) & 1], kb, kv_stride, (kt + 1) * FA_TILE, t);
+            fa_load_async(vs[(kt + 1) & 1], vb, kv_stride, (kt + 1) * FA_TILE, t);
+            cp_async_commit();
+        }
+        cp_async_wait(kt < qt ? 1 : 0);
         __syncthreads();
-        fa_load(ks, kb, kv_stride, kt * FA_TILE, t);
-        fa_load(vs, vb, kv_stride, kt * FA_TILE, t);
-        __syncthreads();
+        if (kt == 0)
+            for (int kk = 0; kk < 4; kk++) fa_frag_a(qa[kk], qs, warp * 16, kk * 16);
+        const floatX* kst = ks[kt & 1];
+        const floatX* vst = vs[kt & 1];
         float s[8][4];
-        fa_mul_t(s, qa, ks);
+        fa_mul_t(s, qa, kst);
         float mx[2] = {NEG_INF, NEG_INF};
         for (int nt = 0; nt < 8; nt++)
             for (int e = 0; e < 4; e++) {
@@ -757,7 +809,8 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
                 s[nt][e] = p;
                 l[e >> 1] += p;
             }
-        fa_mul_add(o, s, vs);
+        fa_mul_add(o, s, vst);
+        __syncthreads();  // every warp is done with tile kt before kt + 2 overwrites it
     }
     for (int i = 0; i < 2; i++) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -785,63 +838,83 @@ extern "C" __global__ void flash_backward_sum(float* dsum, const floatX* dout, c
     if (lane == 0) dsum[((r / t) * nh + h) * t + r % t] = s;
 }
 
+// Starts loading query tile `qt` of head `h` for flash_backward_kv: q and dout into
+// shared tiles, lse and dsum into shared rows.
+__device__ __forceinline__ void fa_issue_q_tile(floatX* qs, floatX* ds, float* ls, float* dd,
+                                                const floatX* q, const floatX* dout,
+                                                const float* lse, const float* dsum, int bb,
+                                                int h, int qt, int t, int nh, int q_stride,
+                                                int out_stride) {
+    fa_load_async(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
+    fa_load_async(ds, dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
+    long at = ((long)bb * nh + h) * t + qt * FA_TILE;
+    fa_load_floats_async(ls, lse + at, FA_TILE, t - qt * FA_TILE);
+    fa_load_floats_async(dd, dsum + at, FA_TILE, t - qt * FA_TILE);
+    cp_async_commit();
+}
+
 // Grid (ceil(t / 64), nh / group, b): dk and dv of one key tile, summed over the group's
 // query heads and the query tiles at or after the key tile, in order.
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_backward_kv(floatX* dk, floatX* dv, const floatX* q, const floatX* k, const floatX* v,
                       const floatX* dout, const float* lse, const float* dsum, int t, int nh,
                       int group, int q_stride, int kv_stride, int out_stride, float scale) {
-    __shared__ __align__(16) floatX qs[FA_TILE * FA_LD];
-    __shared__ __align__(16) floatX ds[FA_TILE * FA_LD];
-    __shared__ float ls[FA_TILE], dd[FA_TILE];
+    __shared__ __align__(16) floatX qs[2][FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX ds[2][FA_TILE * FA_LD];
+    __shared__ __align__(16) float ls[2][FA_TILE];
+    __shared__ __align__(16) float dd[2][FA_TILE];
     int kt = gridDim.x - 1 - blockIdx.x;  // the most query tiles first
     int kvh = blockIdx.y, bb = blockIdx.z;
     float scale2 = scale * LOG2E;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
     long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
-    fa_load(qs, k + kv_base, kv_stride, kt * FA_TILE, t);
-    fa_load(ds, v + kv_base, kv_stride, kt * FA_TILE, t);
+    fa_load(qs[0], k + kv_base, kv_stride, kt * FA_TILE, t);
+    fa_load(ds[0], v + kv_base, kv_stride, kt * FA_TILE, t);
     __syncthreads();
     unsigned ka[4][4], va[4][4];
     for (int kk = 0; kk < 4; kk++) {
-        fa_frag_a(ka[kk], qs, warp * 16, kk * 16);
-        fa_frag_a(va[kk], ds, warp * 16, kk * 16);
+        fa_frag_a(ka[kk], qs[0], warp * 16, kk * 16);
+        fa_frag_a(va[kk], ds[0], warp * 16, kk * 16);
     }
+    __syncthreads();  // the fragments are read before the first query tile lands there
     float dka[8][4], dva[8][4];
     for (int nt = 0; nt < 8; nt++)
         for (int e = 0; e < 4; e++) dka[nt][e] = dva[nt][e] = 0.0f;
     int key0 = kt * FA_TILE + warp * 16 + g;
     int tiles = (t + FA_TILE - 1) / FA_TILE;
-    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int qt = kt; qt < tiles; qt++) {
-            __syncthreads();
-            fa_load(qs, q + (long)bb * t * q_stride + h * FA_D, q_stride, qt * FA_TILE, t);
-            fa_load(ds, dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
-            for (int i = threadIdx.x; i < FA_TILE; i += FA_THREADS) {
-                int r = qt * FA_TILE + i;
-                long at = ((long)bb * nh + h) * t + r;
-                ls[i] = r < t ? lse[at] : 0.0f;
-                dd[i] = r < t ? dsum[at] : 0.0f;
+    // The (query head, query tile) pairs in order; pair it + 1 loads while it computes.
+    int per = tiles - kt, pairs = group * per;
+    fa_issue_q_tile(qs[0], ds[0], ls[0], dd[0], q, dout, lse, dsum, bb, kvh * group, kt, t, nh,
+                    q_stride, out_stride);
+    for (int it = 0; it < pairs; it++) {
+        int buf = it & 1;
+        if (it + 1 < pairs)
+            fa_issue_q_tile(qs[buf ^ 1], ds[buf ^ 1], ls[buf ^ 1], dd[buf ^ 1], q, dout, lse,
+                            dsum, bb, kvh * group + (it + 1) / per, kt + (it + 1) % per, t, nh,
+                            q_stride, out_stride);
+        cp_async_wait(it + 1 < pairs ? 1 : 0);
+        __syncthreads();
+        int qt = kt + it % per;
+        const floatX* qst = qs[buf];
+        const floatX* dst = ds[buf];
+        // p^T [keys, queries]
+        float p[8][4], dp[8][4];
+        fa_mul_t(p, ka, qst);
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                int c = nt * 8 + 2 * quad + (e & 1), col = qt * FA_TILE + c;
+                int key = key0 + (e >> 1) * 8;
+                p[nt][e] = col >= key && col < t && key < t
+                               ? exp2_approx(p[nt][e] * scale2 - ls[buf][c])
+                               : 0.0f;
             }
-            __syncthreads();
-            // p^T [keys, queries]
-            float p[8][4], dp[8][4];
-            fa_mul_t(p, ka, qs);
-            for (int nt = 0; nt < 8; nt++)
-                for (int e = 0; e < 4; e++) {
-                    int c = nt * 8 + 2 * quad + (e & 1), col = qt * FA_TILE + c;
-                    int key = key0 + (e >> 1) * 8;
-                    p[nt][e] = col >= key && col < t && key < t
-                                   ? exp2_approx(p[nt][e] * scale2 - ls[c])
-                                   : 0.0f;
-                }
-            fa_mul_add(dva, p, ds);  // dv += p^T dout
-            fa_mul_t(dp, va, ds);    // dp^T = v dout^T
-            for (int nt = 0; nt < 8; nt++)
-                for (int e = 0; e < 4; e++)
-                    p[nt][e] = p[nt][e] * (dp[nt][e] - dd[nt * 8 + 2 * quad + (e & 1)]) * scale;
-            fa_mul_add(dka, p, qs);  // dk += ds^T q
-        }
+        fa_mul_add(dva, p, dst);  // dv += p^T dout
+        fa_mul_t(dp, va, dst);    // dp^T = v dout^T
+        for (int nt = 0; nt < 8; nt++)
+            for (int e = 0; e < 4; e++)
+                p[nt][e] = p[nt][e] * (dp[nt][e] - dd[buf][nt * 8 + 2 * quad + (e & 1)]) * scale;
+        fa_mul_add(dka, p, qst);  // dk += ds^T q
+        __syncthreads();  // every warp is done with this pair before pair it + 2 lands
     }
     fa_store(dk + kv_base, kv_stride, dka, key0, t, 1.0f, 1.0f);
     fa_store(dv + kv_base, kv_stride, dva, key0, t, 1.0f, 1.0f);
@@ -853,22 +926,23 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_backward_q(floatX* dq, const floatX* q, const floatX* k, const floatX* v,
                      const floatX* dout, const float* lse, const float* dsum, int t, int nh,
                      int group, int q_stride, int kv_stride, int out_stride, float scale) {
-    __shared__ __align__(16) floatX ks[FA_TILE * FA_LD];
-    __shared__ __align__(16) floatX vs[FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX ks[2][FA_TILE * FA_LD];
+    __shared__ __align__(16) floatX vs[2][FA_TILE * FA_LD];
     int qt = gridDim.x - 1 - blockIdx.x;
     int h = blockIdx.y, bb = blockIdx.z, kvh = h / group;
     int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, quad = threadIdx.x % 4;
     float scale2 = scale * LOG2E;
     long q_base = (long)bb * t * q_stride + h * FA_D;
     long kv_base = (long)bb * t * kv_stride + kvh * FA_D;
-    fa_load(ks, q + q_base, q_stride, qt * FA_TILE, t);
-    fa_load(vs, dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
+    fa_load(ks[0], q + q_base, q_stride, qt * FA_TILE, t);
+    fa_load(vs[0], dout + (long)bb * t * out_stride + h * FA_D, out_stride, qt * FA_TILE, t);
     __syncthreads();
     unsigned qa[4][4], oa[4][4];
     for (int kk = 0; kk < 4; kk++) {
-        fa_frag_a(qa[kk], ks, warp * 16, kk * 16);
-        fa_frag_a(oa[kk], vs, warp * 16, kk * 16);
+        fa_frag_a(qa[kk], ks[0], warp * 16, kk * 16);
+        fa_frag_a(oa[kk], vs[0], warp * 16, kk * 16);
     }
+    __syncthreads();  // the fragments are read before the first key tile lands there
     int row0 = qt * FA_TILE + warp * 16 + g;
     float lr[2], dr[2];
     for (int i = 0; i < 2; i++) {
@@ -880,14 +954,21 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     float dqa[8][4];
     for (int nt = 0; nt < 8; nt++)
         for (int e = 0; e < 4; e++) dqa[nt][e] = 0.0f;
+    fa_load_async(ks[0], k + kv_base, kv_stride, 0, t);
+    fa_load_async(vs[0], v + kv_base, kv_stride, 0, t);
+    cp_async_commit();
     for (int kt = 0; kt <= qt; kt++) {
-        __syncthreads();
-        fa_load(ks, k + kv_base, kv_stride, kt * FA_TILE, t);
-        fa_load(vs, v + kv_base, kv_stride, kt * FA_TILE, t);
+        int buf = kt & 1;
+        if (kt < qt) {
+            fa_load_async(ks[buf ^ 1], k + kv_base, kv_stride, (kt + 1) * FA_TILE, t);
+            fa_load_async(vs[buf ^ 1], v + kv_base, kv_stride, (kt + 1) * FA_TILE, t);
+            cp_async_commit();
+        }
+        cp_async_wait(kt < qt ? 1 : 0);
         __syncthreads();
         float p[8][4], dp[8][4];
-        fa_mul_t(p, qa, ks);  // q k^T
-        fa_mul_t(dp, oa, vs); // dout v^T
+        fa_mul_t(p, qa, ks[buf]);  // q k^T
+        fa_mul_t(dp, oa, vs[buf]); // dout v^T
         for (int nt = 0; nt < 8; nt++)
             for (int e = 0; e < 4; e++) {
                 int col = kt * FA_TILE + nt * 8 + 2 * quad + (e & 1), row = row0 + (e >> 1) * 8;
@@ -896,7 +977,8 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
                                : 0.0f;
                 p[nt][e] = pr * (dp[nt][e] - dr[e >> 1]) * scale;
             }
-        fa_mul_add(dqa, p, ks);  // dq += ds k
+        fa_mul_add(dqa, p, ks[buf]);  // dq += ds k
+        __syncthreads();  // every warp is done with tile kt before kt + 2 lands
     }
     fa_store(dq + q_base, q_stride, dqa, row0, t, 1.0f, 1.0f);
 }
