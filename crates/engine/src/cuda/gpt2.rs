@@ -287,6 +287,9 @@ pub struct Gpt2Cuda {
     adam_m: Option<DeviceMem>,
     adam_v: Option<DeviceMem>,
     norm_partial: DeviceMem,
+    /// AdamW's table: where each tensor ends (i64) and whether it decays (i32).
+    tensor_ends: DeviceMem,
+    tensor_decays: DeviceMem,
     /// Buckets of the token-embedding gradient: tokens, starts, rows.
     buckets: [DeviceMem; 3],
     step: u32,
@@ -361,6 +364,8 @@ impl Gpt2Cuda {
             adam_m: opt(train)?,
             adam_v: opt(train)?,
             norm_partial: gpu.alloc(NORM_BLOCKS * 8)?,
+            tensor_ends: gpu.alloc(table.tensors().len() * 8)?,
+            tensor_decays: gpu.alloc(table.tensors().len() * 4)?,
             buckets: [
                 gpu.alloc(n_ctx * 4)?,
                 gpu.alloc(n_ctx * 4)?,
@@ -382,6 +387,21 @@ impl Gpt2Cuda {
         if precision == Precision::Bf16 {
             backend.params_x = Some(backend.gpu.alloc(len * 2)?);
         }
+        let ends: Vec<i64> = backend
+            .table
+            .tensors()
+            .iter()
+            .map(|t| (t.offset + t.len()) as i64)
+            .collect();
+        let decays: Vec<i32> = backend
+            .table
+            .tensors()
+            .iter()
+            .map(|t| i32::from(t.kind.decays()))
+            .collect();
+        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]), "tensors in order");
+        backend.gpu.upload(&backend.tensor_ends, 0, &ends)?;
+        backend.gpu.upload(&backend.tensor_decays, 0, &decays)?;
         backend.upload_params(params)?;
         backend.reset_moments()?;
         Ok(backend)
@@ -1407,41 +1427,30 @@ impl Gpt2Cuda {
         let (Some(grads), Some(m), Some(v)) = (&self.grads, &self.adam_m, &self.adam_v) else {
             unreachable!("a training backend has gradients and moments")
         };
-        for spec in self.table.tensors() {
-            let decay = if spec.kind.decays() {
-                1.0 - lr * opt.weight_decay
-            } else {
-                1.0
-            };
-            let off = (spec.offset * 4) as u64;
-            let (p, px, gp, mp, vp) = (
-                self.params.ptr + off,
-                self.px(spec.offset),
-                grads.ptr + off,
-                m.ptr + off,
-                v.ptr + off,
-            );
-            let len = spec.len() as i64;
-            self.launch1(
-                &self.kernels.adamw,
-                spec.len(),
-                &[
-                    p.into(),
-                    px.into(),
-                    gp.into(),
-                    mp.into(),
-                    vp.into(),
-                    len.into(),
-                    opt.beta1.into(),
-                    opt.beta2.into(),
-                    opt.eps.into(),
-                    decay.into(),
-                    step_size.into(),
-                    bc2_sqrt.into(),
-                    clip.into(),
-                ],
-            )?;
-        }
+        let decay = 1.0 - lr * opt.weight_decay;
+        let (tensors, n) = (self.table.tensors().len() as i32, self.table.len() as i64);
+        self.launch1(
+            &self.kernels.adamw,
+            self.table.len(),
+            &[
+                self.params.ptr.into(),
+                self.px(0).into(),
+                grads.ptr.into(),
+                m.ptr.into(),
+                v.ptr.into(),
+                self.tensor_ends.ptr.into(),
+                self.tensor_decays.ptr.into(),
+                tensors.into(),
+                n.into(),
+                opt.beta1.into(),
+                opt.beta2.into(),
+                opt.eps.into(),
+                decay.into(),
+                step_size.into(),
+                bc2_sqrt.into(),
+                clip.into(),
+            ],
+        )?;
         Ok(norm)
     }
 
