@@ -46,6 +46,10 @@ pub(crate) struct DilocoBench {
     /// them (threads / M each, at least one) and as many as fit train at the same time.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// `cpu` (with --threads) or `cuda`/`cuda:N`: on a GPU the M workers are M backends
+    /// on it, trained one after another (bf16, the fused attention where heads are 64).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Holdout batches per evaluation.
@@ -75,6 +79,21 @@ pub(crate) struct DilocoBench {
     codecs: Vec<String>,
 }
 
+impl DilocoBench {
+    fn on_gpu(&self) -> bool {
+        self.device.starts_with("cuda")
+    }
+
+    /// The device of a run on the whole machine (the baseline, evaluation).
+    fn whole(&self) -> String {
+        if self.on_gpu() {
+            self.device.clone()
+        } else {
+            format!("cpu:{}", self.threads)
+        }
+    }
+}
+
 fn parse_outer(s: &str) -> Result<(f32, f32), String> {
     let (lr, momentum) = s
         .split_once(':')
@@ -99,6 +118,9 @@ struct Setup {
 pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<()> {
     if args.workers.contains(&0) || args.batch == 0 || args.inner_steps == 0 {
         bail!("--workers, --batch and --inner-steps must be at least 1");
+    }
+    if args.device != "cpu" {
+        engine::check_device(&args.device)?;
     }
     let (preset, config, dataset) = crate::bench::corpus_for(root, &args.preset)?;
     let seq = config.n_ctx;
@@ -211,11 +233,7 @@ fn batch_of(
 
 /// Synchronous data-parallel: every step, one AdamW step on the M workers' batches together.
 fn data_parallel(setup: &Setup, args: &DilocoBench, workers: usize) -> anyhow::Result<f32> {
-    let mut backend = engine::open_backend(
-        &format!("cpu:{}", args.threads),
-        setup.config,
-        setup.init.clone(),
-    )?;
+    let mut backend = engine::open_backend(&args.whole(), setup.config, setup.init.clone())?;
     let schedule = LrSchedule::cosine(args.inner_lr, args.inner_steps);
     let optimizer = OptimizerConfig::default();
     for step in 0..args.inner_steps {
@@ -255,15 +273,16 @@ fn diloco(
     }
     .build(n);
     let per_worker = (args.threads / workers).max(1);
-    let at_once = (args.threads / per_worker).max(1);
+    let (device, at_once) = if args.on_gpu() {
+        (args.device.clone(), 1)
+    } else {
+        (
+            format!("cpu:{per_worker}"),
+            (args.threads / per_worker).max(1),
+        )
+    };
     let mut backends = (0..workers)
-        .map(|_| {
-            engine::open_backend(
-                &format!("cpu:{per_worker}"),
-                setup.config,
-                setup.init.clone(),
-            )
-        })
+        .map(|_| engine::open_backend(&device, setup.config, setup.init.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     let weight = (h * args.batch * setup.seq) as u64;
     for round in 0..args.inner_steps / h {
@@ -307,7 +326,7 @@ fn diloco(
             .collect();
         outer.step(&mut base, &weighted)?;
     }
-    let mut eval = engine::open_backend(&format!("cpu:{}", args.threads), setup.config, base)?;
+    let mut eval = engine::open_backend(&args.whole(), setup.config, base)?;
     Ok(engine::train::evaluate(eval.as_mut(), &setup.holdout)?)
 }
 
