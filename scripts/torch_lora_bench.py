@@ -1,6 +1,7 @@
 """The PyTorch side of `cargo xtask bench lora`: fine-tuning at SmolLM2-135M's shape with
 HF transformers' LlamaForCausalLM, a PEFT LoRA adapter or every weight, in float32 eager
-mode (sdpa attention) or under torch.compile.
+mode (sdpa attention) or under torch.compile. BENCH_DEVICE=cuda trains on the GPU with bf16
+autocast (f32 master weights, fused AdamW), PyTorch's best ordinary settings there.
 
 Reads DIR/run.json (the engine's LlamaConfig, the LoraConfig or null, optimizer,
 schedule, steps, untimed, batch, seq, threads, compile), DIR/init.safetensors (the base
@@ -79,11 +80,14 @@ def build(run, weights):
 
 def main(d):
     run = json.load(open(os.path.join(d, "run.json")))
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    cuda = device.startswith("cuda")
     torch.set_num_threads(run["threads"])
     torch.manual_seed(0)
     weights = load_file(os.path.join(d, "init.safetensors"))
     model, params, decay, no_decay = build(run, weights)
     del weights
+    model.to(device)
     model.train()
     opt_cfg = run["optimizer"]
     groups = [{"params": decay, "weight_decay": opt_cfg["weight_decay"]}]
@@ -96,29 +100,47 @@ def main(d):
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(groups, **kwargs)
         adam = "AdamW"
-    forward = torch.compile(model) if run["compile"] else model
+    def loss_of(idx, tgt):
+        logits = model(input_ids=idx).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1))
+
+    # Compiled with the loss inside, so inductor fuses the float cross-entropy into the
+    # head's product instead of materializing float logits (as torch_gpt.py's model,
+    # whose forward returns the loss).
+    step_loss = torch.compile(loss_of) if run["compile"] else loss_of
     b, t, steps, untimed = run["batch"], run["seq"], run["steps"], run["untimed"]
     windows = np.fromfile(os.path.join(d, "tokens.u32"), dtype="<u4").astype(np.int64)
-    windows = torch.from_numpy(windows.reshape(steps, b, t + 1))
+    windows = torch.from_numpy(windows.reshape(steps, b, t + 1)).to(device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     trainable = list(params.values())
     losses = []
     start = time.perf_counter()
     for step in range(steps):
         if step == untimed:
+            sync()
             start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(run["schedule"], step)
         opt.zero_grad(set_to_none=True)
         idx, tgt = windows[step, :, :-1], windows[step, :, 1:]
-        logits = forward(input_ids=idx).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1))
+        if cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_loss(idx, tgt)
+        else:
+            loss = step_loss(idx, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, opt_cfg["grad_clip"])
         opt.step()
         losses.append(loss.item())
         print(f"  pytorch   step {step}: loss {losses[-1]:.4f} ({time.perf_counter() - start:.1f} s since the timed start)", flush=True)
+    sync()
     elapsed = time.perf_counter() - start
-    settings = ("torch.compile" if run["compile"] else "eager") + f" fp32, sdpa, {adam}, {torch.get_num_threads()} threads"
+    precision = "cuda bf16 autocast" if cuda else f"fp32, {torch.get_num_threads()} threads"
+    settings = ("torch.compile" if run["compile"] else "eager") + f" {precision}, sdpa, {adam}"
     if run["lora"] is not None:
         settings += f", peft {__import__('peft').__version__}"
     print(json.dumps({

@@ -227,18 +227,22 @@ pub fn open_model_frozen(
     purpose: Purpose,
 ) -> Result<Box<dyn Backend>, EngineError> {
     if let Trainable::Lora(lora) = &spec.trainable {
-        let threads = match resolve_device(device)? {
-            Device::Cpu { threads } => threads,
-            Device::Cuda { .. } => {
-                return Err(cuda::CudaError::Unsupported {
-                    what: "a LoRA fine-tune (Llama)",
-                }
-                .into());
-            }
-        };
         spec.validate()?;
         let Architecture::Llama(config) = spec.architecture else {
             unreachable!("validate accepts LoRA on a Llama only")
+        };
+        let threads = match resolve_device(device)? {
+            Device::Cpu { threads } => threads,
+            Device::Cuda { ordinal } => {
+                return Ok(Box::new(cuda::LlamaCuda::open_lora(
+                    config,
+                    lora.clone(),
+                    frozen,
+                    &trainable,
+                    ordinal,
+                    purpose,
+                )?));
+            }
         };
         return Ok(Box::new(llama::cpu::LlamaCpuBackend::open_lora_shared(
             config,
@@ -296,10 +300,31 @@ fn open_cuda(
             cuda::gpt2::Precision::Bf16,
             purpose,
         )?)),
-        _ => Err(cuda::CudaError::Unsupported {
-            what: "a Llama model",
+        (Architecture::Llama(config), Trainable::All) => Ok(Box::new(cuda::LlamaCuda::open(
+            *config, params, ordinal, purpose,
+        )?)),
+        (Architecture::Llama(config), Trainable::Lora(lora)) => {
+            spec.validate()?;
+            if params.len() != spec.n_params() {
+                return Err(EngineError::ParamCount {
+                    got: params.len(),
+                    want: spec.n_params(),
+                });
+            }
+            let (base, adapter) = params.split_at(spec.n_params() - spec.trainable_len());
+            Ok(Box::new(cuda::LlamaCuda::open_lora(
+                *config,
+                lora.clone(),
+                std::sync::Arc::new(base.to_vec()),
+                adapter,
+                ordinal,
+                purpose,
+            )?))
         }
-        .into()),
+        (Architecture::Gpt2(_), Trainable::Lora(_)) => {
+            spec.validate()?;
+            unreachable!("validate accepts LoRA on a Llama only")
+        }
     }
 }
 

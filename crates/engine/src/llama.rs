@@ -29,7 +29,7 @@
 //! for gate and up.
 
 pub mod cpu;
-mod ops;
+pub(crate) mod ops;
 
 use serde::{Deserialize, Serialize};
 

@@ -262,7 +262,7 @@ fn flops_per_token(config: &engine::GptConfig, seq: usize) -> f64 {
 }
 
 /// Dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet), the denominator of MFU.
-const GPU_PEAK_FLOPS: f64 = 989e12;
+pub(crate) const GPU_PEAK_FLOPS: f64 = 989e12;
 
 fn train(root: &Path, args: TrainBench) -> anyhow::Result<()> {
     if args.untimed >= args.steps {

@@ -34,13 +34,13 @@ struct Variant {
 
 const VARIANTS: &[Variant] = &[
     Variant {
-        source: "gpt2.cu",
-        output: "gpt2.f32.ptx",
+        source: "models.cu",
+        output: "models.f32.ptx",
         defines: &[],
     },
     Variant {
-        source: "gpt2.cu",
-        output: "gpt2.bf16.ptx",
+        source: "models.cu",
+        output: "models.bf16.ptx",
         defines: &["-DHT_BF16"],
     },
 ];

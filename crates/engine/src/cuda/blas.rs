@@ -51,6 +51,7 @@ pub(crate) struct Gemm {
     pub(crate) lda: i64,
     pub(crate) ldb: i64,
     pub(crate) ldd: i64,
+    pub(crate) alpha: f32,
     pub(crate) beta: f32,
     /// `(count, stride_a, stride_b, stride_d)` for a strided batch.
     pub(crate) batch: Option<(i32, i64, i64, i64)>,
@@ -186,7 +187,7 @@ impl Blas {
                 }
             };
             drop(algos);
-            let (alpha, beta) = (1.0f32, g.beta);
+            let (alpha, beta) = (g.alpha, g.beta);
             result::matmul(
                 self.handle,
                 desc.0,

@@ -11,30 +11,18 @@
 //! Training and evaluation run here; decoding (the KV cache) is not built for the GPU
 //! yet and answers [`CudaError::Unsupported`].
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaFunction;
 
 use super::blas::{Blas, Elem, Gemm};
+use super::kernels::{
+    Arg, FLASH_THREADS, Flash, Kernels, Master, SUM_CHUNK, SUM_FINAL_COLS, SUM_PARTIAL_COLS,
+    THREADS, flash_grid,
+};
+pub use super::kernels::{FLASH_HEAD_SIZE, Precision};
 use super::profile::Profile;
 use super::{CudaError, DeviceMem, Gpu};
 use crate::params::{GptLayout, ParamLayout};
 use crate::{Backend, Batch, EngineError, GptConfig, OptimizerConfig, Purpose, StepStats};
-
-/// The kernels compiled without HT_BF16 (everything f32).
-pub(crate) const PTX_F32: &str = include_str!("../../kernels/gpt2.f32.ptx");
-/// The kernels compiled with HT_BF16.
-pub(crate) const PTX_BF16: &str = include_str!("../../kernels/gpt2.bf16.ptx");
-
-/// Rows a column-sum partial covers (gradients of biases and LayerNorm parameters;
-/// `SUM_ROWS` in gpt2.cu), and the columns of one partial block and one final block.
-const SUM_CHUNK: usize = 64;
-const SUM_PARTIAL_COLS: usize = 64;
-const SUM_FINAL_COLS: usize = 32;
-/// Blocks of the gradient-norm reduction: fixed, so its order is too.
-const NORM_BLOCKS: usize = 1024;
-const THREADS: u32 = 256;
-
-/// The head size the fused attention kernels are built for (`FA_D` in gpt2.cu).
-pub const FLASH_HEAD_SIZE: usize = 64;
 
 /// How attention is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,94 +33,6 @@ pub enum Attention {
     /// cuBLASLt: any precision and head size, memory quadratic in the context.
     Materialized,
 }
-
-/// What the activations and matrix inputs are stored as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    /// bf16 activations and products with f32 accumulation: the speed path.
-    Bf16,
-    /// f32 everywhere (products without TF32): the same arithmetic as the CPU engine up
-    /// to summation order, for checks.
-    F32,
-}
-
-impl Precision {
-    fn elem(self) -> Elem {
-        match self {
-            Precision::Bf16 => Elem::Bf16,
-            Precision::F32 => Elem::F32,
-        }
-    }
-
-    /// Bytes of one activation.
-    fn size(self) -> usize {
-        match self {
-            Precision::Bf16 => 2,
-            Precision::F32 => 4,
-        }
-    }
-}
-
-macro_rules! kernels {
-    ($($name:ident),* $(,)?) => {
-        struct Kernels { $($name: CudaFunction,)* }
-        impl Kernels {
-            fn load(gpu: &Gpu, ptx: &str) -> Result<Kernels, CudaError> {
-                let module = gpu.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
-                Ok(Kernels { $($name: module.load_function(stringify!($name))?,)* })
-            }
-        }
-    };
-}
-
-kernels!(
-    cast_to_x,
-    encoder_forward,
-    layernorm_forward,
-    attn_permute,
-    attn_unpermute,
-    attn_softmax,
-    gelu_forward,
-    softmax_xent,
-    gelu_backward,
-    column_sum_partial,
-    column_sum_final,
-    layernorm_param_partial,
-    layernorm_backward_input,
-    attn_softmax_backward,
-    attn_permute_backward,
-    attn_unpermute_backward,
-    wpe_backward,
-    wte_backward,
-    sum_squares_partial,
-    adamw,
-);
-
-/// The fused attention kernels (in the bf16 PTX only).
-struct Flash {
-    forward: CudaFunction,
-    backward_sum: CudaFunction,
-    backward_kv: CudaFunction,
-    backward_q: CudaFunction,
-}
-
-impl Flash {
-    fn load(gpu: &Gpu) -> Result<Flash, CudaError> {
-        let module = gpu
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(PTX_BF16))?;
-        Ok(Flash {
-            forward: module.load_function("flash_forward")?,
-            backward_sum: module.load_function("flash_backward_sum")?,
-            backward_kv: module.load_function("flash_backward_kv")?,
-            backward_q: module.load_function("flash_backward_q")?,
-        })
-    }
-}
-
-/// Rows a fused attention block takes (`FA_TILE`) and its threads (`FA_THREADS`).
-const FLASH_TILE: usize = 64;
-const FLASH_THREADS: u32 = 128;
 
 /// One block's saved activations.
 struct BlockActs {
@@ -280,22 +180,11 @@ impl Acts {
 pub struct Gpt2Cuda {
     // Field order is drop order: everything on the GPU goes before the context.
     acts: Option<Acts>,
-    params: DeviceMem,
-    /// The floatX copy the forward pass reads (`None` with f32, which reads `params`).
-    params_x: Option<DeviceMem>,
-    grads: Option<DeviceMem>,
-    adam_m: Option<DeviceMem>,
-    adam_v: Option<DeviceMem>,
-    norm_partial: DeviceMem,
-    /// AdamW's table: where each tensor ends (i64) and whether it decays (i32).
-    tensor_ends: DeviceMem,
-    tensor_decays: DeviceMem,
+    /// Every parameter (they all train).
+    master: Master,
     /// Buckets of the token-embedding gradient: tokens, starts, rows.
     buckets: [DeviceMem; 3],
-    step: u32,
     kernels: Kernels,
-    /// The fused attention kernels (bf16 only).
-    flash: Option<Flash>,
     attention: Attention,
     /// Per-phase GPU times, when `HIVETRAIN_CUDA_PROFILE` is set.
     profile: Option<Profile>,
@@ -335,45 +224,26 @@ impl Gpt2Cuda {
             });
         }
         let gpu = Gpu::open(ordinal)?;
-        let ptx = match precision {
-            Precision::Bf16 => PTX_BF16,
-            Precision::F32 => PTX_F32,
-        };
-        let kernels = Kernels::load(&gpu, ptx)?;
-        let flash = match precision {
-            Precision::Bf16 => Some(Flash::load(&gpu)?),
-            Precision::F32 => None,
-        };
-        let attention = if flash.is_some() && config.n_embd / config.n_head == FLASH_HEAD_SIZE {
-            Attention::Flash
-        } else {
-            Attention::Materialized
-        };
+        let kernels = Kernels::load(&gpu, precision)?;
+        let attention =
+            if kernels.flash.is_some() && config.n_embd / config.n_head == FLASH_HEAD_SIZE {
+                Attention::Flash
+            } else {
+                Attention::Materialized
+            };
         let blas = Blas::new(&gpu, precision.elem())?;
-        let len = table.len();
         let train = purpose == Purpose::Train;
-        let opt = |on: bool| -> Result<Option<DeviceMem>, CudaError> {
-            on.then(|| gpu.alloc(len * 4)).transpose()
-        };
         let n_ctx = config.n_ctx;
-        let mut backend = Gpt2Cuda {
+        let master = Master::new(&gpu, &kernels, &table, params, precision, train)?;
+        Ok(Gpt2Cuda {
             acts: None,
-            params: gpu.alloc(len * 4)?,
-            params_x: None,
-            grads: opt(train)?,
-            adam_m: opt(train)?,
-            adam_v: opt(train)?,
-            norm_partial: gpu.alloc(NORM_BLOCKS * 8)?,
-            tensor_ends: gpu.alloc(table.tensors().len() * 8)?,
-            tensor_decays: gpu.alloc(table.tensors().len() * 4)?,
+            master,
             buckets: [
                 gpu.alloc(n_ctx * 4)?,
                 gpu.alloc(n_ctx * 4)?,
                 gpu.alloc(n_ctx * 4)?,
             ],
-            step: 0,
             kernels,
-            flash,
             attention,
             profile: Profile::from_env(),
             blas,
@@ -383,28 +253,7 @@ impl Gpt2Cuda {
             precision,
             purpose,
             gpu,
-        };
-        if precision == Precision::Bf16 {
-            backend.params_x = Some(backend.gpu.alloc(len * 2)?);
-        }
-        let ends: Vec<i64> = backend
-            .table
-            .tensors()
-            .iter()
-            .map(|t| (t.offset + t.len()) as i64)
-            .collect();
-        let decays: Vec<i32> = backend
-            .table
-            .tensors()
-            .iter()
-            .map(|t| i32::from(t.kind.decays()))
-            .collect();
-        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]), "tensors in order");
-        backend.gpu.upload(&backend.tensor_ends, 0, &ends)?;
-        backend.gpu.upload(&backend.tensor_decays, 0, &decays)?;
-        backend.upload_params(params)?;
-        backend.reset_moments()?;
-        Ok(backend)
+        })
     }
 
     /// The GPU this backend runs on.
@@ -421,7 +270,8 @@ impl Gpt2Cuda {
     /// need bf16 and heads of [`FLASH_HEAD_SIZE`]); for comparing the two paths.
     pub fn set_attention(&mut self, attention: Attention) -> Result<(), EngineError> {
         let hs = self.config.n_embd / self.config.n_head;
-        if attention == Attention::Flash && (self.flash.is_none() || hs != FLASH_HEAD_SIZE) {
+        if attention == Attention::Flash && (self.kernels.flash.is_none() || hs != FLASH_HEAD_SIZE)
+        {
             return Err(CudaError::Unsupported {
                 what: "fused attention other than in bf16 with heads of 64",
             }
@@ -434,52 +284,21 @@ impl Gpt2Cuda {
         Ok(())
     }
 
-    fn reset_moments(&mut self) -> Result<(), CudaError> {
-        for m in [&self.adam_m, &self.adam_v].into_iter().flatten() {
-            self.gpu.zero(m)?;
-        }
-        self.step = 0;
-        self.gpu.sync()
-    }
-
-    fn upload_params(&mut self, params: &[f32]) -> Result<(), CudaError> {
-        self.gpu.upload(&self.params, 0, params)?;
-        if let Some(px) = &self.params_x {
-            let n = params.len() as i64;
-            self.launch1(
-                &self.kernels.cast_to_x,
-                n as usize,
-                &[px.ptr.into(), self.params.ptr.into(), n.into()],
-            )?;
-        }
-        self.gpu.sync()
-    }
-
     /// The pointer the forward pass reads tensor `offset` from.
     fn px(&self, offset: usize) -> u64 {
-        match &self.params_x {
-            Some(px) => px.ptr + (offset * 2) as u64,
-            None => self.params.ptr + (offset * 4) as u64,
-        }
+        self.master.px(offset)
     }
 
     fn grad(&self, offset: usize) -> u64 {
-        self.grads
-            .as_ref()
-            .map_or(0, |g| g.ptr + (offset * 4) as u64)
+        self.master.grad(offset)
     }
 
-    /// Launches `f` over `n` elements, one thread each.
     fn launch1(&self, f: &CudaFunction, n: usize, args: &[Arg]) -> Result<(), CudaError> {
-        let blocks = n.div_ceil(THREADS as usize) as u32;
-        self.launch(f, (blocks.max(1), 1, 1), THREADS, args)
+        self.gpu.launch1(f, n, args)
     }
 
-    /// Launches `f` with one warp a row over `rows` rows.
     fn launch_rows(&self, f: &CudaFunction, rows: usize, args: &[Arg]) -> Result<(), CudaError> {
-        let per_block = THREADS as usize / 32;
-        let blocks = rows.div_ceil(per_block) as u32;
-        self.launch(f, (blocks.max(1), 1, 1), THREADS, args)
+        self.gpu.launch_rows(f, rows, args)
     }
 
     fn launch(
@@ -489,26 +308,7 @@ impl Gpt2Cuda {
         block: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
-        let mut builder = self.gpu.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) => builder.arg(v),
-                Arg::Int(v) => builder.arg(v),
-                Arg::Long(v) => builder.arg(v),
-                Arg::Float(v) => builder.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: every call site pushes arguments whose types and order match the
-        // kernel's signature in gpt2.cu (pointers as u64, `int` as i32, `long` as i64,
-        // `float` as f32), and the pointers name live allocations large enough for the
-        // shapes passed with them.
-        unsafe { builder.launch(cfg) }?;
-        Ok(())
+        self.gpu.launch(f, grid, block, args)
     }
 
     /// `out[n, o] = inp[n, i] @ w[i, o] + bias (+ out when accumulate)`.
@@ -532,6 +332,7 @@ impl Gpt2Cuda {
                 lda: o as i64,
                 ldb: i as i64,
                 ldd: o as i64,
+                alpha: 1.0,
                 beta: if accumulate { 1.0 } else { 0.0 },
                 batch: None,
             },
@@ -568,6 +369,7 @@ impl Gpt2Cuda {
                 lda: o as i64,
                 ldb: o as i64,
                 ldd: i as i64,
+                alpha: 1.0,
                 beta: 0.0,
                 batch: None,
             },
@@ -588,6 +390,7 @@ impl Gpt2Cuda {
                 lda: o as i64,
                 ldb: i as i64,
                 ldd: o as i64,
+                alpha: 1.0,
                 beta: 0.0,
                 batch: None,
             },
@@ -991,6 +794,7 @@ impl Gpt2Cuda {
                 lda: c as i64,
                 ldb: c as i64,
                 ldd: v as i64,
+                alpha: 1.0,
                 beta: 0.0,
                 batch: None,
             },
@@ -1057,6 +861,7 @@ impl Gpt2Cuda {
                 lda: c as i64,
                 ldb: v as i64,
                 ldd: c as i64,
+                alpha: 1.0,
                 beta: 0.0,
                 batch: None,
             },
@@ -1077,6 +882,7 @@ impl Gpt2Cuda {
                 lda: c as i64,
                 ldb: v as i64,
                 ldd: c as i64,
+                alpha: 1.0,
                 beta: 0.0,
                 batch: None,
             },
@@ -1317,7 +1123,7 @@ impl Gpt2Cuda {
     /// The fused kernels, when this backend's attention is [`Attention::Flash`].
     fn flash_kernels(&self) -> Option<&Flash> {
         match self.attention {
-            Attention::Flash => self.flash.as_ref(),
+            Attention::Flash => self.kernels.flash.as_ref(),
             Attention::Materialized => None,
         }
     }
@@ -1391,67 +1197,15 @@ impl Gpt2Cuda {
         )
     }
 
-    /// The global gradient norm (f64 partials in a fixed order, summed on the host).
-    fn grad_norm(&self) -> Result<f32, CudaError> {
-        let Some(grads) = &self.grads else {
-            unreachable!("a training backend has gradients")
-        };
-        let n = self.table.len() as i64;
-        self.launch(
-            &self.kernels.sum_squares_partial,
-            (NORM_BLOCKS as u32, 1, 1),
-            THREADS,
-            &[self.norm_partial.ptr.into(), grads.ptr.into(), n.into()],
-        )?;
-        let mut partial = vec![0.0f64; NORM_BLOCKS];
-        self.gpu.download(&mut partial, &self.norm_partial, 0)?;
-        Ok(partial.iter().sum::<f64>().sqrt() as f32)
-    }
-
-    /// Clips and applies one AdamW update, as `ops::adamw` does; returns the pre-clip
-    /// norm.
+    /// Clips and applies one AdamW update; returns the pre-clip norm.
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> Result<f32, CudaError> {
-        self.phase("grad norm")?;
-        let norm = self.grad_norm()?;
-        self.phase("adamw")?;
-        let clip = if opt.grad_clip > 0.0 && norm > opt.grad_clip {
-            opt.grad_clip / (norm + 1e-6)
-        } else {
-            1.0
+        let profile = &self.profile;
+        let stream = &self.gpu.stream;
+        let phase = |label| match profile {
+            Some(p) => p.mark(stream, label),
+            None => Ok(()),
         };
-        self.step += 1;
-        let step = self.step as i32;
-        let bc1 = 1.0 - opt.beta1.powi(step);
-        let bc2_sqrt = (1.0 - opt.beta2.powi(step)).sqrt();
-        let step_size = lr / bc1;
-        let (Some(grads), Some(m), Some(v)) = (&self.grads, &self.adam_m, &self.adam_v) else {
-            unreachable!("a training backend has gradients and moments")
-        };
-        let decay = 1.0 - lr * opt.weight_decay;
-        let (tensors, n) = (self.table.tensors().len() as i32, self.table.len() as i64);
-        self.launch1(
-            &self.kernels.adamw,
-            self.table.len(),
-            &[
-                self.params.ptr.into(),
-                self.px(0).into(),
-                grads.ptr.into(),
-                m.ptr.into(),
-                v.ptr.into(),
-                self.tensor_ends.ptr.into(),
-                self.tensor_decays.ptr.into(),
-                tensors.into(),
-                n.into(),
-                opt.beta1.into(),
-                opt.beta2.into(),
-                opt.eps.into(),
-                decay.into(),
-                step_size.into(),
-                bc2_sqrt.into(),
-                clip.into(),
-            ],
-        )?;
-        Ok(norm)
+        self.master.adamw(&self.gpu, &self.kernels, opt, lr, &phase)
     }
 
     fn check_trainable(&self) -> Result<(), EngineError> {
@@ -1462,46 +1216,8 @@ impl Gpt2Cuda {
     }
 }
 
-/// One kernel argument, as the kernel's C type: a pointer, `int`, `long` or `float`.
-#[derive(Clone, Copy, Debug)]
-enum Arg {
-    Ptr(u64),
-    Int(i32),
-    Long(i64),
-    Float(f32),
-}
-
-impl From<u64> for Arg {
-    fn from(v: u64) -> Arg {
-        Arg::Ptr(v)
-    }
-}
-
-impl From<i32> for Arg {
-    fn from(v: i32) -> Arg {
-        Arg::Int(v)
-    }
-}
-
-impl From<i64> for Arg {
-    fn from(v: i64) -> Arg {
-        Arg::Long(v)
-    }
-}
-
-impl From<f32> for Arg {
-    fn from(v: f32) -> Arg {
-        Arg::Float(v)
-    }
-}
-
 /// A strided batch of head products: `(transa, transb, (m, n, k), (lda, ldb, ldd),
 /// count, (stride_a, stride_b, stride_d))`.
-/// The fused attention kernels' grid: query (or key) tiles, heads, batch rows.
-fn flash_grid(t: usize, nh: usize, b: usize) -> (u32, u32, u32) {
-    (t.div_ceil(FLASH_TILE) as u32, nh as u32, b as u32)
-}
-
 fn heads(
     transa: bool,
     transb: bool,
@@ -1519,6 +1235,7 @@ fn heads(
         lda: lda as i64,
         ldb: ldb as i64,
         ldd: ldd as i64,
+        alpha: 1.0,
         beta: 0.0,
         batch: Some((count as i32, sa as i64, sb as i64, sd as i64)),
     }
@@ -1540,24 +1257,16 @@ impl Backend for Gpt2Cuda {
     }
 
     fn device(&self) -> String {
-        let precision = match self.precision {
-            Precision::Bf16 => "bf16",
-            Precision::F32 => "f32",
-        };
         format!(
-            "cuda:{} ({}, {precision})",
-            self.gpu.info.ordinal, self.gpu.info.name
+            "cuda:{} ({}, {})",
+            self.gpu.info.ordinal,
+            self.gpu.info.name,
+            self.precision.name()
         )
     }
 
     fn params(&self) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.table.len()];
-        // A failed copy from a GPU that worked a moment ago is a broken device: the
-        // trait has no error here, so it reads as NaN, which every validator refuses.
-        if self.gpu.download(&mut out, &self.params, 0).is_err() {
-            out.fill(f32::NAN);
-        }
-        out
+        self.master.download(&self.gpu)
     }
 
     fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
@@ -1567,7 +1276,7 @@ impl Backend for Gpt2Cuda {
                 want: self.table.len(),
             });
         }
-        Ok(self.upload_params(params)?)
+        Ok(self.master.upload(&self.gpu, &self.kernels, params)?)
     }
 
     fn trainable(&self) -> Vec<f32> {
@@ -1579,7 +1288,7 @@ impl Backend for Gpt2Cuda {
     }
 
     fn reset_optimizer(&mut self) {
-        let _ = self.reset_moments();
+        let _ = self.master.reset_moments(&self.gpu);
     }
 
     fn train_step(
@@ -1614,11 +1323,7 @@ impl Backend for Gpt2Cuda {
         self.check_batch(batch)?;
         let loss = self.forward(batch, true)?;
         self.backward()?;
-        let mut grads = vec![0.0f32; self.table.len()];
-        if let Some(g) = &self.grads {
-            self.gpu.download(&mut grads, g, 0)?;
-        }
-        Ok((loss, grads))
+        Ok((loss, self.master.download_grads(&self.gpu)?))
     }
 
     fn decode_reset(&mut self) {}

@@ -14,18 +14,22 @@
 //!
 //! Unsafe code is confined to this module: device memory is raw driver allocations
 //! owned by [`DeviceMem`], kernels are launched with arguments whose types match the
-//! kernel signatures in `gpt2.cu` (each launch site says so).
+//! kernel signatures in `models.cu` (each launch site says so).
 #![allow(unsafe_code)]
 
 mod blas;
 pub mod gpt2;
+mod kernels;
+pub mod llama;
 mod profile;
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
 
-pub use gpt2::{Attention, FLASH_HEAD_SIZE, Gpt2Cuda, Precision};
+pub use gpt2::{Attention, Gpt2Cuda};
+pub use kernels::{FLASH_HEAD_SIZE, Precision};
+pub use llama::LlamaCuda;
 
 /// The oldest driver the committed PTX loads on: CUDA 12.4 (R550), for PTX ISA 8.4.
 pub const MIN_DRIVER_VERSION: i32 = 12040;
@@ -103,8 +107,8 @@ impl GpuInfo {
 /// The first 16 hex digits of the blake3 of the committed PTX: part of a GPU's class.
 pub fn kernels_hash() -> String {
     let mut h = blake3::Hasher::new();
-    h.update(gpt2::PTX_F32.as_bytes());
-    h.update(gpt2::PTX_BF16.as_bytes());
+    h.update(kernels::PTX_F32.as_bytes());
+    h.update(kernels::PTX_BF16.as_bytes());
     h.finalize().to_hex()[..16].to_string()
 }
 
@@ -251,6 +255,14 @@ impl Gpu {
         Ok(())
     }
 
+    /// Zeros `bytes` bytes at `ptr` (a range inside one of the caller's allocations).
+    pub(crate) fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: callers pass a range inside their allocations.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }?;
+        Ok(())
+    }
+
     pub(crate) fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
         self.ctx.bind_to_thread()?;
         // SAFETY: callers pass ranges inside their allocations.
@@ -300,9 +312,9 @@ mod tests {
             serde_json::from_str(include_str!("../../kernels/manifest.json")).expect("manifest");
         let hash = |text: &str| blake3::hash(text.as_bytes()).to_hex().to_string();
         let files = [
-            ("gpt2.cu", include_str!("../../kernels/gpt2.cu")),
-            ("gpt2.f32.ptx", super::gpt2::PTX_F32),
-            ("gpt2.bf16.ptx", super::gpt2::PTX_BF16),
+            ("models.cu", include_str!("../../kernels/models.cu")),
+            ("models.f32.ptx", super::kernels::PTX_F32),
+            ("models.bf16.ptx", super::kernels::PTX_BF16),
         ];
         for (name, text) in files {
             let want = if name.ends_with(".ptx") {

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod cuda;
+mod cuda_llama;
 mod determinism;
 mod generate;
 mod golden;

@@ -1,4 +1,5 @@
-// hivetrain's GPT-2 kernels for the CUDA backend (crates/engine/src/cuda).
+// hivetrain's kernels for the CUDA backend (crates/engine/src/cuda): GPT-2's, Llama's
+// (RMSNorm, rotary embeddings, SwiGLU), and the fused attention both use.
 //
 // Compiled to PTX by `cargo xtask ptx` with the pinned NVRTC from PyPI, twice: with
 // HT_BF16 (activations and matrix-product inputs in bf16, the fast path) and without
@@ -16,7 +17,8 @@
 // generations: a GPU's determinism class names both (ARCHITECTURE.md).
 //
 // Layouts are the CPU engine's: row-major [rows, features]; qkv rows are q | k | v, each
-// split into heads. Parameters are read from a floatX copy of the f32 master weights.
+// split into heads (a Llama's k and v have fewer heads than q). Parameters are read from a
+// floatX copy of the f32 master weights.
 
 #ifdef HT_BF16
 // bf16 as its 16 bits (NVRTC 12.4 ships no cuda_bf16.h): widening is a shift, narrowing
@@ -534,6 +536,169 @@ extern "C" __global__ void wte_backward(float* dwte, const floatX* dres, const i
     for (int i = starts[k]; i < starts[k + 1]; i++) s += tof(dres[(long)rows[i] * c + j]);
     dwte[(long)tokens[k] * c + j] += s;
 }
+
+
+// ---- Llama ------------------------------------------------------------------------
+//
+// The CPU engine's llama/ops.rs, kernel for kernel. Widths (hidden, intermediate) are
+// multiples of 8 (the host checks): each thread takes eight values at a time.
+
+// out[n, :] = embed[inp[n], :]; eight values a thread.
+extern "C" __global__ void embed_forward(floatX* out, const int* inp, const floatX* embed, int n,
+                                         int c) {
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (long)n * c) return;
+    int row = (int)(i / c), col = (int)(i % c);
+    float v[8];
+    load8(v, embed + (long)inp[row] * c + col);
+    store8(out + i, v);
+}
+
+// One warp a row: out = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), as HF's
+// LlamaRMSNorm (normalize, then scale by the gain); saves rstd.
+extern "C" __global__ void rmsnorm_forward(floatX* __restrict__ out, float* __restrict__ rstd,
+                                           const floatX* __restrict__ inp,
+                                           const floatX* __restrict__ w, int n, int c,
+                                           float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= n) return;
+    const floatX* x = inp + (long)row * c;
+    float s = 0.0f;
+    for (int i = lane * 8; i < c; i += 256) {
+        float xv[8];
+        load8(xv, x + i);
+        for (int k = 0; k < 8; k++) s += xv[k] * xv[k];
+    }
+    float r = 1.0f / sqrtf(warp_sum(s) / c + eps);
+    floatX* o = out + (long)row * c;
+    for (int i = lane * 8; i < c; i += 256) {
+        float xv[8], wv[8];
+        load8(xv, x + i);
+        load8(wv, w + i);
+        for (int k = 0; k < 8; k++) xv[k] = xv[k] * r * wv[k];
+        store8(o + i, xv);
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// One warp a row: dinp += RMSNorm's input gradient, r g - r^3 (g . x / c) x with
+// g = dout * w.
+extern "C" __global__ void rmsnorm_backward_input(floatX* __restrict__ dinp,
+                                                  const floatX* __restrict__ dout,
+                                                  const floatX* __restrict__ inp,
+                                                  const floatX* __restrict__ w,
+                                                  const float* __restrict__ rstd, int n, int c) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= n) return;
+    const floatX* g = dout + (long)row * c;
+    const floatX* x = inp + (long)row * c;
+    float r = rstd[row];
+    float a = 0.0f;
+    for (int i = lane * 8; i < c; i += 256) {
+        float gv[8], xv[8], wv[8];
+        load8(gv, g + i);
+        load8(xv, x + i);
+        load8(wv, w + i);
+        for (int k = 0; k < 8; k++) a += gv[k] * wv[k] * xv[k];
+    }
+    float kx = r * r * r * warp_sum(a) / c;
+    floatX* d = dinp + (long)row * c;
+    for (int i = lane * 8; i < c; i += 256) {
+        float gv[8], xv[8], wv[8], dv[8];
+        load8(gv, g + i);
+        load8(xv, x + i);
+        load8(wv, w + i);
+        load8(dv, d + i);
+        for (int k = 0; k < 8; k++) dv[k] = dv[k] + (r * (gv[k] * wv[k]) - kx * xv[k]);
+        store8(d + i, dv);
+    }
+}
+
+// RMSNorm's gain gradient, partial sums as column_sum_partial: pw[r, j] sums
+// dout * x * rstd.
+extern "C" __global__ void rmsnorm_param_partial(float* pw, const floatX* dout, const floatX* inp,
+                                                 const float* rstd, int n, int c) {
+    __shared__ float sums[8][64];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int j0 = blockIdx.x * 64 + lane, j1 = j0 + 32;
+    int r0 = blockIdx.y * SUM_ROWS, end = min(n, r0 + SUM_ROWS);
+    float w0 = 0.0f, w1 = 0.0f;
+    for (int i = r0 + warp; i < end; i += 8) {
+        const floatX* g = dout + (long)i * c;
+        const floatX* x = inp + (long)i * c;
+        float r = rstd[i];
+        if (j0 < c) w0 += tof(g[j0]) * (tof(x[j0]) * r);
+        if (j1 < c) w1 += tof(g[j1]) * (tof(x[j1]) * r);
+    }
+    sums[warp][lane] = w0;
+    sums[warp][lane + 32] = w1;
+    __syncthreads();
+    int j = blockIdx.x * 64 + threadIdx.x;
+    if (threadIdx.x < 64 && j < c) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; w++) t += sums[w][threadIdx.x];
+        pw[(long)blockIdx.y * c + j] = t;
+    }
+}
+
+// Rotary embeddings in place, HF's rotate_half layout: in each of the first `heads` heads
+// of a row (`half` * 2 wide), element i pairs with i + half, turned by the angle of the
+// row's position (row % t) from the f32 tables [positions, half]; `inverse` turns back
+// (the backward pass). One thread a pair.
+extern "C" __global__ void rope(floatX* x, const float* cos_t, const float* sin_t, int n, int t,
+                                int stride, int heads, int half, int inverse) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)n * heads * half) return;
+    int k = (int)(i % half);
+    long rest = i / half;
+    int h = (int)(rest % heads), row = (int)(rest / heads);
+    floatX* p = x + (long)row * stride + h * 2 * half;
+    long at = (long)(row % t) * half + k;
+    float cs = cos_t[at], sn = inverse ? -sin_t[at] : sin_t[at];
+    float a = tof(p[k]), b = tof(p[k + half]);
+    p[k] = fromf(a * cs - b * sn);
+    p[k + half] = fromf(b * cs + a * sn);
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// act[n, f] = silu(gate) * up, gate_up [n, 2f] holding gate then up in each row; eight
+// values a thread.
+extern "C" __global__ void swiglu_forward(floatX* __restrict__ act,
+                                          const floatX* __restrict__ gate_up, int n, int f) {
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (long)n * f) return;
+    long row = i / f, col = i % f;
+    const floatX* gu = gate_up + row * 2 * f + col;
+    float g[8], u[8];
+    load8(g, gu);
+    load8(u, gu + f);
+    for (int k = 0; k < 8; k++) g[k] = g[k] * sigmoid(g[k]) * u[k];
+    store8(act + i, g);
+}
+
+// The backward of swiglu_forward: writes dgate_up [n, 2f].
+extern "C" __global__ void swiglu_backward(floatX* __restrict__ dgate_up,
+                                           const floatX* __restrict__ gate_up,
+                                           const floatX* __restrict__ dact, int n, int f) {
+    long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (long)n * f) return;
+    long row = i / f, col = i % f;
+    const floatX* gu = gate_up + row * 2 * f + col;
+    floatX* dgu = dgate_up + row * 2 * f + col;
+    float g[8], u[8], d[8], dg[8], du[8];
+    load8(g, gu);
+    load8(u, gu + f);
+    load8(d, dact + i);
+    for (int k = 0; k < 8; k++) {
+        float s = sigmoid(g[k]);
+        du[k] = d[k] * (g[k] * s);
+        dg[k] = d[k] * u[k] * (s * (1.0f + g[k] * (1.0f - s)));
+    }
+    store8(dgu, dg);
+    store8(dgu + f, du);
+}
+
 
 // ---- optimizer ------------------------------------------------------------------
 
