@@ -643,17 +643,17 @@ extern "C" __global__ void rmsnorm_param_partial(float* pw, const floatX* dout, 
 
 // Rotary embeddings in place, HF's rotate_half layout: in each of the first `heads` heads
 // of a row (`half` * 2 wide), element i pairs with i + half, turned by the angle of the
-// row's position (row % t) from the f32 tables [positions, half]; `inverse` turns back
-// (the backward pass). One thread a pair.
+// row's position (pos0 + row % t) from the f32 tables [positions, half]; `inverse` turns
+// back (the backward pass). One thread a pair.
 extern "C" __global__ void rope(floatX* x, const float* cos_t, const float* sin_t, int n, int t,
-                                int stride, int heads, int half, int inverse) {
+                                int pos0, int stride, int heads, int half, int inverse) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)n * heads * half) return;
     int k = (int)(i % half);
     long rest = i / half;
     int h = (int)(rest % heads), row = (int)(rest / heads);
     floatX* p = x + (long)row * stride + h * 2 * half;
-    long at = (long)(row % t) * half + k;
+    long at = (long)(pos0 + row % t) * half + k;
     float cs = cos_t[at], sn = inverse ? -sin_t[at] : sin_t[at];
     float a = tof(p[k]), b = tof(p[k + half]);
     p[k] = fromf(a * cs - b * sn);
@@ -699,6 +699,57 @@ extern "C" __global__ void swiglu_backward(floatX* __restrict__ dgate_up,
     store8(dgu + f, du);
 }
 
+// ---- decoding ---------------------------------------------------------------------
+
+// Attention of new rows over a KV cache, heads of 64. Grid (m, nh), 128 threads: row i
+// (at position pos0 + i) of head h attends to the cache's keys 0 ..= pos0 + i of head
+// h / group. Row j of q, k and v starts at j * stride (q counted from the first new row,
+// k and v from position 0). Each warp takes keys warp, warp + 4, ... with an online
+// softmax (each lane two of the 64 columns), then the four are merged in warp order:
+// a fixed order, so the same bits every time.
+extern "C" __global__ void decode_attention(floatX* out, const floatX* q, const floatX* k,
+                                            const floatX* v, int pos0, int group, int stride,
+                                            int out_stride, float scale) {
+    __shared__ float wm[4], wl[4], wo[4][64];
+    int i = blockIdx.x, h = blockIdx.y, kvh = h / group;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const floatX* qr = q + (long)i * stride + h * 64 + 2 * lane;
+    float q0 = tof(qr[0]), q1 = tof(qr[1]);
+    float m = NEG_INF, l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+    for (int j = warp; j <= pos0 + i; j += 4) {
+        const floatX* kr = k + (long)j * stride + kvh * 64 + 2 * lane;
+        const floatX* vr = v + (long)j * stride + kvh * 64 + 2 * lane;
+        float s = warp_sum(q0 * tof(kr[0]) + q1 * tof(kr[1])) * scale;
+        float next = fmaxf(m, s);
+        float corr = m == NEG_INF ? 0.0f : expf(m - next);
+        float e = expf(s - next);
+        l = l * corr + e;
+        o0 = o0 * corr + e * tof(vr[0]);
+        o1 = o1 * corr + e * tof(vr[1]);
+        m = next;
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        wl[warp] = l;
+    }
+    wo[warp][2 * lane] = o0;
+    wo[warp][2 * lane + 1] = o1;
+    __syncthreads();
+    if (warp == 0) {
+        float mx = NEG_INF;
+        for (int w = 0; w < 4; w++) mx = fmaxf(mx, wm[w]);
+        float lt = 0.0f, a0 = 0.0f, a1 = 0.0f;
+        for (int w = 0; w < 4; w++) {
+            float c = wm[w] == NEG_INF ? 0.0f : expf(wm[w] - mx);
+            lt += wl[w] * c;
+            a0 += wo[w][2 * lane] * c;
+            a1 += wo[w][2 * lane + 1] * c;
+        }
+        floatX* o = out + (long)i * out_stride + h * 64 + 2 * lane;
+        o[0] = fromf(a0 / lt);
+        o[1] = fromf(a1 / lt);
+    }
+}
 
 // ---- optimizer ------------------------------------------------------------------
 

@@ -113,6 +113,8 @@ kernels!(
     rmsnorm_backward_input,
     rmsnorm_param_partial,
     rope,
+    decode_attention,
+    cast_from_x,
     swiglu_forward,
     swiglu_backward,
     sum_squares_partial,

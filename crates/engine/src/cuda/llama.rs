@@ -5,7 +5,8 @@
 //! Attention is the fused kernels GPT-2 uses (FlashAttention-2's tiling, a deterministic
 //! backward), reading grouped queries' keys and values from the qkv rows in place:
 //! heads of 64 only (SmolLM2's), so a Llama with other heads, or f32, answers
-//! [`CudaError::Unsupported`]. Decoding (the KV cache) is not built for the GPU yet.
+//! [`CudaError::Unsupported`]. Decoding keeps each layer's qkv rows as its KV cache
+//! (the products write there), a prompt going in as matrices of up to 256 rows.
 //!
 //! A LoRA product is four cuBLASLt products a target on top of the frozen one (`u =
 //! scale x A^T`, `y += u B^T`; backward `dB = dy^T u`, `du = scale dy B`, `dA = du^T x`,
@@ -84,6 +85,33 @@ struct Acts {
     buckets: [DeviceMem; 3],
 }
 
+/// Rows one decoding pass takes (a longer prompt goes in several), as the CPU's.
+const PREFILL_ROWS_MAX: usize = 256;
+
+/// KV-cache decoding: each layer's qkv rows of every position fed so far (the products
+/// write there, q and k rotated in place, so the cache needs no copy), and scratch for
+/// up to [`PREFILL_ROWS_MAX`] new rows.
+struct DecodeState {
+    pos: usize,
+    /// Per layer, [max_seq, qkv width].
+    cache: Vec<DeviceMem>,
+    inputs: DeviceMem,
+    x: DeviceMem,
+    r2: DeviceMem,
+    h: DeviceMem,
+    rstd: DeviceMem,
+    atty: DeviceMem,
+    gate_up: DeviceMem,
+    act: DeviceMem,
+    /// The adapter's `u` of each target ([`LoraTarget::ALL`] order), reused by every
+    /// layer.
+    u: Vec<Option<DeviceMem>>,
+    /// The last row's logits: bf16 from the product, f32 on the device and on the host.
+    logits_x: DeviceMem,
+    logits: DeviceMem,
+    host_logits: Vec<f32>,
+}
+
 /// The LoRA adapter: what trains when the base is frozen.
 struct Adapter {
     lora: LoraConfig,
@@ -100,6 +128,7 @@ struct M(u64, usize);
 pub struct LlamaCuda {
     // Field order is drop order: everything on the GPU goes before the context.
     acts: Option<Acts>,
+    decode: Option<DecodeState>,
     /// The base; it trains unless there is an adapter.
     base: Master,
     adapter: Option<Adapter>,
@@ -226,6 +255,7 @@ impl LlamaCuda {
         let (rope_cos, rope_sin) = (table(&rope.cos)?, table(&rope.sin)?);
         Ok(LlamaCuda {
             acts: None,
+            decode: None,
             base,
             adapter,
             frozen,
@@ -558,8 +588,14 @@ impl LlamaCuda {
         )
     }
 
-    /// Rotates (or with `inverse` rotates back) the q and k heads of `qkv` rows.
-    fn rope(&self, qkv: u64, (b, t): (usize, usize), inverse: bool) -> Result<(), CudaError> {
+    /// Rotates (or with `inverse` rotates back) the q and k heads of `qkv` rows, row `r`
+    /// to position `pos0 + r % t`.
+    fn rope(
+        &self,
+        qkv: u64,
+        (b, t, pos0): (usize, usize, usize),
+        inverse: bool,
+    ) -> Result<(), CudaError> {
         let c = self.config;
         let heads = c.heads + c.kv_heads;
         let half = c.head_dim / 2;
@@ -573,6 +609,7 @@ impl LlamaCuda {
                 self.rope_sin.ptr.into(),
                 (n as i32).into(),
                 (t as i32).into(),
+                (pos0 as i32).into(),
                 (c.qkv_width() as i32).into(),
                 (heads as i32).into(),
                 (half as i32).into(),
@@ -727,7 +764,7 @@ impl LlamaCuda {
                 self.lora_forward((l, target), M(a.h1.ptr, d), M(y, w), &a.u, n)?;
             }
             self.phase("rope")?;
-            self.rope(a.qkv.ptr, (b, t), false)?;
+            self.rope(a.qkv.ptr, (b, t, 0), false)?;
             self.phase("attention")?;
             let Some(flash) = &self.kernels.flash else {
                 unreachable!("the bf16 build has the fused kernels")
@@ -977,7 +1014,7 @@ impl LlamaCuda {
             self.flash_backward(a, g, (b, t))?;
             self.phase("rope bwd")?;
             // The rotation is orthogonal: its backward is the rotation back.
-            self.rope(g.dqkv.ptr, (b, t), true)?;
+            self.rope(g.dqkv.ptr, (b, t, 0), true)?;
             self.phase("matmul qkv bwd")?;
             self.linear_backward(
                 need_dx.then_some(M(g.dc.ptr, d)),
@@ -1132,6 +1169,209 @@ impl LlamaCuda {
         )
     }
 
+    /// Feeds `tokens` at the next positions of the KV cache, [`PREFILL_ROWS_MAX`] rows a
+    /// pass; returns the logits after the last. Nothing is fed unless all of them fit.
+    fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        let c = self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::SequenceLength {
+                seq: 0,
+                n_ctx: c.max_seq,
+            });
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab_size: c.vocab_size,
+            });
+        }
+        if self.decode.as_ref().map_or(0, |s| s.pos) + tokens.len() > c.max_seq {
+            return Err(EngineError::ContextFull { n_ctx: c.max_seq });
+        }
+        if self.decode.is_none() {
+            self.decode = Some(self.decode_state()?);
+        }
+        for chunk in tokens.chunks(PREFILL_ROWS_MAX) {
+            self.decode_pass(chunk)?;
+        }
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("created above")
+        };
+        self.gpu.download(&mut s.host_logits, &s.logits, 0)?;
+        Ok(&s.host_logits)
+    }
+
+    fn decode_state(&self) -> Result<DecodeState, CudaError> {
+        let c = self.config;
+        let gpu = &self.gpu;
+        let m = PREFILL_ROWS_MAX;
+        let (d, f, w, nq) = (
+            c.hidden,
+            c.intermediate,
+            c.qkv_width(),
+            c.heads * c.head_dim,
+        );
+        let a = |elems: usize| gpu.alloc(elems * X);
+        let mut cache = Vec::with_capacity(c.layers);
+        for _ in 0..c.layers {
+            cache.push(a(c.max_seq * w)?);
+        }
+        let mut u = Vec::with_capacity(LoraTarget::ALL.len());
+        for target in LoraTarget::ALL {
+            u.push(match &self.adapter {
+                Some(ad) if ad.lora.targets.contains(&target) => Some(a(m * ad.lora.rank)?),
+                _ => None,
+            });
+        }
+        Ok(DecodeState {
+            pos: 0,
+            cache,
+            inputs: gpu.alloc(m * 4)?,
+            x: a(m * d)?,
+            r2: a(m * d)?,
+            h: a(m * d)?,
+            rstd: gpu.alloc(m * 4)?,
+            atty: a(m * nq)?,
+            gate_up: a(m * 2 * f)?,
+            act: a(m * f)?,
+            u,
+            logits_x: a(c.vocab_size)?,
+            logits: gpu.alloc(c.vocab_size * 4)?,
+            host_logits: vec![0.0; c.vocab_size],
+        })
+    }
+
+    /// One pass of [`Self::decode_tokens`]: the rows of `tokens` through every layer as
+    /// matrices (the training forward's kernels and products), each row attending to the
+    /// cache up to its own position; the head runs on the last row only.
+    fn decode_pass(&mut self, tokens: &[u32]) -> Result<(), CudaError> {
+        let Some(s) = self.decode.as_ref() else {
+            unreachable!("decode_tokens creates the state")
+        };
+        let c = self.config;
+        let m = tokens.len();
+        let pos0 = s.pos;
+        let (d, f, v, w) = (c.hidden, c.intermediate, c.vocab_size, c.qkv_width());
+        let (nh, nkv, hd) = (c.heads, c.kv_heads, c.head_dim);
+        let nq = nh * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.gpu.upload(&s.inputs, 0, tokens)?;
+        self.gpu.launch1(
+            &self.kernels.embed_forward,
+            (m * d).div_ceil(8),
+            &[
+                s.x.ptr.into(),
+                s.inputs.ptr.into(),
+                self.px(self.layout.embed).into(),
+                (m as i32).into(),
+                (d as i32).into(),
+            ],
+        )?;
+        for (l, cache) in s.cache.iter().enumerate() {
+            let o = self.layout.blocks[l];
+            let rows = cache.ptr + (pos0 * w * X) as u64;
+            self.rmsnorm_forward((s.h.ptr, s.rstd.ptr), s.x.ptr, o.attn_norm, m)?;
+            self.linear(M(rows, w), M(s.h.ptr, d), self.px(o.qkv), (m, d, w), false)?;
+            let (q, k, vv) = self.qkv_parts(rows);
+            for (target, y) in [(LoraTarget::Q, q), (LoraTarget::K, k), (LoraTarget::V, vv)] {
+                self.lora_forward((l, target), M(s.h.ptr, d), M(y, w), &s.u, m)?;
+            }
+            self.rope(rows, (1, m, pos0), false)?;
+            let (_, k0, v0) = self.qkv_parts(cache.ptr);
+            self.gpu.launch(
+                &self.kernels.decode_attention,
+                (m as u32, nh as u32, 1),
+                128,
+                &[
+                    s.atty.ptr.into(),
+                    rows.into(),
+                    k0.into(),
+                    v0.into(),
+                    (pos0 as i32).into(),
+                    ((nh / nkv) as i32).into(),
+                    (w as i32).into(),
+                    (nq as i32).into(),
+                    scale.into(),
+                ],
+            )?;
+            self.gpu.copy(s.r2.ptr, s.x.ptr, m * d * X)?;
+            self.linear(
+                M(s.r2.ptr, d),
+                M(s.atty.ptr, nq),
+                self.px(o.o),
+                (m, nq, d),
+                true,
+            )?;
+            self.lora_forward(
+                (l, LoraTarget::O),
+                M(s.atty.ptr, nq),
+                M(s.r2.ptr, d),
+                &s.u,
+                m,
+            )?;
+            self.rmsnorm_forward((s.h.ptr, s.rstd.ptr), s.r2.ptr, o.mlp_norm, m)?;
+            self.linear(
+                M(s.gate_up.ptr, 2 * f),
+                M(s.h.ptr, d),
+                self.px(o.gate_up),
+                (m, d, 2 * f),
+                false,
+            )?;
+            let up = s.gate_up.ptr + (f * X) as u64;
+            for (target, y) in [(LoraTarget::Gate, s.gate_up.ptr), (LoraTarget::Up, up)] {
+                self.lora_forward((l, target), M(s.h.ptr, d), M(y, 2 * f), &s.u, m)?;
+            }
+            self.gpu.launch1(
+                &self.kernels.swiglu_forward,
+                (m * f).div_ceil(8),
+                &[
+                    s.act.ptr.into(),
+                    s.gate_up.ptr.into(),
+                    (m as i32).into(),
+                    (f as i32).into(),
+                ],
+            )?;
+            self.gpu.copy(s.x.ptr, s.r2.ptr, m * d * X)?;
+            self.linear(
+                M(s.x.ptr, d),
+                M(s.act.ptr, f),
+                self.px(o.down),
+                (m, f, d),
+                true,
+            )?;
+            self.lora_forward(
+                (l, LoraTarget::Down),
+                M(s.act.ptr, f),
+                M(s.x.ptr, d),
+                &s.u,
+                m,
+            )?;
+        }
+        // The head on the last row only.
+        let last = s.x.ptr + ((m - 1) * d * X) as u64;
+        self.rmsnorm_forward((s.h.ptr, s.rstd.ptr), last, self.layout.norm, 1)?;
+        self.linear(
+            M(s.logits_x.ptr, v),
+            M(s.h.ptr, d),
+            self.px(self.layout.head),
+            (1, d, v),
+            false,
+        )?;
+        self.gpu.launch1(
+            &self.kernels.cast_from_x,
+            v,
+            &[
+                s.logits.ptr.into(),
+                s.logits_x.ptr.into(),
+                (v as i64).into(),
+            ],
+        )?;
+        if let Some(s) = self.decode.as_mut() {
+            s.pos += m;
+        }
+        Ok(())
+    }
+
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> Result<f32, CudaError> {
         let profile = &self.profile;
         let stream = &self.gpu.stream;
@@ -1263,19 +1503,17 @@ impl Backend for LlamaCuda {
         Ok((loss, self.trained().download_grads(&self.gpu)?))
     }
 
-    fn decode_reset(&mut self) {}
-
-    fn decode_step(&mut self, _token: u32) -> Result<&[f32], EngineError> {
-        Err(CudaError::Unsupported {
-            what: "decoding (the KV cache)",
+    fn decode_reset(&mut self) {
+        if let Some(s) = self.decode.as_mut() {
+            s.pos = 0;
         }
-        .into())
     }
 
-    fn decode_prefill(&mut self, _tokens: &[u32]) -> Result<&[f32], EngineError> {
-        Err(CudaError::Unsupported {
-            what: "decoding (the KV cache)",
-        }
-        .into())
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
+        self.decode_tokens(&[token])
+    }
+
+    fn decode_prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        self.decode_tokens(tokens)
     }
 }
