@@ -701,17 +701,23 @@ extern "C" __global__ void swiglu_backward(floatX* __restrict__ dgate_up,
 
 // ---- decoding ---------------------------------------------------------------------
 
-// Attention of new rows over a KV cache, heads of 64. Grid (m, nh), 128 threads: row i
-// (at position pos0 + i) of head h attends to the cache's keys 0 ..= pos0 + i of head
-// h / group. Row j of q, k and v starts at j * stride (q counted from the first new row,
-// k and v from position 0). Each warp takes keys warp, warp + 4, ... with an online
-// softmax (each lane two of the 64 columns), then the four are merged in warp order:
-// a fixed order, so the same bits every time.
+// Attention of new rows over a KV cache, heads of 64. Grid (m, nh, batch), 128 threads:
+// row i (at position pos0 + i) of head h attends to the cache's keys 0 ..= pos0 + i of
+// head h / group. Row j of q, k and v starts at j * stride (q counted from the first new
+// row, k and v from position 0), batch element bb's rows t * bb rows on (decoding: one
+// element; an f32 forward pass: pos0 0, each batch row its own cache). Each warp takes
+// keys warp, warp + 4, ... with an online softmax (each lane two of the 64 columns),
+// then the four are merged in warp order: a fixed order, so the same bits every time.
 extern "C" __global__ void decode_attention(floatX* out, const floatX* q, const floatX* k,
-                                            const floatX* v, int pos0, int group, int stride,
-                                            int out_stride, float scale) {
+                                            const floatX* v, int pos0, int t, int group,
+                                            int stride, int out_stride, float scale) {
     __shared__ float wm[4], wl[4], wo[4][64];
     int i = blockIdx.x, h = blockIdx.y, kvh = h / group;
+    long skip = (long)blockIdx.z * t;
+    q += skip * stride;
+    k += skip * stride;
+    v += skip * stride;
+    out += skip * out_stride;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const floatX* qr = q + (long)i * stride + h * 64 + 2 * lane;
     float q0 = tof(qr[0]), q1 = tof(qr[1]);

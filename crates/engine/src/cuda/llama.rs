@@ -27,9 +27,6 @@ use crate::{
     OptimizerConfig, Purpose, StepStats,
 };
 
-/// Bytes of a bf16 activation: the only precision a Llama runs in here.
-const X: usize = 2;
-
 /// One layer's saved activations (bf16 unless said).
 struct LayerActs {
     h1: DeviceMem,
@@ -141,6 +138,7 @@ pub struct LlamaCuda {
     blas: Blas,
     config: LlamaConfig,
     layout: LlamaLayout,
+    precision: Precision,
     purpose: Purpose,
     gpu: Gpu,
 }
@@ -154,7 +152,20 @@ impl LlamaCuda {
         ordinal: usize,
         purpose: Purpose,
     ) -> Result<LlamaCuda, EngineError> {
-        LlamaCuda::build(config, None, params, None, ordinal, purpose)
+        LlamaCuda::open_with(config, params, ordinal, purpose, Precision::Bf16)
+    }
+
+    /// [`Self::open`] in `precision`. [`Precision::F32`] evaluates and decodes only (its
+    /// attention is the decoding kernel, run over every row; there is no f32 backward):
+    /// f32 activations and true f32 products, for answers that match f32 references.
+    pub fn open_with(
+        config: LlamaConfig,
+        params: &[f32],
+        ordinal: usize,
+        purpose: Purpose,
+        precision: Precision,
+    ) -> Result<LlamaCuda, EngineError> {
+        LlamaCuda::build(config, None, params, None, ordinal, (purpose, precision))
     }
 
     /// A backend with a LoRA adapter (`adapter`, [`LoraLayout`] order) on the frozen
@@ -182,7 +193,7 @@ impl LlamaCuda {
             &base,
             Some(frozen),
             ordinal,
-            purpose,
+            (purpose, Precision::Bf16),
         )
     }
 
@@ -192,9 +203,15 @@ impl LlamaCuda {
         params: &[f32],
         frozen: Option<Arc<Vec<f32>>>,
         ordinal: usize,
-        purpose: Purpose,
+        (purpose, precision): (Purpose, Precision),
     ) -> Result<LlamaCuda, EngineError> {
         config.validate()?;
+        if precision == Precision::F32 && purpose == Purpose::Train {
+            return Err(CudaError::Unsupported {
+                what: "training a Llama in f32 (f32 evaluates and decodes; bf16 trains)",
+            }
+            .into());
+        }
         if config.head_dim != FLASH_HEAD_SIZE {
             return Err(CudaError::Unsupported {
                 what: "a Llama whose heads are not 64 wide",
@@ -215,28 +232,22 @@ impl LlamaCuda {
             });
         }
         let gpu = Gpu::open(ordinal)?;
-        let kernels = Kernels::load(&gpu, Precision::Bf16)?;
-        let blas = Blas::new(&gpu, Elem::Bf16)?;
+        let kernels = Kernels::load(&gpu, precision)?;
+        let blas = Blas::new(&gpu, precision.elem())?;
         let train = purpose == Purpose::Train;
         let base = Master::new(
             &gpu,
             &kernels,
             layout.table(),
             params,
-            Precision::Bf16,
+            precision,
             train && lora.is_none(),
         )?;
         let adapter = match lora {
             Some((lora, adapter)) => {
                 let ad_layout = LoraLayout::new(&config, &lora);
-                let master = Master::new(
-                    &gpu,
-                    &kernels,
-                    ad_layout.table(),
-                    adapter,
-                    Precision::Bf16,
-                    train,
-                )?;
+                let master =
+                    Master::new(&gpu, &kernels, ad_layout.table(), adapter, precision, train)?;
                 Some(Adapter {
                     scale: lora.scale(),
                     lora,
@@ -266,6 +277,7 @@ impl LlamaCuda {
             blas,
             config,
             layout,
+            precision,
             purpose,
             gpu,
         })
@@ -367,7 +379,7 @@ impl LlamaCuda {
             (n, o, i),
             (false, true),
             (1.0, beta),
-            Elem::Bf16,
+            self.precision.elem(),
         )
     }
 
@@ -390,7 +402,7 @@ impl LlamaCuda {
                 (n, i, o),
                 (false, false),
                 (1.0, 0.0),
-                Elem::Bf16,
+                self.precision.elem(),
             )?;
         }
         if let Some(dw) = self.full_grad(w) {
@@ -432,7 +444,7 @@ impl LlamaCuda {
             (n, r, inp),
             (false, true),
             (ad.scale, 0.0),
-            Elem::Bf16,
+            self.precision.elem(),
         )?;
         self.mm(
             y,
@@ -441,7 +453,7 @@ impl LlamaCuda {
             (n, out, r),
             (false, true),
             (1.0, 1.0),
-            Elem::Bf16,
+            self.precision.elem(),
         )
     }
 
@@ -483,7 +495,7 @@ impl LlamaCuda {
             (n, r, out),
             (false, false),
             (ad.scale, 0.0),
-            Elem::Bf16,
+            self.precision.elem(),
         )?;
         self.mm(
             M(ad.master.grad(ab.a), inp),
@@ -502,7 +514,7 @@ impl LlamaCuda {
                 (n, inp, r),
                 (false, false),
                 (1.0, 1.0),
-                Elem::Bf16,
+                self.precision.elem(),
             )?;
         }
         Ok(())
@@ -621,8 +633,9 @@ impl LlamaCuda {
     /// Where q, k and v of a qkv buffer start.
     fn qkv_parts(&self, qkv: u64) -> (u64, u64, u64) {
         let c = self.config;
+        let x = self.precision.size();
         let (nq, nkv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        (qkv, qkv + (nq * X) as u64, qkv + ((nq + nkv) * X) as u64)
+        (qkv, qkv + (nq * x) as u64, qkv + ((nq + nkv) * x) as u64)
     }
 
     fn ensure_acts(&mut self, b: usize, t: usize) -> Result<(), CudaError> {
@@ -631,6 +644,7 @@ impl LlamaCuda {
         }
         self.acts = None;
         let c = self.config;
+        let x = self.precision.size();
         let gpu = &self.gpu;
         let n = b * t;
         let (d, f, w, nq) = (
@@ -639,7 +653,7 @@ impl LlamaCuda {
             c.qkv_width(),
             c.heads * c.head_dim,
         );
-        let a = |elems: usize| gpu.alloc(elems * X);
+        let a = |elems: usize| gpu.alloc(elems * x);
         let fl = |elems: usize| gpu.alloc(elems * 4);
         let rank = self.adapter.as_ref().map(|ad| ad.lora.rank);
         let mut layers = Vec::with_capacity(c.layers);
@@ -723,6 +737,7 @@ impl LlamaCuda {
             unreachable!("allocated above")
         };
         let c = self.config;
+        let x = self.precision.size();
         let n = b * t;
         let (d, f, v, w) = (c.hidden, c.intermediate, c.vocab_size, c.qkv_width());
         let (nh, nkv, hd) = (c.heads, c.kv_heads, c.head_dim);
@@ -766,31 +781,49 @@ impl LlamaCuda {
             self.phase("rope")?;
             self.rope(a.qkv.ptr, (b, t, 0), false)?;
             self.phase("attention")?;
-            let Some(flash) = &self.kernels.flash else {
-                unreachable!("the bf16 build has the fused kernels")
-            };
             let (ti, wi, nqi) = (t as i32, w as i32, nq as i32);
-            self.gpu.launch(
-                &flash.forward,
-                flash_grid(t, nh, b),
-                FLASH_THREADS,
-                &[
-                    a.atty.ptr.into(),
-                    a.lse.ptr.into(),
-                    q.into(),
-                    k.into(),
-                    vv.into(),
-                    ti.into(),
-                    (nh as i32).into(),
-                    ((nh / nkv) as i32).into(),
-                    wi.into(),
-                    wi.into(),
-                    nqi.into(),
-                    scale.into(),
-                ],
-            )?;
+            match &self.kernels.flash {
+                Some(flash) => self.gpu.launch(
+                    &flash.forward,
+                    flash_grid(t, nh, b),
+                    FLASH_THREADS,
+                    &[
+                        a.atty.ptr.into(),
+                        a.lse.ptr.into(),
+                        q.into(),
+                        k.into(),
+                        vv.into(),
+                        ti.into(),
+                        (nh as i32).into(),
+                        ((nh / nkv) as i32).into(),
+                        wi.into(),
+                        wi.into(),
+                        nqi.into(),
+                        scale.into(),
+                    ],
+                )?,
+                // f32 (evaluation only): the decoding kernel over every row, no
+                // log-sum-exp kept.
+                None => self.gpu.launch(
+                    &self.kernels.decode_attention,
+                    (t as u32, nh as u32, b as u32),
+                    128,
+                    &[
+                        a.atty.ptr.into(),
+                        q.into(),
+                        k.into(),
+                        vv.into(),
+                        0i32.into(),
+                        ti.into(),
+                        ((nh / nkv) as i32).into(),
+                        wi.into(),
+                        nqi.into(),
+                        scale.into(),
+                    ],
+                )?,
+            }
             self.phase("matmul o")?;
-            self.gpu.copy(a.res2.ptr, residual, n * d * X)?;
+            self.gpu.copy(a.res2.ptr, residual, n * d * x)?;
             self.linear(
                 M(a.res2.ptr, d),
                 M(a.atty.ptr, nq),
@@ -817,7 +850,7 @@ impl LlamaCuda {
                 false,
             )?;
             self.phase("lora")?;
-            let up = a.gate_up.ptr + (f * X) as u64;
+            let up = a.gate_up.ptr + (f * x) as u64;
             for (target, y) in [(LoraTarget::Gate, a.gate_up.ptr), (LoraTarget::Up, up)] {
                 self.lora_forward((l, target), M(a.h2.ptr, d), M(y, 2 * f), &a.u, n)?;
             }
@@ -833,7 +866,7 @@ impl LlamaCuda {
                 ],
             )?;
             self.phase("matmul down")?;
-            self.gpu.copy(a.res3.ptr, a.res2.ptr, n * d * X)?;
+            self.gpu.copy(a.res3.ptr, a.res2.ptr, n * d * x)?;
             self.linear(
                 M(a.res3.ptr, d),
                 M(a.act.ptr, f),
@@ -896,6 +929,7 @@ impl LlamaCuda {
             unreachable!("a training backend allocates gradient scratch")
         };
         let c = self.config;
+        let x = self.precision.size();
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         let (d, f, v, w) = (c.hidden, c.intermediate, c.vocab_size, c.qkv_width());
@@ -971,7 +1005,7 @@ impl LlamaCuda {
                 (n, d, 2 * f),
             )?;
             self.phase("lora bwd")?;
-            let dup = g.dgate_up.ptr + (f * X) as u64;
+            let dup = g.dgate_up.ptr + (f * x) as u64;
             for (target, dy) in [(LoraTarget::Gate, g.dgate_up.ptr), (LoraTarget::Up, dup)] {
                 self.lora_backward(
                     (l, target),
@@ -1203,6 +1237,7 @@ impl LlamaCuda {
 
     fn decode_state(&self) -> Result<DecodeState, CudaError> {
         let c = self.config;
+        let x = self.precision.size();
         let gpu = &self.gpu;
         let m = PREFILL_ROWS_MAX;
         let (d, f, w, nq) = (
@@ -1211,7 +1246,7 @@ impl LlamaCuda {
             c.qkv_width(),
             c.heads * c.head_dim,
         );
-        let a = |elems: usize| gpu.alloc(elems * X);
+        let a = |elems: usize| gpu.alloc(elems * x);
         let mut cache = Vec::with_capacity(c.layers);
         for _ in 0..c.layers {
             cache.push(a(c.max_seq * w)?);
@@ -1249,6 +1284,7 @@ impl LlamaCuda {
             unreachable!("decode_tokens creates the state")
         };
         let c = self.config;
+        let x = self.precision.size();
         let m = tokens.len();
         let pos0 = s.pos;
         let (d, f, v, w) = (c.hidden, c.intermediate, c.vocab_size, c.qkv_width());
@@ -1269,7 +1305,7 @@ impl LlamaCuda {
         )?;
         for (l, cache) in s.cache.iter().enumerate() {
             let o = self.layout.blocks[l];
-            let rows = cache.ptr + (pos0 * w * X) as u64;
+            let rows = cache.ptr + (pos0 * w * x) as u64;
             self.rmsnorm_forward((s.h.ptr, s.rstd.ptr), s.x.ptr, o.attn_norm, m)?;
             self.linear(M(rows, w), M(s.h.ptr, d), self.px(o.qkv), (m, d, w), false)?;
             let (q, k, vv) = self.qkv_parts(rows);
@@ -1288,13 +1324,14 @@ impl LlamaCuda {
                     k0.into(),
                     v0.into(),
                     (pos0 as i32).into(),
+                    (m as i32).into(),
                     ((nh / nkv) as i32).into(),
                     (w as i32).into(),
                     (nq as i32).into(),
                     scale.into(),
                 ],
             )?;
-            self.gpu.copy(s.r2.ptr, s.x.ptr, m * d * X)?;
+            self.gpu.copy(s.r2.ptr, s.x.ptr, m * d * x)?;
             self.linear(
                 M(s.r2.ptr, d),
                 M(s.atty.ptr, nq),
@@ -1317,7 +1354,7 @@ impl LlamaCuda {
                 (m, d, 2 * f),
                 false,
             )?;
-            let up = s.gate_up.ptr + (f * X) as u64;
+            let up = s.gate_up.ptr + (f * x) as u64;
             for (target, y) in [(LoraTarget::Gate, s.gate_up.ptr), (LoraTarget::Up, up)] {
                 self.lora_forward((l, target), M(s.h.ptr, d), M(y, 2 * f), &s.u, m)?;
             }
@@ -1331,7 +1368,7 @@ impl LlamaCuda {
                     (f as i32).into(),
                 ],
             )?;
-            self.gpu.copy(s.x.ptr, s.r2.ptr, m * d * X)?;
+            self.gpu.copy(s.x.ptr, s.r2.ptr, m * d * x)?;
             self.linear(
                 M(s.x.ptr, d),
                 M(s.act.ptr, f),
@@ -1348,7 +1385,7 @@ impl LlamaCuda {
             )?;
         }
         // The head on the last row only.
-        let last = s.x.ptr + ((m - 1) * d * X) as u64;
+        let last = s.x.ptr + ((m - 1) * d * x) as u64;
         self.rmsnorm_forward((s.h.ptr, s.rstd.ptr), last, self.layout.norm, 1)?;
         self.linear(
             M(s.logits_x.ptr, v),
@@ -1404,8 +1441,10 @@ impl Backend for LlamaCuda {
 
     fn device(&self) -> String {
         format!(
-            "cuda:{} ({}, bf16)",
-            self.gpu.info.ordinal, self.gpu.info.name
+            "cuda:{} ({}, {})",
+            self.gpu.info.ordinal,
+            self.gpu.info.name,
+            self.precision.name()
         )
     }
 

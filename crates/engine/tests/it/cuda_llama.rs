@@ -4,7 +4,7 @@
 //! The GPU tests are ignored (run with `--ignored` on the lent H200); what the backend
 //! refuses is checked everywhere, before any GPU is touched.
 
-use engine::cuda::LlamaCuda;
+use engine::cuda::{LlamaCuda, Precision};
 use engine::{Backend, LlamaConfig, LoraConfig, LoraTarget, ModelSpec, OptimizerConfig, Purpose};
 
 use crate::{spec_backend, vocab_batch};
@@ -269,6 +269,38 @@ fn cuda_llama_decoding_matches_the_cpu() {
     }
 }
 
+/// In f32 (evaluation and decoding only), the GPU computes what the CPU does up to
+/// summation order: the loss and every decoding position's logits within f32's
+/// tolerance.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test -p engine --test it cuda -- --ignored"]
+fn cuda_llama_f32_evaluates_and_decodes_as_the_cpu() {
+    let config = gqa(false);
+    let spec = ModelSpec::llama("f32-untied", config);
+    let params = params_of(&spec);
+    let mut cpu = spec_backend(&spec, params.clone(), 2);
+    let mut cuda = LlamaCuda::open_with(config, &params, 0, Purpose::Eval, Precision::F32)
+        .expect("open the GPU backend in f32");
+    let batch = vocab_batch(config.vocab_size, 3, config.max_seq, 21);
+    let (want, got) = (
+        cpu.eval_loss(&batch.as_batch()).expect("cpu"),
+        cuda.eval_loss(&batch.as_batch()).expect("gpu"),
+    );
+    let loss_err = ((got - want) as f64 / want as f64).abs();
+    let tokens = crate::tokens(config.max_seq, config.vocab_size, 4);
+    let mut worst = rel_error(
+        cuda.decode_prefill(&tokens[..150]).expect("gpu"),
+        cpu.decode_prefill(&tokens[..150]).expect("cpu"),
+    );
+    for &token in &tokens[150..] {
+        let got = cuda.decode_step(token).expect("gpu").to_vec();
+        worst = worst.max(rel_error(&got, cpu.decode_step(token).expect("cpu")));
+    }
+    eprintln!("f32: loss {loss_err:.1e}, decoding logits within {worst:.1e} of the CPU's");
+    assert!(loss_err < 1e-5, "loss {got} vs {want}");
+    assert!(worst < 1e-4, "decoding logits off by {worst:.2e}");
+}
+
 /// What the GPU backend is not built for is refused with a sentence, before any GPU is
 /// touched (so this runs on CI's machine without one).
 #[test]
@@ -283,6 +315,12 @@ fn cuda_llama_refuses_what_it_is_not_built_for() {
         assert!(err.contains("--device cpu"), "{err}");
     };
     check(crate::micro_llama(true), "heads are not 64 wide");
+    let params = engine::llama::init_params(&gqa(true), 1).expect("init");
+    let err = LlamaCuda::open_with(gqa(true), &params, 0, Purpose::Train, Precision::F32)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("training a Llama in f32"), "{err}");
     check(
         LlamaConfig {
             hidden: 132,
