@@ -18,6 +18,10 @@ pub(crate) struct UnitDeltaArgs {
     /// Engine threads.
     #[arg(long, default_value_t = 1)]
     threads: u32,
+    /// The device (default `cpu:THREADS`): `cuda` trains the unit on the GPU (bf16), to
+    /// measure how far a GPU's honest unit lies from a CPU's re-run of it.
+    #[arg(long)]
+    device: Option<String>,
     /// Write the delta (f32, little-endian) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -49,8 +53,12 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
         base.iter_mut()
             .for_each(|x| *x = f32::from_bits(x.to_bits() ^ 1));
     }
+    let device = args
+        .device
+        .clone()
+        .unwrap_or_else(|| format!("cpu:{}", args.threads));
     let mut backend = engine::open_model(
-        &format!("cpu:{}", args.threads),
+        &device,
         &spec,
         base.clone(),
         engine::Purpose::Train,
@@ -78,10 +86,10 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
     let codec = Codec::Int8Chunk { chunk: 4096 };
     println!("CPU class {}", engine::cpu_class());
     println!(
-        "{} preset, {} steps of {batch} x {seq} on {} threads{}: delta of {} values, norm {:.6}, int8 payload blake3 {}",
+        "{} preset, {} steps of {batch} x {seq} on {}{}: delta of {} values, norm {:.6}, int8 payload blake3 {}",
         args.preset,
         args.steps,
-        args.threads,
+        backend.device(),
         if args.perturb {
             ", start perturbed"
         } else {
