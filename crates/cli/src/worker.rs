@@ -25,8 +25,10 @@ pub(crate) struct WorkerArgs {
     /// A name for the coordinator's tables (default: this machine's host name).
     #[arg(long, env = "HIVETRAIN_NAME")]
     name: Option<String>,
-    /// Compute device: `cpu` (all cores) or `cpu:N`. Workers train on the CPU until a
-    /// GPU's units can be re-run by a checker of the same determinism class.
+    /// Compute device: `cpu` (all cores), `cpu:N` (N threads), `cuda` / `cuda:N` (an
+    /// NVIDIA GPU: bf16; its units are re-run by a volunteer of its GPU class, or by the
+    /// coordinator's CPU within the cross-class tolerance), or `auto` (a GPU when one
+    /// works).
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
     /// Stop after this many work units.
@@ -48,6 +50,10 @@ pub(crate) struct WorkerArgs {
 /// Progress bars: one per unit (step, loss, tokens/s), then the upload and the verdict.
 struct Bars {
     bar: Option<ProgressBar>,
+    /// When the worker started, and whether its first training step was reported: the
+    /// cold start (fetching, measuring, kernel loading, the first lease) in seconds.
+    started: std::time::Instant,
+    first_step: bool,
 }
 
 impl Bars {
@@ -81,6 +87,14 @@ impl Reporter for Bars {
     }
 
     fn step(&mut self, step: u32, loss: f32, tokens_per_second: f64) {
+        if !self.first_step {
+            self.first_step = true;
+            let text = format!(
+                "cold start: the first unit's first step {:.1} s after the worker started",
+                self.started.elapsed().as_secs_f64()
+            );
+            self.println(&text);
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.3}, {tokens_per_second:.0} tok/s"));
@@ -115,12 +129,9 @@ impl Reporter for Bars {
 }
 
 pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    if let engine::Device::Cuda { ordinal } = engine::resolve_device(&args.device)? {
-        anyhow::bail!(
-            "--device {} would train on cuda:{ordinal}, but a worker trains on the CPU until a GPU's units can be re-run by a checker of the same class (the coordinator re-runs units on its CPU): use --device cpu",
-            args.device
-        );
-    }
+    let started = std::time::Instant::now();
+    // Says what is missing (no driver, no cuBLASLt, an old GPU) before anything else.
+    engine::resolve_device(&args.device)?;
     let key_path = match args.key {
         Some(p) => p,
         None => worker::identity::default_path()?,
@@ -161,7 +172,11 @@ pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let transport = HttpTransport::new(&args.coordinator)?;
-    let mut bars = Bars { bar: None };
+    let mut bars = Bars {
+        bar: None,
+        started,
+        first_step: false,
+    };
     let summary = worker::run(&transport, &key, &options, &stop, &mut bars)
         .with_context(|| format!("working for {}", args.coordinator))?;
     if let Some(bar) = bars.bar.take() {

@@ -57,12 +57,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
         .device
         .clone()
         .unwrap_or_else(|| format!("cpu:{}", args.threads));
-    let mut backend = engine::open_model(
-        &device,
-        &spec,
-        base.clone(),
-        engine::Purpose::Train,
-    )?;
+    let mut backend = engine::open_model(&device, &spec, base.clone(), engine::Purpose::Train)?;
     let unit = WorkUnit {
         id: 1,
         round: 0,

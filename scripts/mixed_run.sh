@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One run mixing a GPU worker and CPU workers on one machine (the lent H200 host): a
+# coordinator on the CPU, `--device cuda` for one worker and `cpu:N` for the others, for
+# SECONDS seconds; then the coordinator's status, leaderboard and re-run counters, and
+# each worker's cold start. What BENCHMARKS.md's "One run, a GPU and CPUs" reports.
+#
+#   scripts/mixed_run.sh HIVETRAIN_BIN OUT_DIR [SECONDS] [CPU_WORKERS] [THREADS_EACH]
+set -euo pipefail
+bin=$(realpath "$1")
+out=$(realpath -m "$2")
+seconds=${3:-240}
+cpu_workers=${4:-3}
+threads=${5:-3}
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=18480
+cat > "$work/run.toml" <<EOF
+preset = "small"
+[schedule]
+units_per_round = 4
+min_updates = 2
+[devices]
+holdout = "cpu:2"
+scoring = "cpu:2"
+replay = "cpu:2"
+EOF
+"$bin" coordinator --config "$work/run.toml" --dir "$work/coord" --bind 127.0.0.1:$port \
+    > "$out/coordinator.log" 2>&1 &
+for _ in $(seq 100); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health')" \
+        2>/dev/null && break
+    sleep 0.5
+done
+HIVETRAIN_KEY=$work/gpu.key "$bin" worker --coordinator http://127.0.0.1:$port --name gpu-rig \
+    --device cuda --data-dir "$work/gpu-data" > "$out/worker-gpu.log" 2>&1 &
+for i in $(seq "$cpu_workers"); do
+    HIVETRAIN_KEY=$work/cpu$i.key "$bin" worker --coordinator http://127.0.0.1:$port \
+        --name "laptop-$i" --device "cpu:$threads" --data-dir "$work/cpu$i-data" \
+        > "$out/worker-cpu$i.log" 2>&1 &
+done
+sleep "$seconds"
+for route in v1/status v1/leaderboard v1/stats metrics; do
+    python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$port/$route').read().decode())" \
+        > "$out/$(basename $route).out" 2>&1 || true
+done
+grep -h "cold start\|this machine" "$out"/worker-*.log || true
