@@ -42,6 +42,9 @@ pub enum Sample {
     Queued,
     /// Not sampled (or the backlog was full): re-run only if its worker is caught later.
     Unchecked,
+    /// Waiting for a volunteer of its worker's class ([`crate::replicas`]); stored as
+    /// queued, so a restart hands it to the coordinator's own re-run.
+    Replicated,
 }
 
 /// What a re-run's distance decides.
@@ -56,6 +59,8 @@ pub struct Outcome {
     /// The unit's mint is to be clawed back (on a mismatch; the driver skips a clawback
     /// the ledger already holds).
     pub claw_back: bool,
+    /// The credit of the volunteer whose check this was (a match by a volunteer only).
+    pub checker_mint: Option<ledger::Draft>,
 }
 
 /// The state spot-checks keep between requests: trust per worker, the queue of units to
@@ -108,6 +113,11 @@ impl SpotChecks {
         self.queue.len()
     }
 
+    /// The units waiting for the coordinator's re-run, in order.
+    pub fn queue(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().copied()
+    }
+
     /// Whether the unit's re-run did not match (it stays out of any aggregate not yet
     /// formed).
     pub fn failed(&self, unit: u64) -> bool {
@@ -140,6 +150,7 @@ impl SpotChecks {
     }
 
     /// Records the sample of `unit` once its row is committed.
+    /// (A [`Sample::Replicated`] unit is held by [`crate::replicas::Replicas`] instead.)
     pub fn sampled(&mut self, unit: u64, sample: Sample) {
         if sample == Sample::Queued && !self.queue.contains(&unit) {
             self.queue.push_back(unit);
@@ -192,6 +203,7 @@ impl SpotChecks {
             trust,
             requeue,
             claw_back: !matched,
+            checker_mint: None,
         }
     }
 
