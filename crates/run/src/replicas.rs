@@ -5,9 +5,9 @@
 //! are then compared bit for bit (within `spot_check.tolerance`), never across classes.
 //!
 //! What is kept: the checks waiting for a volunteer, in order, and those leased, by the
-//! fresh id the volunteer knows them by; together at most [`PENDING_CHECKS_MAX`]. Nothing
-//! here is stored: a pending check's unit keeps its `queued` check row, so a restart
-//! hands it to the coordinator's own re-run (ARCHITECTURE.md, "Determinism").
+//! fresh id the volunteer knows them by; together at most [`PENDING_CHECKS_MAX`]. The
+//! driver stores them (a `replicas` row each, rewritten when they change) and a restart
+//! resumes them ([`Replicas::resume`]); their units' check rows stay `queued`.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -81,6 +81,42 @@ pub struct Replicas {
 }
 
 impl Replicas {
+    /// The checks a stored run had: waiting ones in order, then leased ones; past the
+    /// bound (a store written with a larger one), the rest are left out for the caller
+    /// to hand to the coordinator's own re-run, and a unit held twice, or leased to its
+    /// own worker, is kept once, waiting.
+    pub fn resume(
+        pending: impl IntoIterator<Item = PendingCheck>,
+        leased: impl IntoIterator<Item = LeasedCheck>,
+    ) -> Replicas {
+        let mut replicas = Replicas::default();
+        for l in leased {
+            if replicas.len() < PENDING_CHECKS_MAX
+                && !replicas.holds(l.check.unit.id)
+                && l.checker != l.check.worker
+            {
+                replicas.leased.insert(l.id, l);
+            }
+        }
+        for p in pending {
+            if replicas.len() < PENDING_CHECKS_MAX && !replicas.holds(p.unit.id) {
+                replicas.pending.push_back(p);
+            }
+        }
+        replicas.assert_invariants();
+        replicas
+    }
+
+    /// The checks waiting, in order.
+    pub fn pending(&self) -> impl Iterator<Item = &PendingCheck> {
+        self.pending.iter()
+    }
+
+    /// The checks leased, by fresh id.
+    pub fn leases(&self) -> impl Iterator<Item = &LeasedCheck> {
+        self.leased.values()
+    }
+
     /// Where the re-run of a sampled unit whose worker reported `class` goes.
     pub fn route(&self, rules: &ReplicaRules, class: Option<&str>) -> Route {
         let Some(class) = class else {

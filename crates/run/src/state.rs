@@ -151,7 +151,7 @@ pub struct Run {
     // (leases, heartbeats, ticks) change the scheduler only.
     acceptance: Arc<Acceptance>,
     checks: Arc<SpotChecks>,
-    /// Checks waiting for volunteers and leased to them; memory only.
+    /// Checks waiting for volunteers and leased to them (stored by the driver).
     replicas: Arc<Replicas>,
 }
 
@@ -165,13 +165,14 @@ impl Run {
         scheduler: Scheduler,
         acceptance: Acceptance,
         checks: SpotChecks,
+        replicas: Replicas,
     ) -> Result<Run, RunError> {
         let run = Run {
             settings,
             scheduler,
             acceptance: Arc::new(acceptance),
             checks: Arc::new(checks),
-            replicas: Arc::default(),
+            replicas: Arc::new(replicas),
         };
         match run.violation() {
             None => Ok(run),

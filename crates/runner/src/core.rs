@@ -479,9 +479,11 @@ impl Core {
                 .map(|c| c.unit)
                 .collect())
         };
+        let queued = units(store::CheckState::Queued)?;
+        let replicas = resume_replicas(&store, &queued)?;
         let checks = run::SpotChecks::resume(
             trust,
-            units(store::CheckState::Queued)?,
+            queued.into_iter().filter(|&u| !replicas.holds(u)),
             units(store::CheckState::Failed)?,
         );
         let serving = serving::Serving::new(
@@ -564,7 +566,7 @@ impl Core {
             reads,
             config,
             store,
-            run: run::Run::new(settings, scheduler, acceptance, checks)
+            run: run::Run::new(settings, scheduler, acceptance, checks, replicas)
                 .map_err(|e| CoreError::Inconsistent(e.message))?,
             model,
             seq,
@@ -833,7 +835,7 @@ impl Core {
         // update is refused as `not_leased`, its unit leased again); nothing accepted or
         // credited is lost.
         let (next, output) = self.stepped(now_ms, Input::Heartbeat { worker, unit })?;
-        if output.effects.is_empty() {
+        if output.effects.is_empty() && next.replicas() == self.run.replicas() {
             self.run = next;
             self.unsaved_since_ms.get_or_insert(now_ms);
             return Ok(());
@@ -985,7 +987,12 @@ impl Core {
             Some(Decided::Accepted(accepted)) => accepted,
             Some(Decided::Refused(verdict)) => {
                 // What agreement remembers of this refusal is kept; nothing was leased
-                // or accepted.
+                // or accepted (time passing may have moved checks by volunteers).
+                if next.replicas() != self.run.replicas() {
+                    self.store
+                        .write(|tx| tx.replace_replicas(&replica_rows(&next)))
+                        .map_err(|e| RunError::internal(&e))?;
+                }
                 self.run = next;
                 let referenced = self
                     .store
@@ -1413,10 +1420,14 @@ impl Core {
         now_ms: u64,
         extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
     ) -> Result<(), RunError> {
-        if next.scheduler() != self.run.scheduler() {
+        let replicas_moved = next.replicas() != self.run.replicas();
+        if next.scheduler() != self.run.scheduler() || replicas_moved {
             self.store
                 .write(|tx| {
                     extra(tx)?;
+                    if replicas_moved {
+                        tx.replace_replicas(&replica_rows(&next))?;
+                    }
                     persist_effects(tx, next.scheduler(), effects, now_ms)
                 })
                 .map_err(|e| RunError::internal(&e))?;
@@ -1510,6 +1521,60 @@ fn update_intact(bytes: &[u8], name: &BlobHash) -> bool {
     name.digest()
         .is_some_and(|d| protocol::update::stored_intact(bytes, &d))
         || BlobHash::of(bytes) == *name
+}
+
+/// The checks by volunteers a stored run had, of units still queued for a check (a row
+/// that names no stored unit or key is left to the coordinator's own re-run).
+fn resume_replicas(store: &Store, queued: &[u64]) -> Result<run::Replicas, CoreError> {
+    let queued: HashSet<u64> = queued.iter().copied().collect();
+    let (mut pending, mut leased) = (Vec::new(), Vec::new());
+    for r in store.replicas()? {
+        let (Some(unit), Some(worker)) = (store.unit(r.unit)?, WorkerId::parse(&r.worker)) else {
+            continue;
+        };
+        if !queued.contains(&unit.id) {
+            continue;
+        }
+        let check = run::replicas::PendingCheck {
+            unit,
+            worker,
+            class: r.class,
+            queued_ms: r.queued_ms,
+        };
+        match r.lease.and_then(|(id, checker, deadline_ms)| {
+            WorkerId::parse(&checker).map(|checker| (id, checker, deadline_ms))
+        }) {
+            Some((id, checker, deadline_ms)) => leased.push(run::replicas::LeasedCheck {
+                id,
+                check,
+                checker,
+                deadline_ms,
+            }),
+            None => pending.push(check),
+        }
+    }
+    Ok(run::Replicas::resume(pending, leased))
+}
+
+/// The rows of `run`'s checks by volunteers: waiting ones in order, then leased ones.
+pub(crate) fn replica_rows(run: &run::Run) -> Vec<store::ReplicaRow> {
+    let replicas = run.replicas();
+    let row = |p: &run::replicas::PendingCheck, lease| store::ReplicaRow {
+        unit: p.unit.id,
+        worker: p.worker.to_string(),
+        class: p.class.clone(),
+        queued_ms: p.queued_ms,
+        lease,
+    };
+    replicas
+        .pending()
+        .map(|p| row(p, None))
+        .chain(
+            replicas
+                .leases()
+                .map(|l| row(&l.check, Some((l.id, l.checker.to_string(), l.deadline_ms)))),
+        )
+        .collect()
 }
 
 /// Rows for a round that started, a unit that was leased, and the scheduler's state.

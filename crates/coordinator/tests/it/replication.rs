@@ -156,13 +156,66 @@ fn three_workers_of_one_class_check_each_others_units_blind_and_are_credited() {
             }
         });
     }
+    let waiting = server.with_core(|c| {
+        let rows = c.store().replicas().expect("replicas");
+        assert_eq!(rows.len(), c.checks_with_volunteers());
+        rows
+    });
     server.stop();
     // The checks' mints are no units' mints: the run opens again (its ledger matches
-    // its accepted updates), and the checks still waiting for volunteers, kept in
-    // memory only, are the coordinator's own re-runs now.
+    // its accepted updates), with the checks that were waiting for volunteers.
     let again = ts::start(dir.path(), config(dir.path()));
-    assert_eq!(again.with_core(|c| c.checks_with_volunteers()), 0);
+    again.with_core(|c| {
+        assert_eq!(c.store().replicas().expect("replicas"), waiting);
+        assert_eq!(c.checks_with_volunteers(), waiting.len());
+    });
     again.stop();
+}
+
+#[test]
+fn a_check_leased_before_a_restart_is_taken_after_it() {
+    const T0: u64 = 1_700_000_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut core = coordinator::Core::open(&store, config(dir.path()), T0).expect("open");
+    let (a, b) = (ts::key(40), ts::key(41));
+    for key in [&a, &b] {
+        core.register(WorkerId::of(key), "w", Some(&ts::this_machine()), T0)
+            .expect("register");
+    }
+    let unit = ts::core_lease(&mut core, WorkerId::of(&a), T0);
+    let delta = crate::checks::train(&core, &unit);
+    ts::core_submit(&mut core, &a, &unit, &delta, T0).expect("accepted");
+    // `b` asks for work and is leased the check of `a`'s unit.
+    let check = ts::core_lease(&mut core, WorkerId::of(&b), T0 + 1);
+    assert_eq!(
+        (check.address, check.base_version),
+        (unit.address, unit.base_version)
+    );
+    assert_ne!(check.id, unit.id);
+    drop(core);
+    let mut core = coordinator::Core::open(&store, config(dir.path()), T0 + 2).expect("reopen");
+    assert_eq!(core.checks_with_volunteers(), 1);
+    // Its heartbeat and upload are answered as before the restart.
+    core.heartbeat(WorkerId::of(&b), check.id, T0 + 3)
+        .expect("heartbeat");
+    let rerun = crate::checks::train(&core, &check);
+    ts::core_submit(&mut core, &b, &check, &rerun, T0 + 4).expect("the check is taken");
+    assert_eq!(core.checks_with_volunteers(), 0);
+    let entries = core.store().ledger_entries().expect("ledger");
+    let mints = check_mints(&entries);
+    assert_eq!(mints.len(), 1);
+    assert_eq!((mints[0].0, mints[0].1), (check.id, WorkerId::of(&b)));
+    let row = core
+        .store()
+        .checks(None)
+        .expect("checks")
+        .into_iter()
+        .find(|r| r.unit == unit.id)
+        .expect("a check row");
+    assert_eq!((row.state, row.distance), (CheckState::Verified, Some(0.0)));
+    // Its update is no unit's: not stored, not in the round.
+    assert!(core.store().update(check.id).expect("update").is_none());
 }
 
 #[test]

@@ -166,3 +166,33 @@ fn an_expired_lease_is_offered_again_and_a_long_wait_falls_back_unless_no_one_ca
         ],
     );
 }
+
+#[test]
+fn a_stored_queue_resumes_as_it_was_less_what_breaks_its_rules() {
+    use Step::*;
+    let before = check(
+        "before",
+        &[
+            Push(1, 1, CPU, 0),
+            Push(2, 2, CPU, 5),
+            Push(3, 1, CPU, 9),
+            Lease(3, CPU, 10, Some(1)),
+        ],
+    );
+    let resumed = Replicas::resume(before.pending().cloned(), before.leases().cloned());
+    assert_eq!(resumed, before);
+    // A unit held twice is kept once; a check leased to its own worker is dropped.
+    let own = super::LeasedCheck {
+        id: 11,
+        check: pending(4, 4, CPU, 0),
+        checker: worker(4),
+        deadline_ms: 50,
+    };
+    let resumed = Replicas::resume(
+        [pending(2, 2, CPU, 5), pending(1, 1, CPU, 0)],
+        before.leases().cloned().chain([own]),
+    );
+    let waiting: Vec<u64> = resumed.pending().map(|p| p.unit.id).collect();
+    let leased: Vec<u64> = resumed.leases().map(|l| l.check.unit.id).collect();
+    assert_eq!((waiting, leased), (vec![2], vec![1]));
+}

@@ -7,7 +7,7 @@ use validation::score::ScorePolicy;
 
 use super::{Decided, Input, Output, Run, Settings};
 use crate::checks::{CheckRules, SpotChecks};
-use crate::replicas::ReplicaRules;
+use crate::replicas::{ReplicaRules, Replicas};
 use crate::testing::worker;
 use crate::{Acceptance, Rules};
 
@@ -72,6 +72,7 @@ fn run(scoring: bool) -> Run {
         Scheduler::new(schedule, 0),
         Acceptance::default(),
         SpotChecks::default(),
+        Replicas::default(),
     )
     .expect("a new run holds together")
 }
@@ -294,6 +295,7 @@ fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
         run.scheduler().clone(),
         Acceptance::default(),
         run.checks().clone(),
+        run.replicas().clone(),
     );
     let e = rebuilt.expect_err("an accepted unit without its norm is refused");
     assert!(e.is_internal(), "{e}");
@@ -349,6 +351,7 @@ fn replicating() -> Run {
         ),
         Acceptance::default(),
         SpotChecks::default(),
+        Replicas::default(),
     )
     .expect("a new run holds together")
 }
@@ -515,6 +518,7 @@ fn a_worker_of_another_class_is_checked_by_volunteers_and_one_of_ours_by_the_coo
         Scheduler::new(schedule, 0),
         Acceptance::default(),
         SpotChecks::default(),
+        Replicas::default(),
     )
     .expect("a run");
     let run = check(

@@ -488,10 +488,14 @@ impl Core {
             distance: Some(distance),
             decided_ms: Some(now_ms),
         };
+        let replicas_moved = next.replicas() != self.run.replicas();
         self.store
             .write(|tx| {
                 tx.set_check(&row)?;
                 tx.set_trust(&worker_id, trust.verified, trust.failed_unit)?;
+                if replicas_moved {
+                    tx.replace_replicas(&super::replica_rows(&next))?;
+                }
                 for &requeued in &outcome.requeue {
                     tx.set_check(&CheckRow {
                         unit: requeued,
@@ -651,19 +655,21 @@ impl Core {
                 outcome.checker_credit
             }
             Some(run::Decided::Disputed { rerun, .. }) => {
-                if !rerun {
-                    self.store
-                        .write(|tx| {
+                self.store
+                    .write(|tx| {
+                        tx.replace_replicas(&super::replica_rows(&next))?;
+                        if !rerun {
                             tx.set_check(&CheckRow {
                                 unit,
                                 worker: original.worker.clone(),
                                 state: CheckState::Unchecked,
                                 distance: None,
                                 decided_ms: None,
-                            })
-                        })
-                        .map_err(|e| internal(&e))?;
-                }
+                            })?;
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| internal(&e))?;
                 self.run = next;
                 tracing::warn!(
                     unit,
