@@ -68,7 +68,8 @@ pub enum Input<'a> {
     /// A unit's re-run finished at `distance` from its update; `same_class`: its worker
     /// reported the checker's determinism class; `unchecked` are its worker's units never
     /// sampled (from the store); `replica`: the re-run is a volunteer's check (its
-    /// upload), else the coordinator's own.
+    /// upload), else the coordinator's own; `disputed`: the volunteer's check whose
+    /// mismatch sent the unit to this re-run (from the store), paid if the worker fails.
     Replayed {
         unit: u64,
         worker: WorkerId,
@@ -76,6 +77,7 @@ pub enum Input<'a> {
         same_class: bool,
         unchecked: &'a [u64],
         replica: Option<Replica>,
+        disputed: Option<Replica>,
     },
     /// The driver aggregated `round` into `version`.
     Aggregated { round: u64, version: u64 },
@@ -123,8 +125,9 @@ pub enum Decided {
         deadline_ms: u64,
     },
     /// A volunteer's check did not match: neither side is believed on the other's word.
-    /// The checker earns nothing; the unit goes to the coordinator's own re-run
-    /// (`rerun`), or, for a class the coordinator cannot run, is left unchecked.
+    /// The checker earns nothing now; the unit goes to the coordinator's own re-run
+    /// (`rerun`: the driver keeps the dispute, and the checker is paid if that re-run
+    /// fails the worker), or, for a class the coordinator cannot run, is left unchecked.
     Disputed {
         unit: u64,
         worker: WorkerId,
@@ -284,8 +287,9 @@ impl Run {
                 same_class,
                 unchecked,
                 replica: None,
+                disputed,
             } => {
-                let outcome = self.checks.judge(
+                let mut outcome = self.checks.judge(
                     &self.settings.checks,
                     unit,
                     worker,
@@ -293,6 +297,17 @@ impl Run {
                     same_class,
                     unchecked,
                 );
+                // The volunteer who disputed the unit was right: it is paid its check.
+                if let (Some(d), false) = (disputed, outcome.matched) {
+                    outcome.checker_mint = Some(crate::credit::check_mint(
+                        d.checker,
+                        d.check,
+                        crate::credit::unit_credit(
+                            self.settings.flops_per_token,
+                            self.settings.unit_tokens,
+                        ),
+                    ));
+                }
                 Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
                 Output {
                     effects: Vec::new(),
@@ -370,7 +385,8 @@ impl Run {
 
     /// A volunteer's check of `unit` (from `worker`) came at `distance`: a match is the
     /// worker's verified re-run and the checker's credit; a mismatch believes neither
-    /// and sends the unit to the coordinator's own re-run.
+    /// and sends the unit to the coordinator's own re-run (which pays the checker if it
+    /// fails the worker: `Input::Replayed::disputed`).
     fn replicated(
         &mut self,
         unit: u64,

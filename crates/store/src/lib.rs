@@ -223,6 +223,8 @@ ALTER TABLE workers ADD COLUMN tokens_per_s REAL;
     // Checks by volunteers (`run::Replicas`): each unit waiting for a volunteer of its
     // worker's class, in order, and, once leased, the fresh id, the volunteer and the
     // lease's end. At most `run::PENDING_CHECKS_MAX` rows, rewritten when they change.
+    // A volunteer's check that did not match is kept in `disputes` until the
+    // coordinator's own re-run of the unit decides it (one row per queued unit at most).
     r#"
 CREATE TABLE replicas (
     seq INTEGER PRIMARY KEY,
@@ -233,6 +235,11 @@ CREATE TABLE replicas (
     check_id INTEGER,
     checker TEXT,
     deadline_ms INTEGER
+);
+CREATE TABLE disputes (
+    unit INTEGER PRIMARY KEY,
+    check_id INTEGER NOT NULL,
+    checker TEXT NOT NULL
 );
 "#,
 ];
@@ -994,6 +1001,19 @@ impl Store {
         Ok(out)
     }
 
+    /// The volunteer's check that disputed `unit` (its fresh id and the volunteer's hex
+    /// key), while the coordinator's own re-run of it has not decided.
+    pub fn dispute(&self, unit: u64) -> Result<Option<(u64, String)>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT check_id, checker FROM disputes WHERE unit = ?1",
+                [unit],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
     /// The checks waiting for volunteers or leased to them, in their order.
     pub fn replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
         let mut stmt = self
@@ -1385,6 +1405,19 @@ impl Tx<'_> {
                 c.decided_ms
             ],
         )
+    }
+
+    /// Records that the volunteer `checker`'s check `check` disputed `unit`.
+    pub fn insert_dispute(&self, unit: u64, check: u64, checker: &str) -> Result<(), StoreError> {
+        self.run(
+            "INSERT OR REPLACE INTO disputes (unit, check_id, checker) VALUES (?1, ?2, ?3)",
+            params![unit, check, checker],
+        )
+    }
+
+    /// Forgets `unit`'s dispute (its check is decided or skipped).
+    pub fn remove_dispute(&self, unit: u64) -> Result<(), StoreError> {
+        self.run("DELETE FROM disputes WHERE unit = ?1", params![unit])
     }
 
     /// Replaces the checks waiting for volunteers or leased to them (a bounded few).

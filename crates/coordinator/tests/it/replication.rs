@@ -1,8 +1,8 @@
 //! Checks by volunteers (BOINC's replication) over real HTTP, with `spot_check.replicate`
 //! on so that workers of one CPU class check each other: a sampled unit is leased to
 //! another worker as an ordinary unit under a fresh id, matched bit for bit, and its
-//! checker credited; a tampered update's volunteer check disagrees, and the
-//! coordinator's own re-run then catches the lie.
+//! checker credited; a tampered update's volunteer check disagrees, the coordinator's
+//! own re-run then catches the lie, and the volunteer is paid for its check.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,7 +253,7 @@ fn a_tampered_update_is_disputed_by_a_volunteer_and_caught_by_the_coordinator() 
         .expect("the honest worker was leased the lie's check");
     assert_ne!(check.id, lied.id);
     // The volunteer disagreed: the unit went to the coordinator's own re-run, which
-    // fails it and claws its credit back. The checker earned nothing for the dispute.
+    // fails it and claws its credit back.
     wait_for(&server, "the lie's failed re-run", |c| {
         c.store()
             .checks(Some(CheckState::Failed))
@@ -269,11 +269,17 @@ fn a_tampered_update_is_disputed_by_a_volunteer_and_caught_by_the_coordinator() 
             .any(|e| e.kind == Kind::Clawback && e.reference == reference),
         "no clawback of {reference}"
     );
-    assert!(
-        !check_mints(&entries)
-            .iter()
-            .any(|&(id, _, _)| id == check.id),
-        "the disputed check was paid"
+    // The volunteer was right: once the coordinator's re-run upholds its dispute, it is
+    // paid its check, as for a match, and the dispute is settled.
+    let paid: Vec<WorkerId> = check_mints(&entries)
+        .iter()
+        .filter(|&&(id, _, _)| id == check.id)
+        .map(|&(_, checker, _)| checker)
+        .collect();
+    assert_eq!(paid, [WorkerId::of(&ts::key(31))]);
+    assert_eq!(
+        server.with_core(|c| c.store().dispute(lied.id).expect("dispute")),
+        None
     );
     server.stop();
 }

@@ -217,6 +217,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     same_class: true,
                     unchecked: &[],
                     replica: None,
+                    disputed: None,
                 },
                 "checked matched false claw back true requeue []",
             ),
@@ -387,6 +388,7 @@ fn replayed(unit: u64, worker: u8, check: u64, checker: u8, distance: f32) -> In
             check,
             checker: crate::testing::worker(checker),
         }),
+        disputed: None,
     }
 }
 
@@ -434,6 +436,40 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
     assert_eq!(run.checks().trust(worker(1)).verified, 1);
     assert_eq!(run.checks().queue().collect::<Vec<_>>(), [2]);
     assert!(run.replicas().is_empty());
+    // The coordinator's own re-run settles the dispute: a worker it fails pays its
+    // clawback, and the volunteer who disputed it is paid its check; one it clears
+    // leaves the volunteer unpaid.
+    let coordinator = |unit, distance, by| Input::Replayed {
+        unit,
+        worker: worker(2),
+        distance,
+        same_class: true,
+        unchecked: &[],
+        replica: None,
+        disputed: Some(super::Replica {
+            check: by,
+            checker: worker(3),
+        }),
+    };
+    let run = check(
+        "settled",
+        run,
+        &[(
+            11,
+            coordinator(2, 0.5, 4),
+            "checked matched false claw back true requeue [], checker credit 6 check:4",
+        )],
+    );
+    assert!(run.checks().failed(2));
+    check(
+        "cleared",
+        replicating(),
+        &[(
+            0,
+            coordinator(9, 0.0, 5),
+            "checked matched true claw back false requeue []",
+        )],
+    );
 }
 
 #[test]

@@ -342,7 +342,10 @@ impl Core {
             decided_ms: None,
         };
         self.store
-            .write(|tx| tx.set_check(&row))
+            .write(|tx| {
+                tx.set_check(&row)?;
+                tx.remove_dispute(unit)
+            })
             .map_err(|e| RunError::internal(&e))
     }
 
@@ -406,6 +409,13 @@ impl Core {
             .and_then(|w| w.machine)
             .is_some_and(|m| m.class == engine::cpu_class());
         let unchecked = self.unchecked_of(&update.worker)?;
+        let disputed = self
+            .store
+            .dispute(unit)
+            .map_err(|e| internal(&e))?
+            .and_then(|(check, checker)| {
+                WorkerId::parse(&checker).map(|checker| run::Replica { check, checker })
+            });
         let (next, output) = self.stepped(
             now_ms,
             run::Input::Replayed {
@@ -415,6 +425,7 @@ impl Core {
                 same_class,
                 unchecked: &unchecked,
                 replica: None,
+                disputed,
             },
         )?;
         let Some(run::Decided::Checked(outcome)) = output.decided else {
@@ -459,14 +470,23 @@ impl Core {
         } else {
             None
         };
-        // A checker is paid only for a match, which claws nothing back: one entry at
-        // most, prepared against the ledger as it stands.
-        assert!(
-            clawback.is_none() || outcome.checker_mint.is_none(),
-            "a check both claws back and pays its checker"
-        );
+        // A volunteer is paid for a match, or for a dispute this re-run upholds, which
+        // claws the unit back first: its mint is then prepared after the clawback, on a
+        // copy of the ledger (rare: a liar caught by a volunteer).
+        let after_clawback = match &clawback {
+            Some(entry) if outcome.checker_mint.is_some() => {
+                let mut next = self.ledger.read().clone();
+                next.commit(entry.clone()).map_err(|e| internal(&e))?;
+                Some(next)
+            }
+            _ => None,
+        };
+        let prepared = |draft| match &after_clawback {
+            Some(ledger) => ledger.prepare(draft, now_ms, &self.authority),
+            None => self.ledger.prepare(draft, now_ms, &self.authority),
+        };
         let checker_mint = match outcome.checker_mint.clone() {
-            Some(draft) => match self.ledger.prepare(draft, now_ms, &self.authority) {
+            Some(draft) => match prepared(draft) {
                 Ok(ledger::Prepared::New(entry)) => Some(*entry),
                 Ok(ledger::Prepared::Existing(seq)) => {
                     return Err(RunError::internal(&super::CoreError::Inconsistent(
@@ -493,6 +513,7 @@ impl Core {
             .write(|tx| {
                 tx.set_check(&row)?;
                 tx.set_trust(&worker_id, trust.verified, trust.failed_unit)?;
+                tx.remove_dispute(unit)?;
                 if replicas_moved {
                     tx.replace_replicas(&super::replica_rows(&next))?;
                 }
@@ -639,6 +660,7 @@ impl Core {
                     check,
                     checker: leased.checker,
                 }),
+                disputed: None,
             },
         )?;
         let credit = match output.decided {
@@ -655,10 +677,13 @@ impl Core {
                 outcome.checker_credit
             }
             Some(run::Decided::Disputed { rerun, .. }) => {
+                let checker = leased.checker.to_string();
                 self.store
                     .write(|tx| {
                         tx.replace_replicas(&super::replica_rows(&next))?;
-                        if !rerun {
+                        if rerun {
+                            tx.insert_dispute(unit, check, &checker)?;
+                        } else {
                             tx.set_check(&CheckRow {
                                 unit,
                                 worker: original.worker.clone(),
@@ -678,7 +703,7 @@ impl Core {
                     checker = %leased.checker,
                     distance,
                     rerun,
-                    "spot-check: a volunteer's check does not match the unit; the coordinator re-runs it, the checker earns nothing"
+                    "spot-check: a volunteer's check does not match the unit; the coordinator re-runs it, and pays the checker if the unit fails"
                 );
                 0
             }
