@@ -59,8 +59,12 @@ pub struct Outcome {
     /// The unit's mint is to be clawed back (on a mismatch; the driver skips a clawback
     /// the ledger already holds).
     pub claw_back: bool,
-    /// The credit of the volunteer whose check this was (a match by a volunteer only).
+    /// The credit of the volunteer whose check this was (a match by a volunteer, or a
+    /// dispute this re-run upholds).
     pub checker_mint: Option<ledger::Draft>,
+    /// A volunteer whose dispute this bit-for-bit re-run refutes, with its record after
+    /// it: a false check counts as a failed unit of its own.
+    pub accuser: Option<(WorkerId, Trust)>,
 }
 
 /// The state spot-checks keep between requests: trust per worker, the queue of units to
@@ -204,12 +208,25 @@ impl SpotChecks {
             requeue,
             claw_back: !matched,
             checker_mint: None,
+            accuser: None,
         }
+    }
+
+    /// `worker`'s record after its check leased as `check` was refuted: as after a
+    /// failed unit of that id (check ids come from the units' sequence).
+    pub fn refuted(&self, rules: &CheckRules, worker: WorkerId, check: u64) -> Trust {
+        let policy = SpotCheckPolicy {
+            trusted_after: rules.trusted_after,
+        };
+        policy.after(self.trust(worker), check, false)
     }
 
     /// Records `outcome` of `unit`'s check once the driver committed it.
     pub fn decided(&mut self, unit: u64, worker: WorkerId, outcome: &Outcome) {
         self.trust.insert(worker, outcome.trust);
+        if let Some((accuser, trust)) = outcome.accuser {
+            self.trust.insert(accuser, trust);
+        }
         if !outcome.matched {
             self.failed.insert(unit);
             self.queue.retain(|&u| u != unit);

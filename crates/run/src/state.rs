@@ -297,16 +297,29 @@ impl Run {
                     same_class,
                     unchecked,
                 );
-                // The volunteer who disputed the unit was right: it is paid its check.
-                if let (Some(d), false) = (disputed, outcome.matched) {
-                    outcome.checker_mint = Some(crate::credit::check_mint(
-                        d.checker,
-                        d.check,
-                        crate::credit::unit_credit(
-                            self.settings.flops_per_token,
-                            self.settings.unit_tokens,
-                        ),
-                    ));
+                match (disputed, outcome.matched) {
+                    // The volunteer who disputed the unit was right: it is paid its check.
+                    (Some(d), false) => {
+                        outcome.checker_mint = Some(crate::credit::check_mint(
+                            d.checker,
+                            d.check,
+                            crate::credit::unit_credit(
+                                self.settings.flops_per_token,
+                                self.settings.unit_tokens,
+                            ),
+                        ));
+                    }
+                    // It was wrong, and provably so when this re-run is of the worker's
+                    // class, which the volunteer claimed too: bit for bit, the worker's
+                    // bytes are the unit's. Its check counts as a failed unit of its own
+                    // (its trust reset, so its units are checked again).
+                    (Some(d), true) if same_class => {
+                        let trust = self
+                            .checks
+                            .refuted(&self.settings.checks, d.checker, d.check);
+                        outcome.accuser = Some((d.checker, trust));
+                    }
+                    _ => {}
                 }
                 Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
                 Output {

@@ -283,3 +283,47 @@ fn a_tampered_update_is_disputed_by_a_volunteer_and_caught_by_the_coordinator() 
     );
     server.stop();
 }
+
+#[test]
+fn a_volunteer_whose_dispute_the_coordinators_re_run_refutes_loses_its_trust() {
+    const T0: u64 = 1_700_000_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut core = coordinator::Core::open(&store, config(dir.path()), T0).expect("open");
+    let (honest, accuser) = (ts::key(50), ts::key(51));
+    for key in [&honest, &accuser] {
+        core.register(WorkerId::of(key), "w", Some(&ts::this_machine()), T0)
+            .expect("register");
+    }
+    let unit = ts::core_lease(&mut core, WorkerId::of(&honest), T0);
+    let delta = crate::checks::train(&core, &unit);
+    ts::core_submit(&mut core, &honest, &unit, &delta, T0).expect("accepted");
+    // The volunteer sends a false check: the honest re-run, 5% larger.
+    let check = ts::core_lease(&mut core, WorkerId::of(&accuser), T0 + 1);
+    let false_check: Vec<f32> = crate::checks::train(&core, &check)
+        .iter()
+        .map(|x| 1.05 * x)
+        .collect();
+    ts::core_submit(&mut core, &accuser, &check, &false_check, T0 + 2).expect("answered");
+    assert!(core.store().dispute(unit.id).expect("dispute").is_some());
+    // The coordinator's own re-run, of the worker's class, clears the worker bit for bit:
+    // the volunteer's check counts as a failed unit of its own, and earns nothing.
+    let mut backend = crate::checks::replay_backend(&core, "cpu:1");
+    let outcomes = core.run_checks(backend.as_mut(), T0 + 3).expect("checks");
+    assert_eq!(
+        outcomes
+            .iter()
+            .map(|o| (o.unit, o.matched))
+            .collect::<Vec<_>>(),
+        [(unit.id, true)]
+    );
+    assert_eq!(core.trust(WorkerId::of(&honest)).verified, 1);
+    let refuted = core.trust(WorkerId::of(&accuser));
+    assert_eq!((refuted.verified, refuted.failed_unit), (0, Some(check.id)));
+    assert!(check_mints(&core.store().ledger_entries().expect("ledger")).is_empty());
+    assert!(core.store().dispute(unit.id).expect("dispute").is_none());
+    // As stored: a restart keeps it.
+    drop(core);
+    let core = coordinator::Core::open(&store, config(dir.path()), T0 + 4).expect("reopen");
+    assert_eq!(core.trust(WorkerId::of(&accuser)), refuted);
+}

@@ -111,6 +111,12 @@ fn describe(out: &Result<Output, crate::RunError>) -> String {
             if let Some(mint) = &o.checker_mint {
                 parts.push(format!("checker credit {} {}", mint.amount, mint.reference));
             }
+            if let Some((_, trust)) = &o.accuser {
+                parts.push(format!(
+                    "accuser verified {} failed {:?}",
+                    trust.verified, trust.failed_unit
+                ));
+            }
         }
         Some(Decided::CheckLeased { unit, .. }) => parts.push(format!(
             "check leased as unit {} round {} shard {}",
@@ -437,8 +443,8 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
     assert_eq!(run.checks().queue().collect::<Vec<_>>(), [2]);
     assert!(run.replicas().is_empty());
     // The coordinator's own re-run settles the dispute: a worker it fails pays its
-    // clawback, and the volunteer who disputed it is paid its check; one it clears
-    // leaves the volunteer unpaid.
+    // clawback, and the volunteer who disputed it is paid its check; one it clears bit
+    // for bit leaves the volunteer unpaid, its check counted as a failed unit of its own.
     let coordinator = |unit, distance, by| Input::Replayed {
         unit,
         worker: worker(2),
@@ -467,6 +473,27 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
         &[(
             0,
             coordinator(9, 0.0, 5),
+            "checked matched true claw back false requeue [], accuser verified 0 failed Some(5)",
+        )],
+    );
+    // A re-run of another class proves nothing against the volunteer.
+    check(
+        "cleared across classes",
+        replicating(),
+        &[(
+            0,
+            Input::Replayed {
+                unit: 9,
+                worker: worker(2),
+                distance: 0.0,
+                same_class: false,
+                unchecked: &[],
+                replica: None,
+                disputed: Some(super::Replica {
+                    check: 5,
+                    checker: worker(3),
+                }),
+            },
             "checked matched true claw back false requeue []",
         )],
     );

@@ -513,6 +513,9 @@ impl Core {
             .write(|tx| {
                 tx.set_check(&row)?;
                 tx.set_trust(&worker_id, trust.verified, trust.failed_unit)?;
+                if let Some((accuser, t)) = outcome.accuser {
+                    tx.set_trust(&accuser.to_string(), t.verified, t.failed_unit)?;
+                }
                 tx.remove_dispute(unit)?;
                 if replicas_moved {
                     tx.replace_replicas(&super::replica_rows(&next))?;
