@@ -104,7 +104,8 @@ fn spawn_checker(
                     distance = o.distance,
                     clawed_back = o.clawed_back,
                     requeued = o.requeued,
-                    "spot-check: the unit does not match its re-run; its credit is clawed back and the worker's unchecked units are queued again"
+                    checker_credit = o.checker_credit,
+                    "spot-check: the unit does not match its re-run; its credit is clawed back and the worker's unchecked units are queued again (and a volunteer who disputed it is paid its check)"
                 ),
                 Ok(o) => {
                     tracing::info!(unit = o.unit, worker = %o.worker, "spot-check: the unit matches its re-run")

@@ -42,6 +42,9 @@ pub enum Sample {
     Queued,
     /// Not sampled (or the backlog was full): re-run only if its worker is caught later.
     Unchecked,
+    /// Waiting for a volunteer of its worker's class ([`crate::replicas`]); stored as
+    /// queued, so a restart hands it to the coordinator's own re-run.
+    Replicated,
 }
 
 /// What a re-run's distance decides.
@@ -56,6 +59,12 @@ pub struct Outcome {
     /// The unit's mint is to be clawed back (on a mismatch; the driver skips a clawback
     /// the ledger already holds).
     pub claw_back: bool,
+    /// The credit of the volunteer whose check this was (a match by a volunteer, or a
+    /// dispute this re-run upholds).
+    pub checker_mint: Option<ledger::Draft>,
+    /// A volunteer whose dispute this bit-for-bit re-run refutes, with its record after
+    /// it: a false check counts as a failed unit of its own.
+    pub accuser: Option<(WorkerId, Trust)>,
 }
 
 /// The state spot-checks keep between requests: trust per worker, the queue of units to
@@ -108,6 +117,11 @@ impl SpotChecks {
         self.queue.len()
     }
 
+    /// The units waiting for the coordinator's re-run, in order.
+    pub fn queue(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().copied()
+    }
+
     /// Whether the unit's re-run did not match (it stays out of any aggregate not yet
     /// formed).
     pub fn failed(&self, unit: u64) -> bool {
@@ -140,6 +154,7 @@ impl SpotChecks {
     }
 
     /// Records the sample of `unit` once its row is committed.
+    /// (A [`Sample::Replicated`] unit is held by [`crate::replicas::Replicas`] instead.)
     pub fn sampled(&mut self, unit: u64, sample: Sample) {
         if sample == Sample::Queued && !self.queue.contains(&unit) {
             self.queue.push_back(unit);
@@ -192,12 +207,26 @@ impl SpotChecks {
             trust,
             requeue,
             claw_back: !matched,
+            checker_mint: None,
+            accuser: None,
         }
+    }
+
+    /// `worker`'s record after its check leased as `check` was refuted: as after a
+    /// failed unit of that id (check ids come from the units' sequence).
+    pub fn refuted(&self, rules: &CheckRules, worker: WorkerId, check: u64) -> Trust {
+        let policy = SpotCheckPolicy {
+            trusted_after: rules.trusted_after,
+        };
+        policy.after(self.trust(worker), check, false)
     }
 
     /// Records `outcome` of `unit`'s check once the driver committed it.
     pub fn decided(&mut self, unit: u64, worker: WorkerId, outcome: &Outcome) {
         self.trust.insert(worker, outcome.trust);
+        if let Some((accuser, trust)) = outcome.accuser {
+            self.trust.insert(accuser, trust);
+        }
         if !outcome.matched {
             self.failed.insert(unit);
             self.queue.retain(|&u| u != unit);

@@ -11,6 +11,23 @@ pub fn mint_reference(unit: u64) -> String {
     format!("update:{unit}")
 }
 
+/// The ledger reference of the mint for a volunteer's check leased under the fresh id
+/// `check` (its own id, as a unit's: the reference names no original unit).
+pub fn check_reference(check: u64) -> String {
+    format!("check:{check}")
+}
+
+/// Whether a mint's `reference` is a volunteer's check's ([`check_reference`]).
+pub fn is_check_reference(reference: &str) -> bool {
+    reference.starts_with("check:")
+}
+
+/// The mint for `checker`'s check leased under `check`, which matched: a check is paid
+/// as the unit it re-ran, per FLOP.
+pub fn check_mint(checker: WorkerId, check: u64, credit: u64) -> Draft {
+    Draft::mint(checker, credit, check_reference(check))
+}
+
 /// Credit for one accepted unit: the training FLOPs the run assigned (`tokens` at the
 /// model specification's `flops_per_token`), and at least one micro-credit, so that
 /// every accepted update has its mint.
@@ -53,5 +70,9 @@ mod tests {
         let worker = WorkerId::of(&ed25519_dalek::SigningKey::from_bytes(&[3; 32]));
         let draft = mint(worker, 7, 5);
         assert_eq!((draft.reference.as_str(), draft.amount), ("update:7", 5));
+        let draft = check_mint(worker, 9, 5);
+        assert_eq!((draft.reference.as_str(), draft.amount), ("check:9", 5));
+        assert!(is_check_reference(&draft.reference));
+        assert!(!is_check_reference(&mint_reference(9)));
     }
 }

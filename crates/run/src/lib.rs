@@ -13,6 +13,7 @@ pub mod acceptance;
 pub mod checks;
 pub mod credit;
 pub mod error;
+pub mod replicas;
 pub mod state;
 #[cfg(test)]
 mod testing;
@@ -21,5 +22,6 @@ pub mod tier;
 pub use acceptance::{Acceptance, Decision, Rules};
 pub use checks::{CheckRules, Sample, SpotChecks, draw};
 pub use error::{Class, RunError};
-pub use state::{Accepted, Decided, Input, Output, Run, Settings};
+pub use replicas::{PENDING_CHECKS_MAX, ReplicaRules, Replicas};
+pub use state::{Accepted, Decided, Input, Output, Replica, Run, Settings};
 pub use tier::Tier;

@@ -17,6 +17,7 @@ use validation::score::Score;
 use validation::{Inspected, LeaseState, Verdict};
 
 use crate::checks::{CheckRules, Outcome, Sample, SpotChecks};
+use crate::replicas::{LeasedCheck, PendingCheck, ReplicaRules, Replicas, Route, coordinator_runs};
 use crate::{Acceptance, Decision, Rules, RunError};
 
 /// The run's settings, fixed for its life.
@@ -26,6 +27,8 @@ pub struct Settings {
     pub seed: u64,
     pub acceptance: Rules,
     pub checks: CheckRules,
+    /// Checks by volunteers of the worker's class ([`crate::replicas`]).
+    pub replicas: ReplicaRules,
     /// Tokens one unit trains: its weight in the aggregate and the base of its credit.
     pub unit_tokens: u64,
     /// The model specification's training FLOPs per token.
@@ -40,9 +43,12 @@ pub enum Input<'a> {
     /// A worker asks for work; `expected_ms` is what a unit should take it by the speed
     /// it reported ([`crate::tier::unit_ms`]; `None`: no report), which sizes the
     /// lease's hard deadline until the worker's arrivals are measured.
+    /// `class` is the determinism class the worker reported (`None`: no report); a
+    /// worker of a class with a check waiting may be leased the check instead of a unit.
     Lease {
         worker: WorkerId,
         expected_ms: Option<u64>,
+        class: Option<&'a str>,
     },
     /// A worker is still on its unit.
     Heartbeat { worker: WorkerId, unit: u64 },
@@ -51,24 +57,37 @@ pub enum Input<'a> {
     Refused { worker: WorkerId, unit: u64 },
     /// An update, judged and decided now: `copy_of` is the unit already accepted with
     /// the same payload hash (the driver looks it up), `score` its measured score
-    /// (required when scoring is on).
+    /// (required when scoring is on), `class` the determinism class its worker reported
+    /// (where a sampled unit's re-run goes).
     Update {
         update: &'a Inspected,
         copy_of: Option<u64>,
         score: Option<&'a Score>,
+        class: Option<&'a str>,
     },
     /// A unit's re-run finished at `distance` from its update; `same_class`: its worker
     /// reported the checker's determinism class; `unchecked` are its worker's units never
-    /// sampled (from the store).
+    /// sampled (from the store); `replica`: the re-run is a volunteer's check (its
+    /// upload), else the coordinator's own; `disputed`: the volunteer's check whose
+    /// mismatch sent the unit to this re-run (from the store), paid if the worker fails.
     Replayed {
         unit: u64,
         worker: WorkerId,
         distance: f32,
         same_class: bool,
         unchecked: &'a [u64],
+        replica: Option<Replica>,
+        disputed: Option<Replica>,
     },
     /// The driver aggregated `round` into `version`.
     Aggregated { round: u64, version: u64 },
+}
+
+/// A volunteer's check that was uploaded: the fresh id it was leased under and who sent it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Replica {
+    pub check: u64,
+    pub checker: WorkerId,
 }
 
 /// An update the run accepted: what the driver commits for it.
@@ -95,8 +114,27 @@ pub enum Decided {
     /// The update is refused with this verdict; the driver records it, and sends
     /// [`Input::Refused`] if the refusal releases the unit.
     Refused(Verdict),
-    /// A re-run's outcome.
+    /// A re-run's outcome (a volunteer's check that matched carries the checker's mint).
     Checked(Outcome),
+    /// A check is leased to a volunteer: the driver answers the lease with `unit`, which
+    /// carries the original's training inputs under a fresh id and names neither the
+    /// original unit nor its worker.
+    CheckLeased {
+        worker: WorkerId,
+        unit: WorkUnit,
+        deadline_ms: u64,
+    },
+    /// A volunteer's check did not match: neither side is believed on the other's word.
+    /// The checker earns nothing now; the unit goes to the coordinator's own re-run
+    /// (`rerun`: the driver keeps the dispute, and the checker is paid if that re-run
+    /// fails the worker), or, for a class the coordinator cannot run, is left unchecked.
+    Disputed {
+        unit: u64,
+        worker: WorkerId,
+        checker: WorkerId,
+        distance: f32,
+        rerun: bool,
+    },
 }
 
 /// What the driver must persist and answer after a step.
@@ -116,6 +154,8 @@ pub struct Run {
     // (leases, heartbeats, ticks) change the scheduler only.
     acceptance: Arc<Acceptance>,
     checks: Arc<SpotChecks>,
+    /// Checks waiting for volunteers and leased to them (stored by the driver).
+    replicas: Arc<Replicas>,
 }
 
 impl Run {
@@ -128,12 +168,14 @@ impl Run {
         scheduler: Scheduler,
         acceptance: Acceptance,
         checks: SpotChecks,
+        replicas: Replicas,
     ) -> Result<Run, RunError> {
         let run = Run {
             settings,
             scheduler,
             acceptance: Arc::new(acceptance),
             checks: Arc::new(checks),
+            replicas: Arc::new(replicas),
         };
         match run.violation() {
             None => Ok(run),
@@ -153,6 +195,15 @@ impl Run {
 
     pub fn checks(&self) -> &SpotChecks {
         &self.checks
+    }
+
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
+    }
+
+    /// The check leased to a volunteer under the fresh id `id`.
+    pub fn check_lease(&self, id: u64) -> Option<&LeasedCheck> {
+        self.replicas.leased(id)
     }
 
     /// The version the current round trains on.
@@ -192,18 +243,23 @@ impl Run {
     /// the driver drops this copy, as it must.
     pub fn step(&mut self, now_ms: u64, input: Input<'_>) -> Result<Output, RunError> {
         let seed = self.settings.seed;
+        self.expire_checks(now_ms);
         let output = match input {
             Input::Tick => self.schedule(now_ms, &[]),
             Input::Lease {
                 worker,
                 expected_ms,
-            } => self.schedule(
-                now_ms,
-                &[Event::LeaseRequest {
-                    worker,
-                    expected_ms,
-                }],
-            ),
+                class,
+            } => match self.lease_check(now_ms, worker, expected_ms, class) {
+                Some(output) => output,
+                None => self.schedule(
+                    now_ms,
+                    &[Event::LeaseRequest {
+                        worker,
+                        expected_ms,
+                    }],
+                ),
+            },
             Input::Heartbeat { worker, unit } => {
                 self.schedule(now_ms, &[Event::Heartbeat { worker, unit }])
             }
@@ -214,15 +270,26 @@ impl Run {
                 update,
                 copy_of,
                 score,
-            } => self.update(now_ms, update, copy_of, score)?,
+                class,
+            } => self.update(now_ms, update, copy_of, score, class)?,
+            Input::Replayed {
+                unit,
+                worker,
+                distance,
+                unchecked,
+                replica: Some(replica),
+                ..
+            } => self.replicated(unit, worker, distance, unchecked, replica)?,
             Input::Replayed {
                 unit,
                 worker,
                 distance,
                 same_class,
                 unchecked,
+                replica: None,
+                disputed,
             } => {
-                let outcome = self.checks.judge(
+                let mut outcome = self.checks.judge(
                     &self.settings.checks,
                     unit,
                     worker,
@@ -230,6 +297,30 @@ impl Run {
                     same_class,
                     unchecked,
                 );
+                match (disputed, outcome.matched) {
+                    // The volunteer who disputed the unit was right: it is paid its check.
+                    (Some(d), false) => {
+                        outcome.checker_mint = Some(crate::credit::check_mint(
+                            d.checker,
+                            d.check,
+                            crate::credit::unit_credit(
+                                self.settings.flops_per_token,
+                                self.settings.unit_tokens,
+                            ),
+                        ));
+                    }
+                    // It was wrong, and provably so when this re-run is of the worker's
+                    // class, which the volunteer claimed too: bit for bit, the worker's
+                    // bytes are the unit's. Its check counts as a failed unit of its own
+                    // (its trust reset, so its units are checked again).
+                    (Some(d), true) if same_class => {
+                        let trust = self
+                            .checks
+                            .refuted(&self.settings.checks, d.checker, d.check);
+                        outcome.accuser = Some((d.checker, trust));
+                    }
+                    _ => {}
+                }
                 Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
                 Output {
                     effects: Vec::new(),
@@ -264,6 +355,109 @@ impl Run {
         Ok(output)
     }
 
+    /// Time passes for checks by volunteers: an expired lease is offered again, and a
+    /// check that waited `replicas.wait_ms` goes to the coordinator's own re-run.
+    fn expire_checks(&mut self, now_ms: u64) {
+        if self.replicas.is_empty() {
+            return;
+        }
+        let fallen =
+            Arc::make_mut(&mut self.replicas).expire(now_ms, self.settings.replicas.wait_ms);
+        for check in fallen {
+            if !self.checks.failed(check.unit.id) {
+                Arc::make_mut(&mut self.checks).sampled(check.unit.id, Sample::Queued);
+            }
+        }
+    }
+
+    /// A check for `worker` of `class`, if one waits that it may take (of its class,
+    /// not its own unit): leased under a fresh unit id from the scheduler's sequence,
+    /// with the hard deadline an ordinary unit of this worker would get.
+    fn lease_check(
+        &mut self,
+        now_ms: u64,
+        worker: WorkerId,
+        expected_ms: Option<u64>,
+        class: Option<&str>,
+    ) -> Option<Output> {
+        let index = self.replicas.offer(worker, class?)?;
+        let id = self.scheduler.reserve_unit_id();
+        let deadline_ms = now_ms.saturating_add(self.scheduler.config().hard_lease_ms(expected_ms));
+        let round = self.scheduler.round();
+        let unit =
+            Arc::make_mut(&mut self.replicas).lease(index, id, round, worker, deadline_ms)?;
+        Some(Output {
+            effects: self.scheduler.tick(now_ms, self.settings.seed, &[]),
+            decided: Some(Decided::CheckLeased {
+                worker,
+                unit,
+                deadline_ms,
+            }),
+        })
+    }
+
+    /// A volunteer's check of `unit` (from `worker`) came at `distance`: a match is the
+    /// worker's verified re-run and the checker's credit; a mismatch believes neither
+    /// and sends the unit to the coordinator's own re-run (which pays the checker if it
+    /// fails the worker: `Input::Replayed::disputed`).
+    fn replicated(
+        &mut self,
+        unit: u64,
+        worker: WorkerId,
+        distance: f32,
+        unchecked: &[u64],
+        replica: Replica,
+    ) -> Result<Output, RunError> {
+        let held = self.replicas.leased(replica.check).is_some_and(|l| {
+            l.checker == replica.checker && l.check.unit.id == unit && l.check.worker == worker
+        });
+        if !held {
+            return Err(RunError::broken(format!(
+                "check {} of unit {unit} is not leased to {}",
+                replica.check, replica.checker
+            )));
+        }
+        let Some(leased) = Arc::make_mut(&mut self.replicas).finish(replica.check) else {
+            return Err(RunError::broken(format!(
+                "check {} vanished",
+                replica.check
+            )));
+        };
+        let rules = &self.settings.checks;
+        // A NaN distance is no match.
+        let decided = if distance <= rules.tolerance {
+            let mut outcome = self
+                .checks
+                .judge(rules, unit, worker, distance, true, unchecked);
+            outcome.checker_mint = Some(crate::credit::check_mint(
+                replica.checker,
+                replica.check,
+                crate::credit::unit_credit(
+                    self.settings.flops_per_token,
+                    self.settings.unit_tokens,
+                ),
+            ));
+            Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
+            Decided::Checked(outcome)
+        } else {
+            let rerun = coordinator_runs(&leased.check.class) && !self.checks.failed(unit);
+            if rerun {
+                Arc::make_mut(&mut self.checks).sampled(unit, Sample::Queued);
+            }
+            Decided::Disputed {
+                unit,
+                worker,
+                checker: replica.checker,
+                distance,
+                rerun,
+            }
+        };
+        Ok(Output {
+            effects: Vec::new(),
+            decided: Some(decided),
+        })
+    }
+
     fn schedule(&mut self, now_ms: u64, events: &[Event]) -> Output {
         Output {
             effects: self.scheduler.tick(now_ms, self.settings.seed, events),
@@ -280,6 +474,7 @@ impl Run {
         update: &Inspected,
         copy_of: Option<u64>,
         score: Option<&Score>,
+        class: Option<&str>,
     ) -> Result<Output, RunError> {
         let verdict = self.judge(update, copy_of);
         let decision = Arc::make_mut(&mut self.acceptance)
@@ -305,14 +500,39 @@ impl Run {
         let sample = self
             .checks
             .sample(&self.settings.checks, unit, worker, force_check);
+        // Where a sampled unit's re-run goes: a volunteer of the worker's class takes it
+        // from the coordinator's CPU unless the worker is of that CPU's class.
+        let original = self.scheduler.unit(unit).copied();
+        let (sample, pending) = match (sample, original) {
+            (Some(Sample::Queued), Some(original)) => {
+                match self.replicas.route(&self.settings.replicas, class) {
+                    Route::Coordinator => (sample, None),
+                    Route::Nobody => (Some(Sample::Unchecked), None),
+                    Route::Volunteer => (
+                        Some(Sample::Replicated),
+                        Some(PendingCheck {
+                            unit: original,
+                            worker,
+                            class: class.unwrap_or_default().to_owned(),
+                            queued_ms: now_ms,
+                        }),
+                    ),
+                }
+            }
+            _ => (sample, None),
+        };
         let effects = self.scheduler.tick(
             now_ms,
             self.settings.seed,
             &[Event::UpdateAccepted { worker, unit }],
         );
         Arc::make_mut(&mut self.acceptance).accepted(unit, norm, gain, version);
-        if let Some(sample) = sample {
-            Arc::make_mut(&mut self.checks).sampled(unit, sample);
+        match (sample, pending) {
+            (Some(Sample::Replicated), Some(pending)) => {
+                Arc::make_mut(&mut self.replicas).push(pending)
+            }
+            (Some(sample), _) => Arc::make_mut(&mut self.checks).sampled(unit, sample),
+            (None, _) => {}
         }
         let weight = self.settings.unit_tokens;
         Ok(Output {
@@ -343,6 +563,17 @@ impl Run {
 
     /// The first invariant that does not hold, in words.
     fn violation(&self) -> Option<String> {
+        // At most `PENDING_CHECKS_MAX` units to look for, and none in the usual case.
+        let both = if self.replicas.is_empty() {
+            None
+        } else {
+            self.checks.queue().find(|&u| self.replicas.holds(u))
+        };
+        if let Some(unit) = both {
+            return Some(format!(
+                "unit {unit} waits for the coordinator's re-run and a volunteer's at once"
+            ));
+        }
         self.scheduler
             .units()
             .find(|(unit, status)| {

@@ -128,6 +128,14 @@ pub struct SpotCheckConfig {
     /// Most units waiting to be re-run; units sampled beyond it stay unchecked (and are
     /// re-checked if their worker is later caught).
     pub max_backlog: u32,
+    /// Send every sampled unit's re-run to a volunteer of its worker's class (BOINC's
+    /// replication), even when the worker is of the coordinator's own CPU class. Off, a
+    /// unit goes to a volunteer only when its worker reported another class than the
+    /// coordinator's CPU (ARCHITECTURE.md, "Determinism").
+    pub replicate: bool,
+    /// How long a check waits for a volunteer of its class before the coordinator
+    /// re-runs it itself (within the cross-class tolerance), in ms.
+    pub replica_wait_ms: u64,
     /// Replaced by `devices.replay`: refused when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
@@ -182,6 +190,8 @@ impl Default for SpotCheckConfig {
             tolerance: 0.0,
             cross_class_tolerance: engine::CROSS_CLASS_REPLAY_TOLERANCE,
             max_backlog: 10_000,
+            replicate: false,
+            replica_wait_ms: 600_000,
             threads: None,
         }
     }

@@ -135,6 +135,24 @@ struct Accepted {
     weight: u64,
 }
 
+/// What the core keeps of a registered worker's report (its `workers` row's machine).
+#[derive(Clone, Debug, Default)]
+struct Registered {
+    /// Tokens a second (`None` from workers before the report).
+    speed: Option<f64>,
+    /// Its determinism class (`None` from workers before the report).
+    class: Option<String>,
+}
+
+impl Registered {
+    fn of(machine: Option<&protocol::api::Machine>) -> Registered {
+        Registered {
+            speed: machine.map(|m| m.tokens_per_s),
+            class: machine.map(|m| m.class.clone()),
+        }
+    }
+}
+
 /// The coordinator's state. Not `Sync`: the HTTP layer holds it behind one mutex.
 pub struct Core {
     /// Held while the core is open: one process writes a run at a time (the ledger's
@@ -167,8 +185,9 @@ pub struct Core {
     /// Registered workers, each with the speed it reported (tokens a second; `None`
     /// from workers before the report): what sizes its leases' hard deadlines until its
     /// arrivals are measured. Kept here, as the `workers` rows say, so that a lease
-    /// reads no row; as many as `records.workers_max`.
-    workers: HashMap<WorkerId, Option<f64>>,
+    /// reads no row; as many as `records.workers_max`. With it, the determinism class
+    /// it reported: which checks by volunteers it may be leased.
+    workers: HashMap<WorkerId, Registered>,
     initial_loss: f32,
     /// Credit for accepted work, spends and payouts; every entry is committed in the
     /// same transaction as what it is for, then appended here.
@@ -199,7 +218,8 @@ const LEDGER_KEY: &str = "ledger.key";
 
 pub use run::credit::mint_reference;
 
-/// Every accepted update has exactly one mint, and every mint is for an accepted update.
+/// Every accepted update has exactly one mint, and every mint is for an accepted update
+/// or for a volunteer's check (`check:<id>`, whose checked unit's row is not kept).
 fn check_mints(ledger: &Ledger, units: &[u64]) -> Result<(), CoreError> {
     for &unit in units {
         if ledger
@@ -214,7 +234,7 @@ fn check_mints(ledger: &Ledger, units: &[u64]) -> Result<(), CoreError> {
     let mints = ledger
         .entries()
         .iter()
-        .filter(|e| e.kind == ledger::Kind::Mint)
+        .filter(|e| e.kind == ledger::Kind::Mint && !run::credit::is_check_reference(&e.reference))
         .count();
     if mints != units.len() {
         return Err(CoreError::Inconsistent(format!(
@@ -429,8 +449,7 @@ impl Core {
             .workers()?
             .iter()
             .filter_map(|w| {
-                let speed = w.machine.as_ref().map(|m| m.tokens_per_s);
-                WorkerId::parse(&w.id).map(|id| (id, speed))
+                WorkerId::parse(&w.id).map(|id| (id, Registered::of(w.machine.as_ref())))
             })
             .collect();
         let (authority, _) = keys::load_or_create(&dir.join(LEDGER_KEY))?;
@@ -460,9 +479,11 @@ impl Core {
                 .map(|c| c.unit)
                 .collect())
         };
+        let queued = units(store::CheckState::Queued)?;
+        let replicas = resume_replicas(&store, &queued)?;
         let checks = run::SpotChecks::resume(
             trust,
-            units(store::CheckState::Queued)?,
+            queued.into_iter().filter(|&u| !replicas.holds(u)),
             units(store::CheckState::Failed)?,
         );
         let serving = serving::Serving::new(
@@ -545,7 +566,7 @@ impl Core {
             reads,
             config,
             store,
-            run: run::Run::new(settings, scheduler, acceptance, checks)
+            run: run::Run::new(settings, scheduler, acceptance, checks, replicas)
                 .map_err(|e| CoreError::Inconsistent(e.message))?,
             model,
             seq,
@@ -659,7 +680,7 @@ impl Core {
         if let Some(old) = dropped {
             self.workers.remove(&old);
         }
-        self.workers.insert(worker, machine.map(|m| m.tokens_per_s));
+        self.workers.insert(worker, Registered::of(machine));
         Ok(())
     }
 
@@ -717,17 +738,36 @@ impl Core {
     /// reported at registration (handed in as the time a unit should take it).
     pub fn lease(&mut self, worker: WorkerId, now_ms: u64) -> Result<LeaseReply, RunError> {
         self.known(worker)?;
-        let expected_ms = self
-            .workers
-            .get(&worker)
-            .copied()
-            .flatten()
+        let registered = self.workers.get(&worker).cloned().unwrap_or_default();
+        let expected_ms = registered
+            .speed
             .and_then(|speed| run::tier::unit_ms(speed, self.run.settings().unit_tokens));
         let input = Input::Lease {
             worker,
             expected_ms,
+            class: registered.class.as_deref(),
         };
-        let effects = self.advance(now_ms, input, |_| Ok(()))?.effects;
+        let output = self.advance(now_ms, input, |_| Ok(()))?;
+        let heartbeat_ms = (self.config.schedule.lease_ms / 3).max(1);
+        let effects = output.effects;
+        if let Some(Decided::CheckLeased {
+            unit, deadline_ms, ..
+        }) = output.decided
+        {
+            // A volunteer's check, answered as an ordinary lease: the unit's base's hash,
+            // its lease as long as an ordinary first one (heartbeats are accepted).
+            let model_blake3 = self.checkpoint_hash(unit.base_version)?;
+            tracing::info!(unit = unit.id, checker = %worker, "a check is leased to a volunteer");
+            self.after(&effects, now_ms)?;
+            return Ok(LeaseReply::Lease {
+                unit,
+                model_blake3,
+                lease_ms: deadline_ms
+                    .min(now_ms.saturating_add(self.config.schedule.lease_ms))
+                    .saturating_sub(now_ms),
+                heartbeat_ms,
+            });
+        }
         let reply = effects.iter().find_map(|e| match *e {
             Effect::Lease {
                 worker: w,
@@ -737,7 +777,7 @@ impl Core {
                 unit,
                 model_blake3: self.current.checkpoint_hash.to_string(),
                 lease_ms: deadline_ms.saturating_sub(now_ms),
-                heartbeat_ms: (self.config.schedule.lease_ms / 3).max(1),
+                heartbeat_ms,
             }),
             Effect::NoWork {
                 worker: w,
@@ -751,10 +791,33 @@ impl Core {
         }))
     }
 
+    /// The blake3 of `version`'s checkpoint (what a lease on it names).
+    fn checkpoint_hash(&self, version: u64) -> Result<String, RunError> {
+        if version == self.current.version {
+            return Ok(self.current.checkpoint_hash.to_string());
+        }
+        self.store
+            .version(version)
+            .map_err(|e| RunError::internal(&e))?
+            .map(|row| row.checkpoint.to_string())
+            .ok_or_else(|| {
+                RunError::internal(&std::io::Error::other(format!("no version {version}")))
+            })
+    }
+
     /// Extends the worker's lease on `unit`.
     pub fn heartbeat(&mut self, worker: WorkerId, unit: u64, now_ms: u64) -> Result<(), RunError> {
         self.known(worker)?;
         self.tick(now_ms)?;
+        // A volunteer's check: its lease is not renewed (it was given the hard deadline
+        // an ordinary unit of its worker gets), but its heartbeats are answered as one's.
+        if self
+            .run
+            .check_lease(unit)
+            .is_some_and(|l| l.checker == worker && now_ms < l.deadline_ms)
+        {
+            return Ok(());
+        }
         match self.run.scheduler().lease_view(unit) {
             Some(l) if l.worker == worker && !l.submitted => {}
             _ => {
@@ -772,7 +835,7 @@ impl Core {
         // update is refused as `not_leased`, its unit leased again); nothing accepted or
         // credited is lost.
         let (next, output) = self.stepped(now_ms, Input::Heartbeat { worker, unit })?;
-        if output.effects.is_empty() {
+        if output.effects.is_empty() && next.replicas() == self.run.replicas() {
             self.run = next;
             self.unsaved_since_ms.get_or_insert(now_ms);
             return Ok(());
@@ -851,6 +914,15 @@ impl Core {
     ) -> Result<Option<ScoreTask>, RunError> {
         // Expire what is due first, so the lease checked is the one that counts.
         self.tick(now_ms)?;
+        // A volunteer's check: not scored (it joins no aggregate; it is compared).
+        if self.run.check_lease(update.header.work_unit).is_some() {
+            return match self.check_refusal(update) {
+                Some(verdict) => self
+                    .reject(verdict, Some(&update.header), None, now_ms)
+                    .map(|never| match never {}),
+                None => Ok(None),
+            };
+        }
         match self.judge(update)? {
             // The same update accepted before, sent again: `accept` answers it as then.
             verdict @ Verdict::Rejected { .. }
@@ -890,24 +962,37 @@ impl Core {
         now_ms: u64,
     ) -> Result<SubmitReply, RunError> {
         self.tick(now_ms)?;
+        if self.run.check_lease(update.header.work_unit).is_some() {
+            return self.finish_replica(update, blob, now_ms);
+        }
         let copy_of = self.copy_of(update)?;
         let verdict = self.run.judge(update, copy_of);
         if let Some(reply) = self.accepted_reply(update, &verdict)? {
             return Ok(reply);
         }
+        let class = self
+            .workers
+            .get(&update.header.worker)
+            .and_then(|w| w.class.clone());
         let (next, output) = self.stepped(
             now_ms,
             Input::Update {
                 update,
                 copy_of,
                 score: score.as_ref(),
+                class: class.as_deref(),
             },
         )?;
         let accepted = match output.decided {
             Some(Decided::Accepted(accepted)) => accepted,
             Some(Decided::Refused(verdict)) => {
                 // What agreement remembers of this refusal is kept; nothing was leased
-                // or accepted.
+                // or accepted (time passing may have moved checks by volunteers).
+                if next.replicas() != self.run.replicas() {
+                    self.store
+                        .write(|tx| tx.replace_replicas(&replica_rows(&next)))
+                        .map_err(|e| RunError::internal(&e))?;
+                }
                 self.run = next;
                 let referenced = self
                     .store
@@ -969,7 +1054,9 @@ impl Core {
             unit: work_unit,
             worker: worker.to_string(),
             state: match sample {
-                run::Sample::Queued => store::CheckState::Queued,
+                // A check waiting for a volunteer is stored as queued: after a restart
+                // the coordinator re-runs it itself.
+                run::Sample::Queued | run::Sample::Replicated => store::CheckState::Queued,
                 run::Sample::Unchecked => store::CheckState::Unchecked,
             },
             distance: None,
@@ -1333,10 +1420,14 @@ impl Core {
         now_ms: u64,
         extra: impl FnOnce(&Tx<'_>) -> Result<(), store::StoreError>,
     ) -> Result<(), RunError> {
-        if next.scheduler() != self.run.scheduler() {
+        let replicas_moved = next.replicas() != self.run.replicas();
+        if next.scheduler() != self.run.scheduler() || replicas_moved {
             self.store
                 .write(|tx| {
                     extra(tx)?;
+                    if replicas_moved {
+                        tx.replace_replicas(&replica_rows(&next))?;
+                    }
                     persist_effects(tx, next.scheduler(), effects, now_ms)
                 })
                 .map_err(|e| RunError::internal(&e))?;
@@ -1413,6 +1504,11 @@ fn settings(
             max_backlog: spot.max_backlog,
             seed: config.seed,
         },
+        replicas: run::ReplicaRules {
+            replicate: spot.replicate,
+            wait_ms: spot.replica_wait_ms,
+            checker_class: engine::cpu_class(),
+        },
         unit_tokens,
         flops_per_token,
     }
@@ -1425,6 +1521,60 @@ fn update_intact(bytes: &[u8], name: &BlobHash) -> bool {
     name.digest()
         .is_some_and(|d| protocol::update::stored_intact(bytes, &d))
         || BlobHash::of(bytes) == *name
+}
+
+/// The checks by volunteers a stored run had, of units still queued for a check (a row
+/// that names no stored unit or key is left to the coordinator's own re-run).
+fn resume_replicas(store: &Store, queued: &[u64]) -> Result<run::Replicas, CoreError> {
+    let queued: HashSet<u64> = queued.iter().copied().collect();
+    let (mut pending, mut leased) = (Vec::new(), Vec::new());
+    for r in store.replicas()? {
+        let (Some(unit), Some(worker)) = (store.unit(r.unit)?, WorkerId::parse(&r.worker)) else {
+            continue;
+        };
+        if !queued.contains(&unit.id) {
+            continue;
+        }
+        let check = run::replicas::PendingCheck {
+            unit,
+            worker,
+            class: r.class,
+            queued_ms: r.queued_ms,
+        };
+        match r.lease.and_then(|(id, checker, deadline_ms)| {
+            WorkerId::parse(&checker).map(|checker| (id, checker, deadline_ms))
+        }) {
+            Some((id, checker, deadline_ms)) => leased.push(run::replicas::LeasedCheck {
+                id,
+                check,
+                checker,
+                deadline_ms,
+            }),
+            None => pending.push(check),
+        }
+    }
+    Ok(run::Replicas::resume(pending, leased))
+}
+
+/// The rows of `run`'s checks by volunteers: waiting ones in order, then leased ones.
+pub(crate) fn replica_rows(run: &run::Run) -> Vec<store::ReplicaRow> {
+    let replicas = run.replicas();
+    let row = |p: &run::replicas::PendingCheck, lease| store::ReplicaRow {
+        unit: p.unit.id,
+        worker: p.worker.to_string(),
+        class: p.class.clone(),
+        queued_ms: p.queued_ms,
+        lease,
+    };
+    replicas
+        .pending()
+        .map(|p| row(p, None))
+        .chain(
+            replicas
+                .leases()
+                .map(|l| row(&l.check, Some((l.id, l.checker.to_string(), l.deadline_ms)))),
+        )
+        .collect()
 }
 
 /// Rows for a round that started, a unit that was leased, and the scheduler's state.

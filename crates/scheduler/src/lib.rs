@@ -435,6 +435,15 @@ impl Scheduler {
         ids
     }
 
+    /// Takes the next unit id for a unit issued outside the scheduler (a volunteer's
+    /// check, `run::replicas`), so that it is indistinguishable from the units' ids and
+    /// never reused; the scheduler's state (stored) remembers it was taken.
+    pub fn reserve_unit_id(&mut self) -> u64 {
+        let id = self.next_unit_id;
+        self.next_unit_id += 1;
+        id
+    }
+
     /// The unit `id` of the current round or a late lease.
     pub fn unit(&self, id: u64) -> Option<&WorkUnit> {
         self.units

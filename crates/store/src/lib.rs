@@ -220,6 +220,28 @@ ALTER TABLE workers ADD COLUMN device TEXT;
 ALTER TABLE workers ADD COLUMN class TEXT;
 ALTER TABLE workers ADD COLUMN tokens_per_s REAL;
 "#,
+    // Checks by volunteers (`run::Replicas`): each unit waiting for a volunteer of its
+    // worker's class, in order, and, once leased, the fresh id, the volunteer and the
+    // lease's end. At most `run::PENDING_CHECKS_MAX` rows, rewritten when they change.
+    // A volunteer's check that did not match is kept in `disputes` until the
+    // coordinator's own re-run of the unit decides it (one row per queued unit at most).
+    r#"
+CREATE TABLE replicas (
+    seq INTEGER PRIMARY KEY,
+    unit INTEGER NOT NULL UNIQUE,
+    worker TEXT NOT NULL,
+    class TEXT NOT NULL,
+    queued_ms INTEGER NOT NULL,
+    check_id INTEGER,
+    checker TEXT,
+    deadline_ms INTEGER
+);
+CREATE TABLE disputes (
+    unit INTEGER PRIMARY KEY,
+    check_id INTEGER NOT NULL,
+    checker TEXT NOT NULL
+);
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -261,6 +283,20 @@ impl CheckState {
         .into_iter()
         .find(|c| c.as_str() == s)
     }
+}
+
+/// A check waiting for a volunteer of its worker's class, or leased to one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaRow {
+    /// The unit checked.
+    pub unit: u64,
+    /// Its worker (hex public key).
+    pub worker: String,
+    /// Its worker's reported class.
+    pub class: String,
+    pub queued_ms: u64,
+    /// Once leased: the fresh id, the volunteer (hex public key), the lease's end.
+    pub lease: Option<(u64, String, u64)>,
 }
 
 /// An accepted update's spot-check record.
@@ -965,6 +1001,46 @@ impl Store {
         Ok(out)
     }
 
+    /// The volunteer's check that disputed `unit` (its fresh id and the volunteer's hex
+    /// key), while the coordinator's own re-run of it has not decided.
+    pub fn dispute(&self, unit: u64) -> Result<Option<(u64, String)>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT check_id, checker FROM disputes WHERE unit = ?1",
+                [unit],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql(&self.path))
+    }
+
+    /// The checks waiting for volunteers or leased to them, in their order.
+    pub fn replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT unit, worker, class, queued_ms, check_id, checker, deadline_ms
+                 FROM replicas ORDER BY seq",
+            )
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let lease = match (r.get(4)?, r.get(5)?, r.get(6)?) {
+                    (Some(id), Some(checker), Some(deadline)) => Some((id, checker, deadline)),
+                    _ => None,
+                };
+                Ok(ReplicaRow {
+                    unit: r.get(0)?,
+                    worker: r.get(1)?,
+                    class: r.get(2)?,
+                    queued_ms: r.get(3)?,
+                    lease,
+                })
+            })
+            .map_err(sql(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql(&self.path))
+    }
+
     /// Each worker's count of consecutive verified units, and its latest unit whose
     /// check failed.
     pub fn trust(&self) -> Result<Vec<(String, u64, Option<u64>)>, StoreError> {
@@ -1329,6 +1405,47 @@ impl Tx<'_> {
                 c.decided_ms
             ],
         )
+    }
+
+    /// Records that the volunteer `checker`'s check `check` disputed `unit`.
+    pub fn insert_dispute(&self, unit: u64, check: u64, checker: &str) -> Result<(), StoreError> {
+        self.run(
+            "INSERT OR REPLACE INTO disputes (unit, check_id, checker) VALUES (?1, ?2, ?3)",
+            params![unit, check, checker],
+        )
+    }
+
+    /// Forgets `unit`'s dispute (its check is decided or skipped).
+    pub fn remove_dispute(&self, unit: u64) -> Result<(), StoreError> {
+        self.run("DELETE FROM disputes WHERE unit = ?1", params![unit])
+    }
+
+    /// Replaces the checks waiting for volunteers or leased to them (a bounded few).
+    pub fn replace_replicas(&self, rows: &[ReplicaRow]) -> Result<(), StoreError> {
+        self.run("DELETE FROM replicas", params![])?;
+        for (seq, r) in rows.iter().enumerate() {
+            let (check_id, checker, deadline_ms) = match &r.lease {
+                Some((id, checker, deadline)) => {
+                    (Some(*id), Some(checker.as_str()), Some(*deadline))
+                }
+                None => (None, None, None),
+            };
+            self.run(
+                "INSERT INTO replicas (seq, unit, worker, class, queued_ms, check_id, checker, deadline_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    seq as u64,
+                    r.unit,
+                    r.worker,
+                    r.class,
+                    r.queued_ms,
+                    check_id,
+                    checker,
+                    deadline_ms
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     /// Sets a worker's count of consecutive verified units and its latest failed unit.

@@ -13,6 +13,7 @@ mod late;
 mod ledger;
 mod metrics;
 mod replay;
+mod replication;
 mod restart;
 mod retention;
 mod rounds;

@@ -7,10 +7,14 @@ use validation::score::ScorePolicy;
 
 use super::{Decided, Input, Output, Run, Settings};
 use crate::checks::{CheckRules, SpotChecks};
+use crate::replicas::{ReplicaRules, Replicas};
 use crate::testing::worker;
 use crate::{Acceptance, Rules};
 
 const N: usize = 32;
+
+/// The determinism class of every worker here, and of the coordinator's own re-runs.
+const CLASS: &str = "cpu/test";
 
 /// `worker`'s update for `unit` on `base`, every value `value`.
 fn update(worker: u8, unit: u64, base: u64, value: f32) -> Inspected {
@@ -22,6 +26,7 @@ fn lease(worker: u8) -> Input<'static> {
     Input::Lease {
         worker: crate::testing::worker(worker),
         expected_ms: None,
+        class: Some(CLASS),
     }
 }
 
@@ -54,6 +59,11 @@ fn run(scoring: bool) -> Run {
             max_backlog: 8,
             seed: 5,
         },
+        replicas: ReplicaRules {
+            replicate: false,
+            wait_ms: 1_000,
+            checker_class: CLASS.into(),
+        },
         unit_tokens: 1_000,
         flops_per_token: 6_000_000,
     };
@@ -62,6 +72,7 @@ fn run(scoring: bool) -> Run {
         Scheduler::new(schedule, 0),
         Acceptance::default(),
         SpotChecks::default(),
+        Replicas::default(),
     )
     .expect("a new run holds together")
 }
@@ -92,10 +103,28 @@ fn describe(out: &Result<Output, crate::RunError>) -> String {
             parts.push(format!("refused {}", reason.code()))
         }
         Some(Decided::Refused(v)) => parts.push(format!("refused {v:?}")),
-        Some(Decided::Checked(o)) => parts.push(format!(
-            "checked matched {} claw back {} requeue {:?}",
-            o.matched, o.claw_back, o.requeue
+        Some(Decided::Checked(o)) => {
+            parts.push(format!(
+                "checked matched {} claw back {} requeue {:?}",
+                o.matched, o.claw_back, o.requeue
+            ));
+            if let Some(mint) = &o.checker_mint {
+                parts.push(format!("checker credit {} {}", mint.amount, mint.reference));
+            }
+            if let Some((_, trust)) = &o.accuser {
+                parts.push(format!(
+                    "accuser verified {} failed {:?}",
+                    trust.verified, trust.failed_unit
+                ));
+            }
+        }
+        Some(Decided::CheckLeased { unit, .. }) => parts.push(format!(
+            "check leased as unit {} round {} shard {}",
+            unit.id, unit.round, unit.address.shard
         )),
+        Some(Decided::Disputed { unit, rerun, .. }) => {
+            parts.push(format!("disputed {unit} rerun {rerun}"))
+        }
         None => {}
     }
     parts.join(", ")
@@ -134,6 +163,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     update: &first,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "accepted 1 round 0 credit 6 Some(Queued)",
             ),
@@ -143,6 +173,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     update: &again,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "refused duplicate",
             ),
@@ -152,6 +183,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     update: &stranger,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "refused not_your_lease",
             ),
@@ -161,6 +193,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     update: &second,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "aggregate 0, accepted 2 round 0 credit 6 Some(Queued)",
             ),
@@ -189,6 +222,8 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     distance: 0.5,
                     same_class: true,
                     unchecked: &[],
+                    replica: None,
+                    disputed: None,
                 },
                 "checked matched false claw back true requeue []",
             ),
@@ -222,6 +257,7 @@ fn a_refusal_releases_the_unit_and_an_unscored_update_is_a_drivers_bug() {
                     update: &unscored,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "error internal",
             ),
@@ -253,6 +289,7 @@ fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
                     update: &accepted,
                     copy_of: None,
                     score: None,
+                    class: Some(CLASS),
                 },
                 "accepted 1 round 0 credit 6 Some(Queued)",
             ),
@@ -265,6 +302,7 @@ fn a_stored_run_that_does_not_hold_together_is_refused_not_run() {
         run.scheduler().clone(),
         Acceptance::default(),
         run.checks().clone(),
+        run.replicas().clone(),
     );
     let e = rebuilt.expect_err("an accepted unit without its norm is refused");
     assert!(e.is_internal(), "{e}");
@@ -295,10 +333,286 @@ fn a_reported_speed_sizes_the_hard_deadline() {
     let reported = Input::Lease {
         worker: worker(1),
         expected_ms: Some(expected_ms),
+        class: Some(CLASS),
     };
     run.step(10, reported).expect("lease");
     run.step(10, lease(2)).expect("lease");
     let scaled = (config.slack * expected_ms as f64) as u64;
     assert_eq!(hard(&run, 1), Some(10 + scaled.min(config.lease_max_ms)));
     assert_eq!(hard(&run, 2), Some(10 + config.lease_max_ms));
+}
+
+/// A run where every sampled unit goes to a volunteer of its worker's class.
+fn replicating() -> Run {
+    let mut settings = run(false).settings().clone();
+    settings.replicas.replicate = true;
+    Run::new(
+        settings,
+        Scheduler::new(
+            ScheduleConfig {
+                units_per_round: 2,
+                min_updates: 2,
+                ..ScheduleConfig::default()
+            },
+            0,
+        ),
+        Acceptance::default(),
+        SpotChecks::default(),
+        Replicas::default(),
+    )
+    .expect("a new run holds together")
+}
+
+/// `worker` of `class` asks for work.
+fn lease_as(worker: u8, class: &'static str) -> Input<'static> {
+    Input::Lease {
+        worker: crate::testing::worker(worker),
+        expected_ms: None,
+        class: Some(class),
+    }
+}
+
+/// `update`, accepted as from a worker of `class`.
+fn update_as<'a>(update: &'a Inspected, class: Option<&'a str>) -> Input<'a> {
+    Input::Update {
+        update,
+        copy_of: None,
+        score: None,
+        class,
+    }
+}
+
+/// Volunteer `checker`'s upload of the check leased as `check`, of `worker`'s `unit`.
+fn replayed(unit: u64, worker: u8, check: u64, checker: u8, distance: f32) -> Input<'static> {
+    Input::Replayed {
+        unit,
+        worker: crate::testing::worker(worker),
+        distance,
+        same_class: true,
+        unchecked: &[],
+        replica: Some(super::Replica {
+            check,
+            checker: crate::testing::worker(checker),
+        }),
+        disputed: None,
+    }
+}
+
+#[test]
+fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() {
+    let (first, second) = (update(1, 1, 0, 0.1), update(2, 2, 0, 0.2));
+    let run = check(
+        "replication",
+        replicating(),
+        &[
+            (0, lease(1), "round 0 on 0, lease 1"),
+            (1, lease(2), "lease 2"),
+            (
+                2,
+                update_as(&first, Some(CLASS)),
+                "accepted 1 round 0 credit 6 Some(Replicated)",
+            ),
+            // Its own worker is never leased its check (and the round has no unit left).
+            (3, lease(1), "no work"),
+            // A worker of another class is not either.
+            (4, lease_as(3, "cpu/other"), "no work"),
+            // A volunteer of the class is: under a fresh id from the units' sequence,
+            // with the unit's data (shard 0, as unit 1) in the current round.
+            (5, lease(3), "check leased as unit 3 round 0 shard 0"),
+            // It matches bit for bit: the worker's re-run is verified and the checker
+            // is paid per FLOP, as a unit, under the check's own id.
+            (
+                6,
+                replayed(1, 1, 3, 3, 0.0),
+                "checked matched true claw back false requeue [], checker credit 6 check:3",
+            ),
+            (
+                7,
+                update_as(&second, Some(CLASS)),
+                "aggregate 0, accepted 2 round 0 credit 6 Some(Replicated)",
+            ),
+            (8, lease(3), "check leased as unit 4 round 0 shard 1"),
+            // A mismatch believes neither side: no credit, no clawback; the unit goes to
+            // the coordinator's own re-run.
+            (9, replayed(2, 2, 4, 3, 0.5), "disputed 2 rerun true"),
+            // An upload under a check id no longer leased is a driver's bug.
+            (10, replayed(2, 2, 4, 3, 0.0), "error internal"),
+        ],
+    );
+    assert_eq!(run.checks().trust(worker(1)).verified, 1);
+    assert_eq!(run.checks().queue().collect::<Vec<_>>(), [2]);
+    assert!(run.replicas().is_empty());
+    // The coordinator's own re-run settles the dispute: a worker it fails pays its
+    // clawback, and the volunteer who disputed it is paid its check; one it clears bit
+    // for bit leaves the volunteer unpaid, its check counted as a failed unit of its own.
+    let coordinator = |unit, distance, by| Input::Replayed {
+        unit,
+        worker: worker(2),
+        distance,
+        same_class: true,
+        unchecked: &[],
+        replica: None,
+        disputed: Some(super::Replica {
+            check: by,
+            checker: worker(3),
+        }),
+    };
+    let run = check(
+        "settled",
+        run,
+        &[(
+            11,
+            coordinator(2, 0.5, 4),
+            "checked matched false claw back true requeue [], checker credit 6 check:4",
+        )],
+    );
+    assert!(run.checks().failed(2));
+    check(
+        "cleared",
+        replicating(),
+        &[(
+            0,
+            coordinator(9, 0.0, 5),
+            "checked matched true claw back false requeue [], accuser verified 0 failed Some(5)",
+        )],
+    );
+    // A re-run of another class proves nothing against the volunteer.
+    check(
+        "cleared across classes",
+        replicating(),
+        &[(
+            0,
+            Input::Replayed {
+                unit: 9,
+                worker: worker(2),
+                distance: 0.0,
+                same_class: false,
+                unchecked: &[],
+                replica: None,
+                disputed: Some(super::Replica {
+                    check: 5,
+                    checker: worker(3),
+                }),
+            },
+            "checked matched true claw back false requeue []",
+        )],
+    );
+}
+
+#[test]
+fn the_lease_of_a_check_names_neither_the_unit_nor_its_worker() {
+    let first = update(1, 1, 0, 0.1);
+    let mut run = check(
+        "blind",
+        replicating(),
+        &[
+            (0, lease(1), "round 0 on 0, lease 1"),
+            (1, lease(2), "lease 2"),
+            (
+                2,
+                update_as(&first, Some(CLASS)),
+                "accepted 1 round 0 credit 6 Some(Replicated)",
+            ),
+        ],
+    );
+    let original = *run.unit(1).expect("unit 1");
+    let out = run.step(3, lease(3)).expect("a lease");
+    let Some(Decided::CheckLeased {
+        worker: w, unit, ..
+    }) = out.decided
+    else {
+        panic!("no check leased: {out:?}");
+    };
+    assert_eq!(w, worker(3));
+    // The same training inputs, under an id and round of its own: a `WorkUnit` has no
+    // field for a worker, and its id is the next of the units' sequence.
+    assert_eq!(
+        (unit.base_version, unit.address, unit.lr),
+        (original.base_version, original.address, original.lr)
+    );
+    assert_eq!((unit.id, unit.round), (3, 0));
+    // The next round's units continue the sequence after it, so the id stands out from
+    // none of them.
+    let leased = run.check_lease(3).expect("leased");
+    assert_eq!((leased.check.unit.id, leased.check.worker), (1, worker(1)));
+}
+
+#[test]
+fn a_check_no_volunteer_takes_falls_back_to_the_coordinator() {
+    let first = update(1, 1, 0, 0.1);
+    let mut run = check(
+        "fallback",
+        replicating(),
+        &[
+            (0, lease(1), "round 0 on 0, lease 1"),
+            (1, lease(2), "lease 2"),
+            (
+                2,
+                update_as(&first, Some(CLASS)),
+                "accepted 1 round 0 credit 6 Some(Replicated)",
+            ),
+            (3, lease(3), "check leased as unit 3 round 0 shard 0"),
+        ],
+    );
+    // The volunteer's lease runs out (the longest lease, no speed reported): the check
+    // is offered again, and once it has waited `wait_ms` it is the coordinator's.
+    let deadline = run.check_lease(3).expect("leased").deadline_ms;
+    run.step(deadline, Input::Tick).expect("tick");
+    assert!(run.check_lease(3).is_none());
+    assert_eq!(run.take_check(), Some(1));
+    assert!(run.replicas().is_empty());
+}
+
+#[test]
+fn a_worker_of_another_class_is_checked_by_volunteers_and_one_of_ours_by_the_coordinator() {
+    let (ours, theirs, unknown) = (
+        update(1, 1, 0, 0.1),
+        update(2, 2, 0, 0.2),
+        update(3, 3, 0, 0.3),
+    );
+    let schedule = ScheduleConfig {
+        units_per_round: 3,
+        min_updates: 3,
+        ..ScheduleConfig::default()
+    };
+    let plain = run(false);
+    let run = Run::new(
+        plain.settings().clone(),
+        Scheduler::new(schedule, 0),
+        Acceptance::default(),
+        SpotChecks::default(),
+        Replicas::default(),
+    )
+    .expect("a run");
+    let run = check(
+        "route",
+        run,
+        &[
+            (0, lease(1), "round 0 on 0, lease 1"),
+            (1, lease(2), "lease 2"),
+            (2, lease(3), "lease 3"),
+            (
+                3,
+                update_as(&ours, Some(CLASS)),
+                "accepted 1 round 0 credit 6 Some(Queued)",
+            ),
+            (
+                4,
+                update_as(&theirs, Some("cpu/other")),
+                "accepted 2 round 0 credit 6 Some(Replicated)",
+            ),
+            // No class reported: nothing to match a volunteer by.
+            (
+                5,
+                update_as(&unknown, None),
+                "aggregate 0, accepted 3 round 0 credit 6 Some(Queued)",
+            ),
+            (
+                6,
+                lease_as(4, "cpu/other"),
+                "check leased as unit 4 round 0 shard 1",
+            ),
+        ],
+    );
+    assert_eq!(run.checks().queue().collect::<Vec<_>>(), [1, 3]);
 }

@@ -299,9 +299,13 @@ impl Core {
         let effects = output.effects;
         // What the new version makes unneeded is marked with it, and removed after.
         let prune = self.retention_plan(&row, next.scheduler().round())?;
+        let replicas_moved = next.replicas() != self.run.replicas();
         self.store.write(|tx| {
             tx.insert_version(&row)?;
             retention::mark(tx, &prune, now_ms)?;
+            if replicas_moved {
+                tx.replace_replicas(&super::replica_rows(&next))?;
+            }
             persist_effects(tx, next.scheduler(), &effects, now_ms)
         })?;
         self.run = next;

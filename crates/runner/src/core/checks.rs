@@ -17,6 +17,7 @@ use protocol::{SignedUpdate, WorkUnit, WorkerId};
 use store::{CheckRow, CheckState};
 use validation::score::Score;
 use validation::spot_check::Trust;
+use validation::{Inspected, Reject, Verdict};
 
 use worker::unit::{RunModel, owned_batch};
 
@@ -170,6 +171,9 @@ pub struct CheckOutcome {
     pub clawed_back: u64,
     /// The worker's unchecked units queued again because this one failed.
     pub requeued: usize,
+    /// Micro-credits minted to the volunteer whose check this was (0: the
+    /// coordinator's own re-run, or no match).
+    pub checker_credit: u64,
 }
 
 impl Core {
@@ -271,6 +275,11 @@ impl Core {
         self.run.checks().queued()
     }
 
+    /// Checks waiting for volunteers of their workers' classes or leased to them.
+    pub fn checks_with_volunteers(&self) -> usize {
+        self.run.replicas().len()
+    }
+
     /// The next unit to re-run, if any. Taking it does not change the store: a job that
     /// is never finished stays queued there and is handed out again after a restart.
     pub fn next_check(&mut self) -> Result<Option<CheckJob>, RunError> {
@@ -333,7 +342,10 @@ impl Core {
             decided_ms: None,
         };
         self.store
-            .write(|tx| tx.set_check(&row))
+            .write(|tx| {
+                tx.set_check(&row)?;
+                tx.remove_dispute(unit)
+            })
             .map_err(|e| RunError::internal(&e))
     }
 
@@ -396,14 +408,14 @@ impl Core {
             .map_err(|e| internal(&e))?
             .and_then(|w| w.machine)
             .is_some_and(|m| m.class == engine::cpu_class());
-        let unchecked: Vec<u64> = self
+        let unchecked = self.unchecked_of(&update.worker)?;
+        let disputed = self
             .store
-            .checks(Some(CheckState::Unchecked))
+            .dispute(unit)
             .map_err(|e| internal(&e))?
-            .into_iter()
-            .filter(|c| c.worker == update.worker)
-            .map(|c| c.unit)
-            .collect();
+            .and_then(|(check, checker)| {
+                WorkerId::parse(&checker).map(|checker| run::Replica { check, checker })
+            });
         let (next, output) = self.stepped(
             now_ms,
             run::Input::Replayed {
@@ -412,6 +424,8 @@ impl Core {
                 distance,
                 same_class,
                 unchecked: &unchecked,
+                replica: None,
+                disputed,
             },
         )?;
         let Some(run::Decided::Checked(outcome)) = output.decided else {
@@ -420,15 +434,72 @@ impl Core {
                 output.decided
             )));
         };
+        self.commit_check(next, unit, worker, distance, outcome, now_ms)
+    }
+
+    /// The worker's units never sampled (what a failed check queues again).
+    fn unchecked_of(&self, worker: &str) -> Result<Vec<u64>, RunError> {
+        Ok(self
+            .store
+            .checks(Some(CheckState::Unchecked))
+            .map_err(|e| RunError::internal(&e))?
+            .into_iter()
+            .filter(|c| c.worker == worker)
+            .map(|c| c.unit)
+            .collect())
+    }
+
+    /// Commits what a re-run of `unit` decided (`outcome`, stepped into `next`): the
+    /// check, the worker's trust and, on a mismatch, the clawback and the re-queued
+    /// units; for a volunteer's matching check, the checker's mint. One transaction.
+    fn commit_check(
+        &mut self,
+        next: run::Run,
+        unit: u64,
+        worker: WorkerId,
+        distance: f32,
+        outcome: run::checks::Outcome,
+        now_ms: u64,
+    ) -> Result<CheckOutcome, RunError> {
+        let internal =
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
+        let worker_id = worker.to_string();
         let (matched, trust) = (outcome.matched, outcome.trust);
         let clawback = if outcome.claw_back {
             self.clawback_entry(unit, now_ms)?
         } else {
             None
         };
+        // A volunteer is paid for a match, or for a dispute this re-run upholds, which
+        // claws the unit back first: its mint is then prepared after the clawback, on a
+        // copy of the ledger (rare: a liar caught by a volunteer).
+        let after_clawback = match &clawback {
+            Some(entry) if outcome.checker_mint.is_some() => {
+                let mut next = self.ledger.read().clone();
+                next.commit(entry.clone()).map_err(|e| internal(&e))?;
+                Some(next)
+            }
+            _ => None,
+        };
+        let prepared = |draft| match &after_clawback {
+            Some(ledger) => ledger.prepare(draft, now_ms, &self.authority),
+            None => self.ledger.prepare(draft, now_ms, &self.authority),
+        };
+        let checker_mint = match outcome.checker_mint.clone() {
+            Some(draft) => match prepared(draft) {
+                Ok(ledger::Prepared::New(entry)) => Some(*entry),
+                Ok(ledger::Prepared::Existing(seq)) => {
+                    return Err(RunError::internal(&super::CoreError::Inconsistent(
+                        format!("unit {unit}'s check already has its mint, entry {seq}"),
+                    )));
+                }
+                Err(e) => return Err(RunError::internal(&e)),
+            },
+            None => None,
+        };
         let row = CheckRow {
             unit,
-            worker: update.worker.clone(),
+            worker: worker_id.clone(),
             state: if matched {
                 CheckState::Verified
             } else {
@@ -437,14 +508,22 @@ impl Core {
             distance: Some(distance),
             decided_ms: Some(now_ms),
         };
+        let replicas_moved = next.replicas() != self.run.replicas();
         self.store
             .write(|tx| {
                 tx.set_check(&row)?;
-                tx.set_trust(&update.worker, trust.verified, trust.failed_unit)?;
+                tx.set_trust(&worker_id, trust.verified, trust.failed_unit)?;
+                if let Some((accuser, t)) = outcome.accuser {
+                    tx.set_trust(&accuser.to_string(), t.verified, t.failed_unit)?;
+                }
+                tx.remove_dispute(unit)?;
+                if replicas_moved {
+                    tx.replace_replicas(&super::replica_rows(&next))?;
+                }
                 for &requeued in &outcome.requeue {
                     tx.set_check(&CheckRow {
                         unit: requeued,
-                        worker: update.worker.clone(),
+                        worker: worker_id.clone(),
                         state: CheckState::Queued,
                         distance: None,
                         decided_ms: None,
@@ -453,11 +532,18 @@ impl Core {
                 if let Some(entry) = &clawback {
                     tx.insert_entry(entry)?;
                 }
+                if let Some(entry) = &checker_mint {
+                    tx.insert_entry(entry)?;
+                }
                 Ok(())
             })
             .map_err(|e| internal(&e))?;
         let clawed_back = clawback.as_ref().map_or(0, |e| e.amount);
         if let Some(entry) = clawback {
+            self.ledger_committed(entry);
+        }
+        let checker_credit = checker_mint.as_ref().map_or(0, |e| e.amount);
+        if let Some(entry) = checker_mint {
             self.ledger_committed(entry);
         }
         self.run = next;
@@ -468,6 +554,174 @@ impl Core {
             distance,
             clawed_back,
             requeued: outcome.requeue.len(),
+            checker_credit,
+        })
+    }
+
+    /// Why the upload `update` of the check leased under its unit id is refused, if it
+    /// is: sent by another key than the volunteer's, on another base, of another shape.
+    pub(super) fn check_refusal(&self, update: &Inspected) -> Option<Verdict> {
+        let leased = self.run.check_lease(update.header.work_unit)?;
+        let h = &update.header;
+        if leased.checker != h.worker {
+            return Some(Verdict::reject(
+                Reject::NotYourLease,
+                format!("work unit {} is leased to another worker", h.work_unit),
+            ));
+        }
+        if leased.check.unit.base_version != h.base_version {
+            return Some(Verdict::reject(
+                Reject::WrongBase,
+                format!(
+                    "work unit {} trains on version {}, not {}",
+                    h.work_unit, leased.check.unit.base_version, h.base_version
+                ),
+            ));
+        }
+        if h.n_params != self.run.settings().acceptance.n_params {
+            return Some(Verdict::reject(
+                Reject::WrongShape,
+                format!(
+                    "the update has {} values; this run's model has {}",
+                    h.n_params,
+                    self.run.settings().acceptance.n_params
+                ),
+            ));
+        }
+        None
+    }
+
+    /// A volunteer's upload of the check leased under its unit id (blob `blob`, durable):
+    /// compared with the checked unit's update exactly as the coordinator's own re-run
+    /// is, judged bit for bit (`spot_check.tolerance`: the volunteer is of the worker's
+    /// class), committed, and answered as an ordinary accepted update. It never joins an
+    /// aggregate, and no row names its blob, which is removed.
+    pub(super) fn finish_replica(
+        &mut self,
+        update: &Inspected,
+        blob: &store::BlobHash,
+        now_ms: u64,
+    ) -> Result<protocol::api::SubmitReply, RunError> {
+        let internal =
+            |e: &dyn std::fmt::Display| RunError::internal(&std::io::Error::other(e.to_string()));
+        let check = update.header.work_unit;
+        let Some(leased) = self.run.check_lease(check).cloned() else {
+            return Err(RunError::broken(format!("check {check} is not leased")));
+        };
+        let remove_blob = |core: &Core| -> Result<(), RunError> {
+            let named = core.store.blob_referenced(blob).map_err(|e| internal(&e))?;
+            if !named {
+                core.store.blobs().remove(blob).map_err(|e| internal(&e))?;
+            }
+            Ok(())
+        };
+        if let Some(verdict) = self.check_refusal(update) {
+            remove_blob(self)?;
+            return self
+                .reject(verdict, Some(&update.header), None, now_ms)
+                .map(|never| match never {});
+        }
+        let unit = leased.check.unit.id;
+        let worker = leased.check.worker;
+        let original = self
+            .store
+            .update(unit)
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| internal(&format!("no accepted update for checked unit {unit}")))?;
+        let sent_bytes = self
+            .update_bytes(&original.blob)
+            .map_err(|e| internal(&e))?;
+        let sent =
+            SignedUpdate::parse(&sent_bytes, &self.config.limits).map_err(|e| internal(&e))?;
+        let check_bytes = self.update_bytes(blob).map_err(|e| internal(&e))?;
+        let checked =
+            SignedUpdate::parse(&check_bytes, &self.config.limits).map_err(|e| internal(&e))?;
+        let rerun = checked.decode().map_err(|e| internal(&e))?;
+        // As the coordinator's own re-run: payloads as sent, equal bytes distance 0,
+        // else the relative distance over the re-run's norm.
+        let distance =
+            if checked.header.codec == sent.header.codec && checked.payload() == sent.payload() {
+                0.0
+            } else {
+                relative_distance(&sent.decode().map_err(|e| internal(&e))?, &rerun)
+            };
+        let norm = rerun
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt() as f32;
+        let unchecked = self.unchecked_of(&original.worker)?;
+        let (next, output) = self.stepped(
+            now_ms,
+            run::Input::Replayed {
+                unit,
+                worker,
+                distance,
+                same_class: true,
+                unchecked: &unchecked,
+                replica: Some(run::Replica {
+                    check,
+                    checker: leased.checker,
+                }),
+                disputed: None,
+            },
+        )?;
+        let credit = match output.decided {
+            Some(run::Decided::Checked(outcome)) => {
+                let outcome = self.commit_check(next, unit, worker, distance, outcome, now_ms)?;
+                tracing::info!(
+                    unit,
+                    worker = %worker,
+                    check,
+                    checker = %leased.checker,
+                    credit = outcome.checker_credit,
+                    "spot-check: a volunteer's check matches the unit"
+                );
+                outcome.checker_credit
+            }
+            Some(run::Decided::Disputed { rerun, .. }) => {
+                let checker = leased.checker.to_string();
+                self.store
+                    .write(|tx| {
+                        tx.replace_replicas(&super::replica_rows(&next))?;
+                        if rerun {
+                            tx.insert_dispute(unit, check, &checker)?;
+                        } else {
+                            tx.set_check(&CheckRow {
+                                unit,
+                                worker: original.worker.clone(),
+                                state: CheckState::Unchecked,
+                                distance: None,
+                                decided_ms: None,
+                            })?;
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| internal(&e))?;
+                self.run = next;
+                tracing::warn!(
+                    unit,
+                    worker = %worker,
+                    check,
+                    checker = %leased.checker,
+                    distance,
+                    rerun,
+                    "spot-check: a volunteer's check does not match the unit; the coordinator re-runs it, and pays the checker if the unit fails"
+                );
+                0
+            }
+            other => {
+                return Err(RunError::broken(format!(
+                    "a check's step decided {other:?}"
+                )));
+            }
+        };
+        remove_blob(self)?;
+        Ok(protocol::api::SubmitReply {
+            unit: check,
+            norm,
+            round_accepted: self.accepted.len() as u32,
+            credit,
         })
     }
 
