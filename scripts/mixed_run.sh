@@ -20,6 +20,8 @@ preset = "small"
 [schedule]
 units_per_round = 4
 min_updates = 2
+[spot_check]
+replica_wait_ms = 30000
 [devices]
 holdout = "cpu:2"
 scoring = "cpu:2"

@@ -57,9 +57,12 @@ struct Bars {
 }
 
 impl Bars {
+    /// A line on standard error, above the bar if one is drawn (`ProgressBar::println`
+    /// alone prints nothing when standard error is not a terminal, so a log would lose
+    /// the line).
     fn println(&self, text: &str) {
         match &self.bar {
-            Some(bar) => bar.println(text),
+            Some(bar) => bar.suspend(|| eprintln!("{text}")),
             None => eprintln!("{text}"),
         }
     }

@@ -59,6 +59,16 @@ pub fn cpu_class() -> String {
 /// times the 50-step figure; an update of zeros is at distance 1, a sign-flipped one at 2.
 pub const CROSS_CLASS_REPLAY_TOLERANCE: f32 = 0.15;
 
+/// The replay tolerance for a GPU's unit re-run on a CPU (bf16 activations and tensor-core
+/// products against f32), in the same units. Measured (BENCHMARKS.md, "A GPU's unit
+/// against a CPU's re-run of it"): 2% after 10 steps and 9.2% after 50 of `small` from
+/// its initial weights, but 18% and 25% for two 50-step units of a run at lr 2e-3 from
+/// trained versions (`scripts/mixed_run.sh` on the H200), which the cross-class 15%
+/// clawed back. This is twice the largest measured, still below an update of zeros (1)
+/// or a sign-flipped one (2); a checker of the GPU's own class (replication) judges bit
+/// for bit and is preferred wherever one exists.
+pub const GPU_CPU_REPLAY_TOLERANCE: f32 = 0.5;
+
 /// The gemm micro-kernel that runs, named by the x86-64 level it needs.
 fn gemm_kernel() -> &'static str {
     #[cfg(target_arch = "x86_64")]

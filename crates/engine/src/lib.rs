@@ -29,7 +29,7 @@ pub mod params;
 pub mod spec;
 pub mod train;
 
-pub use class::{CROSS_CLASS_REPLAY_TOLERANCE, cpu_class};
+pub use class::{CROSS_CLASS_REPLAY_TOLERANCE, GPU_CPU_REPLAY_TOLERANCE, cpu_class};
 pub use config::{ConfigError, GptConfig, Preset};
 pub use llama::{LlamaConfig, LlamaConfigError, LlamaLayout};
 pub use lora::{LoraConfig, LoraConfigError, LoraLayout, LoraTarget};

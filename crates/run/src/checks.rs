@@ -29,10 +29,38 @@ pub struct CheckRules {
     /// margin (`engine::CROSS_CLASS_REPLAY_TOLERANCE` by default). The larger of the two
     /// applies.
     pub cross_class_tolerance: f32,
+    /// The same when the worker trained on a GPU (a `cuda/...` class) and the checker
+    /// re-runs on a CPU: bf16 against f32 (`engine::GPU_CPU_REPLAY_TOLERANCE` by
+    /// default). The larger of it and `tolerance` applies.
+    pub gpu_tolerance: f32,
     /// Most units waiting; units sampled beyond it stay unchecked.
     pub max_backlog: u32,
     /// The run's seed: each unit's draw is a function of it and the unit's id.
     pub seed: u64,
+}
+
+/// How a re-run's checker stands to the worker whose unit it re-runs, which sets the
+/// tolerance it is judged within.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayClass {
+    /// The worker reported the checker's determinism class: bit for bit by default.
+    Same,
+    /// Another CPU class, or no report: within the cross-class tolerance.
+    OtherCpu,
+    /// A GPU class, re-run on a CPU: within the GPU tolerance.
+    Gpu,
+}
+
+impl ReplayClass {
+    /// How a worker that reported `class` (or nothing) stands to a checker of
+    /// `checker`'s class.
+    pub fn of(class: Option<&str>, checker: &str) -> ReplayClass {
+        match class {
+            Some(c) if c == checker => ReplayClass::Same,
+            Some(c) if c.starts_with("cuda/") => ReplayClass::Gpu,
+            _ => ReplayClass::OtherCpu,
+        }
+    }
 }
 
 /// What becomes of a unit just accepted.
@@ -171,7 +199,7 @@ impl SpotChecks {
     }
 
     /// What the re-run of `unit` (accepted from `worker`) at `distance` from its update
-    /// decides; `same_class`: the worker reported the checker's determinism class;
+    /// decides; `class`: how the worker's reported class stands to the checker's;
     /// `unchecked` are the worker's units never sampled, from the store.
     pub fn judge(
         &self,
@@ -179,13 +207,13 @@ impl SpotChecks {
         unit: u64,
         worker: WorkerId,
         distance: f32,
-        same_class: bool,
+        class: ReplayClass,
         unchecked: &[u64],
     ) -> Outcome {
-        let tolerance = if same_class {
-            rules.tolerance
-        } else {
-            rules.tolerance.max(rules.cross_class_tolerance)
+        let tolerance = match class {
+            ReplayClass::Same => rules.tolerance,
+            ReplayClass::OtherCpu => rules.tolerance.max(rules.cross_class_tolerance),
+            ReplayClass::Gpu => rules.tolerance.max(rules.gpu_tolerance),
         };
         // A NaN distance (a re-run gone wrong) is no match.
         let matched = distance <= tolerance;

@@ -20,7 +20,7 @@ mod testing;
 pub mod tier;
 
 pub use acceptance::{Acceptance, Decision, Rules};
-pub use checks::{CheckRules, Sample, SpotChecks, draw};
+pub use checks::{CheckRules, ReplayClass, Sample, SpotChecks, draw};
 pub use error::{Class, RunError};
 pub use replicas::{PENDING_CHECKS_MAX, ReplicaRules, Replicas};
 pub use state::{Accepted, Decided, Input, Output, Replica, Run, Settings};

@@ -31,11 +31,17 @@ pub struct ReplicaRules {
     pub checker_class: String,
 }
 
-/// Whether the coordinator can re-run a unit of `class` itself (within the cross-class
-/// tolerance when it is another class): CPU classes only. A GPU unit is never re-run on
-/// the coordinator's CPU: no GPU-to-CPU tolerance is calibrated.
-pub fn coordinator_runs(class: &str) -> bool {
-    class.starts_with("cpu/")
+/// Longest GPU unit the coordinator re-runs on its CPU: measured (BENCHMARKS.md, "A GPU's
+/// unit against a CPU's re-run of it"), a 50-step bf16 unit lies 9.2% from the CPU's f32
+/// re-run, inside the cross-class tolerance (15%), and the distance grows with the steps.
+pub const GPU_ON_CPU_STEPS_MAX: u32 = 50;
+
+/// Whether the coordinator can re-run a unit of `class` of `steps` steps itself (within
+/// the cross-class tolerance when it is another class): CPU classes, and GPU classes
+/// (`cuda/...`) for units of at most [`GPU_ON_CPU_STEPS_MAX`] steps, the longest whose
+/// honest GPU-to-CPU distance was measured inside that tolerance.
+pub fn coordinator_runs(class: &str, steps: u32) -> bool {
+    class.starts_with("cpu/") || (class.starts_with("cuda/") && steps <= GPU_ON_CPU_STEPS_MAX)
 }
 
 /// A unit waiting for a volunteer of its worker's class.
@@ -118,7 +124,7 @@ impl Replicas {
     }
 
     /// Where the re-run of a sampled unit whose worker reported `class` goes.
-    pub fn route(&self, rules: &ReplicaRules, class: Option<&str>) -> Route {
+    pub fn route(&self, rules: &ReplicaRules, class: Option<&str>, steps: u32) -> Route {
         let Some(class) = class else {
             // No class to match a volunteer by (a worker before the report): today's
             // re-run, within the cross-class tolerance.
@@ -129,7 +135,7 @@ impl Replicas {
         }
         if self.len() < PENDING_CHECKS_MAX {
             Route::Volunteer
-        } else if coordinator_runs(class) {
+        } else if coordinator_runs(class, steps) {
             Route::Coordinator
         } else {
             Route::Nobody
@@ -230,7 +236,8 @@ impl Replicas {
         }
         let mut out = Vec::new();
         self.pending.retain(|p| {
-            let due = now_ms.saturating_sub(p.queued_ms) >= wait_ms && coordinator_runs(&p.class);
+            let due = now_ms.saturating_sub(p.queued_ms) >= wait_ms
+                && coordinator_runs(&p.class, p.unit.address.steps);
             if due {
                 out.push(p.clone());
             }

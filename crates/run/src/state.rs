@@ -16,7 +16,7 @@ use scheduler::{Effect, Event, Scheduler, UnitStatus};
 use validation::score::Score;
 use validation::{Inspected, LeaseState, Verdict};
 
-use crate::checks::{CheckRules, Outcome, Sample, SpotChecks};
+use crate::checks::{CheckRules, Outcome, ReplayClass, Sample, SpotChecks};
 use crate::replicas::{LeasedCheck, PendingCheck, ReplicaRules, Replicas, Route, coordinator_runs};
 use crate::{Acceptance, Decision, Rules, RunError};
 
@@ -74,7 +74,7 @@ pub enum Input<'a> {
         unit: u64,
         worker: WorkerId,
         distance: f32,
-        same_class: bool,
+        class: crate::checks::ReplayClass,
         unchecked: &'a [u64],
         replica: Option<Replica>,
         disputed: Option<Replica>,
@@ -284,7 +284,7 @@ impl Run {
                 unit,
                 worker,
                 distance,
-                same_class,
+                class,
                 unchecked,
                 replica: None,
                 disputed,
@@ -294,7 +294,7 @@ impl Run {
                     unit,
                     worker,
                     distance,
-                    same_class,
+                    class,
                     unchecked,
                 );
                 match (disputed, outcome.matched) {
@@ -313,7 +313,7 @@ impl Run {
                     // class, which the volunteer claimed too: bit for bit, the worker's
                     // bytes are the unit's. Its check counts as a failed unit of its own
                     // (its trust reset, so its units are checked again).
-                    (Some(d), true) if same_class => {
+                    (Some(d), true) if class == crate::checks::ReplayClass::Same => {
                         let trust = self
                             .checks
                             .refuted(&self.settings.checks, d.checker, d.check);
@@ -426,9 +426,9 @@ impl Run {
         let rules = &self.settings.checks;
         // A NaN distance is no match.
         let decided = if distance <= rules.tolerance {
-            let mut outcome = self
-                .checks
-                .judge(rules, unit, worker, distance, true, unchecked);
+            let mut outcome =
+                self.checks
+                    .judge(rules, unit, worker, distance, ReplayClass::Same, unchecked);
             outcome.checker_mint = Some(crate::credit::check_mint(
                 replica.checker,
                 replica.check,
@@ -440,7 +440,8 @@ impl Run {
             Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
             Decided::Checked(outcome)
         } else {
-            let rerun = coordinator_runs(&leased.check.class) && !self.checks.failed(unit);
+            let rerun = coordinator_runs(&leased.check.class, leased.check.unit.address.steps)
+                && !self.checks.failed(unit);
             if rerun {
                 Arc::make_mut(&mut self.checks).sampled(unit, Sample::Queued);
             }
@@ -505,7 +506,10 @@ impl Run {
         let original = self.scheduler.unit(unit).copied();
         let (sample, pending) = match (sample, original) {
             (Some(Sample::Queued), Some(original)) => {
-                match self.replicas.route(&self.settings.replicas, class) {
+                match self
+                    .replicas
+                    .route(&self.settings.replicas, class, original.address.steps)
+                {
                     Route::Coordinator => (sample, None),
                     Route::Nobody => (Some(Sample::Unchecked), None),
                     Route::Volunteer => (

@@ -125,6 +125,9 @@ pub struct SpotCheckConfig {
     /// of this and `tolerance` applies. Default: `engine::CROSS_CLASS_REPLAY_TOLERANCE`,
     /// calibrated from measured honest differences (ARCHITECTURE.md, Determinism).
     pub cross_class_tolerance: f32,
+    /// The same for a GPU worker's unit re-run on the coordinator's CPU (bf16 against
+    /// f32): `engine::GPU_CPU_REPLAY_TOLERANCE`, from the differences measured in a run.
+    pub gpu_tolerance: f32,
     /// Most units waiting to be re-run; units sampled beyond it stay unchecked (and are
     /// re-checked if their worker is later caught).
     pub max_backlog: u32,
@@ -189,6 +192,7 @@ impl Default for SpotCheckConfig {
             trusted_after: 10,
             tolerance: 0.0,
             cross_class_tolerance: engine::CROSS_CLASS_REPLAY_TOLERANCE,
+            gpu_tolerance: engine::GPU_CPU_REPLAY_TOLERANCE,
             max_backlog: 10_000,
             replicate: false,
             replica_wait_ms: 600_000,
@@ -584,6 +588,10 @@ impl CoordinatorConfig {
         let cross = self.spot_check.cross_class_tolerance;
         if !(cross.is_finite() && cross >= 0.0) {
             return bad("spot_check.cross_class_tolerance must be a number of at least 0");
+        }
+        let gpu = self.spot_check.gpu_tolerance;
+        if !(gpu.is_finite() && gpu >= 0.0) {
+            return bad("spot_check.gpu_tolerance must be a number of at least 0");
         }
         let h = &self.http;
         let times = [h.header_timeout_ms, h.body_timeout_ms, h.send_timeout_ms];

@@ -1501,6 +1501,7 @@ fn settings(
             trusted_after: spot.trusted_after,
             tolerance: spot.tolerance,
             cross_class_tolerance: spot.cross_class_tolerance,
+            gpu_tolerance: spot.gpu_tolerance,
             max_backlog: spot.max_backlog,
             seed: config.seed,
         },

@@ -3,7 +3,7 @@
 
 use validation::spot_check::Trust;
 
-use super::{CheckRules, Outcome, Sample, SpotChecks};
+use super::{CheckRules, Outcome, ReplayClass, Sample, SpotChecks};
 use crate::testing::worker;
 
 fn rules() -> CheckRules {
@@ -12,6 +12,7 @@ fn rules() -> CheckRules {
         trusted_after: 2,
         tolerance: 0.0,
         cross_class_tolerance: 1e-3,
+        gpu_tolerance: 0.5,
         max_backlog: 3,
         seed: 7,
     }
@@ -42,7 +43,14 @@ fn check(name: &str, rules: CheckRules, steps: &[Step]) -> SpotChecks {
             }
             Step::Next(want) => assert_eq!(checks.take(), want, "{name}, step {i}: next"),
             Step::Judge(unit, w, distance, unchecked, matched, requeue, verified) => {
-                let outcome = checks.judge(&rules, unit, worker(w), distance, true, unchecked);
+                let outcome = checks.judge(
+                    &rules,
+                    unit,
+                    worker(w),
+                    distance,
+                    ReplayClass::Same,
+                    unchecked,
+                );
                 assert_eq!(
                     (outcome.matched, outcome.requeue.as_slice()),
                     (matched, requeue),
@@ -149,7 +157,7 @@ fn a_tolerance_admits_a_small_distance_and_trusted_workers_are_sampled_less() {
     assert!(
         (1_000..1_300).all(|u| checks.sample(&loose, u, worker(2), false) == Some(Sample::Queued))
     );
-    let outcome: Outcome = checks.judge(&loose, 2_000, worker(1), 2e-4, true, &[]);
+    let outcome: Outcome = checks.judge(&loose, 2_000, worker(1), 2e-4, ReplayClass::Same, &[]);
     assert!(!outcome.matched);
     checks.decided(2_000, worker(1), &outcome);
     assert_eq!(checks.trust(worker(1)).verified, 0);
@@ -166,30 +174,45 @@ fn resuming_drops_queued_duplicates_and_failed_units() {
 }
 
 /// A worker of another determinism class (or one that reported none) is judged with
-/// the cross-class tolerance; one of the checker's class with the run's own, bit for
-/// bit by default.
+/// the cross-class tolerance, a GPU's within the GPU tolerance; one of the checker's
+/// class with the run's own, bit for bit by default.
 #[test]
 fn another_class_is_judged_within_the_cross_class_tolerance() {
+    use ReplayClass::*;
     let checks = SpotChecks::default();
     let rules = rules();
-    for (distance, same_class, matched) in [
-        (0.0, true, true),
-        (1e-6, true, false),
-        (1e-6, false, true),
-        (9e-4, false, true),
-        (2e-3, false, false),
-        (f32::NAN, false, false),
+    for (distance, class, matched) in [
+        (0.0, Same, true),
+        (1e-6, Same, false),
+        (1e-6, OtherCpu, true),
+        (9e-4, OtherCpu, true),
+        (2e-3, OtherCpu, false),
+        (f32::NAN, OtherCpu, false),
+        (0.3, Gpu, true),
+        (0.6, Gpu, false),
+        (1.0, Gpu, false),
+        (f32::NAN, Gpu, false),
     ] {
-        let outcome = checks.judge(&rules, 1, worker(1), distance, same_class, &[]);
+        let outcome = checks.judge(&rules, 1, worker(1), distance, class, &[]);
         assert_eq!(
             outcome.matched, matched,
-            "distance {distance}, same class {same_class}"
+            "distance {distance}, class {class:?}"
         );
     }
+    // How a reported class stands to the checker's.
+    let cpu = "cpu/gemm-x86-v3/test";
+    assert_eq!(ReplayClass::of(Some(cpu), cpu), Same);
+    assert_eq!(ReplayClass::of(Some("cpu/other"), cpu), OtherCpu);
+    assert_eq!(ReplayClass::of(None, cpu), OtherCpu);
+    assert_eq!(ReplayClass::of(Some("cuda/sm90/132sm"), cpu), Gpu);
     // The larger of the two applies: a run that tolerates more keeps its own.
     let loose = CheckRules {
         tolerance: 1e-2,
         ..rules
     };
-    assert!(checks.judge(&loose, 1, worker(1), 5e-3, false, &[]).matched);
+    assert!(
+        checks
+            .judge(&loose, 1, worker(1), 5e-3, ReplayClass::OtherCpu, &[])
+            .matched
+    );
 }

@@ -17,8 +17,22 @@ fn rules(replicate: bool) -> ReplicaRules {
     }
 }
 
+/// Steps of the tests' units of `class`: GPU units longer than the coordinator re-runs
+/// on its CPU ([`super::GPU_ON_CPU_STEPS_MAX`]), unless a test says otherwise.
+fn steps_of(class: &str) -> u32 {
+    if class.starts_with("cuda/") {
+        super::GPU_ON_CPU_STEPS_MAX + 1
+    } else {
+        10
+    }
+}
+
 /// Worker `w`'s unit `id` of `class`, sampled at `at_ms`.
 fn pending(id: u64, w: u8, class: &str, at_ms: u64) -> PendingCheck {
+    pending_of(id, w, class, at_ms, steps_of(class))
+}
+
+fn pending_of(id: u64, w: u8, class: &str, at_ms: u64, steps: u32) -> PendingCheck {
     PendingCheck {
         unit: WorkUnit {
             id,
@@ -27,7 +41,7 @@ fn pending(id: u64, w: u8, class: &str, at_ms: u64) -> PendingCheck {
             address: WorkAddress {
                 shard: id as u32,
                 offset: 0,
-                steps: 10,
+                steps,
                 seed: id,
             },
             lr: 1e-3,
@@ -57,7 +71,7 @@ fn check(name: &str, steps: &[Step]) -> Replicas {
         match *step {
             Step::Route(replicate, class, want) => {
                 assert_eq!(
-                    replicas.route(&rules(replicate), class),
+                    replicas.route(&rules(replicate), class, class.map_or(10, steps_of)),
                     want,
                     "{name}, step {i}"
                 );
@@ -133,16 +147,35 @@ fn a_worker_never_checks_its_own_unit_nor_another_class_and_holds_one_check() {
 fn a_full_queue_sends_units_to_the_coordinator_or_leaves_gpu_units_unchecked() {
     let mut replicas = Replicas::default();
     for id in 0..PENDING_CHECKS_MAX as u64 {
-        assert_eq!(replicas.route(&rules(true), Some(CPU)), Route::Volunteer);
+        assert_eq!(
+            replicas.route(&rules(true), Some(CPU), 10),
+            Route::Volunteer
+        );
         replicas.push(pending(id, 1, CPU, 0));
     }
     assert_eq!(replicas.len(), PENDING_CHECKS_MAX);
-    assert_eq!(replicas.route(&rules(true), Some(CPU)), Route::Coordinator);
-    assert_eq!(replicas.route(&rules(true), Some(GPU)), Route::Nobody);
+    assert_eq!(
+        replicas.route(&rules(true), Some(CPU), 10),
+        Route::Coordinator
+    );
+    // A GPU unit the coordinator's CPU can re-run within the cross-class tolerance goes
+    // there; a longer one stays unchecked.
+    let short = super::GPU_ON_CPU_STEPS_MAX;
+    assert_eq!(
+        replicas.route(&rules(true), Some(GPU), short),
+        Route::Coordinator
+    );
+    assert_eq!(
+        replicas.route(&rules(true), Some(GPU), short + 1),
+        Route::Nobody
+    );
     // A leased check still holds its place.
     let index = replicas.offer(worker(2), CPU).expect("an offer");
     replicas.lease(index, 1_000, 0, worker(2), 50);
-    assert_eq!(replicas.route(&rules(true), Some(CPU)), Route::Coordinator);
+    assert_eq!(
+        replicas.route(&rules(true), Some(CPU), 10),
+        Route::Coordinator
+    );
 }
 
 #[test]
@@ -165,6 +198,20 @@ fn an_expired_lease_is_offered_again_and_a_long_wait_falls_back_unless_no_one_ca
             Lease(3, GPU, 11, Some(2)),
         ],
     );
+}
+
+#[test]
+fn a_short_gpu_unit_falls_back_to_the_coordinator_after_the_wait() {
+    let mut replicas = Replicas::default();
+    replicas.push(pending_of(1, 1, GPU, 0, super::GPU_ON_CPU_STEPS_MAX));
+    replicas.push(pending_of(2, 1, GPU, 0, super::GPU_ON_CPU_STEPS_MAX + 1));
+    let fallen: Vec<u64> = replicas
+        .expire(100, rules(true).wait_ms)
+        .iter()
+        .map(|p| p.unit.id)
+        .collect();
+    assert_eq!(fallen, vec![1]);
+    assert_eq!(replicas.len(), 1);
 }
 
 #[test]

@@ -56,6 +56,7 @@ fn run(scoring: bool) -> Run {
             trusted_after: 3,
             tolerance: 0.0,
             cross_class_tolerance: 1e-3,
+            gpu_tolerance: 0.5,
             max_backlog: 8,
             seed: 5,
         },
@@ -220,7 +221,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                     unit: 1,
                     worker: worker(1),
                     distance: 0.5,
-                    same_class: true,
+                    class: crate::checks::ReplayClass::Same,
                     unchecked: &[],
                     replica: None,
                     disputed: None,
@@ -388,7 +389,7 @@ fn replayed(unit: u64, worker: u8, check: u64, checker: u8, distance: f32) -> In
         unit,
         worker: crate::testing::worker(worker),
         distance,
-        same_class: true,
+        class: crate::checks::ReplayClass::Same,
         unchecked: &[],
         replica: Some(super::Replica {
             check,
@@ -449,7 +450,7 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
         unit,
         worker: worker(2),
         distance,
-        same_class: true,
+        class: crate::checks::ReplayClass::Same,
         unchecked: &[],
         replica: None,
         disputed: Some(super::Replica {
@@ -486,7 +487,7 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
                 unit: 9,
                 worker: worker(2),
                 distance: 0.0,
-                same_class: false,
+                class: crate::checks::ReplayClass::OtherCpu,
                 unchecked: &[],
                 replica: None,
                 disputed: Some(super::Replica {

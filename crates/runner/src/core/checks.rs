@@ -400,14 +400,15 @@ impl Core {
                 .map_err(|e| internal(&e))?;
             relative_distance(&sent, &ours)
         };
-        // The re-run is on this coordinator's CPU (it refuses a GPU): bit for bit only
-        // for a worker that reported this CPU's class.
-        let same_class = self
+        // The re-run is on this coordinator's CPU: bit for bit only for a worker that
+        // reported this CPU's class; a GPU's unit within the GPU tolerance.
+        let reported = self
             .store
             .worker(&update.worker)
             .map_err(|e| internal(&e))?
             .and_then(|w| w.machine)
-            .is_some_and(|m| m.class == engine::cpu_class());
+            .map(|m| m.class);
+        let class = run::ReplayClass::of(reported.as_deref(), &engine::cpu_class());
         let unchecked = self.unchecked_of(&update.worker)?;
         let disputed = self
             .store
@@ -422,7 +423,7 @@ impl Core {
                 unit,
                 worker,
                 distance,
-                same_class,
+                class,
                 unchecked: &unchecked,
                 replica: None,
                 disputed,
@@ -657,7 +658,7 @@ impl Core {
                 unit,
                 worker,
                 distance,
-                same_class: true,
+                class: run::ReplayClass::Same,
                 unchecked: &unchecked,
                 replica: Some(run::Replica {
                     check,
