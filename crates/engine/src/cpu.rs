@@ -188,6 +188,27 @@ pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, Engi
 }
 
 /// Checks a batch's shape against a model's context and vocabulary.
+/// The checks every backend's KV-cache decoding makes before it feeds `tokens` at
+/// position `pos`: at least one token, each in the vocabulary, and room for all of them
+/// in the context (nothing is fed otherwise).
+pub(crate) fn check_decode(
+    tokens: &[u32],
+    pos: usize,
+    n_ctx: usize,
+    vocab_size: usize,
+) -> Result<(), EngineError> {
+    if tokens.is_empty() {
+        return Err(EngineError::SequenceLength { seq: 0, n_ctx });
+    }
+    if let Some(&token) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(EngineError::TokenOutOfRange { token, vocab_size });
+    }
+    if pos + tokens.len() > n_ctx {
+        return Err(EngineError::ContextFull { n_ctx });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_batch(
     batch: &Batch<'_>,
     n_ctx: usize,
@@ -591,23 +612,8 @@ impl CpuBackend {
     /// per pass; returns the logits after the last. Nothing is fed unless all of them fit.
     fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let config = self.config;
-        if tokens.is_empty() {
-            return Err(EngineError::SequenceLength {
-                seq: 0,
-                n_ctx: config.n_ctx,
-            });
-        }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
-            return Err(EngineError::TokenOutOfRange {
-                token,
-                vocab_size: config.vocab_size,
-            });
-        }
-        if self.decode.as_ref().map_or(0, |s| s.pos) + tokens.len() > config.n_ctx {
-            return Err(EngineError::ContextFull {
-                n_ctx: config.n_ctx,
-            });
-        }
+        let pos = self.decode.as_ref().map_or(0, |s| s.pos);
+        check_decode(tokens, pos, config.n_ctx, config.vocab_size)?;
         let c = config.n_embd;
         self.decode.get_or_insert_with(|| DecodeState {
             pos: 0,

@@ -245,14 +245,17 @@ fn train_torch(args: &TrainBench, root: &Path, dir: &Path) -> anyhow::Result<Tor
 
 impl TrainBench {
     fn device(&self) -> String {
-        self.device
-            .clone()
-            .unwrap_or_else(|| format!("cpu:{}", self.threads))
+        device_or_cpu(self.device.as_deref(), self.threads)
     }
 
     fn on_gpu(&self) -> bool {
         self.device().starts_with("cuda")
     }
+}
+
+/// A benchmark's `--device`, or `cpu:THREADS` without one.
+pub(crate) fn device_or_cpu(device: Option<&str>, threads: usize) -> String {
+    device.map_or_else(|| format!("cpu:{threads}"), str::to_owned)
 }
 
 /// Model FLOPs a trained token costs (nanoGPT's estimate, as PyTorch's MFU figures use):

@@ -226,10 +226,7 @@ fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         args.tokens,
         args.threads
     );
-    let device = args
-        .device
-        .clone()
-        .unwrap_or_else(|| format!("cpu:{}", args.threads));
+    let device = crate::bench::device_or_cpu(args.device.as_deref(), args.threads);
     let on_gpu = device.starts_with("cuda");
     let mut backend = match engine::resolve_device(&device)? {
         engine::Device::Cuda { ordinal } if args.gpu_f32 => {

@@ -364,9 +364,7 @@ fn train_torch(args: &LoraBench, root: &Path, dir: &Path) -> anyhow::Result<Torc
 
 impl LoraBench {
     fn device(&self) -> String {
-        self.device
-            .clone()
-            .unwrap_or_else(|| format!("cpu:{}", self.threads))
+        crate::bench::device_or_cpu(self.device.as_deref(), self.threads)
     }
 
     fn on_gpu(&self) -> bool {

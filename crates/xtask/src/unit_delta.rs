@@ -53,10 +53,7 @@ pub(crate) fn run(root: &Path, args: UnitDeltaArgs) -> anyhow::Result<()> {
         base.iter_mut()
             .for_each(|x| *x = f32::from_bits(x.to_bits() ^ 1));
     }
-    let device = args
-        .device
-        .clone()
-        .unwrap_or_else(|| format!("cpu:{}", args.threads));
+    let device = crate::bench::device_or_cpu(args.device.as_deref(), args.threads as usize);
     let mut backend = engine::open_model(&device, &spec, base.clone(), engine::Purpose::Train)?;
     let unit = WorkUnit {
         id: 1,

@@ -1141,21 +1141,8 @@ impl LlamaCpuBackend {
     /// per pass; returns the logits after the last. Nothing is fed unless all of them fit.
     fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let c = self.config;
-        if tokens.is_empty() {
-            return Err(EngineError::SequenceLength {
-                seq: 0,
-                n_ctx: c.max_seq,
-            });
-        }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::TokenOutOfRange {
-                token,
-                vocab_size: c.vocab_size,
-            });
-        }
-        if self.decode.as_ref().map_or(0, |s| s.pos) + tokens.len() > c.max_seq {
-            return Err(EngineError::ContextFull { n_ctx: c.max_seq });
-        }
+        let pos = self.decode.as_ref().map_or(0, |s| s.pos);
+        crate::cpu::check_decode(tokens, pos, c.max_seq, c.vocab_size)?;
         let kv = c.kv_heads * c.head_dim;
         self.decode.get_or_insert_with(|| DecodeState {
             pos: 0,

@@ -77,7 +77,7 @@ fn gpu(config: GptConfig, params: &[f32], precision: Precision) -> Gpt2Cuda {
 }
 
 /// Relative L2 error of `got` against `want`.
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+pub(crate) fn rel_error(got: &[f32], want: &[f32]) -> f64 {
     let diff: f64 = got
         .iter()
         .zip(want)

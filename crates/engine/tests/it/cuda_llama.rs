@@ -7,6 +7,7 @@
 use engine::cuda::{LlamaCuda, Precision};
 use engine::{Backend, LlamaConfig, LoraConfig, LoraTarget, ModelSpec, OptimizerConfig, Purpose};
 
+use crate::cuda::rel_error;
 use crate::{spec_backend, vocab_batch};
 
 /// Heads of 64 (the fused kernels'), two query heads per key/value head, a context of
@@ -62,16 +63,6 @@ fn params_of(spec: &ModelSpec) -> Vec<f32> {
 
 fn gpu(spec: &ModelSpec, params: Vec<f32>) -> Box<dyn Backend> {
     engine::open_model("cuda", spec, params, Purpose::Train).expect("open the GPU backend")
-}
-
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 /// The largest relative L2 error of any trainable tensor of `got` against `want`
