@@ -5,6 +5,9 @@
 # each worker's cold start. What BENCHMARKS.md's "One run, a GPU and CPUs" reports.
 #
 #   scripts/mixed_run.sh HIVETRAIN_BIN OUT_DIR [SECONDS] [CPU_WORKERS] [THREADS_EACH]
+#
+# Units are sized per worker (`schedule.unit_ms`, UNIT_MS in the environment, default
+# 20 s; 0 turns sizing off).
 set -euo pipefail
 bin=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -20,6 +23,7 @@ preset = "small"
 [schedule]
 units_per_round = 4
 min_updates = 2
+unit_ms = ${UNIT_MS:-20000}
 [spot_check]
 replica_wait_ms = 30000
 [devices]
@@ -47,3 +51,12 @@ for route in v1/status v1/leaderboard v1/stats metrics; do
         > "$out/$(basename $route).out" 2>&1 || true
 done
 grep -h "cold start\|this machine" "$out"/worker-*.log || true
+# Each accepted update: its unit's steps, weight, worker, class and tier.
+python3 - "$work/coord" > "$out/updates.out" <<'PY' || true
+import sqlite3, sys, glob
+db = glob.glob(sys.argv[1] + "/**/hivetrain.sqlite3", recursive=True)
+con = sqlite3.connect(db[0])
+for row in con.execute("SELECT u.unit, u.round, n.steps, u.weight, w.name, u.tier, substr(u.class, 1, 24) FROM updates u JOIN units n ON n.id = u.unit JOIN workers w ON w.id = u.worker ORDER BY u.unit"):
+    print(*row)
+PY
+cat "$out/updates.out" || true

@@ -43,6 +43,12 @@ pub(crate) struct RunFlags {
     /// Local steps per unit (H).
     #[arg(long, env = "HIVETRAIN_LOCAL_STEPS")]
     local_steps: Option<u32>,
+    /// Size each unit for the worker it is first leased to: the steps it trains in this
+    /// many seconds (by its measured pace, else its reported speed), from a quarter to four
+    /// times --local-steps (`schedule.steps_min_per_unit`, `steps_max_per_unit`). For runs
+    /// that mix GPUs and laptops; 0 (the default): every unit trains --local-steps.
+    #[arg(long, env = "HIVETRAIN_UNIT_SECONDS")]
+    unit_seconds: Option<f64>,
     /// Inner (worker) AdamW learning rate.
     #[arg(long, env = "HIVETRAIN_INNER_LR")]
     inner_lr: Option<f32>,
@@ -135,6 +141,14 @@ impl RunFlags {
         }
         if let Some(v) = self.local_steps {
             s.steps_per_unit = v;
+        }
+        if let Some(v) = self.unit_seconds {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "--unit-seconds {v} is no time: give seconds (0 turns sizing off)"
+            );
+            // `as` saturates: a huge figure is the longest unit there is.
+            s.unit_ms = (v * 1000.0).round() as u64;
         }
         if let Some(v) = self.lr_decay_rounds {
             s.lr_decay_rounds = v;

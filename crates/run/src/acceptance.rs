@@ -64,9 +64,10 @@ pub struct Unscored;
 /// The state acceptance keeps across updates.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Acceptance {
-    /// The norms of the updates the last aggregated round accepted.
+    /// The norms of the updates the last aggregated round accepted, each scaled to a
+    /// unit of the run's steps (`validation::RoundState::unit_scale`).
     previous_norms: Vec<f32>,
-    /// The norms of this round's accepted updates, by unit.
+    /// The norms of this round's accepted updates, by unit, scaled likewise.
     norms: BTreeMap<u64, f32>,
     /// Own-data gains of the updates accepted on one base version.
     gains: Option<(u64, Vec<f32>)>,
@@ -77,7 +78,7 @@ pub struct Acceptance {
 
 impl Acceptance {
     /// The state after a restart: the norms of the last aggregated round and of this
-    /// round's accepted updates.
+    /// round's accepted updates, scaled to a unit of the run's steps.
     pub fn resume(previous_norms: Vec<f32>, norms: impl IntoIterator<Item = (u64, f32)>) -> Self {
         Acceptance {
             previous_norms,
@@ -118,6 +119,7 @@ impl Acceptance {
         rules: &Rules,
         current_version: u64,
         lease: Option<&LeaseState>,
+        unit_scale: f32,
         copy_of: Option<u64>,
     ) -> Verdict {
         let round = RoundState {
@@ -127,6 +129,7 @@ impl Acceptance {
             delta_norm_max: rules.delta_norm_max,
             median_norm: self.median_norm(),
             median_multiple_max: rules.median_multiple_max,
+            unit_scale,
             check_values: rules.check_values,
         };
         let verdict = validation::judge(update, &round, lease);
@@ -222,8 +225,8 @@ impl Acceptance {
         }
     }
 
-    /// Records an accepted update once its row is committed: its norm joins the median
-    /// bar, and its gain the median gain if it is on the current version (a late one's
+    /// Records an accepted update once its row is committed: its norm (scaled to a unit
+    /// of the run's steps) joins the median bar, and its gain the median gain if it is on the current version (a late one's
     /// gain, on an older base, is not comparable).
     pub fn accepted(
         &mut self,

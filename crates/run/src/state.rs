@@ -29,8 +29,10 @@ pub struct Settings {
     pub checks: CheckRules,
     /// Checks by volunteers of the worker's class ([`crate::replicas`]).
     pub replicas: ReplicaRules,
-    /// Tokens one unit trains: its weight in the aggregate and the base of its credit.
-    pub unit_tokens: u64,
+    /// Tokens one step trains (batch times sequence): a unit's weight in the aggregate
+    /// and the base of its credit are its steps times this, so units sized per worker
+    /// (`schedule.unit_ms`) weigh and earn what they trained, per FLOP.
+    pub step_tokens: u64,
     /// The model specification's training FLOPs per token.
     pub flops_per_token: u64,
 }
@@ -70,9 +72,11 @@ pub enum Input<'a> {
     /// sampled (from the store); `replica`: the re-run is a volunteer's check (its
     /// upload), else the coordinator's own; `disputed`: the volunteer's check whose
     /// mismatch sent the unit to this re-run (from the store), paid if the worker fails.
+    /// `tokens`: the unit's weight as accepted (its update's row), what a check is paid.
     Replayed {
         unit: u64,
         worker: WorkerId,
+        tokens: u64,
         distance: f32,
         class: crate::checks::ReplayClass,
         unchecked: &'a [u64],
@@ -189,6 +193,13 @@ impl Run {
         &self.settings
     }
 
+    /// Tokens of a unit of `schedule.steps_per_unit` steps: what a worker's reported
+    /// speed is turned into a unit's expected time with ([`crate::tier`]).
+    pub fn unit_tokens(&self) -> u64 {
+        let steps = u64::from(self.scheduler.config().steps_per_unit);
+        self.settings.step_tokens.saturating_mul(steps)
+    }
+
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }
@@ -234,8 +245,18 @@ impl Run {
             &self.settings.acceptance,
             self.scheduler.version(),
             lease.as_ref(),
+            self.unit_scale(update.header.work_unit),
             copy_of,
         )
+    }
+
+    /// The steps of unit `unit` over the run's steps per unit (1 for a unit not known):
+    /// what its update's norm is divided by before the norm bounds.
+    fn unit_scale(&self, unit: u64) -> f32 {
+        let base = self.scheduler.config().steps_per_unit.max(1);
+        self.scheduler
+            .unit(unit)
+            .map_or(1.0, |u| u.address.steps as f32 / base as f32)
     }
 
     /// Takes one input at `now_ms`. An `Err` is a driver's bug (an update unscored with
@@ -275,14 +296,16 @@ impl Run {
             Input::Replayed {
                 unit,
                 worker,
+                tokens,
                 distance,
                 unchecked,
                 replica: Some(replica),
                 ..
-            } => self.replicated(unit, worker, distance, unchecked, replica)?,
+            } => self.replicated(unit, worker, tokens, distance, unchecked, replica)?,
             Input::Replayed {
                 unit,
                 worker,
+                tokens,
                 distance,
                 class,
                 unchecked,
@@ -303,10 +326,7 @@ impl Run {
                         outcome.checker_mint = Some(crate::credit::check_mint(
                             d.checker,
                             d.check,
-                            crate::credit::unit_credit(
-                                self.settings.flops_per_token,
-                                self.settings.unit_tokens,
-                            ),
+                            crate::credit::unit_credit(self.settings.flops_per_token, tokens),
                         ));
                     }
                     // It was wrong, and provably so when this re-run is of the worker's
@@ -404,6 +424,7 @@ impl Run {
         &mut self,
         unit: u64,
         worker: WorkerId,
+        tokens: u64,
         distance: f32,
         unchecked: &[u64],
         replica: Replica,
@@ -432,10 +453,7 @@ impl Run {
             outcome.checker_mint = Some(crate::credit::check_mint(
                 replica.checker,
                 replica.check,
-                crate::credit::unit_credit(
-                    self.settings.flops_per_token,
-                    self.settings.unit_tokens,
-                ),
+                crate::credit::unit_credit(self.settings.flops_per_token, tokens),
             ));
             Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
             Decided::Checked(outcome)
@@ -530,7 +548,8 @@ impl Run {
             self.settings.seed,
             &[Event::UpdateAccepted { worker, unit }],
         );
-        Arc::make_mut(&mut self.acceptance).accepted(unit, norm, gain, version);
+        let scaled = norm / self.unit_scale(unit);
+        Arc::make_mut(&mut self.acceptance).accepted(unit, scaled, gain, version);
         match (sample, pending) {
             (Some(Sample::Replicated), Some(pending)) => {
                 Arc::make_mut(&mut self.replicas).push(pending)
@@ -538,7 +557,8 @@ impl Run {
             (Some(sample), _) => Arc::make_mut(&mut self.checks).sampled(unit, sample),
             (None, _) => {}
         }
-        let weight = self.settings.unit_tokens;
+        let steps = original.map_or(self.scheduler.config().steps_per_unit, |u| u.address.steps);
+        let weight = self.settings.step_tokens.saturating_mul(u64::from(steps));
         Ok(Output {
             effects,
             decided: Some(Decided::Accepted(Accepted {

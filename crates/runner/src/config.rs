@@ -563,6 +563,19 @@ impl CoordinatorConfig {
         if !(s.slack.is_finite() && s.slack >= 1.0) {
             return bad("schedule.slack must be a number of at least 1");
         }
+        if s.unit_ms > 0 {
+            let (min, max) = s.unit_steps_bounds();
+            if s.steps_min_per_unit > max || !(min..=max).contains(&s.steps_per_unit) {
+                return bad(
+                    "with schedule.unit_ms set, steps_min_per_unit <= steps_per_unit <= steps_max_per_unit must hold (0 leaves a bound at a quarter or four times steps_per_unit)",
+                );
+            }
+            if s.unit_ms as f64 * s.slack > s.lease_max_ms as f64 {
+                return bad(
+                    "schedule.unit_ms times slack must not exceed lease_max_ms: a unit sized to it would have no room before its deadline",
+                );
+            }
+        }
         let r = &self.records;
         if r.workers_max == 0 || r.rejections_max == 0 || r.rejections_max > protocol::ID_MAX {
             return bad(

@@ -411,18 +411,26 @@ impl Core {
             }
         };
 
+        // The median bar's norms are scaled to a unit of the run's steps: a row's weight
+        // is its unit's steps times a step's tokens.
+        let unit_tokens =
+            u64::from(config.schedule.steps_per_unit) * config.batch as u64 * seq as u64;
+        let scaled = |row: &store::UpdateRow| match row.weight {
+            0 => row.norm,
+            weight => (f64::from(row.norm) * unit_tokens as f64 / weight as f64) as f32,
+        };
         let previous_norms = match scheduler.round().checked_sub(1) {
             Some(previous) => store
                 .updates_of_round(previous)?
                 .iter()
-                .map(|row| row.norm)
+                .map(scaled)
                 .collect(),
             None => Vec::new(),
         };
         let this_round = store.updates_of_round(scheduler.round())?;
         let acceptance = run::Acceptance::resume(
             previous_norms,
-            this_round.iter().map(|row| (row.unit, row.norm)),
+            this_round.iter().map(|row| (row.unit, scaled(row))),
         );
         let mut acceptance = acceptance;
         for (unit, worker, payload) in store.refused_payloads(scheduler.round())? {
@@ -559,7 +567,7 @@ impl Core {
         let settings = settings(
             &config,
             run_info.n_params,
-            config.schedule.steps_per_unit as u64 * config.batch as u64 * seq as u64,
+            config.batch as u64 * seq as u64,
             model.spec.train_flops_per_token(),
         );
         let mut core = Core {
@@ -741,7 +749,7 @@ impl Core {
         let registered = self.workers.get(&worker).cloned().unwrap_or_default();
         let expected_ms = registered
             .speed
-            .and_then(|speed| run::tier::unit_ms(speed, self.run.settings().unit_tokens));
+            .and_then(|speed| run::tier::unit_ms(speed, self.run.unit_tokens()));
         let input = Input::Lease {
             worker,
             expected_ms,
@@ -1029,6 +1037,7 @@ impl Core {
             sample,
         } = accepted;
         let credit = mint.amount;
+        let registered = self.workers.get(&worker).cloned().unwrap_or_default();
         // The credit the run drafted, signed and committed with the update's row.
         let mint = match self.ledger.prepare(mint, now_ms, &self.authority) {
             Ok(Prepared::New(entry)) => *entry,
@@ -1049,6 +1058,13 @@ impl Core {
             norm,
             weight,
             received_ms: now_ms,
+            class: registered.class.clone(),
+            tier: registered.speed.map(|speed| {
+                let lease_ms = self.config.schedule.lease_ms;
+                run::Tier::of(speed, self.run.unit_tokens(), lease_ms)
+                    .name()
+                    .to_owned()
+            }),
         };
         let check = sample.map(|sample| store::CheckRow {
             unit: work_unit,
@@ -1477,11 +1493,11 @@ impl Core {
 }
 
 /// The run's settings, from its config: the rules of acceptance and spot-checks, the
-/// tokens a unit trains and the model's FLOPs per token.
+/// tokens a step trains and the model's FLOPs per token.
 fn settings(
     config: &CoordinatorConfig,
     n_params: u32,
-    unit_tokens: u64,
+    step_tokens: u64,
     flops_per_token: u64,
 ) -> run::Settings {
     let spot = &config.spot_check;
@@ -1510,7 +1526,7 @@ fn settings(
             wait_ms: spot.replica_wait_ms,
             checker_class: engine::cpu_class(),
         },
-        unit_tokens,
+        step_tokens,
         flops_per_token,
     }
 }
@@ -1595,7 +1611,11 @@ fn persist_effects(
                 worker,
                 unit,
                 deadline_ms,
-            } => tx.insert_lease(unit.id, &worker.to_string(), now_ms, deadline_ms)?,
+            } => {
+                // A unit's first lease may have sized it for its worker (`unit_ms`).
+                tx.put_unit(&unit)?;
+                tx.insert_lease(unit.id, &worker.to_string(), now_ms, deadline_ms)?
+            }
             _ => {}
         }
     }

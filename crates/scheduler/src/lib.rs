@@ -15,10 +15,16 @@
 //! worker (the slowest of its last measured arrivals, else the speed it reported, else
 //! `lease_max_ms`), clamped between `lease_ms` and `lease_max_ms` (`Arrivals`).
 //!
+//! Units are sized per worker when `unit_ms` is set (issue 17's tiers): a unit's first
+//! lease gives it the steps its worker trains in `unit_ms` (from the same measured
+//! arrivals or reported speed), within `steps_min_per_unit..=steps_max_per_unit`, so a GPU
+//! rig and a laptop each get a unit that finishes by its deadline. A sized unit keeps its
+//! size (the same data) if it is queued again; the driver weighs it by its steps.
+//!
 //! The whole state is serde-serializable, so a coordinator persists it and resumes the
 //! round it was in after a restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::{WorkAddress, WorkUnit, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -57,6 +63,28 @@ pub struct ScheduleConfig {
     /// and nothing waits longer than `lease_max_ms`. At least 1; 3 leaves room for a
     /// busy machine, a slow download and the spread of a worker's own arrivals.
     pub slack: f64,
+    /// How long a unit should take the worker it is first leased to, in ms. 0 (the
+    /// default): every unit trains `steps_per_unit` steps. Otherwise a unit's first lease
+    /// sizes it to the steps its worker trains in this time (by its measured arrivals,
+    /// else the speed it reported; unknown: `steps_per_unit`), within
+    /// [`ScheduleConfig::unit_steps_bounds`]: a GPU rig trains long units and a laptop
+    /// short ones, each finishing by its deadline. For a run that mixes them.
+    /// (Left out of the stored state while 0, so states stored before sizing compare
+    /// equal.)
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unit_ms: u64,
+    /// Fewest steps of a sized unit (0: a quarter of `steps_per_unit`, at least 1).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub steps_min_per_unit: u32,
+    /// Most steps of a sized unit, the largest H (0: 4 times `steps_per_unit`). Bounded so
+    /// that one update cannot outweigh a round (its weight is its tokens) and its norm
+    /// stays within the round's median bar.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub steps_max_per_unit: u32,
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 impl Default for ScheduleConfig {
@@ -74,6 +102,9 @@ impl Default for ScheduleConfig {
             n_shards: 16,
             max_staleness: 1,
             slack: 3.0,
+            unit_ms: 0,
+            steps_min_per_unit: 0,
+            steps_max_per_unit: 0,
         }
     }
 }
@@ -90,6 +121,47 @@ impl ScheduleConfig {
         // An f64 past u64::MAX converts to u64::MAX (`as` saturates).
         let scaled = (expected_ms as f64 * slack) as u64;
         scaled.clamp(self.lease_ms.min(self.lease_max_ms), self.lease_max_ms)
+    }
+
+    /// The fewest and most steps of a sized unit (`steps_min_per_unit`,
+    /// `steps_max_per_unit`, their zeros resolved), the fewer never above the more.
+    pub fn unit_steps_bounds(&self) -> (u32, u32) {
+        let base = self.steps_per_unit.max(1);
+        let min = match self.steps_min_per_unit {
+            0 => (base / 4).max(1),
+            n => n,
+        };
+        let max = match self.steps_max_per_unit {
+            0 => base.saturating_mul(4),
+            n => n,
+        };
+        (min.min(max), max)
+    }
+
+    /// The steps of a unit first leased to a worker for whom a unit of `steps_per_unit`
+    /// steps is expected to take `expected_ms` (`None`: unknown): `steps_per_unit` when
+    /// sizing is off or the time unknown, else the steps that fill `unit_ms`, within
+    /// [`ScheduleConfig::unit_steps_bounds`].
+    pub fn unit_steps(&self, expected_ms: Option<u64>) -> u32 {
+        match expected_ms {
+            Some(expected_ms) if self.unit_ms > 0 => {
+                let (min, max) = self.unit_steps_bounds();
+                // A worker measured at 0 ms a unit is as fast as sizing goes.
+                let per_step_ms = expected_ms as f64 / self.steps_per_unit.max(1) as f64;
+                let steps = (self.unit_ms as f64 / per_step_ms).floor();
+                // NaN and infinities fall to the bounds (`as` saturates; NaN is 0).
+                (steps.min(max as f64) as u32).clamp(min, max)
+            }
+            _ => self.steps_per_unit,
+        }
+    }
+
+    /// What a unit of `steps` steps is expected to take a worker for whom one of
+    /// `steps_per_unit` steps takes `expected_ms`.
+    pub fn scaled_ms(&self, expected_ms: u64, steps: u32) -> u64 {
+        let base = self.steps_per_unit.max(1) as u128;
+        let scaled = expected_ms as u128 * steps as u128 / base;
+        scaled.min(u64::MAX as u128) as u64
     }
 
     /// The learning rate of round `round`'s units.
@@ -229,6 +301,10 @@ pub struct Scheduler {
     /// its next hard deadline is sized from.
     #[serde(default, skip_serializing_if = "Arrivals::is_empty")]
     arrivals: Arrivals,
+    /// Units of this round already sized by a lease (`unit_ms`): queued again, they keep
+    /// their steps.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    sized: BTreeSet<u64>,
 }
 
 /// Arrival durations remembered per worker (its most recent ones).
@@ -277,7 +353,8 @@ impl Arrivals {
             .map_or(&[], |w| &w.durations_ms)
     }
 
-    /// What a unit is expected to take `worker`, from its arrivals: the slowest of the
+    /// What a unit of `steps_per_unit` steps is expected to take `worker`, from its
+    /// arrivals (each scaled to that many steps): the slowest of the
     /// last [`ARRIVALS_PER_WORKER_MAX`]. With eight samples a p90 is the slowest one
     /// anyway, and the slowest is the one rule that gives every recent unit of the
     /// worker room; one outlier cannot lengthen a lease past `lease_max_ms` and ages
@@ -286,9 +363,19 @@ impl Arrivals {
         self.of(worker).iter().copied().max()
     }
 
-    /// Records that `worker`'s unit leased at `leased_ms` arrived at `now_ms`.
-    fn record(&mut self, worker: WorkerId, leased_ms: u64, now_ms: u64) {
-        let duration_ms = now_ms.saturating_sub(leased_ms);
+    /// Records that `worker`'s unit of `steps` steps leased at `leased_ms` arrived at
+    /// `now_ms`, as the time `base_steps` steps would have taken at that pace.
+    fn record(
+        &mut self,
+        worker: WorkerId,
+        leased_ms: u64,
+        now_ms: u64,
+        steps: u32,
+        base_steps: u32,
+    ) {
+        let took = now_ms.saturating_sub(leased_ms) as u128;
+        let duration_ms =
+            (took * base_steps.max(1) as u128 / steps.max(1) as u128).min(u64::MAX as u128) as u64;
         let index = match self.workers.iter().position(|w| w.worker == worker) {
             Some(index) => index,
             None => {
@@ -354,6 +441,7 @@ impl Scheduler {
             late: BTreeMap::new(),
             overdue: Vec::new(),
             arrivals: Arrivals::default(),
+            sized: BTreeSet::new(),
         }
     }
 
@@ -497,7 +585,8 @@ impl Scheduler {
                     }
                 }
                 Event::UpdateAccepted { worker, unit } => {
-                    if let Some((_, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
+                    let base_steps = self.config.steps_per_unit;
+                    if let Some((u, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
                         && let UnitStatus::Leased {
                             worker: holder,
                             leased_ms,
@@ -507,7 +596,9 @@ impl Scheduler {
                     {
                         *status = UnitStatus::Accepted { worker };
                         if let Some(leased_ms) = leased_ms {
-                            self.arrivals.record(worker, leased_ms, now_ms);
+                            let steps = u.address.steps;
+                            self.arrivals
+                                .record(worker, leased_ms, now_ms, steps, base_steps);
                         }
                     }
                     if let Some(l) = self.late.get_mut(&unit)
@@ -516,7 +607,9 @@ impl Scheduler {
                     {
                         l.accepted_in = Some(self.round);
                         if let Some(leased_ms) = l.leased_ms {
-                            self.arrivals.record(worker, leased_ms, now_ms);
+                            let steps = l.unit.address.steps;
+                            self.arrivals
+                                .record(worker, leased_ms, now_ms, steps, base_steps);
                         }
                     }
                 }
@@ -545,6 +638,7 @@ impl Scheduler {
                         self.round += 1;
                         self.aggregating = false;
                         self.units.clear();
+                        self.sized.clear();
                         self.refused.clear();
                         self.overdue.clear();
                         // Aggregated late updates are done; leases too stale are dropped.
@@ -639,8 +733,10 @@ impl Scheduler {
         });
     }
 
-    /// Leases a queued unit to `worker` (or gives its own back), its hard deadline sized
-    /// from the worker's arrivals, else `expected_ms`, else `lease_max_ms`.
+    /// Leases a queued unit to `worker` (or gives its own back), sized for the worker on
+    /// its first lease (`unit_ms`), its hard deadline from what the unit is expected to
+    /// take the worker: by its arrivals, else `expected_ms` (both for a unit of
+    /// `steps_per_unit` steps, scaled to the unit's), else `lease_max_ms`.
     fn lease(
         &mut self,
         now_ms: u64,
@@ -673,6 +769,19 @@ impl Scheduler {
         let expected_ms = self.arrivals.expected_ms(worker).or(expected_ms);
         match queued {
             Some((unit, status)) => {
+                if self.config.unit_ms > 0 && self.sized.insert(unit.id) {
+                    let steps = self.config.unit_steps(expected_ms);
+                    // The shard's stream moves past the longer unit (a shorter one leaves
+                    // a gap): later rounds' units of the shard never overlap it.
+                    let shard = unit.address.shard as usize;
+                    if let Some(next) = self.shard_offsets.get_mut(shard) {
+                        *next = next
+                            .saturating_add(u64::from(steps.saturating_sub(unit.address.steps)));
+                    }
+                    unit.address.steps = steps;
+                }
+                let expected_ms =
+                    expected_ms.map(|ms| self.config.scaled_ms(ms, unit.address.steps));
                 let hard_deadline_ms =
                     now_ms.saturating_add(self.config.hard_lease_ms(expected_ms));
                 let deadline_ms = now_ms
@@ -1401,6 +1510,155 @@ mod tests {
         check_hard_deadline(&[300, 20, 20, 20, 20, 20, 20, 20], None, 900);
     }
 
+    /// Sizing on: base units of 10 steps, 1 s a unit, 2 to 40 steps.
+    fn sized_config() -> ScheduleConfig {
+        ScheduleConfig {
+            units_per_round: 4,
+            lease_ms: 100,
+            lease_max_ms: 100_000,
+            round_timeout_ms: 1_000_000,
+            unit_ms: 1_000,
+            steps_min_per_unit: 2,
+            steps_max_per_unit: 40,
+            ..config()
+        }
+    }
+
+    #[track_caller]
+    fn check_unit_steps(config: &ScheduleConfig, expected_ms: Option<u64>, want: u32) {
+        assert_eq!(config.unit_steps(expected_ms), want, "{expected_ms:?}");
+    }
+
+    #[test]
+    fn a_unit_takes_the_steps_its_worker_trains_in_unit_ms() {
+        let sized = sized_config();
+        check_unit_steps(&sized, None, 10); // unknown: a base unit
+        check_unit_steps(&sized, Some(1_000), 10); // 100 ms a step
+        check_unit_steps(&sized, Some(400), 25); // 40 ms a step
+        check_unit_steps(&sized, Some(300), 33); // 30 ms: floor
+        check_unit_steps(&sized, Some(100), 40); // 10 ms: 100 steps, the most
+        check_unit_steps(&sized, Some(0), 40);
+        check_unit_steps(&sized, Some(4_000), 2); // 400 ms: 2.5 steps
+        check_unit_steps(&sized, Some(1_000_000), 2); // the fewest
+        check_unit_steps(&sized, Some(u64::MAX), 2);
+        // Off: every unit a base unit whatever the speed.
+        let off = ScheduleConfig {
+            unit_ms: 0,
+            ..sized
+        };
+        check_unit_steps(&off, Some(100), 10);
+        check_unit_steps(&off, Some(u64::MAX), 10);
+        // The bounds' zeros: a quarter and four times the base unit.
+        let default_bounds = ScheduleConfig {
+            steps_min_per_unit: 0,
+            steps_max_per_unit: 0,
+            ..sized
+        };
+        assert_eq!(default_bounds.unit_steps_bounds(), (2, 40));
+        let one = ScheduleConfig {
+            steps_per_unit: 1,
+            ..default_bounds
+        };
+        assert_eq!(one.unit_steps_bounds(), (1, 4));
+        // A minimum above the maximum gives way to it.
+        let crossed = ScheduleConfig {
+            steps_min_per_unit: 50,
+            ..sized
+        };
+        assert_eq!(crossed.unit_steps_bounds(), (40, 40));
+    }
+
+    /// The leases of a sized run as (worker, unit, steps, hard deadline after the lease).
+    #[track_caller]
+    fn sized_leases(s: &mut Scheduler, now: u64, events: &[Event]) -> Vec<(u8, u64, u32, u64)> {
+        s.tick(now, 7, events);
+        s.units()
+            .filter_map(|(u, status)| match *status {
+                UnitStatus::Leased {
+                    worker,
+                    hard_deadline_ms,
+                    leased_ms: Some(leased_ms),
+                    ..
+                } if leased_ms == now => Some((
+                    worker.0[0],
+                    u.id,
+                    u.address.steps,
+                    hard_deadline_ms - leased_ms,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A GPU rig, a laptop and a worker that reported nothing each get a unit sized for
+    /// them, with a hard deadline of `slack` times what that unit takes them; a unit
+    /// queued again keeps its size and data whoever takes it; the next unit of a fast
+    /// worker is sized from its measured arrivals.
+    #[test]
+    fn units_are_sized_for_the_worker_they_are_first_leased_to() {
+        let mut s = Scheduler::new(sized_config(), 0);
+        let lease = |n, expected_ms| Event::LeaseRequest {
+            worker: w(n),
+            expected_ms,
+        };
+        let hb = |n, unit| Event::Heartbeat { worker: w(n), unit };
+        // w1 trains a base unit in 100 ms (40 steps, 400 ms, hard deadline 1.2 s);
+        // w2 in 4 s (2 steps, 800 ms: 2.4 s); w3 reported nothing (10 steps, the longest
+        // lease).
+        let leases = sized_leases(
+            &mut s,
+            0,
+            &[lease(1, Some(100)), lease(2, Some(4_000)), lease(3, None)],
+        );
+        assert_eq!(
+            leases,
+            [(1, 1, 40, 1_200), (2, 2, 2, 2_400), (3, 3, 10, 100_000)]
+        );
+        let first = *s.unit(1).expect("unit 1");
+        // w1 stalls: its lease expires (no heartbeat) and w2, whose 2 steps arrived after
+        // 200 ms (1 s a base unit, measured, over its report), takes the same 40 steps,
+        // with the deadline they take it (4 s, times 3).
+        s.tick(50, 7, &[hb(2, 2), hb(3, 3)]);
+        s.tick(140, 7, &[hb(2, 2), hb(3, 3)]);
+        let leases = sized_leases(
+            &mut s,
+            200,
+            &[
+                Event::UpdateAccepted {
+                    worker: w(2),
+                    unit: 2,
+                },
+                lease(2, Some(4_000)),
+            ],
+        );
+        assert_eq!(leases, [(2, 1, 40, 12_000)]);
+        assert_eq!(s.unit(1), Some(&first), "the same data");
+        for now in [230, 320, 410] {
+            s.tick(now, 7, &[hb(2, 1), hb(3, 3)]);
+        }
+        // w3's 10-step unit arrives after 500 ms: its next unit is sized from that pace
+        // (50 ms a step: 20 steps, 1 s, hard deadline 3 s), not from its silence.
+        let leases = sized_leases(
+            &mut s,
+            500,
+            &[
+                Event::UpdateAccepted {
+                    worker: w(3),
+                    unit: 3,
+                },
+                lease(3, None),
+            ],
+        );
+        assert_eq!(leases, [(3, 4, 20, 3_000)]);
+        assert_eq!(s.arrivals().of(w(3)), &[500]);
+        // w2's 2-step unit took 200 ms: 1 s for a base unit.
+        assert_eq!(s.arrivals().of(w(2)), &[1_000]);
+        // The stream of each shard moved past its sized unit.
+        let stored: serde_json::Value = serde_json::to_value(&s).expect("state");
+        assert_eq!(stored["shard_offsets"], serde_json::json!([40, 10, 10, 20]));
+        assert_eq!(stored["sized"], serde_json::json!([1, 2, 3, 4]));
+    }
+
     #[test]
     fn the_slack_counts_as_at_least_one() {
         let hard = |slack: f64, expected_ms| {
@@ -1516,15 +1774,15 @@ mod tests {
         };
         let mut arrivals = Arrivals::default();
         for n in 0..ARRIVALS_PER_WORKER_MAX + 3 {
-            arrivals.record(id(0), 0, n as u64);
+            arrivals.record(id(0), 0, n as u64, 1, 1);
         }
         let kept: Vec<u64> = (3..ARRIVALS_PER_WORKER_MAX as u64 + 3).collect();
         assert_eq!(arrivals.of(id(0)), kept.as_slice());
         // Workers past the bound replace the one heard from longest ago: worker 0 (last
         // at t=10) survives a stream of newer workers only while it is not the oldest.
-        arrivals.record(id(0), 0, 1_000_000);
+        arrivals.record(id(0), 0, 1_000_000, 1, 1);
         for n in 1..=ARRIVAL_WORKERS_MAX {
-            arrivals.record(id(n), 0, 100 + n as u64);
+            arrivals.record(id(n), 0, 100 + n as u64, 1, 1);
         }
         assert_eq!(arrivals.len(), ARRIVAL_WORKERS_MAX);
         assert_eq!(arrivals.of(id(1)), &[] as &[u64]);

@@ -242,6 +242,12 @@ CREATE TABLE disputes (
     checker TEXT NOT NULL
 );
 "#,
+    // Who trained each update on what (issue 17): its worker's determinism class and tier
+    // when it was accepted (the unit's row holds its shard and its sized steps).
+    r#"
+ALTER TABLE updates ADD COLUMN class TEXT;
+ALTER TABLE updates ADD COLUMN tier TEXT;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -334,6 +340,12 @@ pub struct UpdateRow {
     /// Tokens the coordinator assigned to the unit.
     pub weight: u64,
     pub received_ms: u64,
+    /// Its worker's determinism class and tier (`run::Tier`) when it was accepted (none:
+    /// not reported, or stored before they were recorded).
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub tier: Option<String>,
 }
 
 /// A rejected update from an identified worker (its signature verified).
@@ -693,7 +705,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms
+                "SELECT unit, round, worker, base_version, blob, bytes, norm, weight, received_ms, class, tier
                  FROM updates {tail}"
             ))
             .map_err(sql(&self.path))?;
@@ -710,6 +722,8 @@ impl Store {
                         norm: r.get::<_, f64>(6)? as f32,
                         weight: r.get(7)?,
                         received_ms: r.get(8)?,
+                        class: r.get(9)?,
+                        tier: r.get(10)?,
                     },
                     r.get::<_, String>(4)?,
                 ))
@@ -1312,22 +1326,29 @@ impl Tx<'_> {
             params![round, base_version, started_ms],
         )?;
         for u in units {
-            self.run(
-                "INSERT OR IGNORE INTO units (id, round, base_version, shard, step_offset, steps, seed, lr)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    u.id,
-                    u.round,
-                    u.base_version,
-                    u.address.shard,
-                    u.address.offset,
-                    u.address.steps,
-                    u.address.seed as i64,
-                    u.lr as f64
-                ],
-            )?;
+            self.put_unit(u)?;
         }
         Ok(())
+    }
+
+    /// Writes a unit's row, or its steps where it has one: a unit's first lease may size
+    /// it for its worker (`schedule.unit_ms`); nothing else of a unit ever changes.
+    pub fn put_unit(&self, u: &WorkUnit) -> Result<(), StoreError> {
+        self.run(
+            "INSERT INTO units (id, round, base_version, shard, step_offset, steps, seed, lr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (id) DO UPDATE SET steps = excluded.steps",
+            params![
+                u.id,
+                u.round,
+                u.base_version,
+                u.address.shard,
+                u.address.offset,
+                u.address.steps,
+                u.address.seed as i64,
+                u.lr as f64
+            ],
+        )
     }
 
     pub fn insert_lease(
@@ -1347,8 +1368,8 @@ impl Tx<'_> {
     pub fn insert_update(&self, u: &UpdateRow) -> Result<(), StoreError> {
         self.rounds_changed.set(true);
         self.run(
-            "INSERT INTO updates (unit, round, worker, base_version, blob, bytes, norm, weight, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO updates (unit, round, worker, base_version, blob, bytes, norm, weight, received_ms, class, tier)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 u.unit,
                 u.round,
@@ -1358,7 +1379,9 @@ impl Tx<'_> {
                 u.bytes,
                 u.norm as f64,
                 u.weight,
-                u.received_ms
+                u.received_ms,
+                u.class,
+                u.tier
             ],
         )?;
         // Its worker has contributed: its registration is never dropped.
@@ -1678,6 +1701,8 @@ mod tests {
             norm: 0.5,
             weight: 100,
             received_ms: 5,
+            class: Some("cpu/test".into()),
+            tier: Some("fast".into()),
         }
     }
 

@@ -34,6 +34,13 @@ pub struct RoundState {
     pub median_norm: Option<f32>,
     /// Largest accepted multiple of the median norm.
     pub median_multiple_max: f32,
+    /// The update's unit's steps over the run's steps per unit (1 unless units are sized
+    /// per worker). Both norm bounds apply to the norm divided by it, the norm a unit of
+    /// the run's steps would have at the same pace, and the median is of such norms:
+    /// under Adam a delta's norm grows about linearly with its steps (2.0, 4.1, 8.3 and
+    /// 16.3 after 5, 10, 20 and 40 steps of `tiny`), so a GPU's long unit is neither an
+    /// outlier beside a laptop's short one nor a cover for an oversized delta.
+    pub unit_scale: f32,
     /// Check the update's values: finite, within `delta_norm_max` and the median bar.
     /// Off only in the simulator's plain-mean baseline, which shows what an attack does
     /// to a mean that takes every well-formed update.
@@ -252,23 +259,35 @@ pub fn judge(update: &Inspected, round: &RoundState, lease: Option<&LeaseState>)
         Ok(Summary::Finite { norm }) => *norm,
     };
     if round.check_values {
-        if norm > round.delta_norm_max {
+        // A scale that is no positive number counts as 1.
+        let scale = if round.unit_scale > 0.0 && round.unit_scale.is_finite() {
+            round.unit_scale
+        } else {
+            1.0
+        };
+        let scaled = norm / scale;
+        let per = if scale == 1.0 {
+            String::new()
+        } else {
+            format!(" (scaled to the run's unit: its unit has {scale} times its steps)")
+        };
+        if scaled > round.delta_norm_max {
             return Verdict::reject(
                 Reject::NormTooLarge,
                 format!(
-                    "the update's L2 norm {norm:.4} exceeds the bound {}",
+                    "the update's L2 norm {scaled:.4}{per} exceeds the bound {}",
                     round.delta_norm_max
                 ),
             );
         }
         if let Some(median) = round.median_norm
             && median > 0.0
-            && norm > round.median_multiple_max * median
+            && scaled > round.median_multiple_max * median
         {
             return Verdict::reject(
                 Reject::NormOutlier,
                 format!(
-                    "the update's L2 norm {norm:.4} is over {} times the round's median {median:.4}",
+                    "the update's L2 norm {scaled:.4}{per} is over {} times the round's median {median:.4}",
                     round.median_multiple_max
                 ),
             );
@@ -313,6 +332,7 @@ mod tests {
         delta_norm_max: 10.0,
         median_norm: Some(1.0),
         median_multiple_max: 5.0,
+        unit_scale: 1.0,
         check_values: true,
     };
 
@@ -470,6 +490,60 @@ mod tests {
             Some(lease()),
             expect_test::expect!["accepted unit 11 norm 6.000"],
         );
+        // A unit of 4 times the run's steps (sized for a fast worker): its norm is
+        // judged as a quarter of itself, against both bounds.
+        let long = RoundState {
+            unit_scale: 4.0,
+            ..ROUND
+        };
+        check(
+            &update(1, 11, 5, &[16.0, 0.0, 0.0, 0.0]),
+            long,
+            Some(lease()),
+            expect_test::expect!["accepted unit 11 norm 16.000"],
+        );
+        check(
+            &update(1, 11, 5, &[24.0, 0.0, 0.0, 0.0]),
+            long,
+            Some(lease()),
+            expect_test::expect![
+                "norm_outlier: the update's L2 norm 6.0000 (scaled to the run's unit: its unit has 4 times its steps) is over 5 times the round's median 1.0000"
+            ],
+        );
+        check(
+            &update(1, 11, 5, &[44.0, 0.0, 0.0, 0.0]),
+            long,
+            Some(lease()),
+            expect_test::expect![
+                "norm_too_large: the update's L2 norm 11.0000 (scaled to the run's unit: its unit has 4 times its steps) exceeds the bound 10"
+            ],
+        );
+        // A unit of a quarter of the steps: a norm of 2 is 8 for the run's unit.
+        check(
+            &update(1, 11, 5, &[2.0, 0.0, 0.0, 0.0]),
+            RoundState {
+                unit_scale: 0.25,
+                ..ROUND
+            },
+            Some(lease()),
+            expect_test::expect![
+                "norm_outlier: the update's L2 norm 8.0000 (scaled to the run's unit: its unit has 0.25 times its steps) is over 5 times the round's median 1.0000"
+            ],
+        );
+        // A scale that is no positive number counts as 1.
+        for unit_scale in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            check(
+                &update(1, 11, 5, &[6.0, 0.0, 0.0, 0.0]),
+                RoundState {
+                    unit_scale,
+                    ..ROUND
+                },
+                Some(lease()),
+                expect_test::expect![
+                    "norm_outlier: the update's L2 norm 6.0000 is over 5 times the round's median 1.0000"
+                ],
+            );
+        }
         // Unchecked (the simulator's plain baseline), values pass as they are.
         let unchecked = RoundState {
             check_values: false,

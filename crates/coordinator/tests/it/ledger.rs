@@ -247,3 +247,84 @@ fn accepted_work_is_credited_and_credit_moves_only_as_asked() {
         "{err}"
     );
 }
+
+/// Units sized per worker (`schedule.unit_ms`): an old machine, a laptop and a GPU rig
+/// each get the steps they train in the unit's time, within a quarter and four times the
+/// run's 10; each update weighs and earns its tokens, so credit stays per FLOP; its row
+/// records its unit's steps and its worker's class and tier (the old machine is slow
+/// against a unit of the run's 10 steps, yet finishes its own).
+#[test]
+fn units_sized_for_their_workers_earn_per_flop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::hand_made(ts::tiny_config(dir.path(), 3));
+    config.schedule.unit_ms = 10_000;
+    let server = ts::start(dir.path(), config.clone());
+    let url = server.url();
+    // A step of the tiny run: 4 rows of 64 tokens.
+    let step_tokens = config.batch as f64 * 64.0;
+    let workers = [
+        ("old", "cpu (old)", step_tokens / 10.0, 2), // 10 s a step: the fewest, 2
+        ("laptop", "cpu (test)", step_tokens, 10),   // 1 s a step: 10 in 10 s
+        ("rig", "cuda:0 (test)", 1e6, 40),           // 0.26 ms a step: the most, 40
+    ];
+    // The rig's norm is 20 times the old machine's, over the median bar (5 times) but
+    // for its scaling to the run's unit: it arrives last, after the bar is set.
+    let n = server.with_core(|c| c.params().len());
+    let mut credits = Vec::new();
+    for (i, (name, device, tokens_per_s, want_steps)) in workers.into_iter().enumerate() {
+        let key = ts::key(i as u8 + 1);
+        let body = serde_json::json!({
+            "name": name,
+            "machine": {"device": device, "class": "cpu/test", "tokens_per_s": tokens_per_s},
+        });
+        let r = ts::post_signed(&url, &key, "/v1/workers", &body.to_string());
+        assert_eq!(r.status, 200, "{r:?}");
+        let unit = ts::lease(&url, &key);
+        assert_eq!(unit.address.steps, want_steps, "{name}");
+        // A delta as long as its unit: its norm grows with its steps, as training's does.
+        let delta: Vec<f32> = ts::crafted_delta(unit.id, n)
+            .iter()
+            .map(|x| x * want_steps as f32 / 10.0)
+            .collect();
+        let r = ts::submit(
+            &url,
+            ts::update_bytes(&key, unit.id, unit.base_version, &delta),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        credits.push((unit.id, r.body["credit"].as_u64().expect("credit")));
+    }
+    // Each earns its unit's FLOPs, whatever its size.
+    let flops_per_token = server.with_core(|c| c.run_info().model.train_flops_per_token());
+    let earned: Vec<u64> = credits.iter().map(|&(_, credit)| credit).collect();
+    let want: Vec<u64> = [2, 10, 40]
+        .iter()
+        .map(|steps| run::credit::unit_credit(flops_per_token, steps * 256))
+        .collect();
+    assert_eq!(earned, want);
+    let rows = server.with_core(|c| {
+        credits
+            .iter()
+            .map(|&(unit, _)| {
+                let stored = c.store().unit(unit).expect("unit").expect("its row");
+                let update = c.store().update(unit).expect("update").expect("its row");
+                (
+                    stored.address.steps,
+                    update.weight,
+                    update.class,
+                    update.tier,
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    let cpu = Some("cpu/test".to_owned());
+    let tier = |t: &str| Some(t.to_owned());
+    assert_eq!(
+        rows,
+        [
+            (2, 2 * 256, cpu.clone(), tier("slow")),
+            (10, 10 * 256, cpu.clone(), tier("fast")),
+            (40, 40 * 256, cpu, tier("fast")),
+        ]
+    );
+    server.stop();
+}

@@ -73,7 +73,14 @@ fn check(rules: Rules, steps: &[Step]) {
     let mut run = Acceptance::default();
     for (i, s) in steps.iter().enumerate() {
         let u = update(s.worker, s.unit, 0, s.value);
-        let verdict = run.judge(&u, &rules, 0, Some(&lease(s.worker, s.unit, 0)), s.copy_of);
+        let verdict = run.judge(
+            &u,
+            &rules,
+            0,
+            Some(&lease(s.worker, s.unit, 0)),
+            1.0,
+            s.copy_of,
+        );
         let decision = run
             .decide(&u, verdict, Some(&s.score), &rules)
             .expect("scored");
@@ -179,7 +186,7 @@ fn a_closed_round_keeps_its_norms_for_the_next_and_forgets_its_refusals() {
     let mut run = Acceptance::default();
     for (unit, value) in [(1, 0.01f32), (2, 0.02)] {
         let u = update(unit as u8, unit, 0, value);
-        let v = run.judge(&u, &rules, 0, Some(&lease(unit as u8, unit, 0)), None);
+        let v = run.judge(&u, &rules, 0, Some(&lease(unit as u8, unit, 0)), 1.0, None);
         if let Ok(Decision::Accept { norm, gain, .. }) = run.decide(&u, v, Some(&GOOD), &rules) {
             run.accepted(unit, norm, gain, 0);
         }
@@ -187,7 +194,7 @@ fn a_closed_round_keeps_its_norms_for_the_next_and_forgets_its_refusals() {
     let before = run.median_norm();
     let low = score(0.0001, 0.0);
     let refused = update(3, 3, 0, 0.01);
-    let v = run.judge(&refused, &rules, 0, Some(&lease(3, 3, 0)), None);
+    let v = run.judge(&refused, &rules, 0, Some(&lease(3, 3, 0)), 1.0, None);
     assert!(matches!(
         run.decide(&refused, v, Some(&low), &rules),
         Ok(Decision::Refuse(_))
@@ -200,12 +207,12 @@ fn a_closed_round_keeps_its_norms_for_the_next_and_forgets_its_refusals() {
     );
     // Unit 3's refusal is forgotten: another key's byte-equal refusal is not agreement.
     let again = update(4, 3, 0, 0.01);
-    let v = run.judge(&again, &rules, 0, Some(&lease(4, 3, 0)), None);
+    let v = run.judge(&again, &rules, 0, Some(&lease(4, 3, 0)), 1.0, None);
     assert!(matches!(
         run.decide(&again, v, Some(&low), &rules),
         Ok(Decision::Refuse(_))
     ));
     // An unscored update with scoring on is the driver's bug, not a verdict.
-    let v = run.judge(&again, &rules, 0, Some(&lease(4, 3, 0)), None);
+    let v = run.judge(&again, &rules, 0, Some(&lease(4, 3, 0)), 1.0, None);
     assert!(run.decide(&again, v, None, &rules).is_err());
 }

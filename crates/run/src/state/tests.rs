@@ -65,7 +65,8 @@ fn run(scoring: bool) -> Run {
             wait_ms: 1_000,
             checker_class: CLASS.into(),
         },
-        unit_tokens: 1_000,
+        // 20 tokens a step: 1,000 a unit of the default 50 steps.
+        step_tokens: 20,
         flops_per_token: 6_000_000,
     };
     Run::new(
@@ -220,6 +221,7 @@ fn a_round_leases_accepts_refuses_aggregates_and_checks() {
                 Input::Replayed {
                     unit: 1,
                     worker: worker(1),
+                    tokens: 1_000,
                     distance: 0.5,
                     class: crate::checks::ReplayClass::Same,
                     unchecked: &[],
@@ -388,6 +390,7 @@ fn replayed(unit: u64, worker: u8, check: u64, checker: u8, distance: f32) -> In
     Input::Replayed {
         unit,
         worker: crate::testing::worker(worker),
+        tokens: 1_000,
         distance,
         class: crate::checks::ReplayClass::Same,
         unchecked: &[],
@@ -449,6 +452,7 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
     let coordinator = |unit, distance, by| Input::Replayed {
         unit,
         worker: worker(2),
+        tokens: 1_000,
         distance,
         class: crate::checks::ReplayClass::Same,
         unchecked: &[],
@@ -486,6 +490,7 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
             Input::Replayed {
                 unit: 9,
                 worker: worker(2),
+                tokens: 1_000,
                 distance: 0.0,
                 class: crate::checks::ReplayClass::OtherCpu,
                 unchecked: &[],

@@ -422,6 +422,7 @@ impl Core {
             run::Input::Replayed {
                 unit,
                 worker,
+                tokens: update.weight,
                 distance,
                 class,
                 unchecked: &unchecked,
@@ -657,6 +658,7 @@ impl Core {
             run::Input::Replayed {
                 unit,
                 worker,
+                tokens: original.weight,
                 distance,
                 class: run::ReplayClass::Same,
                 unchecked: &unchecked,
