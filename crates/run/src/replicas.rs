@@ -44,6 +44,14 @@ pub fn coordinator_runs(class: &str, steps: u32) -> bool {
     class.starts_with("cpu/") || (class.starts_with("cuda/") && steps <= GPU_ON_CPU_STEPS_MAX)
 }
 
+/// The most steps a unit of a worker of `class` may be sized to so that the coordinator
+/// can still re-run it ([`coordinator_runs`]): [`GPU_ON_CPU_STEPS_MAX`] for a GPU class,
+/// no bound for a CPU class (any length, bit for bit or within the cross-class
+/// tolerance) or for a class the coordinator never re-runs (volunteers of the class do).
+pub fn checkable_steps_max(class: &str) -> Option<u32> {
+    class.starts_with("cuda/").then_some(GPU_ON_CPU_STEPS_MAX)
+}
+
 /// A unit waiting for a volunteer of its worker's class.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingCheck {

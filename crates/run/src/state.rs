@@ -273,13 +273,21 @@ impl Run {
                 class,
             } => match self.lease_check(now_ms, worker, expected_ms, class) {
                 Some(output) => output,
-                None => self.schedule(
-                    now_ms,
-                    &[Event::LeaseRequest {
-                        worker,
-                        expected_ms,
-                    }],
-                ),
+                None => {
+                    // With spot-checks on, a GPU's units stay short enough for the
+                    // coordinator's CPU to re-run them within the GPU tolerance.
+                    let steps_max = class
+                        .filter(|_| self.settings.checks.enabled)
+                        .and_then(crate::replicas::checkable_steps_max);
+                    self.schedule(
+                        now_ms,
+                        &[Event::LeaseRequest {
+                            worker,
+                            expected_ms,
+                            steps_max,
+                        }],
+                    )
+                }
             },
             Input::Heartbeat { worker, unit } => {
                 self.schedule(now_ms, &[Event::Heartbeat { worker, unit }])

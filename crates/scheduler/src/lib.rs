@@ -221,6 +221,11 @@ pub enum Event {
     LeaseRequest {
         worker: WorkerId,
         expected_ms: Option<u64>,
+        /// The most steps a unit sized for this worker may have (`None`: the run's
+        /// `steps_max_per_unit`): the driver's bound for a worker whose long units
+        /// could not be checked (a GPU's, re-run on a CPU).
+        #[serde(default)]
+        steps_max: Option<u32>,
     },
     /// A worker says it is still on a unit (extends the lease).
     Heartbeat { worker: WorkerId, unit: u64 },
@@ -561,7 +566,8 @@ impl Scheduler {
                 Event::LeaseRequest {
                     worker,
                     expected_ms,
-                } => self.lease(now_ms, worker, expected_ms, &mut effects),
+                    steps_max,
+                } => self.lease(now_ms, worker, expected_ms, steps_max, &mut effects),
                 Event::Heartbeat { worker, unit } => {
                     let renewed = now_ms.saturating_add(self.config.lease_ms);
                     if let Some((
@@ -742,6 +748,7 @@ impl Scheduler {
         now_ms: u64,
         worker: WorkerId,
         expected_ms: Option<u64>,
+        steps_max: Option<u32>,
         effects: &mut Vec<Effect>,
     ) {
         // One unit per worker at a time: a worker that asks again gets its own unit back.
@@ -771,6 +778,7 @@ impl Scheduler {
             Some((unit, status)) => {
                 if self.config.unit_ms > 0 && self.sized.insert(unit.id) {
                     let steps = self.config.unit_steps(expected_ms);
+                    let steps = steps_max.map_or(steps, |most| steps.min(most.max(1)));
                     // The shard's stream moves past the longer unit (a shorter one leaves
                     // a gap): later rounds' units of the shard never overlap it.
                     let shard = unit.address.shard as usize;
@@ -965,10 +973,12 @@ mod tests {
                         LeaseRequest {
                             worker: w(1),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(2),
                             expected_ms: None,
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -980,14 +990,17 @@ mod tests {
                         LeaseRequest {
                             worker: w(1),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(2),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(3),
                             expected_ms: None,
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -1023,14 +1036,17 @@ mod tests {
                         LeaseRequest {
                             worker: w(1),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(2),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(3),
                             expected_ms: None,
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -1039,6 +1055,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(1),
                         expected_ms: None,
+                        steps_max: None,
                     }],
                 ),
                 (
@@ -1059,6 +1076,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(3),
                         expected_ms: None,
+                        steps_max: None,
                     }],
                 ),
                 (
@@ -1071,6 +1089,7 @@ mod tests {
                         LeaseRequest {
                             worker: w(3),
                             expected_ms: None,
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -1104,6 +1123,7 @@ mod tests {
             &[Event::LeaseRequest {
                 worker: w(1),
                 expected_ms: None,
+                steps_max: None,
             }],
         );
         let unit = lease(&first).expect("a lease");
@@ -1115,6 +1135,7 @@ mod tests {
             &[Event::LeaseRequest {
                 worker: w(1),
                 expected_ms: None,
+                steps_max: None,
             }],
         ));
         assert!(other.is_some_and(|u| u != unit), "{other:?}");
@@ -1124,7 +1145,8 @@ mod tests {
                 7,
                 &[Event::LeaseRequest {
                     worker: w(2),
-                    expected_ms: None
+                    expected_ms: None,
+                    steps_max: None,
                 }]
             )),
             Some(unit)
@@ -1146,10 +1168,12 @@ mod tests {
                         LeaseRequest {
                             worker: w(1),
                             expected_ms: None,
+                            steps_max: None,
                         },
                         LeaseRequest {
                             worker: w(2),
                             expected_ms: None,
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -1165,6 +1189,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(3),
                         expected_ms: None,
+                        steps_max: None,
                     }],
                 ),
                 (
@@ -1212,6 +1237,7 @@ mod tests {
         let lease = |worker| LeaseRequest {
             worker: w(worker),
             expected_ms: None,
+            steps_max: None,
         };
         let aggregated = |round, version| Aggregated { round, version };
         let late = |s: &Scheduler| -> Vec<(u64, Option<u64>)> {
@@ -1291,6 +1317,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(1),
                         expected_ms: None,
+                        steps_max: None,
                     }],
                 ),
                 (
@@ -1321,10 +1348,12 @@ mod tests {
                 Event::LeaseRequest {
                     worker: w(1),
                     expected_ms: None,
+                    steps_max: None,
                 },
                 Event::LeaseRequest {
                     worker: w(2),
                     expected_ms: None,
+                    steps_max: None,
                 },
             ],
         );
@@ -1374,6 +1403,7 @@ mod tests {
         let lease = |n| Event::LeaseRequest {
             worker: w(n),
             expected_ms: None,
+            steps_max: None,
         };
         let accepted = Event::UpdateAccepted {
             worker: w(1),
@@ -1463,6 +1493,7 @@ mod tests {
                 &[Event::LeaseRequest {
                     worker: w(1),
                     expected_ms: reported_ms,
+                    steps_max: None,
                 }],
             );
             let (unit, _, _) = leased(&s).expect("a lease");
@@ -1483,6 +1514,7 @@ mod tests {
             &[Event::LeaseRequest {
                 worker: w(1),
                 expected_ms: reported_ms,
+                steps_max: None,
             }],
         );
         let (_, hard_deadline_ms, leased_ms) = leased(&s).expect("a lease");
@@ -1600,6 +1632,7 @@ mod tests {
         let lease = |n, expected_ms| Event::LeaseRequest {
             worker: w(n),
             expected_ms,
+            steps_max: None,
         };
         let hb = |n, unit| Event::Heartbeat { worker: w(n), unit };
         // w1 trains a base unit in 100 ms (40 steps, 400 ms, hard deadline 1.2 s);
@@ -1659,6 +1692,24 @@ mod tests {
         assert_eq!(stored["sized"], serde_json::json!([1, 2, 3, 4]));
     }
 
+    /// The driver's bound on a worker's units (a GPU's, that a CPU must be able to
+    /// re-run) caps its sizing, even below the run's fewest steps.
+    #[test]
+    fn a_drivers_bound_caps_a_sized_unit() {
+        for (steps_max, want) in [(None, 40), (Some(25), 25), (Some(1), 1), (Some(0), 1)] {
+            let mut s = Scheduler::new(sized_config(), 0);
+            let request = Event::LeaseRequest {
+                worker: w(1),
+                expected_ms: Some(100),
+                steps_max,
+            };
+            let leases = sized_leases(&mut s, 0, &[request]);
+            // Slack 3 times 10 ms a step, at least the 100 ms lease.
+            let hard = (30 * want as u64).max(100);
+            assert_eq!(leases, [(1, 1, want, hard)], "{steps_max:?}");
+        }
+    }
+
     #[test]
     fn the_slack_counts_as_at_least_one() {
         let hard = |slack: f64, expected_ms| {
@@ -1698,6 +1749,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(1),
                         expected_ms: Some(500),
+                        steps_max: None,
                     }],
                 ),
                 (
@@ -1710,6 +1762,7 @@ mod tests {
                         LeaseRequest {
                             worker: w(1),
                             expected_ms: Some(500),
+                            steps_max: None,
                         },
                     ],
                 ),
@@ -1720,6 +1773,7 @@ mod tests {
                     vec![LeaseRequest {
                         worker: w(2),
                         expected_ms: None,
+                        steps_max: None,
                     }],
                 ),
             ],
@@ -1742,6 +1796,7 @@ mod tests {
         let fast = LeaseRequest {
             worker: w(3),
             expected_ms: Some(1),
+            steps_max: None,
         };
         check_with(
             deadline_config(),

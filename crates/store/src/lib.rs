@@ -1135,8 +1135,18 @@ impl Store {
 
     /// How many updates were accepted over the whole run.
     pub fn accepted_count(&self) -> Result<u64, StoreError> {
+        self.accepted_totals().map(|(count, _)| count)
+    }
+
+    /// How many updates were accepted over the whole run, and the tokens they trained
+    /// (their weights: a unit sized per worker counts its own steps).
+    pub fn accepted_totals(&self) -> Result<(u64, u64), StoreError> {
         self.conn
-            .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(weight), 0) FROM updates",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(sql(&self.path))
     }
 

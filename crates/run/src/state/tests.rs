@@ -622,3 +622,50 @@ fn a_worker_of_another_class_is_checked_by_volunteers_and_one_of_ours_by_the_coo
     );
     assert_eq!(run.checks().queue().collect::<Vec<_>>(), [1, 3]);
 }
+
+/// Units sized per worker: with spot-checks on, a GPU's unit is sized no longer than the
+/// coordinator's CPU can re-run within the GPU tolerance; a CPU's up to the run's most.
+#[test]
+fn a_gpus_sized_unit_stays_checkable() {
+    let base = run(false);
+    let schedule = ScheduleConfig {
+        units_per_round: 2,
+        min_updates: 2,
+        unit_ms: 60_000,
+        ..ScheduleConfig::default()
+    };
+    for (checks, class, want) in [
+        (
+            true,
+            "cuda/sm90/132sm/test",
+            crate::replicas::GPU_ON_CPU_STEPS_MAX,
+        ),
+        (true, CLASS, 200),
+        (false, "cuda/sm90/132sm/test", 200),
+    ] {
+        let mut settings = base.settings().clone();
+        settings.checks.enabled = checks;
+        let mut run = Run::new(
+            settings,
+            Scheduler::new(schedule, 0),
+            Acceptance::default(),
+            SpotChecks::default(),
+            Replicas::default(),
+        )
+        .expect("a run");
+        // A base unit in 1 s: 60 s would be 3,000 steps, four times 50 the most.
+        let lease = Input::Lease {
+            worker: worker(1),
+            expected_ms: Some(1_000),
+            class: Some(class),
+        };
+        run.step(10, lease).expect("lease");
+        let steps: Vec<u32> = run
+            .scheduler()
+            .units()
+            .filter(|(_, s)| matches!(s, scheduler::UnitStatus::Leased { .. }))
+            .map(|(u, _)| u.address.steps)
+            .collect();
+        assert_eq!(steps, [want], "{class}, checks {checks}");
+    }
+}

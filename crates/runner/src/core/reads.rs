@@ -106,8 +106,8 @@ const ROUND_VIEWS_CACHED: usize = 4;
 pub(super) struct ReadCache {
     /// `(epoch, first, rows)`: [`Store::rounds_from`]`(first)`, the latest used last.
     rounds: Vec<(u64, u64, Arc<Vec<store::RoundRow>>)>,
-    /// `(epoch, count)`: [`Store::accepted_count`].
-    accepted: Option<(u64, u64)>,
+    /// `(epoch, (count, tokens))`: [`Store::accepted_totals`].
+    accepted: Option<(u64, (u64, u64))>,
     /// `(version, loss)`: the holdout loss of a version (a version's row never changes
     /// its loss).
     holdout: Option<(u64, f32)>,
@@ -382,7 +382,7 @@ impl Reads {
             Some(n) => n,
             None => {
                 let epoch = self.epoch.get();
-                let n = self.store().accepted_count().map_err(internal)?;
+                let n = self.store().accepted_totals().map_err(internal)?;
                 self.cache().accepted = Some((epoch, n));
                 n
             }
@@ -395,7 +395,7 @@ impl Reads {
         self.cached_accepted().map(|n| self.stats_of(n))
     }
 
-    fn cached_accepted(&self) -> Option<u64> {
+    fn cached_accepted(&self) -> Option<(u64, u64)> {
         let epoch = self.epoch.get();
         self.cache()
             .accepted
@@ -403,7 +403,7 @@ impl Reads {
             .map(|(_, n)| n)
     }
 
-    fn stats_of(&self, accepted: u64) -> ledger::wire::Stats {
+    fn stats_of(&self, (accepted, tokens): (u64, u64)) -> ledger::wire::Stats {
         let p = self.published();
         let saturate = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
         let ledger = self.ledger.read();
@@ -419,7 +419,7 @@ impl Reads {
                 .count() as u64,
             workers: p.workers,
             accepted_updates: accepted,
-            tokens_trained: accepted * p.tokens_per_unit,
+            tokens_trained: tokens,
             current_version: p.version,
             head: ledger.head_hash(),
         }
