@@ -256,7 +256,7 @@ impl Run {
         let base = self.scheduler.config().steps_per_unit.max(1);
         self.scheduler
             .unit(unit)
-            .map_or(1.0, |u| u.address.steps as f32 / base as f32)
+            .map_or(1.0, |u| u.address.steps.max(1) as f32 / base as f32)
     }
 
     /// Takes one input at `now_ms`. An `Err` is a driver's bug (an update unscored with

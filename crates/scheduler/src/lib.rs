@@ -77,8 +77,8 @@ pub struct ScheduleConfig {
     #[serde(skip_serializing_if = "is_zero")]
     pub steps_min_per_unit: u32,
     /// Most steps of a sized unit, the largest H (0: 4 times `steps_per_unit`). Bounded so
-    /// that one update cannot outweigh a round (its weight is its tokens) and its norm
-    /// stays within the round's median bar.
+    /// that one update cannot outweigh a round (its weight is its tokens) and a unit's H
+    /// stays near the one the run was tuned for (its norm is judged per base unit).
     #[serde(skip_serializing_if = "is_zero")]
     pub steps_max_per_unit: u32,
 }
