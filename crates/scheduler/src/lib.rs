@@ -69,22 +69,13 @@ pub struct ScheduleConfig {
     /// else the speed it reported; unknown: `steps_per_unit`), within
     /// [`ScheduleConfig::unit_steps_bounds`]: a GPU rig trains long units and a laptop
     /// short ones, each finishing by its deadline. For a run that mixes them.
-    /// (Left out of the stored state while 0, so states stored before sizing compare
-    /// equal.)
-    #[serde(skip_serializing_if = "is_zero")]
     pub unit_ms: u64,
     /// Fewest steps of a sized unit (0: a quarter of `steps_per_unit`, at least 1).
-    #[serde(skip_serializing_if = "is_zero")]
     pub steps_min_per_unit: u32,
     /// Most steps of a sized unit, the largest H (0: 4 times `steps_per_unit`). Bounded so
     /// that one update cannot outweigh a round (its weight is its tokens) and a unit's H
     /// stays near the one the run was tuned for (its norm is judged per base unit).
-    #[serde(skip_serializing_if = "is_zero")]
     pub steps_max_per_unit: u32,
-}
-
-fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
-    *n == T::default()
 }
 
 impl Default for ScheduleConfig {
@@ -1424,7 +1415,7 @@ mod tests {
         s.tick(102, 7, &[lease(3), refused, lease(4)]);
 
         // What that code did not keep: when leases began, the arrivals measured, the
-        // slack (its default).
+        // slack and unit sizing (their defaults).
         assert_eq!(s.arrivals.of(w(1)), &[5]);
         s.arrivals = Arrivals::default();
         for (_, status) in s.units.values_mut() {
@@ -1441,7 +1432,7 @@ mod tests {
             serde_json::to_string(&s).expect("serialize"),
             STORED_STATE.replacen(
                 r#""max_staleness":1}"#,
-                r#""max_staleness":1,"slack":3.0}"#,
+                r#""max_staleness":1,"slack":3.0,"unit_ms":0,"steps_min_per_unit":0,"steps_max_per_unit":0}"#,
                 1
             )
         );
