@@ -154,12 +154,23 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         .map(|c| Ok((c.as_str(), codec(c)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let n = setup.init.len();
-    println!(
-        "\n   M     H  rounds      tokens  codec         outer lr:mom  DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
-    );
     if args.baseline_loss.is_some() && args.workers.len() != 1 {
         bail!("--baseline-loss is the loss of one worker count: give a single --workers");
     }
+    // Checked before any training, so a bad H costs nothing.
+    if let Some(&h) = args
+        .local_steps
+        .iter()
+        .find(|&&h| h == 0 || !args.inner_steps.is_multiple_of(h))
+    {
+        bail!(
+            "--inner-steps {} is not a positive multiple of H = {h}: give inner steps that every --local-steps divides",
+            args.inner_steps
+        );
+    }
+    println!(
+        "\n   M     H  rounds      tokens  codec         outer lr:mom  DiLoCo  data-par.   ratio  update bytes  DP bytes/update  less   time"
+    );
     for &m in &args.workers {
         let started = Instant::now();
         let baseline = match args.baseline_loss {
@@ -175,12 +186,6 @@ pub(crate) fn run(root: &std::path::Path, args: DilocoBench) -> anyhow::Result<(
         };
         let dp_secs = started.elapsed().as_secs_f64();
         for &h in &args.local_steps {
-            if h == 0 || !args.inner_steps.is_multiple_of(h) {
-                bail!(
-                    "--inner-steps {} is not a positive multiple of H = {h}",
-                    args.inner_steps
-                );
-            }
             for (&(name, codec), &outer) in codecs
                 .iter()
                 .flat_map(|c| outers.iter().map(move |o| (c, o)))
