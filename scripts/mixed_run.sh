@@ -7,7 +7,10 @@
 #   scripts/mixed_run.sh HIVETRAIN_BIN OUT_DIR [SECONDS] [CPU_WORKERS] [THREADS_EACH]
 #
 # Units are sized per worker (`schedule.unit_ms`, UNIT_MS in the environment, default
-# 20 s; 0 turns sizing off).
+# 20 s; 0 turns sizing off). The run trains GPT-2 `small` from scratch, or, with
+# FINETUNE_BASE=PATH (a GGUF, e.g. SmolLM2-135M-Instruct's), a rank-8 LoRA adapter on
+# that base over data/shakespeare-chat.jsonl, as `hivetrain demo --finetune` does (8
+# steps a base unit).
 set -euo pipefail
 bin=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -18,12 +21,33 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18480
-cat > "$work/run.toml" <<EOF
+if [ -n "${FINETUNE_BASE:-}" ]; then
+    cat > "$work/run.toml" <<EOF
+corpus = "$(realpath data/shakespeare-chat.jsonl)"
+seq = 256
+batch = 2
+holdout_batches = 4
+[finetune]
+base = "$(realpath "$FINETUNE_BASE")"
+data = "chat"
+lora = { rank = 8, alpha = 16.0, targets = ["q", "k", "v", "o", "gate", "up", "down"] }
+[schedule]
+units_per_round = 4
+min_updates = 2
+steps_per_unit = 8
+inner_lr = 1e-3
+unit_ms = ${UNIT_MS:-20000}
+EOF
+else
+    cat > "$work/run.toml" <<EOF
 preset = "small"
 [schedule]
 units_per_round = 4
 min_updates = 2
 unit_ms = ${UNIT_MS:-20000}
+EOF
+fi
+cat >> "$work/run.toml" <<EOF
 [spot_check]
 replica_wait_ms = 30000
 [devices]
@@ -60,3 +84,12 @@ for row in con.execute("SELECT u.unit, u.round, n.steps, u.weight, w.name, u.tie
     print(*row)
 PY
 cat "$out/updates.out" || true
+# Each re-run: the unit, its state and the distance of the re-run from the update.
+python3 - "$work/coord" > "$out/checks.out" <<'PY' || true
+import sqlite3, sys, glob
+db = glob.glob(sys.argv[1] + "/**/hivetrain.sqlite3", recursive=True)
+con = sqlite3.connect(db[0])
+for row in con.execute("SELECT c.unit, n.steps, c.state, c.distance, w.name FROM checks c JOIN units n ON n.id = c.unit JOIN workers w ON w.id = c.worker WHERE c.state != 'unchecked' ORDER BY c.unit"):
+    print(*row)
+PY
+cat "$out/checks.out" || true

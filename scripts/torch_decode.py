@@ -11,6 +11,13 @@ transformers' `generate` (greedy, use_cache) and a plain loop over the model wit
 `past_key_values`; both under torch.inference_mode with SDPA attention and the same thread
 count. Prints one JSON line: the tokens (which must be the same both ways) and the best
 tokens/s of each.
+
+decode.json's "device" ("cpu", the default, or "cuda") and "dtype" ("float32", the
+default, or "bfloat16") say where and in what the model runs: hivetrain on a GPU is
+compared with PyTorch on the same GPU in the same precision. On a GPU a third ordinary
+way is timed when transformers supports it for the model: `generate` with a static KV
+cache, whose forward pass transformers compiles by itself (its documented fast path for
+GPU decoding; "compiled_auto" says whether it did, "compiled_error" why it did not run).
 """
 
 import json
@@ -67,7 +74,10 @@ if "llama" in spec:
     model = llama(spec["llama"])
 else:
     model = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").eval()
-prompt = torch.tensor([spec["prompt"]], dtype=torch.long)
+device = torch.device(spec.get("device", "cpu"))
+dtype = getattr(torch, spec.get("dtype", "float32"))
+model = model.to(device=device, dtype=dtype)
+prompt = torch.tensor([spec["prompt"]], dtype=torch.long, device=device)
 n = spec["tokens"]
 
 
@@ -87,15 +97,35 @@ def loop():
         next_id = int(out.logits[0, -1].argmax())
         tokens.append(next_id)
         for _ in range(n - 1):
-            out = model(torch.tensor([[next_id]]), past_key_values=past, use_cache=True)
+            out = model(torch.tensor([[next_id]], device=device), past_key_values=past, use_cache=True)
             past = out.past_key_values
             next_id = int(out.logits[0, -1].argmax())
             tokens.append(next_id)
     return tokens
 
 
-result = {"torch": torch.__version__, "transformers": transformers.__version__}
-for name, fn in (("generate", generate), ("loop", loop)):
+def compiled():
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+    return out[0, prompt.shape[1]:].tolist()
+
+
+result = {
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "device": str(device),
+    "dtype": str(dtype),
+}
+
+
+def timed(name, fn):
     fn()  # warm-up
     best = 0.0
     for _ in range(spec["repeat"]):
@@ -104,4 +134,18 @@ for name, fn in (("generate", generate), ("loop", loop)):
         best = max(best, len(tokens) / (time.perf_counter() - t))
     result[name + "_tokens"] = tokens
     result[name + "_tokens_per_s"] = best
+
+
+timed("generate", generate)
+timed("loop", loop)
+if device.type == "cuda":
+    # generate with a static KV cache, which transformers compiles by itself on a GPU
+    # ("compiled_auto" says whether it did); last, since compiling changes the model.
+    try:
+        compiled()  # compiles
+        result["compiled_auto"] = hasattr(model, "_compiled_call")
+        print(f"static-cache generate compiled by transformers: {result['compiled_auto']}", file=sys.stderr)
+        timed("compiled", compiled)
+    except Exception as e:  # an unsupported model or cache: say so
+        result["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
 print(json.dumps(result))

@@ -41,7 +41,8 @@ pub(crate) struct GenerateArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute device: `cpu` or `cpu:N`.
+    /// Compute device: `auto`, `cpu`, `cpu:N`, `cuda` or `cuda:N` (a GPU decodes in
+    /// bf16, so its tokens may part from the CPU's at a near tie).
     #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
     device: String,
 }

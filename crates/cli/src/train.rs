@@ -285,18 +285,9 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
 
     if args.sample_tokens > 0 {
-        // The GPU backend does not decode yet: sample from the trained weights on the CPU.
-        let mut sampler = match device {
-            engine::Device::Cpu { .. } => backend,
-            engine::Device::Cuda { .. } => engine::open_model(
-                "cpu",
-                &engine::ModelSpec::gpt2(preset.name(), config),
-                params,
-                engine::Purpose::Eval,
-            )?,
-        };
+        // On the device that trained (a GPU decodes in its training precision, bf16).
         print_sample(
-            sampler.as_mut(),
+            backend.as_mut(),
             &tokenizer,
             &args.prompt,
             args.sample_tokens,

@@ -701,16 +701,18 @@ extern "C" __global__ void swiglu_backward(floatX* __restrict__ dgate_up,
 
 // ---- decoding ---------------------------------------------------------------------
 
-// Attention of new rows over a KV cache, heads of 64. Grid (m, nh, batch), 128 threads:
-// row i (at position pos0 + i) of head h attends to the cache's keys 0 ..= pos0 + i of
-// head h / group. Row j of q, k and v starts at j * stride (q counted from the first new
-// row, k and v from position 0), batch element bb's rows t * bb rows on (decoding: one
-// element; an f32 forward pass: pos0 0, each batch row its own cache). Each warp takes
-// keys warp, warp + 4, ... with an online softmax (each lane two of the 64 columns),
-// then the four are merged in warp order: a fixed order, so the same bits every time.
+// Attention of new rows over a KV cache, heads of hs <= 64. Grid (m, nh, batch), 128
+// threads: row i (at position pos0 + i) of head h attends to the cache's keys
+// 0 ..= pos0 + i of head h / group. Row j of q, k and v starts at j * stride (q counted
+// from the first new row, k and v from position 0), batch element bb's rows t * bb rows
+// on (decoding: one element; an f32 forward pass: pos0 0, each batch row its own cache).
+// Each warp takes keys warp, warp + 4, ... with an online softmax (lane l the columns 2l
+// and 2l + 1 that are under hs, zeros past it), then the four are merged in warp order: a
+// fixed order, so the same bits every time.
 extern "C" __global__ void decode_attention(floatX* out, const floatX* q, const floatX* k,
                                             const floatX* v, int pos0, int t, int group,
-                                            int stride, int out_stride, float scale) {
+                                            int stride, int out_stride, float scale,
+                                            int hs) {
     __shared__ float wm[4], wl[4], wo[4][64];
     int i = blockIdx.x, h = blockIdx.y, kvh = h / group;
     long skip = (long)blockIdx.z * t;
@@ -719,27 +721,31 @@ extern "C" __global__ void decode_attention(floatX* out, const floatX* q, const 
     v += skip * stride;
     out += skip * out_stride;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const floatX* qr = q + (long)i * stride + h * 64 + 2 * lane;
-    float q0 = tof(qr[0]), q1 = tof(qr[1]);
+    int d0 = 2 * lane, d1 = 2 * lane + 1;
+    bool in0 = d0 < hs, in1 = d1 < hs;
+    const floatX* qr = q + (long)i * stride + h * hs;
+    float q0 = in0 ? tof(qr[d0]) : 0.0f, q1 = in1 ? tof(qr[d1]) : 0.0f;
     float m = NEG_INF, l = 0.0f, o0 = 0.0f, o1 = 0.0f;
     for (int j = warp; j <= pos0 + i; j += 4) {
-        const floatX* kr = k + (long)j * stride + kvh * 64 + 2 * lane;
-        const floatX* vr = v + (long)j * stride + kvh * 64 + 2 * lane;
-        float s = warp_sum(q0 * tof(kr[0]) + q1 * tof(kr[1])) * scale;
+        const floatX* kr = k + (long)j * stride + kvh * hs;
+        const floatX* vr = v + (long)j * stride + kvh * hs;
+        float k0 = in0 ? tof(kr[d0]) : 0.0f, k1 = in1 ? tof(kr[d1]) : 0.0f;
+        float v0 = in0 ? tof(vr[d0]) : 0.0f, v1 = in1 ? tof(vr[d1]) : 0.0f;
+        float s = warp_sum(q0 * k0 + q1 * k1) * scale;
         float next = fmaxf(m, s);
         float corr = m == NEG_INF ? 0.0f : expf(m - next);
         float e = expf(s - next);
         l = l * corr + e;
-        o0 = o0 * corr + e * tof(vr[0]);
-        o1 = o1 * corr + e * tof(vr[1]);
+        o0 = o0 * corr + e * v0;
+        o1 = o1 * corr + e * v1;
         m = next;
     }
     if (lane == 0) {
         wm[warp] = m;
         wl[warp] = l;
     }
-    wo[warp][2 * lane] = o0;
-    wo[warp][2 * lane + 1] = o1;
+    wo[warp][d0] = o0;
+    wo[warp][d1] = o1;
     __syncthreads();
     if (warp == 0) {
         float mx = NEG_INF;
@@ -748,12 +754,12 @@ extern "C" __global__ void decode_attention(floatX* out, const floatX* q, const 
         for (int w = 0; w < 4; w++) {
             float c = wm[w] == NEG_INF ? 0.0f : expf(wm[w] - mx);
             lt += wl[w] * c;
-            a0 += wo[w][2 * lane] * c;
-            a1 += wo[w][2 * lane + 1] * c;
+            a0 += wo[w][d0] * c;
+            a1 += wo[w][d1] * c;
         }
-        floatX* o = out + (long)i * out_stride + h * 64 + 2 * lane;
-        o[0] = fromf(a0 / lt);
-        o[1] = fromf(a1 / lt);
+        floatX* o = out + (long)i * out_stride + h * hs;
+        if (in0) o[d0] = fromf(a0 / lt);
+        if (in1) o[d1] = fromf(a1 / lt);
     }
 }
 

@@ -44,12 +44,69 @@ pub fn coordinator_runs(class: &str, steps: u32) -> bool {
     class.starts_with("cpu/") || (class.starts_with("cuda/") && steps <= GPU_ON_CPU_STEPS_MAX)
 }
 
-/// The most steps a unit of a worker of `class` may be sized to so that the coordinator
-/// can still re-run it ([`coordinator_runs`]): [`GPU_ON_CPU_STEPS_MAX`] for a GPU class,
-/// no bound for a CPU class (any length, bit for bit or within the cross-class
-/// tolerance) or for a class the coordinator never re-runs (volunteers of the class do).
-pub fn checkable_steps_max(class: &str) -> Option<u32> {
-    class.starts_with("cuda/").then_some(GPU_ON_CPU_STEPS_MAX)
+/// The most steps a unit of a worker of `class` may be sized to so that it can still
+/// be checked: no bound while another volunteer of the class is active (`peer`: it
+/// re-runs the unit bit for bit, whatever its length), else what the coordinator can
+/// re-run ([`coordinator_runs`]): [`GPU_ON_CPU_STEPS_MAX`] for a GPU class, no bound for
+/// a CPU class (any length, bit for bit or within the cross-class tolerance) or for a
+/// class the coordinator never re-runs.
+pub fn checkable_steps_max(class: &str, peer: bool) -> Option<u32> {
+    (!peer && class.starts_with("cuda/")).then_some(GPU_ON_CPU_STEPS_MAX)
+}
+
+/// Most workers [`ClassPeers`] remembers; past it, the one seen longest ago is
+/// forgotten.
+pub const CLASS_PEERS_MAX: usize = 1024;
+
+/// Who asked for work lately, and of which determinism class: whether a worker's unit
+/// has another volunteer of its class to check it ([`checkable_steps_max`]).
+///
+/// Soft state, not stored: after a restart it fills again as workers lease, and until a
+/// second volunteer of a class leases, that class's units are sized for the
+/// coordinator's own re-run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClassPeers {
+    /// By worker: its class and when it last leased.
+    seen: BTreeMap<WorkerId, (String, u64)>,
+}
+
+impl ClassPeers {
+    /// `worker` of `class` asked for work at `now_ms`.
+    pub fn saw(&mut self, worker: WorkerId, class: &str, now_ms: u64) {
+        match self.seen.get_mut(&worker) {
+            Some(entry) if entry.0 == class => entry.1 = now_ms,
+            _ => {
+                self.seen.insert(worker, (class.to_owned(), now_ms));
+            }
+        }
+        if self.seen.len() > CLASS_PEERS_MAX {
+            let oldest = self
+                .seen
+                .iter()
+                .min_by_key(|(w, (_, at))| (*at, **w))
+                .map(|(w, _)| *w);
+            if let Some(w) = oldest {
+                self.seen.remove(&w);
+            }
+        }
+    }
+
+    /// Whether a worker other than `worker` of `class` asked for work within `window_ms`
+    /// before `now_ms`.
+    pub fn other_active(&self, worker: WorkerId, class: &str, now_ms: u64, window_ms: u64) -> bool {
+        self.seen.iter().any(|(w, (c, at))| {
+            *w != worker && c == class && now_ms.saturating_sub(*at) <= window_ms
+        })
+    }
+
+    /// Workers remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
 }
 
 /// A unit waiting for a volunteer of its worker's class.

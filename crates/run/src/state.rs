@@ -17,7 +17,9 @@ use validation::score::Score;
 use validation::{Inspected, LeaseState, Verdict};
 
 use crate::checks::{CheckRules, Outcome, ReplayClass, Sample, SpotChecks};
-use crate::replicas::{LeasedCheck, PendingCheck, ReplicaRules, Replicas, Route, coordinator_runs};
+use crate::replicas::{
+    ClassPeers, LeasedCheck, PendingCheck, ReplicaRules, Replicas, Route, coordinator_runs,
+};
 use crate::{Acceptance, Decision, Rules, RunError};
 
 /// The run's settings, fixed for its life.
@@ -160,6 +162,8 @@ pub struct Run {
     checks: Arc<SpotChecks>,
     /// Checks waiting for volunteers and leased to them (stored by the driver).
     replicas: Arc<Replicas>,
+    /// Who leased lately, by class (soft state: not stored, refilled by leases).
+    peers: Arc<ClassPeers>,
 }
 
 impl Run {
@@ -180,6 +184,7 @@ impl Run {
             acceptance: Arc::new(acceptance),
             checks: Arc::new(checks),
             replicas: Arc::new(replicas),
+            peers: Arc::default(),
         };
         match run.violation() {
             None => Ok(run),
@@ -265,6 +270,14 @@ impl Run {
     pub fn step(&mut self, now_ms: u64, input: Input<'_>) -> Result<Output, RunError> {
         let seed = self.settings.seed;
         self.expire_checks(now_ms);
+        if let Input::Lease {
+            worker,
+            class: Some(class),
+            ..
+        } = &input
+        {
+            Arc::make_mut(&mut self.peers).saw(*worker, class, now_ms);
+        }
         let output = match input {
             Input::Tick => self.schedule(now_ms, &[]),
             Input::Lease {
@@ -275,10 +288,15 @@ impl Run {
                 Some(output) => output,
                 None => {
                     // With spot-checks on, a GPU's units stay short enough for the
-                    // coordinator's CPU to re-run them within the GPU tolerance.
+                    // coordinator's CPU to re-run them within the GPU tolerance, unless
+                    // another volunteer of its class is active to re-run them.
+                    let window_ms = self.scheduler.config().lease_max_ms;
                     let steps_max = class
                         .filter(|_| self.settings.checks.enabled)
-                        .and_then(crate::replicas::checkable_steps_max);
+                        .and_then(|c| {
+                            let peer = self.peers.other_active(worker, c, now_ms, window_ms);
+                            crate::replicas::checkable_steps_max(c, peer)
+                        });
                     self.schedule(
                         now_ms,
                         &[Event::LeaseRequest {

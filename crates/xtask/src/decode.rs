@@ -3,7 +3,9 @@
 //! the same weights and prompt in the same run. The tokens must match.
 //!
 //! `--model gpt2` (the default) decodes a fresh run's GPT-2 preset, in-process and
-//! through `POST /v1/completions`. `--model smollm2` decodes the cached
+//! through `POST /v1/completions`. With `--device cuda` either model decodes on the GPU
+//! against PyTorch on the same GPU in the same precision (bf16, or f32 with
+//! `--gpu-f32`), including transformers' compiled static-cache `generate`. `--model smollm2` decodes the cached
 //! SmolLM2-135M-Instruct (its GGUF dequantized to f32, the weights HF gets too, as
 //! safetensors) from a ChatML prompt, in-process and through `POST /v1/chat/completions`
 //! of a LoRA fine-tune run of it at version 0 (the adapter's B is zero, so its answers
@@ -60,14 +62,15 @@ pub(crate) struct DecodeBench {
     /// Python with torch and transformers.
     #[arg(long, default_value = "python3")]
     python: String,
-    /// hivetrain's device for `--model smollm2` (default `cpu:THREADS`). With `cuda` the
-    /// engine decodes on the GPU in bf16 against HF's f32 tokens on the CPU: the table
-    /// says how many of them match (bf16 rounding may turn a near tie), and the endpoint
-    /// (which serves on the CPU) is skipped.
+    /// hivetrain's device (default `cpu:THREADS`). With `cuda` the engine decodes on the
+    /// GPU in bf16 against PyTorch on the same GPU in bf16: the table says how many of
+    /// the tokens match (bf16 rounding may turn a near tie), and the endpoint (which
+    /// serves on the CPU) is skipped.
     #[arg(long)]
     device: Option<String>,
     /// With `--device cuda:N`: decode in f32 on the GPU (f32 activations, true f32
-    /// products) instead of bf16, the training precision.
+    /// products) instead of bf16, the training precision, against PyTorch in f32 on the
+    /// same GPU.
     #[arg(long)]
     gpu_f32: bool,
 }
@@ -112,19 +115,9 @@ fn in_process(
     Ok((ours, best))
 }
 
-/// Runs scripts/torch_decode.py on `dir` and checks that its tokens (transformers'
-/// `generate` and the plain loop) are `ours`; returns its JSON line.
-fn torch_side(
-    python: &str,
-    root: &Path,
-    dir: &Path,
-    ours: &[u32],
-) -> anyhow::Result<serde_json::Value> {
-    torch_side_matching(python, root, dir, ours, true)
-}
-
-/// [`torch_side`]; unless `strict`, tokens that differ are reported (how many of the
-/// first match), not an error.
+/// Runs scripts/torch_decode.py on `dir` and compares its tokens (each way it decodes)
+/// with `ours`: with `strict`, any difference is an error; otherwise how many of the
+/// first match is reported. Returns its JSON line.
 fn torch_side_matching(
     python: &str,
     root: &Path,
@@ -146,7 +139,10 @@ fn torch_side_matching(
             })
             .unwrap_or_default()
     };
-    for name in ["generate_tokens", "loop_tokens"] {
+    for name in ["generate_tokens", "loop_tokens", "compiled_tokens"] {
+        if torch.get(name).is_none() {
+            continue;
+        }
         let theirs = tokens(name);
         let same = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
         if !strict {
@@ -168,40 +164,69 @@ fn torch_side_matching(
     Ok(torch)
 }
 
-/// The table: each side's tokens/s and its ratio to PyTorch's faster way.
+/// PyTorch's ways of decoding that scripts/torch_decode.py times: its JSON key and the
+/// table's name. The compiled one runs on a GPU only.
+const TORCH_WAYS: [(&str, &str); 3] = [
+    ("generate", "PyTorch transformers generate"),
+    ("loop", "PyTorch loop with past_key_values"),
+    (
+        "compiled",
+        "PyTorch generate, static cache (transformers compiles it)",
+    ),
+];
+
+/// The table: each side's tokens/s and its ratio to PyTorch's fastest way.
 fn print_table(torch: &serde_json::Value, n_tokens: usize, repeat: usize, ours: &[(&str, f64)]) {
-    let torch_generate = torch["generate_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let torch_loop = torch["loop_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let peer = torch_generate.max(torch_loop);
+    let rate = |way: &str| torch[format!("{way}_tokens_per_s")].as_f64();
+    let (best_way, peer) = TORCH_WAYS
+        .iter()
+        .filter_map(|&(way, _)| Some((way, rate(way)?)))
+        .fold(("?", f64::NAN), |best, (way, r)| {
+            if best.1.is_nan() || r > best.1 {
+                (way, r)
+            } else {
+                best
+            }
+        });
     println!(
-        "{}: hivetrain and PyTorch ({} {}, transformers {}) give the same {} greedy tokens",
+        "{}: hivetrain and PyTorch ({} {best_way}, transformers {}, {} {}) give the same {} greedy tokens",
         if torch["all_match"].as_bool() == Some(false) {
             "tokens DIFFER (counts above); NOT"
         } else {
             "tokens match"
         },
         torch["torch"].as_str().unwrap_or("?"),
-        if torch_generate >= torch_loop {
-            "generate"
-        } else {
-            "loop"
-        },
         torch["transformers"].as_str().unwrap_or("?"),
+        torch["device"].as_str().unwrap_or("cpu"),
+        torch["dtype"].as_str().unwrap_or("torch.float32"),
         n_tokens
     );
+    if let Some(why) = torch["compiled_error"].as_str() {
+        println!("PyTorch's static-cache decoding did not run: {why}");
+    }
+    if torch["compiled_auto"] == false {
+        println!("PyTorch's static-cache generate ran without compiling");
+    }
     println!("| side | tokens/s (best of {repeat}) | vs PyTorch |");
     println!("|---|---|---|");
     for (side, rate) in ours {
         println!("| {side} | {rate:.1} | {:.2}x |", rate / peer);
     }
-    println!(
-        "| PyTorch transformers generate | {torch_generate:.1} | {:.2}x |",
-        torch_generate / peer
-    );
-    println!(
-        "| PyTorch loop with past_key_values | {torch_loop:.1} | {:.2}x |",
-        torch_loop / peer
-    );
+    for (way, name) in TORCH_WAYS {
+        if let Some(r) = rate(way) {
+            println!("| {name} | {r:.1} | {:.2}x |", r / peer);
+        }
+    }
+}
+
+/// Where and in what PyTorch decodes (decode.json's "device" and "dtype"): on the GPU
+/// in hivetrain's precision when hivetrain decodes on one, else on the CPU in f32.
+fn torch_placement(on_gpu: bool, gpu_f32: bool) -> (&'static str, &'static str) {
+    match (on_gpu, gpu_f32) {
+        (false, _) => ("cpu", "float32"),
+        (true, true) => ("cuda", "float32"),
+        (true, false) => ("cuda", "bfloat16"),
+    }
 }
 
 /// `--model smollm2`: SmolLM2-135M-Instruct in-process against HF on the same f32 weights.
@@ -252,6 +277,7 @@ fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
     };
 
     // HF: the same dequantized weights under their HF names, and the engine's config.
+    let (torch_device, torch_dtype) = torch_placement(on_gpu, args.gpu_f32);
     let temp = tempfile::tempdir()?;
     let dir = temp.path();
     crate::lora_bench::save_safetensors(&dir.join("model.safetensors"), &spec, &model.params)?;
@@ -263,6 +289,8 @@ fn smollm2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
             "tokens": args.tokens,
             "threads": args.threads,
             "repeat": args.repeat,
+            "device": torch_device,
+            "dtype": torch_dtype,
         }))?,
     )?;
     let torch = torch_side_matching(&args.python, root, dir, &ours, !on_gpu)?;
@@ -485,36 +513,57 @@ fn gpt2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
         args.threads
     );
 
-    let mut backend =
-        engine::open_backend(&format!("cpu:{}", args.threads), model, params.clone())?;
+    let device = crate::bench::device_or_cpu(args.device.as_deref(), args.threads);
+    let on_gpu = device.starts_with("cuda");
+    let mut backend = match engine::resolve_device(&device)? {
+        engine::Device::Cuda { ordinal } if args.gpu_f32 => Box::new(engine::cuda::Gpt2Cuda::open(
+            model,
+            &params,
+            ordinal,
+            engine::cuda::Precision::F32,
+            engine::Purpose::Eval,
+        )?) as Box<dyn engine::Backend>,
+        _ => engine::open_model(&device, &spec, params.clone(), engine::Purpose::Eval)?,
+    };
+    println!("hivetrain decodes on {}", backend.device());
     let (ours, in_process) = in_process(backend.as_mut(), &prompt, args.tokens, args.repeat)?;
+    drop(backend);
 
-    // The endpoint: POST /v1/completions over loopback, paid by a wallet's API key.
-    let client = reqwest::blocking::Client::new();
-    let api_key = api_key(&client, &url, params.len())?;
-    let body = serde_json::json!({
-        "model": "hivetrain",
-        "prompt": prompt_text,
-        "max_tokens": args.tokens,
-        "temperature": 0,
-    });
-    let timed = time_endpoint(
-        &client,
-        &format!("{url}/v1/completions"),
-        &api_key,
-        &body,
-        args.repeat,
-    );
-    server.stop();
-    let (endpoint, reply) = timed?;
-    let endpoint_text = reply["choices"][0]["text"].as_str().unwrap_or_default();
-    let ours_text = tokenizer.decode(&ours);
-    ensure!(
-        ours_text.starts_with(endpoint_text),
-        "the endpoint's text differs from the engine's:\n{endpoint_text:?}\n{ours_text:?}"
-    );
+    // The endpoint (on the CPU): POST /v1/completions over loopback, paid by a wallet's
+    // API key.
+    let endpoint = if on_gpu {
+        server.stop();
+        None
+    } else {
+        let client = reqwest::blocking::Client::new();
+        let api_key = api_key(&client, &url, params.len())?;
+        let body = serde_json::json!({
+            "model": "hivetrain",
+            "prompt": prompt_text,
+            "max_tokens": args.tokens,
+            "temperature": 0,
+        });
+        let timed = time_endpoint(
+            &client,
+            &format!("{url}/v1/completions"),
+            &api_key,
+            &body,
+            args.repeat,
+        );
+        server.stop();
+        let (endpoint, reply) = timed?;
+        let endpoint_text = reply["choices"][0]["text"].as_str().unwrap_or_default();
+        let ours_text = tokenizer.decode(&ours);
+        ensure!(
+            ours_text.starts_with(endpoint_text),
+            "the endpoint's text differs from the engine's:\n{endpoint_text:?}\n{ours_text:?}"
+        );
+        println!("the endpoint's text is the engine's");
+        Some(endpoint)
+    };
 
     // PyTorch: the same weights through an HF export.
+    let (torch_device, torch_dtype) = torch_placement(on_gpu, args.gpu_f32);
     let dir = temp.path().join("hf");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -537,18 +586,16 @@ fn gpt2(root: &Path, args: DecodeBench) -> anyhow::Result<()> {
             "tokens": args.tokens,
             "threads": args.threads,
             "repeat": args.repeat,
+            "device": torch_device,
+            "dtype": torch_dtype,
         }))?,
     )?;
-    let torch = torch_side(&args.python, root, &dir, &ours)?;
-    println!("the endpoint's text is the engine's");
-    print_table(
-        &torch,
-        ours.len(),
-        args.repeat,
-        &[
-            ("hivetrain in-process", in_process),
-            ("hivetrain endpoint (HTTP)", endpoint),
-        ],
-    );
+    let torch = torch_side_matching(&args.python, root, &dir, &ours, !on_gpu)?;
+    println!("text: {:?}", tokenizer.decode(&ours));
+    let mut sides = vec![("hivetrain in-process", in_process)];
+    if let Some(endpoint) = endpoint {
+        sides.push(("hivetrain endpoint (HTTP)", endpoint));
+    }
+    print_table(&torch, ours.len(), args.repeat, &sides);
     Ok(())
 }

@@ -8,8 +8,9 @@
 //! which every GPT-2 preset from `small` up has; otherwise, and with f32, the scores are
 //! materialized and multiplied by cuBLASLt ([`Attention::Materialized`]).
 //!
-//! Training and evaluation run here; decoding (the KV cache) is not built for the GPU
-//! yet and answers [`CudaError::Unsupported`].
+//! Training, evaluation and KV-cache decoding run here. Decoding feeds new rows through
+//! the forward pass's kernels and products, with attention over the cache by
+//! `decode_attention` (heads of at most 64, which every preset has).
 
 use cudarc::driver::CudaFunction;
 
@@ -176,10 +177,42 @@ impl Acts {
     }
 }
 
+/// Rows one decoding pass takes (a longer prompt goes in several), as the Llama's.
+const PREFILL_ROWS_MAX: usize = 256;
+
+/// The widest head `decode_attention` takes (two columns a lane of a warp).
+const DECODE_HEAD_MAX: usize = 64;
+
+/// KV-cache decoding: each layer's qkv rows of every position fed so far (the qkv
+/// product writes there, so the cache needs no copy; a row's q is scratch once it has
+/// attended), and scratch for up to [`PREFILL_ROWS_MAX`] new rows.
+struct DecodeState {
+    pos: usize,
+    /// Per layer, [n_ctx, 3 n_embd].
+    cache: Vec<DeviceMem>,
+    inputs: DeviceMem,
+    /// The residual stream, and its copy after attention.
+    x: DeviceMem,
+    r2: DeviceMem,
+    /// A layernorm's output, and its statistics (f32, unused after).
+    ln: DeviceMem,
+    mean: DeviceMem,
+    rstd: DeviceMem,
+    atty: DeviceMem,
+    fch: DeviceMem,
+    fch_gelu: DeviceMem,
+    /// The last row's logits: in the activations' precision from the product, f32 on
+    /// the device and on the host.
+    logits_x: DeviceMem,
+    logits: DeviceMem,
+    host_logits: Vec<f32>,
+}
+
 /// A GPT-2 backend on one GPU.
 pub struct Gpt2Cuda {
     // Field order is drop order: everything on the GPU goes before the context.
     acts: Option<Acts>,
+    decode: Option<DecodeState>,
     /// Every parameter (they all train).
     master: Master,
     /// Buckets of the token-embedding gradient: tokens, starts, rows.
@@ -237,6 +270,7 @@ impl Gpt2Cuda {
         let master = Master::new(&gpu, &kernels, &table, params, precision, train)?;
         Ok(Gpt2Cuda {
             acts: None,
+            decode: None,
             master,
             buckets: [
                 gpu.alloc(n_ctx * 4)?,
@@ -1198,6 +1232,209 @@ impl Gpt2Cuda {
     }
 
     /// Clips and applies one AdamW update; returns the pre-clip norm.
+    /// Feeds `tokens` at the next positions of the KV cache, [`PREFILL_ROWS_MAX`] rows a
+    /// pass; returns the logits after the last. Nothing is fed unless all of them fit.
+    fn decode_tokens(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        let c = self.config;
+        if c.n_embd / c.n_head > DECODE_HEAD_MAX {
+            return Err(CudaError::Unsupported {
+                what: "decoding a GPT-2 whose heads are wider than 64",
+            }
+            .into());
+        }
+        let pos = self.decode.as_ref().map_or(0, |s| s.pos);
+        crate::cpu::check_decode(tokens, pos, c.n_ctx, c.vocab_size)?;
+        if self.decode.is_none() {
+            self.decode = Some(self.decode_state()?);
+        }
+        for chunk in tokens.chunks(PREFILL_ROWS_MAX) {
+            self.decode_pass(chunk)?;
+        }
+        let Some(s) = self.decode.as_mut() else {
+            unreachable!("created above")
+        };
+        self.gpu.download(&mut s.host_logits, &s.logits, 0)?;
+        Ok(&s.host_logits)
+    }
+
+    fn decode_state(&self) -> Result<DecodeState, CudaError> {
+        let config = self.config;
+        let (c, v) = (config.n_embd, config.vocab_size);
+        let x = self.precision.size();
+        let gpu = &self.gpu;
+        let m = PREFILL_ROWS_MAX.min(config.n_ctx);
+        let a = |elems: usize| gpu.alloc(elems * x);
+        let f = |elems: usize| gpu.alloc(elems * 4);
+        let mut cache = Vec::with_capacity(config.n_layer);
+        for _ in 0..config.n_layer {
+            cache.push(a(config.n_ctx * 3 * c)?);
+        }
+        Ok(DecodeState {
+            pos: 0,
+            cache,
+            inputs: gpu.alloc(m * 4)?,
+            x: a(m * c)?,
+            r2: a(m * c)?,
+            ln: a(m * c)?,
+            mean: f(m)?,
+            rstd: f(m)?,
+            atty: a(m * c)?,
+            fch: a(m * 4 * c)?,
+            fch_gelu: a(m * 4 * c)?,
+            logits_x: a(v)?,
+            logits: f(v)?,
+            host_logits: vec![0.0; v],
+        })
+    }
+
+    /// One pass of [`Self::decode_tokens`]: the rows of `tokens` (at positions pos ..)
+    /// through every block with the training forward's kernels and products, each row
+    /// attending to the cache up to its own position; the head runs on the last row only.
+    fn decode_pass(&mut self, tokens: &[u32]) -> Result<(), CudaError> {
+        let Some(s) = self.decode.as_ref() else {
+            unreachable!("decode_tokens creates the state")
+        };
+        let config = self.config;
+        let (c, v, nh) = (config.n_embd, config.vocab_size, config.n_head);
+        let hs = c / nh;
+        let x = self.precision.size();
+        let m = tokens.len();
+        let pos0 = s.pos;
+        let (mi, ci) = (m as i32, c as i32);
+        let scale = 1.0 / (hs as f32).sqrt();
+        self.gpu.upload(&s.inputs, 0, tokens)?;
+        // Row i is position pos0 + i: the position table from row pos0 on, and t = m so
+        // that row i takes its row i.
+        let wte = self.px(self.layout.wte);
+        let wpe = self.px(self.layout.wpe) + (pos0 * c * x) as u64;
+        self.launch1(
+            &self.kernels.encoder_forward,
+            m * c,
+            &[
+                s.x.ptr.into(),
+                s.inputs.ptr.into(),
+                wte.into(),
+                wpe.into(),
+                mi.into(),
+                mi.into(),
+                ci.into(),
+            ],
+        )?;
+        for (layer, cache) in s.cache.iter().enumerate() {
+            let o = self.layout.blocks[layer];
+            let rows = cache.ptr + (pos0 * 3 * c * x) as u64;
+            self.layernorm_forward(
+                s.ln.ptr, s.mean.ptr, s.rstd.ptr, s.x.ptr, o.ln1_w, o.ln1_b, m,
+            )?;
+            self.linear(
+                rows,
+                s.ln.ptr,
+                self.px(o.qkv_w),
+                self.px(o.qkv_b),
+                (m, c, 3 * c),
+                false,
+            )?;
+            let (_, k0, v0) = self.qkv_parts(cache.ptr);
+            self.launch(
+                &self.kernels.decode_attention,
+                (m as u32, nh as u32, 1),
+                128,
+                &[
+                    s.atty.ptr.into(),
+                    rows.into(),
+                    k0.into(),
+                    v0.into(),
+                    (pos0 as i32).into(),
+                    mi.into(),
+                    1i32.into(),
+                    (3 * ci).into(),
+                    ci.into(),
+                    scale.into(),
+                    (hs as i32).into(),
+                ],
+            )?;
+            self.gpu.copy(s.r2.ptr, s.x.ptr, m * c * x)?;
+            self.linear(
+                s.r2.ptr,
+                s.atty.ptr,
+                self.px(o.proj_w),
+                self.px(o.proj_b),
+                (m, c, c),
+                true,
+            )?;
+            self.layernorm_forward(
+                s.ln.ptr, s.mean.ptr, s.rstd.ptr, s.r2.ptr, o.ln2_w, o.ln2_b, m,
+            )?;
+            self.linear(
+                s.fch.ptr,
+                s.ln.ptr,
+                self.px(o.fc_w),
+                self.px(o.fc_b),
+                (m, c, 4 * c),
+                false,
+            )?;
+            let n4 = m * 4 * c;
+            self.launch1(
+                &self.kernels.gelu_forward,
+                n4.div_ceil(8),
+                &[s.fch_gelu.ptr.into(), s.fch.ptr.into(), (n4 as i64).into()],
+            )?;
+            self.gpu.copy(s.x.ptr, s.r2.ptr, m * c * x)?;
+            self.linear(
+                s.x.ptr,
+                s.fch_gelu.ptr,
+                self.px(o.fcproj_w),
+                self.px(o.fcproj_b),
+                (m, 4 * c, c),
+                true,
+            )?;
+        }
+        // The head on the last row only: logits^T [v, 1] = (wte^T)^T [v, c] x ln^T [c, 1].
+        let last = s.x.ptr + ((m - 1) * c * x) as u64;
+        self.layernorm_forward(
+            s.ln.ptr,
+            s.mean.ptr,
+            s.rstd.ptr,
+            last,
+            self.layout.lnf_w,
+            self.layout.lnf_b,
+            1,
+        )?;
+        self.blas.gemm(
+            Gemm {
+                transa: true,
+                transb: false,
+                m: v as u64,
+                n: 1,
+                k: c as u64,
+                lda: c as i64,
+                ldb: c as i64,
+                ldd: v as i64,
+                alpha: 1.0,
+                beta: 0.0,
+                batch: None,
+            },
+            wte,
+            s.ln.ptr,
+            s.logits_x.ptr,
+            self.precision.elem(),
+            None,
+        )?;
+        self.launch1(
+            &self.kernels.cast_from_x,
+            v,
+            &[
+                s.logits.ptr.into(),
+                s.logits_x.ptr.into(),
+                (v as i64).into(),
+            ],
+        )?;
+        if let Some(s) = self.decode.as_mut() {
+            s.pos += m;
+        }
+        Ok(())
+    }
+
     fn adamw(&mut self, opt: &OptimizerConfig, lr: f32) -> Result<f32, CudaError> {
         let profile = &self.profile;
         let stream = &self.gpu.stream;
@@ -1326,19 +1563,17 @@ impl Backend for Gpt2Cuda {
         Ok((loss, self.master.download_grads(&self.gpu)?))
     }
 
-    fn decode_reset(&mut self) {}
-
-    fn decode_step(&mut self, _token: u32) -> Result<&[f32], EngineError> {
-        Err(CudaError::Unsupported {
-            what: "decoding (the KV cache)",
+    fn decode_reset(&mut self) {
+        if let Some(s) = self.decode.as_mut() {
+            s.pos = 0;
         }
-        .into())
     }
 
-    fn decode_prefill(&mut self, _tokens: &[u32]) -> Result<&[f32], EngineError> {
-        Err(CudaError::Unsupported {
-            what: "decoding (the KV cache)",
-        }
-        .into())
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
+        self.decode_tokens(&[token])
+    }
+
+    fn decode_prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        self.decode_tokens(tokens)
     }
 }

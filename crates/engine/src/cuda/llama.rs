@@ -819,6 +819,7 @@ impl LlamaCuda {
                         wi.into(),
                         nqi.into(),
                         scale.into(),
+                        (hd as i32).into(),
                     ],
                 )?,
             }
@@ -1316,6 +1317,7 @@ impl LlamaCuda {
                     (w as i32).into(),
                     (nq as i32).into(),
                     scale.into(),
+                    (hd as i32).into(),
                 ],
             )?;
             self.gpu.copy(s.r2.ptr, s.x.ptr, m * d * x)?;

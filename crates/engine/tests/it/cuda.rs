@@ -305,3 +305,51 @@ fn bits_of_five_steps(config: GptConfig) -> String {
     assert_eq!(a, b, "{config:?}: two backends in one process differ");
     a
 }
+
+/// KV-cache decoding on the GPU against the CPU's, in both precisions: heads of 24 and
+/// of 64; a prompt longer than one pass (256 rows) where the context allows, then a
+/// token at a time to the end of the context, the logits within the precision's
+/// tolerance at every position; a full context is refused and a reset starts over.
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test -p engine --test it cuda -- --ignored"]
+fn decoding_matches_the_cpu() {
+    let long = GptConfig {
+        n_ctx: 300,
+        ..wide()
+    };
+    for config in [small(), long] {
+        let params = engine::init_params(&config, 11).expect("init");
+        for (precision, tolerance) in [(Precision::F32, 1e-4), (Precision::Bf16, 2e-2)] {
+            let mut cpu = backend(config, params.clone(), 2);
+            let mut cuda = Gpt2Cuda::open(config, &params, 0, precision, Purpose::Eval)
+                .expect("open the GPU backend");
+            let tokens = crate::tokens(config.n_ctx, config.vocab_size, 3);
+            let (prompt, rest) = tokens.split_at(config.n_ctx - 20);
+            let mut worst = 0.0f64;
+            for round in 0..2 {
+                let want = cpu.decode_prefill(prompt).expect("cpu").to_vec();
+                let got = cuda.decode_prefill(prompt).expect("gpu").to_vec();
+                worst = worst.max(rel_error(&got, &want));
+                for &token in rest {
+                    let want = cpu.decode_step(token).expect("cpu").to_vec();
+                    let got = cuda.decode_step(token).expect("gpu").to_vec();
+                    worst = worst.max(rel_error(&got, &want));
+                }
+                assert!(
+                    matches!(
+                        cuda.decode_step(1),
+                        Err(engine::EngineError::ContextFull { n_ctx }) if n_ctx == config.n_ctx
+                    ),
+                    "round {round}"
+                );
+                cpu.decode_reset();
+                cuda.decode_reset();
+            }
+            eprintln!("{config:?} {precision:?}: decoding logits within {worst:.1e} of the CPU's");
+            assert!(
+                worst < tolerance,
+                "{precision:?}: logits off by {worst:.2e}"
+            );
+        }
+    }
+}

@@ -243,3 +243,35 @@ fn a_stored_queue_resumes_as_it_was_less_what_breaks_its_rules() {
     let leased: Vec<u64> = resumed.leases().map(|l| l.check.unit.id).collect();
     assert_eq!((waiting, leased), (vec![2], vec![1]));
 }
+
+/// Who leased lately: another worker of the class within the window counts, the worker
+/// itself, another class or an older lease do not; a worker that changes class counts
+/// for the new one only; past [`super::CLASS_PEERS_MAX`] the longest unseen is forgotten.
+#[test]
+fn class_peers_remember_who_leased_lately() {
+    let mut peers = super::ClassPeers::default();
+    peers.saw(worker(1), GPU, 100);
+    peers.saw(worker(2), CPU, 150);
+    let check = |peers: &super::ClassPeers, who: u8, class: &str, now: u64, want: bool| {
+        assert_eq!(
+            peers.other_active(worker(who), class, now, 50),
+            want,
+            "worker {who} of {class} at {now}"
+        );
+    };
+    check(&peers, 3, GPU, 150, true);
+    check(&peers, 3, GPU, 151, false);
+    check(&peers, 1, GPU, 100, false);
+    check(&peers, 3, CPU, 150, true);
+    peers.saw(worker(1), CPU, 160);
+    check(&peers, 3, GPU, 160, false);
+    check(&peers, 2, CPU, 160, true);
+    for i in 0..super::CLASS_PEERS_MAX as u64 {
+        let mut id = [0xff; 32];
+        id[..8].copy_from_slice(&i.to_le_bytes());
+        peers.saw(protocol::WorkerId(id), GPU, 200 + i);
+    }
+    assert_eq!(peers.len(), super::CLASS_PEERS_MAX);
+    // Workers 1 and 2 (seen at 160 and 150) went first.
+    check(&peers, 3, CPU, 160, false);
+}

@@ -624,25 +624,35 @@ fn a_worker_of_another_class_is_checked_by_volunteers_and_one_of_ours_by_the_coo
 }
 
 /// Units sized per worker: with spot-checks on, a GPU's unit is sized no longer than the
-/// coordinator's CPU can re-run within the GPU tolerance; a CPU's up to the run's most.
+/// coordinator's CPU can re-run within the GPU tolerance, unless another volunteer of its
+/// class leased within the longest lease (it re-runs any length bit for bit); a CPU's up
+/// to the run's most.
 #[test]
 fn a_gpus_sized_unit_stays_checkable() {
     let base = run(false);
     let schedule = ScheduleConfig {
-        units_per_round: 2,
+        units_per_round: 3,
         min_updates: 2,
         unit_ms: 60_000,
         ..ScheduleConfig::default()
     };
-    for (checks, class, want) in [
-        (
-            true,
-            "cuda/sm90/132sm/test",
-            crate::replicas::GPU_ON_CPU_STEPS_MAX,
-        ),
-        (true, CLASS, 200),
-        (false, "cuda/sm90/132sm/test", 200),
-    ] {
+    const GPU: &str = "cuda/sm90/132sm/test";
+    let capped = crate::replicas::GPU_ON_CPU_STEPS_MAX;
+    let now = 10;
+    // (checks on, the worker's class, another worker's lease just before: its class;
+    // the worker's unit's steps). How long a lease counts is `ClassPeers`'s test: here
+    // an older one would have expired, and its unit, sized for the other worker, would
+    // be leased again as it is.
+    let table: [(bool, &str, Option<&str>, u32); 5] = [
+        (true, GPU, None, capped),
+        (true, CLASS, None, 200),
+        (false, GPU, None, 200),
+        // A second volunteer of the class re-runs a long unit bit for bit; one of
+        // another class cannot.
+        (true, GPU, Some(GPU), 200),
+        (true, GPU, Some("cuda/sm80/108sm/test"), capped),
+    ];
+    for (checks, class, peer, want) in table {
         let mut settings = base.settings().clone();
         settings.checks.enabled = checks;
         let mut run = Run::new(
@@ -653,19 +663,29 @@ fn a_gpus_sized_unit_stays_checkable() {
             Replicas::default(),
         )
         .expect("a run");
+        if let Some(peer_class) = peer {
+            let lease = Input::Lease {
+                worker: worker(2),
+                expected_ms: Some(1_000),
+                class: Some(peer_class),
+            };
+            run.step(now - 1, lease).expect("the other's lease");
+        }
         // A base unit in 1 s: 60 s would be 3,000 steps, four times 50 the most.
         let lease = Input::Lease {
             worker: worker(1),
             expected_ms: Some(1_000),
             class: Some(class),
         };
-        run.step(10, lease).expect("lease");
+        run.step(now, lease).expect("lease");
         let steps: Vec<u32> = run
             .scheduler()
             .units()
-            .filter(|(_, s)| matches!(s, scheduler::UnitStatus::Leased { .. }))
+            .filter(|(_, s)| {
+                matches!(s, scheduler::UnitStatus::Leased { worker: w, .. } if *w == worker(1))
+            })
             .map(|(u, _)| u.address.steps)
             .collect();
-        assert_eq!(steps, [want], "{class}, checks {checks}");
+        assert_eq!(steps, [want], "{class}, checks {checks}, other {peer:?}");
     }
 }
