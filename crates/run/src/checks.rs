@@ -93,6 +93,9 @@ pub struct Outcome {
     /// A volunteer whose dispute this bit-for-bit re-run refutes, with its record after
     /// it: a false check counts as a failed unit of its own.
     pub accuser: Option<(WorkerId, Trust)>,
+    /// The credit of the first volunteer of a disputed unit when a third volunteer's
+    /// check agrees with it (the unit fails two to one): both volunteers are paid.
+    pub disputer_mint: Option<ledger::Draft>,
 }
 
 /// The state spot-checks keep between requests: trust per worker, the queue of units to
@@ -237,6 +240,7 @@ impl SpotChecks {
             claw_back: !matched,
             checker_mint: None,
             accuser: None,
+            disputer_mint: None,
         }
     }
 

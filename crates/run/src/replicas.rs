@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use protocol::{WorkUnit, WorkerId};
 
+use crate::Replica;
+
 /// Most checks waiting for a volunteer or leased to one. A unit sampled while it is
 /// full goes to the coordinator's own re-run when the coordinator can run its class
 /// ([`coordinator_runs`]), else it stays unchecked (re-run if its worker is caught).
@@ -120,6 +122,18 @@ pub struct PendingCheck {
     pub class: String,
     /// When it was sampled: the wait bound runs from here, across leases that expire.
     pub queued_ms: u64,
+    /// A first volunteer's check that did not match the unit, which this check settles
+    /// (a third replica, for a unit the coordinator cannot re-run): that volunteer may
+    /// not take it either.
+    pub disputed: Option<Replica>,
+}
+
+impl PendingCheck {
+    /// Whether `worker` is one this check must not go to: the unit's worker, or the
+    /// volunteer whose check it settles.
+    pub fn excludes(&self, worker: WorkerId) -> bool {
+        worker == self.worker || self.disputed.is_some_and(|d| d.checker == worker)
+    }
 }
 
 /// A check leased to a volunteer under a fresh unit id.
@@ -164,13 +178,14 @@ impl Replicas {
         for l in leased {
             if replicas.len() < PENDING_CHECKS_MAX
                 && !replicas.holds(l.check.unit.id)
-                && l.checker != l.check.worker
+                && !l.check.excludes(l.checker)
             {
                 replicas.leased.insert(l.id, l);
             }
         }
         for p in pending {
-            if replicas.len() < PENDING_CHECKS_MAX && !replicas.holds(p.unit.id) {
+            let sound = p.disputed.is_none_or(|d| d.checker != p.worker);
+            if replicas.len() < PENDING_CHECKS_MAX && !replicas.holds(p.unit.id) && sound {
                 replicas.pending.push_back(p);
             }
         }
@@ -233,14 +248,15 @@ impl Replicas {
     }
 
     /// The index of the first check `worker` of `class` may take: of its class, never
-    /// its own unit; none while it holds a check.
+    /// its own unit nor one that settles its own disputed check; none while it holds a
+    /// check.
     pub fn offer(&self, worker: WorkerId, class: &str) -> Option<usize> {
         if self.leased.values().any(|l| l.checker == worker) {
             return None;
         }
         self.pending
             .iter()
-            .position(|p| p.class == class && p.worker != worker)
+            .position(|p| p.class == class && !p.excludes(worker))
     }
 
     /// Leases the check at `index` ([`Replicas::offer`]) to `checker` under the fresh
@@ -313,7 +329,7 @@ impl Replicas {
     }
 
     /// Holds after every change: within the bound, a unit held once, no one checking
-    /// its own unit.
+    /// its own unit or settling its own dispute.
     fn assert_invariants(&self) {
         assert!(self.len() <= PENDING_CHECKS_MAX, "checks past their bound");
         let mut seen = std::collections::HashSet::new();
@@ -327,9 +343,16 @@ impl Replicas {
         }
         for l in self.leased.values() {
             assert!(
-                l.checker != l.check.worker,
-                "unit {} is leased to its own worker for a check",
+                !l.check.excludes(l.checker),
+                "unit {} is leased for a check to its own worker or its disputer",
                 l.check.unit.id
+            );
+        }
+        for p in &self.pending {
+            assert!(
+                p.disputed.is_none_or(|d| d.checker != p.worker),
+                "unit {}'s worker disputes its own unit",
+                p.unit.id
             );
         }
     }

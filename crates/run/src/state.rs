@@ -133,13 +133,16 @@ pub enum Decided {
     /// A volunteer's check did not match: neither side is believed on the other's word.
     /// The checker earns nothing now; the unit goes to the coordinator's own re-run
     /// (`rerun`: the driver keeps the dispute, and the checker is paid if that re-run
-    /// fails the worker), or, for a class the coordinator cannot run, is left unchecked.
+    /// fails the worker), or, for a unit the coordinator cannot run, to a third
+    /// volunteer of the class (`third`: its check, stored with the run's replicas,
+    /// decides two to one), or, with no room for that check, is left unchecked.
     Disputed {
         unit: u64,
         worker: WorkerId,
         checker: WorkerId,
         distance: f32,
         rerun: bool,
+        third: bool,
     },
 }
 
@@ -327,7 +330,7 @@ impl Run {
                 unchecked,
                 replica: Some(replica),
                 ..
-            } => self.replicated(unit, worker, tokens, distance, unchecked, replica)?,
+            } => self.replicated(now_ms, unit, worker, tokens, distance, unchecked, replica)?,
             Input::Replayed {
                 unit,
                 worker,
@@ -445,9 +448,12 @@ impl Run {
     /// A volunteer's check of `unit` (from `worker`) came at `distance`: a match is the
     /// worker's verified re-run and the checker's credit; a mismatch believes neither
     /// and sends the unit to the coordinator's own re-run (which pays the checker if it
-    /// fails the worker: `Input::Replayed::disputed`).
+    /// fails the worker: `Input::Replayed::disputed`), or, when the coordinator cannot
+    /// run it, to a third volunteer, whose check then decides two to one.
+    #[allow(clippy::too_many_arguments)]
     fn replicated(
         &mut self,
+        now_ms: u64,
         unit: u64,
         worker: WorkerId,
         tokens: u64,
@@ -471,30 +477,66 @@ impl Run {
             )));
         };
         let rules = &self.settings.checks;
+        let credit = crate::credit::unit_credit(self.settings.flops_per_token, tokens);
         // A NaN distance is no match.
-        let decided = if distance <= rules.tolerance {
-            let mut outcome =
-                self.checks
-                    .judge(rules, unit, worker, distance, ReplayClass::Same, unchecked);
-            outcome.checker_mint = Some(crate::credit::check_mint(
-                replica.checker,
-                replica.check,
-                crate::credit::unit_credit(self.settings.flops_per_token, tokens),
-            ));
-            Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
-            Decided::Checked(outcome)
-        } else {
-            let rerun = coordinator_runs(&leased.check.class, leased.check.unit.address.steps)
-                && !self.checks.failed(unit);
-            if rerun {
-                Arc::make_mut(&mut self.checks).sampled(unit, Sample::Queued);
+        let matched = distance <= rules.tolerance;
+        let decided = match (matched, leased.check.disputed) {
+            // A match, or the third replica of a disputed unit, which decides it two to
+            // one: agreeing with the worker, it clears the unit and refutes the first
+            // volunteer (its check counts as a failed unit of its own); agreeing with
+            // the first volunteer, the unit fails and both volunteers are paid.
+            (true, _) | (false, Some(_)) => {
+                let mut outcome =
+                    self.checks
+                        .judge(rules, unit, worker, distance, ReplayClass::Same, unchecked);
+                outcome.checker_mint = Some(crate::credit::check_mint(
+                    replica.checker,
+                    replica.check,
+                    credit,
+                ));
+                match leased.check.disputed {
+                    Some(first) if matched => {
+                        let trust = self.checks.refuted(rules, first.checker, first.check);
+                        outcome.accuser = Some((first.checker, trust));
+                    }
+                    Some(first) => {
+                        outcome.disputer_mint = Some(crate::credit::check_mint(
+                            first.checker,
+                            first.check,
+                            credit,
+                        ));
+                    }
+                    None => {}
+                }
+                Arc::make_mut(&mut self.checks).decided(unit, worker, &outcome);
+                Decided::Checked(outcome)
             }
-            Decided::Disputed {
-                unit,
-                worker,
-                checker: replica.checker,
-                distance,
-                rerun,
+            (false, None) => {
+                let rerun = coordinator_runs(&leased.check.class, leased.check.unit.address.steps)
+                    && !self.checks.failed(unit);
+                // The coordinator cannot judge it: a third volunteer of the class does,
+                // while there is room for its check.
+                let third = !rerun
+                    && !self.checks.failed(unit)
+                    && self.replicas.len() < crate::replicas::PENDING_CHECKS_MAX;
+                if rerun {
+                    Arc::make_mut(&mut self.checks).sampled(unit, Sample::Queued);
+                }
+                if third {
+                    Arc::make_mut(&mut self.replicas).push(PendingCheck {
+                        queued_ms: now_ms,
+                        disputed: Some(replica),
+                        ..leased.check.clone()
+                    });
+                }
+                Decided::Disputed {
+                    unit,
+                    worker,
+                    checker: replica.checker,
+                    distance,
+                    rerun,
+                    third,
+                }
             }
         };
         Ok(Output {
@@ -563,6 +605,7 @@ impl Run {
                             worker,
                             class: class.unwrap_or_default().to_owned(),
                             queued_ms: now_ms,
+                            disputed: None,
                         }),
                     ),
                 }

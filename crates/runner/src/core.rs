@@ -1552,11 +1552,15 @@ fn resume_replicas(store: &Store, queued: &[u64]) -> Result<run::Replicas, CoreE
         if !queued.contains(&unit.id) {
             continue;
         }
+        let disputed = r.disputed.and_then(|(check, by)| {
+            WorkerId::parse(&by).map(|checker| run::Replica { check, checker })
+        });
         let check = run::replicas::PendingCheck {
             unit,
             worker,
             class: r.class,
             queued_ms: r.queued_ms,
+            disputed,
         };
         match r.lease.and_then(|(id, checker, deadline_ms)| {
             WorkerId::parse(&checker).map(|checker| (id, checker, deadline_ms))
@@ -1582,6 +1586,7 @@ pub(crate) fn replica_rows(run: &run::Run) -> Vec<store::ReplicaRow> {
         class: p.class.clone(),
         queued_ms: p.queued_ms,
         lease,
+        disputed: p.disputed.map(|d| (d.check, d.checker.to_string())),
     };
     replicas
         .pending()

@@ -248,6 +248,13 @@ CREATE TABLE disputes (
 ALTER TABLE updates ADD COLUMN class TEXT;
 ALTER TABLE updates ADD COLUMN tier TEXT;
 "#,
+    // A third replica (issue 17): a check by a volunteer that settles a first
+    // volunteer's disputed check of a unit the coordinator cannot re-run names that
+    // check's id and volunteer.
+    r#"
+ALTER TABLE replicas ADD COLUMN disputed_check INTEGER;
+ALTER TABLE replicas ADD COLUMN disputed_by TEXT;
+"#,
 ];
 
 /// Where an accepted update stands with the replay spot-checks.
@@ -303,6 +310,8 @@ pub struct ReplicaRow {
     pub queued_ms: u64,
     /// Once leased: the fresh id, the volunteer (hex public key), the lease's end.
     pub lease: Option<(u64, String, u64)>,
+    /// A third replica's: the disputed check's id and its volunteer (hex public key).
+    pub disputed: Option<(u64, String)>,
 }
 
 /// An accepted update's spot-check record.
@@ -1033,7 +1042,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT unit, worker, class, queued_ms, check_id, checker, deadline_ms
+                "SELECT unit, worker, class, queued_ms, check_id, checker, deadline_ms,
+                        disputed_check, disputed_by
                  FROM replicas ORDER BY seq",
             )
             .map_err(sql(&self.path))?;
@@ -1043,12 +1053,17 @@ impl Store {
                     (Some(id), Some(checker), Some(deadline)) => Some((id, checker, deadline)),
                     _ => None,
                 };
+                let disputed = match (r.get(7)?, r.get(8)?) {
+                    (Some(check), Some(by)) => Some((check, by)),
+                    _ => None,
+                };
                 Ok(ReplicaRow {
                     unit: r.get(0)?,
                     worker: r.get(1)?,
                     class: r.get(2)?,
                     queued_ms: r.get(3)?,
                     lease,
+                    disputed,
                 })
             })
             .map_err(sql(&self.path))?;
@@ -1463,9 +1478,14 @@ impl Tx<'_> {
                 }
                 None => (None, None, None),
             };
+            let (disputed_check, disputed_by) = match &r.disputed {
+                Some((check, by)) => (Some(*check), Some(by.as_str())),
+                None => (None, None),
+            };
             self.run(
-                "INSERT INTO replicas (seq, unit, worker, class, queued_ms, check_id, checker, deadline_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO replicas (seq, unit, worker, class, queued_ms, check_id, checker, deadline_ms,
+                                       disputed_check, disputed_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     seq as u64,
                     r.unit,
@@ -1474,7 +1494,9 @@ impl Tx<'_> {
                     r.queued_ms,
                     check_id,
                     checker,
-                    deadline_ms
+                    deadline_ms,
+                    disputed_check,
+                    disputed_by
                 ],
             )?;
         }

@@ -327,3 +327,91 @@ fn a_volunteer_whose_dispute_the_coordinators_re_run_refutes_loses_its_trust() {
     let core = coordinator::Core::open(&store, config(dir.path()), T0 + 4).expect("reopen");
     assert_eq!(core.trust(WorkerId::of(&accuser)), refuted);
 }
+
+/// A disputed check of a unit the coordinator cannot re-run (a GPU class, longer than
+/// `GPU_ON_CPU_STEPS_MAX` steps) goes to a third volunteer of the class, kept across a
+/// restart, never to the disputer; the third's check decides two to one. Agreeing with
+/// the worker, it clears the unit and refutes the first volunteer; agreeing with the
+/// first volunteer, it fails the unit (its credit clawed back) and both volunteers are
+/// paid their checks.
+#[test]
+fn a_third_volunteer_settles_a_dispute_the_coordinator_cannot_re_run() {
+    const T0: u64 = 1_700_000_000_000;
+    let gpu = protocol::api::Machine {
+        device: "cuda:0 (test)".into(),
+        class: "cuda/sm90/132sm/test".into(),
+        tokens_per_s: 100_000.0,
+    };
+    for third_agrees_with_worker in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store");
+        let mut config = config(dir.path());
+        config.schedule.steps_per_unit = run::replicas::GPU_ON_CPU_STEPS_MAX + 1;
+        let mut core = coordinator::Core::open(&store, config.clone(), T0).expect("open");
+        let (worker, accuser, third) = (ts::key(60), ts::key(61), ts::key(62));
+        for key in [&worker, &accuser, &third] {
+            core.register(WorkerId::of(key), "rig", Some(&gpu), T0)
+                .expect("register");
+        }
+        let unit = ts::core_lease(&mut core, WorkerId::of(&worker), T0);
+        let honest = crate::checks::train(&core, &unit);
+        ts::core_submit(&mut core, &worker, &unit, &honest, T0).expect("accepted");
+        // The first volunteer's check disagrees: the honest delta, 5% larger.
+        let check = ts::core_lease(&mut core, WorkerId::of(&accuser), T0 + 1);
+        assert_eq!(check.address, unit.address);
+        let skewed: Vec<f32> = honest.iter().map(|x| 1.05 * x).collect();
+        ts::core_submit(&mut core, &accuser, &check, &skewed, T0 + 2).expect("answered");
+        assert_eq!(core.store().dispute(unit.id).expect("dispute"), None);
+        // The third check waits, stored: a restart keeps it, and the disputer is not
+        // leased it.
+        drop(core);
+        let mut core = coordinator::Core::open(&store, config, T0 + 3).expect("reopen");
+        let retry = ts::core_lease(&mut core, WorkerId::of(&accuser), T0 + 3);
+        assert_ne!(
+            retry.address, unit.address,
+            "the disputer was leased the third check"
+        );
+        let settle = ts::core_lease(&mut core, WorkerId::of(&third), T0 + 4);
+        assert_eq!(settle.address, unit.address);
+        assert!(settle.id != check.id && settle.id != unit.id);
+        let answer = if third_agrees_with_worker {
+            honest.clone()
+        } else {
+            skewed.clone()
+        };
+        ts::core_submit(&mut core, &third, &settle, &answer, T0 + 5).expect("answered");
+        let entries = core.store().ledger_entries().expect("ledger");
+        let mut paid = check_mints(&entries)
+            .iter()
+            .map(|&(id, checker, _)| (id, checker))
+            .collect::<Vec<_>>();
+        paid.sort();
+        let row = core
+            .store()
+            .checks(None)
+            .expect("checks")
+            .into_iter()
+            .find(|r| r.unit == unit.id)
+            .expect("the unit's check");
+        let clawed = entries
+            .iter()
+            .any(|e| e.kind == Kind::Clawback && e.reference == format!("update:{}", unit.id));
+        if third_agrees_with_worker {
+            assert_eq!(row.state, CheckState::Verified);
+            assert!(!clawed);
+            assert_eq!(paid, [(settle.id, WorkerId::of(&third))]);
+            let refuted = core.trust(WorkerId::of(&accuser));
+            assert_eq!(refuted.failed_unit, Some(check.id));
+        } else {
+            assert_eq!(row.state, CheckState::Failed);
+            assert!(clawed, "the unit's credit was not clawed back");
+            let mut want = vec![
+                (check.id, WorkerId::of(&accuser)),
+                (settle.id, WorkerId::of(&third)),
+            ];
+            want.sort();
+            assert_eq!(paid, want);
+        }
+        assert!(core.store().replicas().expect("replicas").is_empty());
+    }
+}

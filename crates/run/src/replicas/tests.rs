@@ -49,6 +49,7 @@ fn pending_of(id: u64, w: u8, class: &str, at_ms: u64, steps: u32) -> PendingChe
         worker: worker(w),
         class: class.into(),
         queued_ms: at_ms,
+        disputed: None,
     }
 }
 
@@ -58,6 +59,8 @@ enum Step {
     Route(bool, Option<&'static str>, Route),
     /// Unit `id` of worker `w` and class, sampled at a time, waits.
     Push(u64, u8, &'static str, u64),
+    /// The same, a third replica: worker `d`'s check, leased as `id + 100`, disputed it.
+    PushDisputed(u64, u8, &'static str, u64, u8),
     /// Worker `w` of a class asks; the unit it is leased under fresh id `id`, if any.
     Lease(u8, &'static str, u64, Option<u64>),
     /// Time passes: the units that fall back to the coordinator.
@@ -77,6 +80,13 @@ fn check(name: &str, steps: &[Step]) -> Replicas {
                 );
             }
             Step::Push(id, w, class, at_ms) => replicas.push(pending(id, w, class, at_ms)),
+            Step::PushDisputed(id, w, class, at_ms, d) => replicas.push(PendingCheck {
+                disputed: Some(crate::Replica {
+                    check: id + 100,
+                    checker: worker(d),
+                }),
+                ..pending(id, w, class, at_ms)
+            }),
             Step::Lease(w, class, id, want) => {
                 let got = replicas
                     .offer(worker(w), class)
@@ -274,4 +284,22 @@ fn class_peers_remember_who_leased_lately() {
     assert_eq!(peers.len(), super::CLASS_PEERS_MAX);
     // Workers 1 and 2 (seen at 160 and 150) went first.
     check(&peers, 3, CPU, 160, false);
+}
+
+/// A third replica (a disputed unit the coordinator cannot re-run) goes to neither the
+/// unit's worker nor the volunteer whose check disputed it, and, like any check of such
+/// a unit, never falls back to the coordinator.
+#[test]
+fn a_third_replica_goes_to_neither_the_worker_nor_the_disputer() {
+    use Step::*;
+    check(
+        "third replica",
+        &[
+            PushDisputed(1, 1, GPU, 0, 2),
+            Lease(1, GPU, 10, None),
+            Lease(2, GPU, 11, None),
+            Expire(1_000, &[]),
+            Lease(3, GPU, 12, Some(1)),
+        ],
+    );
 }

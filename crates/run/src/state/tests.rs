@@ -113,6 +113,12 @@ fn describe(out: &Result<Output, crate::RunError>) -> String {
             if let Some(mint) = &o.checker_mint {
                 parts.push(format!("checker credit {} {}", mint.amount, mint.reference));
             }
+            if let Some(mint) = &o.disputer_mint {
+                parts.push(format!(
+                    "disputer credit {} {}",
+                    mint.amount, mint.reference
+                ));
+            }
             if let Some((_, trust)) = &o.accuser {
                 parts.push(format!(
                     "accuser verified {} failed {:?}",
@@ -124,9 +130,9 @@ fn describe(out: &Result<Output, crate::RunError>) -> String {
             "check leased as unit {} round {} shard {}",
             unit.id, unit.round, unit.address.shard
         )),
-        Some(Decided::Disputed { unit, rerun, .. }) => {
-            parts.push(format!("disputed {unit} rerun {rerun}"))
-        }
+        Some(Decided::Disputed {
+            unit, rerun, third, ..
+        }) => parts.push(format!("disputed {unit} rerun {rerun} third {third}")),
         None => {}
     }
     parts.join(", ")
@@ -438,7 +444,11 @@ fn a_sampled_unit_is_checked_by_a_volunteer_of_its_class_never_its_own_worker() 
             (8, lease(3), "check leased as unit 4 round 0 shard 1"),
             // A mismatch believes neither side: no credit, no clawback; the unit goes to
             // the coordinator's own re-run.
-            (9, replayed(2, 2, 4, 3, 0.5), "disputed 2 rerun true"),
+            (
+                9,
+                replayed(2, 2, 4, 3, 0.5),
+                "disputed 2 rerun true third false",
+            ),
             // An upload under a check id no longer leased is a driver's bug.
             (10, replayed(2, 2, 4, 3, 0.0), "error internal"),
         ],
@@ -688,4 +698,84 @@ fn a_gpus_sized_unit_stays_checkable() {
             .collect();
         assert_eq!(steps, [want], "{class}, checks {checks}, other {peer:?}");
     }
+}
+
+/// A disputed check of a unit the coordinator cannot re-run (a GPU class, more than
+/// `GPU_ON_CPU_STEPS_MAX` steps) goes to a third volunteer of the class, never the
+/// disputer, and that check decides two to one: agreeing with the worker it clears the
+/// unit and refutes the first volunteer; agreeing with the first volunteer the unit
+/// fails and both volunteers are paid.
+#[test]
+fn a_third_volunteer_settles_a_disputed_check_the_coordinator_cannot_run() {
+    const GPU: &str = "cuda/sm90/132sm/test";
+    let gpu_run = || {
+        let settings = run(false).settings().clone();
+        let schedule = ScheduleConfig {
+            units_per_round: 2,
+            min_updates: 2,
+            steps_per_unit: crate::replicas::GPU_ON_CPU_STEPS_MAX + 10,
+            ..ScheduleConfig::default()
+        };
+        Run::new(
+            settings,
+            Scheduler::new(schedule, 0),
+            Acceptance::default(),
+            SpotChecks::default(),
+            Replicas::default(),
+        )
+        .expect("a new run holds together")
+    };
+    let first = update(1, 1, 0, 0.1);
+    // 60 steps of 20 tokens at 6 MFLOPs each: 7 micro-credits (a check is paid on the
+    // tokens its input says, 1,000 in `replayed`: 6).
+    let disputed: &[(u64, Input<'_>, &str)] = &[
+        (0, lease_as(1, GPU), "round 0 on 0, lease 1"),
+        (1, lease_as(2, GPU), "lease 2"),
+        (
+            2,
+            update_as(&first, Some(GPU)),
+            "accepted 1 round 0 credit 7 Some(Replicated)",
+        ),
+        (
+            3,
+            lease_as(3, GPU),
+            "check leased as unit 3 round 0 shard 0",
+        ),
+        (
+            4,
+            replayed(1, 1, 3, 3, 0.5),
+            "disputed 1 rerun false third true",
+        ),
+        // The disputer is not leased the third check; another volunteer is.
+        (5, lease_as(3, GPU), "no work"),
+        (
+            6,
+            lease_as(4, GPU),
+            "check leased as unit 4 round 0 shard 0",
+        ),
+    ];
+    let run = check("disputed", gpu_run(), disputed);
+    assert_eq!(run.replicas().leases().count(), 1);
+    let cleared = check(
+        "cleared two to one",
+        run.clone(),
+        &[(
+            7,
+            replayed(1, 1, 4, 4, 0.0),
+            "checked matched true claw back false requeue [], checker credit 6 check:4, accuser verified 0 failed Some(3)",
+        )],
+    );
+    assert_eq!(cleared.checks().trust(worker(1)).verified, 1);
+    assert!(cleared.replicas().is_empty());
+    let failed = check(
+        "failed two to one",
+        run,
+        &[(
+            7,
+            replayed(1, 1, 4, 4, 0.5),
+            "checked matched false claw back true requeue [], checker credit 6 check:4, disputer credit 6 check:3",
+        )],
+    );
+    assert!(failed.checks().failed(1));
+    assert!(failed.replicas().is_empty());
 }

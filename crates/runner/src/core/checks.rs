@@ -472,33 +472,44 @@ impl Core {
         } else {
             None
         };
-        // A volunteer is paid for a match, or for a dispute this re-run upholds, which
-        // claws the unit back first: its mint is then prepared after the clawback, on a
-        // copy of the ledger (rare: a liar caught by a volunteer).
-        let after_clawback = match &clawback {
-            Some(entry) if outcome.checker_mint.is_some() => {
-                let mut next = self.ledger.read().clone();
+        // A volunteer is paid for a match, or for a dispute this re-run upholds (and a
+        // third replica that upholds a dispute pays both volunteers), which claws the
+        // unit back first: the mints are then prepared in turn after the clawback, on a
+        // copy of the ledger (rare: a liar caught by volunteers).
+        let drafts: Vec<ledger::Draft> = [&outcome.checker_mint, &outcome.disputer_mint]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut scratch = if clawback.is_some() && !drafts.is_empty() || drafts.len() > 1 {
+            let mut next = self.ledger.read().clone();
+            if let Some(entry) = &clawback {
                 next.commit(entry.clone()).map_err(|e| internal(&e))?;
-                Some(next)
             }
-            _ => None,
+            Some(next)
+        } else {
+            None
         };
-        let prepared = |draft| match &after_clawback {
-            Some(ledger) => ledger.prepare(draft, now_ms, &self.authority),
-            None => self.ledger.prepare(draft, now_ms, &self.authority),
-        };
-        let checker_mint = match outcome.checker_mint.clone() {
-            Some(draft) => match prepared(draft) {
-                Ok(ledger::Prepared::New(entry)) => Some(*entry),
+        let mut mints = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let prepared = match &scratch {
+                Some(ledger) => ledger.prepare(draft, now_ms, &self.authority),
+                None => self.ledger.prepare(draft, now_ms, &self.authority),
+            };
+            let entry = match prepared {
+                Ok(ledger::Prepared::New(entry)) => *entry,
                 Ok(ledger::Prepared::Existing(seq)) => {
                     return Err(RunError::internal(&super::CoreError::Inconsistent(
                         format!("unit {unit}'s check already has its mint, entry {seq}"),
                     )));
                 }
                 Err(e) => return Err(RunError::internal(&e)),
-            },
-            None => None,
-        };
+            };
+            if let Some(ledger) = scratch.as_mut() {
+                ledger.commit(entry.clone()).map_err(|e| internal(&e))?;
+            }
+            mints.push(entry);
+        }
         let row = CheckRow {
             unit,
             worker: worker_id.clone(),
@@ -534,7 +545,7 @@ impl Core {
                 if let Some(entry) = &clawback {
                     tx.insert_entry(entry)?;
                 }
-                if let Some(entry) = &checker_mint {
+                for entry in &mints {
                     tx.insert_entry(entry)?;
                 }
                 Ok(())
@@ -544,8 +555,10 @@ impl Core {
         if let Some(entry) = clawback {
             self.ledger_committed(entry);
         }
-        let checker_credit = checker_mint.as_ref().map_or(0, |e| e.amount);
-        if let Some(entry) = checker_mint {
+        // What the volunteer whose check this is earned (the first mint; a disputer's
+        // comes after it).
+        let checker_credit = mints.first().map_or(0, |e| e.amount);
+        for entry in mints {
             self.ledger_committed(entry);
         }
         self.run = next;
@@ -682,14 +695,16 @@ impl Core {
                 );
                 outcome.checker_credit
             }
-            Some(run::Decided::Disputed { rerun, .. }) => {
+            Some(run::Decided::Disputed { rerun, third, .. }) => {
                 let checker = leased.checker.to_string();
                 self.store
                     .write(|tx| {
+                        // A third replica is one of the replicas' rows; the unit's check
+                        // row stays queued for it.
                         tx.replace_replicas(&super::replica_rows(&next))?;
                         if rerun {
                             tx.insert_dispute(unit, check, &checker)?;
-                        } else {
+                        } else if !third {
                             tx.set_check(&CheckRow {
                                 unit,
                                 worker: original.worker.clone(),
@@ -709,7 +724,8 @@ impl Core {
                     checker = %leased.checker,
                     distance,
                     rerun,
-                    "spot-check: a volunteer's check does not match the unit; the coordinator re-runs it, and pays the checker if the unit fails"
+                    third,
+                    "spot-check: a volunteer's check does not match the unit; the coordinator re-runs it (rerun) or a third volunteer checks it (third), and the checker is paid if the unit fails"
                 );
                 0
             }
