@@ -42,6 +42,10 @@ pub const ACCEPTED_MAX: usize = 4_096;
 /// Most values a peer keeps by id for the height it is on (each proposal it saw).
 pub const VALUES_MAX: usize = 64;
 
+/// Most signed messages a peer keeps to catch equivocations (a few rounds of a full
+/// committee's proposals and votes).
+pub const SEEN_MAX: usize = 8 * COMMITTEE_MAX;
+
 /// A peer's public key: its address in the committee.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Address(pub [u8; 32]);
@@ -102,6 +106,13 @@ pub struct Value {
     pub accepted: Vec<Counted>,
     /// The hash of the new version's parameters.
     pub version_hash: [u8; 32],
+}
+
+impl Value {
+    /// Its id ([`ValueId`]).
+    pub fn id_of(value: &Value) -> ValueId {
+        mt::Value::id(value)
+    }
 }
 
 /// A value's id: the blake3 of its canonical bytes.
@@ -527,6 +538,81 @@ pub enum Action {
     BuildValue { height: Height, round: Round },
     /// The height is decided: apply the value, then [`Peer::start`] the next height.
     Decided(Decision),
+    /// A member signed two different proposals or votes for one round: the proof, for
+    /// the driver to act on (as on a failed re-run: its trust reset, its seat lost).
+    Equivocation(Equivocation),
+}
+
+/// Two messages one member signed for the same height, round and kind (proposal,
+/// prevote, precommit) with different values: checkable by anyone with the committee's
+/// keys alone ([`Equivocation::culprit`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Equivocation {
+    pub first: Message,
+    pub second: Message,
+}
+
+/// Where two messages conflict: height, round, kind (0 proposal, 1 prevote, 2
+/// precommit), signer.
+type Slot = (Height, i64, u8, Address);
+
+/// A message's slot, and what it says there.
+fn slot(message: &Message) -> (Slot, Option<ValueId>) {
+    match message {
+        SignedConsensusMsg::Proposal(p) => {
+            let p = &p.message;
+            (
+                (p.height, p.round.as_i64(), 0, p.proposer),
+                Some(mt::Value::id(&p.value)),
+            )
+        }
+        SignedConsensusMsg::Vote(v) => {
+            let v = &v.message;
+            let kind = match v.kind {
+                VoteType::Prevote => 1,
+                VoteType::Precommit => 2,
+            };
+            let value = match v.value {
+                NilOrVal::Nil => None,
+                NilOrVal::Val(id) => Some(id),
+            };
+            ((v.height, v.round.as_i64(), kind, v.voter), value)
+        }
+    }
+}
+
+/// Whether `message` is signed by the member it names.
+fn signed_by_its_member(message: &Message, committee: &Committee) -> bool {
+    let ((_, _, _, who), _) = slot(message);
+    let Some(member) = mt::ValidatorSet::get_by_address(committee, &who) else {
+        return false;
+    };
+    match message {
+        SignedConsensusMsg::Proposal(p) => verified(
+            &ConsensusMsg::Proposal(p.message.clone()),
+            &p.signature,
+            &member.key,
+        ),
+        SignedConsensusMsg::Vote(v) => verified(
+            &ConsensusMsg::Vote(v.message.clone()),
+            &v.signature,
+            &member.key,
+        ),
+    }
+}
+
+impl Equivocation {
+    /// The member who signed both, if this is a proof: the same height, round, kind and
+    /// signer, different values, and both signatures that member's.
+    pub fn culprit(&self, committee: &Committee) -> Option<Address> {
+        let (a, va) = slot(&self.first);
+        let (b, vb) = slot(&self.second);
+        let proof = a == b
+            && va != vb
+            && signed_by_its_member(&self.first, committee)
+            && signed_by_its_member(&self.second, committee);
+        proof.then_some(a.3)
+    }
 }
 
 /// How long each step waits, growing with the round so that a slow network catches up.
@@ -576,6 +662,9 @@ pub struct Peer {
     /// The values of proposals for this height and the next, by height and id (at
     /// most [`VALUES_MAX`]): each signed by its round's drawn proposer.
     values: BTreeMap<(Height, ValueId), Value>,
+    /// What each member signed for each slot (height, round, kind) of this height and
+    /// the next, with the message: a second, different one is an equivocation.
+    seen: BTreeMap<Slot, (Option<ValueId>, Message)>,
 }
 
 impl Peer {
@@ -597,6 +686,7 @@ impl Peer {
             seed,
             state: State::new(Ctx { seed }, params, 128),
             values: BTreeMap::new(),
+            seen: BTreeMap::new(),
         })
     }
 
@@ -612,6 +702,7 @@ impl Peer {
     /// Starts `height` (1, then each after a decision).
     pub fn start(&mut self, height: Height) -> Result<Vec<Action>, AgreeError> {
         self.values.retain(|(h, _), _| *h >= height);
+        self.seen.retain(|(h, ..), _| *h >= height);
         self.step(Input::StartHeight(height, self.committee.clone()))
     }
 
@@ -624,7 +715,12 @@ impl Peer {
         valid: impl Fn(&Value) -> bool,
     ) -> Result<Vec<Action>, AgreeError> {
         match message {
-            SignedConsensusMsg::Vote(v) => self.step(Input::Vote(v)),
+            SignedConsensusMsg::Vote(v) => {
+                let evidence = self.witness(&SignedConsensusMsg::Vote(v.clone()));
+                let mut actions = self.step(Input::Vote(v))?;
+                actions.extend(evidence);
+                Ok(actions)
+            }
             SignedConsensusMsg::Proposal(p) => {
                 let proposal = &p.message;
                 let value = &proposal.value;
@@ -649,7 +745,10 @@ impl Peer {
                     return Ok(Vec::new());
                 }
                 self.remember(proposal.height, value.clone());
-                self.step(Input::Proposal(p))
+                let evidence = self.witness(&SignedConsensusMsg::Proposal(p.clone()));
+                let mut actions = self.step(Input::Proposal(p))?;
+                actions.extend(evidence);
+                Ok(actions)
             }
         }
     }
@@ -671,6 +770,50 @@ impl Peer {
     /// A timer the driver started ([`Action::Schedule`]) fired.
     pub fn timeout(&mut self, timeout: Timeout) -> Result<Vec<Action>, AgreeError> {
         self.step(Input::TimeoutElapsed(timeout))
+    }
+
+    /// Records what `message` says for its slot if it is signed by its member, for this
+    /// height or the next (at most [`SEEN_MAX`] slots); a second, different message for
+    /// a slot is an equivocation.
+    fn witness(&mut self, message: &Message) -> Option<Action> {
+        let (key, value) = slot(message);
+        let current = self.height();
+        if key.0 < current
+            || key.0.0 > current.0 + 1
+            || !signed_by_its_member(message, &self.committee)
+        {
+            return None;
+        }
+        match self.seen.get(&key) {
+            Some((seen, first)) if *seen != value => Some(Action::Equivocation(Equivocation {
+                first: first.clone(),
+                second: message.clone(),
+            })),
+            Some(_) => None,
+            None => {
+                if self.seen.len() < SEEN_MAX {
+                    self.seen.insert(key, (value, message.clone()));
+                }
+                None
+            }
+        }
+    }
+
+    /// `proposal` signed by this peer with `value` instead: what an equivocating
+    /// proposer sends (the simulator's dishonest peers).
+    pub(crate) fn resigned(&self, proposal: &Message, value: Value) -> Option<Message> {
+        let SignedConsensusMsg::Proposal(p) = proposal else {
+            return None;
+        };
+        let other = Proposal {
+            value,
+            ..p.message.clone()
+        };
+        let signature = self.key.sign(&proposal_bytes(&other));
+        Some(SignedConsensusMsg::Proposal(SignedMessage::new(
+            other,
+            Sig(signature.to_bytes()),
+        )))
     }
 
     fn remember(&mut self, height: Height, value: Value) {

@@ -1,7 +1,9 @@
 //! Several peers agreeing in one process from one seed: a simulated clock, a network
-//! that delays each message by a seeded draw, timers, and faults (peers that withhold
-//! every message, proposers whose values are wrong). Deterministic: the same settings
-//! give the same run, so a failing seed can be run again.
+//! that delays each message by a seeded draw, timers, and faults: peers that withhold
+//! every message, proposers whose values are wrong, proposers who equivocate (another
+//! valid value to half the committee), a partition that holds the messages crossing it
+//! until it heals, and clocks that run at different rates. Deterministic: the same
+//! settings give the same run, so a failing seed can be run again.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -24,6 +26,14 @@ pub struct Settings {
     pub withholding: Vec<usize>,
     /// Peers (by index) that propose a value whose hash is wrong.
     pub wrong_proposers: Vec<usize>,
+    /// Peers (by index) that propose the honest value to even-numbered peers and
+    /// [`other_value`] (valid too) to odd-numbered ones.
+    pub equivocating: Vec<usize>,
+    /// Peers cut off from the rest from `from_ms` until `until_ms`: a message crossing
+    /// the cut in that time arrives after it heals.
+    pub partition: Option<Partition>,
+    /// Each peer's timers run at a seeded rate between 0.5 and 2 times the others'.
+    pub skewed_clocks: bool,
     /// Each message takes 1 to this many ms (a seeded draw).
     pub delay_max_ms: u64,
     pub timeouts: Timeouts,
@@ -39,11 +49,22 @@ impl Settings {
             heights: 3,
             withholding: Vec::new(),
             wrong_proposers: Vec::new(),
+            equivocating: Vec::new(),
+            partition: None,
+            skewed_clocks: false,
             delay_max_ms: 50,
             timeouts: Timeouts::default(),
             limit_ms: 600_000,
         }
     }
+}
+
+/// A group of peers cut off from the others for a while.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    pub group: Vec<usize>,
+    pub from_ms: u64,
+    pub until_ms: u64,
 }
 
 /// One peer's decision of one height.
@@ -64,6 +85,8 @@ pub struct Report {
     pub decisions: Vec<Decided>,
     pub messages: u64,
     pub events: usize,
+    /// Equivocations the peers proved: (the peer that saw it, the culprit's index).
+    pub equivocations: Vec<(usize, usize)>,
     pub end_ms: u64,
     /// Why it stopped early, if it did (an error of a peer, or the event bound).
     pub failure: Option<String>,
@@ -82,6 +105,20 @@ pub fn honest_value(height: u64) -> Value {
         }],
         version_hash: *h.finalize().as_bytes(),
     }
+}
+
+/// Another valid value of `height` (an equivocator's second): the same version reached
+/// by another weighting that every peer's re-execution accepts too.
+pub fn other_value(height: u64) -> Value {
+    let mut v = honest_value(height);
+    v.accepted[0].weight += 1;
+    v
+}
+
+/// Whether a peer's re-execution accepts `v`.
+fn valid(v: &Value) -> bool {
+    let height = v.base_version + 1;
+    *v == honest_value(height) || *v == other_value(height)
 }
 
 /// A dishonest proposer's value: another hash.
@@ -177,6 +214,8 @@ pub fn run(settings: &Settings) -> Report {
     }
     let mut sim = Sim {
         settings,
+        committee: committee.clone(),
+        relayed: std::collections::BTreeSet::new(),
         queue: BinaryHeap::new(),
         seq: 0,
         now_ms: 0,
@@ -185,9 +224,9 @@ pub fn run(settings: &Settings) -> Report {
     let honest: Vec<usize> = (0..peers.len())
         .filter(|i| !settings.withholding.contains(i))
         .collect();
-    for (i, peer) in peers.iter_mut().enumerate() {
-        match peer.start(Height(1)) {
-            Ok(actions) => sim.act(i, 1, actions),
+    for i in 0..peers.len() {
+        match peers[i].start(Height(1)) {
+            Ok(actions) => sim.act(&peers, i, 1, actions),
             Err(e) => return sim.fail(format!("peer {i} start: {e}")),
         }
     }
@@ -200,7 +239,18 @@ pub fn run(settings: &Settings) -> Report {
         let (i, height, result) = match event {
             Event::Deliver { to, message } => {
                 let h = peers[to].height().0;
-                let valid = |v: &Value| *v == honest_value(v.base_version + 1);
+                // Gossip: a peer passes each proposal on the first time it sees it, so an
+                // equivocator's two proposals meet somewhere.
+                if let crate::SignedConsensusMsg::Proposal(p) = &message.0 {
+                    let id = (
+                        to,
+                        crate::Value::id_of(&p.message.value),
+                        p.message.round.as_i64(),
+                    );
+                    if sim.relayed.insert(id) && !settings.withholding.contains(&to) {
+                        sim.send(to, &message.0, |_| true);
+                    }
+                }
                 (to, h, peers[to].receive(message.0, valid))
             }
             Event::Fire {
@@ -246,11 +296,11 @@ pub fn run(settings: &Settings) -> Report {
                 _ => None,
             })
             .collect();
-        sim.act(i, height, actions);
+        sim.act(&peers, i, height, actions);
         for h in decided {
             if h < settings.heights {
                 match peers[i].start(Height(h + 1)) {
-                    Ok(actions) => sim.act(i, h + 1, actions),
+                    Ok(actions) => sim.act(&peers, i, h + 1, actions),
                     Err(e) => return sim.fail(format!("peer {i} start {}: {e}", h + 1)),
                 }
             }
@@ -271,6 +321,9 @@ pub fn run(settings: &Settings) -> Report {
 
 struct Sim<'a> {
     settings: &'a Settings,
+    committee: Committee,
+    /// Proposals each peer has passed on: (peer, value id, round).
+    relayed: std::collections::BTreeSet<(usize, crate::ValueId, i64)>,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
     seq: u64,
     now_ms: u64,
@@ -289,29 +342,76 @@ impl Sim<'_> {
         self.report
     }
 
-    fn act(&mut self, from: usize, height: u64, actions: Vec<Action>) {
+    /// When a message sent now from `from` to `to` arrives: a seeded delay, after the
+    /// partition heals if it crosses it.
+    fn arrival(&self, from: usize, to: usize) -> u64 {
+        let draw = protocol::splitmix64(self.settings.seed ^ self.seq.wrapping_mul(31));
+        let delay = 1 + draw % self.settings.delay_max_ms.max(1);
+        let sent = match &self.settings.partition {
+            Some(p)
+                if (p.from_ms..p.until_ms).contains(&self.now_ms)
+                    && p.group.contains(&from) != p.group.contains(&to) =>
+            {
+                p.until_ms
+            }
+            _ => self.now_ms,
+        };
+        sent + delay
+    }
+
+    /// How long `peer`'s timer of `ms` takes on the simulated clock.
+    fn timer_ms(&self, peer: usize, ms: u64) -> u64 {
+        if !self.settings.skewed_clocks {
+            return ms;
+        }
+        // 50 to 200 percent.
+        let rate = 50 + protocol::splitmix64(self.settings.seed ^ (peer as u64 + 1)) % 151;
+        ms * rate / 100
+    }
+
+    /// Sends `message` from `from` to every other peer that `to` admits.
+    fn send(&mut self, from: usize, message: &Message, to: impl Fn(usize) -> bool) {
+        for peer in (0..self.settings.peers).filter(|&p| p != from && to(p)) {
+            self.report.messages += 1;
+            let at = self.arrival(from, peer);
+            self.push(
+                at,
+                Event::Deliver {
+                    to: peer,
+                    message: Box::new(MessageOrd(message.clone())),
+                },
+            );
+        }
+    }
+
+    fn act(&mut self, peers: &[Peer], from: usize, height: u64, actions: Vec<Action>) {
         for action in actions {
             match action {
                 Action::Broadcast(message) => {
                     if self.settings.withholding.contains(&from) {
                         continue;
                     }
-                    for to in (0..self.settings.peers).filter(|&to| to != from) {
-                        self.report.messages += 1;
-                        let draw =
-                            protocol::splitmix64(self.settings.seed ^ self.seq.wrapping_mul(31));
-                        let delay = 1 + draw % self.settings.delay_max_ms.max(1);
-                        self.push(
-                            self.now_ms + delay,
-                            Event::Deliver {
-                                to,
-                                message: Box::new(MessageOrd(message.clone())),
-                            },
-                        );
+                    let second = if self.settings.equivocating.contains(&from) {
+                        match &message {
+                            crate::SignedConsensusMsg::Proposal(p) => {
+                                peers[from].resigned(&message, other_value(p.message.height.0))
+                            }
+                            crate::SignedConsensusMsg::Vote(_) => None,
+                        }
+                    } else {
+                        None
+                    };
+                    match second {
+                        Some(other) => {
+                            self.send(from, &message, |to| to % 2 == 0);
+                            self.send(from, &other, |to| to % 2 == 1);
+                        }
+                        None => self.send(from, &message, |_| true),
                     }
                 }
                 Action::Schedule(timeout) => {
-                    let at = self.now_ms + self.settings.timeouts.duration_ms(timeout);
+                    let ms = self.settings.timeouts.duration_ms(timeout);
+                    let at = self.now_ms + self.timer_ms(from, ms);
                     self.push(
                         at,
                         Event::Fire {
@@ -337,6 +437,14 @@ impl Sim<'_> {
                     signatures: d.signatures,
                     at_ms: self.now_ms,
                 }),
+                Action::Equivocation(proof) => {
+                    let culprit = proof
+                        .culprit(&self.committee)
+                        .and_then(|address| peers.iter().position(|p| p.address() == address));
+                    if let Some(culprit) = culprit {
+                        self.report.equivocations.push((from, culprit));
+                    }
+                }
             }
         }
     }

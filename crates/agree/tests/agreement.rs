@@ -1,9 +1,11 @@
 //! Agreement in the simulator as data: each scenario (peers, faults) over many seeds,
 //! and what must hold of every run: every peer that sends decides every height once,
-//! all on the same value, the honest one (a wrong proposer's value never), certified by
-//! more than two thirds of the committee. A failing run prints its scenario and seed.
+//! all on the same value, a valid one (the honest one unless an equivocator offered
+//! another valid one; a wrong proposer's value never), certified by more than two
+//! thirds of the committee; an equivocation is proven against its culprit and no one
+//! else. A failing run prints its scenario and seed.
 
-use agree::sim::{self, Settings, honest_value};
+use agree::sim::{self, Partition, Settings, honest_value, other_value};
 
 /// Seeds each scenario runs.
 const SEEDS: u64 = 24;
@@ -13,50 +15,104 @@ struct Scenario {
     peers: usize,
     withholding: &'static [usize],
     wrong_proposers: &'static [usize],
+    equivocating: &'static [usize],
+    /// Cut off, from, until (ms).
+    partition: Option<(&'static [usize], u64, u64)>,
+    skewed_clocks: bool,
 }
+
+const HONEST: Scenario = Scenario {
+    name: "",
+    peers: 4,
+    withholding: &[],
+    wrong_proposers: &[],
+    equivocating: &[],
+    partition: None,
+    skewed_clocks: false,
+};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "4 honest peers",
-        peers: 4,
-        withholding: &[],
-        wrong_proposers: &[],
+        ..HONEST
     },
     Scenario {
         name: "4 peers, one withholding every message",
-        peers: 4,
         withholding: &[0],
-        wrong_proposers: &[],
+        ..HONEST
     },
     Scenario {
         name: "4 peers, one proposing wrong versions",
-        peers: 4,
-        withholding: &[],
         wrong_proposers: &[1],
+        ..HONEST
     },
     Scenario {
-        name: "7 peers, one withholding and one proposing wrong versions",
+        name: "4 peers, one equivocating",
+        equivocating: &[2],
+        ..HONEST
+    },
+    Scenario {
+        name: "4 peers, two cut off for 20 s",
+        partition: Some((&[0, 1], 500, 20_500)),
+        ..HONEST
+    },
+    Scenario {
+        name: "4 peers, clocks at 0.5 to 2 times",
+        skewed_clocks: true,
+        ..HONEST
+    },
+    Scenario {
+        name: "7 peers, one withholding, one proposing wrong versions, clocks skewed",
         peers: 7,
         withholding: &[2],
         wrong_proposers: &[5],
+        skewed_clocks: true,
+        ..HONEST
+    },
+    // Three of seven cut off leaves neither side a quorum, so no one falls behind: a peer
+    // that misses a whole height needs the certified chain (sync, not built yet).
+    Scenario {
+        name: "7 peers, one equivocating, three cut off for 10 s",
+        peers: 7,
+        equivocating: &[3],
+        partition: Some((&[0, 5, 6], 0, 10_000)),
+        ..HONEST
     },
 ];
 
-/// Checks one run; returns how many heights it decided past round 0 (a faulty or slow
-/// proposer's round timed out).
+/// What a scenario's runs showed together.
+#[derive(Default)]
+struct Seen {
+    /// Heights decided past round 0 (a round timed out).
+    late: usize,
+    /// Equivocations proven.
+    equivocations: usize,
+}
+
+/// Checks one run and adds what it showed to `seen`.
 #[track_caller]
-fn check(scenario: &Scenario, seed: u64) -> usize {
+fn check(scenario: &Scenario, seed: u64, seen: &mut Seen) {
     let settings = Settings {
         withholding: scenario.withholding.to_vec(),
         wrong_proposers: scenario.wrong_proposers.to_vec(),
+        equivocating: scenario.equivocating.to_vec(),
+        partition: scenario
+            .partition
+            .map(|(group, from_ms, until_ms)| Partition {
+                group: group.to_vec(),
+                from_ms,
+                until_ms,
+            }),
+        skewed_clocks: scenario.skewed_clocks,
         ..Settings::new(seed, scenario.peers)
     };
     let report = sim::run(&settings);
     let at = format!("{}, seed {seed}", scenario.name);
     assert_eq!(report.failure, None, "{at}");
     let quorum = scenario.peers * 2 / 3 + 1;
-    for peer in (0..scenario.peers).filter(|p| !scenario.withholding.contains(p)) {
-        for height in 1..=settings.heights {
+    for height in 1..=settings.heights {
+        let mut values = Vec::new();
+        for peer in (0..scenario.peers).filter(|p| !scenario.withholding.contains(p)) {
             let decided: Vec<_> = report
                 .decisions
                 .iter()
@@ -64,29 +120,68 @@ fn check(scenario: &Scenario, seed: u64) -> usize {
                 .collect();
             assert_eq!(decided.len(), 1, "{at}: peer {peer}, height {height}");
             let d = decided[0];
-            assert_eq!(
-                d.value,
-                honest_value(height),
-                "{at}: peer {peer}, height {height}"
-            );
             assert!(
                 d.signatures >= quorum,
                 "{at}: height {height} certified by {} of {}",
                 d.signatures,
                 scenario.peers
             );
+            values.push(d.value.clone());
         }
+        values.dedup();
+        assert_eq!(values.len(), 1, "{at}: height {height} decided two values");
+        let allowed = if scenario.equivocating.is_empty() {
+            vec![honest_value(height)]
+        } else {
+            vec![honest_value(height), other_value(height)]
+        };
+        assert!(
+            allowed.contains(&values[0]),
+            "{at}: height {height} decided {:?}",
+            values[0]
+        );
     }
-    report.decisions.iter().filter(|d| d.round > 0).count()
+    for &(witness, culprit) in &report.equivocations {
+        assert!(
+            scenario.equivocating.contains(&culprit),
+            "{at}: peer {witness} proved an equivocation of honest peer {culprit}"
+        );
+    }
+    seen.late += report.decisions.iter().filter(|d| d.round > 0).count();
+    seen.equivocations += report.equivocations.len();
 }
 
 #[test]
 fn peers_agree_on_every_version_whatever_the_seed() {
     for scenario in SCENARIOS {
-        let late: usize = (0..SEEDS).map(|seed| check(scenario, seed)).sum();
-        // A fault costs rounds: the seeds drew the faulty peer as a proposer.
-        let faulty = !scenario.withholding.is_empty() || !scenario.wrong_proposers.is_empty();
-        assert_eq!(late > 0, faulty, "{}: {late} decisions past round 0", scenario.name);
+        let mut seen = Seen::default();
+        for seed in 0..SEEDS {
+            check(scenario, seed, &mut seen);
+        }
+        // The seeds drew each faulty proposer: a withheld or wrong proposal costs a
+        // round (and with no fault and no partition, no round is lost), an
+        // equivocation is proven.
+        let costs_rounds = !scenario.withholding.is_empty() || !scenario.wrong_proposers.is_empty();
+        let clean = !costs_rounds
+            && scenario.equivocating.is_empty()
+            && scenario.partition.is_none()
+            && !scenario.skewed_clocks;
+        if costs_rounds || clean {
+            assert_eq!(
+                seen.late > 0,
+                costs_rounds,
+                "{}: {} decisions past round 0",
+                scenario.name,
+                seen.late
+            );
+        }
+        assert_eq!(
+            seen.equivocations > 0,
+            !scenario.equivocating.is_empty(),
+            "{}: {} equivocations proven",
+            scenario.name,
+            seen.equivocations
+        );
     }
 }
 
