@@ -266,6 +266,19 @@ impl Committee {
         self.0.len()
     }
 
+    /// Whether this committee certified `decision`: its certificate is of its height,
+    /// round and value, with valid precommit signatures of distinct members holding more
+    /// than two thirds of the votes. What a peer that missed a height (a partition, a
+    /// late join) checks each decision of the chain it is sent with, before it
+    /// re-executes the value and starts the next height.
+    pub fn certifies(&self, decision: &Decision) -> bool {
+        let c = &decision.certificate;
+        c.height == decision.height
+            && c.round == decision.round
+            && c.value_id == mt::Value::id(&decision.value)
+            && commit_certified(c, self).is_ok()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -522,8 +535,19 @@ pub struct Decision {
     pub height: Height,
     pub round: Round,
     pub value: Value,
-    /// How many members' precommits certify it (more than two thirds).
-    pub signatures: usize,
+    /// The members' precommit signatures that certify it (more than two thirds): what a
+    /// peer that missed the height checks ([`Committee::certifies`]).
+    pub certificate: Certificate,
+}
+
+/// A height's commit certificate.
+pub type Certificate = mt::CommitCertificate<Ctx>;
+
+impl Decision {
+    /// How many members' precommits certify it.
+    pub fn signatures(&self) -> usize {
+        self.certificate.commit_signatures.len()
+    }
 }
 
 /// What the driver does after a step.
@@ -579,6 +603,16 @@ fn slot(message: &Message) -> (Slot, Option<ValueId>) {
             ((v.height, v.round.as_i64(), kind, v.voter), value)
         }
     }
+}
+
+/// The height `message` is for.
+pub fn message_height(message: &Message) -> Height {
+    slot(message).0.0
+}
+
+/// The member who signed `message` (by its own word: [`Peer::receive`] checks).
+pub fn message_signer(message: &Message) -> Address {
+    slot(message).0.3
 }
 
 /// Whether `message` is signed by the member it names.
@@ -867,7 +901,7 @@ impl Peer {
                                 height: certificate.height,
                                 round: certificate.round,
                                 value: value.clone(),
-                                signatures: certificate.commit_signatures.len(),
+                                certificate: certificate.clone(),
                             })),
                             None => {
                                 return Err(AgreeError(format!(

@@ -2,15 +2,19 @@
 //! that delays each message by a seeded draw, timers, and faults: peers that withhold
 //! every message, proposers whose values are wrong, proposers who equivocate (another
 //! valid value to half the committee), a partition that holds the messages crossing it
-//! until it heals, and clocks that run at different rates. Deterministic: the same
-//! settings give the same run, so a failing seed can be run again.
+//! until it heals, and clocks that run at different rates. A peer that hears of a height
+//! past its own asks the message's signer for the certified chain and catches up from it
+//! (each decision's certificate checked, each value re-executed). Deterministic: the
+//! same settings give the same run, so a failing seed can be run again.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use ed25519_dalek::SigningKey;
 
-use crate::{Action, Committee, Counted, Height, Message, Peer, Timeout, Timeouts, Value};
+use crate::{
+    Action, Committee, Counted, Decision, Height, Message, Peer, Timeout, Timeouts, Value,
+};
 
 /// Most events a simulation takes before it gives up (a bound on a livelock).
 pub const EVENTS_MAX: usize = 1_000_000;
@@ -76,6 +80,8 @@ pub struct Decided {
     pub value: Value,
     pub signatures: usize,
     pub at_ms: u64,
+    /// Caught up from another peer's certified chain rather than voted.
+    pub synced: bool,
 }
 
 /// What a simulation gave.
@@ -132,7 +138,12 @@ fn wrong_value(height: u64, peer: usize) -> Value {
 enum Event {
     Deliver {
         to: usize,
-        message: Box<MessageOrd>,
+        message: Box<Unordered<Message>>,
+    },
+    /// A certified chain, from a peer asked for it.
+    Sync {
+        to: usize,
+        chain: Box<Unordered<Vec<Decision>>>,
     },
     Fire {
         peer: usize,
@@ -146,22 +157,22 @@ enum Event {
     },
 }
 
-/// A message in the event queue (ordered by its place in the queue, not its content).
+/// What an event carries (ordered by the event's place in the queue, not its content).
 #[derive(Clone, Debug)]
-struct MessageOrd(Message);
+struct Unordered<T>(T);
 
-impl PartialEq for MessageOrd {
+impl<T> PartialEq for Unordered<T> {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
-impl Eq for MessageOrd {}
-impl PartialOrd for MessageOrd {
+impl<T> Eq for Unordered<T> {}
+impl<T> PartialOrd for Unordered<T> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for MessageOrd {
+impl<T> Ord for Unordered<T> {
     fn cmp(&self, _: &Self) -> std::cmp::Ordering {
         std::cmp::Ordering::Equal
     }
@@ -216,6 +227,9 @@ pub fn run(settings: &Settings) -> Report {
         settings,
         committee: committee.clone(),
         relayed: std::collections::BTreeSet::new(),
+        chains: vec![Vec::new(); settings.peers],
+        asked: std::collections::BTreeSet::new(),
+        addresses: peers.iter().map(|p| p.address()).collect(),
         queue: BinaryHeap::new(),
         seq: 0,
         now_ms: 0,
@@ -239,6 +253,7 @@ pub fn run(settings: &Settings) -> Report {
         let (i, height, result) = match event {
             Event::Deliver { to, message } => {
                 let h = peers[to].height().0;
+                sim.ask_for_chain(to, h, &message.0);
                 // Gossip: a peer passes each proposal on the first time it sees it, so an
                 // equivocator's two proposals meet somewhere.
                 if let crate::SignedConsensusMsg::Proposal(p) = &message.0 {
@@ -252,6 +267,40 @@ pub fn run(settings: &Settings) -> Report {
                     }
                 }
                 (to, h, peers[to].receive(message.0, valid))
+            }
+            Event::Sync { to, chain } => {
+                let mut actions = Vec::new();
+                let mut height = peers[to].height().0;
+                for d in chain.0 {
+                    // The next height this peer has not decided, on its own or synced.
+                    let next = sim.chains[to].len() as u64 + 1;
+                    if d.height.0 != height
+                        || d.height.0 != next
+                        || !committee.certifies(&d)
+                        || !valid(&d.value)
+                    {
+                        continue;
+                    }
+                    sim.report.decisions.push(Decided {
+                        peer: to,
+                        height,
+                        round: d.round.as_i64(),
+                        value: d.value.clone(),
+                        signatures: d.signatures(),
+                        at_ms: sim.now_ms,
+                        synced: true,
+                    });
+                    sim.chains[to].push(d);
+                    if height >= settings.heights {
+                        break;
+                    }
+                    height += 1;
+                    match peers[to].start(Height(height)) {
+                        Ok(more) => actions = more,
+                        Err(e) => return sim.fail(format!("peer {to} start {height}: {e}")),
+                    }
+                }
+                (to, height, Ok(actions))
             }
             Event::Fire {
                 peer,
@@ -289,18 +338,21 @@ pub fn run(settings: &Settings) -> Report {
             Ok(actions) => actions,
             Err(e) => return sim.fail(format!("peer {i} at height {height}: {e}")),
         };
-        let decided: Vec<u64> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Decided(d) => Some(d.height.0),
-                _ => None,
-            })
-            .collect();
-        sim.act(&peers, i, height, actions);
-        for h in decided {
-            if h < settings.heights {
+        // A decision starts the next height, whose buffered messages may decide it at
+        // once, and so on.
+        let mut pending = vec![(height, actions)];
+        while let Some((height, actions)) = pending.pop() {
+            let decided: Vec<u64> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Decided(d) => Some(d.height.0),
+                    _ => None,
+                })
+                .collect();
+            sim.act(&peers, i, height, actions);
+            for h in decided.into_iter().filter(|&h| h < settings.heights) {
                 match peers[i].start(Height(h + 1)) {
-                    Ok(actions) => sim.act(&peers, i, h + 1, actions),
+                    Ok(actions) => pending.push((h + 1, actions)),
                     Err(e) => return sim.fail(format!("peer {i} start {}: {e}", h + 1)),
                 }
             }
@@ -324,6 +376,12 @@ struct Sim<'a> {
     committee: Committee,
     /// Proposals each peer has passed on: (peer, value id, round).
     relayed: std::collections::BTreeSet<(usize, crate::ValueId, i64)>,
+    /// Each peer's decisions in height order: the certified chain it serves.
+    chains: Vec<Vec<Decision>>,
+    /// The heights each peer has asked a chain from.
+    asked: std::collections::BTreeSet<(usize, u64)>,
+    /// Each peer's address, by index.
+    addresses: Vec<crate::Address>,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
     seq: u64,
     now_ms: u64,
@@ -359,6 +417,40 @@ impl Sim<'_> {
         sent + delay
     }
 
+    /// `peer`, at `height`, got `message` of a later height: it asks the message's signer
+    /// (once a height) for the certified chain from its own height, which arrives as the
+    /// network allows. A withholding signer answers nothing.
+    fn ask_for_chain(&mut self, peer: usize, height: u64, message: &Message) {
+        if crate::message_height(message).0 <= height || self.asked.contains(&(peer, height)) {
+            return;
+        }
+        let signer = crate::message_signer(message);
+        let Some(from) = self.addresses.iter().position(|a| *a == signer) else {
+            return;
+        };
+        if self.settings.withholding.contains(&from) {
+            return;
+        }
+        let chain: Vec<Decision> = self.chains[from]
+            .iter()
+            .filter(|d| d.height.0 >= height)
+            .cloned()
+            .collect();
+        if chain.is_empty() {
+            return;
+        }
+        self.asked.insert((peer, height));
+        self.report.messages += 1;
+        let at = self.arrival(from, peer);
+        self.push(
+            at,
+            Event::Sync {
+                to: peer,
+                chain: Box::new(Unordered(chain)),
+            },
+        );
+    }
+
     /// How long `peer`'s timer of `ms` takes on the simulated clock.
     fn timer_ms(&self, peer: usize, ms: u64) -> u64 {
         if !self.settings.skewed_clocks {
@@ -378,7 +470,7 @@ impl Sim<'_> {
                 at,
                 Event::Deliver {
                     to: peer,
-                    message: Box::new(MessageOrd(message.clone())),
+                    message: Box::new(Unordered(message.clone())),
                 },
             );
         }
@@ -429,14 +521,30 @@ impl Sim<'_> {
                         round: round.as_i64(),
                     },
                 ),
-                Action::Decided(d) => self.report.decisions.push(Decided {
-                    peer: from,
-                    height: d.height.0,
-                    round: d.round.as_i64(),
-                    value: d.value,
-                    signatures: d.signatures,
-                    at_ms: self.now_ms,
-                }),
+                Action::Decided(d) => {
+                    // Decided already from a certified chain (the last height, which no
+                    // later start leaves): it must be the same value.
+                    let index = d.height.0.saturating_sub(1) as usize;
+                    if let Some(known) = self.chains[from].get(index) {
+                        if known.value != d.value {
+                            self.report.failure = Some(format!(
+                                "peer {from} decided height {} twice, two values",
+                                d.height.0
+                            ));
+                        }
+                        continue;
+                    }
+                    self.report.decisions.push(Decided {
+                        peer: from,
+                        height: d.height.0,
+                        round: d.round.as_i64(),
+                        value: d.value.clone(),
+                        signatures: d.signatures(),
+                        at_ms: self.now_ms,
+                        synced: false,
+                    });
+                    self.chains[from].push(d);
+                }
                 Action::Equivocation(proof) => {
                     let culprit = proof
                         .culprit(&self.committee)

@@ -69,8 +69,14 @@ const SCENARIOS: &[Scenario] = &[
         skewed_clocks: true,
         ..HONEST
     },
-    // Three of seven cut off leaves neither side a quorum, so no one falls behind: a peer
-    // that misses a whole height needs the certified chain (sync, not built yet).
+    // The majority goes on without the one cut off, which catches up from the certified
+    // chain once it hears of a later height.
+    Scenario {
+        name: "7 peers, one cut off for 10 s",
+        peers: 7,
+        partition: Some((&[6], 0, 10_000)),
+        ..HONEST
+    },
     Scenario {
         name: "7 peers, one equivocating, three cut off for 10 s",
         peers: 7,
@@ -87,6 +93,8 @@ struct Seen {
     late: usize,
     /// Equivocations proven.
     equivocations: usize,
+    /// Heights caught up from a certified chain.
+    synced: usize,
 }
 
 /// Checks one run and adds what it showed to `seen`.
@@ -149,6 +157,7 @@ fn check(scenario: &Scenario, seed: u64, seen: &mut Seen) {
     }
     seen.late += report.decisions.iter().filter(|d| d.round > 0).count();
     seen.equivocations += report.equivocations.len();
+    seen.synced += report.decisions.iter().filter(|d| d.synced).count();
 }
 
 #[test]
@@ -175,6 +184,16 @@ fn peers_agree_on_every_version_whatever_the_seed() {
                 seen.late
             );
         }
+        // A peer the others went on without needs the chain (any peer may take it when a
+        // later height's message reaches it before its own decision).
+        let left_behind = scenario
+            .partition
+            .is_some_and(|(group, ..)| group.len() * 3 < scenario.peers);
+        assert!(
+            seen.synced > 0 || !left_behind,
+            "{}: no height caught up",
+            scenario.name
+        );
         assert_eq!(
             seen.equivocations > 0,
             !scenario.equivocating.is_empty(),
