@@ -93,6 +93,10 @@ pub struct Report {
     pub events: usize,
     /// Equivocations the peers proved: (the peer that saw it, the culprit's index).
     pub equivocations: Vec<(usize, usize)>,
+    /// The proofs themselves, in the same order.
+    pub proofs: Vec<crate::Equivocation>,
+    /// Each peer's certified chain: its decisions in height order, with certificates.
+    pub chains: Vec<Vec<Decision>>,
     pub end_ms: u64,
     /// Why it stopped early, if it did (an error of a peer, or the event bound).
     pub failure: Option<String>,
@@ -198,17 +202,22 @@ fn timeout_of((k, round): (u8, i64)) -> Timeout {
     }
 }
 
-/// Runs `settings` to its end: every peer that sends has decided every height, or the
-/// limit passed, or a peer failed.
-pub fn run(settings: &Settings) -> Report {
-    let keys: Vec<SigningKey> = (0..settings.peers)
+/// The peers' keys, by index: derived from the seed.
+pub fn keys(settings: &Settings) -> Vec<SigningKey> {
+    (0..settings.peers)
         .map(|i| {
             let mut seed = [0u8; 32];
             seed[..8].copy_from_slice(&settings.seed.to_le_bytes());
             seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
             SigningKey::from_bytes(&seed)
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `settings` to its end: every peer that sends has decided every height, or the
+/// limit passed, or a peer failed.
+pub fn run(settings: &Settings) -> Report {
+    let keys = keys(settings);
     let publics: Vec<_> = keys.iter().map(|k| k.verifying_key()).collect();
     let Some(committee) = Committee::new(&publics) else {
         return Report {
@@ -368,6 +377,7 @@ pub fn run(settings: &Settings) -> Report {
         }
     }
     sim.report.end_ms = sim.now_ms;
+    sim.report.chains = std::mem::take(&mut sim.chains);
     sim.report
 }
 
@@ -551,6 +561,7 @@ impl Sim<'_> {
                         .and_then(|address| peers.iter().position(|p| p.address() == address));
                     if let Some(culprit) = culprit {
                         self.report.equivocations.push((from, culprit));
+                        self.report.proofs.push(proof);
                     }
                 }
             }

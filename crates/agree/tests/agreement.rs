@@ -233,3 +233,83 @@ fn a_silent_third_stops_the_run_without_a_wrong_decision() {
     assert_eq!(report.failure, None);
     assert!(report.decisions.is_empty(), "{:?}", report.decisions);
 }
+
+/// The committee of a simulation's peers.
+fn committee_of(settings: &Settings) -> agree::Committee {
+    let keys: Vec<_> = sim::keys(settings)
+        .iter()
+        .map(|k| k.verifying_key())
+        .collect();
+    agree::Committee::new(&keys).expect("a committee")
+}
+
+/// A decision's certificate convinces a peer that missed the height only as it was
+/// made: its value, enough distinct signers, this committee's keys.
+#[test]
+fn a_tampered_certificate_certifies_nothing() {
+    let settings = Settings::new(11, 4);
+    let report = sim::run(&settings);
+    assert_eq!(report.failure, None);
+    let committee = committee_of(&settings);
+    let decision = report.chains[0][0].clone();
+    assert!(committee.certifies(&decision));
+    let tampered = |change: &dyn Fn(&mut agree::Decision)| {
+        let mut d = decision.clone();
+        change(&mut d);
+        committee.certifies(&d)
+    };
+    // Another value, height or round than the one signed.
+    assert!(!tampered(&|d| d.value.accepted[0].weight += 1));
+    assert!(!tampered(&|d| d.height = agree::Height(d.height.0 + 1)));
+    assert!(!tampered(&|d| d.round = d.round.increment()));
+    // Two thirds or fewer of the votes: 2 of 4.
+    assert!(!tampered(&|d| d.certificate.commit_signatures.truncate(2)));
+    // One signer counted twice to make up the number.
+    assert!(!tampered(&|d| {
+        let first = d.certificate.commit_signatures[0].clone();
+        d.certificate.commit_signatures.truncate(2);
+        d.certificate.commit_signatures.push(first);
+    }));
+    // A signature moved to another signer.
+    assert!(!tampered(&|d| {
+        let s = d.certificate.commit_signatures[1].signature;
+        d.certificate.commit_signatures[0].signature = s;
+    }));
+    // Another committee (another run's keys).
+    assert!(!committee_of(&Settings::new(12, 4)).certifies(&decision));
+}
+
+/// An equivocation proof names its culprit only as made: two messages of one slot with
+/// different values, both signed by the culprit. Nothing else frames a peer.
+#[test]
+fn a_forged_equivocation_frames_no_one() {
+    let settings = Settings {
+        equivocating: vec![2],
+        ..Settings::new(0, 4)
+    };
+    let report = sim::run(&settings);
+    assert_eq!(report.failure, None);
+    let committee = committee_of(&settings);
+    let proof = report
+        .proofs
+        .first()
+        .expect("an equivocation proven")
+        .clone();
+    let culprit = sim::keys(&settings)[2].verifying_key().to_bytes();
+    assert_eq!(proof.culprit(&committee), Some(agree::Address(culprit)));
+    let forged = |first: agree::Message, second: agree::Message| {
+        agree::Equivocation { first, second }.culprit(&committee)
+    };
+    // One message twice: no conflict.
+    assert_eq!(forged(proof.first.clone(), proof.first.clone()), None);
+    // The second message under the first's signature: not the culprit's signature.
+    let mut swapped = proof.second.clone();
+    match (&mut swapped, &proof.first) {
+        (agree::Message::Proposal(s), agree::Message::Proposal(f)) => s.signature = f.signature,
+        (agree::Message::Vote(s), agree::Message::Vote(f)) => s.signature = f.signature,
+        _ => panic!("a proof of two kinds"),
+    }
+    assert_eq!(forged(proof.first.clone(), swapped), None);
+    // Not checkable against another run's committee.
+    assert_eq!(proof.culprit(&committee_of(&Settings::new(1, 4))), None);
+}
