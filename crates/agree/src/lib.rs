@@ -50,12 +50,14 @@ pub const SEEN_MAX: usize = 8 * COMMITTEE_MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Address(pub [u8; 32]);
 
+/// The first four bytes of `bytes` in hex: how keys and ids show in logs.
+fn short_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8; 32]) -> fmt::Result {
+    bytes[..4].iter().try_for_each(|b| write!(f, "{b:02x}"))
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        short_hex(f, &self.0)
     }
 }
 
@@ -108,23 +110,13 @@ pub struct Value {
     pub version_hash: [u8; 32],
 }
 
-impl Value {
-    /// Its id ([`ValueId`]).
-    pub fn id_of(value: &Value) -> ValueId {
-        mt::Value::id(value)
-    }
-}
-
 /// A value's id: the blake3 of its canonical bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ValueId(pub [u8; 32]);
 
 impl fmt::Display for ValueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        short_hex(f, &self.0)
     }
 }
 

@@ -268,7 +268,7 @@ pub fn run(settings: &Settings) -> Report {
                 if let crate::SignedConsensusMsg::Proposal(p) = &message.0 {
                     let id = (
                         to,
-                        crate::Value::id_of(&p.message.value),
+                        informalsystems_malachitebft_core_types::Value::id(&p.message.value),
                         p.message.round.as_i64(),
                     );
                     if sim.relayed.insert(id) && !settings.withholding.contains(&to) {

@@ -69,14 +69,7 @@ fn run(scoring: bool) -> Run {
         step_tokens: 20,
         flops_per_token: 6_000_000,
     };
-    Run::new(
-        settings,
-        Scheduler::new(schedule, 0),
-        Acceptance::default(),
-        SpotChecks::default(),
-        Replicas::default(),
-    )
-    .expect("a new run holds together")
+    scheduled(settings, schedule)
 }
 
 /// One line for what a step gave.
@@ -351,25 +344,28 @@ fn a_reported_speed_sizes_the_hard_deadline() {
     assert_eq!(hard(&run, 2), Some(10 + config.lease_max_ms));
 }
 
-/// A run where every sampled unit goes to a volunteer of its worker's class.
-fn replicating() -> Run {
-    let mut settings = run(false).settings().clone();
-    settings.replicas.replicate = true;
+/// A fresh run of `settings` on `schedule`.
+fn scheduled(settings: Settings, schedule: ScheduleConfig) -> Run {
     Run::new(
         settings,
-        Scheduler::new(
-            ScheduleConfig {
-                units_per_round: 2,
-                min_updates: 2,
-                ..ScheduleConfig::default()
-            },
-            0,
-        ),
+        Scheduler::new(schedule, 0),
         Acceptance::default(),
         SpotChecks::default(),
         Replicas::default(),
     )
     .expect("a new run holds together")
+}
+
+/// A run where every sampled unit goes to a volunteer of its worker's class.
+fn replicating() -> Run {
+    let mut settings = run(false).settings().clone();
+    settings.replicas.replicate = true;
+    let schedule = ScheduleConfig {
+        units_per_round: 2,
+        min_updates: 2,
+        ..ScheduleConfig::default()
+    };
+    scheduled(settings, schedule)
 }
 
 /// `worker` of `class` asks for work.
@@ -665,14 +661,7 @@ fn a_gpus_sized_unit_stays_checkable() {
     for (checks, class, peer, want) in table {
         let mut settings = base.settings().clone();
         settings.checks.enabled = checks;
-        let mut run = Run::new(
-            settings,
-            Scheduler::new(schedule, 0),
-            Acceptance::default(),
-            SpotChecks::default(),
-            Replicas::default(),
-        )
-        .expect("a run");
+        let mut run = scheduled(settings, schedule);
         if let Some(peer_class) = peer {
             let lease = Input::Lease {
                 worker: worker(2),
@@ -709,21 +698,13 @@ fn a_gpus_sized_unit_stays_checkable() {
 fn a_third_volunteer_settles_a_disputed_check_the_coordinator_cannot_run() {
     const GPU: &str = "cuda/sm90/132sm/test";
     let gpu_run = || {
-        let settings = run(false).settings().clone();
         let schedule = ScheduleConfig {
             units_per_round: 2,
             min_updates: 2,
             steps_per_unit: crate::replicas::GPU_ON_CPU_STEPS_MAX + 10,
             ..ScheduleConfig::default()
         };
-        Run::new(
-            settings,
-            Scheduler::new(schedule, 0),
-            Acceptance::default(),
-            SpotChecks::default(),
-            Replicas::default(),
-        )
-        .expect("a new run holds together")
+        scheduled(run(false).settings().clone(), schedule)
     };
     let first = update(1, 1, 0, 0.1);
     // 60 steps of 20 tokens at 6 MFLOPs each: 7 micro-credits (a check is paid on the
