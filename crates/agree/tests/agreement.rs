@@ -313,3 +313,24 @@ fn a_forged_equivocation_frames_no_one() {
     // Not checkable against another run's committee.
     assert_eq!(proof.culprit(&committee_of(&Settings::new(1, 4))), None);
 }
+
+/// A committee is bounded and has each key once: past `COMMITTEE_MAX` members, an empty
+/// one, or a key listed twice is refused.
+#[test]
+fn a_committee_is_bounded_and_has_each_key_once() {
+    let keys = |n: usize| -> Vec<_> {
+        sim::keys(&Settings::new(1, n))
+            .iter()
+            .map(|k| k.verifying_key())
+            .collect()
+    };
+    assert_eq!(
+        agree::Committee::new(&keys(agree::COMMITTEE_MAX)).map(|c| c.len()),
+        Some(agree::COMMITTEE_MAX)
+    );
+    assert!(agree::Committee::new(&keys(agree::COMMITTEE_MAX + 1)).is_none());
+    assert!(agree::Committee::new(&[]).is_none());
+    let mut twice = keys(4);
+    twice.push(twice[0]);
+    assert!(agree::Committee::new(&twice).is_none());
+}
