@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) body_deadline: BodyDeadline,
     /// Update bodies read and processed at once (`http.upload_concurrency`).
     pub(crate) uploads: Arc<tokio::sync::Semaphore>,
+    /// The permits `uploads` started with, for the metrics.
+    pub(crate) uploads_limit: usize,
     pub(crate) blobs: store::Blobs,
     /// Update bodies are read into these, reused: a fresh 10 MB buffer per update costs
     /// more in page faults than reading into it. Each holds `update_bytes` and never

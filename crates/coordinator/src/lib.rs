@@ -274,6 +274,7 @@ impl Coordinator {
             uploads: Arc::new(tokio::sync::Semaphore::new(
                 http_limits.upload_concurrency as usize,
             )),
+            uploads_limit: http_limits.upload_concurrency as usize,
             blobs: core_blobs,
             buffers: Arc::default(),
             scorers: pool::Pool::new(scorers),

@@ -47,6 +47,7 @@ pub(crate) struct Metrics {
     wallets: Gauge,
     credit: Family<Labels, Gauge>,
     scorers: Family<Labels, Gauge>,
+    uploads: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -118,6 +119,12 @@ impl Metrics {
             "Scoring backends, by what (size: the most the memory budget allows; open; in_use; peak_in_use: the most in use at once since start)",
             scorers.clone(),
         );
+        let uploads = Family::<Labels, Gauge>::default();
+        registry.register(
+            "uploads",
+            "Update bodies being read or validated, by what (limit: http.upload_concurrency; in_flight: holding a permit now)",
+            uploads.clone(),
+        );
         Metrics {
             registry,
             scorers,
@@ -135,6 +142,7 @@ impl Metrics {
             ledger_entries,
             wallets,
             credit,
+            uploads,
         }
     }
 
@@ -245,6 +253,15 @@ pub(crate) async fn scrape(State(shared): State<Shared>) -> Result<Response, Api
         ("peak_in_use", pool.peak_in_use),
     ] {
         m.scorers
+            .get_or_create(&vec![("what", what.to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let free = shared.uploads.available_permits();
+    for (what, n) in [
+        ("limit", shared.uploads_limit),
+        ("in_flight", shared.uploads_limit.saturating_sub(free)),
+    ] {
+        m.uploads
             .get_or_create(&vec![("what", what.to_owned())])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }

@@ -93,6 +93,19 @@ fn reply(stream: &mut TcpStream) -> (String, Option<String>) {
     (format!("{status}{code}"), retry_after)
 }
 
+/// The coordinator's `hivetrain_uploads{what="in_flight"}` gauge.
+fn uploads_in_flight(addr: SocketAddr) -> Option<usize> {
+    let mut stream = send(addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix("hivetrain_uploads{what=\"in_flight\"} "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// Opens a connection and sends `request` on it.
 fn send(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).expect("connect");
@@ -157,20 +170,24 @@ fn oversized_and_concurrent_uploads_leave_resident_memory_alone() {
             })
         })
         .collect();
-    // While the chunked uploads hold every permit, one more is told to come back.
+    // While the chunked uploads hold every permit, one more is told to come back. The
+    // metrics say when they do: a probe sent before then would take a permit itself and
+    // could turn a late chunked upload away. Counted from here, not from the start: on a
+    // loaded machine (CI runs this beside the crash harness and the demo) the server may
+    // take a while to read the heads. Well inside the body deadline
+    // (`http.body_timeout_ms`, 30 s), after which the uploads would let go of their
+    // permits.
     barrier.wait();
-    // Counted from here, not from the start: on a loaded machine (CI runs this beside
-    // the crash harness and the demo) the server may take a while to read the four
-    // heads. Well inside the body deadline (`http.body_timeout_ms`, 30 s), after which
-    // the uploads would let go of their permits.
     let waiting = Instant::now();
-    let busy = loop {
-        let (got, retry_after) = reply(&mut send(addr, &junk));
-        if got != "400 malformed" || waiting.elapsed() > Duration::from_secs(20) {
-            break (got, retry_after);
+    let in_flight = loop {
+        let n = uploads_in_flight(addr);
+        if n == Some(UPLOADS) || waiting.elapsed() > Duration::from_secs(20) {
+            break n;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    assert_eq!(in_flight, Some(UPLOADS), "uploads holding a permit");
+    let busy = reply(&mut send(addr, &junk));
     barrier.wait();
     assert_eq!(busy, ("503 uploads_busy".into(), Some("1".into())));
     for thread in declared {
