@@ -28,10 +28,9 @@ use informalsystems_malachitebft_core_consensus::{
     SignedConsensusMsg, State, process,
 };
 use informalsystems_malachitebft_core_types::{
-    self as mt, NilOrVal, Round, SignedMessage, ThresholdParams, ValuePayload, VoteType,
-    VotingPower,
+    self as mt, NilOrVal, SignedMessage, ThresholdParams, ValuePayload, VoteType, VotingPower,
 };
-pub use informalsystems_malachitebft_core_types::{Timeout, TimeoutKind};
+pub use informalsystems_malachitebft_core_types::{Round, Timeout, TimeoutKind};
 
 /// Most committee members.
 pub const COMMITTEE_MAX: usize = 256;
@@ -97,14 +96,18 @@ pub struct Counted {
     pub weight: u64,
 }
 
-/// What a height agrees on: the accepted updates (with their weights) that version
-/// `height` aggregates from version `height - 1`, and the hash of the result. Every
-/// committee member re-executes the same pure functions on the same updates and checks
-/// the hash bit for bit before it votes.
+/// What a height agrees on: the updates the proposer stepped through the run core, in
+/// order (the events it saw), the accepted ones among them (with their weights) that
+/// version `height` aggregates from version `height - 1`, and the hash of the result.
+/// Every committee member re-executes the same pure functions on the same updates and
+/// checks the accepted list and the hash bit for bit before it votes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Value {
     /// The version it is built on (`height - 1`).
     pub base_version: u64,
+    /// The updates stepped, in order, by their address (`protocol::update::stored_address`:
+    /// the blake3 that names a signed update's bytes). At most [`ACCEPTED_MAX`].
+    pub updates: Vec<[u8; 32]>,
     pub accepted: Vec<Counted>,
     /// The hash of the new version's parameters.
     pub version_hash: [u8; 32],
@@ -120,13 +123,24 @@ impl fmt::Display for ValueId {
     }
 }
 
+impl Value {
+    /// Its id: what votes and certificates name.
+    pub fn id(&self) -> ValueId {
+        mt::Value::id(self)
+    }
+}
+
 impl mt::Value for Value {
     type Id = ValueId;
 
     fn id(&self) -> ValueId {
         let mut h = blake3::Hasher::new();
-        h.update(b"hivetrain/agree/value/v1");
+        h.update(b"hivetrain/agree/value/v2");
         h.update(&self.base_version.to_le_bytes());
+        h.update(&(self.updates.len() as u64).to_le_bytes());
+        for u in &self.updates {
+            h.update(u);
+        }
         h.update(&(self.accepted.len() as u64).to_le_bytes());
         for c in &self.accepted {
             h.update(&c.unit.to_le_bytes());
@@ -556,7 +570,7 @@ pub enum Action {
     Decided(Decision),
     /// A member signed two different proposals or votes for one round: the proof, for
     /// the driver to act on (as on a failed re-run: its trust reset, its seat lost).
-    Equivocation(Equivocation),
+    Equivocation(Box<Equivocation>),
 }
 
 /// Two messages one member signed for the same height, round and kind (proposal,
@@ -595,6 +609,11 @@ fn slot(message: &Message) -> (Slot, Option<ValueId>) {
             ((v.height, v.round.as_i64(), kind, v.voter), value)
         }
     }
+}
+
+/// The value a signed proposal carries.
+pub fn proposal_value(proposal: &SignedMessage<Ctx, Proposal>) -> &Value {
+    &proposal.message.value
 }
 
 /// The height `message` is for.
@@ -767,7 +786,9 @@ impl Peer {
                         },
                     );
                 let near = proposal.height >= current && proposal.height.0 <= current.0 + 1;
-                if !genuine || !near || value.accepted.len() > ACCEPTED_MAX || !valid(value) {
+                let bounded =
+                    value.accepted.len() <= ACCEPTED_MAX && value.updates.len() <= ACCEPTED_MAX;
+                if !genuine || !near || !bounded || !valid(value) {
                     return Ok(Vec::new());
                 }
                 self.remember(proposal.height, value.clone());
@@ -811,10 +832,12 @@ impl Peer {
             return None;
         }
         match self.seen.get(&key) {
-            Some((seen, first)) if *seen != value => Some(Action::Equivocation(Equivocation {
-                first: first.clone(),
-                second: message.clone(),
-            })),
+            Some((seen, first)) if *seen != value => {
+                Some(Action::Equivocation(Box::new(Equivocation {
+                    first: first.clone(),
+                    second: message.clone(),
+                })))
+            }
             Some(_) => None,
             None => {
                 if self.seen.len() < SEEN_MAX {
@@ -826,8 +849,8 @@ impl Peer {
     }
 
     /// `proposal` signed by this peer with `value` instead: what an equivocating
-    /// proposer sends (the simulator's dishonest peers).
-    pub(crate) fn resigned(&self, proposal: &Message, value: Value) -> Option<Message> {
+    /// proposer sends (the simulators' dishonest peers: this crate's and `peer`'s).
+    pub fn resigned(&self, proposal: &Message, value: Value) -> Option<Message> {
         let SignedConsensusMsg::Proposal(p) = proposal else {
             return None;
         };

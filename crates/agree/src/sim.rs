@@ -109,6 +109,7 @@ pub fn honest_value(height: u64) -> Value {
     h.update(&height.to_le_bytes());
     Value {
         base_version: height - 1,
+        updates: vec![*blake3::hash(&height.to_le_bytes()).as_bytes()],
         accepted: vec![Counted {
             unit: height,
             weight: 100,
@@ -561,7 +562,7 @@ impl Sim<'_> {
                         .and_then(|address| peers.iter().position(|p| p.address() == address));
                     if let Some(culprit) = culprit {
                         self.report.equivocations.push((from, culprit));
-                        self.report.proofs.push(proof);
+                        self.report.proofs.push(*proof);
                     }
                 }
             }

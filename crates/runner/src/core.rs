@@ -28,7 +28,7 @@ use crate::config::CoordinatorConfig;
 
 mod aggregate;
 pub mod checks;
-mod prepare;
+pub mod prepare;
 pub mod reads;
 pub mod retention;
 pub mod serving;
@@ -1494,7 +1494,9 @@ impl Core {
 
 /// The run's settings, from its config: the rules of acceptance and spot-checks, the
 /// tokens a step trains and the model's FLOPs per token.
-fn settings(
+/// The run core's settings for `config`: what every driver of a run (the coordinator's
+/// core, a peer) hands `run::Run`.
+pub fn settings(
     config: &CoordinatorConfig,
     n_params: u32,
     step_tokens: u64,

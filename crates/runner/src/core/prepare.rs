@@ -17,7 +17,7 @@ use super::CoreError;
 use crate::config::{ConfigError, CoordinatorConfig};
 
 /// What a run trains and reads, made once at open.
-pub(super) struct Prepared {
+pub struct Prepared {
     pub model: RunModel,
     pub seq: usize,
     /// The corpus file's bytes (served to workers).
@@ -76,7 +76,7 @@ fn read_served(path: &Path, what: &str, max: u64, bound: &str) -> Result<Vec<u8>
 }
 
 /// Makes the run's model and data from `config` (the token cache lives in `cache`).
-pub(super) fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepared, CoreError> {
+pub fn prepare(config: &CoordinatorConfig, cache: &Path) -> Result<Prepared, CoreError> {
     let corpus = read_served(
         &config.corpus,
         "the corpus",

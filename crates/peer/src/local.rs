@@ -1,0 +1,389 @@
+//! Several peers in one process from one seed: each a [`Node`] with its own key and
+//! replica, on a simulated clock, with seeded message delays, every member training the
+//! tiny model for real through `worker::unit::train` (the workers' function), proposers
+//! that lie (a wrong aggregate, a dropped update, two values signed for one round) and a
+//! peer that is away for the first heights and catches up from the certified chain.
+//! The same scenario gives the same [`Report`], field for field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use engine::Purpose;
+use protocol::{WorkUnit, WorkerId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use runner::CoordinatorConfig;
+
+use crate::PeerError;
+use crate::node::{Behaviour, Message, Node, Out, Timer, Timings};
+use crate::replica::{Replica, RunSpec};
+
+/// What a unit's training takes on the simulated clock.
+const TRAIN_MS: u64 = 1_000;
+
+/// A local run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    pub seed: u64,
+    pub peers: usize,
+    /// Versions to certify.
+    pub heights: u64,
+    /// Local steps of a unit.
+    pub steps: u32,
+    /// Peers that misbehave when they propose, by index.
+    pub dishonest: Vec<(usize, Behaviour)>,
+    /// A peer that hears and says nothing until this time (ms), by index.
+    pub away: Option<(usize, u64)>,
+    /// Message delays, uniform in this range (ms).
+    pub delay_ms: (u64, u64),
+}
+
+impl Scenario {
+    /// `peers` honest peers certifying `heights` versions.
+    pub fn new(seed: u64, peers: usize, heights: u64) -> Scenario {
+        Scenario {
+            seed,
+            peers,
+            heights,
+            steps: 4,
+            dishonest: Vec::new(),
+            away: None,
+            delay_ms: (5, 80),
+        }
+    }
+}
+
+/// What one peer ends with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerReport {
+    pub id: WorkerId,
+    pub version: u64,
+    /// Its replica's version hash.
+    pub hash: [u8; 32],
+    /// The id of each certified value, in height order.
+    pub chain: Vec<agree::ValueId>,
+    /// The agreement round each height was decided in (0: its first proposer's).
+    pub rounds: Vec<i64>,
+    /// Who proposed each certified value (by index).
+    pub proposers: Vec<usize>,
+    /// Micro-credits per worker, as this peer's replica counts them.
+    pub credit: BTreeMap<WorkerId, u64>,
+    /// The peers (by index) this one holds a proof of equivocation against.
+    pub equivocators: Vec<usize>,
+}
+
+/// A local run's outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub seed: u64,
+    pub peers: Vec<PeerReport>,
+    /// Holdout loss of version 0 and of the last version (peer 0's).
+    pub initial_loss: f32,
+    pub final_loss: f32,
+    /// Simulated time to the last certified version.
+    pub sim_ms: u64,
+    /// Messages sent between peers, and their update bytes.
+    pub messages: u64,
+    pub update_bytes: u64,
+}
+
+/// The run every local scenario trains: the tiny model on `corpus`, every member one
+/// unit a round, scoring and re-runs off (every member re-executes every update's
+/// checks and the aggregate instead).
+pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        preset: "tiny".into(),
+        seed: scenario.seed,
+        corpus: corpus.to_owned(),
+        tokenizer: tokenizer.to_owned(),
+        batch: 4,
+        seq: 32,
+        holdout_batches: 8,
+        ..CoordinatorConfig::default()
+    };
+    c.scoring.enabled = false;
+    c.spot_check.enabled = false;
+    let s = &mut c.schedule;
+    s.units_per_round = scenario.peers as u32;
+    s.min_updates = 1;
+    s.steps_per_unit = scenario.steps;
+    s.inner_lr = 3e-3;
+    s.n_shards = 8;
+    s.max_staleness = 0;
+    s.round_timeout_ms = 30_000;
+    s.lease_ms = 60_000;
+    s.lease_max_ms = 120_000;
+    c
+}
+
+/// The key of peer `i` of a run seeded `seed`.
+fn key(seed: u64, i: usize) -> SigningKey {
+    SigningKey::from_bytes(blake3::hash(format!("peer {seed} {i}").as_bytes()).as_bytes())
+}
+
+/// The committee of `scenario`'s peers.
+fn committee(scenario: &Scenario) -> agree::Committee {
+    let keys: Vec<_> = (0..scenario.peers)
+        .map(|i| key(scenario.seed, i).verifying_key())
+        .collect();
+    agree::Committee::new(&keys).expect("distinct keys")
+}
+
+/// The peer (by index) drawn to propose at `height`, `round` of `scenario`.
+pub fn proposer(scenario: &Scenario, height: u64, round: i64) -> usize {
+    let round = u32::try_from(round).map_or(agree::Round::Nil, agree::Round::new);
+    let address = committee(scenario).proposer(scenario.seed, agree::Height(height), round);
+    (0..scenario.peers)
+        .find(|&i| key(scenario.seed, i).verifying_key().to_bytes() == address.0)
+        .expect("a member")
+}
+
+enum Event {
+    Deliver {
+        to: usize,
+        from: usize,
+        message: Message,
+    },
+    Timer {
+        node: usize,
+        timer: Timer,
+    },
+    Trained {
+        node: usize,
+        unit: WorkUnit,
+        base: Arc<Vec<f32>>,
+    },
+}
+
+/// Runs `scenario` (the token cache in `cache`).
+pub fn run(
+    scenario: &Scenario,
+    corpus: &Path,
+    tokenizer: &Path,
+    cache: &Path,
+) -> Result<Report, PeerError> {
+    let config = config(scenario, corpus, tokenizer);
+    config
+        .check()
+        .map_err(|e| PeerError::Core(runner::CoreError::Config(e)))?;
+    let prepared = runner::core::prepare::prepare(&config, cache)?;
+    let spec_model = prepared.model.spec.clone();
+    let n_params = spec_model.trainable_len();
+    let step_tokens = config.batch as u64 * prepared.seq as u64;
+    let keys: Vec<SigningKey> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
+    let mut members: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
+    members.sort();
+    let spec = Arc::new(RunSpec {
+        settings: runner::core::settings(
+            &config,
+            n_params as u32,
+            step_tokens,
+            spec_model.train_flops_per_token(),
+        ),
+        schedule: config.schedule,
+        outer: config.outer,
+        combine: config.combine,
+        limits: config.limits,
+        codec: config.codec,
+        n_params,
+        members,
+    });
+    let genesis = Replica::genesis(&spec, prepared.initial.clone())?;
+    let mut nodes = Vec::with_capacity(scenario.peers);
+    for (i, key) in keys.iter().enumerate() {
+        let behaviour = scenario
+            .dishonest
+            .iter()
+            .find(|(p, _)| *p == i)
+            .map_or(Behaviour::Honest, |(_, b)| *b);
+        nodes.push(Node::new(
+            key.clone(),
+            spec.clone(),
+            genesis.clone(),
+            Timings::default(),
+            behaviour,
+        )?);
+    }
+    let index: BTreeMap<WorkerId, usize> =
+        nodes.iter().enumerate().map(|(i, n)| (n.id(), i)).collect();
+    let mut backend = prepared.model.open_empty("cpu:1", Purpose::Train)?;
+    let data = worker::unit::UnitData {
+        train: &prepared.train,
+        n_shards: config.schedule.n_shards,
+        batch: config.batch as usize,
+        seq: prepared.seq,
+    };
+
+    let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
+    let mut queue: BTreeMap<(u64, u64), Event> = BTreeMap::new();
+    let mut sequence = 0u64;
+    let mut now = 0u64;
+    let (mut messages, mut update_bytes) = (0u64, 0u64);
+    let away = |node: usize, at: u64| {
+        scenario
+            .away
+            .is_some_and(|(p, until)| p == node && at < until)
+    };
+    let limit = (scenario.heights + 2) * 60_000;
+
+    let mut pending: Vec<(usize, Vec<Out>)> = Vec::new();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        pending.push((i, node.start()?));
+    }
+    loop {
+        for (from, outs) in pending.drain(..) {
+            for out in outs {
+                let mut push = |at: u64, event: Event| {
+                    sequence += 1;
+                    queue.insert((at, sequence), event);
+                };
+                match out {
+                    Out::Broadcast(message) | Out::Send { message, .. } if away(from, now) => {
+                        let _ = message;
+                    }
+                    Out::Broadcast(message) => {
+                        for to in (0..scenario.peers).filter(|&to| to != from) {
+                            let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
+                            count(&message, &mut messages, &mut update_bytes);
+                            push(
+                                now + delay,
+                                Event::Deliver {
+                                    to,
+                                    from,
+                                    message: message.clone(),
+                                },
+                            );
+                        }
+                    }
+                    Out::Send { to, message } => {
+                        if let Some(&to) = index.get(&to) {
+                            let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
+                            count(&message, &mut messages, &mut update_bytes);
+                            push(now + delay, Event::Deliver { to, from, message });
+                        }
+                    }
+                    Out::Schedule { after_ms, timer } => {
+                        push(now + after_ms, Event::Timer { node: from, timer });
+                    }
+                    Out::Train { unit, base } => {
+                        push(
+                            now + TRAIN_MS,
+                            Event::Trained {
+                                node: from,
+                                unit,
+                                base,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if nodes
+            .iter()
+            .all(|n| n.replica().version() >= scenario.heights)
+        {
+            break;
+        }
+        let Some(((at, _), event)) = queue.pop_first() else {
+            return Err(PeerError::Stalled {
+                seed: scenario.seed,
+                what: "nothing left to happen".into(),
+            });
+        };
+        now = at;
+        if now > limit {
+            let versions: Vec<u64> = nodes.iter().map(|n| n.replica().version()).collect();
+            return Err(PeerError::Stalled {
+                seed: scenario.seed,
+                what: format!("versions {versions:?} after {} s", now / 1000),
+            });
+        }
+        match event {
+            Event::Deliver { to, from, message } => {
+                if !away(to, now) {
+                    let sender = nodes[from].id();
+                    let outs = nodes[to].receive(sender, message)?;
+                    pending.push((to, outs));
+                }
+            }
+            Event::Timer { node, timer } => {
+                let outs = nodes[node].timer(timer)?;
+                pending.push((node, outs));
+            }
+            Event::Trained { node, unit, base } => {
+                let delta =
+                    worker::unit::train(backend.as_mut(), &base, data, &unit, &mut |_, _| true)?
+                        .ok_or(PeerError::Invalid("training stopped"))?;
+                let nonce = rng.random();
+                let outs = nodes[node].trained(&unit, &delta, nonce)?;
+                pending.push((node, outs));
+            }
+        }
+    }
+
+    let mut evaluator = prepared.model.open_empty("cpu:1", Purpose::Eval)?;
+    let mut loss = |params: &[f32]| -> Result<f32, PeerError> {
+        evaluator.set_trainable(params)?;
+        Ok(engine::train::evaluate(
+            evaluator.as_mut(),
+            &prepared.holdout,
+        )?)
+    };
+    let initial_loss = loss(&prepared.initial)?;
+    let final_loss = loss(nodes[0].replica().params())?;
+    let peers = nodes
+        .iter()
+        .map(|n| PeerReport {
+            id: n.id(),
+            version: n.replica().version(),
+            hash: n.replica().hash(),
+            chain: n
+                .chain()
+                .iter()
+                .map(|c| agree::Value::id(&c.decision.value))
+                .collect(),
+            rounds: n
+                .chain()
+                .iter()
+                .map(|c| c.decision.round.as_i64())
+                .collect(),
+            proposers: n
+                .chain()
+                .iter()
+                .map(|c| proposer(scenario, c.decision.height.0, c.decision.round.as_i64()))
+                .collect(),
+            credit: n.replica().credit().clone(),
+            equivocators: n
+                .equivocators()
+                .iter()
+                .filter_map(|a| index.get(&WorkerId(a.0)).copied())
+                .collect(),
+        })
+        .collect();
+    Ok(Report {
+        seed: scenario.seed,
+        peers,
+        initial_loss,
+        final_loss,
+        sim_ms: now,
+        messages,
+        update_bytes,
+    })
+}
+
+/// Counts a message sent, and the update bytes it carries.
+fn count(message: &Message, messages: &mut u64, update_bytes: &mut u64) {
+    *messages += 1;
+    *update_bytes += match message {
+        Message::Update(b) => b.len() as u64,
+        Message::Agree { updates, .. } => updates.iter().map(|b| b.len() as u64).sum(),
+        Message::Chain(chain) => chain
+            .iter()
+            .flat_map(|c| c.updates.iter())
+            .map(|b| b.len() as u64)
+            .sum(),
+        Message::ChainRequest { .. } => 0,
+    };
+}

@@ -1,0 +1,674 @@
+//! One peer of a run with no coordinator, pure: messages and timers in, [`Out`]s for its
+//! driver to carry out (send, start a timer, train a unit). It holds the run's latest
+//! certified version ([`Replica`]), the updates of the round under way, and its seat in
+//! the agreement on the next version ([`agree::Peer`]).
+//!
+//! A height goes: every member trains the unit its replica leased it and sends the
+//! signed update to every peer; the height's proposer (drawn from the committee by the
+//! run's seed) waits until it holds an update of every member's unit, or
+//! [`Timings::collect_ms`], executes the height on them and proposes the value, the
+//! updates' bytes travelling with it; every other member executes the same updates and
+//! votes for the value only if the accepted units, their weights and the new version's
+//! hash are what it computed, bit for bit, and no update it holds of a leased unit is
+//! left out. More than two thirds of the votes certify the version; every peer then
+//! keeps the replica it executed (never the proposer's word) and starts the next height.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use agree::{Action, Committee, Decision, Height, Value, ValueId};
+use ed25519_dalek::SigningKey;
+use protocol::{UpdateHeader, WorkUnit, WorkerId};
+
+use crate::PeerError;
+use crate::replica::{Executed, Replica, RunSpec};
+
+/// Most updates a peer holds for the round under way: two for each member's unit (an
+/// honest member sends one; a second, different one is kept so that a proposal naming
+/// either can be checked, a third is dropped).
+const UPDATES_PER_UNIT_MAX: usize = 2;
+
+/// Most executed values a peer keeps for the height it is on (one per proposal it
+/// checked), as `agree` keeps their proposals.
+const EXECUTED_MAX: usize = agree::VALUES_MAX;
+
+/// Most proposals of a later height held until this peer gets there.
+const FUTURE_MAX: usize = 16;
+
+/// Most certified heights one chain message carries.
+pub const CHAIN_MAX: usize = 64;
+
+/// A height the chain keeps: its decision and the updates its value names, in order, so
+/// that a peer that missed it re-executes it.
+#[derive(Clone, Debug)]
+pub struct Certified {
+    pub decision: Decision,
+    pub updates: Vec<Arc<Vec<u8>>>,
+}
+
+/// What peers send each other.
+#[derive(Clone, Debug)]
+pub enum Message {
+    /// A vote or a proposal; a proposal carries the bytes of the updates its value names.
+    Agree {
+        message: Box<agree::Message>,
+        updates: Vec<Arc<Vec<u8>>>,
+    },
+    /// A member's signed update for the round under way.
+    Update(Arc<Vec<u8>>),
+    /// Asks for the certified heights from `from` on.
+    ChainRequest { from: u64 },
+    /// Certified heights, in order, at most [`CHAIN_MAX`].
+    Chain(Vec<Certified>),
+}
+
+/// A timer a peer asks its driver for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Timer {
+    /// `agree`'s timer of `height` (a timeout names only its round: one of a height the
+    /// peer has left is dropped, not taken for the same round of the next).
+    Agree {
+        height: u64,
+        timeout: agree::Timeout,
+    },
+    /// Stop waiting for updates and propose what is held.
+    Collect { height: u64, round: i64 },
+}
+
+/// What the driver does for a peer.
+#[derive(Clone, Debug)]
+pub enum Out {
+    Broadcast(Message),
+    Send {
+        to: WorkerId,
+        message: Message,
+    },
+    Schedule {
+        after_ms: u64,
+        timer: Timer,
+    },
+    /// Train `unit` from `base` (the version's trainable floats) and hand the delta to
+    /// [`Node::trained`].
+    Train {
+        unit: WorkUnit,
+        base: Arc<Vec<f32>>,
+    },
+}
+
+/// How a peer behaves when it proposes (tests: the dishonest ones must be caught).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    Honest,
+    /// Proposes the right updates with another version hash.
+    WrongAggregate,
+    /// Leaves the first other member's update out of its value.
+    DropsUpdate,
+    /// Signs two values for one round: one to each half of the committee.
+    Equivocates,
+}
+
+/// How long a peer waits, on the driver's clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timings {
+    pub agree: agree::Timeouts,
+    /// How long a proposer waits for the round's updates before it proposes what it has.
+    pub collect_ms: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Timings {
+        Timings {
+            agree: agree::Timeouts::default(),
+            collect_ms: 1_500,
+        }
+    }
+}
+
+/// One peer.
+pub struct Node {
+    key: SigningKey,
+    id: WorkerId,
+    spec: Arc<RunSpec>,
+    committee: Committee,
+    agree: agree::Peer,
+    timings: Timings,
+    behaviour: Behaviour,
+    /// The latest certified version.
+    replica: Replica,
+    /// Updates of the round on `replica`'s version, by address, in arrival order.
+    pool: Vec<([u8; 32], Arc<Vec<u8>>)>,
+    /// Updates that arrived for the next version, held until it is certified.
+    early: Vec<Arc<Vec<u8>>>,
+    /// Values this peer executed at this height, by id.
+    executed: BTreeMap<ValueId, Executed>,
+    /// The value asked for by `agree`, while updates are awaited.
+    building: Option<(Height, agree::Round)>,
+    /// Proposals of later heights.
+    future: Vec<(agree::Message, Vec<Arc<Vec<u8>>>)>,
+    chain: Vec<Certified>,
+    /// The heights a chain was asked for (once each).
+    asked: BTreeSet<u64>,
+    /// Members proven to have signed two values for one slot.
+    equivocators: BTreeSet<agree::Address>,
+}
+
+impl Node {
+    /// A member of the run signing with `key`, at `genesis`.
+    pub fn new(
+        key: SigningKey,
+        spec: Arc<RunSpec>,
+        genesis: Replica,
+        timings: Timings,
+        behaviour: Behaviour,
+    ) -> Result<Node, PeerError> {
+        let keys: Vec<_> = spec
+            .members
+            .iter()
+            .filter_map(|m| ed25519_dalek::VerifyingKey::from_bytes(&m.0).ok())
+            .collect();
+        let committee = Committee::new(&keys)
+            .filter(|c| c.len() == spec.members.len())
+            .ok_or(PeerError::Invalid("the members are not a committee"))?;
+        let agree = agree::Peer::new(key.clone(), committee.clone(), spec.settings.seed)
+            .ok_or(PeerError::Invalid("this key is not a member"))?;
+        Ok(Node {
+            id: WorkerId::of(&key),
+            key,
+            spec,
+            committee,
+            agree,
+            timings,
+            behaviour,
+            replica: genesis,
+            pool: Vec::new(),
+            early: Vec::new(),
+            executed: BTreeMap::new(),
+            building: None,
+            future: Vec::new(),
+            chain: Vec::new(),
+            asked: BTreeSet::new(),
+            equivocators: BTreeSet::new(),
+        })
+    }
+
+    pub fn id(&self) -> WorkerId {
+        self.id
+    }
+
+    /// The latest certified version.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The certified heights, in order.
+    pub fn chain(&self) -> &[Certified] {
+        &self.chain
+    }
+
+    /// Members this peer holds a proof of equivocation against.
+    pub fn equivocators(&self) -> &BTreeSet<agree::Address> {
+        &self.equivocators
+    }
+
+    /// Starts the run's first height: its unit to train, its seat in the agreement.
+    pub fn start(&mut self) -> Result<Vec<Out>, PeerError> {
+        let actions = self.agree.start(Height(self.replica.version() + 1))?;
+        let mut out = self.train();
+        self.act(actions, &mut out)?;
+        Ok(out)
+    }
+
+    /// This peer's unit is trained: its signed update goes to every peer.
+    pub fn trained(
+        &mut self,
+        unit: &WorkUnit,
+        delta: &[f32],
+        nonce: u64,
+    ) -> Result<Vec<Out>, PeerError> {
+        if unit.base_version != self.replica.version() {
+            return Ok(Vec::new());
+        }
+        let header = UpdateHeader {
+            work_unit: unit.id,
+            base_version: unit.base_version,
+            worker: self.id,
+            nonce,
+            codec: self.spec.codec,
+            n_params: delta.len() as u32,
+        };
+        let bytes = Arc::new(protocol::encode_update(&header, delta, &self.key));
+        self.hold(bytes.clone());
+        let mut out = vec![Out::Broadcast(Message::Update(bytes))];
+        self.try_build(false, &mut out)?;
+        Ok(out)
+    }
+
+    /// A message from peer `from`.
+    pub fn receive(&mut self, from: WorkerId, message: Message) -> Result<Vec<Out>, PeerError> {
+        let mut out = Vec::new();
+        match message {
+            Message::Update(bytes) => {
+                if self.hold(bytes) {
+                    self.try_build(false, &mut out)?;
+                }
+            }
+            Message::Agree { message, updates } => {
+                let message = *message;
+                let height = agree::message_height(&message);
+                let current = self.agree.height();
+                // A peer a height or more ahead: this one missed a decision (it was away,
+                // or cut off), so it asks for the certified chain, once a height.
+                if height > current && self.asked.insert(current.0) {
+                    out.push(Out::Send {
+                        to: from,
+                        message: Message::ChainRequest { from: current.0 },
+                    });
+                }
+                match &message {
+                    agree::Message::Proposal(_) if height > current => {
+                        if self.future.len() < FUTURE_MAX {
+                            self.future.push((message, updates));
+                        }
+                    }
+                    agree::Message::Proposal(_) if height < current => {}
+                    agree::Message::Proposal(_) => {
+                        for bytes in &updates {
+                            self.hold(bytes.clone());
+                        }
+                        self.proposal(message, &mut out)?;
+                    }
+                    agree::Message::Vote(_) => {
+                        let actions = self.agree.receive(message, |_| false)?;
+                        self.act(actions, &mut out)?;
+                    }
+                }
+            }
+            Message::ChainRequest { from: height } => {
+                let first = height.saturating_sub(1) as usize;
+                let chain: Vec<_> = self
+                    .chain
+                    .iter()
+                    .skip(first)
+                    .take(CHAIN_MAX)
+                    .cloned()
+                    .collect();
+                if !chain.is_empty() {
+                    out.push(Out::Send {
+                        to: from,
+                        message: Message::Chain(chain),
+                    });
+                }
+            }
+            Message::Chain(chain) => {
+                for certified in chain.into_iter().take(CHAIN_MAX) {
+                    if certified.decision.height.0 == self.replica.version() + 1 {
+                        self.catch_up(certified, &mut out)?;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A timer this peer asked for fired.
+    pub fn timer(&mut self, timer: Timer) -> Result<Vec<Out>, PeerError> {
+        let mut out = Vec::new();
+        match timer {
+            Timer::Agree { height, timeout } => {
+                if height == self.agree.height().0 {
+                    let actions = self.agree.timeout(timeout)?;
+                    self.act(actions, &mut out)?;
+                }
+            }
+            Timer::Collect { height, round } => {
+                if self
+                    .building
+                    .is_some_and(|(h, r)| h.0 == height && r.as_i64() == round)
+                {
+                    self.try_build(true, &mut out)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps `bytes` if it is an update of a unit leased on this version (at most
+    /// [`UPDATES_PER_UNIT_MAX`] for a unit), or of the next version (for later). Whether
+    /// it was new and kept for this round.
+    fn hold(&mut self, bytes: Arc<Vec<u8>>) -> bool {
+        let Ok(update) = validation::inspect(&bytes, &self.spec.limits) else {
+            return false;
+        };
+        if update.header.base_version == self.replica.version() + 1 {
+            if self.early.len() < self.spec.members.len() * UPDATES_PER_UNIT_MAX {
+                self.early.push(bytes);
+            }
+            return false;
+        }
+        if !self.replica.expects(&update) || self.pool.iter().any(|(a, _)| *a == update.address) {
+            return false;
+        }
+        let same_unit = self
+            .pool
+            .iter()
+            .filter(|(_, b)| unit_of(b, &self.spec) == Some(update.header.work_unit))
+            .count();
+        if same_unit >= UPDATES_PER_UNIT_MAX {
+            return false;
+        }
+        self.pool.push((update.address, bytes));
+        true
+    }
+
+    /// The units of the round this peer holds an update of.
+    fn held_units(&self) -> BTreeSet<u64> {
+        self.pool
+            .iter()
+            .filter_map(|(_, b)| unit_of(b, &self.spec))
+            .collect()
+    }
+
+    /// Proposes once every member's unit has an update here, or (`deadline`) with what
+    /// is held; a value with no update cannot be proposed (the round's propose timeout
+    /// then moves on).
+    fn try_build(&mut self, deadline: bool, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        let Some((height, round)) = self.building else {
+            return Ok(());
+        };
+        let complete = self.held_units().len() >= self.spec.members.len();
+        if !complete && !deadline {
+            return Ok(());
+        }
+        self.building = None;
+        // One update a unit, the first that arrived, in unit order.
+        let mut chosen: BTreeMap<u64, Arc<Vec<u8>>> = BTreeMap::new();
+        for (_, bytes) in &self.pool {
+            if let Some(unit) = unit_of(bytes, &self.spec) {
+                chosen.entry(unit).or_insert_with(|| bytes.clone());
+            }
+        }
+        let mut updates: Vec<Arc<Vec<u8>>> = chosen.into_values().collect();
+        if self.behaviour == Behaviour::DropsUpdate
+            && let Some(i) = updates
+                .iter()
+                .position(|b| worker_of(b, &self.spec) != Some(self.id))
+        {
+            updates.remove(i);
+        }
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let slices: Vec<&[u8]> = updates.iter().map(|b| b.as_slice()).collect();
+        let Ok(mut executed) = self.replica.execute(&self.spec, &slices) else {
+            return Ok(());
+        };
+        if self.behaviour == Behaviour::WrongAggregate {
+            executed.value.version_hash[0] ^= 0x5a;
+        }
+        let value = executed.value.clone();
+        self.executed.insert(agree::Value::id(&value), executed);
+        let actions = self.agree.propose(height, round, value.clone())?;
+        for action in actions {
+            match action {
+                Action::Broadcast(proposal @ agree::Message::Proposal(_)) => {
+                    self.send_proposal(proposal, &value, updates.clone(), out)?;
+                }
+                other => self.act(vec![other], out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends this peer's signed proposal; an equivocating peer signs a second value (the
+    /// same updates in another order: valid too) for half of the committee.
+    fn send_proposal(
+        &mut self,
+        proposal: agree::Message,
+        value: &Value,
+        updates: Vec<Arc<Vec<u8>>>,
+        out: &mut Vec<Out>,
+    ) -> Result<(), PeerError> {
+        if self.behaviour != Behaviour::Equivocates || updates.len() < 2 {
+            out.push(Out::Broadcast(Message::Agree {
+                message: Box::new(proposal),
+                updates,
+            }));
+            return Ok(());
+        }
+        let mut reversed = updates.clone();
+        reversed.reverse();
+        let slices: Vec<&[u8]> = reversed.iter().map(|b| b.as_slice()).collect();
+        let other = self.replica.execute(&self.spec, &slices)?;
+        debug_assert_ne!(other.value, *value);
+        let second = self
+            .agree
+            .resigned(&proposal, other.value.clone())
+            .ok_or(PeerError::Invalid("not a proposal"))?;
+        for (i, member) in self.spec.members.iter().enumerate() {
+            if *member == self.id {
+                continue;
+            }
+            let (message, updates) = if i % 2 == 0 {
+                (proposal.clone(), updates.clone())
+            } else {
+                (second.clone(), reversed.clone())
+            };
+            out.push(Out::Send {
+                to: *member,
+                message: Message::Agree {
+                    message: Box::new(message),
+                    updates,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// A proposal of this height: executed on this peer's replica and voted for only if
+    /// it matches bit for bit and leaves no held update out. A proposal is passed on the
+    /// first time it is seen (gossip), so a proposer that signs two values is caught by
+    /// whoever sees both.
+    fn proposal(&mut self, message: agree::Message, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        let agree::Message::Proposal(p) = &message else {
+            return Ok(());
+        };
+        let value = agree::proposal_value(p).clone();
+        let id = agree::Value::id(&value);
+        let first_time = !self.executed.contains_key(&id);
+        let valid = self.check(&value);
+        // Passed on without the updates: every member sent its own to every peer, and the
+        // proposer sent them with the proposal.
+        if first_time && valid {
+            out.push(Out::Broadcast(Message::Agree {
+                message: Box::new(message.clone()),
+                updates: Vec::new(),
+            }));
+        }
+        let actions = self.agree.receive(message, |_| valid)?;
+        self.act(actions, out)
+    }
+
+    /// Whether `value` names an update of every unit this peer holds one of, and is what
+    /// this peer computes from the updates it names. Executed values are kept by id.
+    fn check(&mut self, value: &Value) -> bool {
+        let Ok(bytes) = self.named(value) else {
+            return false;
+        };
+        let named: BTreeSet<u64> = bytes
+            .iter()
+            .filter_map(|b| unit_of(b, &self.spec))
+            .collect();
+        if !self.held_units().is_subset(&named) {
+            return false;
+        }
+        let id = agree::Value::id(value);
+        if let Some(executed) = self.executed.get(&id) {
+            return executed.value == *value;
+        }
+        let slices: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+        match self.replica.execute(&self.spec, &slices) {
+            Ok(executed) if executed.value == *value => {
+                if self.executed.len() < EXECUTED_MAX {
+                    self.executed.insert(id, executed);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Carries out `agree`'s actions.
+    fn act(&mut self, actions: Vec<Action>, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        for action in actions {
+            match action {
+                Action::Broadcast(message) => out.push(Out::Broadcast(Message::Agree {
+                    message: Box::new(message),
+                    updates: Vec::new(),
+                })),
+                Action::Schedule(timeout) => out.push(Out::Schedule {
+                    after_ms: self.timings.agree.duration_ms(timeout),
+                    timer: Timer::Agree {
+                        height: self.agree.height().0,
+                        timeout,
+                    },
+                }),
+                Action::BuildValue { height, round } => {
+                    self.building = Some((height, round));
+                    out.push(Out::Schedule {
+                        after_ms: self.timings.collect_ms,
+                        timer: Timer::Collect {
+                            height: height.0,
+                            round: round.as_i64(),
+                        },
+                    });
+                    self.try_build(false, out)?;
+                }
+                Action::Decided(decision) => self.decided(decision, out)?,
+                Action::Equivocation(proof) => {
+                    if let Some(culprit) = proof.culprit(&self.committee) {
+                        self.equivocators.insert(culprit);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The height is certified: this peer keeps the version it executed for the value.
+    fn decided(&mut self, decision: Decision, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        let id = agree::Value::id(&decision.value);
+        let updates = self.named(&decision.value)?;
+        let executed = match self.executed.remove(&id) {
+            Some(e) => e,
+            None => {
+                let slices: Vec<&[u8]> = updates.iter().map(|b| b.as_slice()).collect();
+                self.replica.execute(&self.spec, &slices)?
+            }
+        };
+        if executed.value != decision.value {
+            return Err(PeerError::Diverged {
+                height: decision.height.0,
+            });
+        }
+        self.advance(executed, Certified { decision, updates }, out)
+    }
+
+    /// The bytes of the updates `value` names, from the round's pool.
+    fn named(&self, value: &Value) -> Result<Vec<Arc<Vec<u8>>>, PeerError> {
+        value
+            .updates
+            .iter()
+            .map(|address| {
+                self.pool
+                    .iter()
+                    .find(|(a, _)| a == address)
+                    .map(|(_, b)| b.clone())
+                    .ok_or(PeerError::Invalid(
+                        "a decided value names an update not held",
+                    ))
+            })
+            .collect()
+    }
+
+    /// A certified height this peer missed: its certificate checked against the
+    /// committee, its value re-executed from the updates sent with it.
+    fn catch_up(&mut self, certified: Certified, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        if !self.committee.certifies(&certified.decision)
+            || certified.updates.len() != certified.decision.value.updates.len()
+        {
+            return Ok(());
+        }
+        let slices: Vec<&[u8]> = certified.updates.iter().map(|b| b.as_slice()).collect();
+        let Ok(executed) = self.replica.execute(&self.spec, &slices) else {
+            return Ok(());
+        };
+        if executed.value != certified.decision.value {
+            return Err(PeerError::Diverged {
+                height: certified.decision.height.0,
+            });
+        }
+        self.advance(executed, certified, out)
+    }
+
+    /// Keeps the next version, starts its height, and replays what waited for it.
+    fn advance(
+        &mut self,
+        executed: Executed,
+        certified: Certified,
+        out: &mut Vec<Out>,
+    ) -> Result<(), PeerError> {
+        self.replica = executed.replica;
+        self.chain.push(certified);
+        self.executed.clear();
+        self.building = None;
+        self.pool.clear();
+        let height = Height(self.replica.version() + 1);
+        self.asked.retain(|h| *h >= height.0);
+        let actions = self.agree.start(height)?;
+        out.extend(self.train());
+        for bytes in std::mem::take(&mut self.early) {
+            self.hold(bytes);
+        }
+        self.act(actions, out)?;
+        let future = std::mem::take(&mut self.future);
+        for (message, updates) in future {
+            match agree::message_height(&message) {
+                h if h == height => {
+                    for bytes in &updates {
+                        self.hold(bytes.clone());
+                    }
+                    self.proposal(message, out)?;
+                }
+                h if h > height => self.future.push((message, updates)),
+                _ => {}
+            }
+        }
+        self.try_build(false, out)
+    }
+
+    /// This peer's unit of the round, to train.
+    fn train(&self) -> Vec<Out> {
+        self.replica
+            .unit_of(&self.id)
+            .map(|unit| Out::Train {
+                unit: *unit,
+                base: self.replica.params().clone(),
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The unit an update's header names, if it parses.
+fn unit_of(bytes: &[u8], spec: &RunSpec) -> Option<u64> {
+    protocol::SignedUpdate::parse(bytes, &spec.limits)
+        .ok()
+        .map(|u| u.header.work_unit)
+}
+
+/// The worker an update's header names, if it parses.
+fn worker_of(bytes: &[u8], spec: &RunSpec) -> Option<WorkerId> {
+    protocol::SignedUpdate::parse(bytes, &spec.limits)
+        .ok()
+        .map(|u| u.header.worker)
+}

@@ -1,0 +1,179 @@
+//! Peers with no coordinator, in one process: they train the tiny model, certify each
+//! version and end bit-identical; a dishonest proposer is caught and the run goes on; a
+//! peer that was away catches up from the certified chain.
+
+use std::path::PathBuf;
+
+use peer::Behaviour;
+use peer::local::{Report, Scenario};
+
+struct Inputs {
+    dir: tempfile::TempDir,
+    corpus: PathBuf,
+    tokenizer: PathBuf,
+}
+
+fn inputs() -> Inputs {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(root.join("data/shakespeare.txt")).expect("corpus");
+    let cut = text[..300_000].rfind('\n').unwrap_or(300_000);
+    let corpus = dir.path().join("shakespeare-300k.txt");
+    std::fs::write(&corpus, &text[..cut]).expect("write corpus");
+    Inputs {
+        dir,
+        corpus,
+        tokenizer: root.join("data/tokenizer.json"),
+    }
+}
+
+fn run(inputs: &Inputs, scenario: &Scenario) -> Report {
+    match peer::local::run(
+        scenario,
+        &inputs.corpus,
+        &inputs.tokenizer,
+        &inputs.dir.path().join("cache"),
+    ) {
+        Ok(r) => r,
+        Err(e) => panic!("seed {}: {e}", scenario.seed),
+    }
+}
+
+/// Every peer certified at least `heights` versions, on one chain: peers at the same
+/// version hold it bit for bit, with the same credit.
+fn agreed(report: &Report, heights: u64) {
+    let longest = report
+        .peers
+        .iter()
+        .max_by_key(|p| p.chain.len())
+        .expect("peers");
+    for p in &report.peers {
+        assert!(
+            p.version >= heights,
+            "seed {}: version {}",
+            report.seed,
+            p.version
+        );
+        assert_eq!(p.chain.len() as u64, p.version, "seed {}", report.seed);
+        assert_eq!(
+            p.chain[..],
+            longest.chain[..p.chain.len()],
+            "seed {}",
+            report.seed
+        );
+        for q in report.peers.iter().filter(|q| q.version == p.version) {
+            assert_eq!(
+                (p.hash, &p.credit),
+                (q.hash, &q.credit),
+                "seed {}",
+                report.seed
+            );
+        }
+    }
+}
+
+#[test]
+fn honest_peers_certify_versions_and_end_bit_identical() {
+    let inputs = inputs();
+    for peers in [4, 7] {
+        let scenario = Scenario::new(11, peers, 3);
+        let report = run(&inputs, &scenario);
+        agreed(&report, 3);
+        let first = &report.peers[0];
+        assert!(first.rounds.iter().all(|&r| r == 0), "{:?}", first.rounds);
+        // Every member trained a unit each height, and each was credited for it.
+        assert_eq!(first.credit.len(), peers, "seed {}", report.seed);
+        assert!(
+            report.final_loss < report.initial_loss,
+            "loss {} -> {}",
+            report.initial_loss,
+            report.final_loss
+        );
+        eprintln!(
+            "{peers} peers: loss {:.3} -> {:.3}, {} messages, {} update bytes, {:.1} s simulated",
+            report.initial_loss,
+            report.final_loss,
+            report.messages,
+            report.update_bytes,
+            report.sim_ms as f64 / 1000.0
+        );
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let inputs = inputs();
+    let scenario = Scenario::new(5, 4, 2);
+    assert_eq!(run(&inputs, &scenario), run(&inputs, &scenario));
+}
+
+/// A proposer that lies (a wrong version hash, an update left out) is refused by every
+/// honest member's re-execution: its round fails, the next proposer's honest value is
+/// certified, and the run goes on. One that signs two values is caught by whoever sees
+/// both (proposals are passed on), with a proof against it alone.
+#[test]
+fn a_dishonest_proposer_is_caught_and_the_run_goes_on() {
+    let inputs = inputs();
+    for (seed, behaviour) in [
+        (21, Behaviour::WrongAggregate),
+        (22, Behaviour::DropsUpdate),
+        (23, Behaviour::Equivocates),
+    ] {
+        let base = Scenario::new(seed, 4, 3);
+        // The liar is the first proposer of the first height.
+        let liar = peer::local::proposer(&base, 1, 0);
+        let scenario = Scenario {
+            dishonest: vec![(liar, behaviour)],
+            ..base
+        };
+        let report = run(&inputs, &scenario);
+        agreed(&report, 3);
+        let first = &report.peers[0];
+        // Every member's unit of every height counted, the left-out one too.
+        assert_eq!(first.credit.len(), 4, "{behaviour:?} seed {seed}");
+        match behaviour {
+            Behaviour::Equivocates => {
+                let caught = report
+                    .peers
+                    .iter()
+                    .filter(|p| p.equivocators == [liar])
+                    .count();
+                assert!(
+                    caught > 0,
+                    "{behaviour:?} seed {seed}: nobody holds the proof"
+                );
+                for p in &report.peers {
+                    assert!(
+                        p.equivocators.iter().all(|&e| e == liar),
+                        "{behaviour:?} seed {seed}: {:?}",
+                        p.equivocators
+                    );
+                }
+                eprintln!("{behaviour:?}: {caught} of 4 peers hold the proof");
+            }
+            _ => {
+                assert!(
+                    first.rounds[0] > 0,
+                    "{behaviour:?} seed {seed}: {:?}",
+                    first.rounds
+                );
+                assert_ne!(first.proposers[0], liar, "{behaviour:?} seed {seed}");
+                assert!(report.peers.iter().all(|p| p.equivocators.is_empty()));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_peer_that_was_away_catches_up_from_the_certified_chain() {
+    let inputs = inputs();
+    let scenario = Scenario {
+        away: Some((2, 10_000)),
+        ..Scenario::new(31, 4, 4)
+    };
+    let report = run(&inputs, &scenario);
+    agreed(&report, 4);
+    // It was away for the first height at least, and caught up.
+    let away = &report.peers[2];
+    assert!(away.version >= 4);
+}
