@@ -50,7 +50,15 @@ fn check(package: &str) {
 
 #[test]
 fn the_run_the_runner_and_the_simulator_depend_on_no_http_crate() {
-    for package in ["run", "runner", "sim", "scheduler", "validation"] {
+    for package in [
+        "run",
+        "runner",
+        "sim",
+        "scheduler",
+        "validation",
+        "agree",
+        "peer",
+    ] {
         check(package);
     }
     // The check can fail: the coordinator, the HTTP driver, does depend on them.
