@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 
 pub mod sim;
+pub mod wire;
 use std::fmt;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};

@@ -10,6 +10,7 @@
 pub mod local;
 pub mod node;
 pub mod replica;
+pub mod wire;
 
 pub use node::{Behaviour, Certified, Message, Node, Out, Timer, Timings};
 pub use replica::{Executed, Replica, RunSpec, version_hash};

@@ -84,9 +84,9 @@ pub struct Report {
     pub final_loss: f32,
     /// Simulated time to the last certified version.
     pub sim_ms: u64,
-    /// Messages sent between peers, and their update bytes.
+    /// Messages sent between peers, and their bytes on the wire (`crate::wire`).
     pub messages: u64,
-    pub update_bytes: u64,
+    pub bytes: u64,
 }
 
 /// The run every local scenario trains: the tiny model on `corpus`, every member one
@@ -157,6 +157,105 @@ enum Event {
     },
 }
 
+/// What every peer of a local run starts from: the run's model and data (made once,
+/// shared), its fixed part, version 0 and the peers' keys.
+pub struct Setup {
+    pub config: CoordinatorConfig,
+    pub prepared: runner::core::prepare::Prepared,
+    pub spec: Arc<RunSpec>,
+    pub genesis: Replica,
+    /// Peer `i`'s key, by index.
+    pub keys: Vec<SigningKey>,
+}
+
+impl Setup {
+    /// The run of `scenario` (the token cache in `cache`).
+    pub fn new(
+        scenario: &Scenario,
+        corpus: &Path,
+        tokenizer: &Path,
+        cache: &Path,
+    ) -> Result<Setup, PeerError> {
+        let config = config(scenario, corpus, tokenizer);
+        config
+            .check()
+            .map_err(|e| PeerError::Core(runner::CoreError::Config(e)))?;
+        let prepared = runner::core::prepare::prepare(&config, cache)?;
+        let spec_model = prepared.model.spec.clone();
+        let n_params = spec_model.trainable_len();
+        let step_tokens = config.batch as u64 * prepared.seq as u64;
+        let keys: Vec<SigningKey> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
+        let mut members: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
+        members.sort();
+        let spec = Arc::new(RunSpec {
+            settings: runner::core::settings(
+                &config,
+                n_params as u32,
+                step_tokens,
+                spec_model.train_flops_per_token(),
+            ),
+            schedule: config.schedule,
+            outer: config.outer,
+            combine: config.combine,
+            limits: config.limits,
+            codec: config.codec,
+            n_params,
+            members,
+        });
+        let genesis = Replica::genesis(&spec, prepared.initial.clone())?;
+        Ok(Setup {
+            config,
+            prepared,
+            spec,
+            genesis,
+            keys,
+        })
+    }
+
+    /// Peer `i`, behaving so.
+    pub fn node(
+        &self,
+        i: usize,
+        behaviour: Behaviour,
+        timings: Timings,
+    ) -> Result<Node, PeerError> {
+        Node::new(
+            self.keys[i].clone(),
+            self.spec.clone(),
+            self.genesis.clone(),
+            timings,
+            behaviour,
+        )
+    }
+
+    /// Trains `unit` from `base` on `backend`: the workers' function.
+    pub fn train(
+        &self,
+        backend: &mut dyn engine::Backend,
+        unit: &WorkUnit,
+        base: &[f32],
+    ) -> Result<Vec<f32>, PeerError> {
+        let data = worker::unit::UnitData {
+            train: &self.prepared.train,
+            n_shards: self.config.schedule.n_shards,
+            batch: self.config.batch as usize,
+            seq: self.prepared.seq,
+        };
+        worker::unit::train(backend, base, data, unit, &mut |_, _| true)?
+            .ok_or(PeerError::Invalid("training stopped"))
+    }
+
+    /// The holdout loss of `params`.
+    pub fn holdout_loss(&self, params: &[f32]) -> Result<f32, PeerError> {
+        let mut evaluator = self.prepared.model.open_empty("cpu:1", Purpose::Eval)?;
+        evaluator.set_trainable(params)?;
+        Ok(engine::train::evaluate(
+            evaluator.as_mut(),
+            &self.prepared.holdout,
+        )?)
+    }
+}
+
 /// Runs `scenario` (the token cache in `cache`).
 pub fn run(
     scenario: &Scenario,
@@ -164,63 +263,27 @@ pub fn run(
     tokenizer: &Path,
     cache: &Path,
 ) -> Result<Report, PeerError> {
-    let config = config(scenario, corpus, tokenizer);
-    config
-        .check()
-        .map_err(|e| PeerError::Core(runner::CoreError::Config(e)))?;
-    let prepared = runner::core::prepare::prepare(&config, cache)?;
-    let spec_model = prepared.model.spec.clone();
-    let n_params = spec_model.trainable_len();
-    let step_tokens = config.batch as u64 * prepared.seq as u64;
-    let keys: Vec<SigningKey> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
-    let mut members: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
-    members.sort();
-    let spec = Arc::new(RunSpec {
-        settings: runner::core::settings(
-            &config,
-            n_params as u32,
-            step_tokens,
-            spec_model.train_flops_per_token(),
-        ),
-        schedule: config.schedule,
-        outer: config.outer,
-        combine: config.combine,
-        limits: config.limits,
-        codec: config.codec,
-        n_params,
-        members,
-    });
-    let genesis = Replica::genesis(&spec, prepared.initial.clone())?;
+    let setup = Setup::new(scenario, corpus, tokenizer, cache)?;
+    let spec = setup.spec.clone();
     let mut nodes = Vec::with_capacity(scenario.peers);
-    for (i, key) in keys.iter().enumerate() {
+    for i in 0..scenario.peers {
         let behaviour = scenario
             .dishonest
             .iter()
             .find(|(p, _)| *p == i)
             .map_or(Behaviour::Honest, |(_, b)| *b);
-        nodes.push(Node::new(
-            key.clone(),
-            spec.clone(),
-            genesis.clone(),
-            Timings::default(),
-            behaviour,
-        )?);
+        nodes.push(setup.node(i, behaviour, Timings::default())?);
     }
     let index: BTreeMap<WorkerId, usize> =
         nodes.iter().enumerate().map(|(i, n)| (n.id(), i)).collect();
-    let mut backend = prepared.model.open_empty("cpu:1", Purpose::Train)?;
-    let data = worker::unit::UnitData {
-        train: &prepared.train,
-        n_shards: config.schedule.n_shards,
-        batch: config.batch as usize,
-        seq: prepared.seq,
-    };
+    let mut backend = setup.prepared.model.open_empty("cpu:1", Purpose::Train)?;
 
     let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
     let mut queue: BTreeMap<(u64, u64), Event> = BTreeMap::new();
     let mut sequence = 0u64;
     let mut now = 0u64;
-    let (mut messages, mut update_bytes) = (0u64, 0u64);
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    let update_max = spec.update_bytes();
     let away = |node: usize, at: u64| {
         scenario
             .away
@@ -244,23 +307,21 @@ pub fn run(
                         let _ = message;
                     }
                     Out::Broadcast(message) => {
+                        let (message, size) = through_wire(&message, update_max)?;
                         for to in (0..scenario.peers).filter(|&to| to != from) {
                             let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
-                            count(&message, &mut messages, &mut update_bytes);
-                            push(
-                                now + delay,
-                                Event::Deliver {
-                                    to,
-                                    from,
-                                    message: message.clone(),
-                                },
-                            );
+                            messages += 1;
+                            bytes += size;
+                            let message = message.clone();
+                            push(now + delay, Event::Deliver { to, from, message });
                         }
                     }
                     Out::Send { to, message } => {
                         if let Some(&to) = index.get(&to) {
+                            let (message, size) = through_wire(&message, update_max)?;
                             let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
-                            count(&message, &mut messages, &mut update_bytes);
+                            messages += 1;
+                            bytes += size;
                             push(now + delay, Event::Deliver { to, from, message });
                         }
                     }
@@ -313,9 +374,7 @@ pub fn run(
                 pending.push((node, outs));
             }
             Event::Trained { node, unit, base } => {
-                let delta =
-                    worker::unit::train(backend.as_mut(), &base, data, &unit, &mut |_, _| true)?
-                        .ok_or(PeerError::Invalid("training stopped"))?;
+                let delta = setup.train(backend.as_mut(), &unit, &base)?;
                 let nonce = rng.random();
                 let outs = nodes[node].trained(&unit, &delta, nonce)?;
                 pending.push((node, outs));
@@ -323,16 +382,8 @@ pub fn run(
         }
     }
 
-    let mut evaluator = prepared.model.open_empty("cpu:1", Purpose::Eval)?;
-    let mut loss = |params: &[f32]| -> Result<f32, PeerError> {
-        evaluator.set_trainable(params)?;
-        Ok(engine::train::evaluate(
-            evaluator.as_mut(),
-            &prepared.holdout,
-        )?)
-    };
-    let initial_loss = loss(&prepared.initial)?;
-    let final_loss = loss(nodes[0].replica().params())?;
+    let initial_loss = setup.holdout_loss(&setup.prepared.initial)?;
+    let final_loss = setup.holdout_loss(nodes[0].replica().params())?;
     let peers = nodes
         .iter()
         .map(|n| PeerReport {
@@ -369,21 +420,18 @@ pub fn run(
         final_loss,
         sim_ms: now,
         messages,
-        update_bytes,
+        bytes,
     })
 }
 
-/// Counts a message sent, and the update bytes it carries.
-fn count(message: &Message, messages: &mut u64, update_bytes: &mut u64) {
-    *messages += 1;
-    *update_bytes += match message {
-        Message::Update(b) => b.len() as u64,
-        Message::Agree { updates, .. } => updates.iter().map(|b| b.len() as u64).sum(),
-        Message::Chain(chain) => chain
-            .iter()
-            .flat_map(|c| c.updates.iter())
-            .map(|b| b.len() as u64)
-            .sum(),
-        Message::ChainRequest { .. } => 0,
-    };
+/// `message` as it arrives: to bytes and back (and the same bytes again), with its
+/// size. Every message between local peers crosses the wire format.
+fn through_wire(message: &Message, update_max: usize) -> Result<(Message, u64), PeerError> {
+    let bytes = crate::wire::to_bytes(message);
+    let back = crate::wire::from_bytes(&bytes, update_max)
+        .map_err(|_| PeerError::Invalid("a message did not survive its wire format"))?;
+    if crate::wire::to_bytes(&back) != bytes {
+        return Err(PeerError::Invalid("a message re-encodes to other bytes"));
+    }
+    Ok((back, bytes.len() as u64))
 }

@@ -38,6 +38,10 @@ const FUTURE_MAX: usize = 16;
 /// Most certified heights one chain message carries.
 pub const CHAIN_MAX: usize = 64;
 
+/// A certified height's bytes past its updates, at most: the decision with a full
+/// committee's signatures and a value naming `ACCEPTED_MAX` updates.
+const CERTIFIED_BYTES: usize = 64 + 48 * agree::ACCEPTED_MAX + 96 * agree::COMMITTEE_MAX;
+
 /// A height the chain keeps: its decision and the updates its value names, in order, so
 /// that a peer that missed it re-executes it.
 #[derive(Clone, Debug)]
@@ -195,6 +199,11 @@ impl Node {
         self.id
     }
 
+    /// The run's fixed part.
+    pub fn spec(&self) -> &Arc<RunSpec> {
+        &self.spec
+    }
+
     /// The latest certified version.
     pub fn replica(&self) -> &Replica {
         &self.replica
@@ -284,12 +293,18 @@ impl Node {
                 }
             }
             Message::ChainRequest { from: height } => {
-                let first = height.saturating_sub(1) as usize;
+                // As many heights as fit one message.
+                let mut size = 0;
                 let chain: Vec<_> = self
                     .chain
                     .iter()
-                    .skip(first)
+                    .skip(height.saturating_sub(1) as usize)
                     .take(CHAIN_MAX)
+                    .take_while(|c| {
+                        size +=
+                            CERTIFIED_BYTES + c.updates.iter().map(|u| u.len() + 4).sum::<usize>();
+                        size <= crate::wire::MESSAGE_BYTES_MAX
+                    })
                     .cloned()
                     .collect();
                 if !chain.is_empty() {

@@ -42,6 +42,13 @@ pub struct RunSpec {
     pub members: Vec<WorkerId>,
 }
 
+impl RunSpec {
+    /// The exact size of a member's update: the bound on one in a message.
+    pub fn update_bytes(&self) -> usize {
+        protocol::update_len(self.codec, self.n_params as u32) as usize
+    }
+}
+
 /// One version of the run as a peer holds it.
 #[derive(Clone, Debug)]
 pub struct Replica {

@@ -90,11 +90,11 @@ fn honest_peers_certify_versions_and_end_bit_identical() {
             report.final_loss
         );
         eprintln!(
-            "{peers} peers: loss {:.3} -> {:.3}, {} messages, {} update bytes, {:.1} s simulated",
+            "{peers} peers: loss {:.3} -> {:.3}, {} messages, {} bytes, {:.1} s simulated",
             report.initial_loss,
             report.final_loss,
             report.messages,
-            report.update_bytes,
+            report.bytes,
             report.sim_ms as f64 / 1000.0
         );
     }

@@ -1,0 +1,101 @@
+//! A [`peer::Node`] on a real clock over a [`Transport`]: messages decoded and handed
+//! in, the node's timers kept in order, its units trained on a blocking thread (one at
+//! a time; a unit of a version already left is dropped by the node), its sends encoded
+//! once and queued for each member.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use peer::{Node, Out, Timer};
+use protocol::{WorkUnit, WorkerId};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::{MeshError, Transport};
+
+/// Trains a unit from its base version's floats: the worker's function, on the peer's
+/// backend.
+pub type Train = Box<dyn FnMut(&WorkUnit, &[f32]) -> Result<Vec<f32>, String> + Send>;
+
+/// Runs `node` over `transport` until its replica reaches version `until` (or the
+/// transport closes). `members` are who a broadcast goes to.
+pub async fn run<T: Transport>(
+    mut node: Node,
+    mut transport: T,
+    members: Vec<WorkerId>,
+    mut train: Train,
+    until: u64,
+) -> Result<Node, MeshError> {
+    let update_max = node.spec().update_bytes();
+    let mut timers: BTreeMap<(Instant, u64), Timer> = BTreeMap::new();
+    let mut sequence = 0u64;
+    let (trained_tx, mut trained_rx) =
+        tokio::sync::mpsc::channel::<(WorkUnit, Result<Vec<f32>, String>, Train)>(1);
+    let mut training: Option<(WorkUnit, Arc<Vec<f32>>)> = None;
+    let mut busy = false;
+    let mut outs = node.start()?;
+    loop {
+        for out in outs.drain(..) {
+            match out {
+                Out::Broadcast(message) => {
+                    let bytes = Arc::new(peer::wire::to_bytes(&message));
+                    for member in members.iter().filter(|m| **m != node.id()) {
+                        transport.send(*member, bytes.clone());
+                    }
+                }
+                Out::Send { to, message } => {
+                    transport.send(to, Arc::new(peer::wire::to_bytes(&message)));
+                }
+                Out::Schedule { after_ms, timer } => {
+                    sequence += 1;
+                    let at = Instant::now() + std::time::Duration::from_millis(after_ms);
+                    timers.insert((at, sequence), timer);
+                }
+                // The newest unit replaces one not yet started.
+                Out::Train { unit, base } => training = Some((unit, base)),
+            }
+        }
+        if node.replica().version() >= until {
+            return Ok(node);
+        }
+        if !busy && let Some((unit, base)) = training.take() {
+            busy = true;
+            let tx = trained_tx.clone();
+            let mut job = std::mem::replace(&mut train, Box::new(|_, _| Err("in use".into())));
+            tokio::task::spawn_blocking(move || {
+                let delta = job(&unit, &base);
+                let _ = tx.blocking_send((unit, delta, job));
+            });
+        }
+        let next_timer = timers.keys().next().map(|(at, _)| *at);
+        tokio::select! {
+            received = transport.recv() => {
+                let Some((from, bytes)) = received else {
+                    return Ok(node);
+                };
+                // A message that does not decode is dropped: a member's bug or a hostile one.
+                if let Ok(message) = peer::wire::from_bytes(&bytes, update_max) {
+                    outs = node.receive(from, message)?;
+                }
+            }
+            Some((unit, delta, job)) = trained_rx.recv() => {
+                train = job;
+                busy = false;
+                let delta = delta.map_err(|e| MeshError::Train(format!("unit {}: {e}", unit.id)))?;
+                outs = node.trained(&unit, &delta, rand::rng().random())?;
+            }
+            () = sleep_until(next_timer) => {
+                if let Some(((_, _), timer)) = timers.pop_first() {
+                    outs = node.timer(timer)?;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,241 @@
+//! Peers over iroh: QUIC with TLS 1.3, each endpoint's identity its ed25519 key (the
+//! peer's hivetrain key: the same 32-byte seed gives the same public key in iroh's
+//! ed25519 and in hivetrain's). A message is one unidirectional stream on a connection
+//! kept per peer; the receiver names the sender by the key the TLS handshake proved, and
+//! refuses connections from keys that are not members. Dialled by direct address (the
+//! addresses a peer learns from the run's ticket); no relay or address lookup of a third
+//! party is used.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use iroh::endpoint::{Connection, SendStream, presets};
+use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey};
+use protocol::WorkerId;
+use tokio::sync::mpsc;
+
+use crate::{MeshError, QUEUE_MAX, Transport};
+
+/// The protocol peers speak on iroh.
+pub const ALPN: &[u8] = b"hivetrain/peer/1";
+
+/// How long a dial may take before the message it carries is dropped.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams sent whose receipt is awaited when a peer's queue closes, at most (older ones
+/// were acknowledged long before, in practice).
+const UNACKED_MAX: usize = 64;
+
+/// How long a closing transport waits for its last messages to be acknowledged.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Streams a connection may have open at once from the other side (each a message being
+/// read): what one peer can make this one hold.
+const STREAMS_PER_CONNECTION_MAX: usize = 16;
+
+/// One peer's end of the run's network over iroh.
+pub struct IrohTransport {
+    id: WorkerId,
+    endpoint: Endpoint,
+    inbox: mpsc::Receiver<(WorkerId, Vec<u8>)>,
+    /// A queue per member, drained by that member's sending task.
+    outboxes: BTreeMap<WorkerId, mpsc::Sender<Arc<Vec<u8>>>>,
+    addresses: Arc<Mutex<BTreeMap<WorkerId, EndpointAddr>>>,
+}
+
+/// An iroh endpoint id for a hivetrain key.
+fn endpoint_id(worker: &WorkerId) -> Option<EndpointId> {
+    EndpointId::from_bytes(&worker.0).ok()
+}
+
+impl IrohTransport {
+    /// Binds an endpoint for `key` on `bind` (a UDP socket address) that talks with
+    /// `members` only.
+    pub async fn bind(
+        key: &SigningKey,
+        bind: SocketAddr,
+        members: &[WorkerId],
+    ) -> Result<IrohTransport, MeshError> {
+        let secret = SecretKey::from_bytes(&key.to_bytes());
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .clear_ip_transports()
+            .bind_addr(bind)
+            .map_err(|e| MeshError::Bind(e.to_string()))?
+            .secret_key(secret)
+            .alpns(vec![ALPN.to_vec()])
+            .bind()
+            .await
+            .map_err(|e| MeshError::Bind(e.to_string()))?;
+        let id = WorkerId::of(key);
+        let (inbox_tx, inbox) = mpsc::channel(QUEUE_MAX);
+        let addresses = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut outboxes = BTreeMap::new();
+        for member in members.iter().filter(|m| **m != id) {
+            let (tx, rx) = mpsc::channel(QUEUE_MAX);
+            outboxes.insert(*member, tx);
+            tokio::spawn(sending(endpoint.clone(), *member, rx, addresses.clone()));
+        }
+        let allowed: Vec<WorkerId> = members.to_vec();
+        tokio::spawn(accepting(endpoint.clone(), allowed, inbox_tx));
+        Ok(IrohTransport {
+            id,
+            endpoint,
+            inbox,
+            outboxes,
+            addresses,
+        })
+    }
+
+    /// Where this peer is reached: its key and the sockets it is bound to.
+    pub fn addr(&self) -> EndpointAddr {
+        let mut addr = EndpointAddr::new(self.endpoint.id());
+        for socket in self.endpoint.bound_sockets() {
+            addr = addr.with_ip_addr(socket);
+        }
+        addr
+    }
+
+    /// Where `member` is reached (from the run's ticket, or its announcement).
+    pub fn learn(&self, member: WorkerId, addr: EndpointAddr) {
+        if self.outboxes.contains_key(&member) && endpoint_id(&member) == Some(addr.id) {
+            self.addresses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(member, addr);
+        }
+    }
+
+    /// Closes the endpoint (its connections end; `recv` then returns `None`).
+    pub async fn close(&self) {
+        self.endpoint.close().await;
+    }
+}
+
+impl Transport for IrohTransport {
+    fn id(&self) -> WorkerId {
+        self.id
+    }
+
+    fn send(&self, to: WorkerId, bytes: Arc<Vec<u8>>) {
+        if bytes.len() > peer::wire::MESSAGE_BYTES_MAX {
+            return;
+        }
+        if let Some(tx) = self.outboxes.get(&to) {
+            let _ = tx.try_send(bytes);
+        }
+    }
+
+    async fn recv(&mut self) -> Option<(WorkerId, Vec<u8>)> {
+        self.inbox.recv().await
+    }
+}
+
+/// Sends `member`'s queue in order, one stream a message, on a connection dialled when
+/// first needed and again after it fails (the message that found it broken is tried once
+/// more on the new one, then dropped). When the queue closes (the transport is dropped)
+/// it waits up to [`FLUSH_TIMEOUT`] for the peer to acknowledge what was sent: dropping a
+/// connection discards stream data not yet delivered.
+async fn sending(
+    endpoint: Endpoint,
+    member: WorkerId,
+    mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
+    addresses: Arc<Mutex<BTreeMap<WorkerId, EndpointAddr>>>,
+) {
+    let mut connection: Option<Connection> = None;
+    let mut unacked: std::collections::VecDeque<SendStream> = std::collections::VecDeque::new();
+    while let Some(bytes) = queue.recv().await {
+        for _attempt in 0..2 {
+            if connection.is_none() {
+                let addr = addresses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&member)
+                    .cloned();
+                let Some(addr) = addr else { break };
+                match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(addr, ALPN)).await {
+                    Ok(Ok(c)) => connection = Some(c),
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %member, "could not connect: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %member, "connecting timed out");
+                        break;
+                    }
+                }
+            }
+            let Some(c) = &connection else { break };
+            match write(c, &bytes).await {
+                Ok(stream) => {
+                    if unacked.len() == UNACKED_MAX {
+                        unacked.pop_front();
+                    }
+                    unacked.push_back(stream);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %member, "sending failed: {e}");
+                    connection = None;
+                }
+            }
+        }
+        if endpoint.is_closed() {
+            return;
+        }
+    }
+    let acknowledged = async {
+        for stream in unacked {
+            let _ = stream.stopped().await;
+        }
+    };
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, acknowledged).await;
+}
+
+async fn write(connection: &Connection, bytes: &[u8]) -> Result<SendStream, String> {
+    let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
+    stream.finish().map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// Takes connections from members (a key that is not one is closed at once) and reads
+/// each of their streams as one message, at most `MESSAGE_BYTES_MAX` bytes.
+async fn accepting(
+    endpoint: Endpoint,
+    members: Vec<WorkerId>,
+    inbox: mpsc::Sender<(WorkerId, Vec<u8>)>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let members = members.clone();
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            let Ok(connection) = incoming.await else {
+                return;
+            };
+            let from = WorkerId(*connection.remote_id().as_bytes());
+            if !members.contains(&from) {
+                connection.close(1u32.into(), b"not a member of this run");
+                return;
+            }
+            let streams = Arc::new(tokio::sync::Semaphore::new(STREAMS_PER_CONNECTION_MAX));
+            loop {
+                let Ok(permit) = streams.clone().acquire_owned().await else {
+                    return;
+                };
+                let Ok(mut stream) = connection.accept_uni().await else {
+                    return;
+                };
+                let inbox = inbox.clone();
+                tokio::spawn(async move {
+                    if let Ok(bytes) = stream.read_to_end(peer::wire::MESSAGE_BYTES_MAX).await {
+                        let _ = inbox.send((from, bytes)).await;
+                    }
+                    drop(permit);
+                });
+            }
+        });
+    }
+}

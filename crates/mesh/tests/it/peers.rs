@@ -1,0 +1,127 @@
+//! Peers that train the tiny model and certify its versions over a real transport, each
+//! on its own tasks and its own backend, on the wall clock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use engine::Purpose;
+use mesh::Transport;
+use peer::local::{Scenario, Setup};
+use peer::{Behaviour, Node, Timings};
+use protocol::WorkerId;
+
+struct Inputs {
+    dir: tempfile::TempDir,
+    corpus: PathBuf,
+    tokenizer: PathBuf,
+}
+
+fn inputs() -> Inputs {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(root.join("data/shakespeare.txt")).expect("corpus");
+    let cut = text[..300_000].rfind('\n').unwrap_or(300_000);
+    let corpus = dir.path().join("shakespeare-300k.txt");
+    std::fs::write(&corpus, &text[..cut]).expect("write corpus");
+    Inputs {
+        dir,
+        corpus,
+        tokenizer: root.join("data/tokenizer.json"),
+    }
+}
+
+/// Runs every peer of `setup` over `nets` to version `heights`, and checks that they
+/// end on one chain, bit for bit, with the loss down.
+async fn certify<T: Transport>(setup: Arc<Setup>, nets: Vec<T>, heights: u64) -> Vec<Node> {
+    let members = setup.spec.members.clone();
+    let mut tasks = Vec::new();
+    for (i, net) in nets.into_iter().enumerate() {
+        let node = setup
+            .node(i, Behaviour::Honest, Timings::default())
+            .expect("node");
+        assert_eq!(node.id(), net.id());
+        let mut backend = setup
+            .prepared
+            .model
+            .open_empty("cpu:1", Purpose::Train)
+            .expect("backend");
+        let s = setup.clone();
+        let train: mesh::drive::Train = Box::new(move |unit, base| {
+            s.train(backend.as_mut(), unit, base)
+                .map_err(|e| e.to_string())
+        });
+        tasks.push(tokio::spawn(mesh::drive::run(
+            node,
+            net,
+            members.clone(),
+            train,
+            heights,
+        )));
+    }
+    let mut nodes = Vec::new();
+    for task in tasks {
+        nodes.push(task.await.expect("task").expect("peer"));
+    }
+    // A peer may stop as soon as it reaches the height; the others may still be on it.
+    for n in &nodes {
+        assert!(n.replica().version() >= heights);
+    }
+    let first = &nodes[0];
+    for n in &nodes {
+        let common = n.chain().len().min(first.chain().len());
+        let ids = |n: &Node| -> Vec<_> {
+            n.chain()[..common]
+                .iter()
+                .map(|c| c.decision.value.id())
+                .collect()
+        };
+        assert_eq!(ids(n), ids(first));
+        if n.replica().version() == first.replica().version() {
+            assert_eq!(n.replica().hash(), first.replica().hash());
+            assert_eq!(n.replica().credit(), first.replica().credit());
+        }
+    }
+    let before = setup.holdout_loss(&setup.prepared.initial).expect("loss");
+    let after = setup.holdout_loss(first.replica().params()).expect("loss");
+    assert!(after < before, "loss {before} -> {after}");
+    nodes
+}
+
+fn setup(inputs: &Inputs, seed: u64, peers: usize, heights: u64) -> Arc<Setup> {
+    let scenario = Scenario::new(seed, peers, heights);
+    Arc::new(
+        Setup::new(
+            &scenario,
+            &inputs.corpus,
+            &inputs.tokenizer,
+            &inputs.dir.path().join("cache"),
+        )
+        .expect("setup"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_certify_versions_in_process() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 41, 4, 3);
+    let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
+    certify(setup.clone(), mesh::memory::network(&ids), 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_certify_versions_over_iroh() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 42, 4, 3);
+    let nets = super::transport::iroh_network(&setup.keys).await;
+    let started = std::time::Instant::now();
+    let nodes = certify(setup.clone(), nets, 3).await;
+    eprintln!(
+        "4 peers over iroh on loopback: 3 versions certified in {:.2} s (rounds {:?})",
+        started.elapsed().as_secs_f64(),
+        nodes[0]
+            .chain()
+            .iter()
+            .map(|c| c.decision.round.as_i64())
+            .collect::<Vec<_>>()
+    );
+}
