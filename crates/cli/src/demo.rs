@@ -48,6 +48,14 @@ pub(crate) struct DemoArgs {
     /// continue a passage of Hamlet].
     #[arg(long)]
     prompt: Option<String>,
+    /// No coordinator: `--peers` peers on this machine, each with its own key, QUIC
+    /// endpoint (iroh, loopback), replica of the run and engine, train the tiny GPT and
+    /// agree on every version (each re-executes the proposer's value before it votes).
+    #[arg(long, conflicts_with = "finetune")]
+    p2p: bool,
+    /// Peers of `--p2p` (4 or more: then a silent or lying peer cannot stop the run).
+    #[arg(long, default_value_t = 4)]
+    peers: usize,
     /// Print the demo's effective coordinator config as TOML and exit (a file of such
     /// keys is what --config takes).
     #[arg(long)]
@@ -60,8 +68,29 @@ pub(crate) struct DemoArgs {
 /// training chats are, about a passage that is in the holdout's play but asked anew.
 const FINETUNE_PROMPT: &str = "Continue this passage from Hamlet, Act III, Scene I:\n\nHam.\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\nAnd by opposing end them?";
 
+/// Local steps of a `--p2p` peer's unit.
+const P2P_STEPS: u32 = 50;
+
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.unwrap_or(if args.finetune { 4 } else { 12 });
+    if args.p2p {
+        let base = crate::p2p_demo::config(args.peers, rounds, P2P_STEPS)?;
+        let config = crate::p2p_demo::for_peers(args.run.config(base)?, args.peers);
+        if args.print_config {
+            print!("{}", config.to_toml());
+            return Ok(());
+        }
+        return crate::p2p_demo::run(crate::p2p_demo::P2pArgs {
+            config,
+            peers: args.peers,
+            versions: rounds,
+            sample_tokens: args.sample_tokens,
+            prompt: args
+                .prompt
+                .clone()
+                .unwrap_or_else(|| "KING HENRY:\n".to_owned()),
+        });
+    }
     let prompt = args.prompt.clone().unwrap_or_else(|| {
         if args.finetune {
             FINETUNE_PROMPT.to_owned()

@@ -7,6 +7,7 @@ mod export;
 mod generate;
 mod model;
 mod model_export;
+mod p2p_demo;
 mod paths;
 mod pretrained;
 mod query;

@@ -17,6 +17,16 @@ use crate::{MeshError, Transport};
 /// backend.
 pub type Train = Box<dyn FnMut(&WorkUnit, &[f32]) -> Result<Vec<f32>, String> + Send>;
 
+/// Called with the node each time it certifies a version (a demo's table, metrics).
+pub type OnVersion = Box<dyn FnMut(&Node) + Send>;
+
+/// What a peer sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
 /// Runs `node` over `transport` until its replica reaches version `until` (or the
 /// transport closes). `members` are who a broadcast goes to.
 pub async fn run<T: Transport>(
@@ -25,7 +35,10 @@ pub async fn run<T: Transport>(
     members: Vec<WorkerId>,
     mut train: Train,
     until: u64,
-) -> Result<Node, MeshError> {
+    mut on_version: OnVersion,
+) -> Result<(Node, Traffic), MeshError> {
+    let mut traffic = Traffic::default();
+    let mut version = node.replica().version();
     let update_max = node.spec().update_bytes();
     let mut timers: BTreeMap<(Instant, u64), Timer> = BTreeMap::new();
     let mut sequence = 0u64;
@@ -40,11 +53,16 @@ pub async fn run<T: Transport>(
                 Out::Broadcast(message) => {
                     let bytes = Arc::new(peer::wire::to_bytes(&message));
                     for member in members.iter().filter(|m| **m != node.id()) {
+                        traffic.messages += 1;
+                        traffic.bytes += bytes.len() as u64;
                         transport.send(*member, bytes.clone());
                     }
                 }
                 Out::Send { to, message } => {
-                    transport.send(to, Arc::new(peer::wire::to_bytes(&message)));
+                    let bytes = peer::wire::to_bytes(&message);
+                    traffic.messages += 1;
+                    traffic.bytes += bytes.len() as u64;
+                    transport.send(to, Arc::new(bytes));
                 }
                 Out::Schedule { after_ms, timer } => {
                     sequence += 1;
@@ -55,8 +73,13 @@ pub async fn run<T: Transport>(
                 Out::Train { unit, base } => training = Some((unit, base)),
             }
         }
-        if node.replica().version() >= until {
-            return Ok(node);
+        if node.replica().version() != version {
+            version = node.replica().version();
+            on_version(&node);
+        }
+        if version >= until {
+            transport.shutdown().await;
+            return Ok((node, traffic));
         }
         if !busy && let Some((unit, base)) = training.take() {
             busy = true;
@@ -71,7 +94,7 @@ pub async fn run<T: Transport>(
         tokio::select! {
             received = transport.recv() => {
                 let Some((from, bytes)) = received else {
-                    return Ok(node);
+                    return Ok((node, traffic));
                 };
                 // A message that does not decode is dropped: a member's bug or a hostile one.
                 if let Ok(message) = peer::wire::from_bytes(&bytes, update_max) {

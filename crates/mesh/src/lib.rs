@@ -33,6 +33,8 @@ pub trait Transport: Send + 'static {
     fn send(&self, to: WorkerId, bytes: Arc<Vec<u8>>);
     /// The next message from another member, and who sent it; `None` once closed.
     fn recv(&mut self) -> impl Future<Output = Option<(WorkerId, Vec<u8>)>> + Send;
+    /// Sends what is queued (waiting a bounded time) and closes.
+    fn shutdown(self) -> impl Future<Output = ()> + Send;
 }
 
 /// Why a transport or a driver stopped.

@@ -53,4 +53,7 @@ impl Transport for MemTransport {
     async fn recv(&mut self) -> Option<(WorkerId, Vec<u8>)> {
         self.inbox.recv().await
     }
+
+    // Every message is in its receiver's inbox the moment it is sent.
+    async fn shutdown(self) {}
 }

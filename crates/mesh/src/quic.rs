@@ -32,6 +32,13 @@ const UNACKED_MAX: usize = 64;
 /// How long a closing transport waits for its last messages to be acknowledged.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one message may take to go out (a peer that stopped reading holds streams
+/// open: its connection is dropped and dialled again for the next message).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long closing the endpoint waits for peers to acknowledge it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Streams a connection may have open at once from the other side (each a message being
 /// read): what one peer can make this one hold.
 const STREAMS_PER_CONNECTION_MAX: usize = 16;
@@ -43,6 +50,8 @@ pub struct IrohTransport {
     inbox: mpsc::Receiver<(WorkerId, Vec<u8>)>,
     /// A queue per member, drained by that member's sending task.
     outboxes: BTreeMap<WorkerId, mpsc::Sender<Arc<Vec<u8>>>>,
+    /// The sending tasks, awaited on shutdown.
+    senders: Vec<tokio::task::JoinHandle<()>>,
     addresses: Arc<Mutex<BTreeMap<WorkerId, EndpointAddr>>>,
 }
 
@@ -73,10 +82,16 @@ impl IrohTransport {
         let (inbox_tx, inbox) = mpsc::channel(QUEUE_MAX);
         let addresses = Arc::new(Mutex::new(BTreeMap::new()));
         let mut outboxes = BTreeMap::new();
+        let mut senders = Vec::new();
         for member in members.iter().filter(|m| **m != id) {
             let (tx, rx) = mpsc::channel(QUEUE_MAX);
             outboxes.insert(*member, tx);
-            tokio::spawn(sending(endpoint.clone(), *member, rx, addresses.clone()));
+            senders.push(tokio::spawn(sending(
+                endpoint.clone(),
+                *member,
+                rx,
+                addresses.clone(),
+            )));
         }
         let allowed: Vec<WorkerId> = members.to_vec();
         tokio::spawn(accepting(endpoint.clone(), allowed, inbox_tx));
@@ -85,6 +100,7 @@ impl IrohTransport {
             endpoint,
             inbox,
             outboxes,
+            senders,
             addresses,
         })
     }
@@ -107,11 +123,6 @@ impl IrohTransport {
                 .insert(member, addr);
         }
     }
-
-    /// Closes the endpoint (its connections end; `recv` then returns `None`).
-    pub async fn close(&self) {
-        self.endpoint.close().await;
-    }
 }
 
 impl Transport for IrohTransport {
@@ -130,6 +141,28 @@ impl Transport for IrohTransport {
 
     async fn recv(&mut self) -> Option<(WorkerId, Vec<u8>)> {
         self.inbox.recv().await
+    }
+
+    /// Lets every sending task deliver its queue (each waits at most [`FLUSH_TIMEOUT`]
+    /// for acknowledgements), then closes the endpoint.
+    async fn shutdown(self) {
+        let IrohTransport {
+            endpoint,
+            outboxes,
+            senders,
+            ..
+        } = self;
+        drop(outboxes);
+        // Each task waits for its acknowledgements itself; one stuck on a peer that is
+        // gone (a stream it cannot open until the connection times out) is cut off.
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        for mut task in senders {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        // Closing waits for every peer to acknowledge; one that left first never does.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.close()).await;
     }
 }
 
@@ -168,7 +201,10 @@ async fn sending(
                 }
             }
             let Some(c) = &connection else { break };
-            match write(c, &bytes).await {
+            let written = tokio::time::timeout(WRITE_TIMEOUT, write(c, &bytes))
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+            match written {
                 Ok(stream) => {
                     if unacked.len() == UNACKED_MAX {
                         unacked.pop_front();

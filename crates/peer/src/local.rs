@@ -118,8 +118,9 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
     c
 }
 
-/// The key of peer `i` of a run seeded `seed`.
-fn key(seed: u64, i: usize) -> SigningKey {
+/// The key of peer `i` of a run seeded `seed` (tests and demos: a real peer's key is
+/// its worker key).
+pub fn key(seed: u64, i: usize) -> SigningKey {
     SigningKey::from_bytes(blake3::hash(format!("peer {seed} {i}").as_bytes()).as_bytes())
 }
 
@@ -176,7 +177,16 @@ impl Setup {
         tokenizer: &Path,
         cache: &Path,
     ) -> Result<Setup, PeerError> {
-        let config = config(scenario, corpus, tokenizer);
+        let keys = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
+        Setup::from_config(config(scenario, corpus, tokenizer), keys, cache)
+    }
+
+    /// The run `config` describes, with a peer of each of `keys`.
+    pub fn from_config(
+        config: CoordinatorConfig,
+        keys: Vec<SigningKey>,
+        cache: &Path,
+    ) -> Result<Setup, PeerError> {
         config
             .check()
             .map_err(|e| PeerError::Core(runner::CoreError::Config(e)))?;
@@ -184,7 +194,6 @@ impl Setup {
         let spec_model = prepared.model.spec.clone();
         let n_params = spec_model.trainable_len();
         let step_tokens = config.batch as u64 * prepared.seq as u64;
-        let keys: Vec<SigningKey> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
         let mut members: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
         members.sort();
         let spec = Arc::new(RunSpec {

@@ -199,6 +199,11 @@ impl Node {
         self.id
     }
 
+    /// The run's committee.
+    pub fn committee(&self) -> &Committee {
+        &self.committee
+    }
+
     /// The run's fixed part.
     pub fn spec(&self) -> &Arc<RunSpec> {
         &self.spec

@@ -398,6 +398,59 @@ fn bad_tokenizer_checkpoint_device_and_preset() {
     );
 }
 
+/// `demo --p2p`: peers with no coordinator certify every version, and every peer ends on
+/// the same version hash with the same credit for each.
+#[test]
+fn a_p2p_demo_certifies_versions_every_peer_agrees_on() {
+    let sandbox = Sandbox::new();
+    let (ok, stdout, stderr) = sandbox.run(&[
+        "demo",
+        "--p2p",
+        "--peers",
+        "4",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "10",
+        "--sample-tokens",
+        "10",
+    ]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("no coordinator, over QUIC (iroh) on loopback"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sample of version 3"), "{stdout}");
+    let views: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("peer-") && l.contains(" version 3 "))
+        .collect();
+    assert_eq!(views.len(), 4, "{stdout}");
+    // Everything but the name and the traffic is the same in every peer's view.
+    let agreed = |l: &str| {
+        let hash = l
+            .split("hash ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next());
+        let credit = l.split("credit: ").nth(1);
+        (hash.map(str::to_owned), credit.map(str::to_owned))
+    };
+    assert!(
+        views.iter().all(|l| agreed(l) == agreed(views[0])),
+        "{stdout}"
+    );
+    // The loss fell from version 0 to version 3.
+    let loss = |version: &str| -> f32 {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(version))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no version {version} row:\n{stdout}"))
+    };
+    assert!(loss("3") < loss("0"), "{stdout}");
+}
+
 #[test]
 fn demo_then_the_registry_lists_exports_and_generates_its_versions() {
     let sandbox = Sandbox::new();

@@ -50,17 +50,13 @@ async fn certify<T: Transport>(setup: Arc<Setup>, nets: Vec<T>, heights: u64) ->
             s.train(backend.as_mut(), unit, base)
                 .map_err(|e| e.to_string())
         });
-        tasks.push(tokio::spawn(mesh::drive::run(
-            node,
-            net,
-            members.clone(),
-            train,
-            heights,
-        )));
+        let quiet: mesh::drive::OnVersion = Box::new(|_| ());
+        let run = mesh::drive::run(node, net, members.clone(), train, heights, quiet);
+        tasks.push(tokio::spawn(run));
     }
     let mut nodes = Vec::new();
     for task in tasks {
-        nodes.push(task.await.expect("task").expect("peer"));
+        nodes.push(task.await.expect("task").expect("peer").0);
     }
     // A peer may stop as soon as it reaches the height; the others may still be on it.
     for n in &nodes {
