@@ -36,6 +36,9 @@ pub struct Scenario {
     pub dishonest: Vec<(usize, Behaviour)>,
     /// A peer that hears and says nothing until this time (ms), by index.
     pub away: Option<(usize, u64)>,
+    /// A peer that never gets the updates other members broadcast, by index: it asks the
+    /// proposer for those a proposal names.
+    pub deaf_to_updates: Option<usize>,
     /// Message delays, uniform in this range (ms).
     pub delay_ms: (u64, u64),
 }
@@ -50,6 +53,7 @@ impl Scenario {
             steps: 4,
             dishonest: Vec::new(),
             away: None,
+            deaf_to_updates: None,
             delay_ms: (5, 80),
         }
     }
@@ -317,7 +321,11 @@ pub fn run(
                     }
                     Out::Broadcast(message) => {
                         let (message, size) = through_wire(&message, update_max)?;
-                        for to in (0..scenario.peers).filter(|&to| to != from) {
+                        let deaf = |to: usize| {
+                            matches!(message, Message::Update(_))
+                                && scenario.deaf_to_updates == Some(to)
+                        };
+                        for to in (0..scenario.peers).filter(|&to| to != from && !deaf(to)) {
                             let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
                             messages += 1;
                             bytes += size;

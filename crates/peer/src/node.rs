@@ -53,13 +53,18 @@ pub struct Certified {
 /// What peers send each other.
 #[derive(Clone, Debug)]
 pub enum Message {
-    /// A vote or a proposal; a proposal carries the bytes of the updates its value names.
+    /// A vote or a proposal. A proposal may carry the bytes of updates its value names
+    /// (none, as sent here: every member sent its own update to every peer, and one who
+    /// lacks some asks with `Want`).
     Agree {
         message: Box<agree::Message>,
         updates: Vec<Arc<Vec<u8>>>,
     },
     /// A member's signed update for the round under way.
     Update(Arc<Vec<u8>>),
+    /// Asks for updates (by address) that a proposal names and this peer lacks; answered
+    /// with an `Update` for each one held.
+    Want(Vec<[u8; 32]>),
     /// Asks for the certified heights from `from` on.
     ChainRequest { from: u64 },
     /// Certified heights, in order, at most [`CHAIN_MAX`].
@@ -149,6 +154,8 @@ pub struct Node {
     building: Option<(Height, agree::Round)>,
     /// Proposals of later heights.
     future: Vec<(agree::Message, Vec<Arc<Vec<u8>>>)>,
+    /// Proposals of this height waiting for updates they name (asked for with `Want`).
+    waiting: Vec<agree::Message>,
     chain: Vec<Certified>,
     /// The heights a chain was asked for (once each).
     asked: BTreeSet<u64>,
@@ -189,6 +196,7 @@ impl Node {
             executed: BTreeMap::new(),
             building: None,
             future: Vec::new(),
+            waiting: Vec::new(),
             chain: Vec::new(),
             asked: BTreeSet::new(),
             equivocators: BTreeSet::new(),
@@ -264,6 +272,20 @@ impl Node {
             Message::Update(bytes) => {
                 if self.hold(bytes) {
                     self.try_build(false, &mut out)?;
+                    self.retry_waiting(&mut out)?;
+                }
+            }
+            Message::Want(addresses) => {
+                for address in addresses
+                    .iter()
+                    .take(self.spec.members.len() * UPDATES_PER_UNIT_MAX)
+                {
+                    if let Some((_, bytes)) = self.pool.iter().find(|(a, _)| a == address) {
+                        out.push(Out::Send {
+                            to: from,
+                            message: Message::Update(bytes.clone()),
+                        });
+                    }
                 }
             }
             Message::Agree { message, updates } => {
@@ -285,11 +307,20 @@ impl Node {
                         }
                     }
                     agree::Message::Proposal(_) if height < current => {}
-                    agree::Message::Proposal(_) => {
+                    agree::Message::Proposal(p) => {
                         for bytes in &updates {
                             self.hold(bytes.clone());
                         }
-                        self.proposal(message, &mut out)?;
+                        let missing = self.missing(agree::proposal_value(p));
+                        if missing.is_empty() {
+                            self.proposal(message, &mut out)?;
+                        } else if self.waiting.len() < FUTURE_MAX {
+                            self.waiting.push(message);
+                            out.push(Out::Send {
+                                to: from,
+                                message: Message::Want(missing),
+                            });
+                        }
                     }
                     agree::Message::Vote(_) => {
                         let actions = self.agree.receive(message, |_| false)?;
@@ -451,7 +482,7 @@ impl Node {
         if self.behaviour != Behaviour::Equivocates || updates.len() < 2 {
             out.push(Out::Broadcast(Message::Agree {
                 message: Box::new(proposal),
-                updates,
+                updates: Vec::new(),
             }));
             return Ok(());
         }
@@ -468,18 +499,45 @@ impl Node {
             if *member == self.id {
                 continue;
             }
-            let (message, updates) = if i % 2 == 0 {
-                (proposal.clone(), updates.clone())
+            let message = if i % 2 == 0 {
+                proposal.clone()
             } else {
-                (second.clone(), reversed.clone())
+                second.clone()
             };
             out.push(Out::Send {
                 to: *member,
                 message: Message::Agree {
                     message: Box::new(message),
-                    updates,
+                    updates: Vec::new(),
                 },
             });
+        }
+        Ok(())
+    }
+
+    /// The updates `value` names that this peer does not hold.
+    fn missing(&self, value: &Value) -> Vec<[u8; 32]> {
+        value
+            .updates
+            .iter()
+            .filter(|a| !self.pool.iter().any(|(held, _)| held == *a))
+            .copied()
+            .collect()
+    }
+
+    /// Takes up the waiting proposals whose updates have all arrived.
+    fn retry_waiting(&mut self, out: &mut Vec<Out>) -> Result<(), PeerError> {
+        let waiting = std::mem::take(&mut self.waiting);
+        for message in waiting {
+            let ready = match &message {
+                agree::Message::Proposal(p) => self.missing(agree::proposal_value(p)).is_empty(),
+                agree::Message::Vote(_) => false,
+            };
+            if ready {
+                self.proposal(message, out)?;
+            } else {
+                self.waiting.push(message);
+            }
         }
         Ok(())
     }
@@ -496,8 +554,7 @@ impl Node {
         let id = agree::Value::id(&value);
         let first_time = !self.executed.contains_key(&id);
         let valid = self.check(&value);
-        // Passed on without the updates: every member sent its own to every peer, and the
-        // proposer sent them with the proposal.
+        // Passed on without the updates: every member sent its own to every peer.
         if first_time && valid {
             out.push(Out::Broadcast(Message::Agree {
                 message: Box::new(message.clone()),
@@ -640,6 +697,7 @@ impl Node {
         self.replica = executed.replica;
         self.chain.push(certified);
         self.executed.clear();
+        self.waiting.clear();
         self.building = None;
         self.pool.clear();
         let height = Height(self.replica.version() + 1);

@@ -52,6 +52,13 @@ pub fn to_bytes(message: &Message) -> Vec<u8> {
             out.push(1);
             put_bytes(&mut out, update);
         }
+        Message::Want(addresses) => {
+            out.push(4);
+            out.extend((addresses.len() as u32).to_le_bytes());
+            for a in addresses {
+                out.extend(a);
+            }
+        }
         Message::ChainRequest { from } => {
             out.push(2);
             out.extend(from.to_le_bytes());
@@ -98,6 +105,10 @@ pub fn from_bytes(bytes: &[u8], update_max: usize) -> Result<Message, WireError>
                 })
                 .collect::<Result<_, WireError>>()?;
             Message::Chain(chain)
+        }
+        4 => {
+            let n = r.count(UPDATES_MAX)?;
+            Message::Want((0..n).map(|_| r.array()).collect::<Result<_, _>>()?)
         }
         _ => return Err(WireError("an unknown peer message")),
     };

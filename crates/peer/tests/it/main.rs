@@ -177,3 +177,20 @@ fn a_peer_that_was_away_catches_up_from_the_certified_chain() {
     let away = &report.peers[2];
     assert!(away.version >= 4);
 }
+
+/// A peer that never gets the members' own broadcasts of their updates asks for those a
+/// proposal names, checks it, and votes: the run needs no update to ride along with its
+/// proposal.
+#[test]
+fn a_peer_missing_updates_asks_for_them() {
+    let inputs = inputs();
+    for deaf in 0..4 {
+        let scenario = Scenario {
+            deaf_to_updates: Some(deaf),
+            ..Scenario::new(51, 4, 3)
+        };
+        let report = run(&inputs, &scenario);
+        agreed(&report, 3);
+        assert!(report.peers[deaf].version >= 3);
+    }
+}
