@@ -91,6 +91,10 @@ pub struct Report {
     /// Messages sent between peers, and their bytes on the wire (`crate::wire`).
     pub messages: u64,
     pub bytes: u64,
+    /// For each height: from the last arrival of one of its updates (anywhere) to the last
+    /// peer's certification of it, in simulated ms (the agreement's own cost: proposal,
+    /// re-execution, two voting steps).
+    pub certify_after_updates_ms: Vec<u64>,
 }
 
 /// The run every local scenario trains: the tiny model on `corpus`, every member one
@@ -305,6 +309,9 @@ pub fn run(
     let limit = (scenario.heights + 2) * 60_000;
 
     let mut pending: Vec<(usize, Vec<Out>)> = Vec::new();
+    // When each height's last update arrived, and when each peer certified each height.
+    let mut last_update: Vec<u64> = Vec::new();
+    let mut certified: Vec<Vec<u64>> = vec![Vec::new(); scenario.peers];
     for (i, node) in nodes.iter_mut().enumerate() {
         pending.push((i, node.start()?));
     }
@@ -358,6 +365,12 @@ pub fn run(
                 }
             }
         }
+        for (i, n) in nodes.iter().enumerate() {
+            let v = n.replica().version() as usize;
+            if certified[i].len() < v {
+                certified[i].resize(v, now);
+            }
+        }
         if nodes
             .iter()
             .all(|n| n.replica().version() >= scenario.heights)
@@ -381,6 +394,15 @@ pub fn run(
         match event {
             Event::Deliver { to, from, message } => {
                 if !away(to, now) {
+                    if let Message::Update(bytes) = &message
+                        && let Ok(u) = protocol::SignedUpdate::parse(bytes, &spec.limits)
+                    {
+                        let height = u.header.base_version as usize + 1;
+                        if last_update.len() <= height {
+                            last_update.resize(height + 1, 0);
+                        }
+                        last_update[height] = last_update[height].max(now);
+                    }
                     let sender = nodes[from].id();
                     let outs = nodes[to].receive(sender, message)?;
                     pending.push((to, outs));
@@ -438,6 +460,13 @@ pub fn run(
         sim_ms: now,
         messages,
         bytes,
+        certify_after_updates_ms: (1..=scenario.heights as usize)
+            .map(|h| {
+                let last = certified.iter().filter_map(|c| c.get(h - 1)).max().copied();
+                last.unwrap_or(now)
+                    .saturating_sub(last_update.get(h).copied().unwrap_or(0))
+            })
+            .collect(),
     })
 }
 

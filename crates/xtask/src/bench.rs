@@ -66,6 +66,10 @@ pub(crate) enum BenchCommand {
     /// signature check, no store) under the same load. With `--baseline-bin` a second
     /// binary is measured the same way in the same run and the ratios are printed.
     Control(crate::control::ControlBench),
+    /// A run with no coordinator (peers in one process, on a simulated network and over
+    /// iroh on loopback) against coordinator mode on the same run: bytes each peer sends
+    /// per version, time to certify a version after its last update, for 4, 8, 16 peers.
+    P2p(crate::p2p_bench::P2pBench),
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +144,7 @@ pub(crate) fn run(root: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Robust(args) => crate::robust::run(root, args),
         BenchCommand::Ledger(args) => crate::ledger_bench::run(args),
         BenchCommand::Control(args) => crate::control::run(root, args),
+        BenchCommand::P2p(args) => crate::p2p_bench::run(root, args),
     }
 }
 

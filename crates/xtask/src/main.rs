@@ -14,6 +14,7 @@ mod ingest;
 mod ledger_bench;
 mod lora_bench;
 mod lora_combine;
+mod p2p_bench;
 mod ptx;
 mod random_adapter;
 mod robust;
