@@ -39,6 +39,13 @@ pub const COMMITTEE_MAX: usize = 256;
 /// Most accepted updates one value names.
 pub const ACCEPTED_MAX: usize = 4_096;
 
+/// Most proofs of equivocation one value carries.
+pub const EVIDENCE_MAX: usize = 4;
+
+/// Most bytes one proof of equivocation takes (two proposals naming `ACCEPTED_MAX`
+/// updates each fit).
+pub const EVIDENCE_BYTES_MAX: usize = 1 << 20;
+
 /// Most values a peer keeps by id for the height it is on (each proposal it saw).
 pub const VALUES_MAX: usize = 64;
 
@@ -110,6 +117,10 @@ pub struct Value {
     /// the blake3 that names a signed update's bytes). At most [`ACCEPTED_MAX`].
     pub updates: Vec<[u8; 32]>,
     pub accepted: Vec<Counted>,
+    /// Proofs of equivocation the new version acts on, each two conflicting messages of
+    /// one member as `wire::equivocation_to_bytes`; at most [`EVIDENCE_MAX`]. Every
+    /// member checks each ([`Equivocation::culprit`]) when it re-executes the value.
+    pub evidence: Vec<Vec<u8>>,
     /// The hash of the new version's parameters.
     pub version_hash: [u8; 32],
 }
@@ -146,6 +157,11 @@ impl mt::Value for Value {
         for c in &self.accepted {
             h.update(&c.unit.to_le_bytes());
             h.update(&c.weight.to_le_bytes());
+        }
+        h.update(&(self.evidence.len() as u64).to_le_bytes());
+        for e in &self.evidence {
+            h.update(&(e.len() as u64).to_le_bytes());
+            h.update(e);
         }
         h.update(&self.version_hash);
         ValueId(*h.finalize().as_bytes())
@@ -787,8 +803,9 @@ impl Peer {
                         },
                     );
                 let near = proposal.height >= current && proposal.height.0 <= current.0 + 1;
-                let bounded =
-                    value.accepted.len() <= ACCEPTED_MAX && value.updates.len() <= ACCEPTED_MAX;
+                let bounded = value.accepted.len() <= ACCEPTED_MAX
+                    && value.updates.len() <= ACCEPTED_MAX
+                    && value.evidence.len() <= EVIDENCE_MAX;
                 if !genuine || !near || !bounded || !valid(value) {
                     return Ok(Vec::new());
                 }

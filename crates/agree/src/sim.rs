@@ -110,6 +110,7 @@ pub fn honest_value(height: u64) -> Value {
     Value {
         base_version: height - 1,
         updates: vec![*blake3::hash(&height.to_le_bytes()).as_bytes()],
+        evidence: Vec::new(),
         accepted: vec![Counted {
             unit: height,
             weight: 100,

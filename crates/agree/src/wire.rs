@@ -9,8 +9,8 @@ use informalsystems_malachitebft_core_types::{
 };
 
 use crate::{
-    ACCEPTED_MAX, Address, COMMITTEE_MAX, Certificate, Counted, Decision, Height, Message,
-    Proposal, Sig, Value, ValueId, Vote,
+    ACCEPTED_MAX, Address, COMMITTEE_MAX, Certificate, Counted, Decision, EVIDENCE_BYTES_MAX,
+    EVIDENCE_MAX, Equivocation, Height, Message, Proposal, Sig, Value, ValueId, Vote,
 };
 
 /// Why bytes are not a message.
@@ -86,6 +86,11 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         out.extend(c.unit.to_le_bytes());
         out.extend(c.weight.to_le_bytes());
     }
+    out.extend((v.evidence.len() as u32).to_le_bytes());
+    for e in &v.evidence {
+        out.extend((e.len() as u32).to_le_bytes());
+        out.extend(e);
+    }
     out.extend(v.version_hash);
 }
 
@@ -102,10 +107,18 @@ fn value(r: &mut Reader<'_>) -> Result<Value, WireError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    let n = r.count(EVIDENCE_MAX)?;
+    let evidence = (0..n)
+        .map(|_| {
+            let len = r.count(EVIDENCE_BYTES_MAX)?;
+            Ok(r.take(len)?.to_vec())
+        })
+        .collect::<Result<_, WireError>>()?;
     Ok(Value {
         base_version,
         updates,
         accepted,
+        evidence,
         version_hash: r.array()?,
     })
 }
@@ -240,4 +253,28 @@ pub fn decision_from_bytes(r: &mut Reader<'_>) -> Result<Decision, WireError> {
             commit_signatures,
         },
     })
+}
+
+/// A proof of equivocation as bytes: its two messages, each length-prefixed.
+pub fn equivocation_to_bytes(proof: &Equivocation) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in [&proof.first, &proof.second] {
+        let bytes = message_to_bytes(m);
+        out.extend((bytes.len() as u32).to_le_bytes());
+        out.extend(bytes);
+    }
+    out
+}
+
+/// A proof of equivocation from its bytes (whether it proves anything is
+/// [`Equivocation::culprit`]'s to say).
+pub fn equivocation_from_bytes(bytes: &[u8]) -> Result<Equivocation, WireError> {
+    let mut r = Reader(bytes);
+    let mut message = || {
+        let len = r.count(EVIDENCE_BYTES_MAX)?;
+        message_from_bytes(r.take(len)?)
+    };
+    let (first, second) = (message()?, message()?);
+    r.done()?;
+    Ok(Equivocation { first, second })
 }

@@ -335,7 +335,7 @@ fn a_committee_is_bounded_and_has_each_key_once() {
     assert!(agree::Committee::new(&twice).is_none());
 }
 
-/// Every message and decision goes through bytes and back unchanged, and re-encodes to
+/// Every message, decision and proof of equivocation goes through bytes and back unchanged, and re-encodes to
 /// the same bytes; a decoded certificate still certifies; bytes cut short or with one
 /// more are refused.
 #[test]
@@ -375,7 +375,13 @@ fn messages_and_decisions_go_through_bytes_unchanged() {
     for proof in &report.proofs {
         messages.push(proof.first.clone());
         messages.push(proof.second.clone());
+        let bytes = wire::equivocation_to_bytes(proof);
+        let back = wire::equivocation_from_bytes(&bytes).expect("decodes");
+        assert_eq!(&back, proof);
+        assert!(back.culprit(&committee).is_some());
+        assert!(wire::equivocation_from_bytes(&bytes[..bytes.len() - 1]).is_err());
     }
+    assert!(!report.proofs.is_empty());
     let kinds = |m: &agree::Message| matches!(m, agree::Message::Proposal(_));
     assert!(
         messages.iter().any(kinds) && !messages.iter().all(kinds),

@@ -76,6 +76,8 @@ pub struct PeerReport {
     pub credit: BTreeMap<WorkerId, u64>,
     /// The peers (by index) this one holds a proof of equivocation against.
     pub equivocators: Vec<usize>,
+    /// The peers (by index) its certified chain punished for equivocating.
+    pub punished: Vec<usize>,
 }
 
 /// A local run's outcome.
@@ -449,6 +451,12 @@ pub fn run(
                 .equivocators()
                 .iter()
                 .filter_map(|a| index.get(&WorkerId(a.0)).copied())
+                .collect(),
+            punished: n
+                .replica()
+                .punished()
+                .iter()
+                .filter_map(|w| index.get(w).copied())
                 .collect(),
         })
         .collect();

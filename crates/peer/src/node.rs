@@ -161,6 +161,9 @@ pub struct Node {
     asked: BTreeSet<u64>,
     /// Members proven to have signed two values for one slot.
     equivocators: BTreeSet<agree::Address>,
+    /// Proofs not yet acted on by a certified version, for this peer's next value (at
+    /// most `agree::EVIDENCE_MAX`, one a culprit).
+    evidence: Vec<Vec<u8>>,
 }
 
 impl Node {
@@ -200,6 +203,7 @@ impl Node {
             chain: Vec::new(),
             asked: BTreeSet::new(),
             equivocators: BTreeSet::new(),
+            evidence: Vec::new(),
         })
     }
 
@@ -426,7 +430,7 @@ impl Node {
         let Some((height, round)) = self.building else {
             return Ok(());
         };
-        let complete = self.held_units().len() >= self.spec.members.len();
+        let complete = self.held_units().len() >= self.replica.units();
         if !complete && !deadline {
             return Ok(());
         }
@@ -450,7 +454,7 @@ impl Node {
             return Ok(());
         }
         let slices: Vec<&[u8]> = updates.iter().map(|b| b.as_slice()).collect();
-        let Ok(mut executed) = self.replica.execute(&self.spec, &slices) else {
+        let Ok(mut executed) = self.replica.execute(&self.spec, &slices, &self.evidence) else {
             return Ok(());
         };
         if self.behaviour == Behaviour::WrongAggregate {
@@ -489,7 +493,7 @@ impl Node {
         let mut reversed = updates.clone();
         reversed.reverse();
         let slices: Vec<&[u8]> = reversed.iter().map(|b| b.as_slice()).collect();
-        let other = self.replica.execute(&self.spec, &slices)?;
+        let other = self.replica.execute(&self.spec, &slices, &value.evidence)?;
         debug_assert_ne!(other.value, *value);
         let second = self
             .agree
@@ -583,7 +587,7 @@ impl Node {
             return executed.value == *value;
         }
         let slices: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
-        match self.replica.execute(&self.spec, &slices) {
+        match self.replica.execute(&self.spec, &slices, &value.evidence) {
             Ok(executed) if executed.value == *value => {
                 if self.executed.len() < EXECUTED_MAX {
                     self.executed.insert(id, executed);
@@ -624,6 +628,17 @@ impl Node {
                 Action::Equivocation(proof) => {
                     if let Some(culprit) = proof.culprit(&self.committee) {
                         self.equivocators.insert(culprit);
+                        // For this peer's next value, unless one pending names it already.
+                        let bytes = agree::wire::equivocation_to_bytes(&proof);
+                        let pending = self.evidence.iter().any(|e| {
+                            self.replica.culprit(&self.spec, e) == Some(WorkerId(culprit.0))
+                        });
+                        if !pending
+                            && self.evidence.len() < agree::EVIDENCE_MAX
+                            && self.replica.culprit(&self.spec, &bytes).is_some()
+                        {
+                            self.evidence.push(bytes);
+                        }
                     }
                 }
             }
@@ -639,7 +654,8 @@ impl Node {
             Some(e) => e,
             None => {
                 let slices: Vec<&[u8]> = updates.iter().map(|b| b.as_slice()).collect();
-                self.replica.execute(&self.spec, &slices)?
+                self.replica
+                    .execute(&self.spec, &slices, &decision.value.evidence)?
             }
         };
         if executed.value != decision.value {
@@ -676,7 +692,8 @@ impl Node {
             return Ok(());
         }
         let slices: Vec<&[u8]> = certified.updates.iter().map(|b| b.as_slice()).collect();
-        let Ok(executed) = self.replica.execute(&self.spec, &slices) else {
+        let evidence = &certified.decision.value.evidence;
+        let Ok(executed) = self.replica.execute(&self.spec, &slices, evidence) else {
             return Ok(());
         };
         if executed.value != certified.decision.value {
@@ -696,6 +713,8 @@ impl Node {
     ) -> Result<(), PeerError> {
         self.replica = executed.replica;
         self.chain.push(certified);
+        let (replica, spec) = (&self.replica, &self.spec);
+        self.evidence.retain(|e| replica.culprit(spec, e).is_some());
         self.executed.clear();
         self.waiting.clear();
         self.building = None;

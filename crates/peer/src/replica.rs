@@ -14,7 +14,7 @@
 //! leased its unit of the next round. Leases are not agreed on: every peer steps the
 //! same lease requests (each member, in committee order) and so computes the same units.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use aggregation::{Combine, OuterConfig, WeightedDelta};
@@ -63,6 +63,9 @@ pub struct Replica {
     leases: BTreeMap<WorkerId, WorkUnit>,
     /// Micro-credits minted to each worker by the accepted updates of every version.
     credit: BTreeMap<WorkerId, u64>,
+    /// Members proven to have equivocated: their credit forfeited, no unit leased to
+    /// them again.
+    punished: BTreeSet<WorkerId>,
 }
 
 /// A height executed: the next version and the value that names it.
@@ -115,6 +118,7 @@ impl Replica {
             clock_ms: 1,
             leases: BTreeMap::new(),
             credit: BTreeMap::new(),
+            punished: BTreeSet::new(),
         };
         replica.run.step(0, Input::Tick)?;
         replica.lease_all(spec, 1)?;
@@ -138,9 +142,34 @@ impl Replica {
         self.leases.get(worker)
     }
 
+    /// Units leased in the round under way (one a member not punished).
+    pub fn units(&self) -> usize {
+        self.leases.len()
+    }
+
     /// Micro-credits each worker earned, every accepted update's mint summed.
     pub fn credit(&self) -> &BTreeMap<WorkerId, u64> {
         &self.credit
+    }
+
+    /// Members proven to have equivocated (credit forfeited, no more units).
+    pub fn punished(&self) -> &BTreeSet<WorkerId> {
+        &self.punished
+    }
+
+    /// The member `proof` (as `agree::wire::equivocation_to_bytes`) proves signed two
+    /// values for one slot, if it does and that member is not punished yet: what a value
+    /// may carry as evidence.
+    pub fn culprit(&self, spec: &RunSpec, proof: &[u8]) -> Option<WorkerId> {
+        let proof = agree::wire::equivocation_from_bytes(proof).ok()?;
+        let keys: Vec<_> = spec
+            .members
+            .iter()
+            .filter_map(|m| ed25519_dalek::VerifyingKey::from_bytes(&m.0).ok())
+            .collect();
+        let committee = agree::Committee::new(&keys)?;
+        let culprit = WorkerId(proof.culprit(&committee)?.0);
+        (!self.punished.contains(&culprit)).then_some(culprit)
     }
 
     /// Whether `update` (inspected) is the update of a unit this version leased: what a
@@ -155,16 +184,34 @@ impl Replica {
     /// next version, and the value naming it. The same updates give the same value on
     /// every peer. `Err` if any is not a well-formed signed update, or the round
     /// aggregates nothing (no update accepted): no version comes of it.
-    pub fn execute(&self, spec: &RunSpec, updates: &[&[u8]]) -> Result<Executed, PeerError> {
-        if updates.len() > agree::ACCEPTED_MAX {
-            return Err(PeerError::Invalid("more updates than a value names"));
+    pub fn execute(
+        &self,
+        spec: &RunSpec,
+        updates: &[&[u8]],
+        evidence: &[Vec<u8>],
+    ) -> Result<Executed, PeerError> {
+        if updates.len() > agree::ACCEPTED_MAX || evidence.len() > agree::EVIDENCE_MAX {
+            return Err(PeerError::Invalid(
+                "more updates or proofs than a value names",
+            ));
         }
         let start = self.clock_ms + 1;
         let mut next = self.clone();
+        // A proven equivocator is acted on first, as on a failed re-run: its credit is
+        // forfeited, and it is leased no unit again (its updates of this round still count:
+        // they were judged on their own).
+        for proof in evidence {
+            let culprit = next
+                .culprit(spec, proof)
+                .ok_or(PeerError::Invalid("evidence that proves nothing new"))?;
+            next.punished.insert(culprit);
+            next.credit.remove(&culprit);
+        }
         let mut value = Value {
             base_version: self.version,
             updates: Vec::with_capacity(updates.len()),
             accepted: Vec::new(),
+            evidence: evidence.to_vec(),
             version_hash: [0; 32],
         };
         // Each accepted unit's delta and weight, until the round aggregates.
@@ -194,7 +241,9 @@ impl Replica {
                         unit: accepted.unit,
                         weight: accepted.weight,
                     });
-                    if let Some(ledger::Account::Wallet(to)) = accepted.mint.to {
+                    if let Some(ledger::Account::Wallet(to)) = accepted.mint.to
+                        && !next.punished.contains(&to)
+                    {
                         let c = next.credit.entry(to).or_default();
                         *c = c.saturating_add(accepted.mint.amount);
                     }
@@ -281,7 +330,7 @@ impl Replica {
     /// round on this version.
     fn lease_all(&mut self, spec: &RunSpec, now_ms: u64) -> Result<(), PeerError> {
         self.leases.clear();
-        for worker in &spec.members {
+        for worker in spec.members.iter().filter(|m| !self.punished.contains(m)) {
             let output = self.run.step(
                 now_ms,
                 Input::Lease {

@@ -110,7 +110,8 @@ fn the_same_seed_gives_the_same_run() {
 /// A proposer that lies (a wrong version hash, an update left out) is refused by every
 /// honest member's re-execution: its round fails, the next proposer's honest value is
 /// certified, and the run goes on. One that signs two values is caught by whoever sees
-/// both (proposals are passed on), with a proof against it alone.
+/// both (proposals are passed on), with a proof against it alone, which a later value
+/// carries: every peer's chain then forfeits its credit and leases it nothing more.
 #[test]
 fn a_dishonest_proposer_is_caught_and_the_run_goes_on() {
     let inputs = inputs();
@@ -129,8 +130,14 @@ fn a_dishonest_proposer_is_caught_and_the_run_goes_on() {
         let report = run(&inputs, &scenario);
         agreed(&report, 3);
         let first = &report.peers[0];
-        // Every member's unit of every height counted, the left-out one too.
-        assert_eq!(first.credit.len(), 4, "{behaviour:?} seed {seed}");
+        let liar_id = report.peers[liar].id;
+        // Every honest member's units credited, the left-out one's too.
+        for (i, p) in report.peers.iter().enumerate().filter(|(i, _)| *i != liar) {
+            assert!(
+                first.credit.contains_key(&p.id),
+                "{behaviour:?} seed {seed}: peer {i}"
+            );
+        }
         match behaviour {
             Behaviour::Equivocates => {
                 let caught = report
@@ -150,6 +157,15 @@ fn a_dishonest_proposer_is_caught_and_the_run_goes_on() {
                     );
                 }
                 eprintln!("{behaviour:?}: {caught} of 4 peers hold the proof");
+                // A later version carried the proof: every peer's chain punished the liar
+                // (its credit forfeited, no unit leased to it again) and no one else.
+                for p in &report.peers {
+                    assert_eq!(p.punished, [liar], "{behaviour:?} seed {seed}");
+                    assert!(
+                        !p.credit.contains_key(&liar_id),
+                        "{behaviour:?} seed {seed}"
+                    );
+                }
             }
             _ => {
                 assert!(
