@@ -32,13 +32,20 @@ fn inputs() -> Inputs {
 
 /// Runs every peer of `setup` over `nets` to version `heights`, and checks that they
 /// end on one chain, bit for bit, with the loss down.
-async fn certify<T: Transport>(setup: Arc<Setup>, nets: Vec<T>, heights: u64) -> Vec<Node> {
+async fn certify<T: Transport>(
+    setup: Arc<Setup>,
+    nets: Vec<T>,
+    heights: u64,
+    liar: Option<(usize, Behaviour)>,
+) -> Vec<Node> {
     let members = setup.spec.members.clone();
     let mut tasks = Vec::new();
     for (i, net) in nets.into_iter().enumerate() {
-        let node = setup
-            .node(i, Behaviour::Honest, Timings::default())
-            .expect("node");
+        let behaviour = match liar {
+            Some((l, b)) if l == i => b,
+            _ => Behaviour::Honest,
+        };
+        let node = setup.node(i, behaviour, Timings::default()).expect("node");
         assert_eq!(node.id(), net.id());
         let mut backend = setup
             .prepared
@@ -101,7 +108,7 @@ async fn four_peers_certify_versions_in_process() {
     let inputs = inputs();
     let setup = setup(&inputs, 41, 4, 3);
     let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
-    certify(setup.clone(), mesh::memory::network(&ids), 3).await;
+    certify(setup.clone(), mesh::memory::network(&ids), 3, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +117,7 @@ async fn four_peers_certify_versions_over_iroh() {
     let setup = setup(&inputs, 42, 4, 3);
     let nets = super::transport::iroh_network(&setup.keys).await;
     let started = std::time::Instant::now();
-    let nodes = certify(setup.clone(), nets, 3).await;
+    let nodes = certify(setup.clone(), nets, 3, None).await;
     eprintln!(
         "4 peers over iroh on loopback: 3 versions certified in {:.2} s (rounds {:?})",
         started.elapsed().as_secs_f64(),
@@ -120,4 +127,36 @@ async fn four_peers_certify_versions_over_iroh() {
             .map(|c| c.decision.round.as_i64())
             .collect::<Vec<_>>()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_peers_certify_versions_over_iroh() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 43, 8, 2);
+    let nets = super::transport::iroh_network(&setup.keys).await;
+    certify(setup.clone(), nets, 2, None).await;
+}
+
+/// Over the network too, a proposer that lies (here: the first height's first, with a
+/// wrong version hash) costs a round and no more: the next proposer's value is certified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_proposer_over_iroh_costs_a_round() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 44, 4, 2);
+    let liar = peer::local::proposer(&Scenario::new(44, 4, 2), 1, 0);
+    let nets = super::transport::iroh_network(&setup.keys).await;
+    let nodes = certify(
+        setup.clone(),
+        nets,
+        2,
+        Some((liar, Behaviour::WrongAggregate)),
+    )
+    .await;
+    for n in &nodes {
+        let first = &n.chain()[0].decision;
+        assert!(
+            first.round.as_i64() > 0,
+            "height 1 was decided in its first round"
+        );
+    }
 }
