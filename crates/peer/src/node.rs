@@ -114,6 +114,9 @@ pub enum Behaviour {
     DropsUpdate,
     /// Signs two values for one round: one to each half of the committee.
     Equivocates,
+    /// Sends its update to every member but the height's first proposer, so that
+    /// proposer's value leaves it out and the others refuse it.
+    WithholdsUpdate,
 }
 
 /// How long a peer waits, on the driver's clock.
@@ -161,6 +164,10 @@ pub struct Node {
     asked: BTreeSet<u64>,
     /// Members proven to have signed two values for one slot.
     equivocators: BTreeSet<agree::Address>,
+    /// Updates this peer passed on after a proposal left them out, this height.
+    forwarded: BTreeSet<[u8; 32]>,
+    /// Sends decided inside `check`, taken out by `proposal`.
+    outbox: Vec<Out>,
     /// Proofs not yet acted on by a certified version, for this peer's next value (at
     /// most `agree::EVIDENCE_MAX`, one a culprit).
     evidence: Vec<Vec<u8>>,
@@ -204,6 +211,8 @@ impl Node {
             asked: BTreeSet::new(),
             equivocators: BTreeSet::new(),
             evidence: Vec::new(),
+            forwarded: BTreeSet::new(),
+            outbox: Vec::new(),
         })
     }
 
@@ -264,7 +273,23 @@ impl Node {
         };
         let bytes = Arc::new(protocol::encode_update(&header, delta, &self.key));
         self.hold(bytes.clone());
-        let mut out = vec![Out::Broadcast(Message::Update(bytes))];
+        let mut out = if self.behaviour == Behaviour::WithholdsUpdate {
+            let height = agree::Height(self.replica.version() + 1);
+            let first =
+                self.committee
+                    .proposer(self.spec.settings.seed, height, agree::Round::new(0));
+            self.spec
+                .members
+                .iter()
+                .filter(|m| **m != self.id && m.0 != first.0)
+                .map(|m| Out::Send {
+                    to: *m,
+                    message: Message::Update(bytes.clone()),
+                })
+                .collect()
+        } else {
+            vec![Out::Broadcast(Message::Update(bytes))]
+        };
         self.try_build(false, &mut out)?;
         Ok(out)
     }
@@ -558,6 +583,7 @@ impl Node {
         let id = agree::Value::id(&value);
         let first_time = !self.executed.contains_key(&id);
         let valid = self.check(&value);
+        out.append(&mut self.outbox);
         // Passed on without the updates: every member sent its own to every peer.
         if first_time && valid {
             out.push(Out::Broadcast(Message::Agree {
@@ -580,6 +606,7 @@ impl Node {
             .filter_map(|b| unit_of(b, &self.spec))
             .collect();
         if !self.held_units().is_subset(&named) {
+            self.forward_left_out(&named);
             return false;
         }
         let id = agree::Value::id(value);
@@ -595,6 +622,19 @@ impl Node {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Sends every peer the held updates of units a refused proposal left out (once an
+    /// update a height): a member that sent its update to some peers and not to the
+    /// proposer then costs the run one round, not one a proposer it avoids.
+    fn forward_left_out(&mut self, named: &BTreeSet<u64>) {
+        for (address, bytes) in &self.pool {
+            let left_out = unit_of(bytes, &self.spec).is_some_and(|u| !named.contains(&u));
+            if left_out && self.forwarded.insert(*address) {
+                self.outbox
+                    .push(Out::Broadcast(Message::Update(bytes.clone())));
+            }
         }
     }
 
@@ -717,6 +757,7 @@ impl Node {
         self.evidence.retain(|e| replica.culprit(spec, e).is_some());
         self.executed.clear();
         self.waiting.clear();
+        self.forwarded.clear();
         self.building = None;
         self.pool.clear();
         let height = Height(self.replica.version() + 1);

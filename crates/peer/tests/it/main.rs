@@ -210,3 +210,25 @@ fn a_peer_missing_updates_asks_for_them() {
         assert!(report.peers[deaf].version >= 3);
     }
 }
+
+/// A member that sends its update to every peer but the first proposer makes that
+/// proposer's value leave it out; the members that hold it refuse the value and pass the
+/// update on, so the next proposer counts it: a round lost, the member's unit credited.
+#[test]
+fn an_update_kept_from_the_proposer_costs_one_round() {
+    let inputs = inputs();
+    let base = Scenario::new(61, 4, 3);
+    let first = peer::local::proposer(&base, 1, 0);
+    let sly = (first + 1) % 4;
+    let scenario = Scenario {
+        dishonest: vec![(sly, Behaviour::WithholdsUpdate)],
+        ..base
+    };
+    let report = run(&inputs, &scenario);
+    agreed(&report, 3);
+    let p = &report.peers[0];
+    assert!(p.credit.contains_key(&report.peers[sly].id));
+    // Each height costs at most one extra round for it.
+    assert!(p.rounds.iter().all(|&r| r <= 1), "{:?}", p.rounds);
+    assert!(p.rounds[0] == 1, "{:?}", p.rounds);
+}
