@@ -98,7 +98,18 @@ pub async fn run<T: Transport>(
                 };
                 // A message that does not decode is dropped: a member's bug or a hostile one.
                 if let Ok(message) = peer::wire::from_bytes(&bytes, update_max) {
-                    outs = node.receive(from, message)?;
+                    outs = match node.receive(from, message) {
+                        Ok(outs) => outs,
+                        // What another member sent that the agreement refused (a vote it
+                        // cannot take, a message of a height long past): that message
+                        // goes, the peer stays. A certified version this peer cannot
+                        // reproduce, or its run refusing its own state, is fatal.
+                        Err(e @ (peer::PeerError::Agree(_) | peer::PeerError::Invalid(_))) => {
+                            tracing::warn!(peer = %from, "a message refused: {e}");
+                            Vec::new()
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                 }
             }
             Some((unit, delta, job)) = trained_rx.recv() => {
