@@ -334,28 +334,15 @@ spot-checks: {} units re-run by the coordinator, {} the same bits as sent, {} fo
     if args.sample_tokens > 0 {
         let mut backend =
             engine::open_backend("cpu", model.checkpoint.config, model.checkpoint.params)?;
-        let prompt_ids = model.tokenizer.encode(&prompt)?;
-        let mut ids = Vec::new();
-        engine::generate::generate(
+        let text = sample(
             backend.as_mut(),
-            &prompt_ids,
+            &model.tokenizer,
+            &prompt,
             args.sample_tokens,
-            &SamplingParams {
-                temperature: 0.8,
-                top_k: 40,
-                top_p: 0.95,
-                seed: 0,
-            },
-            &mut |id| {
-                ids.push(id);
-                true
-            },
         )?;
         println!(
             "\nsample of version {}:\n{}{}",
-            model.row.version,
-            prompt,
-            model.tokenizer.decode(&ids)
+            model.row.version, prompt, text
         );
     }
     if args.dir.is_some() {
@@ -476,4 +463,32 @@ fn charged(reply: &reqwest::blocking::Response) -> Option<u64> {
         .get("x-hivetrain-charged")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// `tokens` tokens sampled after `prompt` (temperature 0.8, top-k 40, top-p 0.95, seed 0):
+/// the sample both demos print.
+pub(crate) fn sample(
+    backend: &mut dyn engine::Backend,
+    tokenizer: &data::TextTokenizer,
+    prompt: &str,
+    tokens: usize,
+) -> anyhow::Result<String> {
+    let prompt_ids = tokenizer.encode(prompt)?;
+    let mut ids = Vec::new();
+    engine::generate::generate(
+        backend,
+        &prompt_ids,
+        tokens,
+        &SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+        },
+        &mut |id| {
+            ids.push(id);
+            true
+        },
+    )?;
+    Ok(tokenizer.decode(&ids))
 }

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use engine::Purpose;
-use engine::generate::SamplingParams;
 use mesh::Transport;
 use mesh::quic::IrohTransport;
 use peer::local::{Scenario, Setup};
@@ -254,28 +253,15 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
     {
         let mut backend = setup.prepared.model.open("cpu:1", &params, Purpose::Eval)?;
         let tokenizer = &setup.prepared.tokenizer;
-        let prompt_ids = tokenizer.encode(&args.prompt)?;
-        let mut ids = Vec::new();
-        engine::generate::generate(
+        let text = crate::demo::sample(
             backend.as_mut(),
-            &prompt_ids,
+            tokenizer,
+            &args.prompt,
             args.sample_tokens,
-            &SamplingParams {
-                temperature: 0.8,
-                top_k: 40,
-                top_p: 0.95,
-                seed: 0,
-            },
-            &mut |id| {
-                ids.push(id);
-                true
-            },
         )?;
         println!(
             "\nsample of version {}:\n{}{}",
-            args.versions,
-            args.prompt,
-            tokenizer.decode(&ids)
+            args.versions, args.prompt, text
         );
     }
     Ok(())

@@ -14,16 +14,11 @@ struct Inputs {
 }
 
 fn inputs() -> Inputs {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = std::fs::read_to_string(root.join("data/shakespeare.txt")).expect("corpus");
-    let cut = text[..300_000].rfind('\n').unwrap_or(300_000);
-    let corpus = dir.path().join("shakespeare-300k.txt");
-    std::fs::write(&corpus, &text[..cut]).expect("write corpus");
     Inputs {
+        corpus: test_support::small_corpus(dir.path()),
+        tokenizer: test_support::repo_root().join("data/tokenizer.json"),
         dir,
-        corpus,
-        tokenizer: root.join("data/tokenizer.json"),
     }
 }
 
