@@ -69,7 +69,7 @@ pub(crate) struct DemoArgs {
 const FINETUNE_PROMPT: &str = "Continue this passage from Hamlet, Act III, Scene I:\n\nHam.\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\nAnd by opposing end them?";
 
 /// Local steps of a `--p2p` peer's unit.
-const P2P_STEPS: u32 = 50;
+pub(crate) const P2P_STEPS: u32 = 50;
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.unwrap_or(if args.finetune { 4 } else { 12 });

@@ -9,6 +9,7 @@ mod model;
 mod model_export;
 mod p2p_demo;
 mod paths;
+mod peer;
 mod pretrained;
 mod query;
 mod tokenizer;
@@ -29,6 +30,7 @@ use clap::{Parser, Subcommand};
   hivetrain demo                        the whole network on this machine, about 5 minutes
   hivetrain coordinator --print-config  the settings a run would use (then drop the flag to serve it)
   hivetrain worker --coordinator URL    lend this machine to someone's run
+  hivetrain peer join TICKET            join a run with no coordinator
   hivetrain wallet balance              the credit your work has earned
   hivetrain query \"PROMPT\"              ask the model, paying with that credit
   hivetrain model chat \"PROMPT\"         ask SmolLM2-135M-Instruct, fetched once and run here
@@ -77,6 +79,12 @@ enum Command {
     /// Check or export the credit ledger.
     #[command(subcommand)]
     Ledger(wallet::LedgerCommand),
+    /// A run with no coordinator, one peer a process: print your key, make a run's
+    /// ticket, or join a run from its ticket.
+    #[command(subcommand)]
+    Peer(peer::PeerCommand),
+    /// Serve a relay for peers that NATs keep apart (anyone can run one).
+    Relay(peer::RelayArgs),
 }
 
 /// Parses the command line and runs it; errors are printed with their causes.
@@ -97,7 +105,7 @@ pub fn main() -> std::process::ExitCode {
     // A coordinator logs a line per accepted or refused update and per re-run; the other
     // commands (the demo included, whose table is its output) only warnings and errors.
     let default = match cli.command {
-        Command::Coordinator(_) | Command::Serve(_) => "info",
+        Command::Coordinator(_) | Command::Serve(_) | Command::Relay(_) => "info",
         _ => "warn",
     };
     init_logs(default);
@@ -116,6 +124,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Ledger(command) => wallet::run_ledger(command),
         Command::Query(args) => query::query(args),
         Command::Serve(args) => query::serve(args),
+        Command::Peer(command) => peer::run(command),
+        Command::Relay(args) => peer::relay(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

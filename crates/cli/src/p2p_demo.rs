@@ -100,10 +100,16 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
     }
     let cache = tempfile::tempdir().context("making a temporary directory")?;
     let steps = args.config.schedule.steps_per_unit;
-    let keys = (0..args.peers)
+    let keys: Vec<_> = (0..args.peers)
         .map(|i| peer::local::key(args.config.seed, i))
         .collect();
-    let setup = Arc::new(Setup::from_config(args.config, keys, cache.path())?);
+    let members = keys.iter().map(WorkerId::of).collect();
+    let setup = Arc::new(Setup::from_config(
+        args.config,
+        members,
+        keys,
+        cache.path(),
+    )?);
     let names: std::collections::BTreeMap<WorkerId, String> = setup
         .keys
         .iter()
@@ -133,9 +139,13 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
         let members = setup.spec.members.clone();
         let mut nets = Vec::new();
         for key in &setup.keys {
-            let net =
-                IrohTransport::bind(key, "127.0.0.1:0".parse().expect("an address"), &members)
-                    .await?;
+            let net = IrohTransport::bind(
+                key,
+                "127.0.0.1:0".parse().expect("an address"),
+                &members,
+                None,
+            )
+            .await?;
             nets.push(net);
         }
         let addrs: Vec<_> = nets.iter().map(|n| (n.id(), n.addr())).collect();

@@ -12,6 +12,8 @@
 pub mod drive;
 pub mod memory;
 pub mod quic;
+pub mod relay;
+pub mod ticket;
 
 use std::future::Future;
 use std::sync::Arc;

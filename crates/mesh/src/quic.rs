@@ -2,9 +2,10 @@
 //! peer's hivetrain key: the same 32-byte seed gives the same public key in iroh's
 //! ed25519 and in hivetrain's). A message is one unidirectional stream on a connection
 //! kept per peer; the receiver names the sender by the key the TLS handshake proved, and
-//! refuses connections from keys that are not members. Dialled by direct address (the
-//! addresses a peer learns from the run's ticket); no relay or address lookup of a third
-//! party is used.
+//! refuses connections from keys that are not members. Dialled by the addresses a peer
+//! learns from the run's ticket: sockets, and the run's own relay (`crate::relay`) when it
+//! has one, through which iroh punches a direct path where the NATs allow and forwards
+//! the packets where they do not. No relay or address lookup of a third party is used.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use iroh::endpoint::{Connection, SendStream, presets};
-use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMap, RelayMode, RelayUrl, SecretKey};
 use protocol::WorkerId;
 use tokio::sync::mpsc;
 
@@ -43,6 +44,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// read): what one peer can make this one hold.
 const STREAMS_PER_CONNECTION_MAX: usize = 16;
 
+/// Connections one member may have open to this peer at once (one is the rule; a few
+/// cover a reconnect racing the old connection's close).
+const CONNECTIONS_PER_MEMBER_MAX: usize = 4;
+
 /// One peer's end of the run's network over iroh.
 pub struct IrohTransport {
     id: WorkerId,
@@ -53,6 +58,56 @@ pub struct IrohTransport {
     /// The sending tasks, awaited on shutdown.
     senders: Vec<tokio::task::JoinHandle<()>>,
     addresses: Arc<Mutex<BTreeMap<WorkerId, EndpointAddr>>>,
+    relay: Option<RelayUrl>,
+    /// Each member's connection as its sending task last dialled it.
+    links: Links,
+}
+
+type Links = Arc<Mutex<BTreeMap<WorkerId, Connection>>>;
+
+/// How a peer reaches another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Not connected (yet, or any more).
+    None,
+    /// UDP between the two, NATs punched through where there are any.
+    Direct,
+    /// Through the run's relay.
+    Relayed,
+}
+
+/// A view of how a peer's messages reach the other members.
+#[derive(Clone)]
+pub struct Paths(Links);
+
+impl Paths {
+    /// How messages reach `member` now.
+    pub fn of(&self, member: WorkerId) -> Path {
+        let links = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(connection) = links.get(&member) else {
+            return Path::None;
+        };
+        if connection.close_reason().is_some() {
+            return Path::None;
+        }
+        let paths = connection.paths();
+        let selected = paths.iter().find(|p| p.is_selected());
+        match selected {
+            Some(p) if p.is_ip() => Path::Direct,
+            Some(p) if p.is_relay() => Path::Relayed,
+            _ => Path::None,
+        }
+    }
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::None => "none",
+            Path::Direct => "direct",
+            Path::Relayed => "relayed",
+        }
+    }
 }
 
 /// An iroh endpoint id for a hivetrain key.
@@ -62,25 +117,31 @@ fn endpoint_id(worker: &WorkerId) -> Option<EndpointId> {
 
 impl IrohTransport {
     /// Binds an endpoint for `key` on `bind` (a UDP socket address) that talks with
-    /// `members` only.
+    /// `members` only, keeping a connection to `relay` when one is given.
     pub async fn bind(
         key: &SigningKey,
         bind: SocketAddr,
         members: &[WorkerId],
+        relay: Option<&RelayUrl>,
     ) -> Result<IrohTransport, MeshError> {
         let secret = SecretKey::from_bytes(&key.to_bytes());
-        let endpoint = Endpoint::builder(presets::Minimal)
+        let mut builder = Endpoint::builder(presets::Minimal)
             .clear_ip_transports()
             .bind_addr(bind)
             .map_err(|e| MeshError::Bind(e.to_string()))?
             .secret_key(secret)
-            .alpns(vec![ALPN.to_vec()])
+            .alpns(vec![ALPN.to_vec()]);
+        if let Some(relay) = relay {
+            builder = builder.relay_mode(RelayMode::Custom(RelayMap::from(relay.clone())));
+        }
+        let endpoint = builder
             .bind()
             .await
             .map_err(|e| MeshError::Bind(e.to_string()))?;
         let id = WorkerId::of(key);
         let (inbox_tx, inbox) = mpsc::channel(QUEUE_MAX);
         let addresses = Arc::new(Mutex::new(BTreeMap::new()));
+        let links: Links = Arc::default();
         let mut outboxes = BTreeMap::new();
         let mut senders = Vec::new();
         for member in members.iter().filter(|m| **m != id) {
@@ -91,6 +152,7 @@ impl IrohTransport {
                 *member,
                 rx,
                 addresses.clone(),
+                links.clone(),
             )));
         }
         let allowed: Vec<WorkerId> = members.to_vec();
@@ -102,16 +164,38 @@ impl IrohTransport {
             outboxes,
             senders,
             addresses,
+            relay: relay.cloned(),
+            links,
         })
     }
 
-    /// Where this peer is reached: its key and the sockets it is bound to.
+    /// Where this peer is reached: its key, the sockets it is bound to, and its relay.
     pub fn addr(&self) -> EndpointAddr {
         let mut addr = EndpointAddr::new(self.endpoint.id());
         for socket in self.endpoint.bound_sockets() {
             addr = addr.with_ip_addr(socket);
         }
+        if let Some(relay) = &self.relay {
+            addr = addr.with_relay_url(relay.clone());
+        }
         addr
+    }
+
+    /// Waits until the relay (if any) has accepted this peer, at most `limit`: a peer
+    /// that other members can only reach through the relay is not reachable before.
+    pub async fn online(&self, limit: Duration) -> bool {
+        if self.relay.is_none() {
+            return true;
+        }
+        tokio::time::timeout(limit, self.endpoint.online())
+            .await
+            .is_ok()
+    }
+
+    /// How this peer's messages reach each member, as it changes (for a dashboard, or a
+    /// table).
+    pub fn paths(&self) -> Paths {
+        Paths(self.links.clone())
     }
 
     /// Where `member` is reached (from the run's ticket, or its announcement).
@@ -176,6 +260,7 @@ async fn sending(
     member: WorkerId,
     mut queue: mpsc::Receiver<Arc<Vec<u8>>>,
     addresses: Arc<Mutex<BTreeMap<WorkerId, EndpointAddr>>>,
+    links: Links,
 ) {
     let mut connection: Option<Connection> = None;
     let mut unacked: std::collections::VecDeque<SendStream> = std::collections::VecDeque::new();
@@ -189,7 +274,13 @@ async fn sending(
                     .cloned();
                 let Some(addr) = addr else { break };
                 match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(addr, ALPN)).await {
-                    Ok(Ok(c)) => connection = Some(c),
+                    Ok(Ok(c)) => {
+                        links
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(member, c.clone());
+                        connection = Some(c);
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %member, "could not connect: {e}");
                         break;
@@ -237,16 +328,19 @@ async fn write(connection: &Connection, bytes: &[u8]) -> Result<SendStream, Stri
     Ok(stream)
 }
 
-/// Takes connections from members (a key that is not one is closed at once) and reads
-/// each of their streams as one message, at most `MESSAGE_BYTES_MAX` bytes.
+/// Takes connections from members (a key that is not one, or one already holding
+/// [`CONNECTIONS_PER_MEMBER_MAX`], is closed at once) and reads each of their streams as
+/// one message, at most `MESSAGE_BYTES_MAX` bytes.
 async fn accepting(
     endpoint: Endpoint,
     members: Vec<WorkerId>,
     inbox: mpsc::Sender<(WorkerId, Vec<u8>)>,
 ) {
+    let open: Arc<Mutex<BTreeMap<WorkerId, usize>>> = Arc::default();
     while let Some(incoming) = endpoint.accept().await {
         let members = members.clone();
         let inbox = inbox.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let Ok(connection) = incoming.await else {
                 return;
@@ -256,6 +350,10 @@ async fn accepting(
                 connection.close(1u32.into(), b"not a member of this run");
                 return;
             }
+            let Some(_slot) = Slot::take(&open, from) else {
+                connection.close(2u32.into(), b"too many connections");
+                return;
+            };
             let streams = Arc::new(tokio::sync::Semaphore::new(STREAMS_PER_CONNECTION_MAX));
             loop {
                 let Ok(permit) = streams.clone().acquire_owned().await else {
@@ -273,5 +371,35 @@ async fn accepting(
                 });
             }
         });
+    }
+}
+
+/// One of a member's open connections, given back when dropped.
+struct Slot {
+    open: Arc<Mutex<BTreeMap<WorkerId, usize>>>,
+    member: WorkerId,
+}
+
+impl Slot {
+    fn take(open: &Arc<Mutex<BTreeMap<WorkerId, usize>>>, member: WorkerId) -> Option<Slot> {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(member).or_default();
+        if *n >= CONNECTIONS_PER_MEMBER_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            open: open.clone(),
+            member,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.member) {
+            *n = n.saturating_sub(1);
+        }
     }
 }

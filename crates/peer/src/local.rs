@@ -168,14 +168,15 @@ enum Event {
     },
 }
 
-/// What every peer of a local run starts from: the run's model and data (made once,
-/// shared), its fixed part, version 0 and the peers' keys.
+/// What the peers a process runs start from: the run's model and data (made once,
+/// shared), its fixed part (with every member's public key), version 0, and the secret
+/// keys of the peers this process runs (all of a local run's; one for `hivetrain peer`).
 pub struct Setup {
     pub config: CoordinatorConfig,
     pub prepared: runner::core::prepare::Prepared,
     pub spec: Arc<RunSpec>,
     pub genesis: Replica,
-    /// Peer `i`'s key, by index.
+    /// The keys of the peers this process runs, by index.
     pub keys: Vec<SigningKey>,
 }
 
@@ -187,13 +188,15 @@ impl Setup {
         tokenizer: &Path,
         cache: &Path,
     ) -> Result<Setup, PeerError> {
-        let keys = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
-        Setup::from_config(config(scenario, corpus, tokenizer), keys, cache)
+        let keys: Vec<_> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
+        let members = keys.iter().map(WorkerId::of).collect();
+        Setup::from_config(config(scenario, corpus, tokenizer), members, keys, cache)
     }
 
-    /// The run `config` describes, with a peer of each of `keys`.
+    /// The run `config` describes among `members`, with a peer of each of `keys` here.
     pub fn from_config(
         config: CoordinatorConfig,
+        mut members: Vec<WorkerId>,
         keys: Vec<SigningKey>,
         cache: &Path,
     ) -> Result<Setup, PeerError> {
@@ -204,7 +207,6 @@ impl Setup {
         let spec_model = prepared.model.spec.clone();
         let n_params = spec_model.trainable_len();
         let step_tokens = config.batch as u64 * prepared.seq as u64;
-        let mut members: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
         members.sort();
         let spec = Arc::new(RunSpec {
             settings: runner::core::settings(

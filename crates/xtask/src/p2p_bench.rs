@@ -117,7 +117,7 @@ async fn over_iroh(setup: Arc<Setup>, versions: u64) -> anyhow::Result<(f64, f64
     let mut nets = Vec::new();
     for key in &setup.keys {
         nets.push(
-            mesh::quic::IrohTransport::bind(key, "127.0.0.1:0".parse()?, &members)
+            mesh::quic::IrohTransport::bind(key, "127.0.0.1:0".parse()?, &members, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod chaos;
+mod peers;
 mod uploads;
 
 struct Sandbox {

@@ -124,6 +124,20 @@ async fn four_peers_certify_versions_over_iroh() {
     );
 }
 
+/// Peers that know each other only by key and the run's relay certify versions as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_certify_versions_through_a_relay() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 45, 4, 2);
+    let members = setup.spec.members.clone();
+    let relay = mesh::relay::Relay::spawn("127.0.0.1:0".parse().expect("addr"), Some(&members))
+        .await
+        .expect("relay");
+    let nets = super::transport::relayed_network(&setup.keys, relay.url()).await;
+    certify(setup.clone(), nets, 2, None).await;
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_peers_certify_versions_over_iroh() {
     let inputs = inputs();

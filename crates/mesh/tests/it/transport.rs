@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use iroh::{EndpointAddr, RelayUrl};
 use mesh::Transport;
 use mesh::memory;
 use mesh::quic::IrohTransport;
+use mesh::relay::Relay;
 use protocol::WorkerId;
 
 fn keys(n: usize) -> Vec<SigningKey> {
@@ -90,7 +92,7 @@ pub(crate) async fn iroh_network(keys: &[SigningKey]) -> Vec<IrohTransport> {
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
     let mut nets = Vec::new();
     for key in keys {
-        let t = IrohTransport::bind(key, "127.0.0.1:0".parse().expect("addr"), &ids)
+        let t = IrohTransport::bind(key, "127.0.0.1:0".parse().expect("addr"), &ids, None)
             .await
             .expect("bind");
         nets.push(t);
@@ -102,6 +104,60 @@ pub(crate) async fn iroh_network(keys: &[SigningKey]) -> Vec<IrohTransport> {
         }
     }
     nets
+}
+
+/// Iroh endpoints on loopback that know each other only by key and `relay` (no socket):
+/// they meet at the relay (and punch a direct path from there where they can).
+pub(crate) async fn relayed_network(keys: &[SigningKey], relay: &RelayUrl) -> Vec<IrohTransport> {
+    let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
+    let mut nets = Vec::new();
+    for key in keys {
+        let t = IrohTransport::bind(key, "127.0.0.1:0".parse().expect("addr"), &ids, Some(relay))
+            .await
+            .expect("bind");
+        assert!(
+            t.online(Duration::from_secs(20)).await,
+            "the relay took no one"
+        );
+        nets.push(t);
+    }
+    for t in &nets {
+        for id in &ids {
+            let endpoint = iroh::EndpointId::from_bytes(&id.0).expect("a key");
+            t.learn(
+                *id,
+                EndpointAddr::new(endpoint).with_relay_url(relay.clone()),
+            );
+        }
+    }
+    nets
+}
+
+/// The relay forwards between members who know no socket of each other; it admits only
+/// the run's members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iroh_conforms_through_a_relay_that_admits_members_only() {
+    let keys = keys(4);
+    let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
+    let relay = Relay::spawn("127.0.0.1:0".parse().expect("addr"), Some(&ids))
+        .await
+        .expect("relay");
+    let nets = relayed_network(&keys, relay.url()).await;
+    check(nets).await;
+    let stranger = SigningKey::from_bytes(&[98; 32]);
+    let outside = IrohTransport::bind(
+        &stranger,
+        "127.0.0.1:0".parse().expect("addr"),
+        &[WorkerId::of(&stranger), ids[0]],
+        Some(relay.url()),
+    )
+    .await
+    .expect("bind");
+    assert!(
+        !outside.online(Duration::from_secs(3)).await,
+        "the relay took a key that is not a member"
+    );
+    relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,6 +177,7 @@ async fn iroh_refuses_a_stranger() {
         &stranger_key,
         "127.0.0.1:0".parse().expect("addr"),
         &[stranger_id, nets[0].id()],
+        None,
     )
     .await
     .expect("bind");

@@ -1,0 +1,443 @@
+//! `hivetrain peer` and `hivetrain relay`: a run with no coordinator, one peer a process,
+//! on as many machines as it has members.
+//!
+//! The run's creator collects each member's key (`hivetrain peer id`), and makes a
+//! ticket that names them, the run and its data (`hivetrain peer ticket`); each member
+//! joins with it (`hivetrain peer join TICKET`): it binds its QUIC endpoint, finds the
+//! others from the ticket (their sockets, or the run's relay), trains a unit of every
+//! version, and certifies each next version with the others, voting only for a value its
+//! own re-execution reproduces bit for bit. Where NATs keep members apart, anyone runs a
+//! relay (`hivetrain relay`) and the ticket names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use engine::Purpose;
+use mesh::quic::IrohTransport;
+use mesh::ticket::{FileRef, Member, Ticket};
+use peer::local::Setup;
+use peer::{Behaviour, Timings};
+use protocol::WorkerId;
+
+use crate::coordinator::RunFlags;
+use crate::paths;
+
+/// How long a joining peer waits for the run's relay to take it.
+const RELAY_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum PeerCommand {
+    /// Print this machine's key (made on first use): send it to a run's creator, who
+    /// names it in the run's ticket.
+    Id {
+        /// Your key file (default: the config dir's hivetrain/worker.key, the worker's).
+        #[arg(long, env = "HIVETRAIN_KEY")]
+        key: Option<PathBuf>,
+    },
+    /// Make a run with no coordinator and print its ticket: the run's settings, its
+    /// corpus and tokenizer by hash, its members, and their relay.
+    Ticket(Box<TicketArgs>),
+    /// Join a run from its ticket: train a unit of every version, check every other
+    /// member's update and every proposed version, vote, and stop at the last version.
+    Join(JoinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TicketArgs {
+    /// A member: its key (from `hivetrain peer id`), and the UDP socket it listens on
+    /// when you know it (KEY or KEY@HOST:PORT). Once per member; with 4 or more, one
+    /// silent or lying member cannot stop the run.
+    #[arg(long = "member", value_name = "KEY[@HOST:PORT]", required = true)]
+    members: Vec<String>,
+    /// The relay members meet at when NATs keep them apart (the URL `hivetrain relay`
+    /// prints).
+    #[arg(long)]
+    relay: Option<String>,
+    /// Versions to certify.
+    #[arg(long, default_value_t = 12)]
+    versions: u64,
+    /// The corpus every member trains on (default: the bundled Shakespeare).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// The tokenizer (default: the bundled one).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Write the ticket to this file (default: standard output).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct JoinArgs {
+    /// The run's ticket, or a file holding it.
+    ticket: String,
+    /// Your key file: the key the ticket names (default: the config dir's
+    /// hivetrain/worker.key).
+    #[arg(long, env = "HIVETRAIN_KEY")]
+    key: Option<PathBuf>,
+    /// The UDP socket to listen on (default: the one the ticket lists for your key, else
+    /// any port on every interface).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Your copy of the run's corpus (default: the bundled one; its BLAKE3 hash must be
+    /// the ticket's).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Your copy of the run's tokenizer (default: the bundled one; checked likewise).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Where to train: `cpu` (every core), `cpu:N` (N threads), `cuda`, `cuda:N` or
+    /// `auto`. (Every member re-executes the aggregate on the CPU: versions are the
+    /// same bits whatever each trained on.)
+    #[arg(long, env = crate::env::DEVICE, default_value = "cpu")]
+    device: String,
+    /// Cache directory (the run's token cache).
+    #[arg(long, env = crate::env::CACHE_DIR)]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RelayArgs {
+    /// The TCP socket to serve on.
+    #[arg(long, default_value = "0.0.0.0:3340")]
+    listen: SocketAddr,
+    /// Admit only the members of this run (a ticket, or a file holding one); default:
+    /// anyone, up to the relay's bound on clients.
+    #[arg(long)]
+    ticket: Option<String>,
+}
+
+pub(crate) fn run(command: PeerCommand) -> anyhow::Result<()> {
+    match command {
+        PeerCommand::Id { key } => {
+            let (key, path) = load_key(key, true)?;
+            eprintln!("your key file: {}", path.display());
+            println!("{}", WorkerId::of(&key));
+            Ok(())
+        }
+        PeerCommand::Ticket(args) => ticket(*args),
+        PeerCommand::Join(args) => join(args),
+    }
+}
+
+/// The key file's key, made first when `make` and it is missing.
+fn load_key(
+    path: Option<PathBuf>,
+    make: bool,
+) -> anyhow::Result<(ed25519_dalek::SigningKey, PathBuf)> {
+    let path = match path {
+        Some(p) => p,
+        None => worker::identity::default_path()?,
+    };
+    if !make && !path.exists() {
+        bail!(
+            "no key at {}: run `hivetrain peer id` to make one and send it to the run's creator, or pass --key",
+            path.display()
+        );
+    }
+    let (key, made) = worker::identity::load_or_create(&path)?;
+    if made {
+        eprintln!(
+            "made a new key at {} (it is your wallet: keep it)",
+            path.display()
+        );
+    }
+    Ok((key, path))
+}
+
+/// A ticket given as text, or as a file holding it.
+fn read_ticket(text: &str) -> anyhow::Result<Ticket> {
+    let path = Path::new(text);
+    let text = if !text.starts_with(mesh::ticket::PREFIX) && path.is_file() {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the ticket {}", path.display()))?
+    } else {
+        text.to_owned()
+    };
+    Ok(Ticket::parse(&text)?)
+}
+
+fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+fn ticket(args: TicketArgs) -> anyhow::Result<()> {
+    let members = args
+        .members
+        .iter()
+        .map(|m| parse_member(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let corpus = paths::bundled(
+        args.corpus
+            .as_deref()
+            .unwrap_or(Path::new(paths::DEFAULT_CORPUS)),
+    );
+    let tokenizer = paths::bundled(
+        args.tokenizer
+            .as_deref()
+            .unwrap_or(Path::new(paths::DEFAULT_TOKENIZER)),
+    );
+    let base = crate::p2p_demo::config(members.len(), args.versions, crate::demo::P2P_STEPS)?;
+    let mut config = crate::p2p_demo::for_peers(args.run.config(base)?, members.len());
+    config.corpus = corpus.clone();
+    config.tokenizer = tokenizer.clone();
+    let ticket = Ticket {
+        corpus: FileRef::of(&file_name(&corpus), &read_file(&corpus, "corpus")?),
+        tokenizer: FileRef::of(&file_name(&tokenizer), &read_file(&tokenizer, "tokenizer")?),
+        config,
+        versions: args.versions,
+        members,
+        relay: args.relay,
+    };
+    // What every member will check, checked before the ticket is handed out.
+    let text = ticket.encode();
+    Ticket::parse(&text)?;
+    eprintln!(
+        "run {}: {} members, {} versions, model {}, H = {}{}",
+        ticket.run_id(),
+        ticket.members.len(),
+        ticket.versions,
+        ticket.config.preset,
+        ticket.config.schedule.steps_per_unit,
+        ticket
+            .relay
+            .as_ref()
+            .map_or(String::new(), |r| format!(", relay {r}"))
+    );
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, format!("{text}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "ticket written to {}: each member runs `hivetrain peer join {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+/// `KEY` or `KEY@HOST:PORT`.
+fn parse_member(text: &str) -> anyhow::Result<Member> {
+    let (key, addr) = match text.split_once('@') {
+        Some((k, a)) => (k, Some(a)),
+        None => (text, None),
+    };
+    let id = WorkerId::parse(key)
+        .filter(WorkerId::is_public_key)
+        .with_context(|| {
+            format!("{key:?} is not a member's key: `hivetrain peer id` prints one (64 hex digits)")
+        })?;
+    let addrs = match addr {
+        Some(a) => vec![a.parse::<SocketAddr>().with_context(|| {
+            format!("{a:?} is not a socket address (HOST:PORT, e.g. 192.0.2.7:7001)")
+        })?],
+        None => Vec::new(),
+    };
+    Ok(Member {
+        id: id.to_string(),
+        addrs,
+    })
+}
+
+fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let ticket = read_ticket(&args.ticket)?;
+    let (key, _) = load_key(args.key.clone(), false)?;
+    let me = WorkerId::of(&key);
+    let members = ticket.member_ids()?;
+    let Some(index) = members.iter().position(|m| *m == me) else {
+        bail!(
+            "your key {me} is not a member of run {}: send it (`hivetrain peer id` prints it) to the run's creator, for a ticket that names it",
+            ticket.run_id()
+        );
+    };
+    // Says what is missing (no driver, an old GPU) before anything else.
+    engine::resolve_device(&args.device)?;
+    let corpus = paths::bundled(
+        args.corpus
+            .as_deref()
+            .unwrap_or(Path::new(paths::DEFAULT_CORPUS)),
+    );
+    let tokenizer = paths::bundled(
+        args.tokenizer
+            .as_deref()
+            .unwrap_or(Path::new(paths::DEFAULT_TOKENIZER)),
+    );
+    for (path, want, what) in [
+        (&corpus, &ticket.corpus, "corpus"),
+        (&tokenizer, &ticket.tokenizer, "tokenizer"),
+    ] {
+        if !want.matches(&read_file(path, what)?) {
+            bail!(
+                "the {what} {} is not the run's {} (BLAKE3 {}): pass --{what} with the run's file",
+                path.display(),
+                want.name,
+                want.blake3
+            );
+        }
+    }
+    let mut config = ticket.config.clone();
+    config.corpus = corpus;
+    config.tokenizer = tokenizer;
+    let cache = paths::cache_dir(args.cache_dir.as_deref()).join("peer");
+    let setup = std::sync::Arc::new(Setup::from_config(
+        config,
+        members.clone(),
+        vec![key.clone()],
+        &cache,
+    )?);
+    let relay = ticket.relay_url()?;
+    let addrs = ticket.addrs()?;
+    let listen = args
+        .listen
+        .or_else(|| ticket.members[index].addrs.first().copied())
+        .unwrap_or_else(|| "0.0.0.0:0".parse().expect("an address"));
+    let short = |w: &WorkerId| w.to_string()[..8].to_owned();
+    println!(
+        "hivetrain peer {}: run {}, member {} of {}, model {}, {} versions",
+        short(&me),
+        ticket.run_id(),
+        index + 1,
+        members.len(),
+        setup.config.preset,
+        ticket.versions
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let started = Instant::now();
+    let finished = runtime.block_on(async {
+        let net = IrohTransport::bind(&key, listen, &members, relay.as_ref())
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        if relay.is_some() && !net.online(RELAY_WAIT).await {
+            bail!(
+                "the run's relay {} did not take this peer within {} s: is it running, and reachable from here?",
+                ticket.relay.as_deref().unwrap_or_default(),
+                RELAY_WAIT.as_secs()
+            );
+        }
+        for (id, addr) in &addrs {
+            net.learn(*id, addr.clone());
+        }
+        println!(
+            "listening on {}{}",
+            net.addr()
+                .ip_addrs()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            relay
+                .as_ref()
+                .map_or(String::new(), |r| format!(", relay {r}"))
+        );
+        println!("version  round  proposer  accepted  holdout loss  paths (direct/relayed)  seconds");
+        let node = setup.node(0, Behaviour::Honest, Timings::default())?;
+        let mut backend = setup.prepared.model.open_empty(&args.device, Purpose::Train)?;
+        let s = setup.clone();
+        let train: mesh::drive::Train = Box::new(move |unit, base| {
+            s.train(backend.as_mut(), unit, base)
+                .map_err(|e| e.to_string())
+        });
+        let paths = net.paths();
+        let s = setup.clone();
+        let on_version: mesh::drive::OnVersion = Box::new(move |node| {
+            let Some(c) = node.chain().last() else {
+                return;
+            };
+            let proposer = WorkerId(
+                node.committee()
+                    .proposer(node.spec().settings.seed, c.decision.height, c.decision.round)
+                    .0,
+            );
+            let loss = s
+                .holdout_loss(node.replica().params())
+                .map_or_else(|e| format!("({e})"), |l| format!("{l:.4}"));
+            let others = node.spec().members.iter().filter(|m| **m != node.id());
+            let (direct, relayed) = others.fold((0, 0), |(d, r), m| match paths.of(*m) {
+                mesh::quic::Path::Direct => (d + 1, r),
+                mesh::quic::Path::Relayed => (d, r + 1),
+                mesh::quic::Path::None => (d, r),
+            });
+            println!(
+                "{:>7}  {:>5}  {:>8}  {:>8}  {:>12}  {:>22}  {:>7.2}",
+                node.replica().version(),
+                c.decision.round.as_i64(),
+                short(&proposer),
+                c.decision.value.accepted.len(),
+                loss,
+                format!("{direct}/{relayed}"),
+                started.elapsed().as_secs_f64()
+            );
+        });
+        let (node, traffic) =
+            mesh::drive::run(node, net, members.clone(), train, ticket.versions, on_version)
+                .await?;
+        anyhow::Ok((node, traffic))
+    })?;
+    let (node, traffic) = finished;
+    let credit: Vec<String> = node
+        .replica()
+        .credit()
+        .iter()
+        .map(|(w, c)| format!("{} {}", short(w), ledger::format_credits(*c)))
+        .collect();
+    println!(
+        "sent {} messages, {:.2} MB | credit: {}",
+        traffic.messages,
+        traffic.bytes as f64 / 1e6,
+        credit.join(", ")
+    );
+    println!(
+        "version {} hash {}",
+        node.replica().version(),
+        hex::encode(node.replica().hash())
+    );
+    Ok(())
+}
+
+pub(crate) fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let members = match &args.ticket {
+        Some(t) => Some(read_ticket(t)?.member_ids()?),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let relay = mesh::relay::Relay::spawn(args.listen, members.as_deref())
+            .await
+            .with_context(|| format!("serving a relay on {}", args.listen))?;
+        println!(
+            "relay at {} ({}): name it in a run's ticket with `hivetrain peer ticket --relay URL`, its URL with one of this machine's addresses if it listens on all of them",
+            relay.url(),
+            match &members {
+                Some(m) => format!("{} members of one run only", m.len()),
+                None => format!("anyone, up to {} clients", mesh::relay::CONNECTIONS_MAX),
+            }
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        relay.shutdown().await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,229 @@
+//! `hivetrain peer` and `hivetrain relay`, one process each: members made with
+//! `peer id`, a run made with `peer ticket`, every member joining it from the ticket.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use super::Sandbox;
+
+fn hivetrain(sandbox: &Sandbox) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hivetrain"));
+    command
+        .env("HIVETRAIN_CACHE_DIR", sandbox.path("cache"))
+        .env_remove("HIVETRAIN_KEY")
+        .current_dir(sandbox.dir.path());
+    command
+}
+
+/// A process killed when the test ends, however it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// Its output once it exits, killed first if it is still running at `deadline`.
+    fn finish(mut self, deadline: std::time::Instant) -> std::process::Output {
+        let mut child = self.0.take().expect("running");
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.wait_with_output().expect("output")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The final hash line of a peer's output (`version N hash HEX`).
+fn final_hash(stdout: &str) -> Option<&str> {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("version ") && l.contains(" hash "))
+}
+
+/// Four processes certify three versions of a run made from a ticket: two members listed
+/// with their sockets, two only by key (found through the run's relay, a fifth
+/// process). Every member ends on the same version hash, and the loss fell.
+#[test]
+fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
+    let sandbox = Sandbox::new();
+    let keys: Vec<String> = (0..4)
+        .map(|i| {
+            let out = hivetrain(&sandbox)
+                .args(["peer", "id", "--key"])
+                .arg(sandbox.path(&format!("k{i}")))
+                .output()
+                .expect("peer id");
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    let mut relay = Running(Some(
+        hivetrain(&sandbox)
+            .args(["relay", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("relay"),
+    ));
+    let mut line = String::new();
+    BufReader::new(relay.child().stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the relay's first line");
+    let url = line
+        .split_whitespace()
+        .nth(2)
+        .expect("relay at URL")
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    // Two members on sockets the test picks (free a moment ago), two found by key alone.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("a free port")
+                .port()
+        })
+        .collect();
+    let mut ticket = hivetrain(&sandbox);
+    ticket.args([
+        "peer",
+        "ticket",
+        "--versions",
+        "3",
+        "--local-steps",
+        "4",
+        "--relay",
+        &url,
+    ]);
+    ticket.args(["--out", "run.ticket"]);
+    for (i, key) in keys.iter().enumerate() {
+        let member = match ports.get(i) {
+            Some(port) => format!("{key}@127.0.0.1:{port}"),
+            None => key.clone(),
+        };
+        ticket.args(["--member", &member]);
+    }
+    let out = ticket.output().expect("peer ticket");
+    assert!(out.status.success(), "{out:?}");
+
+    let started = std::time::Instant::now();
+    let peers: Vec<Running> = (0..4)
+        .map(|i| {
+            Running(Some(
+                hivetrain(&sandbox)
+                    .args(["peer", "join", "run.ticket", "--device", "cpu:1", "--key"])
+                    .arg(sandbox.path(&format!("k{i}")))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("peer join"),
+            ))
+        })
+        .collect();
+    // Far past what it takes (about 12 s here): a peer that hangs fails the test.
+    let deadline = started + std::time::Duration::from_secs(300);
+    let mut outputs = Vec::new();
+    for peer in peers {
+        let out = peer.finish(deadline);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "a peer failed:\n{stdout}\n{stderr}");
+        outputs.push(stdout);
+    }
+    eprintln!(
+        "4 peer processes and a relay: 3 versions in {:.1} s\n{}",
+        started.elapsed().as_secs_f64(),
+        outputs[0]
+    );
+    let hashes: Vec<&str> = outputs
+        .iter()
+        .map(|o| final_hash(o).expect("a final hash line"))
+        .collect();
+    assert!(
+        hashes.iter().all(|h| h.starts_with("version 3 hash ")),
+        "{hashes:?}"
+    );
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    let loss = |version: &str| -> Option<f32> {
+        outputs[0]
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(version))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .and_then(|v| v.parse().ok())
+    };
+    let (first, last) = (loss("1").expect("version 1"), loss("3").expect("version 3"));
+    assert!(last < first, "holdout loss {first} -> {last}");
+}
+
+/// What a member cannot join with: each case the arguments after `peer join`, and the
+/// words of the sentence it is refused with.
+#[test]
+fn a_peer_refuses_what_it_cannot_join_with_a_sentence() {
+    let sandbox = Sandbox::new();
+    let key = |name: &str| {
+        let out = hivetrain(&sandbox)
+            .args(["peer", "id", "--key"])
+            .arg(sandbox.path(name))
+            .output()
+            .expect("peer id");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (member, stranger) = (key("member"), key("stranger"));
+    let out = hivetrain(&sandbox)
+        .args(["peer", "ticket", "--out", "run.ticket", "--member", &member])
+        .output()
+        .expect("peer ticket");
+    assert!(out.status.success(), "{out:?}");
+    sandbox.write("other.txt", b"not the run's corpus");
+    let member_key = sandbox.path("member").display().to_string();
+    let stranger_key = sandbox.path("stranger").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run.ticket", "--key", &stranger_key],
+            "is not a member of run",
+        ),
+        (vec!["hivetrain-run1:AAAA", "--key", &member_key], "damaged"),
+        (vec!["no such ticket", "--key", &member_key], "starts with"),
+        (
+            vec!["run.ticket", "--key", &member_key, "--corpus", "other.txt"],
+            "is not the run's",
+        ),
+        (
+            vec!["run.ticket", "--key", "missing.key"],
+            "run `hivetrain peer id`",
+        ),
+    ];
+    for (args, words) in cases {
+        let out = hivetrain(&sandbox)
+            .args(["peer", "join"])
+            .args(&args)
+            .output()
+            .expect("peer join");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} joined");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+    }
+    let out = hivetrain(&sandbox)
+        .args(["peer", "ticket", "--member", &stranger, "--member", "0123"])
+        .output()
+        .expect("peer ticket");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a member's key"),
+        "{out:?}"
+    );
+}
