@@ -51,8 +51,9 @@ pub(crate) struct TicketArgs {
     /// silent or lying member cannot stop the run.
     #[arg(long = "member", value_name = "KEY[@HOST:PORT]", required = true)]
     members: Vec<String>,
-    /// The relay members meet at when NATs keep them apart (the URL `hivetrain relay`
-    /// prints).
+    /// The relay members meet at when NATs keep them apart: the `hivetrain-relay1:...`
+    /// string `hivetrain relay` prints (or a relay's URL alone: then members behind NATs
+    /// reach each other through it, never directly).
     #[arg(long)]
     relay: Option<String>,
     /// Versions to certify.
@@ -102,9 +103,21 @@ pub(crate) struct JoinArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RelayArgs {
-    /// The TCP socket to serve on.
+    /// The TCP socket to forward on (HTTP).
     #[arg(long, default_value = "0.0.0.0:3340")]
     listen: SocketAddr,
+    /// The UDP port (same address) that tells peers the public address their NAT gives
+    /// them, so that they can punch holes to each other (0: any free port).
+    #[arg(long, default_value_t = 7842)]
+    discovery_port: u16,
+    /// Forward only: no address discovery, so members behind NATs always go through
+    /// this relay.
+    #[arg(long, conflicts_with = "discovery_port")]
+    forward_only: bool,
+    /// The address (or name) peers reach this machine at; needed when --listen binds
+    /// every interface.
+    #[arg(long)]
+    public: Option<String>,
     /// Admit only the members of this run (a ticket, or a file holding one); default:
     /// anyone, up to the relay's bound on clients.
     #[arg(long)]
@@ -198,7 +211,12 @@ fn ticket(args: TicketArgs) -> anyhow::Result<()> {
         config,
         versions: args.versions,
         members,
-        relay: args.relay,
+        relay: args
+            .relay
+            .as_deref()
+            .map(mesh::relay::RelayRef::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     // What every member will check, checked before the ticket is handed out.
     let text = ticket.encode();
@@ -213,7 +231,7 @@ fn ticket(args: TicketArgs) -> anyhow::Result<()> {
         ticket
             .relay
             .as_ref()
-            .map_or(String::new(), |r| format!(", relay {r}"))
+            .map_or(String::new(), |r| format!(", relay {}", r.url))
     );
     match &args.out {
         Some(path) => {
@@ -299,7 +317,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         vec![key.clone()],
         &cache,
     )?);
-    let relay = ticket.relay_url()?;
+    let relay = ticket.relay.clone();
     let addrs = ticket.addrs()?;
     let listen = args
         .listen
@@ -322,6 +340,11 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let started = Instant::now();
+    // How this peer last reached each other member (for the summary).
+    let reached = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        WorkerId,
+        mesh::quic::Path,
+    >::new()));
     let finished = runtime.block_on(async {
         let net = IrohTransport::bind(&key, listen, &members, relay.as_ref())
             .await
@@ -329,7 +352,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         if relay.is_some() && !net.online(RELAY_WAIT).await {
             bail!(
                 "the run's relay {} did not take this peer within {} s: is it running, and reachable from here?",
-                ticket.relay.as_deref().unwrap_or_default(),
+                ticket.relay.as_ref().map_or("", |r| r.url.as_str()),
                 RELAY_WAIT.as_secs()
             );
         }
@@ -345,7 +368,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .join(", "),
             relay
                 .as_ref()
-                .map_or(String::new(), |r| format!(", relay {r}"))
+                .map_or(String::new(), |r| format!(", relay {}", r.url))
         );
         println!("version  round  proposer  accepted  holdout loss  paths (direct/relayed)  seconds");
         let node = setup.node(0, Behaviour::Honest, Timings::default())?;
@@ -356,6 +379,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         });
         let paths = net.paths();
+        let reached = reached.clone();
         let s = setup.clone();
         let on_version: mesh::drive::OnVersion = Box::new(move |node| {
             let Some(c) = node.chain().last() else {
@@ -370,11 +394,16 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .holdout_loss(node.replica().params())
                 .map_or_else(|e| format!("({e})"), |l| format!("{l:.4}"));
             let others = node.spec().members.iter().filter(|m| **m != node.id());
-            let (direct, relayed) = others.fold((0, 0), |(d, r), m| match paths.of(*m) {
-                mesh::quic::Path::Direct => (d + 1, r),
-                mesh::quic::Path::Relayed => (d, r + 1),
-                mesh::quic::Path::None => (d, r),
-            });
+            let mut reached = reached.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut direct, mut relayed) = (0, 0);
+            for m in others {
+                match paths.of(*m) {
+                    mesh::quic::Path::Direct => direct += 1,
+                    mesh::quic::Path::Relayed => relayed += 1,
+                    mesh::quic::Path::None => continue,
+                }
+                reached.insert(*m, paths.of(*m));
+            }
             println!(
                 "{:>7}  {:>5}  {:>8}  {:>8}  {:>12}  {:>22}  {:>7.2}",
                 node.replica().version(),
@@ -404,6 +433,12 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         traffic.bytes as f64 / 1e6,
         credit.join(", ")
     );
+    let reached = reached.lock().unwrap_or_else(|p| p.into_inner());
+    let paths: Vec<String> = reached
+        .iter()
+        .map(|(w, p)| format!("{} {}", short(w), p.as_str()))
+        .collect();
+    println!("reached: {}", paths.join(", "));
     println!(
         "version {} hash {}",
         node.replica().version(),
@@ -423,17 +458,28 @@ pub(crate) fn relay(args: RelayArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let relay = mesh::relay::Relay::spawn(args.listen, members.as_deref())
+        let options = mesh::relay::RelayOptions {
+            http: args.listen,
+            quic_port: (!args.forward_only).then_some(args.discovery_port),
+            public_host: args.public.clone(),
+            members: members.clone(),
+        };
+        let relay = mesh::relay::Relay::spawn(options)
             .await
             .with_context(|| format!("serving a relay on {}", args.listen))?;
+        let reference = relay.reference();
         println!(
-            "relay at {} ({}): name it in a run's ticket with `hivetrain peer ticket --relay URL`, its URL with one of this machine's addresses if it listens on all of them",
-            relay.url(),
+            "relay at {}{} for {}; name it in a run's ticket with `hivetrain peer ticket --relay` and this:",
+            reference.url,
+            reference
+                .quic_port
+                .map_or(String::new(), |p| format!(", address discovery on UDP {p}")),
             match &members {
-                Some(m) => format!("{} members of one run only", m.len()),
-                None => format!("anyone, up to {} clients", mesh::relay::CONNECTIONS_MAX),
+                Some(m) => format!("the {} members of one run", m.len()),
+                None => format!("anyone (up to {} at once)", mesh::relay::CONNECTIONS_MAX),
             }
         );
+        println!("{}", reference.encode());
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;

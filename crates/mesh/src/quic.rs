@@ -14,10 +14,15 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use iroh::endpoint::{Connection, SendStream, presets};
-use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMap, RelayMode, RelayUrl, SecretKey};
+use iroh::{
+    Endpoint, EndpointAddr, EndpointId, RelayConfig, RelayMap, RelayMode, RelayUrl, SecretKey,
+};
+use iroh_relay::RelayQuicConfig;
+use iroh_relay::tls::CaTlsConfig;
 use protocol::WorkerId;
 use tokio::sync::mpsc;
 
+use crate::relay::RelayRef;
 use crate::{MeshError, QUEUE_MAX, Transport};
 
 /// The protocol peers speak on iroh.
@@ -122,7 +127,7 @@ impl IrohTransport {
         key: &SigningKey,
         bind: SocketAddr,
         members: &[WorkerId],
-        relay: Option<&RelayUrl>,
+        relay: Option<&RelayRef>,
     ) -> Result<IrohTransport, MeshError> {
         let secret = SecretKey::from_bytes(&key.to_bytes());
         let mut builder = Endpoint::builder(presets::Minimal)
@@ -131,9 +136,20 @@ impl IrohTransport {
             .map_err(|e| MeshError::Bind(e.to_string()))?
             .secret_key(secret)
             .alpns(vec![ALPN.to_vec()]);
-        if let Some(relay) = relay {
-            builder = builder.relay_mode(RelayMode::Custom(RelayMap::from(relay.clone())));
-        }
+        let relay_url = match relay {
+            Some(relay) => {
+                let url = relay.relay_url().map_err(MeshError::Bind)?;
+                let quic = relay.quic_port.map(RelayQuicConfig::new);
+                let config = RelayConfig::new(url.clone(), quic);
+                builder = builder.relay_mode(RelayMode::Custom(RelayMap::from(config)));
+                // The relay's own certificate, and no other, for its address discovery.
+                if let Some(cert) = relay.cert_der().map_err(MeshError::Bind)? {
+                    builder = builder.ca_tls_config(CaTlsConfig::custom_roots([cert]));
+                }
+                Some(url)
+            }
+            None => None,
+        };
         let endpoint = builder
             .bind()
             .await
@@ -164,7 +180,7 @@ impl IrohTransport {
             outboxes,
             senders,
             addresses,
-            relay: relay.cloned(),
+            relay: relay_url,
             links,
         })
     }

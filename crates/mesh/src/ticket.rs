@@ -13,10 +13,12 @@ use std::net::SocketAddr;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use iroh::{EndpointAddr, RelayUrl};
+use iroh::EndpointAddr;
 use protocol::WorkerId;
 use runner::CoordinatorConfig;
 use serde::{Deserialize, Serialize};
+
+use crate::relay::RelayRef;
 
 /// What a ticket starts with (the `1` is its format's version).
 pub const PREFIX: &str = "hivetrain-run1:";
@@ -74,7 +76,7 @@ pub struct Ticket {
     pub members: Vec<Member>,
     /// The relay every member keeps a connection to (`hivetrain relay`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay: Option<String>,
+    pub relay: Option<RelayRef>,
 }
 
 /// Why a ticket was refused.
@@ -146,7 +148,9 @@ impl Ticket {
                 return invalid(format!("{:?} is not named by a BLAKE3 hash", file.name));
             }
         }
-        self.relay_url()?;
+        if let Some(relay) = &self.relay {
+            relay.check().map_err(TicketError::Invalid)?;
+        }
         self.config
             .check()
             .map_err(|e| TicketError::Invalid(e.to_string()))
@@ -166,20 +170,12 @@ impl Ticket {
             .collect()
     }
 
-    /// The relay, parsed.
-    pub fn relay_url(&self) -> Result<Option<RelayUrl>, TicketError> {
-        self.relay
-            .as_deref()
-            .map(|r| {
-                r.parse::<RelayUrl>()
-                    .map_err(|_| TicketError::Invalid(format!("{r:?} is not a relay URL")))
-            })
-            .transpose()
-    }
-
     /// Where each member is reached: its key, the sockets it lists, and the relay.
     pub fn addrs(&self) -> Result<Vec<(WorkerId, EndpointAddr)>, TicketError> {
-        let relay = self.relay_url()?;
+        let relay = match &self.relay {
+            Some(r) => Some(r.relay_url().map_err(TicketError::Invalid)?),
+            None => None,
+        };
         let ids = self.member_ids()?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, member) in ids.into_iter().zip(&self.members) {
@@ -221,7 +217,7 @@ mod tests {
             tokenizer: FileRef::of("tokenizer.json", b"{}"),
             versions: 3,
             members,
-            relay: Some("http://127.0.0.1:3340".into()),
+            relay: Some(RelayRef::url_only("http://127.0.0.1:3340")),
         }
     }
 
@@ -262,8 +258,17 @@ mod tests {
             (Box::new(|t| t.versions = 0), "no versions"),
             (Box::new(|t| t.corpus.blake3 = "zz".into()), "BLAKE3"),
             (
-                Box::new(|t| t.relay = Some("not a url".into())),
+                Box::new(|t| t.relay = Some(RelayRef::url_only("not a url"))),
                 "relay URL",
+            ),
+            (
+                Box::new(|t| {
+                    t.relay = Some(RelayRef {
+                        quic_port: Some(7842),
+                        ..RelayRef::url_only("http://127.0.0.1:3340")
+                    })
+                }),
+                "both its port and its certificate",
             ),
             (Box::new(|t| t.config.batch = 0), "not one a peer can start"),
         ];

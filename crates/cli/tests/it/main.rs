@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod chaos;
+mod nat;
 mod peers;
 mod uploads;
 

@@ -16,15 +16,15 @@ fn hivetrain(sandbox: &Sandbox) -> Command {
 }
 
 /// A process killed when the test ends, however it ends.
-struct Running(Option<Child>);
+pub(crate) struct Running(pub(crate) Option<Child>);
 
 impl Running {
-    fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("running")
     }
 
     /// Its output once it exits, killed first if it is still running at `deadline`.
-    fn finish(mut self, deadline: std::time::Instant) -> std::process::Output {
+    pub(crate) fn finish(mut self, deadline: std::time::Instant) -> std::process::Output {
         let mut child = self.0.take().expect("running");
         while child.try_wait().expect("wait").is_none() {
             if std::time::Instant::now() > deadline {
@@ -34,6 +34,16 @@ impl Running {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         child.wait_with_output().expect("output")
+    }
+}
+
+impl Running {
+    /// Kills it now.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -47,11 +57,26 @@ impl Drop for Running {
 }
 
 /// The final hash line of a peer's output (`version N hash HEX`).
-fn final_hash(stdout: &str) -> Option<&str> {
+pub(crate) fn final_hash(stdout: &str) -> Option<&str> {
     stdout
         .lines()
         .rev()
         .find(|l| l.starts_with("version ") && l.contains(" hash "))
+}
+
+/// A relay's two lines: what it is, and the string a ticket names it with.
+pub(crate) fn relay_lines(relay: &mut Running) -> (String, String) {
+    let mut reader = BufReader::new(relay.child().stdout.take().expect("stdout"));
+    let (mut line, mut reference) = (String::new(), String::new());
+    reader.read_line(&mut line).expect("the relay's first line");
+    reader
+        .read_line(&mut reference)
+        .expect("the relay's string");
+    assert!(
+        reference.starts_with("hivetrain-relay1:"),
+        "{line}{reference}"
+    );
+    (line, reference.trim().to_owned())
 }
 
 /// Four processes certify three versions of a run made from a ticket: two members listed
@@ -73,22 +98,14 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
         .collect();
     let mut relay = Running(Some(
         hivetrain(&sandbox)
-            .args(["relay", "--listen", "127.0.0.1:0"])
+            .args(["relay", "--listen", "127.0.0.1:0", "--discovery-port", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("relay"),
     ));
-    let mut line = String::new();
-    BufReader::new(relay.child().stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the relay's first line");
-    let url = line
-        .split_whitespace()
-        .nth(2)
-        .expect("relay at URL")
-        .to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let (line, relay_ref) = relay_lines(&mut relay);
+    assert!(line.starts_with("relay at http://127.0.0.1:"), "{line}");
     // Two members on sockets the test picks (free a moment ago), two found by key alone.
     let ports: Vec<u16> = (0..2)
         .map(|_| {
@@ -107,7 +124,7 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
         "--local-steps",
         "4",
         "--relay",
-        &url,
+        &relay_ref,
     ]);
     ticket.args(["--out", "run.ticket"]);
     for (i, key) in keys.iter().enumerate() {

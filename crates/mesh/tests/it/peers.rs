@@ -130,10 +130,8 @@ async fn four_peers_certify_versions_through_a_relay() {
     let inputs = inputs();
     let setup = setup(&inputs, 45, 4, 2);
     let members = setup.spec.members.clone();
-    let relay = mesh::relay::Relay::spawn("127.0.0.1:0".parse().expect("addr"), Some(&members))
-        .await
-        .expect("relay");
-    let nets = super::transport::relayed_network(&setup.keys, relay.url()).await;
+    let relay = super::transport::relay(Some(members)).await;
+    let nets = super::transport::relayed_network(&setup.keys, relay.reference()).await;
     certify(setup.clone(), nets, 2, None).await;
     relay.shutdown().await;
 }

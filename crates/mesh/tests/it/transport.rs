@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use iroh::{EndpointAddr, RelayUrl};
+use iroh::EndpointAddr;
 use mesh::Transport;
 use mesh::memory;
 use mesh::quic::IrohTransport;
-use mesh::relay::Relay;
+use mesh::relay::{Relay, RelayOptions, RelayRef};
 use protocol::WorkerId;
 
 fn keys(n: usize) -> Vec<SigningKey> {
@@ -108,7 +108,8 @@ pub(crate) async fn iroh_network(keys: &[SigningKey]) -> Vec<IrohTransport> {
 
 /// Iroh endpoints on loopback that know each other only by key and `relay` (no socket):
 /// they meet at the relay (and punch a direct path from there where they can).
-pub(crate) async fn relayed_network(keys: &[SigningKey], relay: &RelayUrl) -> Vec<IrohTransport> {
+pub(crate) async fn relayed_network(keys: &[SigningKey], relay: &RelayRef) -> Vec<IrohTransport> {
+    let url = relay.relay_url().expect("a URL");
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
     let mut nets = Vec::new();
     for key in keys {
@@ -124,13 +125,22 @@ pub(crate) async fn relayed_network(keys: &[SigningKey], relay: &RelayUrl) -> Ve
     for t in &nets {
         for id in &ids {
             let endpoint = iroh::EndpointId::from_bytes(&id.0).expect("a key");
-            t.learn(
-                *id,
-                EndpointAddr::new(endpoint).with_relay_url(relay.clone()),
-            );
+            t.learn(*id, EndpointAddr::new(endpoint).with_relay_url(url.clone()));
         }
     }
     nets
+}
+
+/// A relay on loopback with its address discovery, for `members` only when given.
+pub(crate) async fn relay(members: Option<Vec<WorkerId>>) -> Relay {
+    Relay::spawn(RelayOptions {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        quic_port: Some(0),
+        public_host: None,
+        members,
+    })
+    .await
+    .expect("relay")
 }
 
 /// The relay forwards between members who know no socket of each other; it admits only
@@ -139,17 +149,15 @@ pub(crate) async fn relayed_network(keys: &[SigningKey], relay: &RelayUrl) -> Ve
 async fn iroh_conforms_through_a_relay_that_admits_members_only() {
     let keys = keys(4);
     let ids: Vec<WorkerId> = keys.iter().map(WorkerId::of).collect();
-    let relay = Relay::spawn("127.0.0.1:0".parse().expect("addr"), Some(&ids))
-        .await
-        .expect("relay");
-    let nets = relayed_network(&keys, relay.url()).await;
+    let relay = relay(Some(ids.clone())).await;
+    let nets = relayed_network(&keys, relay.reference()).await;
     check(nets).await;
     let stranger = SigningKey::from_bytes(&[98; 32]);
     let outside = IrohTransport::bind(
         &stranger,
         "127.0.0.1:0".parse().expect("addr"),
         &[WorkerId::of(&stranger), ids[0]],
-        Some(relay.url()),
+        Some(relay.reference()),
     )
     .await
     .expect("bind");
