@@ -24,6 +24,10 @@ use protocol::WorkerId;
 use crate::coordinator::RunFlags;
 use crate::paths;
 
+/// A peer's copy of its run's ticket, and its certified chain, in its directory.
+const TICKET_FILE: &str = "run.ticket";
+const CHAIN_FILE: &str = "chain.bin";
+
 /// How long a joining peer waits for the run's relay to take it.
 const RELAY_WAIT: Duration = Duration::from_secs(30);
 
@@ -99,6 +103,11 @@ pub(crate) struct JoinArgs {
     /// Cache directory (the run's token cache).
     #[arg(long, env = crate::env::CACHE_DIR)]
     cache_dir: Option<PathBuf>,
+    /// Where this peer keeps the run: its ticket and the certified chain (every height's
+    /// value, certificate and updates), which `hivetrain ledger verify --chain` checks
+    /// (default: the data dir's hivetrain/runs/RUN/KEY).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -284,46 +293,35 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     };
     // Says what is missing (no driver, an old GPU) before anything else.
     engine::resolve_device(&args.device)?;
-    let corpus = paths::bundled(
-        args.corpus
-            .as_deref()
-            .unwrap_or(Path::new(paths::DEFAULT_CORPUS)),
-    );
-    let tokenizer = paths::bundled(
-        args.tokenizer
-            .as_deref()
-            .unwrap_or(Path::new(paths::DEFAULT_TOKENIZER)),
-    );
-    for (path, want, what) in [
-        (&corpus, &ticket.corpus, "corpus"),
-        (&tokenizer, &ticket.tokenizer, "tokenizer"),
-    ] {
-        if !want.matches(&read_file(path, what)?) {
-            bail!(
-                "the {what} {} is not the run's {} (BLAKE3 {}): pass --{what} with the run's file",
-                path.display(),
-                want.name,
-                want.blake3
-            );
-        }
-    }
-    let mut config = ticket.config.clone();
-    config.corpus = corpus;
-    config.tokenizer = tokenizer;
     let cache = paths::cache_dir(args.cache_dir.as_deref()).join("peer");
-    let setup = std::sync::Arc::new(Setup::from_config(
-        config,
-        members.clone(),
+    let setup = std::sync::Arc::new(run_setup(
+        &ticket,
+        args.corpus.as_deref(),
+        args.tokenizer.as_deref(),
         vec![key.clone()],
         &cache,
     )?);
+    let short = |w: &WorkerId| w.to_string()[..8].to_owned();
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => dirs::data_dir()
+            .context("no data directory on this machine: pass --dir")?
+            .join("hivetrain/runs")
+            .join(ticket.run_id())
+            .join(short(&me)),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+    std::fs::write(dir.join(TICKET_FILE), format!("{}\n", ticket.encode()))
+        .with_context(|| format!("writing into {}", dir.display()))?;
+    let chain_path = dir.join(CHAIN_FILE);
+    let mut chain = peer::audit::ChainWriter::create(&chain_path)
+        .with_context(|| format!("making {}", chain_path.display()))?;
     let relay = ticket.relay.clone();
     let addrs = ticket.addrs()?;
     let listen = args
         .listen
         .or_else(|| ticket.members[index].addrs.first().copied())
         .unwrap_or_else(|| "0.0.0.0:0".parse().expect("an address"));
-    let short = |w: &WorkerId| w.to_string()[..8].to_owned();
     println!(
         "hivetrain peer {}: run {}, member {} of {}, model {}, {} versions",
         short(&me),
@@ -380,8 +378,17 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         });
         let paths = net.paths();
         let reached = reached.clone();
+        let mut stored = 0usize;
         let s = setup.clone();
         let on_version: mesh::drive::OnVersion = Box::new(move |node| {
+            // Every height certified since the last call (a peer catching up certifies
+            // several at once), stored before it is shown.
+            for c in &node.chain()[stored.min(node.chain().len())..] {
+                if let Err(e) = chain.append(c) {
+                    eprintln!("error: storing height {}: {e}", c.decision.height.0);
+                }
+            }
+            stored = node.chain().len();
             let Some(c) = node.chain().last() else {
                 return;
             };
@@ -440,6 +447,12 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .collect();
     println!("reached: {}", paths.join(", "));
     println!(
+        "the certified chain is in {} (check it: hivetrain ledger verify --chain {} --ticket {})",
+        chain_path.display(),
+        chain_path.display(),
+        dir.join(TICKET_FILE).display()
+    );
+    println!(
         "version {} hash {}",
         node.replica().version(),
         hex::encode(node.replica().hash())
@@ -486,4 +499,92 @@ pub(crate) fn relay(args: RelayArgs) -> anyhow::Result<()> {
         relay.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// The run a ticket names, for the peers of `keys` here: the corpus and tokenizer given
+/// (default: the bundled ones) checked against the ticket's hashes.
+fn run_setup(
+    ticket: &Ticket,
+    corpus: Option<&Path>,
+    tokenizer: Option<&Path>,
+    keys: Vec<ed25519_dalek::SigningKey>,
+    cache: &Path,
+) -> anyhow::Result<Setup> {
+    let corpus = paths::bundled(corpus.unwrap_or(Path::new(paths::DEFAULT_CORPUS)));
+    let tokenizer = paths::bundled(tokenizer.unwrap_or(Path::new(paths::DEFAULT_TOKENIZER)));
+    for (path, want, what) in [
+        (&corpus, &ticket.corpus, "corpus"),
+        (&tokenizer, &ticket.tokenizer, "tokenizer"),
+    ] {
+        if !want.matches(&read_file(path, what)?) {
+            bail!(
+                "the {what} {} is not the run's {} (BLAKE3 {}): pass --{what} with the run's file",
+                path.display(),
+                want.name,
+                want.blake3
+            );
+        }
+    }
+    let mut config = ticket.config.clone();
+    config.corpus = corpus;
+    config.tokenizer = tokenizer;
+    Ok(Setup::from_config(
+        config,
+        ticket.member_ids()?,
+        keys,
+        cache,
+    )?)
+}
+
+/// `hivetrain ledger verify --chain FILE --ticket TICKET`: the run's chain replayed from
+/// version 0, every certificate and every value checked, and the ledger it makes.
+pub(crate) fn verify_chain(
+    chain: &Path,
+    ticket: &str,
+    corpus: Option<&Path>,
+    tokenizer: Option<&Path>,
+) -> anyhow::Result<()> {
+    let ticket = read_ticket(ticket)?;
+    let cache = paths::cache_dir(None).join("peer");
+    let setup = run_setup(&ticket, corpus, tokenizer, Vec::new(), &cache)?;
+    let short = |w: &WorkerId| w.to_string()[..8].to_owned();
+    println!(
+        "run {}: {} members; replaying {} from version 0",
+        ticket.run_id(),
+        ticket.members.len(),
+        chain.display()
+    );
+    let heights = peer::audit::read_chain(chain, setup.spec.update_bytes())?;
+    let audited = peer::audit::replay(&setup.spec, setup.genesis.clone(), heights, |c, replica| {
+        println!(
+            "  height {:>4}: certified by {} of {} members in round {}, {} updates re-executed, version hash {}",
+            c.decision.height.0,
+            c.decision.certificate.commit_signatures.len(),
+            ticket.members.len(),
+            c.decision.round.as_i64(),
+            c.updates.len(),
+            hex::encode(&replica.hash()[..8])
+        );
+    })
+    .context("the chain is not the run's")?;
+    println!(
+        "ok: {} certified versions, each re-executed bit for bit; version {} hash {}",
+        audited.heights,
+        audited.replica.version(),
+        hex::encode(audited.replica.hash())
+    );
+    println!("credit the chain mints:");
+    for (worker, micros) in audited.replica.credit() {
+        let punished = if audited.replica.punished().contains(worker) {
+            " (punished: equivocated)"
+        } else {
+            ""
+        };
+        println!(
+            "  {} {}{punished}",
+            short(worker),
+            ledger::format_credits(*micros)
+        );
+    }
+    Ok(())
 }

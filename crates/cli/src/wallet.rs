@@ -141,11 +141,26 @@ pub(crate) enum WalletCommand {
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum LedgerCommand {
     /// Check every hash, signature and invariant of the ledger, its signed head, and
-    /// your entries' inclusion proofs; exits non-zero at the first broken entry.
+    /// your entries' inclusion proofs; exits non-zero at the first broken entry. With
+    /// --chain, a run with no coordinator: its certified chain replayed from version 0.
     Verify {
         /// A file from `hivetrain ledger export` (default: download from the coordinator).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "chain")]
         file: Option<PathBuf>,
+        /// A peer-to-peer run's certified chain (a peer's chain.bin): every height's
+        /// certificate checked against the members, every value executed again, and the
+        /// credit it mints printed. Needs --ticket.
+        #[arg(long, requires = "ticket")]
+        chain: Option<PathBuf>,
+        /// The run's ticket (or a file holding it), for --chain.
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Your copy of the run's corpus, for --chain (default: the bundled one).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// Your copy of the run's tokenizer, for --chain (default: the bundled one).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// The coordinator's ledger key (hex) you expect; without it the key in the
         /// head is printed for you to compare.
         #[arg(long)]
@@ -424,10 +439,23 @@ pub(crate) fn run_ledger(command: LedgerCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LedgerCommand::Verify {
+            chain: Some(chain),
+            ticket,
+            corpus,
+            tokenizer,
+            ..
+        } => crate::peer::verify_chain(
+            &chain,
+            ticket.as_deref().unwrap_or_default(),
+            corpus.as_deref(),
+            tokenizer.as_deref(),
+        ),
+        LedgerCommand::Verify {
             file,
             authority,
             wallet,
             remote,
+            ..
         } => {
             let online = file.is_none();
             let (head, entries) = match &file {

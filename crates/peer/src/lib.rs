@@ -7,6 +7,7 @@
 //! [`local`] runs several in one process from one seed, training the tiny model for
 //! real, with dishonest proposers and a late joiner. The networked driver comes next.
 
+pub mod audit;
 pub mod local;
 pub mod node;
 pub mod replica;

@@ -144,6 +144,8 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
                 hivetrain(&sandbox)
                     .args(["peer", "join", "run.ticket", "--device", "cpu:1", "--key"])
                     .arg(sandbox.path(&format!("k{i}")))
+                    .arg("--dir")
+                    .arg(sandbox.path(&format!("peer{i}")))
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -184,6 +186,37 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
     };
     let (first, last) = (loss("1").expect("version 1"), loss("3").expect("version 3"));
     assert!(last < first, "holdout loss {first} -> {last}");
+
+    // Anyone with the ticket checks a peer's stored chain: every certificate, every
+    // value re-executed, the same last version; a byte changed in it is caught.
+    let chain = sandbox.path("peer2/chain.bin");
+    let verify = |chain: &std::path::Path| {
+        let out = hivetrain(&sandbox)
+            .args(["ledger", "verify", "--ticket", "run.ticket", "--chain"])
+            .arg(chain)
+            .output()
+            .expect("ledger verify");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = verify(&chain);
+    assert!(ok, "{text}");
+    let hash = hashes[0].trim_start_matches("version 3 hash ");
+    assert!(
+        text.contains(&format!(
+            "ok: 3 certified versions, each re-executed bit for bit; version 3 hash {hash}"
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("certified by ").count(), 3, "{text}");
+    let mut bytes = std::fs::read(&chain).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    let tampered = sandbox.write("tampered.bin", &bytes);
+    let (ok, text) = verify(&tampered);
+    assert!(!ok, "a tampered chain verified:\n{text}");
+    assert!(text.contains("the chain is not the run's"), "{text}");
 }
 
 /// What a member cannot join with: each case the arguments after `peer join`, and the

@@ -167,3 +167,93 @@ async fn a_lying_proposer_over_iroh_costs_a_round() {
         );
     }
 }
+
+/// A peer's stored chain replays, from version 0 and the run alone, to the version and
+/// the credit every peer holds; a chain that was tampered with stops at the height
+/// tampered with, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_chain_replays_to_the_peers_ledger_and_tampering_is_caught() {
+    use peer::audit::{self, AuditError};
+    let inputs = inputs();
+    let setup = setup(&inputs, 46, 4, 3);
+    let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
+    let nodes = certify(setup.clone(), mesh::memory::network(&ids), 3, None).await;
+    let node = &nodes[0];
+    let chain: Vec<peer::node::Certified> = node.chain()[..3].to_vec();
+    let path = inputs.dir.path().join("chain.bin");
+    let mut writer = audit::ChainWriter::create(&path).expect("create");
+    for c in &chain {
+        writer.append(c).expect("append");
+    }
+    let update_max = setup.spec.update_bytes();
+    let stored = audit::read_chain(&path, update_max).expect("read");
+    let audited =
+        audit::replay(&setup.spec, setup.genesis.clone(), stored, |_, _| ()).expect("replay");
+    assert_eq!(audited.heights, 3);
+    let at_three = nodes
+        .iter()
+        .find(|n| n.replica().version() == 3)
+        .expect("a peer that stopped at version 3");
+    assert_eq!(audited.replica.hash(), at_three.replica().hash());
+    assert_eq!(audited.replica.credit(), at_three.replica().credit());
+    assert!(audited.replica.credit().values().all(|c| *c > 0));
+
+    // Each case spoils a copy of the chain; the replay stops at its height, in words.
+    type Spoil = Box<dyn Fn(&mut Vec<peer::node::Certified>)>;
+    let cases: Vec<(Spoil, u64, &str)> = vec![
+        (
+            Box::new(|c| {
+                let sigs = &mut c[1].decision.certificate.commit_signatures;
+                sigs.truncate(2);
+            }),
+            2,
+            "certificate",
+        ),
+        (
+            Box::new(|c| {
+                let other = c[0].updates[0].clone();
+                c[2].updates[0] = other;
+            }),
+            3,
+            "not the one its value names",
+        ),
+        (
+            Box::new(|c| {
+                c.remove(1);
+            }),
+            2,
+            "holds height 3",
+        ),
+        (
+            Box::new(|c| c[0].updates.pop().map(drop).unwrap_or(())),
+            1,
+            "without the updates",
+        ),
+    ];
+    for (spoil, height, words) in cases {
+        let mut bad = chain.clone();
+        spoil(&mut bad);
+        let result = audit::replay(
+            &setup.spec,
+            setup.genesis.clone(),
+            bad.into_iter().map(Ok::<_, AuditError>),
+            |_, _| (),
+        );
+        match result {
+            Err(AuditError::Height { height: h, why }) => {
+                assert_eq!(h, height, "{why}");
+                assert!(why.contains(words), "{why}");
+            }
+            other => panic!("{words}: {other:?}"),
+        }
+    }
+    // A file cut short ends in an error, not a shorter chain taken for the whole.
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).expect("write");
+    let stored = audit::read_chain(&path, update_max).expect("read");
+    let cut = audit::replay(&setup.spec, setup.genesis.clone(), stored, |_, _| ());
+    assert!(
+        matches!(cut, Err(AuditError::File(ref w)) if w.contains("cut short")),
+        "{cut:?}"
+    );
+}
