@@ -10,6 +10,7 @@ mod model_export;
 mod p2p_demo;
 mod paths;
 mod peer;
+mod peer_dashboard;
 mod pretrained;
 mod query;
 mod tokenizer;

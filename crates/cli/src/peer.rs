@@ -45,7 +45,7 @@ pub(crate) enum PeerCommand {
     Ticket(Box<TicketArgs>),
     /// Join a run from its ticket: train a unit of every version, check every other
     /// member's update and every proposed version, vote, and stop at the last version.
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +103,10 @@ pub(crate) struct JoinArgs {
     /// Cache directory (the run's token cache).
     #[arg(long, env = crate::env::CACHE_DIR)]
     cache_dir: Option<PathBuf>,
+    /// Serve this peer's dashboard (`/`), status (`/v1/peer`) and Prometheus metrics
+    /// (`/metrics`) on this TCP socket while it runs (e.g. 127.0.0.1:8491).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Where this peer keeps the run: its ticket and the certified chain (every height's
     /// value, certificate and updates), which `hivetrain ledger verify --chain` checks
     /// (default: the data dir's hivetrain/runs/RUN/KEY).
@@ -142,7 +146,7 @@ pub(crate) fn run(command: PeerCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PeerCommand::Ticket(args) => ticket(*args),
-        PeerCommand::Join(args) => join(args),
+        PeerCommand::Join(args) => join(*args),
     }
 }
 
@@ -377,6 +381,44 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         });
         let paths = net.paths();
+        let dashboard = std::sync::Arc::new(crate::peer_dashboard::Dashboard::new(
+            crate::peer_dashboard::PeerView {
+                run: ticket.run_id(),
+                me: me.to_string(),
+                model: setup.config.preset.clone(),
+                versions_wanted: ticket.versions,
+                version: 0,
+                hash: hex::encode(setup.genesis.hash()),
+                relay: ticket.relay.as_ref().map(|r| r.url.clone()),
+                members: crate::peer_dashboard::members_view(&setup.spec.members),
+                history: Vec::new(),
+            },
+            paths.clone(),
+            me,
+            setup.spec.members.clone(),
+        ));
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = match args.http {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("serving the dashboard on {addr}"))?;
+                println!(
+                    "dashboard at http://{}/ (metrics at /metrics)",
+                    listener.local_addr().unwrap_or(addr)
+                );
+                let app = crate::peer_dashboard::router(dashboard.clone());
+                Some(tokio::spawn(async move {
+                    let limits = coordinator::config::HttpLimits::default();
+                    coordinator::serve_bounded(listener, app, &limits, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                }))
+            }
+            None => None,
+        };
+        let board = dashboard.clone();
         let reached = reached.clone();
         let mut stored = 0usize;
         let s = setup.clone();
@@ -397,9 +439,22 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                     .proposer(node.spec().settings.seed, c.decision.height, c.decision.round)
                     .0,
             );
-            let loss = s
-                .holdout_loss(node.replica().params())
-                .map_or_else(|e| format!("({e})"), |l| format!("{l:.4}"));
+            let holdout = s.holdout_loss(node.replica().params());
+            let loss = match &holdout {
+                Ok(l) => format!("{l:.4}"),
+                Err(e) => format!("({e})"),
+            };
+            board.certified(
+                node,
+                crate::peer_dashboard::VersionRow {
+                    version: node.replica().version(),
+                    round: c.decision.round.as_i64(),
+                    proposer: short(&proposer),
+                    accepted: c.decision.value.accepted.len(),
+                    holdout_loss: holdout.ok(),
+                    seconds: board.seconds(),
+                },
+            );
             let others = node.spec().members.iter().filter(|m| **m != node.id());
             let mut reached = reached.lock().unwrap_or_else(|p| p.into_inner());
             let (mut direct, mut relayed) = (0, 0);
@@ -422,9 +477,13 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         });
-        let (node, traffic) =
-            mesh::drive::run(node, net, members.clone(), train, ticket.versions, on_version)
-                .await?;
+        let ran =
+            mesh::drive::run(node, net, members.clone(), train, ticket.versions, on_version).await;
+        let _ = stop_http.send(());
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        let (node, traffic) = ran?;
         anyhow::Ok((node, traffic))
     })?;
     let (node, traffic) = finished;

@@ -22,6 +22,19 @@ pub use crate::error::ApiError;
 use runner::drive;
 pub use runner::{CoordinatorConfig, Core, CoreError, MAX_REJECTIONS_RECORDED, config, core};
 
+/// Serves `app` on `listener` with the coordinator's own accept loop and its bounds
+/// (`http`: a cap on connections, deadlines on every wait for the client) until
+/// `shutdown` completes: for other servers of the same binary (a peer's dashboard).
+pub async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    http: &config::HttpLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limits = connections::ConnectionLimits::new(http);
+    connections::serve(listener, app, limits, shutdown).await;
+}
+
 /// Milliseconds since the Unix epoch: the coordinator's clock.
 pub fn system_ms() -> u64 {
     std::time::SystemTime::now()

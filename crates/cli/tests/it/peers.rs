@@ -138,14 +138,19 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
     assert!(out.status.success(), "{out:?}");
 
     let started = std::time::Instant::now();
-    let peers: Vec<Running> = (0..4)
+    let mut peers: Vec<Running> = (0..4)
         .map(|i| {
+            let mut command = hivetrain(&sandbox);
+            command
+                .args(["peer", "join", "run.ticket", "--device", "cpu:1", "--key"])
+                .arg(sandbox.path(&format!("k{i}")))
+                .arg("--dir")
+                .arg(sandbox.path(&format!("peer{i}")));
+            if i == 0 {
+                command.args(["--http", "127.0.0.1:0"]);
+            }
             Running(Some(
-                hivetrain(&sandbox)
-                    .args(["peer", "join", "run.ticket", "--device", "cpu:1", "--key"])
-                    .arg(sandbox.path(&format!("k{i}")))
-                    .arg("--dir")
-                    .arg(sandbox.path(&format!("peer{i}")))
+                command
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -153,12 +158,61 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
             ))
         })
         .collect();
+    // Member 0 serves its view of the run while it runs.
+    let stdout = peers[0].child().stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut first = Vec::new();
+    let dashboard = loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("member 0's dashboard line");
+        first.push(line.clone());
+        if let Some(rest) = line.strip_prefix("dashboard at ") {
+            break rest.split_whitespace().next().expect("a URL").to_owned();
+        }
+    };
+    let get = |path: &str| {
+        reqwest::blocking::get(format!("{}{}", dashboard.trim_end_matches('/'), path))
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.text())
+            .expect("the dashboard answers")
+    };
+    let view: serde_json::Value = serde_json::from_str(&get("/v1/peer")).expect("json");
+    let members = view["members"].as_array().expect("members");
+    assert_eq!(members.len(), 4, "{view}");
+    assert_eq!(
+        members.iter().filter(|m| m["path"] == "self").count(),
+        1,
+        "{view}"
+    );
+    assert!(
+        members.iter().all(|m| ["self", "direct", "relayed", "none"]
+            .contains(&m["path"].as_str().unwrap_or_default())),
+        "{view}"
+    );
+    assert!(view["version"].as_u64().is_some_and(|v| v <= 3), "{view}");
+    let metrics = get("/metrics");
+    assert!(metrics.contains("hivetrain_peer_version"), "{metrics}");
+    assert!(get("/").contains("hivetrain peer"));
     // Far past what it takes (about 12 s here): a peer that hangs fails the test.
     let deadline = started + std::time::Duration::from_secs(300);
     let mut outputs = Vec::new();
+    let mut reader = Some(reader);
     for peer in peers {
         let out = peer.finish(deadline);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if outputs.is_empty() {
+            if let Some(r) = reader.take() {
+                let _ = r.join();
+            }
+            first.extend(lines.try_iter());
+            stdout = first.join("\n") + "\n";
+        }
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "a peer failed:\n{stdout}\n{stderr}");
         outputs.push(stdout);
