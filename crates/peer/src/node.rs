@@ -38,6 +38,13 @@ const FUTURE_MAX: usize = 16;
 /// Most certified heights one chain message carries.
 pub const CHAIN_MAX: usize = 64;
 
+/// Bytes of certified chain a peer sends one member while it is on one height, at most
+/// (one full chain message): a member catching up gains up to a message's worth of
+/// heights for every height the run makes, and one that asks again and again gets no
+/// more (each answer is a new buffer in the transport's queue: without this, 256 queued
+/// answers of 64 MiB each for one asker).
+pub const CHAIN_BYTES_PER_HEIGHT: usize = crate::wire::MESSAGE_BYTES_MAX;
+
 /// A certified height's bytes past its updates, at most: the decision with a full
 /// committee's signatures and a value naming `ACCEPTED_MAX` updates.
 const CERTIFIED_BYTES: usize = 64 + 48 * agree::ACCEPTED_MAX + 96 * agree::COMMITTEE_MAX;
@@ -171,6 +178,10 @@ pub struct Node {
     /// Proofs not yet acted on by a certified version, for this peer's next value (at
     /// most `agree::EVIDENCE_MAX`, one a culprit).
     evidence: Vec<Vec<u8>>,
+    /// What this peer answered each member this height: chain bytes sent, and the
+    /// updates it sent on `Want` (each once a member; at most members times the pool).
+    chain_sent: BTreeMap<WorkerId, usize>,
+    wanted: BTreeSet<(WorkerId, [u8; 32])>,
 }
 
 impl Node {
@@ -213,6 +224,8 @@ impl Node {
             evidence: Vec::new(),
             forwarded: BTreeSet::new(),
             outbox: Vec::new(),
+            chain_sent: BTreeMap::new(),
+            wanted: BTreeSet::new(),
         })
     }
 
@@ -309,7 +322,10 @@ impl Node {
                     .iter()
                     .take(self.spec.members.len() * UPDATES_PER_UNIT_MAX)
                 {
-                    if let Some((_, bytes)) = self.pool.iter().find(|(a, _)| a == address) {
+                    let held = self.pool.iter().find(|(a, _)| a == address);
+                    if let Some((_, bytes)) = held
+                        && self.wanted.insert((from, *address))
+                    {
                         out.push(Out::Send {
                             to: from,
                             message: Message::Update(bytes.clone()),
@@ -357,8 +373,10 @@ impl Node {
                     }
                 }
             }
-            Message::ChainRequest { from: height } => {
-                // As many heights as fit one message.
+            // Answered to members only, within the asker's budget for this height.
+            Message::ChainRequest { from: height } if self.spec.members.contains(&from) => {
+                let spent = self.chain_sent.get(&from).copied().unwrap_or(0);
+                let budget = CHAIN_BYTES_PER_HEIGHT.saturating_sub(spent);
                 let mut size = 0;
                 let chain: Vec<_> = self
                     .chain
@@ -366,19 +384,21 @@ impl Node {
                     .skip(height.saturating_sub(1) as usize)
                     .take(CHAIN_MAX)
                     .take_while(|c| {
-                        size +=
-                            CERTIFIED_BYTES + c.updates.iter().map(|u| u.len() + 4).sum::<usize>();
-                        size <= crate::wire::MESSAGE_BYTES_MAX
+                        size += certified_bytes(c);
+                        size <= budget
                     })
                     .cloned()
                     .collect();
                 if !chain.is_empty() {
+                    *self.chain_sent.entry(from).or_default() +=
+                        chain.iter().map(certified_bytes).sum::<usize>();
                     out.push(Out::Send {
                         to: from,
                         message: Message::Chain(chain),
                     });
                 }
             }
+            Message::ChainRequest { .. } => {}
             Message::Chain(chain) => {
                 for certified in chain.into_iter().take(CHAIN_MAX) {
                     if certified.decision.height.0 == self.replica.version() + 1 {
@@ -758,6 +778,8 @@ impl Node {
         self.executed.clear();
         self.waiting.clear();
         self.forwarded.clear();
+        self.chain_sent.clear();
+        self.wanted.clear();
         self.building = None;
         self.pool.clear();
         let height = Height(self.replica.version() + 1);
@@ -795,6 +817,11 @@ impl Node {
             .into_iter()
             .collect()
     }
+}
+
+/// What a certified height takes in a chain message, at most.
+fn certified_bytes(c: &Certified) -> usize {
+    CERTIFIED_BYTES + c.updates.iter().map(|u| u.len() + 4).sum::<usize>()
 }
 
 /// The unit an update's header names, if it parses.

@@ -257,3 +257,96 @@ async fn a_stored_chain_replays_to_the_peers_ledger_and_tampering_is_caught() {
         "{cut:?}"
     );
 }
+
+/// A member that sends garbage, truncated and repeated messages, chain requests and
+/// update requests over and over to every peer, while four honest members certify:
+/// they certify every version all the same, and answer its requests within their
+/// bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_member_flooding_junk_and_requests_stops_nothing() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 47, 5, 3);
+    let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
+    let mut nets = mesh::memory::network(&ids);
+    let hostile = nets.pop().expect("five");
+    let honest: Vec<WorkerId> = ids[..4].to_vec();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        let update_bytes = setup.spec.update_bytes();
+        tokio::spawn(async move {
+            let mut hostile = hostile;
+            let request = peer::wire::to_bytes(&peer::Message::ChainRequest { from: 1 });
+            let want = peer::wire::to_bytes(&peer::Message::Want(vec![[7; 32]; 300]));
+            let junk_update =
+                peer::wire::to_bytes(&peer::Message::Update(Arc::new(vec![1u8; update_bytes])));
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for to in &honest {
+                    for bytes in [
+                        vec![0xff; 64],
+                        request[..request.len() - 1].to_vec(),
+                        request.clone(),
+                        want.clone(),
+                        junk_update.clone(),
+                        Vec::new(),
+                    ] {
+                        hostile.send(*to, Arc::new(bytes));
+                        sent += 1;
+                    }
+                }
+                // What the peers answer is read and dropped.
+                while let Ok(Some(_)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(20), hostile.recv()).await
+                {
+                }
+            }
+            sent
+        })
+    };
+    let nodes = certify(setup.clone(), nets, 3, None).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = flooding.await.expect("flooding");
+    assert!(sent > 100, "the hostile member sent only {sent} messages");
+    assert!(nodes.iter().all(|n| n.replica().version() >= 3));
+}
+
+/// A member that asks for the chain again and again gets at most one message's worth
+/// of it while this peer is on one height; a key that is not a member gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_requests_are_answered_within_a_budget_per_height() {
+    let inputs = inputs();
+    let setup = setup(&inputs, 48, 4, 3);
+    let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
+    let mut nodes = certify(setup.clone(), mesh::memory::network(&ids), 3, None).await;
+    let node = &mut nodes[0];
+    let asker = ids[1];
+    let mut answered = Vec::new();
+    for _ in 0..100 {
+        let outs = node
+            .receive(asker, peer::Message::ChainRequest { from: 1 })
+            .expect("receive");
+        for out in outs {
+            if let peer::Out::Send {
+                message: message @ peer::Message::Chain(_),
+                ..
+            } = out
+            {
+                answered.push(peer::wire::to_bytes(&message).len());
+            }
+        }
+    }
+    let total: usize = answered.iter().sum();
+    assert!(!answered.is_empty());
+    assert!(
+        total <= peer::node::CHAIN_BYTES_PER_HEIGHT,
+        "{} answers, {total} bytes",
+        answered.len()
+    );
+    assert!(answered.len() < 100, "every request was answered");
+    let stranger = WorkerId::of(&ed25519_dalek::SigningKey::from_bytes(&[5; 32]));
+    let outs = node
+        .receive(stranger, peer::Message::ChainRequest { from: 1 })
+        .expect("receive");
+    assert!(outs.is_empty());
+}
