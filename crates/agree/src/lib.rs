@@ -761,11 +761,28 @@ impl Peer {
         self.state.height()
     }
 
-    /// Starts `height` (1, then each after a decision).
+    /// Starts `height` (1, then each after a decision) with the same committee.
     pub fn start(&mut self, height: Height) -> Result<Vec<Action>, AgreeError> {
+        let committee = self.committee.clone();
+        self.start_with(height, committee)
+    }
+
+    /// Starts `height` with `committee` (whoever the certified chain seats for it; this
+    /// peer follows without voting when it holds no seat).
+    pub fn start_with(
+        &mut self,
+        height: Height,
+        committee: Committee,
+    ) -> Result<Vec<Action>, AgreeError> {
         self.values.retain(|(h, _), _| *h >= height);
         self.seen.retain(|(h, ..), _| *h >= height);
+        self.committee = committee;
         self.step(Input::StartHeight(height, self.committee.clone()))
+    }
+
+    /// The committee of the height this peer is on.
+    pub fn committee(&self) -> &Committee {
+        &self.committee
     }
 
     /// A message from another member. A proposal whose value `valid` refuses (the

@@ -1,6 +1,7 @@
 //! A run with no coordinator, checked by anyone who holds its ticket and a copy of its
 //! certified chain: no signer to trust. Each height's certificate must carry the
-//! precommit signatures of more than two thirds of the members for that very value; the
+//! precommit signatures of more than two thirds of the committee the chain so far seats
+//! for it (`Replica::seats`) for that very value; the
 //! value is then executed again from version 0 through the run core, from the signed
 //! updates stored with it, and must be what was certified, bit for bit (the accepted
 //! units and their weights, the punished equivocators, the new version's hash). The
@@ -53,7 +54,7 @@ pub fn replay(
         .iter()
         .filter_map(|m| ed25519_dalek::VerifyingKey::from_bytes(&m.0).ok())
         .collect();
-    let committee = Committee::new(&keys)
+    Committee::new(&keys)
         .filter(|c| c.len() == spec.members.len())
         .ok_or_else(|| AuditError::File("the run's members are not a committee".into()))?;
     let mut replica = genesis;
@@ -65,6 +66,8 @@ pub fn replay(
             height,
             why: why.to_owned(),
         };
+        // Who the chain so far seats for this height.
+        let committee = replica.committee(spec).map_err(|e| fail(&e.to_string()))?;
         let decision = &certified.decision;
         if decision.height.0 != height {
             return Err(fail(&format!(

@@ -233,7 +233,7 @@ impl Node {
         self.id
     }
 
-    /// The run's committee.
+    /// The committee of the height this peer is on (`Replica::seats`).
     pub fn committee(&self) -> &Committee {
         &self.committee
     }
@@ -784,7 +784,9 @@ impl Node {
         self.pool.clear();
         let height = Height(self.replica.version() + 1);
         self.asked.retain(|h| *h >= height.0);
-        let actions = self.agree.start(height)?;
+        // The committee the certified chain seats for the next height.
+        self.committee = self.replica.committee(&self.spec)?;
+        let actions = self.agree.start_with(height, self.committee.clone())?;
         out.extend(self.train());
         for bytes in std::mem::take(&mut self.early) {
             self.hold(bytes);

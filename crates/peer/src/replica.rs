@@ -64,9 +64,15 @@ pub struct Replica {
     /// Micro-credits minted to each worker by the accepted updates of every version.
     credit: BTreeMap<WorkerId, u64>,
     /// Members proven to have equivocated: their credit forfeited, no unit leased to
-    /// them again.
+    /// them again, no seat on the committee.
     punished: BTreeSet<WorkerId>,
+    /// The last version each member's update was accepted in (its verified work).
+    worked: BTreeMap<WorkerId, u64>,
 }
+
+/// Versions a seat lasts without verified work: past the first `SEAT_WINDOW` versions, a
+/// member votes only if an update of its was accepted in one of the last `SEAT_WINDOW`.
+pub const SEAT_WINDOW: u64 = 4;
 
 /// A height executed: the next version and the value that names it.
 #[derive(Clone, Debug)]
@@ -119,6 +125,7 @@ impl Replica {
             leases: BTreeMap::new(),
             credit: BTreeMap::new(),
             punished: BTreeSet::new(),
+            worked: BTreeMap::new(),
         };
         replica.run.step(0, Input::Tick)?;
         replica.lease_all(spec, 1)?;
@@ -170,6 +177,47 @@ impl Replica {
         let committee = agree::Committee::new(&keys)?;
         let culprit = WorkerId(proof.culprit(&committee)?.0);
         (!self.punished.contains(&culprit)).then_some(culprit)
+    }
+
+    /// Who votes on the next version, in key order: the members admitted, less those
+    /// proven to have equivocated, and past the first [`SEAT_WINDOW`] versions only those
+    /// whose update was accepted in one of the last `SEAT_WINDOW` (a seat is kept by
+    /// verified work: a member gone, or withholding its work, stops counting toward
+    /// the quorum, and one that comes back earns its seat again with its next accepted
+    /// update). Never empty: if no one has worked, every unpunished member.
+    pub fn seats(&self, spec: &RunSpec) -> Vec<WorkerId> {
+        let unpunished: Vec<WorkerId> = spec
+            .members
+            .iter()
+            .filter(|m| !self.punished.contains(m))
+            .copied()
+            .collect();
+        let working: Vec<WorkerId> = unpunished
+            .iter()
+            .filter(|m| {
+                self.version < SEAT_WINDOW
+                    || self
+                        .worked
+                        .get(m)
+                        .is_some_and(|v| v + SEAT_WINDOW > self.version)
+            })
+            .copied()
+            .collect();
+        match (working.is_empty(), unpunished.is_empty()) {
+            (false, _) => working,
+            (true, false) => unpunished,
+            (true, true) => spec.members.clone(),
+        }
+    }
+
+    /// The committee of [`Replica::seats`]: who certifies the next version.
+    pub fn committee(&self, spec: &RunSpec) -> Result<agree::Committee, PeerError> {
+        let keys: Vec<_> = self
+            .seats(spec)
+            .iter()
+            .filter_map(|m| ed25519_dalek::VerifyingKey::from_bytes(&m.0).ok())
+            .collect();
+        agree::Committee::new(&keys).ok_or(PeerError::Invalid("the seats are not a committee"))
     }
 
     /// Whether `update` (inspected) is the update of a unit this version leased: what a
@@ -241,6 +289,7 @@ impl Replica {
                         unit: accepted.unit,
                         weight: accepted.weight,
                     });
+                    next.worked.insert(update.header.worker, self.version + 1);
                     if let Some(ledger::Account::Wallet(to)) = accepted.mint.to
                         && !next.punished.contains(&to)
                     {

@@ -350,3 +350,76 @@ async fn chain_requests_are_answered_within_a_budget_per_height() {
         .expect("receive");
     assert!(outs.is_empty());
 }
+
+/// Seats are kept by verified work. Of seven members two never come and a third leaves
+/// after version 5: four of seven are fewer than a fixed committee's quorum (five), yet
+/// the four certify every version, because past the first `SEAT_WINDOW` versions the
+/// chain seats only members whose updates it accepted lately (five, then the four). The
+/// stored chain replays with the seats it shrank to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seats_follow_verified_work_so_members_who_left_stop_counting() {
+    use peer::audit;
+    let inputs = inputs();
+    let heights = 9;
+    let setup = setup(&inputs, 49, 7, heights);
+    let ids: Vec<WorkerId> = setup.keys.iter().map(WorkerId::of).collect();
+    let nets = mesh::memory::network(&ids);
+    let members = setup.spec.members.clone();
+    let timings = Timings {
+        agree: agree::Timeouts {
+            propose_ms: 1_000,
+            vote_ms: 500,
+            step_ms: 200,
+        },
+        collect_ms: 400,
+    };
+    let mut tasks = Vec::new();
+    for (i, net) in nets.into_iter().enumerate().take(5) {
+        let node = setup.node(i, Behaviour::Honest, timings).expect("node");
+        let mut backend = setup
+            .prepared
+            .model
+            .open_empty("cpu:1", Purpose::Train)
+            .expect("backend");
+        let s = setup.clone();
+        let train: mesh::drive::Train = Box::new(move |unit, base| {
+            s.train(backend.as_mut(), unit, base)
+                .map_err(|e| e.to_string())
+        });
+        let until = if i == 4 { 5 } else { heights };
+        let quiet: mesh::drive::OnVersion = Box::new(|_| ());
+        let run = mesh::drive::run(node, net, members.clone(), train, until, quiet);
+        tasks.push(tokio::spawn(run));
+    }
+    // With a fixed committee the four would wait forever: a deadline makes that a failure.
+    let mut nodes = Vec::new();
+    for task in tasks {
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(120), task)
+            .await
+            .expect("the members who stayed stalled");
+        nodes.push(finished.expect("task").expect("peer").0);
+    }
+    let node = &nodes[0];
+    assert!(node.replica().version() >= heights);
+    let mut seated = Vec::new();
+    let chain = node.chain()[..heights as usize].to_vec();
+    audit::replay(
+        &setup.spec,
+        setup.genesis.clone(),
+        chain.into_iter().map(Ok),
+        |_, replica| seated.push(replica.seats(&setup.spec).len()),
+    )
+    .expect("the chain replays");
+    // Seats for heights 2 on: all seven for the first versions, then the five who
+    // worked, then the four who stayed.
+    eprintln!("seats after each version: {seated:?}");
+    assert_eq!(seated[0], 7, "{seated:?}");
+    assert!(seated.contains(&5), "{seated:?}");
+    assert_eq!(*seated.last().expect("seats"), 4, "{seated:?}");
+    let absent = [ids[5], ids[6]];
+    assert!(
+        absent
+            .iter()
+            .all(|a| !node.replica().seats(&setup.spec).contains(a))
+    );
+}
