@@ -735,6 +735,14 @@ impl Peer {
     pub fn new(key: SigningKey, committee: Committee, seed: u64) -> Option<Peer> {
         let address = Address(key.verifying_key().to_bytes());
         mt::ValidatorSet::get_by_address(&committee, &address)?;
+        Some(Peer::following(key, committee, seed))
+    }
+
+    /// A peer signing with `key` whether or not `committee` seats it: one without a
+    /// seat follows the heights (it checks and learns the decisions) and votes on none
+    /// until a committee of a later height ([`Peer::start_with`]) seats it.
+    pub fn following(key: SigningKey, committee: Committee, seed: u64) -> Peer {
+        let address = Address(key.verifying_key().to_bytes());
         let params = Params {
             initial_height: Height(1),
             initial_validator_set: committee.clone(),
@@ -742,14 +750,14 @@ impl Peer {
             threshold_params: ThresholdParams::default(),
             value_payload: ValuePayload::ProposalOnly,
         };
-        Some(Peer {
+        Peer {
             key,
             committee,
             seed,
             state: State::new(Ctx { seed }, params, 128),
             values: BTreeMap::new(),
             seen: BTreeMap::new(),
-        })
+        }
     }
 
     pub fn address(&self) -> Address {

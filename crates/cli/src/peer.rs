@@ -318,8 +318,18 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     std::fs::write(dir.join(TICKET_FILE), format!("{}\n", ticket.encode()))
         .with_context(|| format!("writing into {}", dir.display()))?;
     let chain_path = dir.join(CHAIN_FILE);
-    let mut chain = peer::audit::ChainWriter::create(&chain_path)
-        .with_context(|| format!("making {}", chain_path.display()))?;
+    // A chain already there (this peer ran before: it stopped, crashed, or the run was
+    // extended) is replayed, and the peer goes on from its last version.
+    let (mut chain, resumed) = if chain_path.exists() {
+        let resumed = resume(&setup, &chain_path)?;
+        let writer = peer::audit::ChainWriter::resume(&chain_path, resumed.whole_bytes)
+            .with_context(|| format!("opening {}", chain_path.display()))?;
+        (writer, Some(resumed))
+    } else {
+        let writer = peer::audit::ChainWriter::create(&chain_path)
+            .with_context(|| format!("making {}", chain_path.display()))?;
+        (writer, None)
+    };
     let relay = ticket.relay.clone();
     let addrs = ticket.addrs()?;
     let listen = args
@@ -373,7 +383,25 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 .map_or(String::new(), |r| format!(", relay {}", r.url))
         );
         println!("version  round  proposer  accepted  holdout loss  paths (direct/relayed)  seconds");
-        let node = setup.node(0, Behaviour::Honest, Timings::default())?;
+        let node = match resumed {
+            Some(r) => {
+                println!(
+                    "resumed at version {}: {} replayed from version 0",
+                    r.replica.version(),
+                    chain_path.display()
+                );
+                peer::Node::resume(
+                    key.clone(),
+                    setup.spec.clone(),
+                    r.replica,
+                    r.tail,
+                    Timings::default(),
+                    Behaviour::Honest,
+                )?
+            }
+            None => setup.node(0, Behaviour::Honest, Timings::default())?,
+        };
+        let mut stored = node.replica().version();
         let mut backend = setup.prepared.model.open_empty(&args.device, Purpose::Train)?;
         let s = setup.clone();
         let train: mesh::drive::Train = Box::new(move |unit, base| {
@@ -420,17 +448,17 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         };
         let board = dashboard.clone();
         let reached = reached.clone();
-        let mut stored = 0usize;
         let s = setup.clone();
         let on_version: mesh::drive::OnVersion = Box::new(move |node| {
             // Every height certified since the last call (a peer catching up certifies
             // several at once), stored before it is shown.
-            for c in &node.chain()[stored.min(node.chain().len())..] {
+            let from = stored;
+            for c in node.chain().iter().filter(|c| c.decision.height.0 > from) {
                 if let Err(e) = chain.append(c) {
                     eprintln!("error: storing height {}: {e}", c.decision.height.0);
                 }
+                stored = c.decision.height.0;
             }
-            stored = node.chain().len();
             let Some(c) = node.chain().last() else {
                 return;
             };
@@ -646,4 +674,42 @@ pub(crate) fn verify_chain(
         );
     }
     Ok(())
+}
+
+/// A peer's chain file replayed: the version it reaches, its newest heights (for
+/// members that catch up), and how much of the file was whole heights.
+struct Resumed {
+    replica: peer::Replica,
+    tail: Vec<peer::Certified>,
+    whole_bytes: u64,
+}
+
+/// Replays the chain file at `path` from the run's version 0 (every certificate and
+/// value checked, as `ledger verify --chain` does); a last height cut short by a crash
+/// is dropped.
+fn resume(setup: &Setup, path: &Path) -> anyhow::Result<Resumed> {
+    use peer::audit::{AuditError, CUT_SHORT};
+    let mut reader = peer::audit::read_chain(path, setup.spec.update_bytes())?;
+    let mut tail: std::collections::VecDeque<peer::Certified> = std::collections::VecDeque::new();
+    let whole = reader.by_ref().map_while(|height| match height {
+        Err(AuditError::File(why)) if why.starts_with(CUT_SHORT) => None,
+        other => Some(other),
+    });
+    let audited = peer::audit::replay(&setup.spec, setup.genesis.clone(), whole, |c, _| {
+        if tail.len() == peer::node::CHAIN_MAX {
+            tail.pop_front();
+        }
+        tail.push_back(c.clone());
+    })
+    .with_context(|| {
+        format!(
+            "{} is not this run's chain: move it away, or pass another --dir",
+            path.display()
+        )
+    })?;
+    Ok(Resumed {
+        replica: audited.replica,
+        tail: tail.into(),
+        whole_bytes: reader.whole_bytes(),
+    })
 }

@@ -11,7 +11,7 @@
 //! A chain file ([`ChainWriter`], [`read_chain`]) is each certified height in turn, as
 //! a peer sends it to one that catches up (`crate::wire`), length first.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 use agree::Committee;
@@ -117,6 +117,15 @@ impl ChainWriter {
         Ok(ChainWriter { file })
     }
 
+    /// The chain file at `path`, cut to its first `len` bytes (what [`ChainReader`] read
+    /// whole: a height cut short by a crash goes), to append to.
+    pub fn resume(path: &Path, len: u64) -> std::io::Result<ChainWriter> {
+        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(len)?;
+        file.seek(std::io::SeekFrom::End(0))?;
+        Ok(ChainWriter { file })
+    }
+
     /// Writes one height and flushes it to the file.
     pub fn append(&mut self, certified: &Certified) -> std::io::Result<()> {
         let bytes = crate::wire::to_bytes(&Message::Chain(vec![certified.clone()]));
@@ -127,51 +136,91 @@ impl ChainWriter {
 }
 
 /// The heights of a chain file, in order, each read (and bounded: `update_max` bytes an
-/// update, `wire::MESSAGE_BYTES_MAX` a height) only when the one before was checked.
-pub fn read_chain(
-    path: &Path,
+/// update, `wire::MESSAGE_BYTES_MAX` a height) only when the one before was checked. A
+/// height cut short ends it with an error saying so (`cut short`).
+pub struct ChainReader {
+    file: std::io::BufReader<std::fs::File>,
     update_max: usize,
-) -> Result<impl Iterator<Item = Result<Certified, AuditError>>, AuditError> {
-    let io = |e: std::io::Error| AuditError::File(format!("{}: {e}", path.display()));
-    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
-    let mut magic = [0u8; 16];
-    file.read_exact(&mut magic).map_err(io)?;
-    if &magic != MAGIC {
-        return Err(AuditError::File(format!(
-            "{} is not a hivetrain chain file",
-            path.display()
-        )));
-    }
-    let mut done = false;
-    Ok(std::iter::from_fn(move || {
-        if done {
-            return None;
+    /// Bytes of the file read as whole heights (the magic included).
+    whole: u64,
+    done: bool,
+}
+
+impl ChainReader {
+    pub fn open(path: &Path, update_max: usize) -> Result<ChainReader, AuditError> {
+        let io = |e: std::io::Error| AuditError::File(format!("{}: {e}", path.display()));
+        let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+        let mut magic = [0u8; 16];
+        file.read_exact(&mut magic).map_err(io)?;
+        if &magic != MAGIC {
+            return Err(AuditError::File(format!(
+                "{} is not a hivetrain chain file",
+                path.display()
+            )));
         }
+        Ok(ChainReader {
+            file,
+            update_max,
+            whole: MAGIC.len() as u64,
+            done: false,
+        })
+    }
+
+    /// Bytes read as whole heights so far.
+    pub fn whole_bytes(&self) -> u64 {
+        self.whole
+    }
+
+    fn next_height(&mut self) -> Option<Result<Certified, AuditError>> {
         let mut len = [0u8; 8];
-        match file.read_exact(&mut len) {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-            Err(e) => {
-                done = true;
-                return Some(Err(AuditError::File(e.to_string())));
+        match self.file.read_exact(&mut len) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // Nothing, or part of a length: the end (a part is a height cut short).
+                return match self.file.get_ref().metadata() {
+                    Ok(m) if m.len() > self.whole => Some(Err(AuditError::File(CUT_SHORT.into()))),
+                    _ => None,
+                };
             }
+            Err(e) => return Some(Err(AuditError::File(e.to_string()))),
             Ok(()) => {}
         }
         let n = u64::from_le_bytes(len);
-        let item = (|| {
-            if n > crate::wire::MESSAGE_BYTES_MAX as u64 {
-                return Err(AuditError::File(format!("a height of {n} bytes")));
+        if n > crate::wire::MESSAGE_BYTES_MAX as u64 {
+            return Some(Err(AuditError::File(format!("a height of {n} bytes"))));
+        }
+        let mut bytes = vec![0u8; n as usize];
+        if let Err(e) = self.file.read_exact(&mut bytes) {
+            return Some(Err(AuditError::File(format!("{CUT_SHORT}: {e}"))));
+        }
+        match crate::wire::from_bytes(&bytes, self.update_max) {
+            Ok(Message::Chain(mut heights)) if heights.len() == 1 => {
+                self.whole += 8 + n;
+                Some(Ok(heights.pop().expect("one")))
             }
-            let mut bytes = vec![0u8; n as usize];
-            file.read_exact(&mut bytes)
-                .map_err(|e| AuditError::File(format!("cut short: {e}")))?;
-            match crate::wire::from_bytes(&bytes, update_max) {
-                Ok(Message::Chain(mut heights)) if heights.len() == 1 => {
-                    Ok(heights.pop().expect("one"))
-                }
-                _ => Err(AuditError::File("a height that does not decode".into())),
-            }
-        })();
-        done = item.is_err();
-        Some(item)
-    }))
+            _ => Some(Err(AuditError::File(
+                "a height that does not decode".into(),
+            ))),
+        }
+    }
+}
+
+/// What a chain file's last height says when a crash cut it short.
+pub const CUT_SHORT: &str = "cut short";
+
+impl Iterator for ChainReader {
+    type Item = Result<Certified, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = self.next_height();
+        self.done = !matches!(item, Some(Ok(_)));
+        item
+    }
+}
+
+/// The heights of the chain file at `path` ([`ChainReader`]).
+pub fn read_chain(path: &Path, update_max: usize) -> Result<ChainReader, AuditError> {
+    ChainReader::open(path, update_max)
 }

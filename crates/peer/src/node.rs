@@ -38,6 +38,11 @@ const FUTURE_MAX: usize = 16;
 /// Most certified heights one chain message carries.
 pub const CHAIN_MAX: usize = 64;
 
+/// Bytes of certified heights a peer keeps in memory (their updates, mostly), at most:
+/// the oldest go first, the last always stays. A member further behind than that
+/// resumes from a chain file (its own, or anyone's: `hivetrain peer join` replays it).
+pub const CHAIN_KEEP_BYTES: usize = 4 * crate::wire::MESSAGE_BYTES_MAX;
+
 /// Bytes of certified chain a peer sends one member while it is on one height, at most
 /// (one full chain message): a member catching up gains up to a message's worth of
 /// heights for every height the run makes, and one that asks again and again gets no
@@ -166,7 +171,11 @@ pub struct Node {
     future: Vec<(agree::Message, Vec<Arc<Vec<u8>>>)>,
     /// Proposals of this height waiting for updates they name (asked for with `Want`).
     waiting: Vec<agree::Message>,
+    /// The newest certified heights (at most [`CHAIN_KEEP_BYTES`] of them, and at least
+    /// the last): what this peer serves to members that catch up. The driver keeps all
+    /// of them (a chain file).
     chain: Vec<Certified>,
+    chain_bytes: usize,
     /// The heights a chain was asked for (once each).
     asked: BTreeSet<u64>,
     /// Members proven to have signed two values for one slot.
@@ -193,16 +202,36 @@ impl Node {
         timings: Timings,
         behaviour: Behaviour,
     ) -> Result<Node, PeerError> {
+        Node::resume(key, spec, genesis, Vec::new(), timings, behaviour)
+    }
+
+    /// A member of the run at `replica` (a version replayed from a chain file:
+    /// `crate::audit`), holding `chain`, the newest certified heights up to it, to serve
+    /// to members that catch up.
+    pub fn resume(
+        key: SigningKey,
+        spec: Arc<RunSpec>,
+        replica: Replica,
+        mut chain: Vec<Certified>,
+        timings: Timings,
+        behaviour: Behaviour,
+    ) -> Result<Node, PeerError> {
         let keys: Vec<_> = spec
             .members
             .iter()
             .filter_map(|m| ed25519_dalek::VerifyingKey::from_bytes(&m.0).ok())
             .collect();
-        let committee = Committee::new(&keys)
+        Committee::new(&keys)
             .filter(|c| c.len() == spec.members.len())
             .ok_or(PeerError::Invalid("the members are not a committee"))?;
-        let agree = agree::Peer::new(key.clone(), committee.clone(), spec.settings.seed)
-            .ok_or(PeerError::Invalid("this key is not a member"))?;
+        if !spec.members.contains(&WorkerId::of(&key)) {
+            return Err(PeerError::Invalid("this key is not a member"));
+        }
+        let committee = replica.committee(&spec)?;
+        let agree = agree::Peer::following(key.clone(), committee.clone(), spec.settings.seed);
+        chain.retain(|c| c.decision.height.0 <= replica.version());
+        let mut chain_bytes = chain.iter().map(certified_bytes).sum();
+        trim_chain(&mut chain, &mut chain_bytes);
         Ok(Node {
             id: WorkerId::of(&key),
             key,
@@ -211,14 +240,15 @@ impl Node {
             agree,
             timings,
             behaviour,
-            replica: genesis,
+            replica,
             pool: Vec::new(),
             early: Vec::new(),
             executed: BTreeMap::new(),
             building: None,
             future: Vec::new(),
             waiting: Vec::new(),
-            chain: Vec::new(),
+            chain,
+            chain_bytes,
             asked: BTreeSet::new(),
             equivocators: BTreeSet::new(),
             evidence: Vec::new(),
@@ -248,7 +278,8 @@ impl Node {
         &self.replica
     }
 
-    /// The certified heights, in order.
+    /// The newest certified heights this peer keeps, in order (all of a short run; at
+    /// most [`CHAIN_KEEP_BYTES`] of a long one).
     pub fn chain(&self) -> &[Certified] {
         &self.chain
     }
@@ -381,7 +412,7 @@ impl Node {
                 let chain: Vec<_> = self
                     .chain
                     .iter()
-                    .skip(height.saturating_sub(1) as usize)
+                    .skip_while(|c| c.decision.height.0 < height)
                     .take(CHAIN_MAX)
                     .take_while(|c| {
                         size += certified_bytes(c);
@@ -772,7 +803,9 @@ impl Node {
         out: &mut Vec<Out>,
     ) -> Result<(), PeerError> {
         self.replica = executed.replica;
+        self.chain_bytes += certified_bytes(&certified);
         self.chain.push(certified);
+        trim_chain(&mut self.chain, &mut self.chain_bytes);
         let (replica, spec) = (&self.replica, &self.spec);
         self.evidence.retain(|e| replica.culprit(spec, e).is_some());
         self.executed.clear();
@@ -819,6 +852,16 @@ impl Node {
             .into_iter()
             .collect()
     }
+}
+
+/// Drops the oldest heights past [`CHAIN_KEEP_BYTES`], keeping the last.
+fn trim_chain(chain: &mut Vec<Certified>, bytes: &mut usize) {
+    let mut drop = 0;
+    while *bytes > CHAIN_KEEP_BYTES && drop + 1 < chain.len() {
+        *bytes -= certified_bytes(&chain[drop]);
+        drop += 1;
+    }
+    chain.drain(..drop);
 }
 
 /// What a certified height takes in a chain message, at most.

@@ -271,6 +271,73 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
     let (ok, text) = verify(&tampered);
     assert!(!ok, "a tampered chain verified:\n{text}");
     assert!(text.contains("the chain is not the run's"), "{text}");
+
+    // The creator extends the run to 5 versions: every member resumes from its chain,
+    // one of them from a chain whose last height a crash cut short (it replays 2 and
+    // catches up on 3 from the others).
+    let bytes = std::fs::read(sandbox.path("peer1/chain.bin")).expect("read");
+    std::fs::write(sandbox.path("peer1/chain.bin"), &bytes[..bytes.len() - 50]).expect("cut");
+    let mut more = hivetrain(&sandbox);
+    more.args(["peer", "ticket", "--versions", "5", "--local-steps", "4"]);
+    more.args(["--relay", &relay_ref, "--out", "more.ticket"]);
+    for (i, key) in keys.iter().enumerate() {
+        let member = match ports.get(i) {
+            Some(port) => format!("{key}@127.0.0.1:{port}"),
+            None => key.clone(),
+        };
+        more.args(["--member", &member]);
+    }
+    assert!(more.output().expect("peer ticket").status.success());
+    let peers: Vec<Running> = (0..4)
+        .map(|i| {
+            Running(Some(
+                hivetrain(&sandbox)
+                    .args(["peer", "join", "more.ticket", "--device", "cpu:1", "--key"])
+                    .arg(sandbox.path(&format!("k{i}")))
+                    .arg("--dir")
+                    .arg(sandbox.path(&format!("peer{i}")))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("peer join"),
+            ))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let outputs: Vec<String> = peers
+        .into_iter()
+        .map(|p| {
+            let out = p.finish(deadline);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "a resumed peer failed:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            text
+        })
+        .collect();
+    assert!(
+        outputs[1].contains("resumed at version 2"),
+        "{}",
+        outputs[1]
+    );
+    assert!(
+        outputs[0].contains("resumed at version 3"),
+        "{}",
+        outputs[0]
+    );
+    let hashes: Vec<&str> = outputs
+        .iter()
+        .map(|o| final_hash(o).expect("a final hash line"))
+        .collect();
+    assert!(
+        hashes.iter().all(|h| h.starts_with("version 5 hash ")),
+        "{hashes:?}"
+    );
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    let (ok, text) = verify(&sandbox.path("peer1/chain.bin"));
+    assert!(ok && text.contains("ok: 5 certified versions"), "{text}");
 }
 
 /// What a member cannot join with: each case the arguments after `peer join`, and the
