@@ -168,15 +168,7 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
                 Box::new(move |node| {
                     if let Some(c) = node.chain().last() {
                         let round = c.decision.round.as_i64();
-                        let proposer = WorkerId(
-                            node.committee()
-                                .proposer(
-                                    node.spec().settings.seed,
-                                    c.decision.height,
-                                    c.decision.round,
-                                )
-                                .0,
-                        );
+                        let proposer = node.last_proposer().unwrap_or(WorkerId([0; 32]));
                         let _ = tx.send(Certified {
                             version: node.replica().version(),
                             round,

@@ -462,11 +462,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             let Some(c) = node.chain().last() else {
                 return;
             };
-            let proposer = WorkerId(
-                node.committee()
-                    .proposer(node.spec().settings.seed, c.decision.height, c.decision.round)
-                    .0,
-            );
+            let proposer = node.last_proposer().unwrap_or(WorkerId([0; 32]));
             let holdout = s.holdout_loss(node.replica().params());
             let loss = match &holdout {
                 Ok(l) => format!("{l:.4}"),

@@ -142,7 +142,10 @@ fn committee(scenario: &Scenario) -> agree::Committee {
     agree::Committee::new(&keys).expect("distinct keys")
 }
 
-/// The peer (by index) drawn to propose at `height`, `round` of `scenario`.
+/// The peer (by index) drawn to propose at `height`, `round` of `scenario` by the
+/// committee of every member: the draw of every height while each member keeps its seat
+/// (`Replica::seats`: every member works in these scenarios, or is away for fewer than
+/// `SEAT_WINDOW` versions).
 pub fn proposer(scenario: &Scenario, height: u64, round: i64) -> usize {
     let round = u32::try_from(round).map_or(agree::Round::Nil, agree::Round::new);
     let address = committee(scenario).proposer(scenario.seed, agree::Height(height), round);

@@ -176,6 +176,8 @@ pub struct Node {
     /// of them (a chain file).
     chain: Vec<Certified>,
     chain_bytes: usize,
+    /// Who proposed the last certified value (drawn from that height's committee).
+    last_proposer: Option<WorkerId>,
     /// The heights a chain was asked for (once each).
     asked: BTreeSet<u64>,
     /// Members proven to have signed two values for one slot.
@@ -249,6 +251,7 @@ impl Node {
             waiting: Vec::new(),
             chain,
             chain_bytes,
+            last_proposer: None,
             asked: BTreeSet::new(),
             equivocators: BTreeSet::new(),
             evidence: Vec::new(),
@@ -282,6 +285,11 @@ impl Node {
     /// most [`CHAIN_KEEP_BYTES`] of a long one).
     pub fn chain(&self) -> &[Certified] {
         &self.chain
+    }
+
+    /// Who proposed the last certified value, if any since this peer started.
+    pub fn last_proposer(&self) -> Option<WorkerId> {
+        self.last_proposer
     }
 
     /// Members this peer holds a proof of equivocation against.
@@ -802,6 +810,11 @@ impl Node {
         certified: Certified,
         out: &mut Vec<Out>,
     ) -> Result<(), PeerError> {
+        let d = &certified.decision;
+        let proposer = self
+            .committee
+            .proposer(self.spec.settings.seed, d.height, d.round);
+        self.last_proposer = Some(WorkerId(proposer.0));
         self.replica = executed.replica;
         self.chain_bytes += certified_bytes(&certified);
         self.chain.push(certified);
