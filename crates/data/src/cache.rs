@@ -99,7 +99,13 @@ pub fn load_or_build(
         source,
     };
     std::fs::create_dir_all(cache_dir).map_err(write_err)?;
-    let tmp = cache_path.with_extension("tokens.tmp");
+    // A name of this process's own: processes sharing a cache (workers or peers on one
+    // machine) that tokenize at once each rename a whole file into place, and the last
+    // wins; with one shared name, one renamed the other's half-written file, or found it
+    // gone.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_path.with_extension(format!("tokens.{}.{unique}.tmp", std::process::id()));
     std::fs::write(&tmp, &out).map_err(write_err)?;
     std::fs::rename(&tmp, &cache_path).map_err(write_err)?;
     Ok(CorpusTokens {
@@ -131,5 +137,40 @@ fn parse(bytes: &[u8], corpus_hash: &[u8; 32], tokenizer_hash: &[u8; 32]) -> Opt
                 .collect(),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers that tokenize one corpus into one cache at once all get its tokens, and
+    /// leave one cache file and nothing half-written.
+    #[test]
+    fn writers_racing_on_one_cache_all_succeed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(
+            &corpus,
+            "the quick brown fox jumps over the lazy dog. ".repeat(100_000),
+        )
+        .expect("write");
+        let tokenizer = crate::TextTokenizer::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer.json"),
+        )
+        .expect("tokenizer");
+        let cache = dir.path().join("cache");
+        let tokens: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_build(&corpus, &tokenizer, &cache)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("tokens").tokens)
+                .collect()
+        });
+        assert!(tokens.iter().all(|t| *t == tokens[0] && !t.is_empty()));
+        let files: Vec<_> = std::fs::read_dir(&cache).expect("dir").collect();
+        assert_eq!(files.len(), 1, "{files:?}");
     }
 }
