@@ -63,8 +63,10 @@ pub fn ensure_gguf_in(dir: &Path) -> Result<PathBuf, FetchError> {
         path: dir.to_owned(),
         source,
     })?;
-    // Written beside the target and renamed, so a cache never holds half a file.
-    let tmp = path.with_extension("gguf.part");
+    // Written beside the target and renamed, so a cache never holds half a file; under
+    // a name of this process's own, so two processes fetching at once do not rename
+    // each other's file.
+    let tmp = path.with_extension(format!("gguf.{}.part", std::process::id()));
     std::fs::write(&tmp, &gguf).map_err(|source| FetchError::Io {
         path: tmp.clone(),
         source,
