@@ -23,6 +23,8 @@ struct Certified {
     round: i64,
     proposer: WorkerId,
     accepted: usize,
+    /// What the run's re-runs found up to this version.
+    checks: peer::Tally,
     params: Arc<Vec<f32>>,
     at: Instant,
 }
@@ -71,7 +73,6 @@ pub(crate) fn for_peers(
     config.schedule.min_updates = 1;
     config.schedule.max_staleness = 0;
     config.scoring.enabled = false;
-    config.spot_check.enabled = false;
     config
 }
 
@@ -109,6 +110,7 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
         members,
         keys,
         cache.path(),
+        engine::cpu_class(),
     )?);
     let names: std::collections::BTreeMap<WorkerId, String> = setup
         .keys
@@ -125,7 +127,7 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
         setup.config.preset, steps, setup.config.batch, setup.config.outer
     );
     println!(
-        "each version: every peer re-executes the proposer's value (its updates, accepted units, version hash) before it votes; more than two thirds certify it\n"
+        "each version: every peer re-executes the proposer's value (its updates, accepted units, version hash) before it votes; more than two thirds certify it; sampled units are trained again by another peer and compared bit for bit\n"
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,6 +176,7 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
                             round,
                             proposer,
                             accepted: c.decision.value.accepted.len(),
+                            checks: node.replica().tally(),
                             params: node.replica().params().clone(),
                             at: Instant::now(),
                         });
@@ -200,10 +203,11 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
     });
     // The table, from peer 0's certified versions (computed after the run: the holdout
     // loss is this demo's, not the peers').
-    println!("version  round  proposer  accepted  holdout loss  seconds");
+    println!("version  round  proposer  accepted  re-runs ok/failed  holdout loss  seconds");
     println!(
-        "{:>7}  {:>5}  {:>8}  {:>8}  {:>12.4}  {:>7}",
+        "{:>7}  {:>5}  {:>8}  {:>8}  {:>17}  {:>12.4}  {:>7}",
         0,
+        "-",
         "-",
         "-",
         "-",
@@ -213,11 +217,12 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
     let mut last = None;
     for c in rx.iter() {
         println!(
-            "{:>7}  {:>5}  {:>8}  {:>8}  {:>12.4}  {:>7.2}",
+            "{:>7}  {:>5}  {:>8}  {:>8}  {:>17}  {:>12.4}  {:>7.2}",
             c.version,
             c.round,
             names.get(&c.proposer).map_or("?", String::as_str),
             c.accepted,
+            format!("{}/{}", c.checks.matched, c.checks.failed),
             setup.holdout_loss(&c.params)?,
             c.at.duration_since(started).as_secs_f64()
         );
@@ -225,7 +230,7 @@ pub(crate) fn run(args: P2pArgs) -> anyhow::Result<()> {
     }
     let finished = finished?;
     println!(
-        "\nevery peer's view (credit: micro-credits minted by the accepted updates of the certified chain):"
+        "\nevery peer's view (credit: micro-credits minted by the accepted updates and re-runs of the certified chain):"
     );
     for (node, traffic) in &finished {
         let credit: Vec<String> = node

@@ -72,6 +72,12 @@ pub(crate) struct TicketArgs {
     /// Write the ticket to this file (default: standard output).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The members' CPU determinism class (default: this machine's, which `hivetrain
+    /// peer id` prints on each member's). Sampled units are re-run by other members and
+    /// compared bit for bit; for members of several classes, pass
+    /// --spot-check-tolerance with the measured difference between classes (0.15).
+    #[arg(long)]
+    class: Option<String>,
     #[command(flatten)]
     run: RunFlags,
 }
@@ -142,6 +148,10 @@ pub(crate) fn run(command: PeerCommand) -> anyhow::Result<()> {
         PeerCommand::Id { key } => {
             let (key, path) = load_key(key, true)?;
             eprintln!("your key file: {}", path.display());
+            eprintln!(
+                "your CPU determinism class (the run's creator passes it to `peer ticket --class` when members differ from its machine): {}",
+                engine::cpu_class()
+            );
             println!("{}", WorkerId::of(&key));
             Ok(())
         }
@@ -224,6 +234,7 @@ fn ticket(args: TicketArgs) -> anyhow::Result<()> {
         config,
         versions: args.versions,
         members,
+        class: args.class.unwrap_or_else(engine::cpu_class),
         relay: args
             .relay
             .as_deref()
@@ -297,6 +308,17 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     };
     // Says what is missing (no driver, an old GPU) before anything else.
     engine::resolve_device(&args.device)?;
+    let spot = &ticket.config.spot_check;
+    let class = engine::cpu_class();
+    if spot.enabled && class != ticket.class && spot.tolerance < spot.cross_class_tolerance {
+        bail!(
+            "this machine's CPU determinism class is {class}, and run {} is for {}: its re-runs compare units within {} (bit for bit at 0), so your honest units would fail their checks. Ask the run's creator for a ticket made with `--class {class}` if every member has this class, or with `--spot-check-tolerance {}` for members of several",
+            ticket.run_id(),
+            ticket.class,
+            spot.tolerance,
+            spot.cross_class_tolerance
+        );
+    }
     let cache = paths::cache_dir(args.cache_dir.as_deref()).join("peer");
     let setup = std::sync::Arc::new(run_setup(
         &ticket,
@@ -420,6 +442,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 relay: ticket.relay.as_ref().map(|r| r.url.clone()),
                 members: crate::peer_dashboard::members_view(&setup.spec.members),
                 history: Vec::new(),
+                reruns: Default::default(),
             },
             paths.clone(),
             me,
@@ -616,6 +639,7 @@ fn run_setup(
         ticket.member_ids()?,
         keys,
         cache,
+        ticket.class.clone(),
     )?)
 }
 

@@ -45,6 +45,18 @@ pub(crate) struct PeerView {
     pub relay: Option<String>,
     pub members: Vec<MemberView>,
     pub history: Vec<VersionRow>,
+    /// What the run's re-runs found, as the certified chain has it.
+    pub reruns: Reruns,
+}
+
+/// Re-runs of sampled units by other members (`peer::Tally`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct Reruns {
+    pub matched: u64,
+    pub failed: u64,
+    pub disputed: u64,
+    pub refuted: u64,
+    pub waiting: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -54,6 +66,8 @@ pub(crate) struct MemberView {
     pub path: String,
     pub credit_micros: u64,
     pub punished: bool,
+    /// A unit of its failed a re-run (its credit for it clawed back).
+    pub caught: bool,
 }
 
 /// What the handlers share: the view the peer updates at every version, and the live
@@ -69,6 +83,7 @@ pub(crate) struct Dashboard {
     loss: Gauge<f64, AtomicU64>,
     path: Family<Vec<(&'static str, String)>, Gauge>,
     credit: Family<Vec<(&'static str, String)>, Gauge>,
+    reruns: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl Dashboard {
@@ -99,8 +114,15 @@ impl Dashboard {
             "Micro-credits the certified chain mints each member",
             credit.clone(),
         );
+        let reruns = Family::default();
+        registry.register(
+            "reruns",
+            "Re-runs of sampled units by other members, by outcome (matched, failed, disputed, refuted), over the certified chain",
+            reruns.clone(),
+        );
         Dashboard {
             view: Mutex::new(view),
+            reruns,
             paths,
             me,
             members,
@@ -123,9 +145,28 @@ impl Dashboard {
             let id = WorkerId::parse(&m.id).unwrap_or(WorkerId([0; 32]));
             m.credit_micros = replica.credit().get(&id).copied().unwrap_or(0);
             m.punished = replica.punished().contains(&id);
+            m.caught = replica.caught().contains(&id);
             self.credit
                 .get_or_create(&vec![("member", short(&id))])
                 .set(m.credit_micros as i64);
+        }
+        let t = replica.tally();
+        view.reruns = Reruns {
+            matched: t.matched,
+            failed: t.failed,
+            disputed: t.disputed,
+            refuted: t.refuted,
+            waiting: replica.checks_waiting(),
+        };
+        for (outcome, n) in [
+            ("matched", t.matched),
+            ("failed", t.failed),
+            ("disputed", t.disputed),
+            ("refuted", t.refuted),
+        ] {
+            self.reruns
+                .get_or_create(&vec![("outcome", outcome.to_owned())])
+                .set(n as i64);
         }
         self.version.set(replica.version() as i64);
         if let Some(loss) = row.holdout_loss {
@@ -207,6 +248,7 @@ pub(crate) fn members_view(members: &[WorkerId]) -> Vec<MemberView> {
             path: "none".into(),
             credit_micros: 0,
             punished: false,
+            caught: false,
         })
         .collect()
 }

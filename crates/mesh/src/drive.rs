@@ -1,9 +1,9 @@
 //! A [`peer::Node`] on a real clock over a [`Transport`]: messages decoded and handed
 //! in, the node's timers kept in order, its units trained on a blocking thread (one at
-//! a time; a unit of a version already left is dropped by the node), its sends encoded
-//! once and queued for each member.
+//! a time, its unit of the round before its check; one the node no longer holds is
+//! dropped before it starts), its sends encoded once and queued for each member.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use peer::{Node, Out, Timer};
@@ -27,8 +27,14 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
-/// Runs `node` over `transport` until its replica reaches version `until` (or the
-/// transport closes). `members` are who a broadcast goes to.
+/// How long a peer that reached its last version stays to answer members still on it
+/// (the updates a proposal names, the chain), training nothing: without it, the last
+/// member to certify may find everyone gone.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Runs `node` over `transport` until its replica reaches version `until`, and
+/// [`LINGER`] after (or until the transport closes). `members` are who a broadcast goes
+/// to.
 pub async fn run<T: Transport>(
     mut node: Node,
     mut transport: T,
@@ -44,8 +50,11 @@ pub async fn run<T: Transport>(
     let mut sequence = 0u64;
     let (trained_tx, mut trained_rx) =
         tokio::sync::mpsc::channel::<(WorkUnit, Result<Vec<f32>, String>, Train)>(1);
-    let mut training: Option<(WorkUnit, Arc<Vec<f32>>)> = None;
+    // At most a unit and a check: what the node holds now.
+    let mut training: VecDeque<(WorkUnit, Arc<Vec<f32>>)> = VecDeque::new();
     let mut busy = false;
+    // When the peer leaves, once it reached `until`.
+    let mut done: Option<Instant> = None;
     let mut outs = node.start()?;
     loop {
         for out in outs.drain(..) {
@@ -69,19 +78,28 @@ pub async fn run<T: Transport>(
                     let at = Instant::now() + std::time::Duration::from_millis(after_ms);
                     timers.insert((at, sequence), timer);
                 }
-                // The newest unit replaces one not yet started.
-                Out::Train { unit, base } => training = Some((unit, base)),
+                Out::Train { unit, base } => {
+                    if !training.iter().any(|(u, _)| *u == unit) {
+                        training.push_back((unit, base));
+                    }
+                }
             }
         }
         if node.replica().version() != version {
             version = node.replica().version();
             on_version(&node);
         }
-        if version >= until {
-            transport.shutdown().await;
-            return Ok((node, traffic));
+        if version >= until && done.is_none() {
+            done = Some(Instant::now() + LINGER);
         }
-        if !busy && let Some((unit, base)) = training.take() {
+        // What the node no longer holds (a version left behind) is not started.
+        let replica = node.replica();
+        training.retain(|(u, _)| {
+            done.is_none()
+                && (replica.unit_of(&node.id()) == Some(u)
+                    || replica.check_of(&node.id()) == Some(u))
+        });
+        if !busy && let Some((unit, base)) = training.pop_front() {
             busy = true;
             let tx = trained_tx.clone();
             let mut job = std::mem::replace(&mut train, Box::new(|_, _| Err("in use".into())));
@@ -97,7 +115,15 @@ pub async fn run<T: Transport>(
                     return Ok((node, traffic));
                 };
                 // A message that does not decode is dropped: a member's bug or a hostile one.
-                if let Ok(message) = peer::wire::from_bytes(&bytes, update_max) {
+                // Once done, the peer only answers: it takes no part in a later height.
+                let message = peer::wire::from_bytes(&bytes, update_max).ok().filter(|m| {
+                    done.is_none()
+                        || matches!(
+                            m,
+                            peer::Message::Want(_) | peer::Message::ChainRequest { .. }
+                        )
+                });
+                if let Some(message) = message {
                     outs = match node.receive(from, message) {
                         Ok(outs) => outs,
                         // What another member sent that the agreement refused (a vote it
@@ -118,8 +144,14 @@ pub async fn run<T: Transport>(
                 let delta = delta.map_err(|e| MeshError::Train(format!("unit {}: {e}", unit.id)))?;
                 outs = node.trained(&unit, &delta, rand::rng().random())?;
             }
+            () = sleep_until(done) => {
+                transport.shutdown().await;
+                return Ok((node, traffic));
+            }
             () = sleep_until(next_timer) => {
-                if let Some(((_, _), timer)) = timers.pop_first() {
+                if let Some(((_, _), timer)) = timers.pop_first()
+                    && done.is_none()
+                {
                     outs = node.timer(timer)?;
                 }
             }

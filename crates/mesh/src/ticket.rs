@@ -29,6 +29,9 @@ pub const TICKET_BYTES_MAX: usize = 256 * 1024;
 /// Addresses one member may list, at most.
 pub const ADDRS_MAX: usize = 8;
 
+/// Longest determinism class a ticket names (`engine::cpu_class()` is about 120 bytes).
+pub const CLASS_BYTES_MAX: usize = 512;
+
 /// A file of the run, by name (a hint for people) and by BLAKE3 hash (what counts).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRef {
@@ -74,6 +77,11 @@ pub struct Ticket {
     /// Versions to certify; a peer stops at the last.
     pub versions: u64,
     pub members: Vec<Member>,
+    /// The run's determinism class (`engine::cpu_class()` of the machines it is for):
+    /// sampled units are re-run by other members and compared within
+    /// `config.spot_check.tolerance`, so a member of another class joins only a run whose
+    /// tolerance covers the difference between classes.
+    pub class: String,
     /// The relay every member keeps a connection to (`hivetrain relay`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayRef>,
@@ -142,6 +150,12 @@ impl Ticket {
         }
         if self.versions == 0 {
             return invalid("it certifies no versions".into());
+        }
+        if self.class.is_empty() || self.class.len() > CLASS_BYTES_MAX {
+            return invalid(format!(
+                "its determinism class is {} bytes: 1 to {CLASS_BYTES_MAX}",
+                self.class.len()
+            ));
         }
         for file in [&self.corpus, &self.tokenizer] {
             if file.blake3.len() != 64 || hex::decode(&file.blake3).is_err() {
@@ -223,6 +237,7 @@ mod tests {
             tokenizer: FileRef::of("tokenizer.json", b"{}"),
             versions: 3,
             members,
+            class: "cpu/test".into(),
             relay: Some(RelayRef::url_only("http://127.0.0.1:3340")),
         }
     }
@@ -257,6 +272,11 @@ mod tests {
                 "twice",
             ),
             (Box::new(|t| t.members[1].id = "abc".into()), "public key"),
+            (Box::new(|t| t.class.clear()), "determinism class"),
+            (
+                Box::new(|t| t.class = "c".repeat(CLASS_BYTES_MAX + 1)),
+                "determinism class",
+            ),
             (
                 Box::new(|t| t.members[0].addrs = vec![t.members[0].addrs[0]; ADDRS_MAX + 1]),
                 "addresses",

@@ -14,7 +14,7 @@ pub mod replica;
 pub mod wire;
 
 pub use node::{Behaviour, Certified, Message, Node, Out, Timer, Timings};
-pub use replica::{Executed, Replica, RunSpec, SEAT_WINDOW, version_hash};
+pub use replica::{Executed, Replica, RunSpec, SEAT_WINDOW, Tally, version_hash};
 
 /// Why a peer's step failed.
 #[derive(Debug, thiserror::Error)]

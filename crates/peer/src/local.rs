@@ -78,6 +78,10 @@ pub struct PeerReport {
     pub equivocators: Vec<usize>,
     /// The peers (by index) its certified chain punished for equivocating.
     pub punished: Vec<usize>,
+    /// What the run's re-runs found, as its replica counts them.
+    pub checks: crate::replica::Tally,
+    /// The peers (by index) whose unit failed a re-run.
+    pub caught: Vec<usize>,
 }
 
 /// A local run's outcome.
@@ -100,8 +104,8 @@ pub struct Report {
 }
 
 /// The run every local scenario trains: the tiny model on `corpus`, every member one
-/// unit a round, scoring and re-runs off (every member re-executes every update's
-/// checks and the aggregate instead).
+/// unit a round, scoring off (every member re-executes every update's checks and the
+/// aggregate instead), re-runs on (sampled units re-run by other members, bit for bit).
 pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> CoordinatorConfig {
     let mut c = CoordinatorConfig {
         preset: "tiny".into(),
@@ -114,7 +118,6 @@ pub fn config(scenario: &Scenario, corpus: &Path, tokenizer: &Path) -> Coordinat
         ..CoordinatorConfig::default()
     };
     c.scoring.enabled = false;
-    c.spot_check.enabled = false;
     let s = &mut c.schedule;
     s.units_per_round = scenario.peers as u32;
     s.min_updates = 1;
@@ -193,15 +196,24 @@ impl Setup {
     ) -> Result<Setup, PeerError> {
         let keys: Vec<_> = (0..scenario.peers).map(|i| key(scenario.seed, i)).collect();
         let members = keys.iter().map(WorkerId::of).collect();
-        Setup::from_config(config(scenario, corpus, tokenizer), members, keys, cache)
+        Setup::from_config(
+            config(scenario, corpus, tokenizer),
+            members,
+            keys,
+            cache,
+            engine::cpu_class(),
+        )
     }
 
-    /// The run `config` describes among `members`, with a peer of each of `keys` here.
+    /// The run `config` describes among `members` of determinism class `class`, with a
+    /// peer of each of `keys` here. Sampled units (`config.spot_check`) are re-run by
+    /// members, never by a driver of its own.
     pub fn from_config(
         config: CoordinatorConfig,
         mut members: Vec<WorkerId>,
         keys: Vec<SigningKey>,
         cache: &Path,
+        class: String,
     ) -> Result<Setup, PeerError> {
         config
             .check()
@@ -211,13 +223,20 @@ impl Setup {
         let n_params = spec_model.trainable_len();
         let step_tokens = config.batch as u64 * prepared.seq as u64;
         members.sort();
+        let mut settings = runner::core::settings(
+            &config,
+            n_params as u32,
+            step_tokens,
+            spec_model.train_flops_per_token(),
+        );
+        settings.replicas = run::ReplicaRules {
+            replicate: true,
+            wait_ms: u64::MAX,
+            checker_class: class.clone(),
+            own_reruns: false,
+        };
         let spec = Arc::new(RunSpec {
-            settings: runner::core::settings(
-                &config,
-                n_params as u32,
-                step_tokens,
-                spec_model.train_flops_per_token(),
-            ),
+            settings,
             schedule: config.schedule,
             outer: config.outer,
             combine: config.combine,
@@ -225,6 +244,7 @@ impl Setup {
             codec: config.codec,
             n_params,
             members,
+            class,
         });
         let genesis = Replica::genesis(&spec, prepared.initial.clone())?;
         Ok(Setup {
@@ -404,7 +424,17 @@ pub fn run(
                     if let Message::Update(bytes) = &message
                         && let Ok(u) = protocol::SignedUpdate::parse(bytes, &spec.limits)
                     {
-                        let height = u.header.base_version as usize + 1;
+                        // A re-run counts toward the height it is sent in, not its base's.
+                        let replica = nodes[to].replica();
+                        let check = replica
+                            .check_of(&u.header.worker)
+                            .is_some_and(|c| c.id == u.header.work_unit);
+                        let base = if check {
+                            replica.version()
+                        } else {
+                            u.header.base_version
+                        };
+                        let height = base as usize + 1;
                         if last_update.len() <= height {
                             last_update.resize(height + 1, 0);
                         }
@@ -460,6 +490,13 @@ pub fn run(
             punished: n
                 .replica()
                 .punished()
+                .iter()
+                .filter_map(|w| index.get(w).copied())
+                .collect(),
+            checks: n.replica().tally(),
+            caught: n
+                .replica()
+                .caught()
                 .iter()
                 .filter_map(|w| index.get(w).copied())
                 .collect(),

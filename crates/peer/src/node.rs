@@ -129,6 +129,12 @@ pub enum Behaviour {
     /// Sends its update to every member but the height's first proposer, so that
     /// proposer's value leaves it out and the others refuse it.
     WithholdsUpdate,
+    /// Sends updates that are not what its training gave (each value 5% larger): a
+    /// plausible update, inside every bound, that only a re-run catches.
+    LiesInTraining,
+    /// Sends re-runs of the units it checks that are not what its training gave (5%
+    /// larger): a false accusation, which a third member's re-run refutes.
+    FalseChecks,
 }
 
 /// How long a peer waits, on the driver's clock.
@@ -163,6 +169,9 @@ pub struct Node {
     pool: Vec<([u8; 32], Arc<Vec<u8>>)>,
     /// Updates that arrived for the next version, held until it is certified.
     early: Vec<Arc<Vec<u8>>>,
+    /// Members' re-runs of checks this replica does not lease (yet), with the version
+    /// they arrived at: at most one a member, each kept two heights.
+    early_checks: Vec<(u64, Arc<Vec<u8>>)>,
     /// Values this peer executed at this height, by id.
     executed: BTreeMap<ValueId, Executed>,
     /// The value asked for by `agree`, while updates are awaited.
@@ -193,6 +202,9 @@ pub struct Node {
     /// updates it sent on `Want` (each once a member; at most members times the pool).
     chain_sent: BTreeMap<WorkerId, usize>,
     wanted: BTreeSet<(WorkerId, [u8; 32])>,
+    /// This peer's last re-run sent (check id, signed bytes): sent again, not trained
+    /// again, while its check is still leased (a proposer left it out of a height).
+    sent_check: Option<(u64, Arc<Vec<u8>>)>,
 }
 
 impl Node {
@@ -245,6 +257,7 @@ impl Node {
             replica,
             pool: Vec::new(),
             early: Vec::new(),
+            early_checks: Vec::new(),
             executed: BTreeMap::new(),
             building: None,
             future: Vec::new(),
@@ -259,6 +272,7 @@ impl Node {
             outbox: Vec::new(),
             chain_sent: BTreeMap::new(),
             wanted: BTreeSet::new(),
+            sent_check: None,
         })
     }
 
@@ -305,16 +319,29 @@ impl Node {
         Ok(out)
     }
 
-    /// This peer's unit is trained: its signed update goes to every peer.
+    /// This peer's unit, or its check, is trained: its signed update goes to every peer.
     pub fn trained(
         &mut self,
         unit: &WorkUnit,
         delta: &[f32],
         nonce: u64,
     ) -> Result<Vec<Out>, PeerError> {
-        if unit.base_version != self.replica.version() {
+        let check = self.replica.check_of(&self.id) == Some(unit);
+        if self.replica.unit_of(&self.id) != Some(unit) && !check {
             return Ok(Vec::new());
         }
+        let lies = match self.behaviour {
+            Behaviour::LiesInTraining => !check,
+            Behaviour::FalseChecks => check,
+            _ => false,
+        };
+        let lie: Vec<f32>;
+        let delta = if lies {
+            lie = delta.iter().map(|x| x * 1.05).collect();
+            &lie[..]
+        } else {
+            delta
+        };
         let header = UpdateHeader {
             work_unit: unit.id,
             base_version: unit.base_version,
@@ -324,6 +351,9 @@ impl Node {
             n_params: delta.len() as u32,
         };
         let bytes = Arc::new(protocol::encode_update(&header, delta, &self.key));
+        if check {
+            self.sent_check = Some((unit.id, bytes.clone()));
+        }
         self.hold(bytes.clone());
         let mut out = if self.behaviour == Behaviour::WithholdsUpdate {
             let height = agree::Height(self.replica.version() + 1);
@@ -357,12 +387,24 @@ impl Node {
                 }
             }
             Message::Want(addresses) => {
+                // From the round's pool, or the last certified height's updates (a member
+                // still on the height this peer just certified).
+                let last = self.chain.last();
                 for address in addresses
                     .iter()
                     .take(self.spec.members.len() * UPDATES_PER_UNIT_MAX)
                 {
-                    let held = self.pool.iter().find(|(a, _)| a == address);
-                    if let Some((_, bytes)) = held
+                    let held = self
+                        .pool
+                        .iter()
+                        .find(|(a, _)| a == address)
+                        .map(|(_, b)| b)
+                        .or_else(|| {
+                            let c = last?;
+                            let i = c.decision.value.updates.iter().position(|a| a == address)?;
+                            c.updates.get(i)
+                        });
+                    if let Some(bytes) = held
                         && self.wanted.insert((from, *address))
                     {
                         out.push(Out::Send {
@@ -484,7 +526,23 @@ impl Node {
             }
             return false;
         }
-        if !self.replica.expects(&update) || self.pool.iter().any(|(a, _)| *a == update.address) {
+        if !self.replica.expects(&update) {
+            // A member's update on an older version that this replica leases nothing for:
+            // a re-run of a check leased at a height this peer has not certified yet (or
+            // a stale one). Kept for the next two heights, within the bound, and held
+            // again as the peer moves on.
+            let worker = update.header.worker;
+            let member = self.spec.members.contains(&worker);
+            let one = self
+                .early_checks
+                .iter()
+                .any(|(_, b)| worker_of(b, &self.spec) == Some(worker));
+            if member && !one && update.header.base_version < self.replica.version() {
+                self.early_checks.push((self.replica.version(), bytes));
+            }
+            return false;
+        }
+        if self.pool.iter().any(|(a, _)| *a == update.address) {
             return false;
         }
         let same_unit = self
@@ -837,6 +895,16 @@ impl Node {
         for bytes in std::mem::take(&mut self.early) {
             self.hold(bytes);
         }
+        let version = self.replica.version();
+        for (at, bytes) in std::mem::take(&mut self.early_checks) {
+            let expected = validation::inspect(&bytes, &self.spec.limits)
+                .is_ok_and(|u| self.replica.expects(&u));
+            if expected {
+                self.hold(bytes);
+            } else if at + 2 > version {
+                self.early_checks.push((at, bytes));
+            }
+        }
         self.act(actions, out)?;
         let future = std::mem::take(&mut self.future);
         for (message, updates) in future {
@@ -854,16 +922,37 @@ impl Node {
         self.try_build(false, out)
     }
 
-    /// This peer's unit of the round, to train.
-    fn train(&self) -> Vec<Out> {
-        self.replica
+    /// This peer's unit of the round, to train, and its check: to train, or to send
+    /// again if it was trained already.
+    fn train(&mut self) -> Vec<Out> {
+        let mut out: Vec<Out> = self
+            .replica
             .unit_of(&self.id)
             .map(|unit| Out::Train {
                 unit: *unit,
                 base: self.replica.params().clone(),
             })
             .into_iter()
-            .collect()
+            .collect();
+        let Some(check) = self.replica.check_of(&self.id).copied() else {
+            self.sent_check = None;
+            return out;
+        };
+        match self.sent_check.clone() {
+            Some((id, bytes)) if id == check.id => {
+                self.hold(bytes.clone());
+                out.push(Out::Broadcast(Message::Update(bytes)));
+            }
+            _ => {
+                if let Some(base) = self.replica.base_of(check.base_version) {
+                    out.push(Out::Train {
+                        unit: check,
+                        base: base.clone(),
+                    });
+                }
+            }
+        }
+        out
     }
 }
 

@@ -12,7 +12,19 @@
 //! last unit or by the height's timeout tick; its accepted updates are decoded and
 //! aggregated by the run's outer optimizer into the next version; and every member is
 //! leased its unit of the next round. Leases are not agreed on: every peer steps the
-//! same lease requests (each member, in committee order) and so computes the same units.
+//! same lease requests (each member, in an order drawn for the height) and so computes
+//! the same units.
+//!
+//! Re-runs (spot-checks) go through the run core's checks by volunteers
+//! ([`run::replicas`], BOINC's replication): a sampled accepted unit waits for a member
+//! other than its worker, who is leased it under a fresh id beside its own unit, trains
+//! it from the same version and data, and sends the result as an ordinary signed update.
+//! Every peer compares the two payloads itself (bit for bit within the run's class), so
+//! no one takes the checker's word for the distance; a mismatch believes neither and goes
+//! to a third member, whose re-run decides two to one. A failed unit's credit is clawed
+//! back and its worker's trust reset (its next units are all re-run); the checker of a
+//! match, or of an upheld dispute, is paid its check. Until a check is sent, the peer
+//! keeps the checked update's bytes and its version's floats ([`Replica::base_of`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +32,7 @@ use std::sync::Arc;
 use aggregation::{Combine, OuterConfig, WeightedDelta};
 use agree::{Counted, Value};
 use protocol::{SignedUpdate, WorkUnit, WorkerId};
-use run::{Decided, Input, Run};
+use run::{Decided, Input, Run, Sample};
 use scheduler::{Effect, ScheduleConfig, Scheduler};
 
 use crate::PeerError;
@@ -40,6 +52,9 @@ pub struct RunSpec {
     pub n_params: usize,
     /// Who trains and votes, in committee order (by key).
     pub members: Vec<WorkerId>,
+    /// The run's determinism class (the ticket's): every member trains and re-runs as
+    /// one, compared within `settings.checks.tolerance`.
+    pub class: String,
 }
 
 impl RunSpec {
@@ -68,6 +83,42 @@ pub struct Replica {
     punished: BTreeSet<WorkerId>,
     /// The last version each member's update was accepted in (its verified work).
     worked: BTreeMap<WorkerId, u64>,
+    /// The check each member holds (a sampled unit's training inputs under a fresh id),
+    /// beside its unit: at most one a member.
+    checks: BTreeMap<WorkerId, WorkUnit>,
+    /// The accepted updates of units waiting for a check or leased for one (at most
+    /// `run::PENDING_CHECKS_MAX`), to compare the re-runs with.
+    originals: BTreeMap<u64, Original>,
+    /// The floats of the versions those units trained on: what a checker trains from.
+    bases: BTreeMap<u64, Arc<Vec<f32>>>,
+    /// What the run's checks found so far.
+    tally: Tally,
+    /// Workers whose unit failed a check (its credit clawed back).
+    caught: BTreeSet<WorkerId>,
+}
+
+/// An accepted update kept until its check comes.
+#[derive(Clone, Debug)]
+struct Original {
+    bytes: Arc<Vec<u8>>,
+    /// Its tokens: its weight and the base of its credit.
+    weight: u64,
+}
+
+/// What the run's checks found, counted over its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Checks that reproduced their unit (within the run's tolerance).
+    pub matched: u64,
+    /// Units that failed a check: a re-run that did not match and a third that agreed
+    /// with it.
+    pub failed: u64,
+    /// Checks that did not match, sent to a third member.
+    pub disputed: u64,
+    /// Checks a third member's re-run proved false (the checker lied, or erred).
+    pub refuted: u64,
+    /// Micro-credits clawed back from failed units.
+    pub clawed_back: u64,
 }
 
 /// Versions a seat lasts without verified work: past the first `SEAT_WINDOW` versions, a
@@ -126,6 +177,11 @@ impl Replica {
             credit: BTreeMap::new(),
             punished: BTreeSet::new(),
             worked: BTreeMap::new(),
+            checks: BTreeMap::new(),
+            originals: BTreeMap::new(),
+            bases: BTreeMap::new(),
+            tally: Tally::default(),
+            caught: BTreeSet::new(),
         };
         replica.run.step(0, Input::Tick)?;
         replica.lease_all(spec, 1)?;
@@ -149,9 +205,42 @@ impl Replica {
         self.leases.get(worker)
     }
 
-    /// Units leased in the round under way (one a member not punished).
+    /// The check `worker` holds, if any: a sampled unit's training inputs under a fresh
+    /// id, on the version [`Replica::base_of`] gives.
+    pub fn check_of(&self, worker: &WorkerId) -> Option<&WorkUnit> {
+        self.checks.get(worker)
+    }
+
+    /// The floats of `version`, if this replica holds them: the current version, or one a
+    /// leased or waiting check trains on.
+    pub fn base_of(&self, version: u64) -> Option<&Arc<Vec<f32>>> {
+        if version == self.version {
+            Some(&self.params)
+        } else {
+            self.bases.get(&version)
+        }
+    }
+
+    /// Units and checks leased in the round under way (a unit a member not punished, and
+    /// a check a member that holds one): the updates a proposer waits for.
     pub fn units(&self) -> usize {
-        self.leases.len()
+        self.leases.len() + self.checks.len()
+    }
+
+    /// What the run's checks found so far.
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    /// Workers whose unit failed a check.
+    pub fn caught(&self) -> &BTreeSet<WorkerId> {
+        &self.caught
+    }
+
+    /// Checks waiting for a member to take them (all members hold one, or only the
+    /// unit's own worker is free).
+    pub fn checks_waiting(&self) -> usize {
+        self.run.replicas().pending().count()
     }
 
     /// Micro-credits each worker earned, every accepted update's mint summed.
@@ -220,12 +309,16 @@ impl Replica {
         agree::Committee::new(&keys).ok_or(PeerError::Invalid("the seats are not a committee"))
     }
 
-    /// Whether `update` (inspected) is the update of a unit this version leased: what a
-    /// proposer collects and what a member expects a proposal to count.
+    /// Whether `update` (inspected) is the update of a unit this version leased, or of a
+    /// check its sender holds: what a proposer collects and what a member expects a
+    /// proposal to count.
     pub fn expects(&self, update: &validation::Inspected) -> bool {
+        let h = &update.header;
+        let of = |u: &WorkUnit| u.id == h.work_unit && u.base_version == h.base_version;
         self.leases
-            .get(&update.header.worker)
-            .is_some_and(|u| u.id == update.header.work_unit && u.base_version == self.version)
+            .get(&h.worker)
+            .is_some_and(|u| of(u) && u.base_version == self.version)
+            || self.checks.get(&h.worker).is_some_and(of)
     }
 
     /// Executes height `version + 1` on `updates` (signed update bytes, in order): the
@@ -270,13 +363,17 @@ impl Replica {
             let update = validation::inspect(bytes, &spec.limits)
                 .map_err(|_| PeerError::Invalid("a named update is not a signed update"))?;
             value.updates.push(update.address);
+            if let Some(leased) = next.run.check_lease(update.header.work_unit).cloned() {
+                next.replayed(spec, &update, bytes, &leased, start)?;
+                continue;
+            }
             let output = next.run.step(
                 start,
                 Input::Update {
                     update: &update,
                     copy_of: None,
                     score: None,
-                    class: None,
+                    class: Some(&spec.class),
                 },
             )?;
             match output.decided {
@@ -290,6 +387,16 @@ impl Replica {
                         weight: accepted.weight,
                     });
                     next.worked.insert(update.header.worker, self.version + 1);
+                    if accepted.sample == Some(Sample::Replicated) {
+                        next.originals.insert(
+                            accepted.unit,
+                            Original {
+                                bytes: Arc::new(bytes.to_vec()),
+                                weight: accepted.weight,
+                            },
+                        );
+                        next.bases.insert(self.version, self.params.clone());
+                    }
                     if let Some(ledger::Account::Wallet(to)) = accepted.mint.to
                         && !next.punished.contains(&to)
                     {
@@ -326,6 +433,7 @@ impl Replica {
         }
         next.clock_ms = last + 1;
         next.lease_all(spec, next.clock_ms)?;
+        next.forget_checked();
         value.version_hash = next.hash;
         Ok(Executed {
             replica: next,
@@ -375,28 +483,158 @@ impl Replica {
         Ok(true)
     }
 
-    /// Every member asks for work at `now_ms`, in committee order: the units of the
-    /// round on this version.
+    /// Every member asks for work at `now_ms`, in an order drawn from the run's seed and
+    /// the version (so no member is always first to a waiting check, and no worker picks
+    /// its checker): a member that holds no check may be leased one, and is then leased
+    /// its unit of the round on this version as well.
     fn lease_all(&mut self, spec: &RunSpec, now_ms: u64) -> Result<(), PeerError> {
         self.leases.clear();
-        for worker in spec.members.iter().filter(|m| !self.punished.contains(m)) {
-            let output = self.run.step(
-                now_ms,
-                Input::Lease {
-                    worker: *worker,
-                    expected_ms: None,
-                    class: None,
-                },
-            )?;
-            for effect in output.effects {
-                if let Effect::Lease {
+        let run = &self.run;
+        self.checks.retain(|_, u| run.check_lease(u.id).is_some());
+        let n = spec.members.len().max(1);
+        let first = (run::draw(spec.settings.seed, self.version) % n as u64) as usize;
+        for i in 0..n {
+            let worker = spec.members[(first + i) % n];
+            if self.punished.contains(&worker) {
+                continue;
+            }
+            for _ in 0..2 {
+                let output = self.run.step(
+                    now_ms,
+                    Input::Lease {
+                        worker,
+                        expected_ms: None,
+                        class: Some(&spec.class),
+                    },
+                )?;
+                if let Some(Decided::CheckLeased {
                     worker: w, unit, ..
-                } = effect
-                    && w == *worker
+                }) = output.decided
                 {
-                    self.leases.insert(w, unit);
+                    self.checks.insert(w, unit);
+                    // And its unit of the round, with the next request.
+                    continue;
+                }
+                for effect in output.effects {
+                    if let Effect::Lease {
+                        worker: w, unit, ..
+                    } = effect
+                        && w == worker
+                    {
+                        self.leases.insert(w, unit);
+                    }
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the updates and versions no check waits for any more.
+    fn forget_checked(&mut self) {
+        let replicas = self.run.replicas();
+        let units: BTreeSet<u64> = replicas
+            .pending()
+            .map(|p| p.unit.id)
+            .chain(replicas.leases().map(|l| l.check.unit.id))
+            .collect();
+        let versions: BTreeSet<u64> = replicas
+            .pending()
+            .map(|p| p.unit.base_version)
+            .chain(replicas.leases().map(|l| l.check.unit.base_version))
+            .collect();
+        self.originals.retain(|u, _| units.contains(u));
+        self.bases.retain(|v, _| versions.contains(v));
+    }
+
+    /// Member `leased.checker`'s re-run of a sampled unit (`update`, its signed bytes
+    /// `bytes`), stepped at `now_ms`: compared with the unit's accepted update bit for bit
+    /// (payloads as sent; else the relative distance), judged by the run core, and its
+    /// outcome applied: the checker's pay, the worker's clawback, a dispute. An upload
+    /// that is not the check's (another sender, base or shape) is ignored.
+    fn replayed(
+        &mut self,
+        spec: &RunSpec,
+        update: &validation::Inspected,
+        bytes: &[u8],
+        leased: &run::replicas::LeasedCheck,
+        now_ms: u64,
+    ) -> Result<(), PeerError> {
+        let h = &update.header;
+        if h.worker != leased.checker
+            || h.base_version != leased.check.unit.base_version
+            || h.n_params as usize != spec.n_params
+        {
+            return Ok(());
+        }
+        let unit = leased.check.unit.id;
+        let worker = leased.check.worker;
+        let original = self
+            .originals
+            .get(&unit)
+            .cloned()
+            .ok_or(PeerError::Invalid("a check of a unit whose update is gone"))?;
+        let malformed = |_| PeerError::Invalid("a named update is not a signed update");
+        let sent = SignedUpdate::parse(&original.bytes, &spec.limits).map_err(malformed)?;
+        let rerun = SignedUpdate::parse(bytes, &spec.limits).map_err(malformed)?;
+        let distance =
+            if sent.header.codec == rerun.header.codec && sent.payload() == rerun.payload() {
+                0.0
+            } else {
+                match (sent.decode(), rerun.decode()) {
+                    (Ok(a), Ok(b)) => runner::core::checks::relative_distance(&a, &b),
+                    _ => f32::INFINITY,
+                }
+            };
+        let output = self.run.step(
+            now_ms,
+            Input::Replayed {
+                unit,
+                worker,
+                tokens: original.weight,
+                distance,
+                class: run::ReplayClass::Same,
+                // A caught worker's earlier units are not re-run: their updates are in
+                // the chain, not in memory.
+                unchecked: &[],
+                replica: Some(run::Replica {
+                    check: leased.id,
+                    checker: leased.checker,
+                }),
+                disputed: None,
+            },
+        )?;
+        match output.decided {
+            Some(Decided::Checked(outcome)) => {
+                if outcome.claw_back {
+                    let minted =
+                        run::credit::unit_credit(spec.settings.flops_per_token, original.weight);
+                    if let Some(c) = self.credit.get_mut(&worker) {
+                        self.tally.clawed_back += minted.min(*c);
+                        *c = c.saturating_sub(minted);
+                    }
+                    self.caught.insert(worker);
+                    self.tally.failed += 1;
+                } else {
+                    self.tally.matched += 1;
+                }
+                if outcome.accuser.is_some() {
+                    self.tally.refuted += 1;
+                }
+                for mint in [outcome.checker_mint, outcome.disputer_mint]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(ledger::Account::Wallet(to)) = mint.to
+                        && !self.punished.contains(&to)
+                    {
+                        let c = self.credit.entry(to).or_default();
+                        *c = c.saturating_add(mint.amount);
+                    }
                 }
             }
+            Some(Decided::Disputed { .. }) => self.tally.disputed += 1,
+            _ => {}
         }
         Ok(())
     }

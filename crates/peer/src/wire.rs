@@ -12,8 +12,9 @@ use crate::node::{CHAIN_MAX, Certified, Message};
 /// Most bytes one message takes (a chain message is cut to fit).
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 
-/// Most updates one message carries: a proposal names at most one a member's unit.
-const UPDATES_MAX: usize = agree::COMMITTEE_MAX;
+/// Most updates one message carries: a proposal names at most one a member's unit and
+/// one a member's check.
+const UPDATES_MAX: usize = 2 * agree::COMMITTEE_MAX;
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend((bytes.len() as u32).to_le_bytes());

@@ -31,6 +31,11 @@ pub struct ReplicaRules {
     pub wait_ms: u64,
     /// The determinism class of the coordinator's own re-runs (`engine::cpu_class()`).
     pub checker_class: String,
+    /// Whether the driver re-runs checks itself (the coordinator's checker thread). A
+    /// run with no coordinator (`crates/peer`) has no one to: every sampled unit waits
+    /// for a volunteer however long it takes, a disputed unit always goes to a third
+    /// volunteer, and a unit with no room left stays unchecked.
+    pub own_reruns: bool,
 }
 
 /// Longest GPU unit the coordinator re-runs on its CPU: measured (BENCHMARKS.md, "A GPU's
@@ -205,17 +210,24 @@ impl Replicas {
 
     /// Where the re-run of a sampled unit whose worker reported `class` goes.
     pub fn route(&self, rules: &ReplicaRules, class: Option<&str>, steps: u32) -> Route {
+        let own = |route: Route| {
+            if rules.own_reruns {
+                route
+            } else {
+                Route::Nobody
+            }
+        };
         let Some(class) = class else {
             // No class to match a volunteer by (a worker before the report): today's
             // re-run, within the cross-class tolerance.
-            return Route::Coordinator;
+            return own(Route::Coordinator);
         };
         if !rules.replicate && class == rules.checker_class {
-            return Route::Coordinator;
+            return own(Route::Coordinator);
         }
         if self.len() < PENDING_CHECKS_MAX {
             Route::Volunteer
-        } else if coordinator_runs(class, steps) {
+        } else if rules.own_reruns && coordinator_runs(class, steps) {
             Route::Coordinator
         } else {
             Route::Nobody
@@ -301,9 +313,11 @@ impl Replicas {
 
     /// Time passes: a lease past its deadline is offered again at the front; a check
     /// waiting `wait_ms` or more leaves, and is returned for the caller to send to the
-    /// coordinator's own re-run. A check of a class the coordinator cannot run is
-    /// never returned: it waits for a volunteer, holding its place in the bound.
-    pub fn expire(&mut self, now_ms: u64, wait_ms: u64) -> Vec<PendingCheck> {
+    /// coordinator's own re-run. A check of a class the coordinator cannot run, or of a
+    /// run whose driver re-runs nothing (`own_reruns` off), is never returned: it waits
+    /// for a volunteer, holding its place in the bound.
+    pub fn expire(&mut self, now_ms: u64, rules: &ReplicaRules) -> Vec<PendingCheck> {
+        let wait_ms = rules.wait_ms;
         let expired: Vec<u64> = self
             .leased
             .values()
@@ -317,7 +331,8 @@ impl Replicas {
         }
         let mut out = Vec::new();
         self.pending.retain(|p| {
-            let due = now_ms.saturating_sub(p.queued_ms) >= wait_ms
+            let due = rules.own_reruns
+                && now_ms.saturating_sub(p.queued_ms) >= wait_ms
                 && coordinator_runs(&p.class, p.unit.address.steps);
             if due {
                 out.push(p.clone());

@@ -410,8 +410,7 @@ impl Run {
         if self.replicas.is_empty() {
             return;
         }
-        let fallen =
-            Arc::make_mut(&mut self.replicas).expire(now_ms, self.settings.replicas.wait_ms);
+        let fallen = Arc::make_mut(&mut self.replicas).expire(now_ms, &self.settings.replicas);
         for check in fallen {
             if !self.checks.failed(check.unit.id) {
                 Arc::make_mut(&mut self.checks).sampled(check.unit.id, Sample::Queued);
@@ -512,7 +511,8 @@ impl Run {
                 Decided::Checked(outcome)
             }
             (false, None) => {
-                let rerun = coordinator_runs(&leased.check.class, leased.check.unit.address.steps)
+                let rerun = self.settings.replicas.own_reruns
+                    && coordinator_runs(&leased.check.class, leased.check.unit.address.steps)
                     && !self.checks.failed(unit);
                 // The coordinator cannot judge it: a third volunteer of the class does,
                 // while there is room for its check.

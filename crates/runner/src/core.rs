@@ -1527,6 +1527,7 @@ pub fn settings(
             replicate: spot.replicate,
             wait_ms: spot.replica_wait_ms,
             checker_class: engine::cpu_class(),
+            own_reruns: true,
         },
         step_tokens,
         flops_per_token,

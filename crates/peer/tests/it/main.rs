@@ -1,6 +1,7 @@
 //! Peers with no coordinator, in one process: they train the tiny model, certify each
 //! version and end bit-identical; a dishonest proposer is caught and the run goes on; a
-//! peer that was away catches up from the certified chain.
+//! peer that was away catches up from the certified chain; re-runs by other members
+//! catch a lying trainer and refute a lying checker.
 
 use std::path::PathBuf;
 
@@ -78,6 +79,14 @@ fn honest_peers_certify_versions_and_end_bit_identical() {
         assert!(first.rounds.iter().all(|&r| r == 0), "{:?}", first.rounds);
         // Every member trained a unit each height, and each was credited for it.
         assert_eq!(first.credit.len(), peers, "seed {}", report.seed);
+        // Units were re-run by other members, and every re-run matched bit for bit.
+        let t = first.checks;
+        assert!(t.matched > 0, "seed {}: {t:?}", report.seed);
+        assert_eq!(
+            (t.failed, t.disputed, t.refuted, t.clawed_back),
+            (0, 0, 0, 0)
+        );
+        assert!(first.caught.is_empty());
         assert!(
             report.final_loss < report.initial_loss,
             "loss {} -> {}",
@@ -85,9 +94,10 @@ fn honest_peers_certify_versions_and_end_bit_identical() {
             report.final_loss
         );
         eprintln!(
-            "{peers} peers: loss {:.3} -> {:.3}, {} messages, {} bytes, {:.1} s simulated",
+            "{peers} peers: loss {:.3} -> {:.3}, {} re-runs matched, {} messages, {} bytes, {:.1} s simulated",
             report.initial_loss,
             report.final_loss,
+            t.matched,
             report.messages,
             report.bytes,
             report.sim_ms as f64 / 1000.0
@@ -226,4 +236,48 @@ fn an_update_kept_from_the_proposer_costs_one_round() {
     // Each height costs at most one extra round for it.
     assert!(p.rounds.iter().all(|&r| r <= 1), "{:?}", p.rounds);
     assert!(p.rounds[0] == 1, "{:?}", p.rounds);
+}
+
+/// A member whose updates are not what its training gave (plausible, inside every bound,
+/// so only a re-run tells) is caught: its sampled unit's checker re-runs it and does not
+/// match; neither is believed on the other's word, so a third member re-runs it, agrees
+/// with the checker, and the unit fails two to one on every peer's replica: the liar's
+/// credit for it clawed back, both checkers paid.
+#[test]
+fn a_lying_trainer_is_caught_by_members_re_runs() {
+    let inputs = inputs();
+    let liar = 1;
+    let scenario = Scenario {
+        dishonest: vec![(liar, Behaviour::LiesInTraining)],
+        ..Scenario::new(71, 4, 4)
+    };
+    let report = run(&inputs, &scenario);
+    agreed(&report, 4);
+    let first = &report.peers[0];
+    let t = first.checks;
+    eprintln!("a lying trainer: {t:?}, credit {:?}", first.credit.values());
+    assert_eq!(first.caught, [liar], "{t:?}");
+    assert!(t.failed >= 1 && t.disputed >= t.failed, "{t:?}");
+    assert_eq!(t.refuted, 0, "{t:?}");
+    assert!(t.clawed_back > 0, "{t:?}");
+}
+
+/// A member that lies about the units it re-runs disputes an honest unit; a third
+/// member's re-run agrees with the unit's worker, so the accusation is refuted (the
+/// liar's check unpaid, its trust reset) and no one is caught.
+#[test]
+fn a_false_check_is_refuted_by_a_third_re_run() {
+    let inputs = inputs();
+    let liar = 2;
+    let scenario = Scenario {
+        dishonest: vec![(liar, Behaviour::FalseChecks)],
+        ..Scenario::new(81, 4, 4)
+    };
+    let report = run(&inputs, &scenario);
+    agreed(&report, 4);
+    let t = report.peers[0].checks;
+    eprintln!("a lying checker: {t:?}");
+    assert!(t.refuted >= 1 && t.disputed >= t.refuted, "{t:?}");
+    assert_eq!(t.failed, 0, "{t:?}");
+    assert!(report.peers.iter().all(|p| p.caught.is_empty()));
 }

@@ -14,6 +14,7 @@ fn rules(replicate: bool) -> ReplicaRules {
         replicate,
         wait_ms: 100,
         checker_class: CPU.into(),
+        own_reruns: true,
     }
 }
 
@@ -103,7 +104,7 @@ fn check(name: &str, steps: &[Step]) -> Replicas {
             }
             Step::Expire(now_ms, want) => {
                 let got: Vec<u64> = replicas
-                    .expire(now_ms, rules(true).wait_ms)
+                    .expire(now_ms, &rules(true))
                     .iter()
                     .map(|p| p.unit.id)
                     .collect();
@@ -216,7 +217,7 @@ fn a_short_gpu_unit_falls_back_to_the_coordinator_after_the_wait() {
     replicas.push(pending_of(1, 1, GPU, 0, super::GPU_ON_CPU_STEPS_MAX));
     replicas.push(pending_of(2, 1, GPU, 0, super::GPU_ON_CPU_STEPS_MAX + 1));
     let fallen: Vec<u64> = replicas
-        .expire(100, rules(true).wait_ms)
+        .expire(100, &rules(true))
         .iter()
         .map(|p| p.unit.id)
         .collect();
@@ -302,4 +303,28 @@ fn a_third_replica_goes_to_neither_the_worker_nor_the_disputer() {
             Lease(3, GPU, 12, Some(1)),
         ],
     );
+}
+
+#[test]
+fn with_no_reruns_of_its_own_a_driver_sends_every_unit_to_volunteers_or_leaves_it_unchecked() {
+    let peers = ReplicaRules {
+        own_reruns: false,
+        ..rules(false)
+    };
+    let mut replicas = Replicas::default();
+    // Even a unit of the checker's class, or of no class, never goes to the driver.
+    assert_eq!(replicas.route(&peers, Some(CPU), 10), Route::Nobody);
+    assert_eq!(replicas.route(&peers, None, 10), Route::Nobody);
+    let replicate = ReplicaRules {
+        replicate: true,
+        ..peers.clone()
+    };
+    for id in 0..PENDING_CHECKS_MAX as u64 {
+        assert_eq!(replicas.route(&replicate, Some(CPU), 10), Route::Volunteer);
+        replicas.push(pending(id, 1, CPU, 0));
+    }
+    assert_eq!(replicas.route(&replicate, Some(CPU), 10), Route::Nobody);
+    // However long they wait, they stay for a volunteer.
+    assert!(replicas.expire(u64::MAX, &replicate).is_empty());
+    assert_eq!(replicas.len(), PENDING_CHECKS_MAX);
 }

@@ -64,6 +64,7 @@ fn run(scoring: bool) -> Run {
             replicate: false,
             wait_ms: 1_000,
             checker_class: CLASS.into(),
+            own_reruns: true,
         },
         // 20 tokens a step: 1,000 a unit of the default 50 steps.
         step_tokens: 20,
