@@ -680,10 +680,17 @@ pub(crate) fn verify_chain(
         audited.replica.version(),
         hex::encode(audited.replica.hash())
     );
+    let t = audited.replica.tally();
+    println!(
+        "re-runs of sampled units by other members: {} matched, {} failed (credit clawed back), {} disputed, {} refuted",
+        t.matched, t.failed, t.disputed, t.refuted
+    );
     println!("credit the chain mints:");
     for (worker, micros) in audited.replica.credit() {
         let punished = if audited.replica.punished().contains(worker) {
             " (punished: equivocated)"
+        } else if audited.replica.caught().contains(worker) {
+            " (caught: a unit failed its re-run)"
         } else {
             ""
         };

@@ -82,6 +82,8 @@ pub struct PeerReport {
     pub checks: crate::replica::Tally,
     /// The peers (by index) whose unit failed a re-run.
     pub caught: Vec<usize>,
+    /// The peers (by index) seated on the committee of its next height.
+    pub seated: Vec<usize>,
 }
 
 /// A local run's outcome.
@@ -494,6 +496,12 @@ pub fn run(
                 .filter_map(|w| index.get(w).copied())
                 .collect(),
             checks: n.replica().tally(),
+            seated: n
+                .replica()
+                .seats(&spec)
+                .iter()
+                .filter_map(|w| index.get(w).copied())
+                .collect(),
             caught: n
                 .replica()
                 .caught()

@@ -141,7 +141,8 @@ pub enum Behaviour {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Timings {
     pub agree: agree::Timeouts,
-    /// How long a proposer waits for the round's updates before it proposes what it has.
+    /// How long a proposer waits for the round's updates before it proposes what it has,
+    /// in round 0; round r waits r + 1 times as long (up to 9 times).
     pub collect_ms: u64,
 }
 
@@ -558,10 +559,17 @@ impl Node {
     }
 
     /// The units of the round this peer holds an update of.
+    ///
+    /// Units of the round only, not re-runs of checks: a proposer does not wait for a
+    /// re-run, and a member does not refuse a value that leaves one out. A re-run is not
+    /// on the round's path: one that misses a height is kept by every peer that holds
+    /// it and named by a later height's value (its check stays leased meanwhile; a
+    /// proposer that leaves it out delays it a height, and proposers rotate).
     fn held_units(&self) -> BTreeSet<u64> {
         self.pool
             .iter()
             .filter_map(|(_, b)| unit_of(b, &self.spec))
+            .filter(|u| self.replica.is_round_unit(*u))
             .collect()
     }
 
@@ -573,6 +581,7 @@ impl Node {
             return Ok(());
         };
         let complete = self.held_units().len() >= self.replica.units();
+        // With every unit in, the re-runs held ride along.
         if !complete && !deadline {
             return Ok(());
         }
@@ -772,8 +781,11 @@ impl Node {
                 }),
                 Action::BuildValue { height, round } => {
                     self.building = Some((height, round));
+                    // Longer each round, as Tendermint's timeouts grow: members slower than
+                    // `collect_ms` (a loaded machine) make the first rounds fail, not all.
+                    let rounds = u64::try_from(round.as_i64()).unwrap_or(0).min(8);
                     out.push(Out::Schedule {
-                        after_ms: self.timings.collect_ms,
+                        after_ms: self.timings.collect_ms.saturating_mul(1 + rounds),
                         timer: Timer::Collect {
                             height: height.0,
                             round: round.as_i64(),
@@ -885,7 +897,16 @@ impl Node {
         self.chain_sent.clear();
         self.wanted.clear();
         self.building = None;
-        self.pool.clear();
+        // Re-runs of checks still leased on the new version stay (a value left them out).
+        let pool = std::mem::take(&mut self.pool);
+        self.pool = pool
+            .into_iter()
+            .filter(|(_, b)| {
+                validation::inspect(b, &self.spec.limits).is_ok_and(|u| {
+                    !self.replica.is_round_unit(u.header.work_unit) && self.replica.expects(&u)
+                })
+            })
+            .collect();
         let height = Height(self.replica.version() + 1);
         self.asked.retain(|h| *h >= height.0);
         // The committee the certified chain seats for the next height.
@@ -939,9 +960,9 @@ impl Node {
             return out;
         };
         match self.sent_check.clone() {
+            // Sent already: every peer that got it keeps it while its check is leased.
             Some((id, bytes)) if id == check.id => {
-                self.hold(bytes.clone());
-                out.push(Out::Broadcast(Message::Update(bytes)));
+                self.hold(bytes);
             }
             _ => {
                 if let Some(base) = self.replica.base_of(check.base_version) {

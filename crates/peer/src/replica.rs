@@ -95,6 +95,9 @@ pub struct Replica {
     tally: Tally,
     /// Workers whose unit failed a check (its credit clawed back).
     caught: BTreeSet<WorkerId>,
+    /// The last version in which each member's unit failed a check: no seat for
+    /// [`SEAT_WINDOW`] versions after it.
+    failed_at: BTreeMap<WorkerId, u64>,
 }
 
 /// An accepted update kept until its check comes.
@@ -182,6 +185,7 @@ impl Replica {
             bases: BTreeMap::new(),
             tally: Tally::default(),
             caught: BTreeSet::new(),
+            failed_at: BTreeMap::new(),
         };
         replica.run.step(0, Input::Tick)?;
         replica.lease_all(spec, 1)?;
@@ -221,10 +225,15 @@ impl Replica {
         }
     }
 
-    /// Units and checks leased in the round under way (a unit a member not punished, and
-    /// a check a member that holds one): the updates a proposer waits for.
+    /// Units leased in the round under way (one a member not punished): the updates a
+    /// proposer waits for.
     pub fn units(&self) -> usize {
-        self.leases.len() + self.checks.len()
+        self.leases.len()
+    }
+
+    /// Whether `unit` is a unit of the round under way (not a check's fresh id).
+    pub fn is_round_unit(&self, unit: u64) -> bool {
+        self.leases.values().any(|u| u.id == unit)
     }
 
     /// What the run's checks found so far.
@@ -269,7 +278,8 @@ impl Replica {
     }
 
     /// Who votes on the next version, in key order: the members admitted, less those
-    /// proven to have equivocated, and past the first [`SEAT_WINDOW`] versions only those
+    /// proven to have equivocated and those whose unit failed a re-run in the last
+    /// [`SEAT_WINDOW`] versions, and past the first `SEAT_WINDOW` versions only those
     /// whose update was accepted in one of the last `SEAT_WINDOW` (a seat is kept by
     /// verified work: a member gone, or withholding its work, stops counting toward
     /// the quorum, and one that comes back earns its seat again with its next accepted
@@ -284,11 +294,16 @@ impl Replica {
         let working: Vec<WorkerId> = unpunished
             .iter()
             .filter(|m| {
-                self.version < SEAT_WINDOW
+                let honest = self
+                    .failed_at
+                    .get(m)
+                    .is_none_or(|v| v + SEAT_WINDOW <= self.version);
+                let working = self.version < SEAT_WINDOW
                     || self
                         .worked
                         .get(m)
-                        .is_some_and(|v| v + SEAT_WINDOW > self.version)
+                        .is_some_and(|v| v + SEAT_WINDOW > self.version);
+                honest && working
             })
             .copied()
             .collect();
@@ -614,6 +629,7 @@ impl Replica {
                         *c = c.saturating_sub(minted);
                     }
                     self.caught.insert(worker);
+                    self.failed_at.insert(worker, self.version);
                     self.tally.failed += 1;
                 } else {
                     self.tally.matched += 1;

@@ -264,6 +264,17 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
         "{text}"
     );
     assert_eq!(text.matches("certified by ").count(), 3, "{text}");
+    // Members re-ran sampled units of the first versions, and every re-run matched.
+    let reruns = text
+        .lines()
+        .find_map(|l| l.strip_prefix("re-runs of sampled units by other members: "))
+        .unwrap_or_else(|| panic!("no re-runs line:\n{text}"));
+    let matched: u64 = reruns
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(matched > 0 && reruns.contains(" 0 failed"), "{reruns}");
     let mut bytes = std::fs::read(&chain).expect("read");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;

@@ -260,6 +260,9 @@ fn a_lying_trainer_is_caught_by_members_re_runs() {
     assert!(t.failed >= 1 && t.disputed >= t.failed, "{t:?}");
     assert_eq!(t.refuted, 0, "{t:?}");
     assert!(t.clawed_back > 0, "{t:?}");
+    // Its seat is gone for the versions after: the other three certify without it.
+    assert!(!first.seated.contains(&liar), "{:?}", first.seated);
+    assert_eq!(first.seated.len(), 3, "{:?}", first.seated);
 }
 
 /// A member that lies about the units it re-runs disputes an honest unit; a third
