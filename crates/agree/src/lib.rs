@@ -638,6 +638,11 @@ pub fn message_height(message: &Message) -> Height {
     slot(message).0.0
 }
 
+/// The round `message` is for (-1: none).
+pub fn message_round(message: &Message) -> i64 {
+    slot(message).0.1
+}
+
 /// The member who signed `message` (by its own word: [`Peer::receive`] checks).
 pub fn message_signer(message: &Message) -> Address {
     slot(message).0.3

@@ -25,6 +25,20 @@ pub type OnVersion = Box<dyn FnMut(&Node) + Send>;
 pub struct Traffic {
     pub messages: u64,
     pub bytes: u64,
+    /// Bytes by kind of message: votes and proposals, updates, `Want`s, chain requests,
+    /// chains.
+    pub by_kind: [u64; 5],
+}
+
+/// The index of `message`'s kind in [`Traffic::by_kind`].
+fn kind(message: &peer::Message) -> usize {
+    match message {
+        peer::Message::Agree { .. } => 0,
+        peer::Message::Update(_) => 1,
+        peer::Message::Want(_) => 2,
+        peer::Message::ChainRequest { .. } => 3,
+        peer::Message::Chain(_) => 4,
+    }
 }
 
 /// How long a peer that reached its last version stays to answer members still on it
@@ -64,6 +78,7 @@ pub async fn run<T: Transport>(
                     for member in members.iter().filter(|m| **m != node.id()) {
                         traffic.messages += 1;
                         traffic.bytes += bytes.len() as u64;
+                        traffic.by_kind[kind(&message)] += bytes.len() as u64;
                         transport.send(*member, bytes.clone());
                     }
                 }
@@ -71,6 +86,7 @@ pub async fn run<T: Transport>(
                     let bytes = peer::wire::to_bytes(&message);
                     traffic.messages += 1;
                     traffic.bytes += bytes.len() as u64;
+                    traffic.by_kind[kind(&message)] += bytes.len() as u64;
                     transport.send(to, Arc::new(bytes));
                 }
                 Out::Schedule { after_ms, timer } => {

@@ -94,6 +94,8 @@ pub enum Timer {
     },
     /// Stop waiting for updates and propose what is held.
     Collect { height: u64, round: i64 },
+    /// Still on `height` a while after `from` spoke of a later one: ask it for the chain.
+    CatchUp { height: u64, from: WorkerId },
 }
 
 /// What the driver does for a peer.
@@ -144,6 +146,10 @@ pub struct Timings {
     /// How long a proposer waits for the round's updates before it proposes what it has,
     /// in round 0; round r waits r + 1 times as long (up to 9 times).
     pub collect_ms: u64,
+    /// How long a peer that hears of a later height waits before it asks for the chain:
+    /// at a height's end most peers hear the next height's first votes before their own
+    /// decision, which comes a moment later; only one still behind after this asks.
+    pub catch_up_ms: u64,
 }
 
 impl Default for Timings {
@@ -151,6 +157,7 @@ impl Default for Timings {
         Timings {
             agree: agree::Timeouts::default(),
             collect_ms: 1_500,
+            catch_up_ms: 1_000,
         }
     }
 }
@@ -193,7 +200,7 @@ pub struct Node {
     /// Members proven to have signed two values for one slot.
     equivocators: BTreeSet<agree::Address>,
     /// Updates this peer passed on after a proposal left them out, this height.
-    forwarded: BTreeSet<[u8; 32]>,
+    forwarded: BTreeSet<([u8; 32], WorkerId)>,
     /// Sends decided inside `check`, taken out by `proposal`.
     outbox: Vec<Out>,
     /// Proofs not yet acted on by a certified version, for this peer's next value (at
@@ -419,12 +426,16 @@ impl Node {
                 let message = *message;
                 let height = agree::message_height(&message);
                 let current = self.agree.height();
-                // A peer a height or more ahead: this one missed a decision (it was away,
-                // or cut off), so it asks for the certified chain, once a height.
+                // A peer a height or more ahead: this one may have missed a decision (it
+                // was away, or cut off), so it asks for the certified chain, once a
+                // height, if it is still behind a moment later.
                 if height > current && self.asked.insert(current.0) {
-                    out.push(Out::Send {
-                        to: from,
-                        message: Message::ChainRequest { from: current.0 },
+                    out.push(Out::Schedule {
+                        after_ms: self.timings.catch_up_ms,
+                        timer: Timer::CatchUp {
+                            height: current.0,
+                            from,
+                        },
                     });
                 }
                 match &message {
@@ -500,6 +511,14 @@ impl Node {
                 if height == self.agree.height().0 {
                     let actions = self.agree.timeout(timeout)?;
                     self.act(actions, &mut out)?;
+                }
+            }
+            Timer::CatchUp { height, from } => {
+                if height == self.agree.height().0 {
+                    out.push(Out::Send {
+                        to: from,
+                        message: Message::ChainRequest { from: height },
+                    });
                 }
             }
             Timer::Collect { height, round } => {
@@ -708,7 +727,7 @@ impl Node {
         let value = agree::proposal_value(p).clone();
         let id = agree::Value::id(&value);
         let first_time = !self.executed.contains_key(&id);
-        let valid = self.check(&value);
+        let valid = self.check(&value, agree::message_round(&message));
         out.append(&mut self.outbox);
         // Passed on without the updates: every member sent its own to every peer.
         if first_time && valid {
@@ -723,7 +742,7 @@ impl Node {
 
     /// Whether `value` names an update of every unit this peer holds one of, and is what
     /// this peer computes from the updates it names. Executed values are kept by id.
-    fn check(&mut self, value: &Value) -> bool {
+    fn check(&mut self, value: &Value, round: i64) -> bool {
         let Ok(bytes) = self.named(value) else {
             return false;
         };
@@ -732,7 +751,7 @@ impl Node {
             .filter_map(|b| unit_of(b, &self.spec))
             .collect();
         if !self.held_units().is_subset(&named) {
-            self.forward_left_out(&named);
+            self.forward_left_out(&named, round);
             return false;
         }
         let id = agree::Value::id(value);
@@ -751,15 +770,38 @@ impl Node {
         }
     }
 
-    /// Sends every peer the held updates of units a refused proposal left out (once an
-    /// update a height): a member that sent its update to some peers and not to the
-    /// proposer then costs the run one round, not one a proposer it avoids.
-    fn forward_left_out(&mut self, named: &BTreeSet<u64>) {
+    /// Sends the proposers of the next two rounds the held updates of units a refused
+    /// proposal (of `round`) left out, once an update a proposer a height: a member that
+    /// sent its update to some peers and not to the proposer then costs the run one
+    /// round, not one a proposer it avoids. Not to every peer: most hold it already
+    /// (that is why they refuse), and N peers forwarding to N peers is N squared
+    /// updates a late unit, which swamped a loaded 16-peer run.
+    fn forward_left_out(&mut self, named: &BTreeSet<u64>, round: i64) {
+        let height = self.agree.height();
+        let next: BTreeSet<WorkerId> = (1..=2)
+            .filter_map(|d| u32::try_from(round + d).ok())
+            .map(|r| {
+                let a =
+                    self.committee
+                        .proposer(self.spec.settings.seed, height, agree::Round::new(r));
+                WorkerId(a.0)
+            })
+            .filter(|w| *w != self.id)
+            .collect();
         for (address, bytes) in &self.pool {
-            let left_out = unit_of(bytes, &self.spec).is_some_and(|u| !named.contains(&u));
-            if left_out && self.forwarded.insert(*address) {
-                self.outbox
-                    .push(Out::Broadcast(Message::Update(bytes.clone())));
+            // Units of the round only: a re-run left out waits for a later height.
+            let left_out = unit_of(bytes, &self.spec)
+                .is_some_and(|u| self.replica.is_round_unit(u) && !named.contains(&u));
+            if !left_out {
+                continue;
+            }
+            for to in &next {
+                if self.forwarded.insert((*address, *to)) {
+                    self.outbox.push(Out::Send {
+                        to: *to,
+                        message: Message::Update(bytes.clone()),
+                    });
+                }
             }
         }
     }

@@ -159,13 +159,27 @@ async fn over_iroh(setup: Arc<Setup>, versions: u64) -> anyhow::Result<(f64, f64
         )));
     }
     let mut bytes = 0u64;
+    let mut by_kind = [0u64; 5];
     for task in tasks {
         let (_, traffic) = task
             .await
             .context("a peer")?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         bytes += traffic.bytes;
+        for (all, k) in by_kind.iter_mut().zip(traffic.by_kind) {
+            *all += k;
+        }
     }
+    let kb = |b: u64| b as f64 / 1e3 / setup.keys.len() as f64 / versions as f64;
+    eprintln!(
+        "  {} peers over iroh, KB a peer a version by kind: votes and proposals {:.0}, updates {:.0}, wants {:.0}, chain requests {:.0}, chains {:.0}",
+        setup.keys.len(),
+        kb(by_kind[0]),
+        kb(by_kind[1]),
+        kb(by_kind[2]),
+        kb(by_kind[3]),
+        kb(by_kind[4])
+    );
     let last = done
         .lock()
         .expect("lock")

@@ -372,6 +372,7 @@ async fn seats_follow_verified_work_so_members_who_left_stop_counting() {
             step_ms: 200,
         },
         collect_ms: 400,
+        catch_up_ms: 300,
     };
     let mut tasks = Vec::new();
     for (i, net) in nets.into_iter().enumerate().take(5) {
