@@ -210,8 +210,9 @@ pub struct Node {
     /// updates it sent on `Want` (each once a member; at most members times the pool).
     chain_sent: BTreeMap<WorkerId, usize>,
     wanted: BTreeSet<(WorkerId, [u8; 32])>,
-    /// This peer's last re-run sent (check id, signed bytes): sent again, not trained
-    /// again, while its check is still leased (a proposer left it out of a height).
+    /// This peer's last re-run sent (check id, signed bytes): held again, not trained
+    /// again, while its check is still leased (a proposer left it out of a height; the
+    /// peers that got it keep it, so it is not sent again).
     sent_check: Option<(u64, Arc<Vec<u8>>)>,
 }
 
@@ -985,8 +986,8 @@ impl Node {
         self.try_build(false, out)
     }
 
-    /// This peer's unit of the round, to train, and its check: to train, or to send
-    /// again if it was trained already.
+    /// This peer's unit of the round, to train, and its check: to train, or, if it was
+    /// trained and sent already, held again.
     fn train(&mut self) -> Vec<Out> {
         let mut out: Vec<Out> = self
             .replica
