@@ -158,7 +158,10 @@ pub async fn run<T: Transport>(
                 train = job;
                 busy = false;
                 let delta = delta.map_err(|e| MeshError::Train(format!("unit {}: {e}", unit.id)))?;
-                outs = node.trained(&unit, &delta, rand::rng().random())?;
+                // A unit of a height past the last (started before it) is not sent.
+                if done.is_none() {
+                    outs = node.trained(&unit, &delta, rand::rng().random())?;
+                }
             }
             () = sleep_until(done) => {
                 transport.shutdown().await;
