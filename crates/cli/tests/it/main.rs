@@ -446,7 +446,8 @@ fn a_p2p_demo_certifies_versions_every_peer_agrees_on() {
         stdout
             .lines()
             .find(|l| l.split_whitespace().next() == Some(version))
-            .and_then(|l| l.split_whitespace().nth(4))
+            // version, round, proposer, accepted, re-runs ok/failed, holdout loss
+            .and_then(|l| l.split_whitespace().nth(5))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no version {version} row:\n{stdout}"))
     };
