@@ -593,14 +593,7 @@ impl Replica {
         let sent = SignedUpdate::parse(&original.bytes, &spec.limits).map_err(malformed)?;
         let rerun = SignedUpdate::parse(bytes, &spec.limits).map_err(malformed)?;
         let distance =
-            if sent.header.codec == rerun.header.codec && sent.payload() == rerun.payload() {
-                0.0
-            } else {
-                match (sent.decode(), rerun.decode()) {
-                    (Ok(a), Ok(b)) => runner::core::checks::relative_distance(&a, &b),
-                    _ => f32::INFINITY,
-                }
-            };
+            runner::core::checks::payload_distance(&sent, &rerun).unwrap_or(f32::INFINITY);
         let output = self.run.step(
             now_ms,
             Input::Replayed {

@@ -654,12 +654,7 @@ impl Core {
         let rerun = checked.decode().map_err(|e| internal(&e))?;
         // As the coordinator's own re-run: payloads as sent, equal bytes distance 0,
         // else the relative distance over the re-run's norm.
-        let distance =
-            if checked.header.codec == sent.header.codec && checked.payload() == sent.payload() {
-                0.0
-            } else {
-                relative_distance(&sent.decode().map_err(|e| internal(&e))?, &rerun)
-            };
+        let distance = payload_distance(&sent, &checked).map_err(|e| internal(&e))?;
         let norm = rerun
             .iter()
             .map(|&x| f64::from(x) * f64::from(x))
@@ -792,6 +787,19 @@ impl Core {
     pub fn trust(&self, worker: WorkerId) -> Trust {
         self.run.checks().trust(worker)
     }
+}
+
+/// How far a volunteer's re-run (`rerun`) is from the update it checks (`sent`), as
+/// sent: 0 for equal payloads of one codec, else [`relative_distance`] of the decoded
+/// values (the coordinator's and every peer's comparison).
+pub fn payload_distance(
+    sent: &SignedUpdate,
+    rerun: &SignedUpdate,
+) -> Result<f32, protocol::DecodeError> {
+    if sent.header.codec == rerun.header.codec && sent.payload() == rerun.payload() {
+        return Ok(0.0);
+    }
+    Ok(relative_distance(&sent.decode()?, &rerun.decode()?))
 }
 
 /// `|a - b| / |b|` in f64 (1 when `b` is zero and `a` is not): how far a re-run is from
