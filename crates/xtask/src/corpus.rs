@@ -90,3 +90,16 @@ fn check_text(text: &[u8]) -> anyhow::Result<()> {
     ensure!(text.is_ascii(), "the corpus is not plain ASCII");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The committed corpus is the one its pin names (CI's check; `xtask check-corpus`
+    /// does the same by hand).
+    #[test]
+    fn the_committed_corpus_matches_its_pin() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        if let Err(e) = super::check(&root) {
+            panic!("{e:#}");
+        }
+    }
+}
