@@ -707,7 +707,9 @@ impl Timeouts {
         let base = match timeout.kind {
             TimeoutKind::Propose => self.propose_ms,
             TimeoutKind::Prevote | TimeoutKind::Precommit => self.vote_ms,
-            TimeoutKind::Rebroadcast => self.propose_ms + 2 * self.vote_ms,
+            // Soon enough that a peer that finished the run (it lingers a few seconds to
+            // answer) still hears a member that missed the last decision.
+            TimeoutKind::Rebroadcast => 2 * self.vote_ms,
         };
         let round = timeout.round.as_i64().max(0) as u64;
         base.saturating_add(self.step_ms.saturating_mul(round))
@@ -732,6 +734,11 @@ pub struct Peer {
     /// What each member signed for each slot (height, round, kind) of this height and
     /// the next, with the message: a second, different one is an equivocation.
     seen: BTreeMap<Slot, (Option<ValueId>, Message)>,
+    /// The one rebroadcast timer acted on, by height and round. Malachite asks for one
+    /// at each round's start and each vote, and again each time one fires; only the
+    /// newest is scheduled and only it re-sends this peer's votes (a vote lost on the
+    /// way, when the quorum needs every live member's, would otherwise stall the height).
+    rebroadcast: Option<(Height, Round)>,
 }
 
 impl Peer {
@@ -762,6 +769,7 @@ impl Peer {
             state: State::new(Ctx { seed }, params, 128),
             values: BTreeMap::new(),
             seen: BTreeMap::new(),
+            rebroadcast: None,
         }
     }
 
@@ -863,7 +871,22 @@ impl Peer {
     }
 
     /// A timer the driver started ([`Action::Schedule`]) fired.
+    /// Whether `timeout` is the rebroadcast timer this peer acts on (the height has
+    /// gone on without a decision for a while: its driver may ask for the chain too).
+    pub fn rebroadcasting(&self, timeout: Timeout) -> bool {
+        timeout.kind == TimeoutKind::Rebroadcast
+            && self.rebroadcast == Some((self.height(), timeout.round))
+    }
+
+    /// A timer this peer asked for fired.
     pub fn timeout(&mut self, timeout: Timeout) -> Result<Vec<Action>, AgreeError> {
+        if timeout.kind == TimeoutKind::Rebroadcast {
+            // One a newer one replaced (or of a height left): nothing to do.
+            if !self.rebroadcasting(timeout) {
+                return Ok(Vec::new());
+            }
+            self.rebroadcast = None;
+        }
         self.step(Input::TimeoutElapsed(timeout))
     }
 
@@ -924,6 +947,9 @@ impl Peer {
         let key = self.key.clone();
         let committee = self.committee.clone();
         let values = &self.values;
+        // The height timers are scheduled for (a new height's first round starts here).
+        let mut height = self.state.driver.height();
+        let rebroadcast = &mut self.rebroadcast;
         let metrics = ();
         let result: Result<(), mc::Error<Ctx>> = process!(
             input: input,
@@ -939,10 +965,16 @@ impl Peer {
                     Effect::ScheduleTimeout(timeout, r) => {
                         if timeout.kind != TimeoutKind::Rebroadcast {
                             actions.push(Action::Schedule(timeout));
+                        } else if *rebroadcast != Some((height, timeout.round)) {
+                            *rebroadcast = Some((height, timeout.round));
+                            actions.push(Action::Schedule(timeout));
                         }
                         r.resume_with(())
                     }
-                    Effect::StartRound(_, _, _, _, r) => r.resume_with(()),
+                    Effect::StartRound(h, _, _, _, r) => {
+                        height = h;
+                        r.resume_with(())
+                    }
                     Effect::GetValidatorSet(_, r) => r.resume_with(Some(committee.clone())),
                     Effect::GetValue(height, round, _, r) => {
                         actions.push(Action::BuildValue { height, round });
@@ -952,8 +984,14 @@ impl Peer {
                         actions.push(Action::Broadcast(message));
                         r.resume_with(())
                     }
+                    // This peer's last votes again, as the rebroadcast timer fires.
+                    Effect::RepublishVote(vote, r) => {
+                        actions.push(Action::Broadcast(SignedConsensusMsg::Vote(vote)));
+                        r.resume_with(())
+                    }
+                    // Round certificates are not on this crate's wire: the votes they
+                    // gather are rebroadcast one by one instead.
                     Effect::PublishLivenessMsg(_, r)
-                    | Effect::RepublishVote(_, r)
                     | Effect::RepublishRoundCertificate(_, r) => r.resume_with(()),
                     Effect::RestreamProposal(.., r)
                     | Effect::SyncValue(_, r)

@@ -2,7 +2,8 @@
 //! that delays each message by a seeded draw, timers, and faults: peers that withhold
 //! every message, proposers whose values are wrong, proposers who equivocate (another
 //! valid value to half the committee), a partition that holds the messages crossing it
-//! until it heals, and clocks that run at different rates. A peer that hears of a height
+//! until it heals, clocks that run at different rates, and messages lost on the way (a
+//! seeded share: each peer's rebroadcast of its votes is what recovers them). A peer that hears of a height
 //! past its own asks the message's signer for the certified chain and catches up from it
 //! (each decision's certificate checked, each value re-executed). Deterministic: the
 //! same settings give the same run, so a failing seed can be run again.
@@ -40,6 +41,9 @@ pub struct Settings {
     pub skewed_clocks: bool,
     /// Each message takes 1 to this many ms (a seeded draw).
     pub delay_max_ms: u64,
+    /// The percentage of proposals and votes lost on the way (a seeded draw for each
+    /// message to each peer; a certified chain asked for always arrives).
+    pub loss_percent: u64,
     pub timeouts: Timeouts,
     /// Simulated time by which every height must be decided.
     pub limit_ms: u64,
@@ -57,6 +61,7 @@ impl Settings {
             partition: None,
             skewed_clocks: false,
             delay_max_ms: 50,
+            loss_percent: 0,
             timeouts: Timeouts::default(),
             limit_ms: 600_000,
         }
@@ -90,6 +95,8 @@ pub struct Report {
     /// In the order they happened.
     pub decisions: Vec<Decided>,
     pub messages: u64,
+    /// Of those, the ones lost on the way.
+    pub lost: u64,
     pub events: usize,
     /// Equivocations the peers proved: (the peer that saw it, the culprit's index).
     pub equivocations: Vec<(usize, usize)>,
@@ -322,7 +329,13 @@ pub fn run(settings: &Settings) -> Report {
                 if peers[peer].height().0 != height {
                     continue;
                 }
-                (peer, height, peers[peer].timeout(timeout_of(timeout)))
+                let timeout = timeout_of(timeout);
+                // Still on this height a while: it may have missed the decision (of the
+                // last height, with no later one to hear of).
+                if peers[peer].rebroadcasting(timeout) {
+                    sim.ask_any_for_chain(peer, height);
+                }
+                (peer, height, peers[peer].timeout(timeout))
             }
             Event::Build {
                 peer,
@@ -463,6 +476,37 @@ impl Sim<'_> {
         );
     }
 
+    /// `peer`, on `height` a while, asks the others (once a height) for the certified
+    /// chain from it: the first that has decided it answers.
+    fn ask_any_for_chain(&mut self, peer: usize, height: u64) {
+        if self.asked.contains(&(peer, height)) {
+            return;
+        }
+        let from = (0..self.settings.peers).find(|&p| {
+            p != peer
+                && !self.settings.withholding.contains(&p)
+                && self.chains[p].len() as u64 >= height
+        });
+        let Some(from) = from else {
+            return;
+        };
+        let chain: Vec<Decision> = self.chains[from]
+            .iter()
+            .filter(|d| d.height.0 >= height)
+            .cloned()
+            .collect();
+        self.asked.insert((peer, height));
+        self.report.messages += 1;
+        let at = self.arrival(from, peer);
+        self.push(
+            at,
+            Event::Sync {
+                to: peer,
+                chain: Box::new(Unordered(chain)),
+            },
+        );
+    }
+
     /// How long `peer`'s timer of `ms` takes on the simulated clock.
     fn timer_ms(&self, peer: usize, ms: u64) -> u64 {
         if !self.settings.skewed_clocks {
@@ -477,6 +521,12 @@ impl Sim<'_> {
     fn send(&mut self, from: usize, message: &Message, to: impl Fn(usize) -> bool) {
         for peer in (0..self.settings.peers).filter(|&p| p != from && to(p)) {
             self.report.messages += 1;
+            let draw =
+                protocol::splitmix64(self.settings.seed.rotate_left(17) ^ self.report.messages);
+            if draw % 100 < self.settings.loss_percent {
+                self.report.lost += 1;
+                continue;
+            }
             let at = self.arrival(from, peer);
             self.push(
                 at,

@@ -19,6 +19,8 @@ struct Scenario {
     /// Cut off, from, until (ms).
     partition: Option<(&'static [usize], u64, u64)>,
     skewed_clocks: bool,
+    /// Percent of proposals and votes lost on the way.
+    loss_percent: u64,
 }
 
 const HONEST: Scenario = Scenario {
@@ -29,6 +31,7 @@ const HONEST: Scenario = Scenario {
     equivocating: &[],
     partition: None,
     skewed_clocks: false,
+    loss_percent: 0,
 };
 
 const SCENARIOS: &[Scenario] = &[
@@ -84,6 +87,21 @@ const SCENARIOS: &[Scenario] = &[
         partition: Some((&[0, 5, 6], 0, 10_000)),
         ..HONEST
     },
+    // Every live member's vote is needed (3 of 4 with one silent): a lost vote stalls
+    // the height until its member sends it again.
+    Scenario {
+        name: "4 peers, one withholding, 5% of messages lost",
+        withholding: &[3],
+        loss_percent: 5,
+        ..HONEST
+    },
+    Scenario {
+        name: "7 peers, 20% of messages lost, clocks skewed",
+        peers: 7,
+        skewed_clocks: true,
+        loss_percent: 20,
+        ..HONEST
+    },
 ];
 
 /// What a scenario's runs showed together.
@@ -95,6 +113,8 @@ struct Seen {
     equivocations: usize,
     /// Heights caught up from a certified chain.
     synced: usize,
+    /// Messages lost on the way.
+    lost: u64,
 }
 
 /// Checks one run and adds what it showed to `seen`.
@@ -112,6 +132,7 @@ fn check(scenario: &Scenario, seed: u64, seen: &mut Seen) {
                 until_ms,
             }),
         skewed_clocks: scenario.skewed_clocks,
+        loss_percent: scenario.loss_percent,
         ..Settings::new(seed, scenario.peers)
     };
     let report = sim::run(&settings);
@@ -158,6 +179,7 @@ fn check(scenario: &Scenario, seed: u64, seen: &mut Seen) {
     seen.late += report.decisions.iter().filter(|d| d.round > 0).count();
     seen.equivocations += report.equivocations.len();
     seen.synced += report.decisions.iter().filter(|d| d.synced).count();
+    seen.lost += report.lost;
 }
 
 #[test]
@@ -174,7 +196,8 @@ fn peers_agree_on_every_version_whatever_the_seed() {
         let clean = !costs_rounds
             && scenario.equivocating.is_empty()
             && scenario.partition.is_none()
-            && !scenario.skewed_clocks;
+            && !scenario.skewed_clocks
+            && scenario.loss_percent == 0;
         if costs_rounds || clean {
             assert_eq!(
                 seen.late > 0,
@@ -193,6 +216,13 @@ fn peers_agree_on_every_version_whatever_the_seed() {
             seen.synced > 0 || !left_behind,
             "{}: no height caught up",
             scenario.name
+        );
+        assert_eq!(
+            seen.lost > 0,
+            scenario.loss_percent > 0,
+            "{}: {} messages lost",
+            scenario.name,
+            seen.lost
         );
         assert_eq!(
             seen.equivocations > 0,

@@ -105,9 +105,13 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // A coordinator logs a line per accepted or refused update and per re-run; the other
     // commands (the demo included, whose table is its output) only warnings and errors.
+    // Malachite warns of routine events (each rebroadcast of a peer's votes while a
+    // height goes on, a message of another height): its errors only.
     let default = match cli.command {
-        Command::Coordinator(_) | Command::Serve(_) | Command::Relay(_) => "info",
-        _ => "warn",
+        Command::Coordinator(_) | Command::Serve(_) | Command::Relay(_) => {
+            "info,informalsystems_malachitebft_core_consensus=error"
+        }
+        _ => "warn,informalsystems_malachitebft_core_consensus=error",
     };
     init_logs(default);
     let result = match cli.command {

@@ -1,6 +1,6 @@
 //! A [`peer::Node`] on a real clock over a [`Transport`]: messages decoded and handed
 //! in, the node's timers kept in order, its units trained on a blocking thread (one at
-//! a time, its unit of the round before its check; one the node no longer holds is
+//! a time, its unit of the round before any check; one the node no longer holds is
 //! dropped before it starts), its sends encoded once and queued for each member.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -95,8 +95,14 @@ pub async fn run<T: Transport>(
                     timers.insert((at, sequence), timer);
                 }
                 Out::Train { unit, base } => {
+                    // The round's unit goes ahead of a check still waiting: the round
+                    // waits for units, not for re-runs.
                     if !training.iter().any(|(u, _)| *u == unit) {
-                        training.push_back((unit, base));
+                        if node.replica().unit_of(&node.id()) == Some(&unit) {
+                            training.push_front((unit, base));
+                        } else {
+                            training.push_back((unit, base));
+                        }
                     }
                 }
             }

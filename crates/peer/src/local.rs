@@ -2,7 +2,8 @@
 //! replica, on a simulated clock, with seeded message delays, every member training the
 //! tiny model for real through `worker::unit::train` (the workers' function), proposers
 //! that lie (a wrong aggregate, a dropped update, two values signed for one round) and a
-//! peer that is away for the first heights and catches up from the certified chain.
+//! peer that is away for the first heights and catches up from the certified chain,
+//! and agreement messages lost on the way.
 //! The same scenario gives the same [`Report`], field for field.
 
 use std::collections::BTreeMap;
@@ -41,6 +42,9 @@ pub struct Scenario {
     pub deaf_to_updates: Option<usize>,
     /// Message delays, uniform in this range (ms).
     pub delay_ms: (u64, u64),
+    /// The percentage of agreement messages (proposals and votes) lost on the way, a
+    /// seeded draw for each message to each member.
+    pub lost_percent: u32,
 }
 
 impl Scenario {
@@ -55,6 +59,7 @@ impl Scenario {
             away: None,
             deaf_to_updates: None,
             delay_ms: (5, 80),
+            lost_percent: 0,
         }
     }
 }
@@ -362,6 +367,12 @@ pub fn run(
                                 && scenario.deaf_to_updates == Some(to)
                         };
                         for to in (0..scenario.peers).filter(|&to| to != from && !deaf(to)) {
+                            if matches!(message, Message::Agree { .. })
+                                && scenario.lost_percent > 0
+                                && rng.random_range(0..100) < scenario.lost_percent
+                            {
+                                continue;
+                            }
                             let delay = rng.random_range(scenario.delay_ms.0..=scenario.delay_ms.1);
                             messages += 1;
                             bytes += size;

@@ -139,12 +139,20 @@ pub enum Behaviour {
     FalseChecks,
 }
 
+/// How long before the round's propose timeout a proposer proposes what it has: for its
+/// proposal to reach the members, and a member missing some of its updates to get them.
+pub const PROPOSE_MARGIN_MS: u64 = 500;
+
 /// How long a peer waits, on the driver's clock.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Timings {
     pub agree: agree::Timeouts,
     /// How long a proposer waits for the round's updates before it proposes what it has,
-    /// in round 0; round r waits r + 1 times as long (up to 9 times).
+    /// in round 0; round r waits r + 1 times as long (up to 9 times), but never past
+    /// [`PROPOSE_MARGIN_MS`] short of the round's propose timeout (a proposal that comes
+    /// after it fails the round at every member, and the next round's would too). On 4
+    /// peers sharing 2 cores, with re-runs, 1.5 s let a version take 1 of the 4 units
+    /// trained for it, 2.5 s 3 or 4.
     pub collect_ms: u64,
     /// How long a peer that hears of a later height waits before it asks for the chain:
     /// at a height's end most peers hear the next height's first votes before their own
@@ -152,11 +160,23 @@ pub struct Timings {
     pub catch_up_ms: u64,
 }
 
+impl Timings {
+    /// How long the proposer of `round` waits for updates: `collect_ms` times r + 1 (up
+    /// to 9), ending [`PROPOSE_MARGIN_MS`] before the round's propose timeout.
+    pub fn collect_after_ms(&self, round: agree::Round) -> u64 {
+        let rounds = u64::try_from(round.as_i64()).unwrap_or(0).min(8);
+        let propose = self.agree.duration_ms(agree::Timeout::propose(round));
+        self.collect_ms
+            .saturating_mul(1 + rounds)
+            .min(propose.saturating_sub(PROPOSE_MARGIN_MS))
+    }
+}
+
 impl Default for Timings {
     fn default() -> Timings {
         Timings {
             agree: agree::Timeouts::default(),
-            collect_ms: 1_500,
+            collect_ms: 2_500,
             catch_up_ms: 1_000,
         }
     }
@@ -182,8 +202,9 @@ pub struct Node {
     early_checks: Vec<(u64, Arc<Vec<u8>>)>,
     /// Values this peer executed at this height, by id.
     executed: BTreeMap<ValueId, Executed>,
-    /// The value asked for by `agree`, while updates are awaited.
-    building: Option<(Height, agree::Round)>,
+    /// The value asked for by `agree`, while updates are awaited, and whether its
+    /// collect deadline passed (then the first update that arrives is proposed).
+    building: Option<(Height, agree::Round, bool)>,
     /// Proposals of later heights.
     future: Vec<(agree::Message, Vec<Arc<Vec<u8>>>)>,
     /// Proposals of this height waiting for updates they name (asked for with `Want`).
@@ -510,6 +531,17 @@ impl Node {
         match timer {
             Timer::Agree { height, timeout } => {
                 if height == self.agree.height().0 {
+                    // On this height a while (its votes are sent again): it may have
+                    // missed the decision, of the last height too, where no later one is
+                    // heard of. A member that has it answers with the chain.
+                    if self.agree.rebroadcasting(timeout) {
+                        for member in self.spec.members.iter().filter(|m| **m != self.id) {
+                            out.push(Out::Send {
+                                to: *member,
+                                message: Message::ChainRequest { from: height },
+                            });
+                        }
+                    }
                     let actions = self.agree.timeout(timeout)?;
                     self.act(actions, &mut out)?;
                 }
@@ -525,7 +557,7 @@ impl Node {
             Timer::Collect { height, round } => {
                 if self
                     .building
-                    .is_some_and(|(h, r)| h.0 == height && r.as_i64() == round)
+                    .is_some_and(|(h, r, _)| h.0 == height && r.as_i64() == round)
                 {
                     self.try_build(true, &mut out)?;
                 }
@@ -593,19 +625,19 @@ impl Node {
             .collect()
     }
 
-    /// Proposes once every member's unit has an update here, or (`deadline`) with what
-    /// is held; a value with no update cannot be proposed (the round's propose timeout
-    /// then moves on).
+    /// Proposes once every member's unit has an update here, or, once the collect
+    /// deadline passed (`deadline`, or earlier), with what is held as soon as that
+    /// includes a unit of the round (until then the round's propose timeout may move on).
     fn try_build(&mut self, deadline: bool, out: &mut Vec<Out>) -> Result<(), PeerError> {
-        let Some((height, round)) = self.building else {
+        let Some((height, round, passed)) = self.building else {
             return Ok(());
         };
+        let deadline = deadline || passed;
         let complete = self.held_units().len() >= self.replica.units();
         // With every unit in, the re-runs held ride along.
         if !complete && !deadline {
             return Ok(());
         }
-        self.building = None;
         // One update a unit, the first that arrived, in unit order.
         let mut chosen: BTreeMap<u64, Arc<Vec<u8>>> = BTreeMap::new();
         for (_, bytes) in &self.pool {
@@ -621,9 +653,17 @@ impl Node {
         {
             updates.remove(i);
         }
-        if updates.is_empty() {
+        // Nothing to propose yet: the deadline is remembered, and the first update
+        // that arrives is proposed (members still on their training, such as a re-run
+        // ahead of the round's unit on a loaded machine, need not cost the round).
+        let any_unit = updates
+            .iter()
+            .any(|b| unit_of(b, &self.spec).is_some_and(|u| self.replica.is_round_unit(u)));
+        if !any_unit {
+            self.building = Some((height, round, true));
             return Ok(());
         }
+        self.building = None;
         let slices: Vec<&[u8]> = updates.iter().map(|b| b.as_slice()).collect();
         let Ok(mut executed) = self.replica.execute(&self.spec, &slices, &self.evidence) else {
             return Ok(());
@@ -823,12 +863,12 @@ impl Node {
                     },
                 }),
                 Action::BuildValue { height, round } => {
-                    self.building = Some((height, round));
+                    self.building = Some((height, round, false));
                     // Longer each round, as Tendermint's timeouts grow: members slower than
-                    // `collect_ms` (a loaded machine) make the first rounds fail, not all.
-                    let rounds = u64::try_from(round.as_i64()).unwrap_or(0).min(8);
+                    // `collect_ms` (a loaded machine) make the first rounds fail, not all;
+                    // but in time for the members' propose timeout.
                     out.push(Out::Schedule {
-                        after_ms: self.timings.collect_ms.saturating_mul(1 + rounds),
+                        after_ms: self.timings.collect_after_ms(round),
                         timer: Timer::Collect {
                             height: height.0,
                             round: round.as_i64(),

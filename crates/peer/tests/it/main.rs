@@ -199,6 +199,51 @@ fn a_peer_that_was_away_catches_up_from_the_certified_chain() {
     assert!(away.version >= 4);
 }
 
+/// Proposals and votes lost on the way: each member sends its votes again while its
+/// height goes on, and asks for the chain, so no height stalls.
+#[test]
+fn lost_agreement_messages_stall_no_height() {
+    let inputs = inputs();
+    for seed in [61, 62] {
+        let scenario = Scenario {
+            lost_percent: 15,
+            ..Scenario::new(seed, 4, 3)
+        };
+        let report = run(&inputs, &scenario);
+        agreed(&report, 3);
+    }
+}
+
+/// A proposer's wait for updates ends before the members' propose timeout in every
+/// round (it grew faster than that timeout: once a member was gone for good, a height
+/// whose first round failed never ended; CI's NAT test stalled so).
+#[test]
+fn a_proposer_proposes_before_the_members_stop_waiting_in_every_round() {
+    for timings in [
+        peer::node::Timings::default(),
+        peer::node::Timings {
+            collect_ms: 1_500,
+            ..peer::node::Timings::default()
+        },
+    ] {
+        for round in 0..20 {
+            let round = agree::Round::new(round);
+            let propose = timings.agree.duration_ms(agree::Timeout::propose(round));
+            let collect = timings.collect_after_ms(round);
+            assert!(
+                collect + peer::node::PROPOSE_MARGIN_MS <= propose,
+                "round {round:?}: collect {collect} ms, propose timeout {propose} ms"
+            );
+            assert!(
+                collect
+                    >= timings
+                        .collect_ms
+                        .min(propose - peer::node::PROPOSE_MARGIN_MS)
+            );
+        }
+    }
+}
+
 /// A peer that never gets the members' own broadcasts of their updates asks for those a
 /// proposal names, checks it, and votes: the run needs no update to ride along with its
 /// proposal.
