@@ -330,9 +330,9 @@ pub fn run(settings: &Settings) -> Report {
                     continue;
                 }
                 let timeout = timeout_of(timeout);
-                // Still on this height a while: it may have missed the decision (of the
-                // last height, with no later one to hear of).
-                if peers[peer].rebroadcasting(timeout) {
+                // Still on the last height a while: it may have missed the decision,
+                // and no later height will tell it.
+                if height == settings.heights && peers[peer].rebroadcasting(timeout) {
                     sim.ask_any_for_chain(peer, height);
                 }
                 (peer, height, peers[peer].timeout(timeout))
@@ -476,7 +476,7 @@ impl Sim<'_> {
         );
     }
 
-    /// `peer`, on `height` a while, asks the others (once a height) for the certified
+    /// `peer`, on the last height a while, asks the others (once) for the certified
     /// chain from it: the first that has decided it answers.
     fn ask_any_for_chain(&mut self, peer: usize, height: u64) {
         if self.asked.contains(&(peer, height)) {

@@ -43,8 +43,9 @@ fn kind(message: &peer::Message) -> usize {
 
 /// How long a peer that reached its last version stays to answer members still on it
 /// (the updates a proposal names, the chain), training nothing: without it, the last
-/// member to certify may find everyone gone.
-pub const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+/// member to certify may find everyone gone. A member that missed the last decision asks
+/// for the chain at its second rebroadcast, 4 s or more into its round (`peer::Node`).
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `node` over `transport` until its replica reaches version `until`, and
 /// [`LINGER`] after (or until the transport closes). `members` are who a broadcast goes
@@ -69,6 +70,7 @@ pub async fn run<T: Transport>(
     let mut busy = false;
     // When the peer leaves, once it reached `until`.
     let mut done: Option<Instant> = None;
+    node.stop_at(until);
     let mut outs = node.start()?;
     loop {
         for out in outs.drain(..) {

@@ -200,7 +200,8 @@ fn a_peer_that_was_away_catches_up_from_the_certified_chain() {
 }
 
 /// Proposals and votes lost on the way: each member sends its votes again while its
-/// height goes on, and asks for the chain, so no height stalls.
+/// height goes on (and one that missed a decision hears of the next height and asks for
+/// the chain), so no height stalls.
 #[test]
 fn lost_agreement_messages_stall_no_height() {
     let inputs = inputs();
