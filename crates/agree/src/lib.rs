@@ -870,7 +870,6 @@ impl Peer {
         )))
     }
 
-    /// A timer the driver started ([`Action::Schedule`]) fired.
     /// Whether `timeout` is the rebroadcast timer this peer acts on (the height has
     /// gone on without a decision for a while: its driver may ask for the chain too).
     pub fn rebroadcasting(&self, timeout: Timeout) -> bool {
@@ -878,7 +877,7 @@ impl Peer {
             && self.rebroadcast == Some((self.height(), timeout.round))
     }
 
-    /// A timer this peer asked for fired.
+    /// A timer the driver started ([`Action::Schedule`]) fired.
     pub fn timeout(&mut self, timeout: Timeout) -> Result<Vec<Action>, AgreeError> {
         if timeout.kind == TimeoutKind::Rebroadcast {
             // One a newer one replaced (or of a height left): nothing to do.
