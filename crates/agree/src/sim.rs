@@ -3,10 +3,12 @@
 //! every message, proposers whose values are wrong, proposers who equivocate (another
 //! valid value to half the committee), a partition that holds the messages crossing it
 //! until it heals, clocks that run at different rates, and messages lost on the way (a
-//! seeded share: each peer's rebroadcast of its votes is what recovers them). A peer that hears of a height
-//! past its own asks the message's signer for the certified chain and catches up from it
-//! (each decision's certificate checked, each value re-executed). Deterministic: the
-//! same settings give the same run, so a failing seed can be run again.
+//! seeded share: each peer's rebroadcast of its votes is what recovers them). A peer
+//! that hears of a height past its own asks the message's signer for the certified chain
+//! and catches up from it (each decision's certificate checked, each value re-executed);
+//! one still on the last height at a rebroadcast asks any peer that decided it.
+//! Deterministic: the same settings give the same run, so a failing seed can be run
+//! again.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
