@@ -198,7 +198,49 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
     assert!(view["version"].as_u64().is_some_and(|v| v <= 3), "{view}");
     let metrics = get("/metrics");
     assert!(metrics.contains("hivetrain_peer_version"), "{metrics}");
-    assert!(get("/").contains("hivetrain peer"));
+    let page = get("/");
+    assert!(page.contains("hivetrain peer"));
+    // Values reach the page as text only: members are whoever the creator admitted.
+    assert!(!page.contains("innerHTML"));
+    // The page's script, run by Node against this peer with a small stand-in for the
+    // DOM, renders the run as the peer sees it.
+    let script =
+        &page[page.find("<script>").expect("script") + 8..page.find("</script>").expect("end")];
+    let harness = sandbox.write(
+        "dashboard.mjs",
+        format!("{DOM}\n{script}\n{RENDER}").as_bytes(),
+    );
+    let out = Command::new("node")
+        .arg(&harness)
+        .arg(dashboard.trim_end_matches('/'))
+        .output()
+        .expect("node (Node.js 18 or later) runs the dashboard's script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let run = shown["run"].as_str().expect("run");
+    assert!(
+        run.starts_with("run ") && run.contains("| version "),
+        "{shown}"
+    );
+    assert!(
+        shown["reruns"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("re-runs by other members: ")),
+        "{shown}"
+    );
+    let rows = shown["members"].as_array().expect("members");
+    assert_eq!(rows.len(), 4, "{shown}");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.as_str().is_some_and(|r| r.contains("|self|")))
+            .count(),
+        1,
+        "{shown}"
+    );
     // Far past what it takes (about 12 s here): a peer that hangs fails the test.
     let deadline = started + std::time::Duration::from_secs(300);
     let mut outputs = Vec::new();
@@ -409,3 +451,47 @@ fn a_peer_refuses_what_it_cannot_join_with_a_sentence() {
         "{out:?}"
     );
 }
+
+/// A stand-in for the browser: elements that keep their text, children, attributes and
+/// table rows (the first row the header); `fetch` against the peer's URL (the first
+/// argument); no timers.
+const DOM: &str = r#"
+const base = process.argv[2];
+const realFetch = fetch;
+globalThis.fetch = (path) => realFetch(base + path);
+class El {
+  constructor(tag) {
+    this.tag = tag; this.children = []; this.textContent = ""; this.attrs = {}; this.className = "";
+    this.rows = [new Object()];
+    this.width = { baseVal: { value: 640 } }; this.height = { baseVal: { value: 160 } };
+  }
+  appendChild(c) { this.children.push(c); return c; }
+  replaceChildren(...cs) { this.children = cs; }
+  setAttribute(k, v) { this.attrs[k] = String(v); }
+  insertRow() { const r = new El("tr"); this.rows.push(r); return r; }
+  deleteRow(i) { this.rows.splice(i, 1); }
+  insertCell() { const c = new El("td"); this.children.push(c); return c; }
+}
+const elements = {};
+const element = (id) => (elements[id] ??= new El(id));
+globalThis.document = {
+  getElementById: element,
+  createElement: (tag) => new El(tag),
+  createElementNS: (_ns, tag) => new El(tag),
+};
+globalThis.setInterval = () => 0;
+"#;
+
+/// After the page's script: render once more, waiting for it, and print what is shown.
+const RENDER: &str = r#"
+await refresh();
+const row = (r) => r.children.map((c) => c.textContent).join("|");
+console.log(JSON.stringify({
+  me: element("me").textContent,
+  run: element("run").textContent,
+  reruns: element("reruns").textContent,
+  members: element("members").rows.slice(1).map(row),
+  versions: element("versions").rows.slice(1).map(row),
+  chart: element("loss").children[0]?.attrs.points ?? "",
+}));
+"#;
