@@ -458,6 +458,12 @@ impl Sim<'_> {
         if self.settings.withholding.contains(&from) {
             return;
         }
+        self.answer_chain(from, peer, height);
+    }
+
+    /// `from` sends `peer` its certified chain from `height`, if it has any of it (then
+    /// `peer` asked for that height, and does not again).
+    fn answer_chain(&mut self, from: usize, peer: usize, height: u64) {
         let chain: Vec<Decision> = self.chains[from]
             .iter()
             .filter(|d| d.height.0 >= height)
@@ -489,24 +495,9 @@ impl Sim<'_> {
                 && !self.settings.withholding.contains(&p)
                 && self.chains[p].len() as u64 >= height
         });
-        let Some(from) = from else {
-            return;
-        };
-        let chain: Vec<Decision> = self.chains[from]
-            .iter()
-            .filter(|d| d.height.0 >= height)
-            .cloned()
-            .collect();
-        self.asked.insert((peer, height));
-        self.report.messages += 1;
-        let at = self.arrival(from, peer);
-        self.push(
-            at,
-            Event::Sync {
-                to: peer,
-                chain: Box::new(Unordered(chain)),
-            },
-        );
+        if let Some(from) = from {
+            self.answer_chain(from, peer, height);
+        }
     }
 
     /// How long `peer`'s timer of `ms` takes on the simulated clock.
