@@ -443,3 +443,32 @@ pub fn this_machine() -> protocol::api::Machine {
         tokens_per_s: 1_000.0,
     }
 }
+
+/// Runs the `<script>` of `page` under Node (18 or later) in `dir`, between `dom` (a
+/// stand-in for the browser; the script's first argument is `url`) and `render` (which
+/// prints what is shown as JSON), and returns that JSON: a dashboard rendered without a
+/// browser. Panics, with Node's standard error, if the script fails.
+pub fn render_under_node(
+    dir: &std::path::Path,
+    page: &str,
+    dom: &str,
+    render: &str,
+    url: &str,
+) -> serde_json::Value {
+    let start = page.find("<script>").expect("a script") + "<script>".len();
+    let end = page.find("</script>").expect("its end");
+    let file = dir.join("dashboard.mjs");
+    std::fs::write(&file, format!("{dom}\n{}\n{render}", &page[start..end]))
+        .expect("write harness");
+    let out = std::process::Command::new("node")
+        .arg(&file)
+        .arg(url)
+        .output()
+        .expect("node (Node.js 18 or later) runs the dashboard's script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}

@@ -204,23 +204,13 @@ fn four_peer_processes_certify_a_run_from_its_ticket_through_a_relay() {
     assert!(!page.contains("innerHTML"));
     // The page's script, run by Node against this peer with a small stand-in for the
     // DOM, renders the run as the peer sees it.
-    let script =
-        &page[page.find("<script>").expect("script") + 8..page.find("</script>").expect("end")];
-    let harness = sandbox.write(
-        "dashboard.mjs",
-        format!("{DOM}\n{script}\n{RENDER}").as_bytes(),
+    let shown = test_support::render_under_node(
+        sandbox.dir.path(),
+        &page,
+        DOM,
+        RENDER,
+        dashboard.trim_end_matches('/'),
     );
-    let out = Command::new("node")
-        .arg(&harness)
-        .arg(dashboard.trim_end_matches('/'))
-        .output()
-        .expect("node (Node.js 18 or later) runs the dashboard's script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let run = shown["run"].as_str().expect("run");
     assert!(
         run.starts_with("run ") && run.contains("| version "),

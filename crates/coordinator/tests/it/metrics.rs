@@ -158,22 +158,7 @@ fn the_dashboard_reads_endpoints_that_answer_with_its_fields() {
 
     // The page's script, run by Node against this coordinator with a small stand-in for
     // the DOM, renders the run.
-    let script =
-        &html[html.find("<script>").expect("script") + 8..html.find("</script>").expect("end")];
-    let harness = format!("{DOM}\n{script}\n{RENDER}");
-    let file = dir.path().join("dashboard.mjs");
-    std::fs::write(&file, harness).expect("write harness");
-    let out = std::process::Command::new("node")
-        .arg(&file)
-        .arg(&url)
-        .output()
-        .expect("node (Node.js 18 or later) runs the dashboard's script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let shown = ts::render_under_node(dir.path(), &html, DOM, RENDER, &url);
     assert_eq!(shown["error"], "", "{shown}");
     let tiles = shown["tiles"].as_str().expect("tiles");
     assert!(
