@@ -10,7 +10,8 @@
 # 20 s; 0 turns sizing off). The run trains GPT-2 `small` from scratch, or, with
 # FINETUNE_BASE=PATH (a GGUF, e.g. SmolLM2-135M-Instruct's), a rank-8 LoRA adapter on
 # that base over data/shakespeare-chat.jsonl, as `hivetrain demo --finetune` does (8
-# steps a base unit).
+# steps a base unit). OUTER_LR and OUTER_MOMENTUM set DiLoCo's outer step (default: the
+# run's default).
 set -euo pipefail
 bin=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -45,6 +46,14 @@ preset = "small"
 units_per_round = 4
 min_updates = 2
 unit_ms = ${UNIT_MS:-20000}
+EOF
+fi
+if [ -n "${OUTER_LR:-}${OUTER_MOMENTUM:-}" ]; then
+    cat >> "$work/run.toml" <<EOF
+[outer]
+rule = "diloco"
+lr = ${OUTER_LR:-0.7}
+momentum = ${OUTER_MOMENTUM:-0.9}
 EOF
 fi
 cat >> "$work/run.toml" <<EOF

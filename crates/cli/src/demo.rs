@@ -110,13 +110,6 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Every worker of this machine reports back well within a minute or two.
     base.schedule.round_timeout_ms = 300_000;
     base.schedule.lease_ms = 120_000;
-    // With two workers and H = 50, outer momentum 0.9 (DiLoCo's setting for many workers
-    // and H = 500) overshoots: the holdout loss climbed after round 5. 0.5 measured better
-    // (BENCHMARKS.md, "DiLoCo over the network").
-    base.outer = aggregation::OuterConfig::Diloco {
-        lr: 0.7,
-        momentum: 0.5,
-    };
     if args.finetune {
         let gguf =
             models::smollm2::fetch::ensure_gguf().context("fetching SmolLM2-135M-Instruct")?;

@@ -421,7 +421,7 @@ impl CoordinatorConfig {
     /// The fine-tune demo's run, sized for two cores (BENCHMARKS.md, "The fine-tune
     /// demo"): the GGUF `base` with a LoRA adapter (rank 8, alpha 16, all seven
     /// projections) on `data/shakespeare-chat.jsonl`, windows of 256 tokens, batches of 2,
-    /// H = 4 at inner lr 1e-3, DiLoCo's default outer step, re-runs of each worker's first
+    /// H = 4 at inner lr 1e-3, DiLoCo's default outer step (momentum 0.5), re-runs of each worker's first
     /// two units and then one in two. `hivetrain demo --finetune` and `cargo xtask bench
     /// finetune` both run it.
     pub fn finetune_demo(mut self, base: PathBuf) -> CoordinatorConfig {

@@ -69,7 +69,8 @@ pub(crate) struct LoraCombineArgs {
     #[arg(long, value_delimiter = ',', default_value = "factors,ffa,product", value_parser = parse_rule)]
     rules: Vec<Rule>,
     /// Outer steps to try: `avg` (plain averaging: SGD lr 1, no momentum), `nesterov`
-    /// (the project's DiLoCo default, `aggregation::OuterConfig::default()`), or `lr:momentum`.
+    /// (the DiLoCo paper's lr 0.7, momentum 0.9), `default` (the project's,
+    /// `aggregation::OuterConfig::default()`: lr 0.7, momentum 0.5), or `lr:momentum`.
     #[arg(long, value_delimiter = ',', default_value = "avg,nesterov", value_parser = parse_outer)]
     outer: Vec<Outer>,
     /// Single-machine references to train: `lora` (A and B train), `ffa` (A frozen), or
@@ -84,9 +85,19 @@ pub(crate) struct LoraCombineArgs {
     holdout: usize,
     #[arg(long, default_value_t = 16)]
     holdout_every: usize,
-    /// Engine threads.
+    /// Engine threads (on `cpu`; on `cuda` they only run the product rule's SVDs).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Where the model trains: `cpu` (with --threads) or `cuda`/`cuda:N` (bf16, as a GPU
+    /// worker trains).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Unequal units, as a run whose units are sized per worker has (e.g. `32,4,4,4`: a
+    /// GPU's unit beside three laptops'): one entry per worker, its inner steps a round.
+    /// Replaces --workers and --local-steps; each worker's delta is weighted by its steps
+    /// (the network weights an update by the tokens it trained).
+    #[arg(long, value_delimiter = ',')]
+    worker_steps: Vec<usize>,
     /// The adapter's init and the order of the training windows.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -137,14 +148,15 @@ struct Outer {
 fn parse_outer(s: &str) -> Result<Outer, String> {
     let (lr, momentum) = match s {
         "avg" => (1.0, 0.0),
-        "nesterov" => match OuterConfig::default() {
+        "nesterov" => (0.7, 0.9),
+        "default" => match OuterConfig::default() {
             OuterConfig::Diloco { lr, momentum } => (lr, momentum),
             _ => return Err("the default outer optimizer is not DiLoCo".into()),
         },
         _ => {
             let (lr, m) = s
                 .split_once(':')
-                .ok_or_else(|| format!("{s:?}: expected avg, nesterov or lr:momentum"))?;
+                .ok_or_else(|| format!("{s:?}: expected avg, nesterov, default or lr:momentum"))?;
             let number = |v: &str| v.parse::<f32>().map_err(|e| format!("{v:?}: {e}"));
             (number(lr)?, number(m)?)
         }
@@ -173,14 +185,18 @@ struct Setup {
 
 pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
     if args.workers.contains(&0)
+        || args.worker_steps.contains(&0)
         || args.batch == 0
         || args.local_steps == 0
         || args.rounds == 0
         || args.holdout_every < 2
     {
         bail!(
-            "--workers, --batch, --local-steps and --rounds must be at least 1, --holdout-every at least 2"
+            "--workers, --worker-steps, --batch, --local-steps and --rounds must be at least 1, --holdout-every at least 2"
         );
+    }
+    if args.worker_steps.windows(2).any(|w| w[0] != w[1]) && args.rules.contains(&Rule::Product) {
+        bail!("--rules product averages workers unweighted: use it with equal --worker-steps");
     }
     let started = Instant::now();
     let gguf = args.gguf.clone().unwrap_or_else(models::smollm2::gguf_path);
@@ -215,12 +231,13 @@ pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
     let init = engine::lora::init_adapter(&model.config, &lora, args.seed);
     let mut params = model.params;
     params.extend_from_slice(&init);
-    let backend = engine::open_model(
-        &format!("cpu:{}", args.threads),
-        &spec,
-        params,
-        engine::Purpose::Train,
-    )?;
+    let device = if args.device == "cpu" {
+        format!("cpu:{}", args.threads)
+    } else {
+        engine::check_device(&args.device)?;
+        args.device.clone()
+    };
+    let backend = engine::open_model(&device, &spec, params, engine::Purpose::Train)?;
     let layout = engine::LoraLayout::new(&model.config, &lora);
     let tensors = layout.table().tensors();
     let pairs = tensors
@@ -258,7 +275,7 @@ pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
             .count(),
     );
     println!(
-        "batch {} x {} per worker-step, H = {}, R = {}, inner AdamW lr {} (constant), {} threads, seed {}",
+        "batch {} x {} per worker-step, H = {}, R = {}, inner AdamW lr {} (constant), device {device}, {} threads, seed {}",
         args.batch, args.seq, args.local_steps, args.rounds, args.inner_lr, args.threads, args.seed
     );
     if !args.no_base {
@@ -267,8 +284,18 @@ pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
         println!("base model (B = 0): holdout loss {loss:.4}");
     }
     let mut rows: Vec<Row> = Vec::new();
-    for &m in &args.workers {
-        let steps = m * args.local_steps;
+    let plans: Vec<Vec<usize>> = if args.worker_steps.is_empty() {
+        args.workers
+            .iter()
+            .map(|&m| vec![args.local_steps; m])
+            .collect()
+    } else {
+        vec![args.worker_steps.clone()]
+    };
+    for plan in &plans {
+        let m = plan.len();
+        let steps: usize = plan.iter().sum();
+        println!("M = {m}, steps a round per worker {plan:?}");
         for reference in &args.references {
             let frozen_a = match reference.as_str() {
                 "lora" => false,
@@ -277,7 +304,7 @@ pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
                 other => bail!("--references {other}: expected lora, ffa or none"),
             };
             let t = Instant::now();
-            let losses = single_machine(&mut setup, &args, m, frozen_a)?;
+            let losses = single_machine(&mut setup, &args, plan, frozen_a)?;
             let row = Row {
                 what: format!("single-{reference}"),
                 outer: format!("{steps} steps/round"),
@@ -291,7 +318,7 @@ pub(crate) fn run(root: &Path, args: LoraCombineArgs) -> anyhow::Result<()> {
         for &rule in &args.rules {
             for outer in &args.outer {
                 let t = Instant::now();
-                let losses = diloco(&mut setup, &args, m, rule, outer)?;
+                let losses = diloco(&mut setup, &args, plan, rule, outer)?;
                 let row = Row {
                     what: rule.name().to_string(),
                     outer: outer.name.clone(),
@@ -379,18 +406,19 @@ fn owned(windows: &models::ChatWindows, ws: &[usize]) -> OwnedBatch {
     }
 }
 
-/// Worker `m` of `workers`' batch at inner step `i` of round `round`: the next `batch`
-/// windows of the shuffled training stream, the workers' H-step slices of a round laid
-/// end to end (wrapping around after an epoch).
+/// Worker `m`'s batch at inner step `i` of round `round` under `plan` (each worker's
+/// steps a round): the next `batch` windows of the shuffled training stream, the
+/// workers' slices of a round laid end to end (wrapping around after an epoch).
 fn batch_of(
     setup: &Setup,
     args: &LoraCombineArgs,
-    workers: usize,
+    plan: &[usize],
     m: usize,
     round: usize,
     i: usize,
 ) -> OwnedBatch {
-    let step = (round * workers + m) * args.local_steps + i;
+    let per_round: usize = plan.iter().sum();
+    let step = round * per_round + plan[..m].iter().sum::<usize>() + i;
     let ws: Vec<usize> = (0..args.batch)
         .map(|b| setup.order[(step * args.batch + b) % setup.order.len()])
         .collect();
@@ -413,11 +441,11 @@ fn restore_a(setup: &Setup, adapter: &mut [f32], frozen: &[f32]) {
     }
 }
 
-/// One adapter, one AdamW, M x H steps a round on the workers' batches in turn.
+/// One adapter, one AdamW, every worker's steps of a round on its batches in turn.
 fn single_machine(
     setup: &mut Setup,
     args: &LoraCombineArgs,
-    workers: usize,
+    plan: &[usize],
     frozen_a: bool,
 ) -> anyhow::Result<Vec<f32>> {
     let optimizer = OptimizerConfig::default();
@@ -426,9 +454,9 @@ fn single_machine(
     setup.backend.reset_optimizer();
     let mut losses = Vec::with_capacity(args.rounds);
     for round in 0..args.rounds {
-        for m in 0..workers {
-            for i in 0..args.local_steps {
-                let batch = batch_of(setup, args, workers, m, round, i);
+        for (m, &steps) in plan.iter().enumerate() {
+            for i in 0..steps {
+                let batch = batch_of(setup, args, plan, m, round, i);
                 setup
                     .backend
                     .train_step(&batch.as_batch(), &optimizer, args.inner_lr)?;
@@ -450,11 +478,12 @@ fn single_machine(
     Ok(losses)
 }
 
-/// DiLoCo with `workers` workers combining by `rule`, stepping by `outer`.
+/// DiLoCo with one worker per entry of `plan` (its steps a round) combining by `rule`,
+/// stepping by `outer`.
 fn diloco(
     setup: &mut Setup,
     args: &LoraCombineArgs,
-    workers: usize,
+    plan: &[usize],
     rule: Rule,
     outer: &Outer,
 ) -> anyhow::Result<Vec<f32>> {
@@ -469,12 +498,12 @@ fn diloco(
     let mut momentum: Vec<Option<LowRank>> = vec![None; setup.pairs.len()];
     let mut losses = Vec::with_capacity(args.rounds);
     for round in 0..args.rounds {
-        let mut locals = Vec::with_capacity(workers);
-        for m in 0..workers {
+        let mut locals = Vec::with_capacity(plan.len());
+        for (m, &steps) in plan.iter().enumerate() {
             setup.backend.set_trainable(&base)?;
             setup.backend.reset_optimizer();
-            for i in 0..args.local_steps {
-                let batch = batch_of(setup, args, workers, m, round, i);
+            for i in 0..steps {
+                let batch = batch_of(setup, args, plan, m, round, i);
                 setup
                     .backend
                     .train_step(&batch.as_batch(), &optimizer, args.inner_lr)?;
@@ -494,9 +523,10 @@ fn diloco(
                     .collect();
                 let weighted: Vec<WeightedDelta<'_>> = deltas
                     .iter()
-                    .map(|d| WeightedDelta {
+                    .zip(plan)
+                    .map(|(d, &steps)| WeightedDelta {
                         delta: d,
-                        weight: 1,
+                        weight: steps as u64,
                     })
                     .collect();
                 flat_outer.step(&mut base, &weighted)?;
@@ -695,7 +725,7 @@ mod tests {
 
     #[test]
     fn outer_settings_and_rules_parse() {
-        let got: Vec<String> = ["avg", "nesterov", "0.5:0.25", "fast", "1:x"]
+        let got: Vec<String> = ["avg", "nesterov", "default", "0.5:0.25", "fast", "1:x"]
             .iter()
             .map(|s| match parse_outer(s) {
                 Ok(o) => format!("{} lr {} momentum {}", o.name, o.lr, o.momentum),
@@ -715,8 +745,9 @@ mod tests {
         expect_test::expect![[r#"
             avg lr 1 momentum 0
             nesterov lr 0.7 momentum 0.9
+            default lr 0.7 momentum 0.5
             0.5:0.25 lr 0.5 momentum 0.25
-            error: "fast": expected avg, nesterov or lr:momentum
+            error: "fast": expected avg, nesterov, default or lr:momentum
             error: "x": invalid float literal
             Ok(Gate)
             Err("\"gate_proj\": expected q, k, v, o, gate, up or down")
