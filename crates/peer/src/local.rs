@@ -21,7 +21,7 @@ use crate::PeerError;
 use crate::node::{Behaviour, Message, Node, Out, Timer, Timings};
 use crate::replica::{Replica, RunSpec};
 
-/// What a unit's training takes on the simulated clock.
+/// What a unit's training takes on the simulated clock, by default.
 const TRAIN_MS: u64 = 1_000;
 
 /// A local run.
@@ -45,6 +45,8 @@ pub struct Scenario {
     /// The percentage of agreement messages (proposals and votes) lost on the way, a
     /// seeded draw for each message to each member.
     pub lost_percent: u32,
+    /// What a unit's (or a re-run's) training takes on the simulated clock (ms).
+    pub train_ms: u64,
 }
 
 impl Scenario {
@@ -60,6 +62,7 @@ impl Scenario {
             deaf_to_updates: None,
             delay_ms: (5, 80),
             lost_percent: 0,
+            train_ms: TRAIN_MS,
         }
     }
 }
@@ -394,7 +397,7 @@ pub fn run(
                     }
                     Out::Train { unit, base } => {
                         push(
-                            now + TRAIN_MS,
+                            now + scenario.train_ms,
                             Event::Trained {
                                 node: from,
                                 unit,

@@ -12,6 +12,13 @@
 //! hash are what it computed, bit for bit, and no update it holds of a leased unit is
 //! left out. More than two thirds of the votes certify the version; every peer then
 //! keeps the replica it executed (never the proposer's word) and starts the next height.
+//!
+//! While a peer trains its unit of the height, it does not give up on the height's
+//! proposals: its propose timeouts and, as proposer, its collect deadline start once its
+//! unit is trained (`Node::held_back`). A unit longer than a round's propose timeout (a
+//! SmolLM2 unit on a laptop takes minutes; the timeout is seconds) then costs no round:
+//! every member votes for a proposal whenever it comes, and gives up on one only after
+//! the usual timeouts counted from its own unit's end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -239,6 +246,19 @@ pub struct Node {
     /// again, while its check is still leased (a proposer left it out of a height; the
     /// peers that got it keep it, so it is not sent again).
     sent_check: Option<(u64, Arc<Vec<u8>>)>,
+    /// What waits for this peer's unit of the height to be trained (`Node::held_back`).
+    held: HeldBack,
+}
+
+/// Timers a peer holds back while it trains its unit of the height: the newest propose
+/// timeout and the newest collect deadline (one of an older round is moot once a newer
+/// one is asked for), so at most two.
+#[derive(Clone, Copy, Debug, Default)]
+struct HeldBack {
+    /// The unit of the height this peer is training, until [`Node::trained`] has it.
+    unit: Option<u64>,
+    propose: Option<agree::Timeout>,
+    collect: Option<(Height, agree::Round)>,
 }
 
 impl Node {
@@ -309,6 +329,7 @@ impl Node {
             chain_sent: BTreeMap::new(),
             wanted: BTreeSet::new(),
             sent_check: None,
+            held: HeldBack::default(),
         })
     }
 
@@ -415,8 +436,52 @@ impl Node {
         } else {
             vec![Out::Broadcast(Message::Update(bytes))]
         };
+        if !check && self.held.unit == Some(unit.id) {
+            self.release_held(&mut out);
+        }
         self.try_build(false, &mut out)?;
         Ok(out)
+    }
+
+    /// Whether this peer is still training its unit of the height: its propose timeouts
+    /// and collect deadlines wait for it.
+    pub fn held_back(&self) -> bool {
+        self.held.unit.is_some()
+    }
+
+    /// This peer's unit of the height is trained: the timers held back start now.
+    fn release_held(&mut self, out: &mut Vec<Out>) {
+        let held = std::mem::take(&mut self.held);
+        if let Some(timeout) = held.propose {
+            out.push(self.agree_timer(timeout));
+        }
+        if let Some((height, round)) = held.collect {
+            out.push(self.collect_timer(height, round));
+        }
+    }
+
+    /// The driver's timer for `agree`'s `timeout` on this height.
+    fn agree_timer(&self, timeout: agree::Timeout) -> Out {
+        Out::Schedule {
+            after_ms: self.timings.agree.duration_ms(timeout),
+            timer: Timer::Agree {
+                height: self.agree.height().0,
+                timeout,
+            },
+        }
+    }
+
+    /// The proposer's collect deadline of `round`: longer each round, as Tendermint's
+    /// timeouts grow (members slower than `collect_ms`, a loaded machine, make the first
+    /// rounds fail, not all), but in time for the members' propose timeout.
+    fn collect_timer(&self, height: Height, round: agree::Round) -> Out {
+        Out::Schedule {
+            after_ms: self.timings.collect_after_ms(round),
+            timer: Timer::Collect {
+                height: height.0,
+                round: round.as_i64(),
+            },
+        }
     }
 
     /// A message from peer `from`.
@@ -876,25 +941,19 @@ impl Node {
                     message: Box::new(message),
                     updates: Vec::new(),
                 })),
-                Action::Schedule(timeout) => out.push(Out::Schedule {
-                    after_ms: self.timings.agree.duration_ms(timeout),
-                    timer: Timer::Agree {
-                        height: self.agree.height().0,
-                        timeout,
-                    },
-                }),
+                Action::Schedule(timeout)
+                    if self.held_back() && timeout.kind == agree::TimeoutKind::Propose =>
+                {
+                    self.held.propose = Some(timeout);
+                }
+                Action::Schedule(timeout) => out.push(self.agree_timer(timeout)),
                 Action::BuildValue { height, round } => {
                     self.building = Some((height, round, false));
-                    // Longer each round, as Tendermint's timeouts grow: members slower than
-                    // `collect_ms` (a loaded machine) make the first rounds fail, not all;
-                    // but in time for the members' propose timeout.
-                    out.push(Out::Schedule {
-                        after_ms: self.timings.collect_after_ms(round),
-                        timer: Timer::Collect {
-                            height: height.0,
-                            round: round.as_i64(),
-                        },
-                    });
+                    if self.held_back() {
+                        self.held.collect = Some((height, round));
+                    } else {
+                        out.push(self.collect_timer(height, round));
+                    }
                     self.try_build(false, out)?;
                 }
                 Action::Decided(decision) => self.decided(decision, out)?,
@@ -1001,6 +1060,7 @@ impl Node {
         self.chain_sent.clear();
         self.wanted.clear();
         self.building = None;
+        self.held = HeldBack::default();
         // Re-runs of checks still leased on the new version stay (a value left them out).
         let pool = std::mem::take(&mut self.pool);
         self.pool = pool
@@ -1050,6 +1110,7 @@ impl Node {
     /// This peer's unit of the round, to train, and its check: to train, or, if it was
     /// trained and sent already, held again.
     fn train(&mut self) -> Vec<Out> {
+        self.held.unit = self.replica.unit_of(&self.id).map(|u| u.id);
         let mut out: Vec<Out> = self
             .replica
             .unit_of(&self.id)

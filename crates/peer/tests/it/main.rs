@@ -215,6 +215,30 @@ fn lost_agreement_messages_stall_no_height() {
     }
 }
 
+/// Units that take far longer than a round's propose timeout (3 s): the members hold
+/// their propose timeouts back until their own unit is trained, so every height is
+/// decided in its first round (before, 12 s of training failed the first 2 rounds of
+/// every height), and a member away for the first height still catches up.
+#[test]
+fn units_longer_than_a_round_cost_no_round() {
+    let inputs = inputs();
+    let scenario = Scenario {
+        train_ms: 12_000,
+        ..Scenario::new(71, 4, 3)
+    };
+    let report = run(&inputs, &scenario);
+    agreed(&report, 3);
+    for p in &report.peers {
+        assert!(p.rounds.iter().all(|&r| r == 0), "{:?}", p.rounds);
+    }
+    let scenario = Scenario {
+        train_ms: 12_000,
+        away: Some((1, 20_000)),
+        ..Scenario::new(72, 4, 3)
+    };
+    agreed(&run(&inputs, &scenario), 3);
+}
+
 /// A proposer's wait for updates ends before the members' propose timeout in every
 /// round (it grew faster than that timeout: once a member was gone for good, a height
 /// whose first round failed never ended; CI's NAT test stalled so).
