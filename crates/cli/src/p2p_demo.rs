@@ -50,17 +50,11 @@ pub(crate) fn config(
         steps,
         ..Scenario::new(0, peers, versions)
     };
-    let mut config = peer::local::config(
+    Ok(peer::local::config(
         &scenario,
         &repo_file("data/shakespeare.txt")?,
         &repo_file("data/tokenizer.json")?,
-    );
-    // The coordinator demo's outer step (BENCHMARKS.md, "DiLoCo over the network").
-    config.outer = aggregation::OuterConfig::Diloco {
-        lr: 0.7,
-        momentum: 0.5,
-    };
-    Ok(config)
+    ))
 }
 
 /// What a run of peers requires whatever the flags say: one unit a member each round,
