@@ -289,12 +289,20 @@ pub struct Scheduler {
     /// before their deadline, so a slow worker's training is not lost.
     #[serde(default)]
     late: BTreeMap<u64, LateLease>,
-    /// Workers whose lease of this round reached `lease_max_ms`: no more units for them
-    /// until the next round (at most one entry per lease the round handed out).
+    /// Workers whose lease of this round reached its hard deadline after heartbeats
+    /// renewed it: until the next round, they get only a unit that no one else took for
+    /// `lease_ms` after it was queued (with every worker barred outright, a round of
+    /// honest workers all slower than expected never ended). At most one entry per lease
+    /// the round handed out.
     #[serde(default)]
     overdue: Vec<WorkerId>,
-    /// How long each worker's recent units took it, from lease to accepted update: what
-    /// its next hard deadline is sized from.
+    /// When each unit of the round was last queued (issued, or freed by an expiry, an
+    /// overrun or a refusal): at most one entry per unit of the round.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    queued_ms: BTreeMap<u64, u64>,
+    /// How long each worker's recent units took it, from lease to accepted update (or to
+    /// the hard deadline it overran: a lower bound): what its next hard deadline is sized
+    /// from.
     #[serde(default, skip_serializing_if = "Arrivals::is_empty")]
     arrivals: Arrivals,
     /// Units of this round already sized by a lease (`unit_ms`): queued again, they keep
@@ -436,6 +444,7 @@ impl Scheduler {
             refused: BTreeMap::new(),
             late: BTreeMap::new(),
             overdue: Vec::new(),
+            queued_ms: BTreeMap::new(),
             arrivals: Arrivals::default(),
             sized: BTreeSet::new(),
         }
@@ -623,6 +632,7 @@ impl Scheduler {
                         && matches!(status, UnitStatus::Leased { worker: w, .. } if *w == worker)
                     {
                         *status = UnitStatus::Queued;
+                        self.queued_ms.insert(unit, now_ms);
                         let refused = self.refused.entry(unit).or_default();
                         if !refused.contains(&worker) {
                             refused.push(worker);
@@ -638,6 +648,7 @@ impl Scheduler {
                         self.sized.clear();
                         self.refused.clear();
                         self.overdue.clear();
+                        self.queued_ms.clear();
                         // Aggregated late updates are done; leases too stale are dropped.
                         let (current, max) = (self.version, self.config.max_staleness);
                         self.late.retain(|_, l| {
@@ -685,6 +696,7 @@ impl Scheduler {
                 lr: self.config.round_lr(self.round),
             };
             self.units.insert(id, (unit, UnitStatus::Queued));
+            self.queued_ms.insert(id, now_ms);
         }
         effects.push(Effect::RoundStarted {
             round: self.round,
@@ -694,7 +706,8 @@ impl Scheduler {
 
     fn expire_leases(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
         let lease_ms = self.config.lease_ms;
-        for (id, (_, status)) in self.units.iter_mut() {
+        let base_steps = self.config.steps_per_unit;
+        for (id, (unit, status)) in self.units.iter_mut() {
             if let UnitStatus::Leased {
                 worker,
                 deadline_ms,
@@ -704,9 +717,21 @@ impl Scheduler {
                 && deadline_ms <= now_ms
             {
                 *status = UnitStatus::Queued;
+                self.queued_ms.insert(*id, now_ms);
                 if overdue(hard_deadline_ms, leased_ms, lease_ms, now_ms) {
                     if !self.overdue.contains(&worker) {
                         self.overdue.push(worker);
+                    }
+                    // The unit took the worker at least this long: its next deadline is
+                    // sized from that, not from the speed it reported.
+                    if let Some(leased_ms) = leased_ms {
+                        self.arrivals.record(
+                            worker,
+                            leased_ms,
+                            now_ms,
+                            unit.address.steps,
+                            base_steps,
+                        );
                     }
                     effects.push(Effect::LeaseOverdue { worker, unit: *id });
                 } else {
@@ -755,13 +780,23 @@ impl Scheduler {
             });
             return;
         }
-        let queued = if self.aggregating || self.overdue.contains(&worker) {
+        let queued = if self.aggregating {
             None
         } else {
-            let refused = &self.refused;
+            let (refused, queued_ms) = (&self.refused, &self.queued_ms);
+            // An overdue worker waits until no one else wanted the unit for a lease's
+            // length: keys that only send heartbeats hold no unit twice while others
+            // work, and slow honest workers still end a round that only they work.
+            let barred = self.overdue.contains(&worker);
+            let waited = |unit: u64| {
+                queued_ms
+                    .get(&unit)
+                    .is_some_and(|&at| now_ms >= at.saturating_add(self.config.lease_ms))
+            };
             self.units.values_mut().find(|(u, s)| {
                 matches!(s, UnitStatus::Queued)
                     && !refused.get(&u.id).is_some_and(|r| r.contains(&worker))
+                    && (!barred || waited(u.id))
             })
         };
         let expected_ms = self.arrivals.expected_ms(worker).or(expected_ms);
@@ -1012,6 +1047,49 @@ mod tests {
                 t=250: no work for w1
                 t=250: no work for w2
                 t=250: lease unit 1 (round 0, base v0, shard 0, offset 0) to w3 until 350
+            "#]],
+        );
+    }
+
+    /// Every worker slower than its reported speed promised: both leases overrun their
+    /// hard deadlines (heartbeats kept them to it) and both workers are barred. Once no
+    /// one else took the freed units for a lease's length (100 ms), the barred may, and
+    /// their new hard deadlines are sized from the time they were given (3 x 150 ms, the
+    /// lower bound recorded when they overran), so the round ends. Before, it never did:
+    /// `hivetrain demo --finetune` on a loaded laptop stalled at version 0 so.
+    #[test]
+    fn a_round_whose_every_worker_overran_its_deadline_still_ends() {
+        use Event::*;
+        let ask = |n| LeaseRequest {
+            worker: w(n),
+            expected_ms: Some(40),
+            steps_max: None,
+        };
+        let hb = |n, unit| Heartbeat { worker: w(n), unit };
+        let done = |n, unit| UpdateAccepted { worker: w(n), unit };
+        check(
+            &[
+                (0, vec![ask(1), ask(2)]),
+                (90, vec![hb(1, 1), hb(2, 2)]),
+                (150, vec![ask(1), ask(2)]),
+                (249, vec![ask(1)]),
+                (250, vec![ask(1), ask(2)]),
+                (340, vec![hb(1, 1), hb(2, 2)]),
+                (430, vec![hb(1, 1), hb(2, 2)]),
+                (500, vec![done(1, 1), done(2, 2)]),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
+                t=150: lease of unit 1 by w1 is overdue
+                t=150: lease of unit 2 by w2 is overdue
+                t=150: no work for w1
+                t=150: no work for w2
+                t=249: no work for w1
+                t=250: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 350
+                t=250: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 350
+                t=500: aggregate round 0 on v0 (2 updates)
             "#]],
         );
     }
@@ -1414,10 +1492,11 @@ mod tests {
         s.tick(101, 7, &[aggregated]);
         s.tick(102, 7, &[lease(3), refused, lease(4)]);
 
-        // What that code did not keep: when leases began, the arrivals measured, the
-        // slack and unit sizing (their defaults).
+        // What that code did not keep: when leases began and units were queued, the
+        // arrivals measured, the slack and unit sizing (their defaults).
         assert_eq!(s.arrivals.of(w(1)), &[5]);
         s.arrivals = Arrivals::default();
+        s.queued_ms.clear();
         for (_, status) in s.units.values_mut() {
             if let UnitStatus::Leased { leased_ms, .. } = status {
                 *leased_ms = None;
