@@ -718,20 +718,17 @@ impl Scheduler {
             {
                 *status = UnitStatus::Queued;
                 self.queued_ms.insert(*id, now_ms);
+                // The unit takes the worker at least this long (or the worker is gone):
+                // its next deadline is sized from that, not from the speed it reported.
+                // Without it, a worker whose reported speed promised less than its unit
+                // takes got the unit back with the same short deadline, again and again.
+                if let Some(leased_ms) = leased_ms {
+                    self.arrivals
+                        .record(worker, leased_ms, now_ms, unit.address.steps, base_steps);
+                }
                 if overdue(hard_deadline_ms, leased_ms, lease_ms, now_ms) {
                     if !self.overdue.contains(&worker) {
                         self.overdue.push(worker);
-                    }
-                    // The unit took the worker at least this long: its next deadline is
-                    // sized from that, not from the speed it reported.
-                    if let Some(leased_ms) = leased_ms {
-                        self.arrivals.record(
-                            worker,
-                            leased_ms,
-                            now_ms,
-                            unit.address.steps,
-                            base_steps,
-                        );
                     }
                     effects.push(Effect::LeaseOverdue { worker, unit: *id });
                 } else {
@@ -1090,6 +1087,44 @@ mod tests {
                 t=250: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 350
                 t=250: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 350
                 t=500: aggregate round 0 on v0 (2 updates)
+            "#]],
+        );
+    }
+
+    /// A unit that outlasts a lease no heartbeat could renew (its hard deadline was its
+    /// first: the worker's reported speed promised 30 ms a unit) comes back to its worker
+    /// with a deadline sized from the 120 ms it was given, which heartbeats then renew,
+    /// not with the same short one: `hivetrain demo --finetune` on a slow laptop trained
+    /// each unit again and again, each refused `not_leased` after 120 s.
+    #[test]
+    fn a_unit_that_outlasts_its_lease_comes_back_with_a_longer_one() {
+        use Event::*;
+        let ask = |n| LeaseRequest {
+            worker: w(n),
+            expected_ms: Some(30),
+            steps_max: None,
+        };
+        let hb = |n, unit| Heartbeat { worker: w(n), unit };
+        check(
+            &[
+                (0, vec![ask(1)]),
+                (90, vec![hb(1, 1)]),
+                (120, vec![ask(1)]),
+                (200, vec![hb(1, 1)]),
+                (290, vec![hb(1, 1)]),
+                (
+                    350,
+                    vec![UpdateAccepted {
+                        worker: w(1),
+                        unit: 1,
+                    }],
+                ),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=120: lease of unit 1 by w1 expired
+                t=120: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 220
             "#]],
         );
     }
