@@ -894,6 +894,23 @@ mod tests {
         WorkerId([n; 32])
     }
 
+    /// Worker `n` asks for a unit, its reported speed promising `expected_ms` a unit.
+    fn ask(n: u8, expected_ms: Option<u64>) -> Event {
+        Event::LeaseRequest {
+            worker: w(n),
+            expected_ms,
+            steps_max: None,
+        }
+    }
+
+    fn hb(n: u8, unit: u64) -> Event {
+        Event::Heartbeat { worker: w(n), unit }
+    }
+
+    fn accepted(n: u8, unit: u64) -> Event {
+        Event::UpdateAccepted { worker: w(n), unit }
+    }
+
     fn config() -> ScheduleConfig {
         ScheduleConfig {
             units_per_round: 2,
@@ -983,7 +1000,6 @@ mod tests {
     #[test]
     fn heartbeats_do_not_keep_a_lease_past_its_hard_limit() {
         use Event::*;
-        let hb = |n, unit| Heartbeat { worker: w(n), unit };
         check_with(
             ScheduleConfig {
                 lease_max_ms: 250,
@@ -1056,14 +1072,7 @@ mod tests {
     /// `hivetrain demo --finetune` on a loaded laptop stalled at version 0 so.
     #[test]
     fn a_round_whose_every_worker_overran_its_deadline_still_ends() {
-        use Event::*;
-        let ask = |n| LeaseRequest {
-            worker: w(n),
-            expected_ms: Some(40),
-            steps_max: None,
-        };
-        let hb = |n, unit| Heartbeat { worker: w(n), unit };
-        let done = |n, unit| UpdateAccepted { worker: w(n), unit };
+        let ask = |n| ask(n, Some(40));
         check(
             &[
                 (0, vec![ask(1), ask(2)]),
@@ -1073,7 +1082,7 @@ mod tests {
                 (250, vec![ask(1), ask(2)]),
                 (340, vec![hb(1, 1), hb(2, 2)]),
                 (430, vec![hb(1, 1), hb(2, 2)]),
-                (500, vec![done(1, 1), done(2, 2)]),
+                (500, vec![accepted(1, 1), accepted(2, 2)]),
             ],
             expect_test::expect![[r#"
                 t=0: round 0 starts on v0
@@ -1098,13 +1107,7 @@ mod tests {
     /// each unit again and again, each refused `not_leased` after 120 s.
     #[test]
     fn a_unit_that_outlasts_its_lease_comes_back_with_a_longer_one() {
-        use Event::*;
-        let ask = |n| LeaseRequest {
-            worker: w(n),
-            expected_ms: Some(30),
-            steps_max: None,
-        };
-        let hb = |n, unit| Heartbeat { worker: w(n), unit };
+        let ask = |n| ask(n, Some(30));
         check(
             &[
                 (0, vec![ask(1)]),
@@ -1112,13 +1115,7 @@ mod tests {
                 (120, vec![ask(1)]),
                 (200, vec![hb(1, 1)]),
                 (290, vec![hb(1, 1)]),
-                (
-                    350,
-                    vec![UpdateAccepted {
-                        worker: w(1),
-                        unit: 1,
-                    }],
-                ),
+                (350, vec![accepted(1, 1)]),
             ],
             expect_test::expect![[r#"
                 t=0: round 0 starts on v0
