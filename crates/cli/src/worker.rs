@@ -186,11 +186,13 @@ pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     eprintln!(
-        "done: {} units, {} accepted, {} rejected, {} abandoned, {:.2} MB sent",
+        "done: {} units, {} accepted, {} rejected, {} withdrawn, {} abandoned, {} heartbeats, {:.2} MB sent",
         summary.units,
         summary.accepted,
         summary.rejected,
+        summary.withdrawn,
         summary.abandoned,
+        summary.heartbeats,
         summary.bytes_sent as f64 / 1e6
     );
     Ok(())

@@ -56,6 +56,9 @@ pub enum Input<'a> {
     },
     /// A worker is still on its unit.
     Heartbeat { worker: WorkerId, unit: u64 },
+    /// The worker's update for its unit arrived in time and is being judged: its lease
+    /// holds while the driver scores it ([`scheduler::Event::Arrived`]).
+    Arrived { worker: WorkerId, unit: u64 },
     /// The driver refused the worker's update for a reason that sends the unit to
     /// another worker (`Reject::releases_unit`).
     Refused { worker: WorkerId, unit: u64 },
@@ -312,6 +315,9 @@ impl Run {
             },
             Input::Heartbeat { worker, unit } => {
                 self.schedule(now_ms, &[Event::Heartbeat { worker, unit }])
+            }
+            Input::Arrived { worker, unit } => {
+                self.schedule(now_ms, &[Event::Arrived { worker, unit }])
             }
             Input::Refused { worker, unit } => {
                 self.schedule(now_ms, &[Event::UpdateRefused { worker, unit }])

@@ -837,12 +837,16 @@ impl Core {
                 ));
             }
         }
-        // A renewal is kept in memory and written with the next commit, or by
-        // [`Core::flush`] within `HEARTBEAT_FLUSH_MS`: heartbeats are most of a run's
-        // requests, and one lost in a crash only ends a lease sooner (its worker's
-        // update is refused as `not_leased`, its unit leased again); nothing accepted or
-        // credited is lost.
-        let (next, output) = self.stepped(now_ms, Input::Heartbeat { worker, unit })?;
+        self.renew(Input::Heartbeat { worker, unit }, now_ms)
+    }
+
+    /// Steps a lease's renewal (a heartbeat, an update's arrival). A renewal is kept in
+    /// memory and written with the next commit, or by [`Core::flush`] within
+    /// `HEARTBEAT_FLUSH_MS`: heartbeats are most of a run's requests, and one lost in a
+    /// crash only ends a lease sooner (its worker's update is refused as `not_leased`,
+    /// its unit leased again); nothing accepted or credited is lost.
+    fn renew(&mut self, input: Input<'_>, now_ms: u64) -> Result<(), RunError> {
+        let (next, output) = self.stepped(now_ms, input)?;
         if output.effects.is_empty() && next.replicas() == self.run.replicas() {
             self.run = next;
             self.unsaved_since_ms.get_or_insert(now_ms);
@@ -939,6 +943,15 @@ impl Core {
                 Ok(None)
             }
             Verdict::Accepted { work_unit, .. } => {
+                // Judged in time at its arrival: scoring it is not the worker's time.
+                let worker = update.header.worker;
+                self.renew(
+                    Input::Arrived {
+                        worker,
+                        unit: work_unit,
+                    },
+                    now_ms,
+                )?;
                 let unit = self.run.scheduler().unit(work_unit).copied();
                 match unit {
                     Some(unit) => self.score_task(&unit, update.header.base_version),

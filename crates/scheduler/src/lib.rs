@@ -220,6 +220,13 @@ pub enum Event {
     },
     /// A worker says it is still on a unit (extends the lease).
     Heartbeat { worker: WorkerId, unit: u64 },
+    /// The worker's update for the unit arrived while its lease held and is being judged:
+    /// the lease holds `lease_ms` more from now, past its hard deadline if need be, so
+    /// that the time the driver takes to score the update is not counted against the
+    /// worker. A verdict ends it either way (an update refused on its content releases
+    /// the unit, [`Event::UpdateRefused`]); a worker that sends again extends it again,
+    /// each time by one more upload that is judged.
+    Arrived { worker: WorkerId, unit: u64 },
     /// Validation accepted the worker's update for the unit.
     UpdateAccepted { worker: WorkerId, unit: u64 },
     /// Validation refused the worker's update for the unit on its content (not its
@@ -588,6 +595,30 @@ impl Scheduler {
                         && l.accepted_in.is_none()
                     {
                         l.deadline_ms = renewed.min(l.hard_deadline_ms);
+                    }
+                }
+                Event::Arrived { worker, unit } => {
+                    let held = now_ms.saturating_add(self.config.lease_ms);
+                    if let Some((
+                        _,
+                        UnitStatus::Leased {
+                            worker: holder,
+                            deadline_ms,
+                            hard_deadline_ms,
+                            ..
+                        },
+                    )) = self.units.get_mut(&unit)
+                        && *holder == worker
+                    {
+                        *deadline_ms = (*deadline_ms).max(held);
+                        *hard_deadline_ms = (*hard_deadline_ms).max(held);
+                    }
+                    if let Some(l) = self.late.get_mut(&unit)
+                        && l.worker == worker
+                        && l.accepted_in.is_none()
+                    {
+                        l.deadline_ms = l.deadline_ms.max(held);
+                        l.hard_deadline_ms = l.hard_deadline_ms.max(held);
                     }
                 }
                 Event::UpdateAccepted { worker, unit } => {
@@ -1122,6 +1153,34 @@ mod tests {
                 t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
                 t=120: lease of unit 1 by w1 expired
                 t=120: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 220
+            "#]],
+        );
+    }
+
+    /// An update that arrives before its lease's hard deadline holds the lease while it
+    /// is scored, past that deadline (w1: a 120 ms hard deadline, arrived at 115, judged
+    /// at 210); without the arrival the lease ends at its hard deadline (w2). The
+    /// fine-tune demo on a busy laptop refused updates that arrived in time but were
+    /// judged after the coordinator had scored them.
+    #[test]
+    fn an_update_that_arrived_in_time_is_not_late_for_its_scoring() {
+        let ask = |n| ask(n, Some(40));
+        let arrived = |n, unit| Event::Arrived { worker: w(n), unit };
+        check(
+            &[
+                (0, vec![ask(1), ask(2)]),
+                (90, vec![hb(1, 1), hb(2, 2)]),
+                (115, vec![arrived(1, 1)]),
+                (200, vec![]),
+                (210, vec![accepted(1, 1)]),
+                // Not the holder's: no effect.
+                (220, vec![arrived(1, 2)]),
+            ],
+            expect_test::expect![[r#"
+                t=0: round 0 starts on v0
+                t=0: lease unit 1 (round 0, base v0, shard 0, offset 0) to w1 until 100
+                t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
+                t=200: lease of unit 2 by w2 is overdue
             "#]],
         );
     }

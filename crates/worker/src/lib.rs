@@ -3,6 +3,7 @@
 //! model, train H steps on the data the unit names, send the signed, compressed delta,
 //! and report the verdict.
 
+mod heartbeat;
 #[cfg(feature = "http")]
 mod http;
 pub mod identity;

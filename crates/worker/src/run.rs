@@ -4,6 +4,10 @@
 //! in training is abandoned (its lease expires and the coordinator reissues it); an
 //! upload in flight is finished first. A crashed worker needs nothing: started again,
 //! it asks for a new lease.
+//!
+//! A lease is heart-beaten from a thread of its own ([`crate::heartbeat`]) from the
+//! moment it is granted to the update's verdict; a unit the coordinator withdraws is
+//! dropped between stages or steps, and the worker asks for another.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +42,10 @@ pub struct Summary {
     pub accepted: u64,
     pub rejected: u64,
     pub abandoned: u64,
+    /// Units the coordinator withdrew before their update was sent.
+    pub withdrawn: u64,
+    /// Heartbeats that renewed a lease.
+    pub heartbeats: u64,
     /// Bytes of the updates sent.
     pub bytes_sent: u64,
 }
@@ -160,93 +168,168 @@ pub fn run(
             } => (unit, model_blake3, heartbeat_ms),
         };
         reporter.unit_started(&unit);
-        if model
-            .as_ref()
-            .is_none_or(|(v, _, _)| *v != unit.base_version)
-        {
-            let Some(bytes) = retrying(options, stop, || {
-                transport
-                    .model(unit.base_version)
-                    .map_err(WorkerError::from)
-            })?
-            else {
-                break;
-            };
-            if blake3::hash(&bytes).to_hex().as_str() != model_blake3 {
-                return Err(WorkerError::HashMismatch {
-                    what: format!("model version {}", unit.base_version),
-                });
-            }
-            let trained = engine::checkpoint::trained_from_bytes(
-                Path::new(&format!("model version {}", unit.base_version)),
-                &bytes,
-                &data.info.model,
-            )?;
-            let backend = match model.take() {
-                Some((_, mut backend, _)) => {
-                    backend.set_trainable(&trained.trainable)?;
-                    backend
-                }
-                None => {
-                    data.model
-                        .open(&options.device, &trained.trainable, engine::Purpose::Train)?
-                }
-            };
-            model = Some((unit.base_version, backend, trained.trainable));
-        }
-        let Some((_, backend, base)) = model.as_mut() else {
-            continue;
-        };
         summary.units += 1;
-        let trained = train_unit(
-            transport,
-            key,
-            backend.as_mut(),
-            base,
-            &data,
-            &unit,
-            Duration::from_millis(heartbeat_ms),
-            stop,
-            reporter,
-        )?;
-        let Some(delta) = trained else {
-            summary.abandoned += 1;
-            reporter.message(&format!(
-                "stopping: unit {} abandoned (its lease will expire and it will be reissued)",
-                unit.id
-            ));
-            break;
-        };
-        let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).unwrap_or_default();
-        let header = UpdateHeader {
-            work_unit: unit.id,
-            base_version: unit.base_version,
-            worker: WorkerId::of(key),
-            nonce: u64::from_le_bytes(nonce),
-            codec: data.info.codec,
-            n_params: delta.len() as u32,
-        };
-        let update = protocol::encode_update(&header, &delta, key);
-        reporter.uploading(update.len() as u64);
-        summary.bytes_sent += update.len() as u64;
-        // The upload in flight is finished even when stopping.
-        let never = AtomicBool::new(false);
-        let verdict = match retrying(options, &never, || match transport.submit(update.clone()) {
-            Ok(reply) => Ok(Ok(reply)),
-            Err(TransportError::Refused(refusal)) => Ok(Err(refusal)),
-            Err(e) => Err(WorkerError::from(e)),
-        })? {
-            Some(v) => v,
-            None => break,
-        };
-        match &verdict {
-            Ok(_) => summary.accepted += 1,
-            Err(_) => summary.rejected += 1,
+        let beat = || transport.heartbeat(key, unit.id);
+        let every = Duration::from_millis(heartbeat_ms);
+        let (outcome, renewed) = crate::heartbeat::while_beating(every, beat, |heartbeats| {
+            let lease = Lease {
+                unit: &unit,
+                model_blake3: &model_blake3,
+                heartbeats,
+            };
+            let outcome = work(
+                transport, key, options, &data, &mut model, &lease, stop, reporter,
+            );
+            (outcome, heartbeats.renewed())
+        });
+        summary.heartbeats += renewed;
+        let outcome = outcome?;
+        match outcome {
+            Outcome::Verdict { verdict, bytes } => {
+                summary.bytes_sent += bytes;
+                match &verdict {
+                    Ok(_) => summary.accepted += 1,
+                    Err(_) => summary.rejected += 1,
+                }
+                reporter.verdict(&unit, &verdict);
+            }
+            Outcome::Withdrawn(message) => {
+                summary.withdrawn += 1;
+                reporter.message(&format!(
+                    "unit {} was withdrawn: {message}; asking for another",
+                    unit.id
+                ));
+            }
+            Outcome::Stopped => {
+                summary.abandoned += 1;
+                reporter.message(&format!(
+                    "stopping: unit {} abandoned (its lease will expire and it will be reissued)",
+                    unit.id
+                ));
+                break;
+            }
         }
-        reporter.verdict(&unit, &verdict);
     }
     Ok(summary)
+}
+
+/// A unit as leased, and its heartbeats.
+struct Lease<'a> {
+    unit: &'a WorkUnit,
+    model_blake3: &'a str,
+    heartbeats: &'a crate::heartbeat::Heartbeats,
+}
+
+impl Lease<'_> {
+    /// Reports the heartbeats that failed since the last call, and whether the unit is
+    /// still this worker's (the coordinator's sentence if not).
+    fn still_ours(&self, reporter: &mut dyn Reporter) -> Result<(), String> {
+        for failure in self.heartbeats.take_failures() {
+            reporter.message(&failure);
+        }
+        self.heartbeats.withdrawn().map_or(Ok(()), Err)
+    }
+}
+
+/// How one leased unit ended.
+enum Outcome {
+    /// Sent (`bytes`), and the coordinator's verdict.
+    Verdict {
+        verdict: Result<SubmitReply, Refusal>,
+        bytes: u64,
+    },
+    /// The coordinator withdrew the unit (its round ended, or the lease expired) before
+    /// its update was sent: the worker asks for another.
+    Withdrawn(String),
+    /// Stopped by the `stop` flag before the update was sent.
+    Stopped,
+}
+
+/// The work of one lease, while its heartbeats go: the base version (fetched, checked
+/// and opened unless `model` holds it), the unit trained, its update sent. The base and
+/// the backend are kept in `model` for the next unit.
+#[allow(clippy::too_many_arguments)]
+fn work(
+    transport: &dyn Transport,
+    key: &SigningKey,
+    options: &WorkerOptions,
+    data: &RunData,
+    model: &mut Option<(u64, Box<dyn Backend>, Vec<f32>)>,
+    lease: &Lease<'_>,
+    stop: &AtomicBool,
+    reporter: &mut dyn Reporter,
+) -> Result<Outcome, WorkerError> {
+    let unit = lease.unit;
+    if model
+        .as_ref()
+        .is_none_or(|(v, _, _)| *v != unit.base_version)
+    {
+        let Some(bytes) = retrying(options, stop, || {
+            transport
+                .model(unit.base_version)
+                .map_err(WorkerError::from)
+        })?
+        else {
+            return Ok(Outcome::Stopped);
+        };
+        if blake3::hash(&bytes).to_hex().as_str() != lease.model_blake3 {
+            return Err(WorkerError::HashMismatch {
+                what: format!("model version {}", unit.base_version),
+            });
+        }
+        let trained = engine::checkpoint::trained_from_bytes(
+            Path::new(&format!("model version {}", unit.base_version)),
+            &bytes,
+            &data.info.model,
+        )?;
+        let backend = match model.take() {
+            Some((_, mut backend, _)) => {
+                backend.set_trainable(&trained.trainable)?;
+                backend
+            }
+            None => data
+                .model
+                .open(&options.device, &trained.trainable, engine::Purpose::Train)?,
+        };
+        *model = Some((unit.base_version, backend, trained.trainable));
+    }
+    let Some((_, backend, base)) = model.as_mut() else {
+        return Ok(Outcome::Stopped);
+    };
+    if let Err(message) = lease.still_ours(reporter) {
+        return Ok(Outcome::Withdrawn(message));
+    }
+    let Some(delta) = train_unit(backend.as_mut(), base, data, lease, stop, reporter)? else {
+        return Ok(match lease.still_ours(reporter) {
+            Err(message) => Outcome::Withdrawn(message),
+            Ok(()) => Outcome::Stopped,
+        });
+    };
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).unwrap_or_default();
+    let header = UpdateHeader {
+        work_unit: unit.id,
+        base_version: unit.base_version,
+        worker: WorkerId::of(key),
+        nonce: u64::from_le_bytes(nonce),
+        codec: data.info.codec,
+        n_params: delta.len() as u32,
+    };
+    let update = protocol::encode_update(&header, &delta, key);
+    reporter.uploading(update.len() as u64);
+    let bytes = update.len() as u64;
+    // The upload in flight is finished even when stopping; the heartbeats go on while
+    // the coordinator scores it.
+    let never = AtomicBool::new(false);
+    let verdict = retrying(options, &never, || match transport.submit(update.clone()) {
+        Ok(reply) => Ok(Ok(reply)),
+        Err(TransportError::Refused(refusal)) => Ok(Err(refusal)),
+        Err(e) => Err(WorkerError::from(e)),
+    })?;
+    Ok(match verdict {
+        Some(verdict) => Outcome::Verdict { verdict, bytes },
+        None => Outcome::Stopped,
+    })
 }
 
 /// Training steps of the start-up measurement; the last one is timed (the first warms
@@ -302,49 +385,33 @@ fn measure(data: &RunData, options: &WorkerOptions) -> Result<protocol::api::Mac
     })
 }
 
-/// Trains the unit through [`crate::unit::train`], reporting each step, heart-beating the
-/// lease, and stopping when asked or when the unit is withdrawn. `None`: abandoned.
-#[allow(clippy::too_many_arguments)]
+/// Trains the unit through [`crate::unit::train`], reporting each step and stopping
+/// when asked or when the unit is withdrawn (its heartbeats are another thread's).
+/// `None`: stopped or withdrawn.
 fn train_unit(
-    transport: &dyn Transport,
-    key: &SigningKey,
     backend: &mut dyn Backend,
     base: &[f32],
     data: &RunData,
-    unit: &WorkUnit,
-    heartbeat_every: Duration,
+    lease: &Lease<'_>,
     stop: &AtomicBool,
     reporter: &mut dyn Reporter,
 ) -> Result<Option<Vec<f32>>, WorkerError> {
     let (batch, seq) = (data.info.batch as usize, data.info.seq as usize);
     let started = Instant::now();
-    let mut last_heartbeat = Instant::now();
     let unit_data = crate::unit::UnitData {
         train: &data.train,
         n_shards: data.info.n_shards,
         batch,
         seq,
     };
-    crate::unit::train(backend, base, unit_data, unit, &mut |step, loss| {
+    crate::unit::train(backend, base, unit_data, lease.unit, &mut |step, loss| {
         let tokens = step as usize * batch * seq;
         reporter.step(
             step,
             loss,
             tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
         );
-        if last_heartbeat.elapsed() >= heartbeat_every {
-            last_heartbeat = Instant::now();
-            match transport.heartbeat(key, unit.id) {
-                Ok(()) => {}
-                Err(TransportError::Refused(r)) if r.code == "not_leased" => {
-                    reporter.message(&format!("unit {} was withdrawn: {}", unit.id, r.message));
-                    return false;
-                }
-                // A missed heartbeat is not fatal: the lease has slack, the next may pass.
-                Err(e) => reporter.message(&format!("heartbeat failed: {e}")),
-            }
-        }
-        !stop.load(Ordering::SeqCst)
+        lease.still_ours(reporter).is_ok() && !stop.load(Ordering::SeqCst)
     })
 }
 

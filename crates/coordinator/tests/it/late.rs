@@ -112,3 +112,33 @@ fn an_update_past_max_staleness_is_refused_as_stale() {
         Err("stale".into())
     );
 }
+
+/// An update judged in time when it arrived is accepted however long its scoring keeps
+/// it from its verdict: here its verdict comes 800 ms after the lease's deadline. Before,
+/// the lease was judged again after scoring, and a busy coordinator refused, as
+/// `not_leased`, work that had arrived in time (the fine-tune demo on a slow laptop).
+#[test]
+fn an_update_that_arrived_in_time_is_not_refused_for_the_time_it_took_to_judge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::hand_made(ts::tiny_config(dir.path(), 1));
+    config.schedule.lease_ms = 1_000;
+    let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
+    let key = ts::key(1);
+    core.register(WorkerId::of(&key), "w", None, T0)
+        .expect("register");
+    let unit = ts::core_lease(&mut core, WorkerId::of(&key), T0);
+    let delta = ts::crafted_delta(unit.id, core.params().len());
+    let bytes = ts::update_bytes(&key, unit.id, unit.base_version, &delta);
+    let update = validation::inspect(&bytes, &core.config().limits).expect("inspected");
+    // It arrives 100 ms before the lease's deadline; nothing to score (hand-made).
+    assert!(
+        core.precheck(&update, T0 + 900)
+            .expect("precheck")
+            .is_none()
+    );
+    let blob = store::BlobHash::from_digest(&update.address);
+    core.store().blobs().put_as(&bytes, &blob).expect("blob");
+    let reply = core.accept(&update, &blob, bytes.len() as u64, None, T0 + 1_800);
+    assert!(reply.is_ok(), "{reply:?}");
+    assert!(core.wallet(WorkerId::of(&key), None).balance > 0);
+}
