@@ -827,6 +827,14 @@ impl Core {
             return Ok(());
         }
         match self.run.scheduler().lease_view(unit) {
+            Some(l) if l.worker == worker && !l.submitted && l.expired => {
+                return Err(conflict(
+                    "lease_expired",
+                    format!(
+                        "your lease on work unit {unit} expired and it is queued for any worker; your update for it is still taken until another worker is leased it, so finish it and send it, or ask for a new lease"
+                    ),
+                ));
+            }
             Some(l) if l.worker == worker && !l.submitted => {}
             _ => {
                 return Err(conflict(

@@ -272,6 +272,9 @@ pub struct LeaseView {
     pub worker: WorkerId,
     pub base_version: u64,
     pub submitted: bool,
+    /// The lease ended by time and the unit is queued for anyone: its holder's update is
+    /// still taken until the unit is leased again, but nothing renews the lease.
+    pub expired: bool,
 }
 
 /// The scheduler's whole state.
@@ -316,6 +319,21 @@ pub struct Scheduler {
     /// their steps.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     sized: BTreeSet<u64>,
+    /// Queued units whose last lease ended by time (expired or overdue), with that
+    /// lease's holder: until the unit is leased again or the round ends, the holder's
+    /// update is still taken and its heartbeats still answered, as BOINC takes a late
+    /// result while its work unit is not done, so a slow machine's training is not lost
+    /// when no one else took its unit. At most one entry per unit of the round.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    expired: BTreeMap<u64, ExpiredLease>,
+}
+
+/// The lease a queued unit last had, ended by time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredLease {
+    pub worker: WorkerId,
+    /// When it began (`None` in states stored before it was kept).
+    pub leased_ms: Option<u64>,
 }
 
 /// Arrival durations remembered per worker (its most recent ones).
@@ -454,6 +472,7 @@ impl Scheduler {
             queued_ms: BTreeMap::new(),
             arrivals: Arrivals::default(),
             sized: BTreeSet::new(),
+            expired: BTreeMap::new(),
         }
     }
 
@@ -467,7 +486,8 @@ impl Scheduler {
     }
 
     /// The lease of `unit` if it is leased or accepted in the current round, or a late
-    /// lease of a closed round.
+    /// lease of a closed round, or the lease that ended by time on a unit queued since
+    /// (its holder's update is still taken: `expired`).
     pub fn lease_view(&self, unit: u64) -> Option<LeaseView> {
         if let Some(l) = self.late.get(&unit) {
             return Some(LeaseView {
@@ -475,22 +495,31 @@ impl Scheduler {
                 worker: l.worker,
                 base_version: l.unit.base_version,
                 submitted: l.accepted_in.is_some(),
+                expired: false,
             });
         }
         let (u, status) = self.units.get(&unit)?;
         match *status {
-            UnitStatus::Queued => None,
+            UnitStatus::Queued => self.expired.get(&unit).map(|e| LeaseView {
+                unit,
+                worker: e.worker,
+                base_version: u.base_version,
+                submitted: false,
+                expired: true,
+            }),
             UnitStatus::Leased { worker, .. } => Some(LeaseView {
                 unit,
                 worker,
                 base_version: u.base_version,
                 submitted: false,
+                expired: false,
             }),
             UnitStatus::Accepted { worker } => Some(LeaseView {
                 unit,
                 worker,
                 base_version: u.base_version,
                 submitted: true,
+                expired: false,
             }),
         }
     }
@@ -638,6 +667,20 @@ impl Scheduler {
                                 .record(worker, leased_ms, now_ms, steps, base_steps);
                         }
                     }
+                    // The late update of a unit queued since its lease ended by time.
+                    if let Some((u, status @ UnitStatus::Queued)) = self.units.get_mut(&unit)
+                        && let Some(e) = self.expired.get(&unit).copied()
+                        && e.worker == worker
+                    {
+                        *status = UnitStatus::Accepted { worker };
+                        self.expired.remove(&unit);
+                        self.queued_ms.remove(&unit);
+                        if let Some(leased_ms) = e.leased_ms {
+                            let steps = u.address.steps;
+                            self.arrivals
+                                .record(worker, leased_ms, now_ms, steps, base_steps);
+                        }
+                    }
                     if let Some(l) = self.late.get_mut(&unit)
                         && l.worker == worker
                         && l.accepted_in.is_none()
@@ -658,6 +701,13 @@ impl Scheduler {
                         .is_some_and(|l| l.worker == worker && l.accepted_in.is_none())
                     {
                         self.late.remove(&unit);
+                    }
+                    if self.expired.get(&unit).is_some_and(|e| e.worker == worker) {
+                        self.expired.remove(&unit);
+                        let refused = self.refused.entry(unit).or_default();
+                        if !refused.contains(&worker) {
+                            refused.push(worker);
+                        }
                     }
                     if let Some((_, status @ UnitStatus::Leased { .. })) = self.units.get_mut(&unit)
                         && matches!(status, UnitStatus::Leased { worker: w, .. } if *w == worker)
@@ -680,6 +730,7 @@ impl Scheduler {
                         self.refused.clear();
                         self.overdue.clear();
                         self.queued_ms.clear();
+                        self.expired.clear();
                         // Aggregated late updates are done; leases too stale are dropped.
                         let (current, max) = (self.version, self.config.max_staleness);
                         self.late.retain(|_, l| {
@@ -749,6 +800,7 @@ impl Scheduler {
             {
                 *status = UnitStatus::Queued;
                 self.queued_ms.insert(*id, now_ms);
+                self.expired.insert(*id, ExpiredLease { worker, leased_ms });
                 // The unit takes the worker at least this long (or the worker is gone):
                 // its next deadline is sized from that, not from the speed it reported.
                 // Without it, a worker whose reported speed promised less than its unit
@@ -855,6 +907,8 @@ impl Scheduler {
                     hard_deadline_ms,
                     leased_ms: Some(now_ms),
                 };
+                // Leased again: the last holder's late update is no longer taken.
+                self.expired.remove(&unit.id);
                 effects.push(Effect::Lease {
                     worker,
                     unit: *unit,
@@ -1182,6 +1236,60 @@ mod tests {
                 t=0: lease unit 2 (round 0, base v0, shard 1, offset 0) to w2 until 100
                 t=200: lease of unit 2 by w2 is overdue
             "#]],
+        );
+    }
+
+    /// A lease that ended by time leaves its holder's update welcome while no one else
+    /// has taken the unit (BOINC's late result): accepted, it counts like any other. Once
+    /// the unit is leased again, the new holder's lease is the one that counts.
+    #[test]
+    fn a_late_update_counts_until_its_unit_is_leased_again() {
+        let view = |s: &Scheduler, unit| s.lease_view(unit).map(|l| (l.worker, l.submitted));
+        // Nobody took unit 1 after w1's lease expired at 100: w1's update is accepted.
+        let mut s = Scheduler::new(config(), 0);
+        s.tick(0, 7, &[ask(1, None)]);
+        let effects = s.tick(150, 7, &[]);
+        assert!(effects.contains(&Effect::LeaseExpired {
+            worker: w(1),
+            unit: 1
+        }));
+        assert_eq!(view(&s, 1), Some((w(1), false)));
+        s.tick(160, 7, &[hb(1, 1), accepted(1, 1)]);
+        assert_eq!(view(&s, 1), Some((w(1), true)));
+        assert_eq!(s.accepted(), 1);
+        // The next asker gets the other unit, not unit 1 again.
+        let effects = s.tick(170, 7, &[ask(2, None)]);
+        assert!(
+            matches!(effects[..], [Effect::Lease { worker, unit, .. }] if worker == w(2) && unit.id == 2),
+            "{effects:?}"
+        );
+
+        // Unit 1 leased to w2 after w1's expired: w1's update no longer counts.
+        let mut s = Scheduler::new(config(), 0);
+        s.tick(0, 7, &[ask(1, None)]);
+        s.tick(150, 7, &[ask(2, None)]);
+        assert_eq!(view(&s, 1), Some((w(2), false)));
+        s.tick(160, 7, &[accepted(1, 1)]);
+        assert_eq!((view(&s, 1), s.accepted()), (Some((w(2), false)), 0));
+        assert!(s.expired.is_empty());
+
+        // A refusal of the late update sends the unit to others, and not back to w1.
+        let mut s = Scheduler::new(config(), 0);
+        s.tick(0, 7, &[ask(1, None)]);
+        s.tick(150, 7, &[]);
+        s.tick(
+            160,
+            7,
+            &[Event::UpdateRefused {
+                worker: w(1),
+                unit: 1,
+            }],
+        );
+        assert_eq!(view(&s, 1), None);
+        let effects = s.tick(170, 7, &[ask(1, None)]);
+        assert!(
+            matches!(effects[..], [Effect::Lease { unit, .. }] if unit.id == 2),
+            "{effects:?}"
         );
     }
 

@@ -29,10 +29,15 @@ struct State {
     /// The coordinator's sentence when it answered that the unit is no longer leased
     /// to this worker (`not_leased`): the heartbeats stop there.
     withdrawn: Option<String>,
-    /// Failures not yet reported (a missed heartbeat is not fatal: the lease has slack).
+    /// Failures not yet reported (a missed heartbeat is not fatal: the lease has slack),
+    /// and the coordinator's word that the lease expired (once).
     failures: Vec<String>,
     /// Failures past [`FAILURES_KEPT_MAX`] not yet reported.
     dropped: u64,
+    /// The coordinator answered `lease_expired`: the lease ended by time and the unit is
+    /// queued for anyone, but its update is still taken until someone else is leased it,
+    /// so the work goes on (and the heartbeats, to hear if it is taken).
+    expired: bool,
     /// Heartbeats the coordinator answered with a renewal.
     renewed: u64,
 }
@@ -71,6 +76,11 @@ impl Heartbeats {
             Err(TransportError::Refused(r)) if r.code == "not_leased" => {
                 state.withdrawn = Some(r.message);
                 return false;
+            }
+            Err(TransportError::Refused(r)) if r.code == "lease_expired" => {
+                if !std::mem::replace(&mut state.expired, true) {
+                    state.failures.push(r.message);
+                }
             }
             Err(e) if state.failures.len() < FAILURES_KEPT_MAX => {
                 state.failures.push(format!("heartbeat failed: {e}"));
@@ -170,14 +180,29 @@ mod tests {
 
     #[test]
     fn a_lease_is_renewed_for_as_long_as_the_work_lasts_and_no_longer() {
-        // Shorter than one wait (the floor, as the coordinator asked for 0): none.
-        check(300, &[None], (0, 0, false, 0));
-        // 2.5 waits: two heartbeats, both renewals.
-        check(2_500, &[None], (2, 2, false, 0));
-        // Withdrawn at the first: the thread stops there.
-        check(2_500, &[Some("not_leased")], (1, 0, true, 0));
-        // A failure is reported and the next heartbeat still goes.
-        check(2_500, &[Some("unreachable"), None], (2, 1, false, 1));
-        check(2_500, &[Some("busy")], (2, 0, false, 2));
+        // Each case waits in real time; they run side by side.
+        type Case = (
+            u64,
+            &'static [Option<&'static str>],
+            (u32, u64, bool, usize),
+        );
+        let cases: [Case; 6] = [
+            // Shorter than one wait (the floor, as the coordinator asked for 0): none.
+            (300, &[None], (0, 0, false, 0)),
+            // 2.5 waits: two heartbeats, both renewals.
+            (2_500, &[None], (2, 2, false, 0)),
+            // Withdrawn at the first: the thread stops there.
+            (2_500, &[Some("not_leased")], (1, 0, true, 0)),
+            // A failure is reported and the next heartbeat still goes.
+            (2_500, &[Some("unreachable"), None], (2, 1, false, 1)),
+            (2_500, &[Some("busy")], (2, 0, false, 2)),
+            // Expired but still taken: told once, and the heartbeats go on.
+            (2_500, &[Some("lease_expired")], (2, 0, false, 1)),
+        ];
+        std::thread::scope(|scope| {
+            for (body_ms, answers, want) in cases {
+                scope.spawn(move || check(body_ms, answers, want));
+            }
+        });
     }
 }

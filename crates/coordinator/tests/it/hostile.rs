@@ -42,7 +42,9 @@ fn lease_at(url: &str, key: &SigningKey, now: u64) -> Option<u64> {
 
 /// Two keys that lease a unit each and then only send heartbeats hold a round of three
 /// units (MIN 2) back only until the lease's hard limit: then their units go to an
-/// honest worker, they get no other unit of the round, and the round aggregates.
+/// honest worker, they get no other unit of the round, and the round aggregates. Past
+/// the limit their heartbeats renew nothing (`lease_expired` while no one has taken
+/// their unit: their update would still be taken, as BOINC takes a late result).
 #[test]
 fn heartbeats_alone_hold_a_unit_only_until_the_leases_hard_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -107,13 +109,7 @@ fn heartbeats_alone_hold_a_unit_only_until_the_leases_hard_limit() {
     }
     clock.advance(50_000);
     let now = T0 + 150_000;
-    for (key, unit) in hogs.iter().zip(&held) {
-        let body = format!("{{\"unit\":{unit}}}");
-        check(
-            &ts::post_signed_at(&url, key, "/v1/heartbeat", &body, now),
-            409,
-            "not_leased",
-        );
+    for key in &hogs {
         assert_eq!(
             lease_at(&url, key, now),
             None,
@@ -122,6 +118,22 @@ fn heartbeats_alone_hold_a_unit_only_until_the_leases_hard_limit() {
     }
     let freed = lease_at(&url, &honest, now).expect("a freed unit");
     assert!(held.contains(&freed), "{freed} is not one of {held:?}");
+    // The hog whose unit was taken is told so; the other is told its lease expired: its
+    // update would still be taken while no one has its unit (a late result), but its
+    // heartbeats hold nothing.
+    for (key, unit) in hogs.iter().zip(&held) {
+        let body = format!("{{\"unit\":{unit}}}");
+        let code = if *unit == freed {
+            "not_leased"
+        } else {
+            "lease_expired"
+        };
+        check(
+            &ts::post_signed_at(&url, key, "/v1/heartbeat", &body, now),
+            409,
+            code,
+        );
+    }
     submit(freed);
     assert_eq!(ts::status(&url).version, 1, "past its timeout with MIN");
     server.stop();

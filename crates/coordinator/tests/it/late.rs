@@ -142,3 +142,49 @@ fn an_update_that_arrived_in_time_is_not_refused_for_the_time_it_took_to_judge()
     assert!(reply.is_ok(), "{reply:?}");
     assert!(core.wallet(WorkerId::of(&key), None).balance > 0);
 }
+
+/// A worker slower than its lease is not refused while no one else took its unit: its
+/// update is taken and credited (BOINC's late result). Once another worker is leased the
+/// unit, its heartbeat is answered `not_leased` and its update `not_your_lease`.
+#[test]
+fn an_expired_lease_still_takes_its_update_until_the_unit_is_leased_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ts::hand_made(ts::tiny_config(dir.path(), 2));
+    config.schedule.lease_ms = 1_000;
+    let mut core = Core::open(&dir.path().join("store"), config, T0).expect("open");
+    let keys = [ts::key(1), ts::key(2), ts::key(3)];
+    for (n, key) in keys.iter().enumerate() {
+        core.register(WorkerId::of(key), &format!("w{n}"), None, T0)
+            .expect("register");
+    }
+    let n = core.params().len();
+    let (slow, other) = (
+        ts::core_lease(&mut core, WorkerId::of(&keys[0]), T0),
+        ts::core_lease(&mut core, WorkerId::of(&keys[1]), T0),
+    );
+    // Both leases end at T0 + 1 s. Told so at the next heartbeat, the slow worker goes
+    // on and is credited.
+    let heartbeat = |core: &mut Core, key: &ed25519_dalek::SigningKey, unit: u64, at: u64| {
+        core.heartbeat(WorkerId::of(key), unit, at)
+            .map_err(|e| e.code)
+    };
+    assert_eq!(
+        heartbeat(&mut core, &keys[0], slow.id, T0 + 4_000),
+        Err("lease_expired".into())
+    );
+    let delta = ts::crafted_delta(slow.id, n);
+    ts::core_submit(&mut core, &keys[0], &slow, &delta, T0 + 5_000).expect("a late result");
+    assert!(core.wallet(WorkerId::of(&keys[0]), None).balance > 0);
+    // The other's unit goes to a third worker first: then its late update is refused.
+    let again = ts::core_lease(&mut core, WorkerId::of(&keys[2]), T0 + 5_100);
+    assert_eq!(again.id, other.id);
+    assert_eq!(
+        heartbeat(&mut core, &keys[1], other.id, T0 + 5_200),
+        Err("not_leased".into())
+    );
+    let delta = ts::crafted_delta(other.id, n);
+    assert_eq!(
+        ts::core_submit(&mut core, &keys[1], &other, &delta, T0 + 5_300),
+        Err("not_your_lease".into())
+    );
+}
